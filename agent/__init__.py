@@ -1,0 +1,1 @@
+"""ferry agent: daemon, migration engine, CLI."""

@@ -1,0 +1,1 @@
+"""ferry wire protocol: sans-IO framing, messages, state machines. No sockets, no asyncio."""

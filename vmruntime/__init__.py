@@ -1,0 +1,1 @@
+"""ferry VM runtime: ISA, interpreter, guest RAM, dirty tracking, guest programs, VM process."""
