@@ -1,0 +1,228 @@
+"""The migration state machines: everything about message order lives here.
+
+One ``SourceMachine`` / ``DestinationMachine`` per migration connection
+(after the handshake). Transitions are a table ``{(state, message class,
+direction): next state}``; ``send(msg)`` checks a message we are about to
+send, ``receive(msg)`` one the peer sent. A message with no entry raises
+``LocalProtocolError`` (send) or ``RemoteProtocolError`` (receive) naming
+the role, the state and the message.
+
+The exchange (DESIGN.md, "A migration, step by step" and "Ownership rules")::
+
+    source                               destination
+      MigrateStart ------------------------> compatibility check
+      <------------- MigrateAccept | MigrateRefuse
+      PageBatch* RoundEnd  (round 0..n) ---->
+      [pause] PageBatch* RoundEnd ---------->
+      DeviceState -------------------------->
+      Digest ------------------------------->  check RAM digest
+      <------------------------------------- Ready
+      Commit ------------------------------->  (source now in doubt)
+      <------------------------------------- Resumed  | InDoubtAnswer(False): start failed
+
+    in doubt, on a new connection:
+      InDoubtQuery ------------------------->
+      <------------------------------------- InDoubtAnswer(resumed)
+
+Abort (either way) is legal in every state before COMMIT. Two crossing
+Aborts are fine. A destination Abort that crosses the source's Commit (the
+destination gave up in READY before COMMIT arrived) is accepted by the
+source: the destination discarded its copy, so the source may resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+
+from proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from proto.messages import (
+    Abort,
+    Commit,
+    DeviceState,
+    Digest,
+    InDoubtAnswer,
+    InDoubtQuery,
+    Message,
+    MigrateAccept,
+    MigrateRefuse,
+    MigrateStart,
+    PageBatch,
+    Ready,
+    Resumed,
+    RoundEnd,
+)
+
+
+class Direction(Enum):
+    """Which way a message travels, seen from the machine's own side."""
+
+    SEND = "send"  # we send it
+    RECV = "recv"  # the peer sent it
+
+
+SEND = Direction.SEND
+RECV = Direction.RECV
+
+
+class SourceState(Enum):
+    """States of the sending side of one migration connection."""
+
+    START = "start"  # authenticated; nothing sent yet
+    PROPOSED = "proposed"  # MigrateStart sent; awaiting accept or refuse
+    PRECOPY = "precopy"  # accepted; page batches and round ends flow (pre-copy and the final copy)
+    STATE_SENT = "state-sent"  # VM paused, CPU/device state sent; the digest comes next
+    AWAITING_READY = "awaiting-ready"  # digest sent; awaiting READY
+    READY = "ready"  # destination ready; COMMIT may be sent (or Abort)
+    COMMITTED = "committed"  # COMMIT sent: in doubt until RESUMED (keep the VM paused)
+    QUERYING = "querying"  # in doubt, new connection: InDoubtQuery sent, awaiting the answer
+    DONE = "done"  # RESUMED received: the destination owns the VM
+    RESOLVED = "resolved"  # an InDoubtAnswer settled who owns the VM
+    REFUSED = "refused"  # the destination refused; the VM keeps running here
+    ABORTED = "aborted"  # aborted before COMMIT; the source resumes the VM
+
+
+class DestinationState(Enum):
+    """States of the receiving side of one migration connection."""
+
+    START = "start"  # authenticated; awaiting MigrateStart or InDoubtQuery
+    CHECKING = "checking"  # MigrateStart received; checking compatibility
+    RECEIVING = "receiving"  # accepted, guest RAM reserved; pages arrive
+    STATE_RECEIVED = "state-received"  # CPU/device state received; the digest comes next
+    VERIFYING = "verifying"  # digest received; checking guest RAM
+    READY = "ready"  # READY sent; awaiting COMMIT (never start without it)
+    COMMITTED = "committed"  # COMMIT received; starting the VM
+    ANSWERING = "answering"  # InDoubtQuery received; the answer comes next
+    DONE = "done"  # RESUMED sent: the VM runs here
+    RESOLVED = "resolved"  # InDoubtAnswer sent
+    REFUSED = "refused"  # refused; nothing was touched
+    ABORTED = "aborted"  # aborted before COMMIT; the copy here is discarded
+
+
+Key = tuple[Enum, type[Message], Direction]
+
+_S = SourceState
+_D = DestinationState
+
+
+def _abort_entries(states: Iterable[Enum], aborted: Enum) -> dict[Key, Enum]:
+    """Abort, sent or received, from every given state (all before COMMIT)."""
+    table: dict[Key, Enum] = {}
+    for state in states:
+        table[(state, Abort, SEND)] = aborted
+        table[(state, Abort, RECV)] = aborted
+    return table
+
+
+SOURCE_TRANSITIONS: dict[Key, Enum] = {
+    (_S.START, MigrateStart, SEND): _S.PROPOSED,
+    (_S.START, InDoubtQuery, SEND): _S.QUERYING,
+    (_S.PROPOSED, MigrateAccept, RECV): _S.PRECOPY,
+    (_S.PROPOSED, MigrateRefuse, RECV): _S.REFUSED,
+    (_S.PRECOPY, PageBatch, SEND): _S.PRECOPY,
+    (_S.PRECOPY, RoundEnd, SEND): _S.PRECOPY,
+    (_S.PRECOPY, DeviceState, SEND): _S.STATE_SENT,
+    (_S.STATE_SENT, Digest, SEND): _S.AWAITING_READY,
+    (_S.AWAITING_READY, Ready, RECV): _S.READY,
+    (_S.READY, Commit, SEND): _S.COMMITTED,
+    (_S.COMMITTED, Resumed, RECV): _S.DONE,
+    (_S.COMMITTED, InDoubtAnswer, RECV): _S.RESOLVED,  # the destination failed to start: not resumed
+    (_S.COMMITTED, Abort, RECV): _S.ABORTED,  # the destination aborted before it saw COMMIT
+    (_S.QUERYING, InDoubtAnswer, RECV): _S.RESOLVED,
+    (_S.ABORTED, Abort, RECV): _S.ABORTED,  # crossing aborts
+    **_abort_entries((_S.START, _S.PROPOSED, _S.PRECOPY, _S.STATE_SENT, _S.AWAITING_READY, _S.READY), _S.ABORTED),
+}
+
+DESTINATION_TRANSITIONS: dict[Key, Enum] = {
+    (_D.START, MigrateStart, RECV): _D.CHECKING,
+    (_D.START, InDoubtQuery, RECV): _D.ANSWERING,
+    (_D.CHECKING, MigrateAccept, SEND): _D.RECEIVING,
+    (_D.CHECKING, MigrateRefuse, SEND): _D.REFUSED,
+    (_D.RECEIVING, PageBatch, RECV): _D.RECEIVING,
+    (_D.RECEIVING, RoundEnd, RECV): _D.RECEIVING,
+    (_D.RECEIVING, DeviceState, RECV): _D.STATE_RECEIVED,
+    (_D.STATE_RECEIVED, Digest, RECV): _D.VERIFYING,
+    (_D.VERIFYING, Ready, SEND): _D.READY,
+    (_D.READY, Commit, RECV): _D.COMMITTED,
+    (_D.COMMITTED, Resumed, SEND): _D.DONE,
+    (_D.COMMITTED, InDoubtAnswer, SEND): _D.RESOLVED,  # start failed: tell the source it may resume
+    (_D.ANSWERING, InDoubtAnswer, SEND): _D.RESOLVED,
+    (_D.ABORTED, Abort, RECV): _D.ABORTED,  # crossing aborts
+    **_abort_entries(
+        (_D.START, _D.CHECKING, _D.RECEIVING, _D.STATE_RECEIVED, _D.VERIFYING, _D.READY), _D.ABORTED
+    ),
+}
+
+#: Message types that carry the migration id, checked against the one the connection started with.
+_ID_CARRIERS = (MigrateAccept, Commit, InDoubtAnswer)
+
+
+class _Machine:
+    """Table-driven transitions for one role; subclasses give the table and the start state."""
+
+    role: str
+    table: dict[Key, Enum]
+
+    def __init__(self, start: Enum) -> None:
+        self.state: Enum = start
+        self.migration_id: str | None = None
+
+    def send(self, msg: Message) -> Enum:
+        """Check and record that we send ``msg``; returns the new state."""
+        return self._step(msg, SEND, LocalProtocolError)
+
+    def receive(self, msg: Message) -> Enum:
+        """Check and record that the peer sent ``msg``; returns the new state."""
+        return self._step(msg, RECV, RemoteProtocolError)
+
+    def can_send(self, cls: type[Message]) -> bool:
+        """Whether a message of type ``cls`` may be sent now."""
+        return (self.state, cls, SEND) in self.table
+
+    def _step(self, msg: Message, direction: Direction, error: type[ProtocolError]) -> Enum:
+        nxt = self.table.get((self.state, type(msg), direction))
+        if nxt is None:
+            verb = "send" if direction is SEND else "receive"
+            raise error(f"{self.role} in state {self.state.name} cannot {verb} {type(msg).__name__}")
+        self._check_id(msg, error)
+        self.state = nxt
+        return nxt
+
+    def _check_id(self, msg: Message, error: type[ProtocolError]) -> None:
+        if isinstance(msg, MigrateStart | InDoubtQuery):
+            self.migration_id = msg.migration_id
+        elif isinstance(msg, _ID_CARRIERS) and msg.migration_id != self.migration_id:
+            raise error(
+                f"{self.role} in state {self.state.name}: {type(msg).__name__} for migration "
+                f"{msg.migration_id!r}, this connection is {self.migration_id!r}"
+            )
+
+
+class SourceMachine(_Machine):
+    """The sending side of a migration (or of an in-doubt query)."""
+
+    role = "source"
+    table = SOURCE_TRANSITIONS
+
+    def __init__(self) -> None:
+        super().__init__(SourceState.START)
+
+    @property
+    def in_doubt(self) -> bool:
+        """COMMIT sent and no answer yet: keep the VM paused, never resume it blindly."""
+        return self.state in (SourceState.COMMITTED, SourceState.QUERYING)
+
+
+class DestinationMachine(_Machine):
+    """The receiving side of a migration (or the answering side of an in-doubt query)."""
+
+    role = "destination"
+    table = DESTINATION_TRANSITIONS
+
+    def __init__(self) -> None:
+        super().__init__(DestinationState.START)
+
+    @property
+    def may_start_vm(self) -> bool:
+        """Only after COMMIT may the destination start the VM."""
+        return self.state is DestinationState.COMMITTED
