@@ -1,0 +1,272 @@
+"""The toy machine: one vCPU and its devices over a guest RAM mapping.
+
+Owns the machine's lifecycle and state: boot (image and boot block into RAM),
+run(budget) to an instruction boundary, the faulted/halted states, the
+console and clock devices, and save_state()/restore() as a versioned,
+msgpack-able dict.  Execution itself is the block compiler's (interp.py).
+A guest error never raises out of run(): the machine becomes "faulted" with
+the reason.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from vmruntime import isa
+from vmruntime.asm import Image
+from vmruntime.interp import (
+    R_FA,
+    R_FB,
+    R_IC,
+    REGFILE_LEN,
+    BlockCompiler,
+    BlockFn,
+    GuestFault,
+    Halted,
+    make_namespace,
+)
+
+STATE_VERSION = 1
+STATUSES = ("running", "halted", "faulted")
+_U64 = struct.Struct("<Q")
+
+
+class ClockDevice:
+    """Guest-visible virtual nanoseconds: host clock plus an offset that migrates.
+
+    Virtual time starts at 0 at boot; on restore the offset is chosen so the
+    guest sees time continue from the saved reading (no jump over the pause).
+    """
+
+    def __init__(self, clock_ns: Callable[[], int], now_ns: int = 0) -> None:
+        self._host = clock_ns
+        self._offset = now_ns - clock_ns()
+
+    def read(self) -> int:
+        return (self._host() + self._offset) & isa.MASK64
+
+    def save(self) -> dict[str, int]:
+        return {"now_ns": self.read()}
+
+
+class Machine:
+    """One toy VM's CPU and devices; see docs/isa.md."""
+
+    def __init__(self, ram: mmap.mmap, code_range: tuple[int, int], clock: ClockDevice) -> None:
+        self._ram = ram
+        self._size = len(ram)
+        self._R: list[int] = [0] * REGFILE_LEN
+        self.pc = 0
+        self.status = "running"
+        self.fault_reason: str | None = None
+        self._code_range = code_range
+        self._console = bytearray()
+        self._clock = clock
+        start, end = code_range
+        ns = make_namespace(self._console, clock.read)
+        self._compiler = BlockCompiler(bytes(ram[start:end]), start, self._size, ns)
+        self._blocks: dict[int, BlockFn] = {}
+
+    # ---- creation ----
+
+    @classmethod
+    def boot(cls, ram: mmap.mmap, image: Image, args: Mapping[str, int],
+             clock_ns: Callable[[], int]) -> Machine:
+        """Write image and boot block into ram; the machine starts at image.entry."""
+        _check_image(image, len(ram))
+        packed = _pack_args(args)
+        end = image.load_addr + len(image.code)
+        ram[image.load_addr:end] = image.code
+        _write_boot_block(ram, packed)
+        m = cls(ram, (image.load_addr, end), ClockDevice(clock_ns))
+        m._R[0] = isa.BOOT_ADDR
+        for i, (_, value) in enumerate(packed, start=1):
+            m._R[i] = value
+        m._R[isa.SP] = isa.STACK_TOP
+        m.pc = image.entry
+        return m
+
+    @classmethod
+    def restore(cls, ram: mmap.mmap, state: Mapping[str, Any], clock_ns: Callable[[], int]) -> Machine:
+        """Continue from save_state() output; ram already holds guest memory, code included."""
+        _check_state(state, len(ram))
+        code = state["code"]
+        clock = ClockDevice(clock_ns, state["devices"]["clock"]["now_ns"])
+        m = cls(ram, (code[0], code[1]), clock)
+        m._R[:isa.NUM_REGS] = list(state["regs"])
+        m._R[R_FA], m._R[R_FB] = state["cmp"]
+        m._R[R_IC] = state["instructions"]
+        m.pc = state["pc"]
+        m.status = state["status"]
+        m.fault_reason = state["fault_reason"]
+        m._console += state["devices"]["console"]["pending"]
+        return m
+
+    # ---- running ----
+
+    @property
+    def instructions(self) -> int:
+        return self._R[R_IC]
+
+    @property
+    def regs(self) -> list[int]:
+        """A copy of r0..r15 (for tests and debugging)."""
+        return self._R[:isa.NUM_REGS]
+
+    @property
+    def flags(self) -> int:
+        return isa.flags_of(self._R[R_FA], self._R[R_FB])
+
+    def run(self, budget: int) -> int:
+        """Run about budget instructions (a block may overshoot); return how many ran."""
+        if self.status != "running" or budget <= 0:
+            return 0
+        R = self._R
+        start = R[R_IC]
+        try:
+            self.pc = self._loop(R, start + budget)
+        except Halted as h:
+            self.pc, self.status = h.pc, "halted"
+        except GuestFault as f:
+            self._fault(f.pc, f.reason)
+        except Exception as exc:  # a host-side failure must not take the VM process down
+            self._fault(self.pc, f"internal error: {type(exc).__name__}: {exc}")
+        return R[R_IC] - start
+
+    def _loop(self, R: list[int], lim: int) -> int:
+        """The dispatch loop: one dict lookup and one call per block."""
+        get = self._blocks.get
+        compile_block = self._compile
+        M = self._ram
+        pc = self.pc
+        try:
+            while R[R_IC] < lim:
+                pc = (get(pc) or compile_block(pc))(R, M, lim)
+        finally:
+            self.pc = pc  # the start of the last block entered, for an internal-error report
+        return pc
+
+    def _compile(self, pc: int) -> BlockFn:
+        fn = self._compiler.compile(pc)
+        self._blocks[pc] = fn
+        return fn
+
+    def _fault(self, pc: int, reason: str) -> None:
+        self.pc = pc
+        self.status = "faulted"
+        self.fault_reason = reason
+
+    # ---- devices ----
+
+    def console_drain(self) -> bytes:
+        out = bytes(self._console)
+        del self._console[:]
+        return out
+
+    def clock_now(self) -> int:
+        return self._clock.read()
+
+    # ---- state ----
+
+    def save_state(self) -> dict[str, Any]:
+        """CPU and device state at the current instruction boundary; msgpack-able."""
+        R = self._R
+        return {
+            "version": STATE_VERSION,
+            "isa_version": isa.ISA_VERSION,
+            "ram_size": self._size,
+            "code": [self._code_range[0], self._code_range[1]],
+            "pc": self.pc,
+            "regs": R[:isa.NUM_REGS],
+            "cmp": [R[R_FA], R[R_FB]],
+            "flags": isa.flags_of(R[R_FA], R[R_FB]),
+            "instructions": R[R_IC],
+            "status": self.status,
+            "fault_reason": self.fault_reason,
+            "devices": {
+                "console": {"pending": bytes(self._console)},
+                "clock": self._clock.save(),
+            },
+        }
+
+
+def _check_image(image: Image, ram_size: int) -> None:
+    if image.isa_version != isa.ISA_VERSION:
+        raise ValueError(f"image is for ISA version {image.isa_version}, this machine runs {isa.ISA_VERSION}")
+    if image.load_addr != isa.CODE_ADDR or len(image.code) > isa.CODE_LIMIT:
+        raise ValueError(f"image must load at {isa.CODE_ADDR:#x} and fit in {isa.CODE_LIMIT} bytes")
+    if not image.load_addr <= image.entry < image.load_addr + len(image.code):
+        raise ValueError(f"image entry {image.entry:#x} is outside its code")
+    if ram_size < isa.MIN_RAM:
+        raise ValueError(f"guest RAM of {ram_size} bytes is below the minimum of {isa.MIN_RAM}")
+
+
+def _pack_args(args: Mapping[str, int]) -> list[tuple[bytes, int]]:
+    """Boot arguments sorted by name (the order of r1, r2, ... and of the boot block)."""
+    if len(args) > isa.BOOT_MAX_ARGS:
+        raise ValueError(f"at most {isa.BOOT_MAX_ARGS} boot arguments, got {len(args)}")
+    packed = []
+    for name in sorted(args):
+        raw, value = name.encode(), args[name]
+        if not raw or len(raw) > isa.BOOT_ARG_NAME or not name.isascii():
+            raise ValueError(f"boot argument name {name!r} must be 1..{isa.BOOT_ARG_NAME} ASCII characters")
+        if not isinstance(value, int) or not 0 <= value <= isa.MASK64:
+            raise ValueError(f"boot argument {name}={value!r} is not an unsigned 64-bit integer")
+        packed.append((raw, value))
+    return packed
+
+
+def _write_boot_block(ram: mmap.mmap, packed: list[tuple[bytes, int]]) -> None:
+    base = isa.BOOT_ADDR
+    block = bytearray(isa.BOOT_OFF_ARGS + isa.BOOT_ARG_ENTRY * len(packed))
+    for off, value in ((isa.BOOT_OFF_MAGIC, isa.BOOT_MAGIC), (isa.BOOT_OFF_VERSION, isa.ISA_VERSION),
+                       (isa.BOOT_OFF_RAM_SIZE, len(ram)), (isa.BOOT_OFF_NARGS, len(packed))):
+        _U64.pack_into(block, off, value)
+    for i, (name, value) in enumerate(packed):
+        off = isa.BOOT_OFF_ARGS + i * isa.BOOT_ARG_ENTRY
+        block[off:off + isa.BOOT_ARG_NAME] = name.ljust(isa.BOOT_ARG_NAME, b"\0")
+        _U64.pack_into(block, off + isa.BOOT_ARG_NAME, value)
+    ram[base:base + len(block)] = block
+
+
+def _check_state(state: Mapping[str, Any], ram_size: int) -> None:
+    """Refuse a state this machine cannot continue, before touching anything."""
+    if not isinstance(state, Mapping):
+        raise ValueError("machine state must be a map")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"machine state version {state.get('version')!r}, expected {STATE_VERSION}")
+    if state.get("isa_version") != isa.ISA_VERSION:
+        raise ValueError(f"machine state is for ISA version {state.get('isa_version')!r}")
+    if state.get("ram_size") != ram_size:
+        raise ValueError(f"state was saved with {state.get('ram_size')} bytes of RAM, mapping has {ram_size}")
+    code = state.get("code")
+    if not (isinstance(code, list | tuple) and len(code) == 2 and all(map(_is_u64, code))
+            and code[0] <= code[1] <= min(ram_size, isa.CODE_LIMIT)):
+        raise ValueError("state's code region is malformed or outside guest RAM")
+    if state.get("status") not in STATUSES:
+        raise ValueError(f"unknown machine status {state.get('status')!r}")
+    regs, cmp = state.get("regs"), state.get("cmp")
+    if not (isinstance(regs, list | tuple) and len(regs) == isa.NUM_REGS and all(map(_is_u64, regs))):
+        raise ValueError("state's registers are malformed")
+    if not (isinstance(cmp, list | tuple) and len(cmp) == 2 and all(map(_is_u64, cmp))):
+        raise ValueError("state's flags are malformed")
+    if not (_is_u64(state.get("pc")) and _is_u64(state.get("instructions"))):
+        raise ValueError("state's pc or instruction counter is malformed")
+    _check_devices(state.get("devices"))
+
+
+def _check_devices(devices: object) -> None:
+    try:
+        pending = devices["console"]["pending"]  # type: ignore[index]
+        now_ns = devices["clock"]["now_ns"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ValueError("state's device section is malformed") from None
+    if not isinstance(pending, bytes) or not _is_u64(now_ns):
+        raise ValueError("state's console or clock device is malformed")
+
+
+def _is_u64(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= isa.MASK64
