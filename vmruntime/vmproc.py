@@ -1,0 +1,369 @@
+"""The VM process: one OS process per VM, running its vCPU over shared guest RAM.
+
+Started as ``python -m vmruntime.vmproc --ram-fd F --ram-size N --ctl-fd C``
+with the memfd of guest RAM and its end of the control socketpair inherited.
+This module owns the process's main loop and the handling of every control
+request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
+track-start, track-stop, stop.
+
+The loop is single-threaded, which keeps the guest deterministic and pause
+simple: the machine runs in slices of about half a millisecond
+(``Machine.run(budget)`` with the budget re-tuned after every slice), and
+between slices the control socket is polled without waiting, so a pause
+request is served at the next instruction boundary. While paused, halted or
+faulted, the loop blocks on the socket. Throttling sleeps after each slice
+so the vCPU gets the asked share of wall time; the sleep is a wait on the
+socket, so requests are still answered at once.
+
+The module itself imports little; ``main`` imports the machine before
+serving the first request (so a process spawned ahead of time restores
+fast), and dirty tracking is imported on the first track-start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from vmruntime import control, guestram
+
+if TYPE_CHECKING:
+    from vmruntime.machine import Machine
+
+# Wall time one slice should take: short enough that a pause waits little
+# for the slice in progress, long enough that polling costs little.
+SLICE_SECONDS = 0.0005
+MIN_BUDGET = 16
+MAX_BUDGET = 1 << 22
+FIRST_BUDGET = 500
+CONSOLE_CHUNK = 256 << 10  # console bytes per event, well under control.MAX_MSG
+
+Reply = tuple[dict[str, Any], tuple[int, ...]]  # a handler's reply fields and fds to hand over
+
+
+class VMProcess:
+    """The state of one VM process: its machine, run state and control socket."""
+
+    def __init__(self, ram: mmap.mmap, ctl: socket.socket, on_eof: str = "exit") -> None:
+        self.ram = ram
+        self.ctl: socket.socket | None = ctl
+        self.on_eof = on_eof
+        self.machine: Machine | None = None
+        self.paused = False
+        self.throttle = 0
+        self.budget = FIRST_BUDGET
+        self.next_run = 0.0            # monotonic time before which a throttled vCPU sleeps
+        self.reported = "running"      # last machine status announced by an event
+        self.exiting = False
+        self.tracking: str | None = None  # dirty-tracking backend registered, if any
+        self.clock = PausableClock()
+
+    # -- main loop --
+
+    def serve(self) -> int:
+        """Run until a stop request (or control EOF with on_eof="exit"); return the exit status."""
+        while not self.exiting:
+            if not self._vcpu_runnable():
+                self._wait_control(None)
+                continue
+            now = time.monotonic()
+            if now < self.next_run:
+                self._wait_control(self.next_run - now)
+                continue
+            self._run_slice()
+            self._wait_control(0.0)
+        return 0
+
+    def _vcpu_runnable(self) -> bool:
+        return self.machine is not None and not self.paused and self.machine.status == "running"
+
+    def _run_slice(self) -> None:
+        machine = self.machine
+        assert machine is not None
+        before = machine.instructions
+        t0 = time.perf_counter()
+        machine.run(self.budget)  # never raises: a guest error (or an interpreter bug) faults the machine
+        elapsed = time.perf_counter() - t0
+        self._tune_budget(machine.instructions - before, elapsed)
+        if self.throttle:
+            self.next_run = time.monotonic() + elapsed * self.throttle / (100 - self.throttle)
+        self._flush_console()
+        self._announce_status()
+
+    def _tune_budget(self, executed: int, elapsed: float) -> None:
+        # Only a full slice measures the speed: one cut short by halt, fault
+        # or a blocking instruction says nothing about it.
+        if executed < self.budget or elapsed <= 0:
+            return
+        target = executed * SLICE_SECONDS / elapsed
+        # Move halfway to the target: one slow slice (preempted by another
+        # process) must not shrink the budget to nothing.
+        self.budget = int(min(MAX_BUDGET, max(MIN_BUDGET, (self.budget + target) / 2)))
+
+    # -- control socket --
+
+    def _wait_control(self, timeout: float | None) -> None:
+        """Serve every waiting request; wait up to ``timeout`` seconds (None: forever) for the first."""
+        if self.ctl is None:
+            self._sleep_detached(timeout)
+            return
+        ready, _, _ = select.select([self.ctl], [], [], timeout)
+        if not ready:
+            return
+        while self.ctl is not None and not self.exiting:
+            try:
+                msg, fds = control.recv_msg(self.ctl, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except EOFError:
+                self._control_closed()
+                return
+            except control.ControlError as e:
+                self._send({"ev": "error", "error": str(e)})
+                continue
+            for fd in fds:  # no request carries fds; never leak one a peer sends
+                os.close(fd)
+            self._handle(msg)
+
+    def _sleep_detached(self, timeout: float | None) -> None:
+        if timeout is None:
+            # Nobody can ever talk to us again and the vCPU is stopped: wait for a signal.
+            while True:
+                time.sleep(3600)
+        time.sleep(timeout)
+
+    def _control_closed(self) -> None:
+        """The parent closed its end: exit, or (on_eof="stay") keep the guest running unattended."""
+        assert self.ctl is not None
+        self.ctl.close()
+        self.ctl = None
+        if self.on_eof == "exit":
+            self.exiting = True
+
+    def _send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        if self.ctl is None:
+            return
+        try:
+            control.send_msg(self.ctl, msg, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            self._control_closed()
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        op = msg.get("op")
+        handler = _HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self._send({"id": rid, "ok": False, "error": f"unknown op {op!r}"})
+            return
+        try:
+            fields, fds = handler(self, msg)
+        except Exception as e:  # any failure of one request is that request's error reply
+            self._send({"id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
+            return
+        try:
+            self._send({"id": rid, "ok": True, **fields}, fds)
+        finally:
+            # Fds in a reply are handed over: once the peer has its copy ours
+            # goes. For the uffd that matters: with the agent holding the only
+            # reference, an agent that dies releases it, which unregisters
+            # guest RAM and wakes a vCPU blocked in a synchronous WP fault.
+            for fd in fds:
+                os.close(fd)
+
+    # -- events --
+
+    def _flush_console(self) -> None:
+        assert self.machine is not None
+        data = self.machine.console_drain()
+        # One `outs` may print any amount of guest RAM: split to stay under MAX_MSG.
+        for at in range(0, len(data), CONSOLE_CHUNK):
+            self._send({"ev": "console", "data": data[at:at + CONSOLE_CHUNK]})
+
+    def _announce_status(self) -> None:
+        """Send halted/faulted once, when the machine enters that status."""
+        status = self.status_name()
+        if status == self.reported:
+            return
+        self.reported = status
+        if status == "halted":
+            self._send({"ev": "halted"})
+        elif status == "faulted":
+            self._send({"ev": "faulted", "reason": self.fault_reason()})
+
+    def status_name(self) -> str:
+        return "created" if self.machine is None else self.machine.status
+
+    def fault_reason(self) -> str | None:
+        return None if self.machine is None else self.machine.fault_reason
+
+    # -- request handlers: each returns the reply's fields and the fds to hand over with it --
+
+    def op_boot(self, msg: dict[str, Any]) -> Reply:
+        from vmruntime.asm import Image
+        from vmruntime.machine import Machine
+
+        self._require_fresh()
+        image = Image(**msg["image"])
+        args = {str(k): int(v) for k, v in dict(msg.get("args") or {}).items()}
+        self.machine = Machine.boot(self.ram, image, args, self.clock.now_ns)
+        self._started(bool(msg.get("paused", False)))
+        return {}, ()
+
+    def op_restore(self, msg: dict[str, Any]) -> Reply:
+        from vmruntime.machine import Machine
+
+        self._require_fresh()
+        self.machine = Machine.restore(self.ram, msg["state"], self.clock.now_ns)
+        self._started(bool(msg.get("paused", False)))
+        return {}, ()
+
+    def _require_fresh(self) -> None:
+        if self.machine is not None:
+            raise RuntimeError("this VM process already runs a machine")
+
+    def _started(self, paused: bool) -> None:
+        self._set_paused(paused)
+        self.reported = "running"
+        self._announce_status()  # a restored machine may already be halted or faulted
+
+    def op_pause(self, msg: dict[str, Any]) -> Reply:
+        machine = self._require_machine()
+        self._set_paused(True)
+        # Console bytes produced before the pause point reach the parent before the reply.
+        self._flush_console()
+        return {"state": machine.save_state()}, ()
+
+    def op_resume(self, msg: dict[str, Any]) -> Reply:
+        self._require_machine()
+        self._set_paused(False)
+        return {}, ()
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused != self.paused:
+            self.clock.set_paused(paused)
+        self.paused = paused
+        self.next_run = 0.0
+
+    def op_throttle(self, msg: dict[str, Any]) -> Reply:
+        percent = msg.get("percent")
+        if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 99:
+            raise ValueError(f"throttle percent must be an integer 0-99, got {percent!r}")
+        self.throttle = percent
+        self.next_run = 0.0
+        return {}, ()
+
+    def op_status(self, msg: dict[str, Any]) -> Reply:
+        return {
+            "status": self.status_name(),
+            "instructions": self.machine.instructions if self.machine is not None else 0,
+            "fault_reason": self.fault_reason(),
+            "throttle": self.throttle,
+            "paused": self.paused,
+            "pid": os.getpid(),
+        }, ()
+
+    def op_track_start(self, msg: dict[str, Any]) -> Reply:
+        from vmruntime import dirty
+
+        backend = msg.get("backend")
+        if not isinstance(backend, str):
+            raise ValueError("track-start needs a backend name")
+        if self.tracking is not None:
+            raise RuntimeError(f"tracking already started ({self.tracking})")
+        addr = guestram.mapping_address(self.ram)
+        length = len(self.ram)
+        uffd = dirty.vm_register(backend, addr, length)
+        self.tracking = backend
+        return {"backend": backend, "addr": addr, "length": length}, (() if uffd is None else (uffd,))
+
+    def op_track_stop(self, msg: dict[str, Any]) -> Reply:
+        # We kept no copy of the uffd: the kernel unregisters guest RAM when
+        # the agent's tracker closes the only fd. This just allows a new start.
+        self.tracking = None
+        return {}, ()
+
+    def op_stop(self, msg: dict[str, Any]) -> Reply:
+        self.exiting = True
+        return {}, ()
+
+    def _require_machine(self) -> Machine:
+        if self.machine is None:
+            raise RuntimeError("no machine: boot or restore first")
+        return self.machine
+
+
+_HANDLERS = {
+    "boot": VMProcess.op_boot,
+    "restore": VMProcess.op_restore,
+    "pause": VMProcess.op_pause,
+    "resume": VMProcess.op_resume,
+    "throttle": VMProcess.op_throttle,
+    "status": VMProcess.op_status,
+    "track-start": VMProcess.op_track_start,
+    "track-stop": VMProcess.op_track_stop,
+    "stop": VMProcess.op_stop,
+}
+
+
+class PausableClock:
+    """Host monotonic time that stands still while the VM is paused.
+
+    The guest's clock device reads it, so time spent paused (a migration's
+    downtime included) is not seen by the guest, as with QEMU's virtual clock.
+    """
+
+    def __init__(self) -> None:
+        self._paused_total = 0
+        self._paused_at: int | None = None
+
+    def now_ns(self) -> int:
+        if self._paused_at is not None:
+            return self._paused_at - self._paused_total
+        return time.monotonic_ns() - self._paused_total
+
+    def set_paused(self, paused: bool) -> None:
+        now = time.monotonic_ns()
+        if paused and self._paused_at is None:
+            self._paused_at = now
+        elif not paused and self._paused_at is not None:
+            self._paused_total += now - self._paused_at
+            self._paused_at = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vmruntime.vmproc", description=__doc__.splitlines()[0])
+    p.add_argument("--ram-fd", type=int, required=True, help="inherited memfd of guest RAM")
+    p.add_argument("--ram-size", type=int, required=True, help="guest RAM size in bytes")
+    p.add_argument("--ctl-fd", type=int, required=True, help="inherited SOCK_SEQPACKET control socket")
+    p.add_argument("--on-eof", choices=control.ON_EOF_CHOICES, default="exit",
+                   help="when the parent closes the control socket: exit (default) or keep the guest running")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Ctrl-C in a terminal signals the whole foreground group; the parent
+    # (agent, `ferry run`) decides what happens to its VMs, not the keyboard.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    have = os.fstat(args.ram_fd).st_size
+    if have < args.ram_size:  # pages past the end of the memfd would SIGBUS the vCPU
+        sys.exit(f"vmproc: guest RAM fd holds {have} bytes, --ram-size asks for {args.ram_size}")
+    ram = guestram.map_shared(args.ram_fd, args.ram_size)
+    os.close(args.ram_fd)  # the mapping keeps the memfd alive; one fd less to leak
+    ctl = socket.socket(fileno=args.ctl_fd)
+    # Importing the machine costs tens of milliseconds. Pay it now, before the
+    # first request: a destination agent spawns this process ahead of time and
+    # its `restore` is inside the migration's downtime.
+    import vmruntime.machine  # noqa: F401
+    return VMProcess(ram, ctl, args.on_eof).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
