@@ -1,0 +1,228 @@
+"""The benchmark runner behind ``make bench``: every bench module, one report, docs/BENCHMARKS.md.
+
+This module owns the layout of docs/BENCHMARKS.md. It runs each bench
+module that exists (the raw copy baseline first, so ferry's figures can be
+read as ratios to a baseline of the same run), each in its own subprocess
+under a time limit, and writes: a header with the machine, the date and the
+load average before and after; a summary table; then one section per bench
+with its Markdown output verbatim. A bench that fails or overruns its limit
+gets a section saying so, with whatever it printed and the tail of its
+stderr: the runner itself never fails because a bench did.
+
+    .venv/bin/python -m bench.run [--quick] [--only NAME[,NAME...]] [--timeout SECONDS]
+        [--out docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import (
+    Machine,
+    ModuleRun,
+    become_subreaper,
+    describe_machine,
+    format_load,
+    load_average,
+    markdown_table,
+    run_module,
+    tail,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
+# The order of the report: the baseline first, then bottom-up through ferry's parts to whole migrations.
+KNOWN = ("baseline_copy", "bench_interp", "bench_pause", "bench_dirty", "bench_proto", "bench_migrate")
+TIMEOUT_FULL = 1200.0  # s per bench; a full bench_migrate moves tens of GiB on a loaded machine
+TIMEOUT_QUICK = 300.0
+STDERR_TAIL = 30  # lines of a failed bench's stderr kept in the report
+
+NOISE_NOTE = (
+    "> These machines are shared (several people build and test on the same cores at once) and noisy. "
+    "Every figure is a median of several runs, several benches report CPU time rather than wall time, "
+    "and ferry's throughput figures are meant to be read as ratios to the baselines measured in the "
+    "same run (section `baseline_copy`), not compared as absolute numbers across runs or machines. "
+    "The load average before and after the run says how busy the machine was."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    """One bench in the report: its module run plus what the runner saw around it."""
+
+    name: str
+    title: str  # first line of the module's docstring
+    run: ModuleRun
+    load_before: tuple[float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    machine: Machine
+    quick: bool
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    seconds: float
+    results: tuple[BenchResult, ...]
+    missing: tuple[str, ...]  # known benches whose module does not exist (yet)
+
+
+# --- what to run ------------------------------------------------------------------------------
+
+
+def discover(bench_dir: Path = BENCH_DIR) -> tuple[list[str], list[str]]:
+    """(benches to run in report order, known benches that are missing).
+
+    Any other ``bench_*.py`` found is run after the known ones, so a new
+    bench shows up in the report without touching the runner.
+    """
+    present = {p.stem for p in bench_dir.glob("*.py")}
+    extra = sorted(n for n in present if n.startswith("bench_") and n not in KNOWN)
+    return [n for n in KNOWN if n in present] + extra, [n for n in KNOWN if n not in present]
+
+
+def select(names: list[str], only: Sequence[str]) -> list[str]:
+    """The benches named in ``only`` (all when empty), in report order; unknown names are an error."""
+    if not only:
+        return names
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise SystemExit(f"no such bench: {', '.join(unknown)} (have: {', '.join(names)})")
+    return [n for n in names if n in only]
+
+
+def title_of(name: str, bench_dir: Path = BENCH_DIR) -> str:
+    """First line of the module's docstring, read without importing it (an import could fail or be slow)."""
+    try:
+        doc = ast.get_docstring(ast.parse((bench_dir / f"{name}.py").read_text()))
+    except (OSError, SyntaxError, ValueError):
+        doc = None
+    return doc.strip().splitlines()[0].rstrip(".") if doc and doc.strip() else name
+
+
+# --- rendering (pure) -------------------------------------------------------------------------
+
+
+def render(report: Report) -> str:
+    """The whole of docs/BENCHMARKS.md."""
+    parts = [render_header(report), render_summary(report)]
+    parts += [render_section(r) for r in report.results]
+    return "\n\n".join(parts) + "\n"
+
+
+def render_header(report: Report) -> str:
+    m = report.machine
+    mode = "quick (`--quick`: smaller sizes, fewer runs)" if report.quick else "full"
+    rows: list[list[object]] = [
+        ["CPU", m.cpu_model], ["cores", m.cores], ["memory", m.memory], ["kernel", m.kernel],
+        ["transparent huge pages", m.thp], ["Python", m.python], ["date", m.date], ["mode", mode],
+        ["load average before (1/5/15 min)", format_load(report.load_before)],
+        ["load average after (1/5/15 min)", format_load(report.load_after)],
+        ["total time", f"{report.seconds:.0f} s"],
+    ]
+    return "\n\n".join([
+        "# ferry benchmarks",
+        "Generated by `make bench` (`python -m bench.run`); rerun it rather than editing this file. "
+        "Each section is one `bench/` module's output, verbatim.",
+        markdown_table(["machine", ""], rows),
+        NOISE_NOTE,
+    ])
+
+
+def render_summary(report: Report) -> str:
+    rows = [[f"[{r.name}](#{r.name})", r.run.status(), f"{r.run.seconds:.1f}", f"{r.load_before[0]:.2f}"]
+            for r in report.results]
+    text = "## Summary\n\n" + markdown_table(["bench", "status", "time s", "load at start"], rows, "llrr")
+    if report.missing:
+        text += "\n\nNot present, so not run: " + ", ".join(f"`{n}`" for n in report.missing) + "."
+    return text
+
+
+def render_section(r: BenchResult) -> str:
+    run = r.run
+    command = " ".join(["python", "-m", run.module, *run.argv[3:]])
+    head = f'<a id="{r.name}"></a>\n## {r.name}: {r.title}\n\n`{command}`: {run.status()}, {run.seconds:.1f} s.'
+    if run.ok:
+        return head + "\n\n" + (run.stdout.strip() or "(no output)")
+    body = [head]
+    if run.stdout.strip():
+        body.append("Output before it stopped:\n\n" + run.stdout.strip())
+    err = tail(run.stderr, STDERR_TAIL)
+    body.append(f"Last {STDERR_TAIL} lines of stderr:\n\n" + fenced(err) if err else "(nothing on stderr)")
+    return "\n\n".join(body)
+
+
+def fenced(text: str) -> str:
+    """A code block whose fence is longer than any backtick run inside, so ``text`` cannot end it."""
+    longest = run_len = 0
+    for ch in text:
+        run_len = run_len + 1 if ch == "`" else 0
+        longest = max(longest, run_len)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def run_all(names: list[str], quick: bool, timeout: float) -> list[BenchResult]:
+    """Run the benches one after another (never two at once: they would measure each other)."""
+    results = []
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] bench.{name} ...", file=sys.stderr, flush=True)
+        load = load_average()
+        run = run_module(f"bench.{name}", ["--quick"] if quick else [], timeout=timeout, cwd=str(ROOT))
+        print(f"[{i}/{len(names)}] bench.{name}: {run.status()}, {run.seconds:.1f} s", file=sys.stderr,
+              flush=True)
+        results.append(BenchResult(name, title_of(name), run, load))
+    return results
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` in one step, so an interrupted run never leaves half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="pass --quick to every bench")
+    ap.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=[],
+                    help="comma-separated bench names (default: all that exist)")
+    ap.add_argument("--timeout", type=float, help=f"seconds per bench (default {TIMEOUT_FULL:.0f}, "
+                                                  f"{TIMEOUT_QUICK:.0f} with --quick)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report file (default docs/BENCHMARKS.md)")
+    a = ap.parse_args(argv)
+    become_subreaper()  # agents a bench starts in their own session come back to us if it dies
+    # Ctrl-C works even when started in the background (which ignores SIGINT and would pass the
+    # ignoring on to every bench, defeating the SIGINT a bench gets at its time limit)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    names, missing = discover()
+    names = select(names, a.only)
+    timeout = a.timeout or (TIMEOUT_QUICK if a.quick else TIMEOUT_FULL)
+    machine, load_before = describe_machine(), load_average()
+    start = datetime.datetime.now(datetime.UTC)
+    try:
+        results = run_all(names, a.quick, timeout)
+    except KeyboardInterrupt:  # the running bench was stopped by run_module; keep the last full report
+        print(f"interrupted: {a.out} left as it was", file=sys.stderr)
+        raise SystemExit(130) from None
+    seconds = (datetime.datetime.now(datetime.UTC) - start).total_seconds()
+    report = Report(machine, a.quick, load_before, load_average(), seconds, tuple(results), tuple(missing))
+    write_atomically(a.out, render(report))
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
