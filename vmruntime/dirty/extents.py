@@ -1,0 +1,85 @@
+"""Page-range helpers: written extents of a memfd, and merging of ranges.
+
+A range is a half-open byte range ``(start, end)`` of guest RAM, page aligned.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable
+
+PAGE_SIZE = 4096
+
+
+def page_floor(x: int) -> int:
+    return x - x % PAGE_SIZE
+
+
+def page_ceil(x: int) -> int:
+    return -(-x // PAGE_SIZE) * PAGE_SIZE
+
+
+def written_extents(memfd: int, size: int) -> list[tuple[int, int]]:
+    """The extents of ``memfd`` that hold data (not holes) within [0, size), page aligned.
+
+    Uses lseek SEEK_DATA/SEEK_HOLE: a memfd page never written (or punched) is
+    a hole and reads as zeros, so round 0 of a migration sends only these.
+    Extents are rounded out to whole pages, merged, and clipped to ``size``.
+    """
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(memfd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after pos
+                break
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), size)
+        append_range(out, page_floor(data), min(page_ceil(hole), page_ceil(size)))
+        pos = hole
+    return out
+
+
+def append_range(out: list[tuple[int, int]], start: int, end: int) -> None:
+    """Append [start, end) to sorted ``out``, merging with the last range when they touch."""
+    if out and start <= out[-1][1]:
+        if end > out[-1][1]:
+            out[-1] = (out[-1][0], end)
+        return
+    out.append((start, end))
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort and merge overlapping or adjacent ranges."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        append_range(out, start, end)
+    return out
+
+
+def pages_to_ranges(pages: Iterable[int]) -> list[tuple[int, int]]:
+    """Page numbers -> merged byte ranges."""
+    out: list[tuple[int, int]] = []
+    for p in sorted(pages):
+        append_range(out, p * PAGE_SIZE, (p + 1) * PAGE_SIZE)
+    return out
+
+
+def bitmap_ranges(bitmap: bytes | bytearray) -> list[tuple[int, int]]:
+    """A page bitmap (one byte per page, non-zero = set) -> merged byte ranges.
+
+    Runs are found with ``find`` (C speed): the Python cost is per run, not per page.
+    """
+    out: list[tuple[int, int]] = []
+    pos = bitmap.find(1)
+    while pos != -1:
+        end = bitmap.find(0, pos)
+        if end == -1:
+            end = len(bitmap)
+        out.append((pos * PAGE_SIZE, end * PAGE_SIZE))
+        pos = bitmap.find(1, end)
+    return out
