@@ -1,0 +1,120 @@
+"""A client of an agent's control API: connect, authenticate, call operations.
+
+This module owns the client side of control connections, used by the `ferry` CLI and by agents
+talking to agents (the source asking the destination for its agent-info). Addresses are
+"HOST:PORT" for TCP or a path (optionally "unix:PATH") for the agent's unix socket; both speak
+the same authenticated protocol. `call_sync` wraps one call for blocking callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from typing import Any
+
+from agent import wire
+from agent.config import parse_hostport
+from proto.errors import ErrorCode, ProtocolError
+from proto.messages import ErrorResponse, Request, Response
+
+CONNECT_TIMEOUT = 10.0
+CALL_TIMEOUT = 30.0
+
+
+class ClientError(Exception):
+    """The agent answered with an error (or the exchange broke); `code` is a stable ErrorCode value."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = str(code)
+        self.message = message
+
+
+def split_address(address: str) -> tuple[str, str | tuple[str, int]]:
+    """("unix", path) or ("tcp", (host, port)) for an agent address."""
+    if address.startswith("unix:"):
+        return "unix", address[5:]
+    if address.startswith(("/", ".")) or ":" not in address:
+        return "unix", address
+    return "tcp", parse_hostport(address)
+
+
+class ControlClient:
+    """One authenticated control connection; calls are sequential (one request in flight)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, version: int,
+                 peer_name: str) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.version = version
+        self.peer_name = peer_name
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = CALL_TIMEOUT) -> Any:
+        """Run one operation on the agent and return its result; ClientError when it fails."""
+        async with self._lock:
+            rid = next(self._ids)
+            try:
+                await wire.write_message(self._writer, Request(rid, op, dict(args or {})), self.version)
+                reply = await wire.expect(self._reader, timeout)
+            except ProtocolError as e:
+                raise ClientError(e.code, e.message) from e
+            return _result(rid, reply)
+
+    async def close(self) -> None:
+        await wire.close_writer(self._writer)
+
+
+def _result(rid: int, reply: object) -> Any:
+    if isinstance(reply, Response) and reply.id == rid:
+        return reply.result
+    if isinstance(reply, ErrorResponse) and reply.id in (rid, 0):
+        raise ClientError(reply.code, reply.message)
+    raise ClientError(ErrorCode.PROTOCOL_ERROR, f"unexpected reply {type(reply).__name__} to request {rid}")
+
+
+async def _open(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    kind, where = split_address(address)
+    if kind == "unix":
+        assert isinstance(where, str)
+        return await asyncio.open_unix_connection(where)
+    assert isinstance(where, tuple)
+    reader, writer = await asyncio.open_connection(where[0], where[1])
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small request/response frames
+    return reader, writer
+
+
+async def connect(address: str, key: bytes | None, *, name: str = "ferry-cli", role: str = "cli",
+                  timeout: float = CONNECT_TIMEOUT) -> ControlClient:
+    """Connect and authenticate with the cluster key; ClientError(auth-failed) on a wrong key."""
+    if key is None:
+        raise ClientError(ErrorCode.AUTH_FAILED, "no cluster key: pass --key-file or set FERRY_KEY_FILE")
+    reader, writer = await asyncio.wait_for(_open(address), timeout)
+    try:
+        version, peer = await wire.client_handshake(reader, writer, key=key, name=name, role=role)
+    except ProtocolError as e:
+        await wire.close_writer(writer)
+        raise ClientError(e.code, f"handshake with {address} failed: {e.message}") from e
+    except BaseException:
+        await wire.close_writer(writer)
+        raise
+    return ControlClient(reader, writer, version, peer)
+
+
+async def call_once(address: str, key: bytes, op: str, args: dict[str, Any] | None = None, *,
+                    name: str = "ferry-cli", role: str = "cli", timeout: float = CALL_TIMEOUT) -> Any:
+    """Connect, run one operation, close."""
+    client = await connect(address, key, name=name, role=role)
+    try:
+        return await client.call(op, args, timeout=timeout)
+    finally:
+        await client.close()
+
+
+def call_sync(address: str, key: bytes, op: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
+    """Blocking form of call_once, for scripts and tests (not for use inside a running event loop)."""
+    return asyncio.run(call_once(address, key, op, args, **kw))

@@ -1,0 +1,210 @@
+"""Agent configuration: command-line flags, the TOML config file, sizes, addresses, the cluster key.
+
+This module owns how `ferry-agent` is configured. Every flag has the same key in the TOML file
+(`--state-dir DIR` is `state-dir = "DIR"`); flags win over the file, the file wins over defaults.
+It also owns the small parsers shared with the CLI: sizes ("64M", "4G", "4096"), "HOST:PORT"
+addresses and the cluster key file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_DIR = "/var/lib/ferry"
+DEFAULT_KEY_FILE = "/etc/ferry/cluster.key"
+DEFAULT_CONTROL = "127.0.0.1:7700"
+DEFAULT_MIGRATION = "127.0.0.1:7701"
+CONTROL_SOCKET_NAME = "control.sock"
+MIN_KEY_BYTES = 16
+# Share of the host's MemTotal that guests may use when max-mem is not configured: the rest stays
+# for the agent, the VM processes' interpreters and the host itself.
+DEFAULT_MEM_SHARE = 0.75
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+class ConfigError(Exception):
+    """A flag, a config file key or the key file is unusable; the message says which and why."""
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size: a plain number of bytes or a number with a binary suffix K, M, G, T."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"invalid size {text!r}: negative")
+        return text
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise ValueError(f"invalid size {text!r}: expected a number with an optional K, M, G or T suffix")
+    return int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
+
+
+def format_size(n: int) -> str:
+    """Render a byte count compactly with binary units (the inverse of parse_size where exact)."""
+    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{suffix}"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f}M"
+    return str(n)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Parse "HOST:PORT" (IPv6 as "[::1]:PORT") into (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"invalid address {text!r}: expected HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"invalid address {text!r}: port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    """Render (host, port) so that parse_hostport reads it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """Read the cluster key: the file's bytes with surrounding whitespace stripped, at least 16 bytes."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read key file {str(path)!r}: {e.strerror or e}") from e
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"key file {str(path)!r} is too short: {len(key)} bytes, need at least {MIN_KEY_BYTES}")
+    return key
+
+
+def host_mem_total() -> int:
+    """MemTotal of this host in bytes, from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise ConfigError("MemTotal missing from /proc/meminfo")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """The resolved configuration of one agent."""
+
+    name: str
+    control: tuple[str, int]
+    migration: tuple[str, int]
+    state_dir: Path
+    key_file: Path
+    key: bytes
+    max_mem: int  # bytes of guest RAM this host accepts (its own VMs plus incoming ones)
+    dirty_tracker: str  # "auto" or a backend name from vmruntime.dirty.BACKENDS
+    log_level: str
+
+    @property
+    def control_socket(self) -> Path:
+        """The unix socket of the control API, for the CLI on this host."""
+        return self.state_dir / CONTROL_SOCKET_NAME
+
+
+# The keys a config file may hold, with the flag help; each is also a --flag.
+_KEYS: dict[str, str] = {
+    "name": "agent name, unique in the cluster (default: the host name)",
+    "control": f"control API address HOST:PORT (default: {DEFAULT_CONTROL})",
+    "migration": f"migration listener address HOST:PORT (default: {DEFAULT_MIGRATION})",
+    "state-dir": f"state directory, holds the control socket (default: {DEFAULT_STATE_DIR})",
+    "key-file": f"shared cluster key file (default: {DEFAULT_KEY_FILE})",
+    "max-mem": "guest memory this host accepts, e.g. 4G (default: 75%% of MemTotal)",
+    "dirty-tracker": "dirty tracking backend: auto, uffd-wp-async, uffd-wp-sync, hash (default: auto)",
+    "log-level": "debug, info, warning or error (default: info)",
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ferry-agent flag parser; every value defaults to None so the config file can fill it."""
+    p = argparse.ArgumentParser(prog="ferry-agent", description="ferry host agent: runs VMs and migrates them.")
+    p.add_argument("--config", metavar="FILE", help="TOML config file with the same keys as the flags")
+    for key, help_text in _KEYS.items():
+        p.add_argument(f"--{key}", dest=key.replace("-", "_"), metavar=_METAVARS.get(key, key.split("-")[-1].upper()),
+                       help=help_text)
+    return p
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path!r}: {e}") from e
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"config file {path!r}: unknown keys {', '.join(unknown)}")
+    return data
+
+
+def _merged(ns: argparse.Namespace) -> dict[str, Any]:
+    """Flags over config file: a dict keyed by the config key names."""
+    values: dict[str, Any] = _read_toml(ns.config) if ns.config else {}
+    for key in _KEYS:
+        flag_value = getattr(ns, key.replace("-", "_"))
+        if flag_value is not None:
+            values[key] = flag_value
+    return values
+
+
+def _address(values: dict[str, Any], key: str, default: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(str(values.get(key, default)))
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from e
+
+
+def _max_mem(values: dict[str, Any]) -> int:
+    if "max-mem" not in values:
+        return int(host_mem_total() * DEFAULT_MEM_SHARE)
+    try:
+        return parse_size(values["max-mem"])
+    except ValueError as e:
+        raise ConfigError(f"max-mem: {e}") from e
+
+
+def _choice(values: dict[str, Any], key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = str(values.get(key, default))
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def resolve(values: dict[str, Any]) -> AgentConfig:
+    """Turn merged key/values into a checked AgentConfig (reads the key file)."""
+    key_file = Path(str(values.get("key-file", DEFAULT_KEY_FILE)))
+    trackers = ("auto", "uffd-wp-async", "uffd-wp-sync", "hash")
+    return AgentConfig(
+        name=str(values.get("name") or socket.gethostname()),
+        control=_address(values, "control", DEFAULT_CONTROL),
+        migration=_address(values, "migration", DEFAULT_MIGRATION),
+        state_dir=Path(str(values.get("state-dir", DEFAULT_STATE_DIR))),
+        key_file=key_file,
+        key=load_key(key_file),
+        max_mem=_max_mem(values),
+        dirty_tracker=_choice(values, "dirty-tracker", "auto", trackers),
+        log_level=_choice(values, "log-level", "info", LOG_LEVELS),
+    )
+
+
+def load_config(argv: list[str] | None = None) -> AgentConfig:
+    """Parse flags (and the --config file) into an AgentConfig; ConfigError on any bad value."""
+    ns = build_parser().parse_args(argv)
+    return resolve(_merged(ns))

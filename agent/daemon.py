@@ -1,0 +1,154 @@
+"""`ferry-agent`: the per-host daemon, asyncio on uvloop.
+
+This module owns the agent's process lifecycle: read the configuration, build the VM manager, the
+migration engine and the control API, listen (control TCP + unix socket, migration listener),
+and on SIGTERM or SIGINT shut down in order: refuse new work, let the migration engine cancel or
+finish what runs (it keeps a VM that is in doubt paused rather than running it twice), close the
+control API, stop the VM processes, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any
+
+import uvloop
+
+from agent.client import ClientError, call_once
+from agent.config import AgentConfig, ConfigError, format_hostport, load_config
+from agent.control import ControlServer
+from agent.logs import Log
+from agent.migration import MigrationManager
+from agent.ops import AgentIdentity, ControlOps, Migrations, OpError, ferry_version
+from agent.records import VMRecords
+from agent.vms import VMManager
+from vmruntime import dirty
+
+MIGRATION_SHUTDOWN_TIMEOUT = 60.0  # seconds the migration engine gets to wind down on SIGTERM
+PEER_TIMEOUT = 10.0
+
+
+class Agent:
+    """One running agent: its parts, its listeners, and its orderly shutdown."""
+
+    def __init__(self, config: AgentConfig, log: Log) -> None:
+        self.config = config
+        self.log = log
+        self.records = VMRecords(config.state_dir)
+        self.vms = VMManager(agent_name=config.name, max_mem=config.max_mem, dirty_tracker=config.dirty_tracker,
+                             log=log, records=self.records)
+        self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log)
+        identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
+        self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
+                              peer_info=self._peer_info, log=log)
+        self.control = ControlServer(ops=self.ops, key=config.key, name=config.name, log=log)
+        self.stopping = asyncio.Event()
+        self.failed = False  # a listener died: exit non-zero after the orderly shutdown
+        self._migration_task: asyncio.Task[None] | None = None
+
+    def _as_migrations(self) -> Migrations:
+        migrations: Migrations = self.migrations  # checks the engine against what the control API needs
+        return migrations
+
+    async def _peer_info(self, address: str) -> dict[str, Any]:
+        """agent-info of another agent (the destination of a migration), over its control API."""
+        try:
+            result = await asyncio.wait_for(call_once(address, self.config.key, "agent-info", name=self.config.name,
+                                                      role="agent", timeout=PEER_TIMEOUT), PEER_TIMEOUT)
+        except ClientError as e:  # e.g. auth-failed: the destination has another cluster key
+            raise OpError(e.code, f"destination agent {address}: {e.message}") from e
+        return dict(result)
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._report_lost_vms()
+        control = await self.control.start_tcp(*cfg.control)
+        try:
+            await self.control.start_unix(cfg.control_socket)
+        except OSError as e:  # e.g. a path over the 107-byte limit: TCP still serves every client
+            self.log.warning("no unix control socket", path=str(cfg.control_socket), error=e.strerror or str(e))
+        await self._start_migration_listener()
+        self.log.info("agent started", version=ferry_version(), control=format_hostport(*control),
+                      migration=format_hostport(*cfg.migration), unix=str(cfg.control_socket),
+                      max_mem=cfg.max_mem, dirty_tracker=cfg.dirty_tracker)
+
+    def _report_lost_vms(self) -> None:
+        """VMs a previous run of this agent did not stop: their processes died with it (on-eof exit)."""
+        for rec in self.records.take_stale():
+            self.log.warning("vm lost with the previous agent run", vm=rec.get("name"), mem=rec.get("mem"),
+                             program=rec.get("program"), pid=rec.get("pid"), origin=rec.get("origin"))
+
+    async def _start_migration_listener(self) -> None:
+        self._migration_task = asyncio.create_task(self.migrations.serve(*self.config.migration))
+        self._migration_task.add_done_callback(self._listener_done)
+        await asyncio.sleep(0.05)  # let serve() bind now, so a bind error surfaces before "agent started"
+        if self._migration_task.done() and not self._migration_task.cancelled():
+            error = self._migration_task.exception()
+            if error is not None:
+                raise error
+
+    def _listener_done(self, task: asyncio.Task[None]) -> None:
+        """serve() may return once bound or run forever; only its failure stops the agent."""
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("migration listener failed", error=repr(task.exception()))
+            self.failed = True
+            self.stopping.set()
+
+    async def shutdown(self) -> None:
+        """Refuse new work, wind migrations down, close the control API, stop the VMs."""
+        self.log.info("agent stopping")
+        self.ops.accepting = False
+        self.vms.accepting = False
+        try:
+            await asyncio.wait_for(self.migrations.shutdown(), MIGRATION_SHUTDOWN_TIMEOUT)
+        except Exception as e:  # shutdown must go on: the VMs still need stopping
+            self.log.error("migration shutdown failed", error=repr(e))
+        if self._migration_task is not None:
+            self._migration_task.cancel()
+            await asyncio.gather(self._migration_task, return_exceptions=True)  # its end, whatever it was
+        await self.control.close()
+        await self.vms.shutdown()
+        self.log.info("agent stopped")
+
+
+async def serve(config: AgentConfig, log: Log) -> int:
+    """Run the agent until SIGTERM/SIGINT; returns the exit status."""
+    agent = Agent(config, log)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+    try:
+        await agent.start()
+    except OSError as e:
+        log.error("cannot listen", error=e.strerror or str(e))
+        await agent.shutdown()
+        return 1
+    await agent.stopping.wait()
+    await agent.shutdown()
+    return 1 if agent.failed else 0
+
+
+def _check_backend(name: str) -> None:
+    """A dirty-tracker this kernel cannot provide is a configuration error, found at start-up."""
+    try:
+        dirty.choose_backend(name)
+    except ValueError as e:
+        raise ConfigError(f"dirty-tracker: {e}") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+        _check_backend(config.dirty_tracker)
+    except ConfigError as e:
+        print(f"ferry-agent: error: {e}", file=sys.stderr)
+        return 2
+    log = Log(config.log_level, agent=config.name)
+    return uvloop.run(serve(config, log))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The control API operations: what each `op` of a control Request does on this agent.
+
+This module owns the meaning of the control API, independent of sockets: `ControlOps.handle(op, args)`
+returns the result of one Request or raises `OpError` with a stable code (proto.errors.ErrorCode).
+The transport (agent/control.py) feeds it decoded Requests; the operations are
+
+  agent-info                                   name, version, addresses, free memory, dirty backends
+  vm-create  name program mem [args] [program-source] [dirty-tracker] [paused]
+  vm-list, vm-info name, vm-pause name, vm-resume name, vm-destroy name
+  vm-console name [offset]                     buffered console bytes from an offset
+  vm-wait    name state [timeout]              returns when the VM reaches the state
+  migrate    name to [params]                  `to` is the destination's control address
+  migrate-status name, migrate-cancel name     routed to the migration engine
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.config import format_hostport, parse_hostport, parse_size
+from agent.logs import Log
+from agent.migration.info import MigrationParams
+from agent.vms import VM, VMError, VMManager
+from proto.errors import ErrorCode, ProtocolError
+from proto.limits import SUPPORTED_VERSIONS
+from vmruntime import dirty
+
+VM_STATES = ("running", "paused", "halted", "faulted", "migrating")
+MAX_WAIT = 3600.0  # seconds; vm-wait longer than this is refused, so a connection never hangs forever
+DEFAULT_WAIT = 30.0
+CONSOLE_CHUNK = 256 * 1024  # most console bytes returned by one vm-console call
+_UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
+# What an agent still does after SIGTERM: answer queries, and let operators clean up.
+WHILE_STOPPING = frozenset({"agent-info", "vm-list", "vm-info", "vm-console", "vm-wait", "migrate-status",
+                            "migrate-cancel", "vm-destroy"})
+
+
+class OpError(Exception):
+    """A control operation failed; `code` is a stable ErrorCode value, the message is for humans."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+
+
+class Migrations(Protocol):
+    """The part of agent.migration.MigrationManager the control API uses."""
+
+    async def migrate(self, vm_name: str, dest_migration: tuple[str, int], params: Any) -> dict[str, Any]: ...
+    def info(self, vm_name: str) -> dict[str, Any] | None: ...
+    async def cancel(self, vm_name: str) -> None: ...
+
+
+# Asks another agent's control API for its agent-info (agent.client provides it; tests may fake it).
+PeerInfo = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+def ferry_version() -> str:
+    try:
+        return importlib.metadata.version("ferry")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class AgentIdentity:
+    """What agent-info reports about this agent itself."""
+
+    name: str
+    control: tuple[str, int]
+    migration: tuple[str, int]
+    state_dir: Path
+    instance: str = field(default_factory=lambda: os.urandom(8).hex())  # tells this run from any other agent
+
+
+class ControlOps:
+    """The control API of one agent: op name -> coroutine over the VM manager and the migration engine."""
+
+    def __init__(self, *, identity: AgentIdentity, vms: VMManager, migrations: Migrations | None,
+                 peer_info: PeerInfo, log: Log) -> None:
+        self.identity = identity
+        self.vms = vms
+        self.migrations = migrations
+        self.peer_info = peer_info
+        self.log = log
+        self.accepting = True  # False after SIGTERM: only read-only ops are served
+        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "agent-info": self.agent_info,
+            "vm-create": self.vm_create,
+            "vm-list": self.vm_list,
+            "vm-info": self.vm_info,
+            "vm-pause": self.vm_pause,
+            "vm-resume": self.vm_resume,
+            "vm-destroy": self.vm_destroy,
+            "vm-console": self.vm_console,
+            "vm-wait": self.vm_wait,
+            "migrate": self.migrate,
+            "migrate-status": self.migrate_status,
+            "migrate-cancel": self.migrate_cancel,
+        }
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        """Run one operation; every failure comes out as OpError with a stable code."""
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"unknown operation {op!r}")
+        if not self.accepting and op not in WHILE_STOPPING:
+            raise OpError(ErrorCode.BUSY, f"agent {self.identity.name} is shutting down")
+        try:
+            return await handler(args)
+        except OpError:
+            raise
+        except VMError as e:
+            raise OpError(e.code, e.message) from e
+        except ProtocolError as e:
+            raise OpError(e.code, e.message) from e
+        except (KeyError, ValueError, TypeError) as e:
+            raise OpError(ErrorCode.BAD_REQUEST, f"{op}: {_reason(e)}") from e
+
+    # -- agent -------------------------------------------------------------------------------------
+    async def agent_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        ident = self.identity
+        return {
+            "name": ident.name,
+            "instance": ident.instance,
+            "version": ferry_version(),
+            "protocol-versions": sorted(SUPPORTED_VERSIONS),
+            "control": format_hostport(*ident.control),
+            "migration": format_hostport(*ident.migration),
+            "state-dir": str(ident.state_dir),
+            "free-mem": self.vms.free_memory(),
+            "max-mem": self.vms.max_mem,
+            "dirty-backends": dirty.available_backends(),
+            "vms": len(self.vms.list()),
+            "pid": os.getpid(),
+        }
+
+    # -- VMs ---------------------------------------------------------------------------------------
+    async def vm_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        program = _str(args, "program")
+        mem = parse_size(args.get("mem", "64M"))
+        boot_args = {str(k): str(v) for k, v in dict(args.get("args") or {}).items()}
+        source = args.get("program-source")
+        path = self._store_program(name, program, source) if source is not None else program
+        vm = await self.vms.create(name, path, mem, boot_args, dirty_tracker=args.get("dirty-tracker"),
+                                   paused=bool(args.get("paused", False)))
+        vm.program = program
+        return vm.info()
+
+    def _store_program(self, vm_name: str, program: str, source: Any) -> str:
+        """An assembly file sent by the CLI: the file itself if this host has it unchanged (so its
+        .include lines resolve), else a copy kept in the state dir (the CLI may be on another host)."""
+        if not isinstance(source, str):
+            raise OpError(ErrorCode.BAD_REQUEST, "program-source must be text")
+        if _same_file(program, source):
+            return program
+        directory = self.identity.state_dir / "programs"
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(program).name) or "program"
+        path = directory / f"{vm_name}-{stem}"
+        path.write_text(source)
+        return str(path)
+
+    async def vm_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        vms = self.vms.list()
+        await asyncio.gather(*(_refresh_quietly(vm) for vm in vms))
+        return {"host": self.identity.name, "vms": [vm.info() for vm in vms]}
+
+    async def vm_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(_str(args, "name"))
+        await _refresh_quietly(vm)
+        return vm.info()
+
+    async def vm_pause(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self._idle_vm(_str(args, "name"), "pause")
+        async with vm.lock:
+            await vm.pause()
+        vm.log.info("vm paused")
+        return vm.info()
+
+    async def vm_resume(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self._idle_vm(_str(args, "name"), "resume")
+        async with vm.lock:
+            await vm.resume()
+        vm.log.info("vm resumed")
+        return vm.info()
+
+    def _idle_vm(self, name: str, verb: str) -> VM:
+        """The VM, if an operator may pause or resume it now (not while a migration owns it)."""
+        vm = self.vms.get(name)
+        if vm.migrating:
+            raise OpError(ErrorCode.BUSY, f"cannot {verb} VM {name!r}: it is migrating")
+        if vm.state in ("halted", "faulted"):
+            raise OpError(ErrorCode.BAD_REQUEST, f"cannot {verb} VM {name!r}: it is {vm.state}")
+        return vm
+
+    async def vm_destroy(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        vm = self.vms.get(name)
+        async with vm.lock:
+            await self.vms.destroy(name)
+        return {"name": name, "destroyed": True}
+
+    async def vm_console(self, args: dict[str, Any]) -> dict[str, Any]:
+        vm = self.vms.get(_str(args, "name"))
+        offset = int(args.get("offset", 0))
+        data, next_offset, dropped = vm.console.read(max(0, offset))
+        if len(data) > CONSOLE_CHUNK:
+            data, next_offset = data[:CONSOLE_CHUNK], next_offset - (len(data) - CONSOLE_CHUNK)
+        return {"data": data, "offset": next_offset, "dropped": dropped, "total": vm.console.total, "state": vm.state}
+
+    async def vm_wait(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, wanted = _str(args, "name"), _str(args, "state")
+        if wanted not in VM_STATES:
+            raise OpError(ErrorCode.BAD_REQUEST, f"unknown state {wanted!r}: one of {', '.join(VM_STATES)}")
+        timeout = min(float(args.get("timeout", DEFAULT_WAIT)), MAX_WAIT)
+        deadline = time.monotonic() + timeout
+        while True:
+            vm = self.vms.get(name)
+            await _refresh_quietly(vm)
+            if vm.state == wanted:
+                return vm.info()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OpError(ErrorCode.TIMEOUT, f"VM {name!r} is {vm.state}, not {wanted}, after {timeout:g} s")
+            await _wait_changed(vm, min(left, 0.2))  # also polls: the instruction-driven states need status
+
+    # -- migrations ----------------------------------------------------------------------------------
+    async def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        if self.vms.get(name).lock.locked():  # a clear no-such-vm (or busy) before any network traffic
+            raise OpError(ErrorCode.BUSY, f"VM {name!r} is busy (being paused, resumed or destroyed)")
+        params = MigrationParams.from_dict(dict(args.get("params") or {}))
+        dest = await self._destination(_str(args, "to"))
+        self.log.info("migration requested", vm=name, to=args["to"], migration=format_hostport(*dest))
+        return await self._engine().migrate(name, dest, params)
+
+    async def _destination(self, to: str) -> tuple[str, int]:
+        """Ask the destination's control API where its migration listener is."""
+        host, _ = parse_hostport(to)
+        try:
+            peer = await self.peer_info(to)
+        except OpError:
+            raise
+        except (TimeoutError, OSError) as e:
+            raise OpError(ErrorCode.MIGRATION_FAILED, f"cannot reach destination agent {to}: {_reason(e)}") from e
+        if peer.get("instance") == self.identity.instance:
+            raise OpError(ErrorCode.BAD_REQUEST, f"{to} is this agent ({self.identity.name}); pick another host")
+        if peer.get("name") == self.identity.name:
+            raise OpError(ErrorCode.BAD_REQUEST, f"the agent at {to} is also named {self.identity.name!r}; "
+                                                 "agent names must be unique")
+        mig_host, mig_port = parse_hostport(str(peer["migration"]))
+        # A listener on the wildcard address is reachable where its control API was.
+        return (host if mig_host in _UNSPECIFIED_HOSTS else mig_host), mig_port
+
+    async def migrate_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        info = self._engine().info(name)
+        if info is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no migration of VM {name!r} on agent {self.identity.name}")
+        return info
+
+    async def migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        engine = self._engine()
+        if engine.info(name) is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no migration of VM {name!r} on agent {self.identity.name}")
+        await engine.cancel(name)
+        self.log.info("migration cancel requested", vm=name)
+        return engine.info(name) or {"vm": name}
+
+    def _engine(self) -> Migrations:
+        if self.migrations is None:
+            raise OpError(ErrorCode.INTERNAL, f"agent {self.identity.name} has no migration engine")
+        return self.migrations
+
+
+def _same_file(path: str, source: str) -> bool:
+    try:
+        return os.path.isabs(path) and Path(path).read_text() == source
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _str(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise OpError(ErrorCode.BAD_REQUEST, f"argument {key!r} must be a non-empty string")
+    return value
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"missing {e.args[0]!r}" if e.args else "missing key"
+    return str(e) or type(e).__name__
+
+
+async def _refresh_quietly(vm: VM) -> None:
+    """Refresh from the VM process; a VM that does not answer keeps its last known figures."""
+    try:
+        await vm.refresh()
+    except (TimeoutError, VMError):
+        pass
+
+
+async def _wait_changed(vm: VM, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(vm.changed.wait(), timeout)
+    except TimeoutError:
+        pass

@@ -1,0 +1,244 @@
+"""Test helper: real ferry-agent processes on free loopback ports, and the real `ferry` CLI against them.
+
+Not a conftest: import it. Typical use:
+
+    key = make_key(tmp_path)
+    with start_agent(tmp_path, "A", key) as a, start_agent(tmp_path, "B", key) as b:
+        a.cli("vm", "create", "c1", "--program", "counter", "--mem", "64M")
+        info = a.cli("vm", "info", "c1", json=True).json
+        a.cli("migrate", "c1", "--to", b.control, json=True)
+
+Each agent gets its own state dir and log file under tmp_path. `stop()` (also on leaving the `with`)
+sends SIGTERM, waits, kills what is left of the agent's process group, and prints the agent's log,
+which pytest shows only when the test failed. `leaked` lists processes the agent left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json as jsonlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+CLI_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_key(tmp_path: Path, name: str = "cluster.key") -> Path:
+    """A fresh cluster key file: base64 of 32 random bytes, as deployments write it."""
+    path = tmp_path / name
+    path.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+    return path
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    json: Any = None
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = CLI_TIMEOUT, context: str = "") -> CliResult:
+    """Run the real `ferry` entry point in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    result = CliResult(proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ferry {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
+                             f"stderr: {proc.stderr}{context}")
+    return result
+
+
+def run_cli_in_process(*args: str, check: bool = True, context: str = "") -> CliResult:
+    """Run agent.cli.main() in this process: the same code as the entry point, without a Python start-up."""
+    from agent.cli import main
+
+    out, err = io.BytesIO(), io.StringIO()
+    stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(err):
+        try:
+            code: Any = main(list(args))
+        except SystemExit as e:  # argparse: --help and usage errors
+            code = e.code
+    stdout.flush()
+    result = CliResult(int(code or 0), out.getvalue().decode(), err.getvalue())
+    if check and result.returncode != 0:
+        raise AssertionError(f"ferry {' '.join(args)} exited {result.returncode}\nstdout: {result.stdout}\n"
+                             f"stderr: {result.stderr}{context}")
+    return result
+
+
+def _flags(extra: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in extra.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+class AgentProc:
+    """One ferry-agent process started by start_agent()."""
+
+    def __init__(self, tmp_path: Path, name: str, key_path: Path, extra: dict[str, Any]) -> None:
+        self.name = name
+        self.key_path = key_path
+        self.state_dir = tmp_path / name
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = tmp_path / f"{name}.log"
+        self.control = f"127.0.0.1:{free_port()}"
+        self.migration = f"127.0.0.1:{free_port()}"
+        self.argv = [sys.executable, "-m", "agent.daemon", "--name", name, "--control", self.control,
+                     "--migration", self.migration, "--state-dir", str(self.state_dir),
+                     "--key-file", str(key_path), *_flags(extra)]
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the agent's lifetime)
+        # Its own session: the agent and its VM processes form one process group we can account for.
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.leaked: list[int] = []
+        self.returncode: int | None = None
+        # True: .cli() calls agent.cli.main() in-process (fast); False: the `ferry` entry point in a subprocess.
+        self.cli_in_process = False
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "control.sock"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _context(self) -> str:
+        return f"\n--- log of agent {self.name} ---\n{self.log()[-6000:]}"
+
+    def cli(self, *args: str, check: bool = True, json: bool = False, timeout: float = CLI_TIMEOUT,
+            key_path: Path | None = None) -> CliResult:
+        """Run `ferry --agent <this agent> --key-file <key> ARGS [--json]`; .json holds the parsed output."""
+        argv = ["--agent", self.control, "--key-file", str(key_path or self.key_path), *args]
+        if json:
+            argv.append("--json")
+        if self.cli_in_process:
+            result = run_cli_in_process(*argv, check=check, context=self._context())
+        else:
+            result = run_cli(*argv, check=check, timeout=timeout, context=self._context())
+        if json and result.returncode == 0:
+            try:
+                result.json = jsonlib.loads(result.stdout)
+            except ValueError as e:
+                raise AssertionError(f"ferry {' '.join(args)} printed no JSON: {result.stdout!r}") from e
+        return result
+
+    def call(self, op: str, **args: Any) -> Any:
+        """One control API call in-process (faster than the CLI, for polling and setup)."""
+        from agent.client import call_sync
+
+        key = self.key_path.read_bytes().strip()
+        return call_sync(self.control, key, op, {k.replace("_", "-"): v for k, v in args.items()})
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Poll vm-list until the agent answers; fail with its log if it exits or stays silent."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent {self.name} exited with {self.proc.returncode}{self._context()}")
+            try:
+                self.call("vm-list")
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"agent {self.name} not ready in {timeout} s{self._context()}") from None
+                time.sleep(0.05)
+
+    def group_processes(self) -> list[int]:
+        """Live processes in the agent's process group (the agent and the VM processes it spawned)."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == self.proc.pid and fields[0] != "Z":  # fields[2]: pgrp; Z: zombie
+                pids.append(int(entry))
+        return pids
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Signal the agent, wait for it, kill leftovers (recorded in .leaked), print its log."""
+        if self.returncode is not None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = self.proc.wait()
+        self._reap_group()
+        self._log_file.close()
+        print(self._context())  # pytest shows it only for failed tests
+        return self.returncode
+
+    def _reap_group(self) -> None:
+        deadline = time.monotonic() + 2.0
+        while (left := self.group_processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # VM processes exit on their own once the agent's socket closes
+        self.leaked = left
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def destroy_all_vms(self) -> None:
+        """Destroy every VM of this agent and check that no VM process is left (between tests)."""
+        for vm in self.call("vm-list")["vms"]:
+            self.call("vm-destroy", name=vm["name"])
+        wait_for(lambda: self.group_processes() == [self.proc.pid], timeout=5.0, what="VM processes to exit")
+
+    def __enter__(self) -> AgentProc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_agent(tmp_path: Path, name: str, key_path: Path, **extra_flags: Any) -> AgentProc:
+    """Start a ferry-agent on free loopback ports and wait until it answers `vm list`.
+
+    extra_flags become flags: max_mem="128M" -> --max-mem 128M.
+    """
+    agent = AgentProc(tmp_path, name, key_path, extra_flags)
+    try:
+        agent.wait_ready()
+    except BaseException:
+        agent.stop(signal.SIGKILL)
+        raise
+    return agent
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll predicate() until it returns something truthy; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
