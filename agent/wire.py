@@ -15,7 +15,7 @@ from proto import auth
 from proto.codec import check_header, decode_body, encode
 from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, parse_header
-from proto.limits import CURRENT_VERSION, SUPPORTED_VERSIONS
+from proto.limits import CURRENT_VERSION, MAX_BODY_SIZE, MAX_HANDSHAKE_BODY, SUPPORTED_VERSIONS
 from proto.messages import ErrorResponse, Message
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds for each handshake message; a silent peer is dropped
@@ -24,15 +24,20 @@ WRITE_TIMEOUT = 30.0  # seconds a peer may leave our frames unread
 M = TypeVar("M", bound=Message)
 
 
-async def read_message(reader: asyncio.StreamReader, timeout: float | None) -> Message | None:
-    """The next message, or None when the peer closed cleanly between frames."""
+async def read_message(reader: asyncio.StreamReader, timeout: float | None,
+                       max_body: int = MAX_BODY_SIZE) -> Message | None:
+    """The next message, or None when the peer closed cleanly between frames.
+
+    Before authentication the caller passes ``max_body=MAX_HANDSHAKE_BODY``, so an
+    unauthenticated peer cannot make us buffer or decode more than a handshake needs.
+    """
     try:
         head = await asyncio.wait_for(reader.readexactly(HEADER_SIZE), timeout)
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise RemoteProtocolError("connection closed inside a frame header") from e
-    header = check_header(parse_header(head, SUPPORTED_VERSIONS, max_payload=0))
+    header = check_header(parse_header(head, SUPPORTED_VERSIONS, max_payload=0, max_body=max_body))
     try:
         body = await asyncio.wait_for(reader.readexactly(header.body_len), timeout)
     except asyncio.IncompleteReadError as e:
@@ -40,9 +45,10 @@ async def read_message(reader: asyncio.StreamReader, timeout: float | None) -> M
     return decode_body(header, body)
 
 
-async def expect(reader: asyncio.StreamReader, timeout: float | None) -> Message:
+async def expect(reader: asyncio.StreamReader, timeout: float | None,
+                 max_body: int = MAX_BODY_SIZE) -> Message:
     """The next message; a closed connection is a protocol error here."""
-    msg = await read_message(reader, timeout)
+    msg = await read_message(reader, timeout, max_body)
     if msg is None:
         raise RemoteProtocolError("connection closed by the peer")
     return msg
@@ -60,13 +66,13 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     hs = auth.ClientHandshake(key, name, role)
     await write_message(writer, hs.hello())
     try:
-        reply = hs.receive(await expect(reader, HANDSHAKE_TIMEOUT))
+        reply = hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY))
     except ProtocolError as e:  # e.g. the server's MAC is wrong: say why, so its log shows it too
         await _tell(writer, auth.error_response(e))
         raise
     if reply is not None:
         await write_message(writer, reply)
-        hs.receive(await expect(reader, HANDSHAKE_TIMEOUT))
+        hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY))
     if not hs.done or hs.version is None:
         raise RemoteProtocolError("handshake did not complete", ErrorCode.AUTH_FAILED)
     return hs.version, hs.peer_name or "?"
@@ -77,8 +83,8 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     """Authenticate a client; returns (version, client name, client role). Tells the peer why it failed."""
     hs = auth.ServerHandshake(key, name)
     try:
-        await write_message(writer, hs.receive(await expect(reader, HANDSHAKE_TIMEOUT)))
-        await write_message(writer, hs.receive(await expect(reader, HANDSHAKE_TIMEOUT)))
+        await write_message(writer, hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY)))
+        await write_message(writer, hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY)))
     except ProtocolError as e:
         await _tell(writer, auth.error_response(e))
         raise

@@ -246,6 +246,31 @@ def test_garbage_and_unauthenticated_requests_do_not_hurt_the_agent(agent: Agent
     assert "control handshake refused" in agent.log()
 
 
+def test_an_unauthenticated_peer_cannot_announce_a_large_body(agent: AgentProc) -> None:
+    """Before the handshake the agent refuses a frame header claiming more than a handshake needs,
+    at once: it answers without waiting for (or buffering) the announced body."""
+    import zlib
+
+    from proto import frame
+    from proto.codec import Decoder
+    from proto.limits import CURRENT_VERSION, MAX_HANDSHAKE_BODY
+    from proto.messages import MESSAGE_TYPES, ErrorResponse, Request
+
+    # A Request (not a handshake message, so only the connection's pre-auth limit applies).
+    request_type = next(code for code, cls in MESSAGE_TYPES.items() if cls is Request)
+    fixed = frame._LAYOUT.pack(frame.MAGIC, CURRENT_VERSION, 0, request_type, MAX_HANDSHAKE_BODY + 1, 0, 0)
+    host, port = agent.control.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(fixed + frame._CRC.pack(zlib.crc32(fixed)))
+        reply = b""
+        while chunk := s.recv(4096):  # the body is never sent: only an early refusal ends this
+            reply += chunk
+    decoder = Decoder()
+    decoder.receive_data(reply)
+    answer = decoder.next_event()
+    assert isinstance(answer, ErrorResponse) and answer.code == "protocol-error", answer
+
+
 def test_vm_records_follow_the_vms_and_a_killed_agent_is_reported(tmp_path: Path, key: Path) -> None:
     a = start_agent(tmp_path, "R", key)
     a.cli_in_process = True
