@@ -1,0 +1,113 @@
+"""What both migration sessions share: errors, the bridge to the event loop, the handshake.
+
+Sessions run in their own threads (the data path blocks in the kernel with
+the GIL released); the VM manager lives on the agent's asyncio loop. The
+``LoopBridge`` is the one way a session reaches it: run a coroutine or a
+plain function on the loop and wait for the result, with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from agent.migration.transport import Connection
+from agent.vms import VMError
+from proto.auth import ClientHandshake, ServerHandshake, error_response
+from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from proto.messages import ErrorResponse
+
+T = TypeVar("T")
+
+# How long a session waits for one VM-manager call on the loop (pause, resume,
+# spawning the VM process on the destination, ...).
+LOOP_CALL_TIMEOUT_S = 30.0
+
+
+class MigrationError(VMError):
+    """A migration refused or failed; ``code`` is a stable proto ErrorCode value."""
+
+
+class Cancelled(Exception):
+    """The operator (or agent shutdown) cancelled the migration."""
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable error code that best describes ``exc``."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code
+    if isinstance(exc, Cancelled):
+        return ErrorCode.CANCELLED
+    if isinstance(exc, TimeoutError):
+        return ErrorCode.TIMEOUT
+    return ErrorCode.MIGRATION_FAILED
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line human description of ``exc`` for error-desc and logs."""
+    text = getattr(exc, "message", None) or str(exc)
+    if isinstance(exc, ConnectionError | OSError) and not isinstance(exc, TimeoutError):
+        return f"connection to the peer failed: {text or type(exc).__name__}"
+    return text or type(exc).__name__
+
+
+class LoopBridge:
+    """Runs work on the agent's event loop on behalf of a session thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def call(self, coro: Awaitable[T], timeout: float = LOOP_CALL_TIMEOUT_S) -> T:
+        """Await ``coro`` on the loop; blocks this thread until it is done."""
+        fut = asyncio.run_coroutine_threadsafe(_as_coro(coro), self.loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def run(self, fn: Callable[..., T], *args: Any, timeout: float = LOOP_CALL_TIMEOUT_S) -> T:
+        """Call plain ``fn(*args)`` on the loop (where the VM manager's state lives)."""
+
+        async def wrapper() -> T:
+            return fn(*args)
+
+        return self.call(wrapper(), timeout)
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+def client_handshake(conn: Connection, key: bytes, name: str) -> str:
+    """Authenticate to the destination's migration listener; returns the peer's name."""
+    hs = ClientHandshake(key, name, "migration")
+    conn.send(hs.hello())
+    reply = conn.recv()
+    auth = hs.receive(reply)
+    if auth is not None:
+        conn.send(auth)
+    hs.receive(conn.recv())
+    return hs.peer_name or "?"
+
+
+def server_handshake(conn: Connection, key: bytes, name: str) -> str:
+    """Authenticate an incoming migration connection; tells the peer why when it fails."""
+    hs = ServerHandshake(key, name)
+    try:
+        conn.send(hs.receive(conn.recv()))
+        conn.send(hs.receive(conn.recv()))
+    except RemoteProtocolError as e:
+        _tell(conn, error_response(e))
+        raise
+    return hs.peer_name or "?"
+
+
+def _tell(conn: Connection, msg: ErrorResponse) -> None:
+    """Best effort: the peer may already be gone."""
+    try:
+        conn.send(msg)
+    except (OSError, ProtocolError):
+        pass

@@ -1,0 +1,429 @@
+"""The destination side: one accepted migration connection, run in its own thread.
+
+This module owns the receiving half of DESIGN.md's steps and its ownership
+rules:
+
+* authenticate the peer; the first message is either MigrateStart (a
+  migration) or InDoubtQuery (a source in doubt asking about an earlier one);
+* compatibility check before anything is touched (ISA version and features,
+  page size, memory against free capacity, the VM name): a refusal is a
+  MigrateRefuse with a stable code;
+* reserve guest RAM, receive page batches straight into it (zero ranges
+  become holes), the CPU and device state, then check the RAM digest and
+  answer READY;
+* start the VM only on COMMIT, then answer RESUMED.
+
+Any failure before COMMIT discards the reserved copy. ``Outcomes`` records
+what became of every migration this host saw, so an in-doubt query gets a
+true answer; answering "not resumed" fences the migration first, so a COMMIT
+still in flight can never start the VM afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from agent.migration import pages
+from agent.migration.common import LoopBridge, describe, error_code, server_handshake
+from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.transport import Connection
+from proto.errors import ErrorCode, ProtocolError
+from proto.messages import (
+    Abort,
+    Commit,
+    DeviceState,
+    Digest,
+    InDoubtAnswer,
+    InDoubtQuery,
+    Message,
+    MigrateAccept,
+    MigrateRefuse,
+    MigrateStart,
+    PageBatch,
+    Ready,
+    Resumed,
+    RoundEnd,
+)
+from proto.state import DestinationMachine
+from vmruntime import isa
+from vmruntime.dirty import merge_ranges
+
+# How long an in-doubt query waits for a COMMIT that is being carried out.
+OUTCOME_WAIT_S = 30.0
+# Digest chunks are rehashed once this many bytes of them were written since the last refresh.
+REFRESH_BYTES = 64 * 1024 * 1024
+# Outcomes remembered for in-doubt queries (oldest forgotten first).
+MAX_OUTCOMES = 4096
+
+
+class Refused(Exception):
+    """The compatibility check failed; nothing was touched."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Aborted(Exception):
+    """The migration ended before COMMIT; the reserved copy is discarded."""
+
+
+class Outcomes:
+    """Who owns each migration's VM, as far as this host knows; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[str, bool] = {}
+        self._live: dict[str, DestinationSession] = {}
+
+    def register(self, mid: str, session: DestinationSession) -> bool:
+        """Track a new migration; False if that id was already settled (a replay: refuse)."""
+        with self._lock:
+            if mid in self._done or mid in self._live:
+                return False
+            self._live[mid] = session
+            return True
+
+    def begin_commit(self, mid: str) -> bool:
+        """COMMIT arrived: True if the VM may start, False if an in-doubt answer fenced it off."""
+        with self._lock:
+            session = self._live.get(mid)
+            if session is None or session.fenced:
+                return False
+            session.committing = True
+            return True
+
+    def settle(self, mid: str, resumed: bool) -> None:
+        with self._lock:
+            session = self._live.pop(mid, None)
+            self._done[mid] = resumed
+            while len(self._done) > MAX_OUTCOMES:
+                del self._done[next(iter(self._done))]
+        if session is not None:
+            session.settled.set()
+
+    def answer(self, mid: str) -> bool | None:
+        """Did migration ``mid`` resume here? Fences it when not; None if still undecided after a wait."""
+        with self._lock:
+            if mid in self._done:
+                return self._done[mid]
+            session = self._live.get(mid)
+            if session is None or not session.committing:
+                self._done[mid] = False  # never seen, or not committed: it never will be
+                if session is not None:
+                    session.fence()
+                return False
+        session.settled.wait(OUTCOME_WAIT_S)
+        with self._lock:
+            return self._done.get(mid)
+
+    def fence(self, session: DestinationSession) -> bool:
+        """Stop ``session`` from ever starting its VM, unless COMMIT is already being carried out."""
+        with self._lock:
+            if session.committing:
+                return False
+            session.fence()
+            return True
+
+    def live(self) -> list[DestinationSession]:
+        with self._lock:
+            return list(self._live.values())
+
+
+class DestinationSession:
+    """One accepted migration connection."""
+
+    def __init__(self, *, conn: Connection, vms: Any, key: bytes, agent_name: str, bridge: LoopBridge,
+                 outcomes: Outcomes, infos: dict[str, MigrationInfo], log: Any) -> None:
+        self.conn = conn
+        self.vms = vms
+        self.key = key
+        self.agent_name = agent_name
+        self.bridge = bridge
+        self.outcomes = outcomes
+        self.infos = infos
+        self.log = log
+        self.machine = DestinationMachine()
+        self.info: MigrationInfo | None = None
+        self.fenced = False
+        self.committing = False
+        self.settled = threading.Event()
+        self._inc: Any = None
+        self._ram: memoryview | None = None
+        self._digest: pages.RamDigest | None = None
+        self._touched: set[int] = set()  # digest chunks written since the last round end
+        self._state: dict[str, Any] | None = None
+        self._ram_digest: str | None = None
+        self._round = RoundStat()
+        self._mid = ""
+        self._peer = "?"
+
+    def fence(self) -> None:
+        """Never start this VM: called by an in-doubt answer, or shutdown, before COMMIT."""
+        self.fenced = True
+        self.conn.shutdown()
+
+    # -- the thread body -----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._peer = server_handshake(self.conn, self.key, self.agent_name)
+            first = self._recv()
+            if isinstance(first, InDoubtQuery):
+                self._answer_query(first)
+            elif isinstance(first, MigrateStart):
+                self._migration(first)
+        except Exception as exc:  # the connection is this session's only client: log, never raise
+            self.log.warning("incoming migration connection failed", peer=self._peer, error=describe(exc))
+        finally:
+            self.conn.close()
+
+    def _answer_query(self, q: InDoubtQuery) -> None:
+        resumed = self.outcomes.answer(q.migration_id)
+        if resumed is None:
+            raise TimeoutError(f"migration {q.migration_id} is still starting; ask again")
+        self._send(InDoubtAnswer(q.migration_id, resumed))
+        self.log.info("in-doubt query answered", vm=q.vm_name, migration_id=q.migration_id, resumed=resumed)
+
+    # -- one migration -------------------------------------------------------------------------------
+    def _migration(self, start: MigrateStart) -> None:
+        self._mid = start.migration_id
+        try:
+            self._check_and_reserve(start)
+        except Refused as r:
+            self._send(MigrateRefuse(r.code, r.reason))
+            self.log.info("migration refused", vm=start.vm_name, peer=self._peer, code=r.code, reason=r.reason)
+            return
+        try:
+            self._accept(start)
+            self._receive_until_ready()
+            resumed = self._on_commit(self._recv())
+        except BaseException as exc:
+            self._discard(exc)
+            raise
+        self._finish(resumed)
+
+    def _check_and_reserve(self, start: MigrateStart) -> None:
+        """The compatibility check and the reservation; Refused when either fails, nothing held."""
+        _check_compatible(start)
+        if not self.outcomes.register(start.migration_id, self):
+            raise Refused(ErrorCode.BAD_REQUEST, f"migration {start.migration_id} was already seen here")
+        try:
+            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size)
+        except Exception as exc:
+            self.outcomes.settle(start.migration_id, False)
+            raise Refused(error_code(exc), describe(exc)) from exc
+
+    def _accept(self, start: MigrateStart) -> None:
+        """RAM is reserved: get ready to receive into it and tell the source to go."""
+        self._await_vm_process()
+        self.conn.guest_size = start.mem_size
+        self._ram = memoryview(self._inc.ram)
+        self._digest = pages.RamDigest(self._inc.memfd, self._ram, start.mem_size)
+        self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
+        self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
+                                  dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
+                                  params=_params_of(start))
+        self.infos[start.vm_name] = self.info
+        self._send(MigrateAccept(start.migration_id))
+        self.info.setup_s = time.monotonic() - self.info.started
+        self.log.info("incoming migration accepted", vm=start.vm_name, peer=self._peer, mem=start.mem_size)
+
+    def _await_vm_process(self) -> None:
+        """Hold the accept until the VM process for the reservation is up.
+
+        Starting a Python process takes 0.1-0.4 s here; a small guest migrates
+        faster than that, and whatever is left of the start at COMMIT is
+        downtime. Waiting now moves it into the setup time instead. Uses the
+        VM manager's optional ``prepare_incoming(inc)`` (agent/vms.py has it);
+        without it the VM process simply starts at COMMIT.
+        """
+        prepare = getattr(self.vms, "prepare_incoming", None)
+        if prepare is not None:
+            self.bridge.call(prepare(self._inc))
+
+    def _receive_until_ready(self) -> None:
+        """Pages, round ends, state, digest; answers READY when guest RAM checks out."""
+        while True:
+            msg = self._recv(self._ram)
+            if isinstance(msg, PageBatch):
+                self._on_pages(msg)
+            elif isinstance(msg, RoundEnd):
+                self._on_round_end(msg)
+            elif isinstance(msg, DeviceState):
+                self._on_state(msg)
+            elif isinstance(msg, Digest):
+                self._on_digest(msg)
+                return
+
+    def _on_pages(self, batch: PageBatch) -> None:
+        assert self._ram is not None and self.info is not None and self._digest is not None
+        if batch.zeros:
+            pages.punch_zeros(self._inc.memfd, self._ram, batch.zeros)
+        self._digest_batch(batch)
+        data = pages.total_bytes(batch.ranges)
+        zero = pages.total_bytes(batch.zeros)
+        r = self._round
+        r.pages += (data + zero) // PAGE_SIZE
+        r.zero_pages += zero // PAGE_SIZE
+        r.bytes += data
+        self.info.normal += data // PAGE_SIZE
+        self.info.duplicate += zero // PAGE_SIZE
+        self.info.transferred = self.conn.received
+
+    def _digest_batch(self, batch: PageBatch) -> None:
+        """Keep the digest current: chunks the batch covered whole are hashed now, still in the
+        CPU cache; chunks it touched in part wait until enough of them gathered."""
+        assert self._digest is not None
+        merged = merge_ranges([*batch.ranges, *batch.zeros])
+        touched = pages.chunks_of(merged)
+        self._digest.invalidate_chunks(touched)
+        self._digest.refresh_known(batch.ranges, batch.zeros)
+        self._touched = (self._touched | touched) - pages.covered_chunks(merged)
+        if len(self._touched) * pages.DIGEST_CHUNK >= REFRESH_BYTES:
+            self._refresh_digest()
+
+    def _on_round_end(self, msg: RoundEnd) -> None:
+        assert self.info is not None and self._digest is not None
+        self._refresh_digest()
+        self._round.seconds = msg.seconds
+        self._round.dirty_pages = msg.dirty_pages
+        self.info.rounds.append(self._round)
+        self.info.remaining = msg.dirty_pages * PAGE_SIZE
+        self.info.dirty_pages_rate = msg.dirty_rate
+        if msg.seconds > 0:
+            self.info.bandwidth = msg.bytes_sent / msg.seconds
+        self._round = RoundStat()
+
+    def _refresh_digest(self) -> None:
+        """Hash what arrived since the last refresh, now, while the source is still sending.
+
+        Batches of a round go in address order, so a chunk hashed here is
+        rarely touched again in the same round; what the next rounds touch
+        is hashed again. Only the final round's chunks remain for the
+        downtime.
+        """
+        assert self._digest is not None
+        self._digest.refresh(self._touched)
+        self._touched.clear()
+
+    def _on_state(self, msg: DeviceState) -> None:
+        """The source is paused and every page is here: digest our copy while the source digests its own."""
+        assert self.info is not None and self._digest is not None
+        self.info.status = Status.DEVICE
+        if self.info.rounds:
+            self.info.rounds[-1].final = True
+        self._state = msg.state
+        t = time.monotonic()
+        self._ram_digest = self._digest.hexdigest()
+        self.info.breakdown["digest"] = time.monotonic() - t
+
+    def _on_digest(self, msg: Digest) -> None:
+        if msg.algorithm != pages.DIGEST_ALGORITHM:
+            self._abort(ErrorCode.INCOMPATIBLE, f"unknown digest algorithm {msg.algorithm!r}")
+        if msg.value != self._ram_digest:
+            self._abort(ErrorCode.DIGEST_MISMATCH,
+                        f"guest RAM digest mismatch: source {msg.value}, destination {self._ram_digest}")
+        self._send(Ready())
+
+    def _abort(self, code: str, why: str) -> None:
+        """Give up before COMMIT, telling the source why."""
+        try:
+            self._send(Abort(code, why))
+        except (OSError, ProtocolError):
+            pass
+        raise Aborted(why)
+
+    # -- commit ----------------------------------------------------------------------------------------
+    def _on_commit(self, msg: Message) -> bool:
+        """Start the VM from the received state; True when it runs here."""
+        assert isinstance(msg, Commit) and self.info is not None and self._state is not None
+        if not self.outcomes.begin_commit(self._mid):
+            raise Aborted("fenced by an in-doubt answer before COMMIT arrived")
+        self._release_ram()
+        t = time.monotonic()
+        try:
+            self.bridge.call(self.vms.start_incoming(self._inc, self._state, None))
+        except Exception as exc:
+            # start_incoming dropped the reservation; the source may resume: we never will.
+            self.outcomes.settle(self._mid, False)
+            self.info.finish(Status.FAILED, f"starting the VM failed: {describe(exc)}")
+            self._tell_not_resumed()
+            raise Aborted(f"starting the VM failed: {describe(exc)}") from exc
+        self.outcomes.settle(self._mid, True)
+        self.info.breakdown["start"] = time.monotonic() - t
+        try:
+            self._send(Resumed())
+        except (OSError, ProtocolError) as exc:
+            # The VM runs here; the source learns it from an in-doubt query.
+            self.log.warning("RESUMED not delivered; the source will ask", vm=self.info.vm, error=describe(exc))
+        return True
+
+    def _tell_not_resumed(self) -> None:
+        try:
+            self._send(InDoubtAnswer(self._mid, False))
+        except (OSError, ProtocolError):
+            pass
+
+    def _finish(self, resumed: bool) -> None:
+        assert self.info is not None
+        self.info.remaining = 0
+        self.info.finish(Status.COMPLETED)
+        self.log.info("incoming migration completed", vm=self.info.vm, peer=self._peer,
+                      rounds=len(self.info.rounds))
+
+    def _discard(self, exc: BaseException) -> None:
+        """Before COMMIT (or when the start failed): drop the reserved copy."""
+        self._release_ram()
+        if self._inc is not None and not self.committing:
+            self.outcomes.settle(self._mid, False)
+            try:
+                self.bridge.run(self.vms.discard_incoming, self._inc)
+            except Exception as e:
+                self.log.error("discarding incoming RAM failed", vm=self._inc.name, error=describe(e))
+        if self.info is not None and self.info.finished is None:
+            if self.fenced:  # cancelled here (operator, shutdown, or an in-doubt answer)
+                self.info.finish(Status.CANCELLED, None, ErrorCode.CANCELLED)
+            else:
+                self.info.finish(Status.FAILED, describe(exc), error_code(exc))
+        self.log.warning("incoming migration discarded", vm=self._inc.name if self._inc else "?",
+                         error=describe(exc))
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def _send(self, msg: Message) -> None:
+        self.machine.send(msg)
+        self.conn.send(msg)
+
+    def _recv(self, ram: memoryview | None = None) -> Message:
+        msg = self.conn.recv(ram)
+        self.machine.receive(msg)
+        if isinstance(msg, Abort):
+            raise Aborted(f"the source aborted: {msg.reason}")
+        return msg
+
+    def _release_ram(self) -> None:
+        self._digest = None  # it holds slices of the mapping
+        if self._ram is not None:
+            self._ram.release()
+            self._ram = None
+
+
+def _params_of(start: MigrateStart) -> MigrationParams:
+    """The source's parameters, for the record (informational: the source enforces them)."""
+    try:
+        return MigrationParams.from_dict(start.params)
+    except (ValueError, TypeError):
+        return MigrationParams()
+
+
+def _check_compatible(start: MigrateStart) -> None:
+    """Refuse what this host cannot run, before anything is touched."""
+    if start.page_size != PAGE_SIZE:
+        raise Refused(ErrorCode.INCOMPATIBLE, f"page size {start.page_size}, this host uses {PAGE_SIZE}")
+    if start.isa_version != isa.ISA_VERSION:
+        raise Refused(ErrorCode.INCOMPATIBLE, f"ISA version {start.isa_version}, this host runs {isa.ISA_VERSION}")
+    missing = set(start.isa_features) - set(isa.ISA_FEATURES)
+    if missing:
+        raise Refused(ErrorCode.INCOMPATIBLE, f"ISA features {sorted(missing)} are not supported here")

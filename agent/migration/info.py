@@ -1,0 +1,192 @@
+"""MigrationInfo and MigrationParams: what a migration reports and what it was asked to do.
+
+This module owns the shape of a migration's report. ``MigrationInfo.to_dict``
+gives the JSON object the control API and ``ferry migrate --json`` return; it
+uses QEMU's query-migrate field names where they apply (status, total-time,
+setup-time, downtime, expected-downtime, cpu-throttle-percentage, ram.*) and
+ferry's own for the rest (rounds, dirty-tracker, downtime-breakdown,
+error-desc, summary). Times are in milliseconds, like QEMU.
+
+A session mutates its MigrationInfo from its own thread; readers on the event
+loop take ``to_dict()`` snapshots. Every field is a plain value, so a
+snapshot is always a usable view for a progress display.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+PAGE_SIZE = 4096
+
+
+class Status(enum.Enum):
+    """QEMU's migration status names (the subset ferry goes through)."""
+
+    SETUP = "setup"  # connecting, handshake, compatibility check
+    ACTIVE = "active"  # pre-copy rounds, the VM runs
+    DEVICE = "device"  # stop-and-copy: the VM is paused
+    COMPLETED = "completed"  # the VM runs on the destination only
+    FAILED = "failed"  # the VM runs where it ran before (see error-desc)
+    CANCELLED = "cancelled"  # the operator cancelled; the VM runs on the source
+
+
+FINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationParams:
+    """The operator's parameters for one outgoing migration."""
+
+    max_downtime_ms: float = 300.0
+    bandwidth: int | None = None  # bytes/s cap on the sender; None: no cap
+    auto_converge: bool = False
+    max_rounds: int = 30
+    timeout_s: float | None = None  # whole migration; None: no limit but the round cap
+    force: bool = False  # when it does not converge: True -> switch over anyway, False -> abort
+
+    def __post_init__(self) -> None:
+        if self.max_downtime_ms <= 0:
+            raise ValueError("max-downtime must be positive (milliseconds)")
+        if self.bandwidth is not None and self.bandwidth <= 0:
+            raise ValueError("bandwidth must be a positive number of bytes per second")
+        if self.max_rounds < 1:
+            raise ValueError("max-rounds must be at least 1")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError("timeout must be positive (seconds)")
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> MigrationParams:
+        """Build params from control-API arguments (CLI flag names, dashes or underscores)."""
+        norm = {str(k).replace("_", "-"): v for k, v in args.items() if v is not None}
+        unknown = set(norm) - _PARAM_KEYS
+        if unknown:
+            raise ValueError(f"unknown migration parameter(s): {', '.join(sorted(unknown))}")
+        return cls(
+            max_downtime_ms=float(norm.get("max-downtime", 300.0)),
+            bandwidth=int(norm["bandwidth"]) if "bandwidth" in norm else None,
+            auto_converge=bool(norm.get("auto-converge", False)),
+            max_rounds=int(norm.get("max-rounds", 30)),
+            timeout_s=float(norm["timeout"]) if "timeout" in norm else None,
+            force=bool(norm.get("force", False)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The params under the same names ``from_dict`` accepts."""
+        return {
+            "max-downtime": self.max_downtime_ms,
+            "bandwidth": self.bandwidth,
+            "auto-converge": self.auto_converge,
+            "max-rounds": self.max_rounds,
+            "timeout": self.timeout_s,
+            "force": self.force,
+        }
+
+
+_PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force"})
+
+
+@dataclass(slots=True)
+class RoundStat:
+    """One pre-copy round (or the final stop-and-copy pass)."""
+
+    pages: int = 0  # pages covered (data and zero)
+    bytes: int = 0  # payload bytes sent
+    seconds: float = 0.0
+    zero_pages: int = 0
+    dirty_pages: int = 0  # pages the guest dirtied while this round ran
+    final: bool = False  # the stop-and-copy pass (VM paused), always the last entry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),
+                "zero-pages": self.zero_pages, "dirty-pages": self.dirty_pages, "final": self.final}
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+@dataclass
+class MigrationInfo:
+    """The live record of one migration, in or out."""
+
+    vm: str
+    direction: str  # "out" on the source, "in" on the destination
+    peer: str = ""  # the other agent's name or address
+    status: Status = Status.SETUP
+    params: MigrationParams = field(default_factory=MigrationParams)
+    dirty_tracker: str = ""
+    mem: int = 0  # guest RAM size
+    started: float = field(default_factory=time.monotonic)
+    setup_s: float = 0.0
+    finished: float | None = None
+    downtime_s: float | None = None
+    expected_downtime_s: float = 0.0
+    throttle: int = 0
+    transferred: int = 0  # bytes on the wire (payload and framing)
+    duplicate: int = 0  # zero pages sent as ranges
+    normal: int = 0  # pages sent with payload
+    remaining: int = 0  # bytes known dirty and not sent yet
+    dirty_pages_rate: float = 0.0  # pages/s, latest round
+    bandwidth: float = 0.0  # bytes/s, latest round
+    dirty_sync_count: int = 0  # harvests of the dirty set
+    rounds: list[RoundStat] = field(default_factory=list)
+    breakdown: dict[str, float] = field(default_factory=dict)  # downtime parts, seconds
+    error: str | None = None
+    error_code: str | None = None  # stable proto ErrorCode value of the failure
+    summary: str = ""
+
+    def finish(self, status: Status, error: str | None = None, code: str | None = None) -> None:
+        """Close the record: final status, error text and code, end time."""
+        self.status = status
+        if error is not None and self.error is None:
+            self.error = error
+        if code is not None and self.error_code is None:
+            self.error_code = code
+        self.finished = time.monotonic()
+
+    def total_s(self) -> float:
+        end = self.finished if self.finished is not None else time.monotonic()
+        return end - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of query-migrate, plus ferry's fields."""
+        d: dict[str, Any] = {
+            "vm": self.vm,
+            "direction": self.direction,
+            "peer": self.peer,
+            "status": self.status.value,
+            "total-time": _ms(self.total_s()),
+            "setup-time": _ms(self.setup_s),
+            "downtime": _ms(self.downtime_s) if self.downtime_s is not None else 0,
+            "expected-downtime": _ms(self.expected_downtime_s),
+            "cpu-throttle-percentage": self.throttle,
+            "ram": self._ram_dict(),
+            # list(...) snapshots in one step: the session thread appends meanwhile.
+            "rounds": [r.to_dict() for r in list(self.rounds)],
+            "dirty-tracker": self.dirty_tracker,
+            "downtime-breakdown": {k: round(v * 1000, 3) for k, v in list(self.breakdown.items())},
+            "params": self.params.to_dict(),
+            "summary": self.summary,
+        }
+        if self.error is not None:
+            d["error-desc"] = self.error
+        if self.error_code is not None:
+            d["error-code"] = self.error_code
+        return d
+
+    def _ram_dict(self) -> dict[str, Any]:
+        return {
+            "transferred": self.transferred,
+            "total": self.mem,
+            "remaining": self.remaining,
+            "duplicate": self.duplicate,
+            "normal": self.normal,
+            "normal-bytes": self.normal * PAGE_SIZE,
+            "dirty-pages-rate": int(self.dirty_pages_rate),
+            "mbps": round(self.bandwidth * 8 / 1e6, 3),
+            "dirty-sync-count": self.dirty_sync_count,
+            "page-size": PAGE_SIZE,
+        }

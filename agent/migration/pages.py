@@ -1,0 +1,320 @@
+"""Planning what goes on the wire: page ranges into batches, zero pages into ranges, the RAM digest.
+
+This module owns the per-round work the sender does in Python, kept to
+per-range (not per-page) cost wherever the ranges are contiguous:
+
+* ``plan_batches`` cuts the ranges of a round into page batches of at most
+  ``BATCH_BYTES`` payload and ``BATCH_RANGES`` ranges, and finds zero pages
+  at ``ZERO_GRAIN`` granularity by comparing whole grains against a zero
+  buffer (``bytearray == memoryview`` is one memcmp; a non-zero grain fails
+  on its first non-zero byte). Zero grains travel as ranges without payload;
+  a grain holding any non-zero byte travels whole.
+* ``RamDigest`` is the digest both ends compare before READY: xxh3-128 per
+  ``DIGEST_CHUNK`` of guest RAM, folded into one. A chunk with no data
+  (a hole of the memfd) contributes the digest of a zero chunk without being
+  read, so an idle 8 GiB guest is digested in the time of what it touched,
+  and the result depends only on content, not on which pages are holes.
+  Chunk digests are cached and kept valid incrementally, so most hashing
+  happens during pre-copy, not in the downtime, and chunks a batch covers
+  whole are hashed right after they crossed the socket, still in the CPU
+  cache, instead of in a second pass over DRAM.
+* ``punch_zeros`` zeroes ranges on the receiver by punching holes, which
+  frees the memory rather than writing zeros into it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import xxhash
+
+from vmruntime.dirty import merge_ranges
+
+PAGE_SIZE = 4096
+ZERO_GRAIN = 64 * 1024
+BATCH_BYTES = 4 * 1024 * 1024
+BATCH_RANGES = 1000  # one iovec per range, plus the frame, within IOV_MAX
+# Small enough that a scattered dirty page costs little rehashing, large
+# enough that folding the chunk digests of a big guest stays cheap.
+DIGEST_CHUNK = 64 * 1024
+DIGEST_ALGORITHM = "xxh3-128-chunked"
+
+Range = tuple[int, int]
+
+
+@dataclass(slots=True)
+class Batch:
+    """One page batch to send: data ranges (with payload) and zero ranges (without)."""
+
+    ranges: list[Range] = field(default_factory=list)
+    zeros: list[Range] = field(default_factory=list)
+    data_bytes: int = 0
+    zero_bytes: int = 0
+
+    @property
+    def pages(self) -> int:
+        return (self.data_bytes + self.zero_bytes) // PAGE_SIZE
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges or self.zeros)
+
+
+@lru_cache(maxsize=32)
+def _zeros(n: int) -> bytearray:
+    # bytearray on the left of == compares buffers with memcmp.
+    return bytearray(n)
+
+
+def classify(ram: memoryview, ranges: Iterable[Range], detect_zeros: bool = True) -> Iterator[tuple[Range, bool]]:
+    """Yield ``((start, end), is_zero)`` pieces of ``ranges`` in order.
+
+    A range shorter than a ZERO_GRAIN (the scattered pages of a dirty set) is
+    checked whole with one compare; a longer one grain by grain, neighbouring
+    grains of the same kind merged, so a long range costs one compare per
+    64 KiB and stays one piece when it holds data throughout.
+    """
+    for a, b in ranges:
+        if not detect_zeros:
+            yield (a, b), False
+        elif b - a < ZERO_GRAIN:
+            yield (a, b), _zeros(b - a) == ram[a:b]
+        else:
+            yield from _classify_grains(ram, a, b)
+
+
+def _classify_grains(ram: memoryview, a: int, b: int) -> Iterator[tuple[Range, bool]]:
+    start, kind = a, None
+    for s, e in _split(a, b, ZERO_GRAIN):
+        z = _zeros(e - s) == ram[s:e]
+        if kind is not None and z != kind:
+            yield (start, s), kind
+            start = s
+        kind = z
+    yield (start, b), bool(kind)
+
+
+def plan_batches(ram: memoryview, ranges: Iterable[Range], detect_zeros: bool = True,
+                 batch_bytes: int = BATCH_BYTES, batch_ranges: int = BATCH_RANGES) -> Iterator[Batch]:
+    """Cut ``ranges`` (sorted, disjoint) into page batches, zero grains as payload-free ranges."""
+    batch = Batch()
+    for (a, b), is_zero in classify(ram, ranges, detect_zeros):
+        if is_zero:
+            if len(batch.zeros) >= batch_ranges:
+                yield batch
+                batch = Batch()
+            batch.zeros.append((a, b))
+            batch.zero_bytes += b - a
+            continue
+        if len(batch.ranges) < batch_ranges and batch.data_bytes + (b - a) <= batch_bytes:
+            batch.ranges.append((a, b))  # the common case, a range that fits: no cutting
+            batch.data_bytes += b - a
+            continue
+        while a < b:
+            if batch.data_bytes >= batch_bytes or len(batch.ranges) >= batch_ranges:
+                yield batch
+                batch = Batch()
+            take = min(b - a, batch_bytes - batch.data_bytes)
+            batch.ranges.append((a, a + take))
+            batch.data_bytes += take
+            a += take
+    if batch:
+        yield batch
+
+
+def total_bytes(ranges: Sequence[Range]) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+# -- the digest --------------------------------------------------------------------------------
+
+_ZERO_CHUNK = memoryview(bytes(DIGEST_CHUNK))
+
+
+@lru_cache(maxsize=4)
+def _zero_chunk_digest(n: int) -> bytes:
+    return xxhash.xxh3_128_digest(_ZERO_CHUNK[:n])
+
+
+def chunks_of(ranges: Iterable[Range]) -> set[int]:
+    """Indices of the DIGEST_CHUNKs that ``ranges`` touch."""
+    out: set[int] = set()
+    for a, b in ranges:
+        out.update(range(a // DIGEST_CHUNK, (b - 1) // DIGEST_CHUNK + 1))
+    return out
+
+
+def covered_chunks(ranges: Iterable[Range]) -> set[int]:
+    """Indices of the DIGEST_CHUNKs lying wholly inside one of ``ranges`` (merge touching ranges first)."""
+    out: set[int] = set()
+    for a, b in ranges:
+        out.update(range(-(-a // DIGEST_CHUNK), b // DIGEST_CHUNK))
+    return out
+
+
+def data_pieces(memfd: int, start: int, end: int) -> list[Range]:
+    """The data (non-hole) pieces of memfd within [start, end), by SEEK_DATA/SEEK_HOLE."""
+    out: list[Range] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(memfd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after pos
+                break
+            raise
+        if data >= end:
+            break
+        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), end)
+        out.append((data, hole))
+        pos = hole
+    return out
+
+
+class RamDigest:
+    """The digest both ends compare before READY, kept up to date chunk by chunk.
+
+    xxh3-128 of every DIGEST_CHUNK of guest RAM, folded into one xxh3-128. A
+    chunk is hashed through the agent's mapping where the memfd has data and
+    as zeros where it has holes (never read: reading a shmem hole through a
+    mapping would allocate it), so the result depends only on content. Chunk
+    digests are cached: ``invalidate`` drops those whose bytes may have
+    changed, ``refresh`` recomputes chosen chunks ahead of time, and
+    ``hexdigest`` computes what is still missing. Hashing stable chunks
+    during pre-copy keeps the digest out of the downtime.
+
+    Valid only if every change to guest RAM after a chunk was hashed is
+    passed to ``invalidate`` (the source: each dirty harvest; the
+    destination: each page batch).
+    """
+
+    def __init__(self, memfd: int, ram: memoryview, size: int) -> None:
+        self.memfd = memfd
+        self.ram = ram
+        self.size = size
+        self.nchunks = (size + DIGEST_CHUNK - 1) // DIGEST_CHUNK
+        self._digests: list[bytes | None] = [None] * self.nchunks
+
+    def assume_holes_except(self, ranges: Iterable[Range]) -> None:
+        """Give every chunk that ``ranges`` do not touch the digest of zeros, without reading it.
+
+        For RAM known to be holes outside ``ranges`` right now (the source: its
+        written extents just after tracking was armed; the destination: fresh
+        reserved RAM, ``ranges`` empty). Later writes must be invalidated as
+        usual. Saves hashing, or even visiting, the untouched bulk of a big
+        guest in the downtime.
+        """
+        keep = chunks_of(ranges)
+        for idx in range(self.nchunks):
+            if idx not in keep:
+                c0 = idx * DIGEST_CHUNK
+                self._digests[idx] = _zero_chunk_digest(min(self.size, c0 + DIGEST_CHUNK) - c0)
+
+    def invalidate(self, ranges: Iterable[Range]) -> None:
+        """Forget the digests of the chunks ``ranges`` touch (their bytes changed or may have)."""
+        self.invalidate_chunks(chunks_of(ranges))
+
+    def invalidate_chunks(self, indices: Iterable[int]) -> None:
+        for idx in indices:
+            if 0 <= idx < self.nchunks:
+                self._digests[idx] = None
+
+    def refresh(self, indices: Iterable[int]) -> None:
+        """(Re)hash the given chunks now, finding their holes with one SEEK_DATA/SEEK_HOLE walk.
+
+        One walk over the span of all of them, not one per chunk: SEEK_HOLE
+        runs to the end of the data extent it starts in, so per-chunk walks
+        over a dense guest would cost the square of its size.
+        """
+        wanted = sorted({i for i in indices if 0 <= i < self.nchunks})
+        if not wanted:
+            return
+        span_end = min(self.size, (wanted[-1] + 1) * DIGEST_CHUNK)
+        by_chunk = _by_chunk(data_pieces(self.memfd, wanted[0] * DIGEST_CHUNK, span_end))
+        for idx in wanted:
+            self._store(idx, by_chunk.get(idx))
+
+    def refresh_known(self, data: Sequence[Range], zeros: Sequence[Range]) -> None:
+        """Hash the chunks that ``data`` and ``zeros`` together cover whole, from what the caller
+        knows: ``data`` are bytes present in the memfd, ``zeros`` read as zeros. No system call,
+        so it is cheap right after a batch crossed the socket and its bytes are in the CPU cache."""
+        merged = merge_ranges([*data, *zeros])
+        covered = covered_chunks(merged)
+        if not covered:
+            return
+        by_chunk = _by_chunk(data)
+        for idx in covered:
+            self._store(idx, by_chunk.get(idx))
+
+    def refresh_missing(self, indices: Iterable[int]) -> None:
+        """Hash those of the given chunks that have no valid digest."""
+        digests = self._digests
+        self.refresh(i for i in indices if 0 <= i < self.nchunks and digests[i] is None)
+
+    def hexdigest(self) -> str:
+        """The digest of guest RAM as it is now (given the invalidations so far)."""
+        digests = self._digests
+        self.refresh(i for i, d in enumerate(digests) if d is None)
+        return xxhash.xxh3_128_hexdigest(b"".join(d for d in digests if d is not None))
+
+    def _store(self, idx: int, pieces: list[Range] | None) -> None:
+        """Hash chunk ``idx`` whose data pieces are ``pieces`` (the rest reads as zeros)."""
+        c0 = idx * DIGEST_CHUNK
+        c1 = min(self.size, c0 + DIGEST_CHUNK)
+        self._digests[idx] = _zero_chunk_digest(c1 - c0) if pieces is None else self._chunk(c0, c1, pieces)
+
+    def _chunk(self, start: int, end: int, pieces: list[Range]) -> bytes:
+        """xxh3-128 of one chunk: data pieces through the mapping, the holes between them as zeros."""
+        h = xxhash.xxh3_128()
+        pos = start
+        for a, b in pieces:
+            if a > pos:
+                h.update(_ZERO_CHUNK[:a - pos])
+            h.update(self.ram[a:b])
+            pos = b
+        if pos < end:
+            h.update(_ZERO_CHUNK[:end - pos])
+        return h.digest()
+
+
+def _by_chunk(pieces: Iterable[Range]) -> dict[int, list[Range]]:
+    """Sorted data pieces cut at chunk boundaries, grouped by chunk index."""
+    out: dict[int, list[Range]] = {}
+    for a, b in pieces:
+        for s, e in _split(a, b, DIGEST_CHUNK):
+            out.setdefault(s // DIGEST_CHUNK, []).append((s, e))
+    return out
+
+
+def _split(a: int, b: int, step: int) -> Iterator[Range]:
+    pos = a
+    while pos < b:
+        nxt = min(b, (pos // step + 1) * step)
+        yield pos, nxt
+        pos = nxt
+
+
+def ram_digest(memfd: int, ram: memoryview, size: int) -> str:
+    """The digest of guest RAM computed from scratch."""
+    return RamDigest(memfd, ram, size).hexdigest()
+
+
+# -- zeroing on the receiver -------------------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def punch_zeros(memfd: int, ram: memoryview, zeros: Iterable[Range]) -> None:
+    """Make ``zeros`` read as zero: punch holes in the memfd (frees the pages); write zeros if that fails."""
+    for a, b in zeros:
+        if _libc.fallocate(memfd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, a, b - a) != 0:
+            ram[a:b] = bytes(b - a)  # no hole punching here (errno in ctypes): zero by hand

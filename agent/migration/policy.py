@@ -1,0 +1,162 @@
+"""The pre-copy convergence policy: a pure function of measured figures.
+
+This module owns the one decision of a pre-copy migration: after each round,
+keep copying, switch over to stop-and-copy, throttle the vCPU harder, or give
+up (abort, or force the switch-over past the downtime bound). It does no I/O
+and reads no clock: the caller passes the figures and ``now`` (like Cloud
+Hypervisor's ``is_precopy_converged``), so tests build any scenario with
+fixed numbers.
+
+The max downtime is a bound, not a target (DESIGN.md step 7): while the
+remainder fits the bound we keep iterating as long as rounds still shrink
+meaningfully, and switch over when the remainder is as small as it is going
+to get. When it does not fit, auto-converge throttles the vCPU in growing
+steps (QEMU's cpu-throttle: initial 20 %, increment 10 %, max 99 %); when
+the round cap or the time limit is reached, the operator's choice decides
+between abort and force.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+# QEMU's cpu-throttle defaults.
+THROTTLE_INITIAL = 20
+THROTTLE_INCREMENT = 10
+THROTTLE_MAX = 99
+
+# A round "still shrinks meaningfully" when its remainder is below this
+# fraction of the previous one; above it, more rounds buy almost nothing.
+SHRINK_RATIO = 0.75
+
+# QEMU's throttle-trigger-threshold: auto-converge steps in when the guest
+# dirties at least this fraction of what a round manages to send.
+THROTTLE_TRIGGER = 0.5
+
+# Below this expected downtime another round cannot be worth its cost.
+NEGLIGIBLE_DOWNTIME_S = 0.002
+
+
+class Action(enum.Enum):
+    """What the source session does next."""
+
+    CONTINUE = "continue"  # send the current dirty set as another round
+    SWITCH_OVER = "switch-over"  # pause the vCPU and send the remainder
+    THROTTLE_UP = "throttle-up"  # raise the vCPU throttle, then continue
+    ABORT = "abort"  # give up: the VM keeps running on the source
+    FORCE = "force"  # switch over although the remainder exceeds the bound
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What the source measured, as of the end of the latest round."""
+
+    rounds: int  # rounds completed so far (round 0 included)
+    remaining_bytes: int  # dirty bytes harvested and not sent yet
+    previous_remaining_bytes: int | None  # the same figure one round earlier
+    bandwidth: float  # bytes/s the data path achieved in the latest round
+    dirty_rate: float  # bytes/s the guest dirtied during the latest round
+    throttle: int  # current vCPU throttle percent
+    started: float  # when the migration started (same clock as ``now``)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The operator's parameters that bear on convergence."""
+
+    max_downtime_s: float = 0.3
+    max_rounds: int = 30
+    timeout_s: float | None = None
+    auto_converge: bool = False
+    force: bool = False  # on non-convergence: True -> force, False -> abort
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer; ``reason`` goes into the migration summary."""
+
+    action: Action
+    reason: str
+    throttle: int = 0  # the new throttle percent for THROTTLE_UP
+    expected_downtime_s: float = 0.0
+
+
+def expected_downtime(remaining_bytes: int, bandwidth: float) -> float:
+    """Seconds needed to send ``remaining_bytes`` at ``bandwidth`` (inf when unmeasured)."""
+    if remaining_bytes <= 0:
+        return 0.0
+    if bandwidth <= 0:
+        return float("inf")
+    return remaining_bytes / bandwidth
+
+
+def next_throttle(current: int) -> int:
+    """QEMU's throttle steps: 20 %, then +10 % up to 99 %."""
+    if current <= 0:
+        return THROTTLE_INITIAL
+    return min(THROTTLE_MAX, current + THROTTLE_INCREMENT)
+
+
+def decide(fig: Figures, lim: Limits, now: float) -> Decision:
+    """The next step of a pre-copy migration, from figures and limits only."""
+    exp = expected_downtime(fig.remaining_bytes, fig.bandwidth)
+    if fig.remaining_bytes <= 0:
+        return Decision(Action.SWITCH_OVER, "nothing left to copy", expected_downtime_s=0.0)
+    if exp <= lim.max_downtime_s:
+        return _decide_fitting(fig, lim, now, exp)
+    return _decide_not_fitting(fig, lim, now, exp)
+
+
+def _out_of_budget(fig: Figures, lim: Limits, now: float) -> str | None:
+    """Why no further round is allowed, or None while rounds and time remain."""
+    if fig.rounds >= lim.max_rounds:
+        return f"round limit reached ({lim.max_rounds} rounds)"
+    if lim.timeout_s is not None and now - fig.started >= lim.timeout_s:
+        return f"time limit reached ({lim.timeout_s:g} s)"
+    return None
+
+
+def _decide_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> Decision:
+    """The remainder fits the bound: iterate only while that still pays."""
+    if exp <= NEGLIGIBLE_DOWNTIME_S:
+        return Decision(Action.SWITCH_OVER, "remainder negligible", expected_downtime_s=exp)
+    budget = _out_of_budget(fig, lim, now)
+    if budget is not None:
+        return Decision(Action.SWITCH_OVER, f"remainder fits the bound; {budget}", expected_downtime_s=exp)
+    if not _still_shrinking(fig):
+        return Decision(Action.SWITCH_OVER, "remainder fits the bound and stopped shrinking",
+                        expected_downtime_s=exp)
+    return Decision(Action.CONTINUE, "remainder fits the bound and still shrinks", expected_downtime_s=exp)
+
+
+def _still_shrinking(fig: Figures) -> bool:
+    """True when the latest round cut the remainder meaningfully."""
+    prev = fig.previous_remaining_bytes
+    if prev is None:
+        # After round 0 the next remainder is the dirty set of the whole copy:
+        # one more round is always worth trying.
+        return True
+    return fig.remaining_bytes < prev * SHRINK_RATIO
+
+
+def _decide_not_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> Decision:
+    """The remainder exceeds the bound: keep going, throttle, or give up."""
+    budget = _out_of_budget(fig, lim, now)
+    if budget is not None:
+        action = Action.FORCE if lim.force else Action.ABORT
+        why = f"did not converge: {budget}, expected downtime {exp * 1000:.0f} ms > {lim.max_downtime_s * 1000:.0f} ms"
+        return Decision(action, why, expected_downtime_s=exp)
+    if lim.auto_converge and _outrun(fig) and fig.throttle < THROTTLE_MAX:
+        new = next_throttle(fig.throttle)
+        return Decision(Action.THROTTLE_UP, f"dirty rate outruns bandwidth: throttle {new}%",
+                        throttle=new, expected_downtime_s=exp)
+    return Decision(Action.CONTINUE, "remainder exceeds the bound", expected_downtime_s=exp)
+
+
+def _outrun(fig: Figures) -> bool:
+    """True when the guest dirties memory too fast for pre-copy to catch up."""
+    if fig.rounds < 2:
+        # Round 0 copies everything; its dirty rate says nothing yet.
+        return False
+    return fig.dirty_rate >= fig.bandwidth * THROTTLE_TRIGGER

@@ -1,0 +1,567 @@
+"""The source side of one outgoing migration, run in its own thread.
+
+This module owns the steps of DESIGN.md "A migration, step by step" on the
+sending host and the ownership rules that bind it:
+
+* setup: connect, authenticate, propose (MigrateStart), accept or refusal;
+* pre-copy: arm dirty tracking, round 0 sends the written extents of the
+  memfd, later rounds send what the guest dirtied meanwhile; after each round
+  the pure policy (``policy.decide``) says continue, throttle, switch over,
+  abort or force;
+* stop-and-copy: pause, last harvest, final pages, CPU and device state,
+  digest of guest RAM, then wait for READY;
+* commit: COMMIT, then RESUMED and the local copy is destroyed.
+
+Before COMMIT every failure (and a cancel) ends with the VM running here
+again: tracking stopped, throttle lifted, vCPU resumed. After COMMIT and
+before RESUMED the session is in doubt: the VM stays paused while it asks
+the destination (on new connections, for a bounded time) whether it resumed;
+it resumes locally only when the destination answers that it did not and
+never will.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from agent.migration import pages
+from agent.migration.common import (
+    Cancelled,
+    LoopBridge,
+    MigrationError,
+    client_handshake,
+    describe,
+    error_code,
+)
+from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.policy import Action, Decision, Figures, Limits, decide
+from agent.migration.transport import Connection, RateLimiter, connect
+from proto.errors import ErrorCode, ProtocolError
+from proto.messages import (
+    Abort,
+    Commit,
+    DeviceState,
+    Digest,
+    InDoubtAnswer,
+    InDoubtQuery,
+    Message,
+    MigrateAccept,
+    MigrateRefuse,
+    MigrateStart,
+    PageBatch,
+    Ready,
+    Resumed,
+    RoundEnd,
+)
+from proto.state import SourceMachine
+from vmruntime import isa
+from vmruntime.dirty import DirtyTracker, merge_ranges, written_extents
+
+Range = tuple[int, int]
+
+# How long the source, in doubt after COMMIT, keeps asking the destination.
+IN_DOUBT_TIMEOUT_S = 60.0
+IN_DOUBT_RETRY_S = 0.5
+# A round must move this much before its bandwidth is trusted for the next estimate.
+MIN_MEASURED_BYTES = 1 << 20
+# Upper bound on waiting for the digest thread when a migration fails mid-way.
+DIGEST_WAIT_S = 60.0
+
+
+class SourceSession:
+    """One outgoing migration of one VM."""
+
+    def __init__(self, *, vm: Any, vms: Any, dest: tuple[str, int], params: MigrationParams, key: bytes,
+                 agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: Any,
+                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S) -> None:
+        self.vm = vm
+        self.vms = vms
+        self.dest = dest
+        self.params = params
+        self.key = key
+        self.agent_name = agent_name
+        self.bridge = bridge
+        self.info = info
+        self.log = log
+        self.in_doubt_timeout = in_doubt_timeout
+        self.migration_id = secrets.token_hex(8)
+        self.machine = SourceMachine()
+        self.conn: Connection | None = None
+        self.setup_done = threading.Event()  # set when setup succeeded or the session ended
+        self.done = threading.Event()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()  # orders cancel() against sending COMMIT
+        self._committing = False
+        self._tracker: DirtyTracker | None = None
+        self._ram: memoryview | None = None
+        self._digest: pages.RamDigest | None = None
+        self._digest_future: Future[str] | None = None
+        self._was_running = True
+        self._paused = False
+        self._throttle = 0
+        self._limiter = RateLimiter(params.bandwidth, self._cancel) if params.bandwidth else None
+        self._sent_bytes = 0
+        self._send_seconds = 0.0
+        self._pause_t = 0.0
+
+    # -- control from other threads ----------------------------------------------------------------
+    def cancel(self) -> bool:
+        """Ask the session to stop; False once COMMIT is (being) sent and cancel can no longer apply."""
+        with self._lock:
+            if self._committing:
+                return False
+            self._cancel.set()
+        conn = self.conn  # read once: the session thread may drop it meanwhile
+        if conn is not None:
+            conn.shutdown()  # wakes a blocked send/recv at once
+        return True
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("cancelled by the operator")
+
+    # -- the thread body -----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.setup_done.set()
+            self.done.set()
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+            self.setup_done.set()
+            pending = self._precopy()
+            self._stop_and_copy(pending)
+        except BaseException as exc:  # every failure before COMMIT rolls back to a running VM
+            self._roll_back(exc)
+            return
+        self._commit()
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        vm = self.vm
+        self._was_running = vm.state not in ("paused",)
+        self.bridge.run(setattr, vm, "state", "migrating")
+        self.conn = Connection(connect(self.dest), guest_size=vm.mem)
+        self._check_cancel()
+        self.info.peer = client_handshake(self.conn, self.key, self.agent_name)
+        self._propose()
+        self.info.setup_s = time.monotonic() - self.info.started
+        self.info.status = Status.ACTIVE
+        self.log.info("migration accepted", vm=vm.name, peer=self.info.peer, migration_id=self.migration_id)
+
+    def _propose(self) -> None:
+        vm = self.vm
+        start = MigrateStart(
+            migration_id=self.migration_id, vm_name=vm.name, mem_size=vm.mem, page_size=PAGE_SIZE,
+            isa_version=isa.ISA_VERSION, isa_features=tuple(sorted(isa.ISA_FEATURES)),
+            dirty_tracker=vm.dirty_backend, params=self.params.to_dict(),
+        )
+        self._send(start)
+        reply = self._recv()
+        if isinstance(reply, MigrateRefuse):
+            raise MigrationError(reply.code, f"destination {self.info.peer} refused: {reply.reason}")
+        if not isinstance(reply, MigrateAccept):
+            raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"unexpected {type(reply).__name__}")
+
+    # -- pre-copy ------------------------------------------------------------------------------------
+    def _precopy(self) -> list[Range]:
+        """Rounds until the policy switches over; returns the dirty set still to send."""
+        vm = self.vm
+        self._tracker = self.bridge.call(vm.track_start())
+        self.info.dirty_tracker = self._tracker.name
+        self._ram = memoryview(vm.ram)
+        self._digest = pages.RamDigest(vm.memfd, self._ram, vm.mem)
+        self._tracker.start()  # armed before round 0 reads anything: no write escapes
+        pending = written_extents(vm.memfd, vm.mem)
+        self._digest.assume_holes_except(pending)  # a hole written from now on shows up in a harvest
+        limits = Limits(self.params.max_downtime_ms / 1000, self.params.max_rounds, self.params.timeout_s,
+                        self.params.auto_converge, self.params.force)
+        prev: int | None = None
+        while True:
+            pending, dirty_bytes, decision = self._one_round(pending, prev, limits)
+            prev = dirty_bytes
+            if self._act(decision):
+                return pending
+
+    def _one_round(self, ranges: list[Range], prev: int | None,
+                   limits: Limits) -> tuple[list[Range], int, Decision]:
+        """Send ``ranges`` as one round, harvest, ask the policy."""
+        t0 = time.monotonic()
+        stat = self._send_ranges(ranges)
+        dirty = self._harvest()
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        self._digest_stable(ranges, dirty)
+        dirty_bytes = pages.total_bytes(dirty)
+        self._end_round(stat, dirty_bytes, elapsed)
+        fig = Figures(rounds=len(self.info.rounds), remaining_bytes=dirty_bytes, previous_remaining_bytes=prev,
+                      bandwidth=self._bandwidth(), dirty_rate=dirty_bytes / elapsed, throttle=self._throttle,
+                      started=self.info.started)
+        decision = decide(fig, limits, time.monotonic())
+        self.info.expected_downtime_s = decision.expected_downtime_s
+        return dirty, dirty_bytes, decision
+
+    def _act(self, d: Decision) -> bool:
+        """Carry out a policy decision; True when pre-copy is over (switch over now)."""
+        if d.action is Action.CONTINUE:
+            return False
+        if d.action is Action.THROTTLE_UP:
+            self.bridge.call(self.vm.throttle(d.throttle))
+            self._throttle = self.info.throttle = d.throttle
+            self.log.info("auto-converge", vm=self.vm.name, throttle=d.throttle)
+            return False
+        if d.action is Action.ABORT:
+            raise MigrationError(ErrorCode.MIGRATION_FAILED, d.reason)
+        self.info.summary = d.reason if d.action is Action.SWITCH_OVER else f"forced switch-over: {d.reason}"
+        return True
+
+    def _digest_stable(self, sent: list[Range], dirty: list[Range]) -> None:
+        """Hash now the chunks this round sent that the guest left alone meanwhile (likely to stay so)."""
+        assert self._digest is not None
+        self._digest.invalidate(dirty)
+        self._digest.refresh_missing(pages.chunks_of(sent) - pages.chunks_of(dirty))
+
+    def _bandwidth(self) -> float:
+        """The lower of: bytes/s over all rounds, and of the latest round that moved enough to measure.
+
+        The latest round predicts the next best (a dirty set of scattered pages
+        goes much slower than round 0's long ranges, and the final copy is such
+        a set), but a round that fits in the socket buffers looks faster than
+        the link: the overall figure caps it. A round of a few pages is all
+        fixed costs, so it does not count.
+        """
+        overall = self._sent_bytes / self._send_seconds if self._send_seconds > 0 else 0.0
+        for r in reversed(self.info.rounds):
+            if r.bytes >= MIN_MEASURED_BYTES and r.seconds > 0:
+                return min(overall, r.bytes / r.seconds)
+        return overall
+
+    def _harvest(self) -> list[Range]:
+        assert self._tracker is not None
+        ranges = self._tracker.harvest()
+        self.info.dirty_sync_count += 1
+        # The contract says sorted and merged, but PAGEMAP_SCAN may end a call (walk_end) before
+        # regions it already reported, so a harvest can come back out of order (seen on 6.18).
+        # A page batch must be sorted: normalise here, at O(n log n) on the range count.
+        return merge_ranges(ranges)
+
+    def _send_ranges(self, ranges: list[Range], final: bool = False) -> RoundStat:
+        """Send one round's ranges in page batches; zero grains go without payload."""
+        assert self._ram is not None and self.conn is not None
+        stat = RoundStat()
+        self.info.remaining = pages.total_bytes(ranges)
+        t0 = time.monotonic()
+        for batch in pages.plan_batches(self._ram, ranges):
+            self._check_cancel()
+            if not final:
+                self._check_deadline()
+            if self._limiter is not None:
+                self._limiter.take(batch.data_bytes)
+            self._send_batch(batch, stat)
+            if not final:  # (in the final round the digest thread owns the RamDigest)
+                self._hash_hot(batch)
+        stat.seconds = time.monotonic() - t0
+        self._sent_bytes += stat.bytes
+        self._send_seconds += stat.seconds
+        return stat
+
+    def _check_deadline(self) -> None:
+        """The time limit also holds inside a long round (a big guest on a capped link).
+
+        With ``force`` the round finishes and the policy then forces the
+        switch-over; otherwise the migration ends here, the VM running.
+        """
+        limit = self.params.timeout_s
+        if limit is not None and not self.params.force and time.monotonic() - self.info.started >= limit:
+            raise MigrationError(ErrorCode.TIMEOUT, f"did not converge: time limit reached ({limit:g} s) "
+                                 f"in round {len(self.info.rounds)}")
+
+    def _hash_hot(self, batch: pages.Batch) -> None:
+        """Hash the chunks this batch covered whole while they are still in the CPU cache.
+
+        Valid even though the guest runs: a write after this point shows up in
+        this round's harvest, which invalidates the chunk again.
+        """
+        assert self._digest is not None
+        self._digest.refresh_known(batch.ranges, batch.zeros)
+
+    def _send_batch(self, batch: pages.Batch, stat: RoundStat) -> None:
+        assert self._ram is not None and self.conn is not None
+        self.machine.send(PageBatch((), ()))  # the state machine only looks at the type
+        wire = self.conn.send_pages(self._ram, batch.ranges, batch.zeros)
+        data_pages = batch.data_bytes // PAGE_SIZE
+        zero_pages = batch.zero_bytes // PAGE_SIZE
+        stat.pages += data_pages + zero_pages
+        stat.zero_pages += zero_pages
+        stat.bytes += wire
+        info = self.info
+        info.transferred += wire
+        info.normal += data_pages
+        info.duplicate += zero_pages
+        info.remaining = max(0, info.remaining - batch.data_bytes - batch.zero_bytes)
+
+    def _end_round(self, stat: RoundStat, dirty_bytes: int, elapsed: float, final: bool = False) -> None:
+        """Record the round and tell the destination its figures."""
+        stat.dirty_pages = dirty_bytes // PAGE_SIZE
+        stat.final = final
+        info = self.info
+        info.rounds.append(stat)
+        info.remaining = dirty_bytes
+        info.bandwidth = self._bandwidth()
+        rate = stat.dirty_pages / elapsed
+        if not final:  # the paused guest dirties nothing: keep the last measured rate on display
+            info.dirty_pages_rate = rate
+        self._send(RoundEnd(round=len(info.rounds) - 1, pages=stat.pages - stat.zero_pages,
+                            zero_pages=stat.zero_pages, bytes_sent=stat.bytes, seconds=stat.seconds,
+                            dirty_pages=stat.dirty_pages, dirty_rate=rate))
+
+    # -- stop-and-copy -------------------------------------------------------------------------------
+    def _stop_and_copy(self, pending: list[Range]) -> None:
+        """Pause, send the rest, the state and the digest; wait for READY."""
+        info = self.info
+        info.status = Status.DEVICE
+        self._check_cancel()
+        self._pause_t = t = time.monotonic()
+        state = self.bridge.call(self.vm.pause())
+        self._paused = True
+        t = self._lap("pause", t)
+        last = self._harvest()
+        digest = self._digest_meanwhile(last)
+        final = merge_ranges(pending + last)
+        stat = self._send_ranges(final, final=True)
+        self._end_round(stat, 0, max(time.monotonic() - t, 1e-6), final=True)
+        t = self._lap("final-copy", t)
+        self._send(DeviceState(state))
+        t = self._lap("state", t)
+        self._send(Digest(pages.DIGEST_ALGORITHM, digest.result()))
+        t = self._lap("digest", t)  # only what the final copy did not hide
+        reply = self._recv()
+        if not isinstance(reply, Ready):
+            raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
+        self._lap("verify", t)
+
+    def _digest_meanwhile(self, last: list[Range]) -> Future[str]:
+        """Finish the RAM digest in a helper thread while the final pages go out.
+
+        Guest RAM cannot change while the VM is paused, and xxhash releases the
+        GIL, so on a second core the digest costs the downtime nothing.
+        """
+        assert self._digest is not None
+        digest = self._digest
+        digest.invalidate(last)
+        fut: Future[str] = Future()
+
+        def work() -> None:
+            try:
+                fut.set_result(digest.hexdigest())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        threading.Thread(target=work, name="ferry-digest", daemon=True).start()
+        self._digest_future = fut
+        return fut
+
+    def _lap(self, part: str, since: float) -> float:
+        now = time.monotonic()
+        self.info.breakdown[part] = now - since
+        return now
+
+    # -- commit and the in-doubt window ------------------------------------------------------------
+    def _commit(self) -> None:
+        with self._lock:
+            cancelled = self._cancel.is_set()
+            self._committing = not cancelled
+        if cancelled:
+            self._roll_back(Cancelled("cancelled by the operator"))
+            return
+        t = time.monotonic()
+        resumed: bool | None
+        try:
+            self._send(Commit(self.migration_id))
+            assert self.conn is not None
+            resumed = self._settle(self.conn.recv())
+        except (OSError, ProtocolError) as exc:
+            self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
+            resumed = self._resolve_in_doubt()
+            if resumed is None:
+                self._stay_in_doubt()
+                return
+        self._lap("commit", t)
+        self._close()
+        if resumed:
+            self._complete()
+        else:
+            self._resume_after_commit()
+
+    def _settle(self, reply: Message) -> bool:
+        """What the destination's answer to COMMIT means: True resumed there, False not (never will)."""
+        self.machine.receive(reply)
+        if isinstance(reply, Resumed):
+            return True
+        if isinstance(reply, InDoubtAnswer):
+            self.info.error = "the destination could not start the VM"
+            return reply.resumed
+        assert isinstance(reply, Abort)
+        self.info.error = f"the destination aborted: {reply.reason}"
+        return False
+
+    def _resolve_in_doubt(self) -> bool | None:
+        """Ask the destination on new connections whether it resumed; None if it never answers."""
+        self._close()
+        deadline = time.monotonic() + self.in_doubt_timeout
+        while time.monotonic() < deadline:
+            try:
+                return self._query_once()
+            except (OSError, ProtocolError) as exc:
+                self.log.info("in-doubt query failed, retrying", vm=self.vm.name, error=describe(exc))
+                time.sleep(IN_DOUBT_RETRY_S)
+        return None
+
+    def _query_once(self) -> bool:
+        conn = Connection(connect(self.dest))
+        try:
+            client_handshake(conn, self.key, self.agent_name)
+            machine = SourceMachine()
+            query = InDoubtQuery(self.vm.name, self.migration_id)
+            machine.send(query)
+            conn.send(query)
+            answer = conn.recv()
+            machine.receive(answer)
+            assert isinstance(answer, InDoubtAnswer)
+            return answer.resumed
+        finally:
+            conn.close()
+
+    def _complete(self) -> None:
+        info = self.info
+        info.downtime_s = time.monotonic() - self._pause_t
+        info.remaining = 0
+        self._release_ram()
+        try:
+            self.bridge.call(self.vm.track_stop())
+        except Exception as exc:  # the VM process is about to go anyway
+            self.log.warning("track-stop after commit failed", vm=self.vm.name, error=describe(exc))
+        try:
+            self.bridge.call(self.vms.remove_migrated(self.vm.name))
+        except Exception as exc:  # the VM runs on the destination whatever happens to our copy
+            self.log.error("removing the migrated VM failed", vm=self.vm.name, error=describe(exc))
+        self._note_downtime()
+        info.finish(Status.COMPLETED)
+        self.log.info("migration completed", vm=self.vm.name, peer=info.peer,
+                      downtime_ms=round(info.downtime_s * 1000, 1), rounds=len(info.rounds))
+
+    def _note_downtime(self) -> None:
+        """Never exceed the bound silently: the summary says by how much and where the time went."""
+        info = self.info
+        assert info.downtime_s is not None
+        if info.throttle:
+            info.summary += f"; auto-converge throttled the vCPU to {info.throttle}%"
+        actual, bound = info.downtime_s * 1000, self.params.max_downtime_ms
+        if actual <= bound:
+            return
+        part, seconds = max(info.breakdown.items(), key=lambda kv: kv[1], default=("?", 0.0))
+        info.summary += (f"; downtime {actual:.0f} ms exceeded the {bound:g} ms bound "
+                         f"(largest part: {part} {seconds * 1000:.0f} ms)")
+
+    def _resume_after_commit(self) -> None:
+        """The destination said it did not resume and never will: the VM is ours again."""
+        self._restore_vm()
+        self.info.finish(Status.FAILED, self.info.error or "the destination did not resume the VM")
+        self.log.warning("migration failed after commit; VM resumed here", vm=self.vm.name, error=self.info.error)
+
+    def _stay_in_doubt(self) -> None:
+        """Nobody can say whether the destination runs the VM: keep it paused, tell the operator."""
+        self._release_ram()
+        self.bridge.run(setattr, self.vm, "state", "paused")
+        self.info.finish(Status.FAILED, (
+            f"in doubt: COMMIT sent but no answer from {self.dest[0]}:{self.dest[1]} within "
+            f"{self.in_doubt_timeout:g} s; the VM stays paused here. Check the destination, then resume or "
+            "destroy it by hand"))
+        self.log.error("migration in doubt; VM kept paused", vm=self.vm.name, migration_id=self.migration_id)
+
+    # -- rolling back ----------------------------------------------------------------------------------
+    def _roll_back(self, exc: BaseException) -> None:
+        """Any failure before COMMIT: the destination discards, the VM runs here again."""
+        cancelled = isinstance(exc, Cancelled) or (self._cancel.is_set() and isinstance(exc, OSError | ProtocolError))
+        why = "cancelled by the operator" if cancelled else describe(exc)
+        self._tell_abort(error_code(exc), why)
+        self._close()
+        try:
+            self._restore_vm()
+        finally:
+            self.info.finish(Status.CANCELLED if cancelled else Status.FAILED, None if cancelled else why,
+                             ErrorCode.CANCELLED if cancelled else error_code(exc))
+            self.log.warning("migration cancelled" if cancelled else "migration failed", vm=self.vm.name,
+                             error=why)
+
+    def _tell_abort(self, code: str, why: str) -> None:
+        """Best effort: the peer discards on a closed connection anyway."""
+        if self.conn is None or self._cancel.is_set() or not self.machine.can_send(Abort):
+            return
+        try:
+            self._send(Abort(code, why[:500]))
+        except (OSError, ProtocolError):
+            pass
+
+    def _restore_vm(self) -> None:
+        """Tracking off, throttle lifted, vCPU resumed (if it ran before), state back to normal."""
+        self._release_ram()
+        vm, steps = self.vm, []
+        if self._tracker is not None:
+            steps.append(vm.track_stop())
+            self._tracker = None
+        if self._throttle:
+            steps.append(vm.throttle(0))
+            self._throttle = self.info.throttle = 0
+        if self._paused and self._was_running:
+            steps.append(vm.resume())
+            self._paused = False
+        errors = [self._quiet_call(s) for s in steps]
+        self.bridge.run(setattr, vm, "state", "running" if self._was_running else "paused")
+        for err in errors:
+            if err:
+                self.log.error("restoring the VM after a failed migration", vm=vm.name, error=err)
+
+    def _quiet_call(self, coro: Any) -> str | None:
+        try:
+            self.bridge.call(coro)
+        except Exception as exc:
+            return describe(exc)
+        return None
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def _send(self, msg: Message) -> None:
+        assert self.conn is not None
+        self.machine.send(msg)
+        self.conn.send(msg)
+
+    def _recv(self) -> Message:
+        assert self.conn is not None
+        msg = self.conn.recv()
+        self.machine.receive(msg)
+        if isinstance(msg, Abort):
+            raise MigrationError(msg.code, f"the destination aborted: {msg.reason}")
+        return msg
+
+    def _release_ram(self) -> None:
+        if self._digest_future is not None:
+            # The digest thread reads guest RAM through our view: let it finish first.
+            with contextlib.suppress(Exception):
+                self._digest_future.result(DIGEST_WAIT_S)
+            self._digest_future = None
+        self._digest = None
+        if self._ram is not None:
+            self._ram.release()
+            self._ram = None
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None

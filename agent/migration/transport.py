@@ -1,0 +1,219 @@
+"""The migration data path: proto frames over a blocking TCP socket, guest RAM in and out.
+
+This module is the only part of the migration engine that touches sockets.
+It runs in a session's own thread (blocking calls release the GIL), and it
+is written for speed:
+
+* sending a page batch is one ``sendmsg`` of the frame header+body followed
+  by memoryview slices of the agent's shared mapping of guest RAM: no copy
+  in Python, one iovec per contiguous range;
+* receiving a page batch reads the header and body, then ``recv_into``
+  guest RAM at the offsets proto has checked against the guest size: the
+  bytes land where they belong, with no intermediate buffer;
+* timeouts are kernel socket timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on a
+  blocking socket, so a dead peer cannot hang a session, without the poll
+  per call a Python-level timeout costs;
+* cancelling is ``shutdown()`` from another thread: every blocked call
+  returns at once.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from proto.codec import decode_body, encode, message_class
+from proto.errors import RemoteProtocolError
+from proto.frame import HEADER_SIZE, parse_header
+from proto.limits import MAX_PAYLOAD_SIZE
+from proto.messages import Message, PageBatch
+
+T = TypeVar("T")
+
+# Linux IOV_MAX: the most buffers one sendmsg call takes.
+IOV_MAX = 1024
+
+# Kernel-level timeout of one blocking send or receive: generous, because a
+# peer may legitimately spend a while spawning a VM process before it answers.
+IO_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection (or we shut it down)."""
+
+
+class RateLimiter:
+    """A token bucket on the sender: ``take(n)`` sleeps until ``n`` more bytes fit the cap.
+
+    The bucket holds at most ``burst_s`` seconds of credit, so an idle spell
+    does not let a later burst exceed the cap by much. The sleep waits on
+    ``stop``, so a cancel interrupts it.
+    """
+
+    def __init__(self, rate: float, stop: threading.Event, burst_s: float = 0.05) -> None:
+        self.rate = rate
+        self._stop = stop
+        self._burst = burst_s
+        self._t = time.monotonic()  # when the bucket is empty again (virtual clock)
+
+    def take(self, nbytes: int) -> None:
+        now = time.monotonic()
+        start = max(self._t, now - self._burst)
+        self._t = start + nbytes / self.rate
+        delay = self._t - now - self._burst
+        if delay > 0:
+            self._stop.wait(delay)
+
+
+def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def prepare_socket(sock: socket.socket, io_timeout: float = IO_TIMEOUT_S) -> socket.socket:
+    """Blocking mode with kernel timeouts, no Nagle delay (READY/COMMIT are tiny and latency-bound)."""
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _set_io_timeout(sock, io_timeout)
+    return sock
+
+
+def connect(addr: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S,
+            io_timeout: float = IO_TIMEOUT_S) -> socket.socket:
+    """A connected, prepared socket to ``addr``."""
+    sock = socket.create_connection(addr, timeout=timeout)
+    return prepare_socket(sock, io_timeout)
+
+
+class Connection:
+    """Proto frames over one blocking socket; counts the bytes it moves."""
+
+    def __init__(self, sock: socket.socket, guest_size: int | None = None) -> None:
+        self.sock = sock
+        self.guest_size = guest_size
+        self.sent = 0
+        self.received = 0
+        self._hdr = bytearray(HEADER_SIZE)
+        self._closed = False
+
+    # -- sending ---------------------------------------------------------------------------------
+    def send(self, msg: Message) -> None:
+        """Send one message without payload."""
+        frame = encode(msg)
+        self._io(self.sock.sendall, frame)
+        self.sent += len(frame)
+
+    def send_pages(self, ram: memoryview, ranges: Sequence[tuple[int, int]],
+                   zeros: Sequence[tuple[int, int]] = ()) -> int:
+        """Send one page batch: frame, then each data range straight from guest RAM. Returns wire bytes."""
+        frame = encode(PageBatch(tuple(ranges), tuple(zeros)))
+        bufs: list[memoryview | bytes] = [frame]
+        bufs.extend(ram[a:b] for a, b in ranges)
+        try:
+            total = self._sendmsg_all(bufs)
+        finally:
+            for b in bufs:
+                if isinstance(b, memoryview):
+                    b.release()
+        self.sent += total
+        return total
+
+    def _sendmsg_all(self, bufs: list[memoryview | bytes]) -> int:
+        """sendmsg every buffer, IOV_MAX at a time, resuming after partial sends."""
+        total = 0
+        i = 0
+        while i < len(bufs):
+            chunk = bufs[i:i + IOV_MAX]
+            n = self._io(self.sock.sendmsg, chunk)
+            total += n
+            i, rest = _advance(chunk, n, i)
+            if rest is not None:
+                bufs[i] = rest
+        return total
+
+    # -- receiving -------------------------------------------------------------------------------
+    def recv(self, ram: memoryview | None = None) -> Message:
+        """Receive one message; a page batch's payload goes straight into ``ram``."""
+        self._recv_exact(memoryview(self._hdr))
+        header = parse_header(self._hdr, max_payload=MAX_PAYLOAD_SIZE if ram is not None else 0)
+        message_class(header)
+        body = bytearray(header.body_len)
+        self._recv_exact(memoryview(body))
+        msg = decode_body(header, body, self.guest_size)
+        if isinstance(msg, PageBatch) and msg.ranges:
+            if ram is None:
+                raise RemoteProtocolError("page data on a connection that takes none")
+            self._recv_scatter(ram, msg.payload_targets())
+        return msg
+
+    def _recv_scatter(self, ram: memoryview, targets: list[tuple[int, int]]) -> None:
+        """Receive a batch payload into its guest offsets: one ``recvmsg_into`` per IOV_MAX ranges,
+        so a batch of scattered single pages costs a few syscalls, not one per page."""
+        views = [ram[off:off + length] for off, length in targets]
+        try:
+            i = 0
+            while i < len(views):
+                chunk = views[i:i + IOV_MAX]
+                n = self._io(self.sock.recvmsg_into, chunk, 0, socket.MSG_WAITALL)[0]
+                if n == 0:
+                    raise ConnectionClosed("the peer closed the connection")
+                self.received += n
+                i, rest = _advance(chunk, n, i)  # a short read (signal, timeout) resumes mid-buffer
+                if rest is not None:
+                    views[i] = rest
+        finally:
+            for v in views:
+                v.release()
+
+    def _recv_exact(self, buf: memoryview) -> None:
+        """Fill ``buf`` completely from the socket."""
+        got = 0
+        n_total = len(buf)
+        while got < n_total:
+            n = self._io(self.sock.recv_into, buf[got:], n_total - got, socket.MSG_WAITALL)
+            if n == 0:
+                raise ConnectionClosed("the peer closed the connection")
+            got += n
+        self.received += n_total
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one socket call; a kernel timeout becomes TimeoutError, a shut-down socket ConnectionClosed."""
+        try:
+            return fn(*args)
+        except BlockingIOError:
+            raise TimeoutError(f"the peer did not respond within {IO_TIMEOUT_S:g} s") from None
+        except OSError as e:
+            if self._closed:
+                raise ConnectionClosed("connection shut down") from e
+            raise
+
+    def shutdown(self) -> None:
+        """Wake every thread blocked on this connection; safe from any thread, idempotent."""
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+def _advance(chunk: Sequence[memoryview | bytes], n: int, i: int) -> tuple[int, memoryview | None]:
+    """After sending ``n`` bytes of ``chunk`` (starting at index ``i``): next index, and the
+    unsent tail of a partly sent buffer (to put back at that index) or None."""
+    for b in chunk:
+        ln = len(b)
+        if n < ln:
+            return i, memoryview(b)[n:]
+        n -= ln
+        i += 1
+    return i, None

@@ -1,0 +1,499 @@
+"""The source and destination sessions against a scripted peer over real sockets, with a fake VM
+manager (unit tests: the VM side is a mock; real VMs are in test_migration.py).
+
+These pin the ownership rules: before COMMIT every failure ends with the destination discarding
+and the source resuming; after COMMIT the source keeps the VM paused until the destination says
+what happened; the destination never starts a VM without COMMIT, and an in-doubt answer "not
+resumed" fences a COMMIT that arrives later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from agent.migration import pages
+from agent.migration.common import LoopBridge, MigrationError, client_handshake, server_handshake
+from agent.migration.destination import DestinationSession, Outcomes
+from agent.migration.info import MigrationInfo, MigrationParams, Status
+from agent.migration.source import SourceSession
+from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
+from proto.errors import ErrorCode, ProtocolError
+from proto.messages import (
+    Abort,
+    Commit,
+    DeviceState,
+    Digest,
+    InDoubtAnswer,
+    InDoubtQuery,
+    MigrateAccept,
+    MigrateRefuse,
+    MigrateStart,
+    PageBatch,
+    Ready,
+    Resumed,
+    RoundEnd,
+)
+from vmruntime import guestram, isa
+
+pytestmark = pytest.mark.timeout(60)
+
+KEY = b"k" * 32
+MiB = 1 << 20
+P = 4096
+SIZE = 4 * MiB
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def _log(self, level: str, msg: str, **kw: Any) -> None:
+        self.lines.append((level, msg, kw))
+
+    def info(self, msg: str, **kw: Any) -> None:
+        self._log("info", msg, **kw)
+
+    def warning(self, msg: str, **kw: Any) -> None:
+        self._log("warning", msg, **kw)
+
+    def error(self, msg: str, **kw: Any) -> None:
+        self._log("error", msg, **kw)
+
+
+@pytest.fixture
+def bridge() -> Iterator[LoopBridge]:
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    yield LoopBridge(loop)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join()
+    loop.close()
+
+
+def new_ram(size: int = SIZE) -> tuple[int, mmap.mmap]:
+    fd = guestram.create_memfd(size)
+    return fd, guestram.map_shared(fd, size)
+
+
+# -- the source against a scripted destination -----------------------------------------------------
+
+
+class FakeTracker:
+    name = "fake-tracker"
+
+    def __init__(self, dirty: list[list[tuple[int, int]]]) -> None:
+        self.dirty = dirty
+
+    def start(self) -> None:
+        pass
+
+    def harvest(self) -> list[tuple[int, int]]:
+        return self.dirty.pop(0) if self.dirty else []
+
+    def stop(self) -> None:
+        pass
+
+
+@dataclass
+class FakeVM:
+    name: str = "v"
+    mem: int = SIZE
+    state: str = "running"
+    dirty_backend: str = "fake-tracker"
+    calls: list[Any] = field(default_factory=list)
+    dirty: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.memfd, self.ram = new_ram(self.mem)
+        self.ram[0:MiB] = os.urandom(MiB)
+        self.ram[3 * MiB:3 * MiB + P] = b"\x07" * P
+
+    async def pause(self) -> dict[str, Any]:
+        self.calls.append("pause")
+        return {"version": 1, "pc": 1234}
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+    async def throttle(self, percent: int) -> None:
+        self.calls.append(("throttle", percent))
+
+    async def track_start(self) -> FakeTracker:
+        self.calls.append("track_start")
+        return FakeTracker(self.dirty)
+
+    async def track_stop(self) -> None:
+        self.calls.append("track_stop")
+
+
+class FakeSourceVMs:
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    async def remove_migrated(self, name: str) -> None:
+        self.removed.append(name)
+
+
+class ScriptedDestination:
+    """A destination listener that behaves as told: on_digest / on_commit / on_query."""
+
+    def __init__(self, on_digest: str = "ready", on_commit: str = "resumed", on_query: bool | None = True,
+                 refuse: tuple[str, str] | None = None, size: int = SIZE) -> None:
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.lsock.getsockname()[:2]
+        self.on_digest, self.on_commit, self.on_query, self.refuse = on_digest, on_commit, on_query, refuse
+        self.size = size
+        self.fd, self.ram = new_ram(size)
+        self.got: list[Any] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.lsock.accept()
+            except OSError:
+                return
+            conn = Connection(prepare_socket(sock), guest_size=self.size)
+            try:
+                self._one(conn)
+            except (OSError, ConnectionClosed):
+                pass
+            finally:
+                conn.close()
+
+    def _one(self, conn: Connection) -> None:
+        server_handshake(conn, KEY, "D")
+        while True:
+            msg = conn.recv(memoryview(self.ram))
+            self.got.append(msg)
+            if isinstance(msg, MigrateStart):
+                conn.send(MigrateRefuse(*self.refuse) if self.refuse else MigrateAccept(msg.migration_id))
+            elif isinstance(msg, PageBatch):
+                pages.punch_zeros(self.fd, memoryview(self.ram), msg.zeros)
+            elif isinstance(msg, Digest):
+                conn.send(Ready() if self.on_digest == "ready" else Abort(ErrorCode.DIGEST_MISMATCH, "bad digest"))
+            elif isinstance(msg, Commit):
+                if self.on_commit == "resumed":
+                    conn.send(Resumed())
+                return  # "vanish": the connection drops with COMMIT unanswered
+            elif isinstance(msg, InDoubtQuery):
+                if self.on_query is not None:
+                    conn.send(InDoubtAnswer(msg.migration_id, self.on_query))
+                return
+
+    def close(self) -> None:
+        self.lsock.shutdown(socket.SHUT_RDWR)  # wakes accept(); a session in progress ends on EOF
+        self.thread.join(10)
+        self.lsock.close()
+        self.ram.close()
+        os.close(self.fd)
+
+
+def run_source(bridge: LoopBridge, dest: ScriptedDestination, vm: FakeVM, vms: FakeSourceVMs,
+               **params: Any) -> tuple[SourceSession, MigrationInfo]:
+    p = MigrationParams(**params)
+    info = MigrationInfo(vm=vm.name, direction="out", params=p, mem=vm.mem)
+    s = SourceSession(vm=vm, vms=vms, dest=dest.address, params=p, key=KEY, agent_name="S", bridge=bridge,
+                      info=info, log=Log(), in_doubt_timeout=1.0)
+    s.run()
+    return s, info
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., ScriptedDestination]]:
+    made: list[ScriptedDestination] = []
+
+    def make(**kw: Any) -> ScriptedDestination:
+        made.append(ScriptedDestination(**kw))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted()
+    vm, vms = FakeVM(dirty=[[(0, 2 * P)], [(3 * MiB, 3 * MiB + P)]]), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms)
+    assert info.status is Status.COMPLETED, info.error
+    assert vm.calls == ["track_start", "pause", "track_stop"]  # paused once, never resumed here
+    assert vms.removed == ["v"]
+    assert dest.ram[:] == vm.ram[:]
+    kinds = [type(m).__name__ for m in dest.got]
+    assert kinds[0] == "MigrateStart" and kinds[-4:] == ["RoundEnd", "DeviceState", "Digest", "Commit"]
+    state = next(m for m in dest.got if isinstance(m, DeviceState))
+    assert state.state == {"version": 1, "pc": 1234}
+    digest = next(m for m in dest.got if isinstance(m, Digest))
+    assert digest.value == pages.ram_digest(vm.memfd, memoryview(vm.ram), SIZE)
+    assert info.rounds[-1].final and info.downtime_s is not None
+    assert info.dirty_sync_count == len(info.rounds)
+
+
+def test_source_in_doubt_waits_for_the_destination_and_completes(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(on_commit="vanish", on_query=True)
+    vm, vms = FakeVM(), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms)
+    assert info.status is Status.COMPLETED
+    assert "resume" not in vm.calls and vms.removed == ["v"]
+    assert any(isinstance(m, InDoubtQuery) for m in dest.got)
+
+
+def test_source_in_doubt_resumes_only_when_told_not_resumed(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(on_commit="vanish", on_query=False)
+    vm, vms = FakeVM(), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms)
+    assert info.status is Status.FAILED
+    assert vm.calls[-2:] == ["track_stop", "resume"] and vms.removed == []
+    assert vm.state == "running"
+
+
+def test_source_never_resumes_while_the_destination_is_silent(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(on_commit="vanish", on_query=None)
+    vm, vms = FakeVM(), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms)
+    assert info.status is Status.FAILED and info.error is not None and "in doubt" in info.error
+    assert "resume" not in vm.calls and vms.removed == []
+    assert vm.state == "paused"
+
+
+def test_digest_mismatch_before_commit_resumes_the_vm(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(on_digest="abort")
+    vm, vms = FakeVM(), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms)
+    assert info.status is Status.FAILED and info.error_code == ErrorCode.DIGEST_MISMATCH
+    assert vm.calls == ["track_start", "pause", "track_stop", "resume"]
+    assert not any(isinstance(m, Commit) for m in dest.got)
+
+
+def test_refusal_touches_nothing(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(refuse=(ErrorCode.VM_EXISTS, "a VM named 'v' already exists"))
+    vm, vms = FakeVM(), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms)
+    assert info.status is Status.FAILED and info.error_code == ErrorCode.VM_EXISTS
+    assert info.error is not None and "already exists" in info.error
+    assert vm.calls == [] and vm.state == "running"
+
+
+def test_non_convergence_aborts_and_lifts_the_throttle(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted()
+    # The guest dirties all of its first MiB every round: with a 1 ms bound it never fits.
+    vm, vms = FakeVM(dirty=[[(0, MiB)] for _ in range(10)]), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms, max_downtime_ms=0.001, max_rounds=4, auto_converge=True)
+    assert info.status is Status.FAILED and info.error is not None and "did not converge" in info.error
+    assert ("throttle", 0) in vm.calls and "pause" not in vm.calls
+    assert info.throttle == 0 and len(info.rounds) == 4
+
+
+def test_cancel_before_commit_resumes_and_reports_cancelled(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted()
+    vm, vms = FakeVM(dirty=[[(0, MiB)] for _ in range(1000)]), FakeSourceVMs()
+    p = MigrationParams(max_downtime_ms=0.001, max_rounds=1000, bandwidth=4 * MiB)
+    info = MigrationInfo(vm=vm.name, direction="out", params=p, mem=vm.mem)
+    s = SourceSession(vm=vm, vms=vms, dest=dest.address, params=p, key=KEY, agent_name="S", bridge=bridge,
+                      info=info, log=Log())
+    t = threading.Thread(target=s.run)
+    t.start()
+    s.setup_done.wait(10)
+    assert s.cancel()
+    t.join(10)
+    assert info.status is Status.CANCELLED and vms.removed == []
+    assert vm.state == "running" and "pause" not in vm.calls
+
+
+# -- the destination against a scripted source ----------------------------------------------------
+
+
+@dataclass
+class Inc:
+    name: str
+    mem: int
+    memfd: int
+    ram: mmap.mmap
+
+
+class FakeDestVMs:
+    def __init__(self, refuse: Exception | None = None) -> None:
+        self.refuse = refuse
+        self.reserved: list[Inc] = []
+        self.started: list[dict[str, Any]] = []
+        self.discarded: list[str] = []
+
+    def reserve_incoming(self, name: str, mem: int) -> Inc:
+        if self.refuse is not None:
+            raise self.refuse
+        fd, ram = new_ram(mem)
+        self.reserved.append(Inc(name, mem, fd, ram))
+        return self.reserved[-1]
+
+    async def start_incoming(self, inc: Inc, state: dict[str, Any], backend: str | None) -> None:
+        self.started.append(state)
+
+    def discard_incoming(self, inc: Inc) -> None:
+        self.discarded.append(inc.name)
+
+
+class Harness:
+    """One DestinationSession thread and the connected source end of its socket."""
+
+    def __init__(self, bridge: LoopBridge, vms: FakeDestVMs, outcomes: Outcomes) -> None:
+        lsock = socket.create_server(("127.0.0.1", 0))
+        self.src = Connection(connect(lsock.getsockname()[:2]))
+        server, _ = lsock.accept()
+        lsock.close()
+        self.infos: dict[str, MigrationInfo] = {}
+        self.session = DestinationSession(conn=Connection(prepare_socket(server)), vms=vms, key=KEY,
+                                          agent_name="D", bridge=bridge, outcomes=outcomes, infos=self.infos,
+                                          log=Log())
+        self.thread = threading.Thread(target=self.session.run, daemon=True)
+        self.thread.start()
+        client_handshake(self.src, KEY, "S")
+
+    def start(self, mid: str = "m1", isa_version: int = isa.ISA_VERSION) -> Any:
+        self.src.send(MigrateStart(mid, "v", SIZE, P, isa_version, tuple(sorted(isa.ISA_FEATURES)), "t", {}))
+        return self.src.recv()
+
+    def send_ram(self, ram: mmap.mmap) -> None:
+        mv = memoryview(ram)
+        for b in pages.plan_batches(mv, [(0, SIZE)]):
+            self.src.send_pages(mv, b.ranges, b.zeros)
+        self.src.send(RoundEnd(0, 1, 0, SIZE, 0.1, 0, 0.0))
+        self.src.send(DeviceState({"version": 1}))
+
+    def finish(self) -> None:
+        self.src.close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def source_ram() -> Iterator[tuple[int, mmap.mmap]]:
+    fd, ram = new_ram()
+    ram[MiB:2 * MiB] = os.urandom(MiB)
+    yield fd, ram
+    ram.close()
+    os.close(fd)
+
+
+def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram: Any) -> None:
+    fd, ram = source_ram
+    vms = FakeDestVMs()
+    h = Harness(bridge, vms, Outcomes())
+    assert isinstance(h.start(), MigrateAccept)
+    h.send_ram(ram)
+    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
+    assert isinstance(h.src.recv(), Ready)
+    assert vms.started == [] and vms.reserved[0].ram[:] == ram[:]
+    h.src.send(Commit("m1"))
+    assert isinstance(h.src.recv(), Resumed)
+    h.finish()
+    assert vms.started == [{"version": 1}] and vms.discarded == []
+    assert h.infos["v"].status is Status.COMPLETED and h.infos["v"].direction == "in"
+
+
+def test_destination_refuses_a_wrong_digest_and_discards(bridge: LoopBridge, source_ram: Any) -> None:
+    _, ram = source_ram
+    vms = FakeDestVMs()
+    h = Harness(bridge, vms, Outcomes())
+    h.start()
+    h.send_ram(ram)
+    h.src.send(Digest(pages.DIGEST_ALGORITHM, "0" * 32))
+    reply = h.src.recv()
+    assert isinstance(reply, Abort) and reply.code == ErrorCode.DIGEST_MISMATCH
+    h.finish()
+    assert vms.started == [] and vms.discarded == ["v"]
+    assert h.infos["v"].status is Status.FAILED
+
+
+def test_destination_discards_when_the_source_vanishes(bridge: LoopBridge, source_ram: Any) -> None:
+    _, ram = source_ram
+    vms = FakeDestVMs()
+    h = Harness(bridge, vms, Outcomes())
+    h.start()
+    h.send_ram(ram)
+    h.finish()  # gone before the digest
+    assert vms.started == [] and vms.discarded == ["v"]
+
+
+def test_destination_refuses_before_touching_anything(bridge: LoopBridge) -> None:
+    vms = FakeDestVMs(refuse=MigrationError(ErrorCode.INSUFFICIENT_MEMORY, "not enough memory on D"))
+    h = Harness(bridge, vms, Outcomes())
+    reply = h.start()
+    assert isinstance(reply, MigrateRefuse) and reply.code == ErrorCode.INSUFFICIENT_MEMORY
+    h.finish()
+    h2 = Harness(bridge, FakeDestVMs(), Outcomes())
+    reply = h2.start(isa_version=isa.ISA_VERSION + 1)
+    assert isinstance(reply, MigrateRefuse) and reply.code == ErrorCode.INCOMPATIBLE
+    h2.finish()
+    assert h2.session.vms.reserved == []
+
+
+def test_in_doubt_answer_fences_a_late_commit(bridge: LoopBridge, source_ram: Any) -> None:
+    fd, ram = source_ram
+    vms, outcomes = FakeDestVMs(), Outcomes()
+    h = Harness(bridge, vms, outcomes)
+    h.start("m7")
+    h.send_ram(ram)
+    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
+    assert isinstance(h.src.recv(), Ready)
+    # A source in doubt asks on a new connection before its COMMIT arrived: the answer is "no",
+    # and from then on this migration can never start here.
+    assert outcomes.answer("m7") is False
+    with pytest.raises((OSError, ConnectionClosed)):
+        h.src.send(Commit("m7"))
+        h.src.recv()
+    h.finish()
+    assert vms.started == [] and vms.discarded == ["v"]
+    assert outcomes.answer("m7") is False and outcomes.answer("never-seen") is False
+
+
+def test_the_migration_listener_refuses_a_wrong_key(bridge: LoopBridge) -> None:
+    lsock = socket.create_server(("127.0.0.1", 0))
+    src = Connection(connect(lsock.getsockname()[:2]))
+    server, _ = lsock.accept()
+    lsock.close()
+    vms = FakeDestVMs()
+    session = DestinationSession(conn=Connection(prepare_socket(server)), vms=vms, key=KEY, agent_name="D",
+                                 bridge=bridge, outcomes=Outcomes(), infos={}, log=Log())
+    t = threading.Thread(target=session.run, daemon=True)
+    t.start()
+    with pytest.raises(ProtocolError) as err:
+        client_handshake(src, b"x" * 32, "S")
+    assert err.value.code == ErrorCode.AUTH_FAILED
+    src.close()  # the client gave up at the server's MAC: the server sees the connection end
+    t.join(10)
+    assert vms.reserved == [] and not t.is_alive()
+
+
+def test_time_limit_holds_inside_a_long_round(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(size=16 * MiB)
+    vm, vms = FakeVM(mem=16 * MiB), FakeSourceVMs()
+    vm.ram[:12 * MiB] = os.urandom(12 * MiB)
+    # Three 4 MiB batches at 4 MiB/s cannot finish round 0 within 0.5 s.
+    _, info = run_source(bridge, dest, vm, vms, bandwidth=4 * MiB, timeout_s=0.5)
+    assert info.status is Status.FAILED and info.error_code == ErrorCode.TIMEOUT
+    assert info.error is not None and "time limit" in info.error
+    assert "pause" not in vm.calls and vm.state == "running" and info.rounds == []
+
+
+def test_unreachable_destination_fails_at_once_and_touches_nothing(bridge: LoopBridge) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[:2]  # bound, not listening: connections are refused
+        vm, vms = FakeVM(), FakeSourceVMs()
+        p = MigrationParams()
+        info = MigrationInfo(vm=vm.name, direction="out", params=p, mem=vm.mem)
+        SourceSession(vm=vm, vms=vms, dest=closed, params=p, key=KEY, agent_name="S", bridge=bridge,
+                      info=info, log=Log()).run()
+    assert info.status is Status.FAILED and info.error is not None and "connection" in info.error
+    assert vm.calls == [] and vm.state == "running"
