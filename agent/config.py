@@ -32,7 +32,14 @@ _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 
 
 class ConfigError(Exception):
-    """A flag, a config file key or the key file is unusable; the message says which and why."""
+    """A flag, a config file key or the key file is unusable; the message says which and why.
+
+    `problems` lists every problem found (the message joins them), so `--check-config` can show all.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
 
 
 def parse_size(text: str | int) -> int:
@@ -108,6 +115,7 @@ class AgentConfig:
     max_mem: int  # bytes of guest RAM this host accepts (its own VMs plus incoming ones)
     dirty_tracker: str  # "auto" or a backend name from vmruntime.dirty.BACKENDS
     log_level: str
+    metrics: tuple[str, int] | None = None  # the Prometheus endpoint, off when None
 
     @property
     def control_socket(self) -> Path:
@@ -125,9 +133,13 @@ _KEYS: dict[str, str] = {
     "max-mem": "guest memory this host accepts, e.g. 4G (default: 75%% of MemTotal)",
     "dirty-tracker": "dirty tracking backend: auto, uffd-wp-async, uffd-wp-sync, hash (default: auto)",
     "log-level": "debug, info, warning or error (default: info)",
+    "metrics": "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND"}
+_METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
+             "metrics": "HOST:PORT"}
+# TOML types a key accepts (flags are always strings); the rest take strings only.
+_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     for key, help_text in _KEYS.items():
         p.add_argument(f"--{key}", dest=key.replace("-", "_"), metavar=_METAVARS.get(key, key.split("-")[-1].upper()),
                        help=help_text)
+    p.add_argument("--check-config", action="store_true",
+                   help="check the configuration (flags and --config file) and this host's side of it, print "
+                        "the resolved settings or every problem found, and exit: 0 valid, 2 not")
     return p
 
 
@@ -149,9 +164,22 @@ def _read_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path!r}: {e}") from e
     unknown = sorted(set(data) - set(_KEYS))
-    if unknown:
-        raise ConfigError(f"config file {path!r}: unknown keys {', '.join(unknown)}")
+    problems = [f"config file {path!r}: unknown keys {', '.join(unknown)}"] if unknown else []
+    problems += _type_problems(path, data)
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
     return data
+
+
+def _type_problems(path: str, data: dict[str, Any]) -> list[str]:
+    """A key with a TOML value of the wrong type (e.g. max-mem = 1.5, control = 7700)."""
+    problems = []
+    for key, value in data.items():
+        allowed = _TOML_TYPES.get(key, (str,))
+        if key in _KEYS and (not isinstance(value, allowed) or isinstance(value, bool)):
+            names = " or ".join("a string" if t is str else "an integer" for t in allowed)
+            problems.append(f"config file {path!r}: {key} must be {names}, not {type(value).__name__} {value!r}")
+    return problems
 
 
 def _merged(ns: argparse.Namespace) -> dict[str, Any]:
@@ -187,24 +215,121 @@ def _choice(values: dict[str, Any], key: str, default: str, allowed: tuple[str, 
     return value
 
 
+def _metrics(values: dict[str, Any]) -> tuple[str, int] | None:
+    return _address(values, "metrics", "") if values.get("metrics") else None
+
+
+def _distinct_addresses(control: Any, migration: Any, metrics: Any) -> None:
+    """Two listeners on one HOST:PORT cannot both bind; say so before trying (port 0 picks a free one)."""
+    seen: dict[tuple[str, int], str] = {}
+    for key, addr in (("control", control), ("migration", migration), ("metrics", metrics)):
+        if not isinstance(addr, tuple) or addr[1] == 0:
+            continue
+        if addr in seen:
+            raise ConfigError(f"{key}: {format_hostport(*addr)} is also the {seen[addr]} address")
+        seen[addr] = key
+
+
+class _Problems:
+    """Runs each part of the resolution, keeping every ConfigError instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def take(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            self.found += e.problems
+            return None
+
+
 def resolve(values: dict[str, Any]) -> AgentConfig:
-    """Turn merged key/values into a checked AgentConfig (reads the key file)."""
+    """Turn merged key/values into a checked AgentConfig (reads the key file); ConfigError lists all problems."""
     key_file = Path(str(values.get("key-file", DEFAULT_KEY_FILE)))
     trackers = ("auto", "uffd-wp-async", "uffd-wp-sync", "hash")
-    return AgentConfig(
-        name=str(values.get("name") or socket.gethostname()),
-        control=_address(values, "control", DEFAULT_CONTROL),
-        migration=_address(values, "migration", DEFAULT_MIGRATION),
-        state_dir=Path(str(values.get("state-dir", DEFAULT_STATE_DIR))),
-        key_file=key_file,
-        key=load_key(key_file),
-        max_mem=_max_mem(values),
-        dirty_tracker=_choice(values, "dirty-tracker", "auto", trackers),
-        log_level=_choice(values, "log-level", "info", LOG_LEVELS),
-    )
+    p = _Problems()
+    fields: dict[str, Any] = {
+        "name": str(values.get("name") or socket.gethostname()),
+        "control": p.take(_address, values, "control", DEFAULT_CONTROL),
+        "migration": p.take(_address, values, "migration", DEFAULT_MIGRATION),
+        "state_dir": Path(str(values.get("state-dir", DEFAULT_STATE_DIR))),
+        "key_file": key_file,
+        "key": p.take(load_key, key_file),
+        "max_mem": p.take(_max_mem, values),
+        "dirty_tracker": p.take(_choice, values, "dirty-tracker", "auto", trackers),
+        "log_level": p.take(_choice, values, "log-level", "info", LOG_LEVELS),
+        "metrics": p.take(_metrics, values),
+    }
+    p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
+    if p.found:
+        raise ConfigError("; ".join(p.found), p.found)
+    return AgentConfig(**fields)
+
+
+def host_problems(config: AgentConfig) -> list[str]:
+    """What this host says about a valid configuration: a state dir that cannot be used, an address
+    that is not one of this host's (checked by binding port 0 on it, so a running agent's ports do not
+    count as a problem)."""
+    problems = _state_dir_problems(config.state_dir)
+    for key, addr in (("control", config.control), ("migration", config.migration), ("metrics", config.metrics)):
+        if addr is not None:
+            problems += _bind_problems(key, addr[0])
+    return problems
+
+
+def _state_dir_problems(path: Path) -> list[str]:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the agent creates the missing part: it must be able to
+    if not existing.is_dir():
+        return [f"state-dir: {str(existing)!r} is not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"state-dir: {str(existing)!r} is not writable"]
+    return []
+
+
+def _bind_problems(key: str, host: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return [f"{key}: cannot resolve {host!r}: {e.strerror}"]
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            return [f"{key}: cannot listen on {host!r} on this host: {e.strerror or e}"]
+    return []
+
+
+def describe(config: AgentConfig) -> str:
+    """The resolved configuration as TOML (the key file by path, never the key)."""
+    values = {
+        "name": config.name, "control": format_hostport(*config.control),
+        "migration": format_hostport(*config.migration), "state-dir": str(config.state_dir),
+        "key-file": str(config.key_file), "max-mem": _exact_size(config.max_mem),
+        "dirty-tracker": config.dirty_tracker, "log-level": config.log_level,
+    }
+    if config.metrics is not None:
+        values["metrics"] = format_hostport(*config.metrics)
+    return "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items())
+
+
+def _exact_size(n: int) -> str:
+    text = format_size(n)
+    return text if "." not in text else str(n)  # "12.3M" would not read back
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_from_args(ns: argparse.Namespace) -> AgentConfig:
+    """The AgentConfig of parsed flags (and their --config file); ConfigError on any bad value."""
+    return resolve(_merged(ns))
 
 
 def load_config(argv: list[str] | None = None) -> AgentConfig:
     """Parse flags (and the --config file) into an AgentConfig; ConfigError on any bad value."""
-    ns = build_parser().parse_args(argv)
-    return resolve(_merged(ns))
+    return config_from_args(build_parser().parse_args(argv))

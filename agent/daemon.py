@@ -4,11 +4,15 @@ This module owns the agent's process lifecycle: read the configuration, build th
 migration engine and the control API, listen (control TCP + unix socket, migration listener),
 and on SIGTERM or SIGINT shut down in order: refuse new work, let the migration engine cancel or
 finish what runs (it keeps a VM that is in doubt paused rather than running it twice), close the
-control API, stop the VM processes, exit 0.
+control API, stop the VM processes, exit 0. Under systemd (`Type=notify`) it says READY=1 once every
+listener is up, sends watchdog keep-alives while it runs and STOPPING=1 when it begins to shut down
+(agent/sdnotify.py); `--metrics` adds a Prometheus endpoint (agent/metrics.py); `--check-config`
+checks a configuration without starting anything.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import sys
@@ -17,12 +21,22 @@ from typing import Any
 import uvloop
 
 from agent.client import ClientError, call_once
-from agent.config import AgentConfig, ConfigError, format_hostport, load_config
+from agent.config import (
+    AgentConfig,
+    ConfigError,
+    build_parser,
+    config_from_args,
+    describe,
+    format_hostport,
+    host_problems,
+)
 from agent.control import ControlServer
 from agent.logs import Log
+from agent.metrics import AgentMetrics, MetricsServer
 from agent.migration import MigrationManager
 from agent.ops import AgentIdentity, ControlOps, Migrations, OpError, ferry_version
 from agent.records import VMRecords
+from agent.sdnotify import Notifier
 from agent.vms import VMManager
 from vmruntime import dirty
 
@@ -44,6 +58,10 @@ class Agent:
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
                               peer_info=self._peer_info, log=log)
         self.control = ControlServer(ops=self.ops, key=config.key, name=config.name, log=log)
+        self.metrics = AgentMetrics(agent_name=config.name, version=ferry_version(), vms=self.vms,
+                                    migrations=self.migrations)
+        self.migrations.on_finished = self.metrics.stats.record
+        self.metrics_server = MetricsServer(self.metrics.collect, log) if config.metrics is not None else None
         self.stopping = asyncio.Event()
         self.failed = False  # a listener died: exit non-zero after the orderly shutdown
         self._migration_task: asyncio.Task[None] | None = None
@@ -71,9 +89,20 @@ class Agent:
         except OSError as e:  # e.g. a path over the 107-byte limit: TCP still serves every client
             self.log.warning("no unix control socket", path=str(cfg.control_socket), error=e.strerror or str(e))
         await self._start_migration_listener()
+        metrics = await self.metrics_server.start(*cfg.metrics) if self.metrics_server and cfg.metrics else None
         self.log.info("agent started", version=ferry_version(), control=format_hostport(*control),
                       migration=format_hostport(*cfg.migration), unix=str(cfg.control_socket),
-                      max_mem=cfg.max_mem, dirty_tracker=cfg.dirty_tracker)
+                      max_mem=cfg.max_mem, dirty_tracker=cfg.dirty_tracker,
+                      metrics=format_hostport(*metrics) if metrics else None)
+
+    def status_line(self) -> str:
+        """systemd's STATUS= for a running agent (shown by `systemctl status`): VMs and addresses."""
+        cfg = self.config
+        vms = self.vms.list()
+        migrating = sum(1 for vm in vms if vm.state == "migrating")
+        metrics = f", metrics {format_hostport(*cfg.metrics)}" if cfg.metrics else ""
+        return (f"agent {cfg.name}: {len(vms)} VM{'' if len(vms) == 1 else 's'} ({migrating} migrating); "
+                f"control {format_hostport(*cfg.control)}, migration {format_hostport(*cfg.migration)}{metrics}")
 
     def _report_lost_vms(self) -> None:
         """VMs a previous run of this agent did not stop: their processes died with it (on-eof exit)."""
@@ -110,6 +139,8 @@ class Agent:
             self._migration_task.cancel()
             await asyncio.gather(self._migration_task, return_exceptions=True)  # its end, whatever it was
         await self.control.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         await self.vms.shutdown()
         self.log.info("agent stopped")
 
@@ -117,6 +148,7 @@ class Agent:
 async def serve(config: AgentConfig, log: Log) -> int:
     """Run the agent until SIGTERM/SIGINT; returns the exit status."""
     agent = Agent(config, log)
+    notifier = Notifier.from_env(log=log)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
@@ -124,10 +156,19 @@ async def serve(config: AgentConfig, log: Log) -> int:
         await agent.start()
     except OSError as e:
         log.error("cannot listen", error=e.strerror or str(e))
+        notifier.status(f"cannot listen: {e.strerror or e}")
         await agent.shutdown()
         return 1
+    notifier.ready(agent.status_line())
+    # Keep-alives (and STATUS= updates) run on the event loop until the very end: a shutdown that
+    # hangs is noticed too.
+    watchdog = asyncio.create_task(notifier.run(agent.status_line))
     await agent.stopping.wait()
+    notifier.stopping(f"agent {config.name}: stopping (winding down migrations, stopping VMs)")
     await agent.shutdown()
+    watchdog.cancel()
+    await asyncio.gather(watchdog, return_exceptions=True)
+    notifier.close()
     return 1 if agent.failed else 0
 
 
@@ -139,9 +180,38 @@ def _check_backend(name: str) -> None:
         raise ConfigError(f"dirty-tracker: {e}") from e
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_config(ns: argparse.Namespace) -> int:
+    """--check-config: print the resolved settings (exit 0) or every problem found (exit 2)."""
+    source = f"config file {ns.config}" if ns.config else "flags and defaults (no --config file)"
     try:
-        config = load_config(argv)
+        config = config_from_args(ns)
+        problems = host_problems(config)
+        problems += _backend_problems(config.dirty_tracker)
+    except ConfigError as e:
+        problems = e.problems
+    if problems:
+        print(f"ferry-agent: {source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    print(f"# ferry-agent: {source}: OK\n{describe(config)}", end="")
+    return 0
+
+
+def _backend_problems(name: str) -> list[str]:
+    try:
+        _check_backend(name)
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.check_config:
+        return check_config(ns)
+    try:
+        config = config_from_args(ns)
         _check_backend(config.dirty_tracker)
     except ConfigError as e:
         print(f"ferry-agent: error: {e}", file=sys.stderr)
