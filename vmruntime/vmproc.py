@@ -122,7 +122,9 @@ class VMProcess:
                 msg, fds = control.recv_msg(self.ctl, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
-            except EOFError:
+            except (EOFError, ConnectionResetError):
+                # A parent that dies with requests of ours unread resets the
+                # socket instead of closing it: the same loss of our parent.
                 self._control_closed()
                 return
             except control.ControlError as e:
