@@ -128,6 +128,10 @@ def _add_migrate_commands(sub: Any) -> None:
     m.add_argument("--timeout", type=_positive_float, metavar="S", help="give up after S seconds")
     m.add_argument("--force", action="store_true",
                    help="when it does not converge, switch over anyway instead of aborting")
+    m.add_argument("--migration-address", metavar="HOST:PORT",
+                   help="send the memory stream here instead of the destination's advertised migration address")
+    m.add_argument("--in-doubt-timeout", type=_positive_float, metavar="S",
+                   help="after COMMIT, how long to keep asking a silent destination (default 60)")
     m.add_argument("--json", action="store_true", help="print the final MigrationInfo as JSON, no progress")
     m.add_argument("--detach", action="store_true", help="start the migration and return at once")
     m.set_defaults(run=cmd_migrate)
@@ -138,6 +142,14 @@ def _add_migrate_commands(sub: Any) -> None:
     c = sub.add_parser("migrate-cancel", help="cancel a VM's migration (it keeps running on the source)")
     c.add_argument("name", metavar="NAME")
     c.set_defaults(run=cmd_migrate_cancel)
+    r = sub.add_parser("migrate-resolve", help="settle a migration that ended in doubt (VM paused on the source)")
+    r.add_argument("name", metavar="NAME")
+    where = r.add_mutually_exclusive_group(required=True)
+    where.add_argument("--resume-here", dest="action", action="store_const", const="resume-here",
+                       help="the destination does not run it (or is gone for good): resume it here")
+    where.add_argument("--resumed-on-destination", dest="action", action="store_const",
+                       const="resumed-on-destination", help="the destination runs it: destroy the copy here")
+    r.set_defaults(run=cmd_migrate_resolve)
 
 
 def _add_agent_commands(sub: Any) -> None:
@@ -378,7 +390,11 @@ async def watch_migration(client: ControlClient, name: str, progress: Progress |
 
 
 async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:
-    args = {"name": ns.name, "to": ns.to, "params": migrate_params(ns)}
+    args: dict[str, Any] = {"name": ns.name, "to": ns.to, "params": migrate_params(ns)}
+    if ns.migration_address is not None:
+        args["migration"] = ns.migration_address
+    if ns.in_doubt_timeout is not None:
+        args["in-doubt-timeout"] = ns.in_doubt_timeout
     info = await client.call("migrate", args, timeout=60.0)
     if ns.detach:
         _print_json(info) if ns.json else print(f"migration of {ns.name} to {ns.to} started")
@@ -416,6 +432,12 @@ async def cmd_migrate_status(client: ControlClient, ns: argparse.Namespace) -> i
         print(summary_text(info))
     else:
         print(progress_line(info))
+    return EXIT_OK
+
+
+async def cmd_migrate_resolve(client: ControlClient, ns: argparse.Namespace) -> int:
+    result = await client.call("migrate-resolve", {"name": ns.name, "action": ns.action})
+    print(f"{ns.name}: {result['resolved']}")
     return EXIT_OK
 
 

@@ -9,8 +9,12 @@ The transport (agent/control.py) feeds it decoded Requests; the operations are
   vm-list, vm-info name, vm-pause name, vm-resume name, vm-destroy name
   vm-console name [offset]                     buffered console bytes from an offset
   vm-wait    name state [timeout]              returns when the VM reaches the state
-  migrate    name to [params]                  `to` is the destination's control address
+  migrate    name to [params] [migration] [in-doubt-timeout]
+                                               `to` is the destination's control address; `migration`
+                                               overrides the migration address it advertises
   migrate-status name, migrate-cancel name     routed to the migration engine
+  migrate-resolve name action                  settle a migration that ended in doubt (action:
+                                               resume-here | resumed-on-destination)
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ MAX_WAIT = 3600.0  # seconds; vm-wait longer than this is refused, so a connecti
 DEFAULT_WAIT = 30.0
 CONSOLE_CHUNK = 256 * 1024  # most console bytes returned by one vm-console call
 _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
+RESOLVE_ACTIONS = ("resume-here", "resumed-on-destination")  # migrate-resolve: where the VM lives on
 # What an agent still does after SIGTERM: answer queries, and let operators clean up.
 WHILE_STOPPING = frozenset({"agent-info", "vm-list", "vm-info", "vm-console", "vm-wait", "migrate-status",
                             "migrate-cancel", "vm-destroy"})
@@ -55,9 +60,11 @@ class OpError(Exception):
 class Migrations(Protocol):
     """The part of agent.migration.MigrationManager the control API uses."""
 
-    async def migrate(self, vm_name: str, dest_migration: tuple[str, int], params: Any) -> dict[str, Any]: ...
+    async def migrate(self, vm_name: str, dest_migration: tuple[str, int], params: Any,
+                      in_doubt_timeout: float | None = None) -> dict[str, Any]: ...
     def info(self, vm_name: str) -> dict[str, Any] | None: ...
     async def cancel(self, vm_name: str) -> None: ...
+    async def resolve(self, vm_name: str, resume_here: bool) -> str: ...
 
 
 # Asks another agent's control API for its agent-info (agent.client provides it; tests may fake it).
@@ -106,6 +113,7 @@ class ControlOps:
             "migrate": self.migrate,
             "migrate-status": self.migrate_status,
             "migrate-cancel": self.migrate_cancel,
+            "migrate-resolve": self.migrate_resolve,
         }
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
@@ -241,9 +249,16 @@ class ControlOps:
         if self.vms.get(name).lock.locked():  # a clear no-such-vm (or busy) before any network traffic
             raise OpError(ErrorCode.BUSY, f"VM {name!r} is busy (being paused, resumed or destroyed)")
         params = MigrationParams.from_dict(dict(args.get("params") or {}))
+        in_doubt = _in_doubt_timeout(args)
         dest = await self._destination(_str(args, "to"))
+        if args.get("migration") is not None:
+            # Like QEMU's migrate URI: the operator names the path (another network, a relay, or
+            # the fault-injection proxy of the tests); `to` still identifies the destination agent.
+            dest = parse_hostport(_str(args, "migration"))
         self.log.info("migration requested", vm=name, to=args["to"], migration=format_hostport(*dest))
-        return await self._engine().migrate(name, dest, params)
+        if in_doubt is None:
+            return await self._engine().migrate(name, dest, params)
+        return await self._engine().migrate(name, dest, params, in_doubt_timeout=in_doubt)
 
     async def _destination(self, to: str) -> tuple[str, int]:
         """Ask the destination's control API where its migration listener is."""
@@ -279,10 +294,28 @@ class ControlOps:
         self.log.info("migration cancel requested", vm=name)
         return engine.info(name) or {"vm": name}
 
+    async def migrate_resolve(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, action = _str(args, "name"), _str(args, "action")
+        if action not in RESOLVE_ACTIONS:
+            raise OpError(ErrorCode.BAD_REQUEST, f"action must be one of {', '.join(RESOLVE_ACTIONS)}")
+        done = await self._engine().resolve(name, action == "resume-here")
+        return {"name": name, "resolved": done}
+
     def _engine(self) -> Migrations:
         if self.migrations is None:
             raise OpError(ErrorCode.INTERNAL, f"agent {self.identity.name} has no migration engine")
         return self.migrations
+
+
+def _in_doubt_timeout(args: dict[str, Any]) -> float | None:
+    """How long the source keeps asking a silent destination after COMMIT (seconds), if given."""
+    value = args.get("in-doubt-timeout")
+    if value is None:
+        return None
+    seconds = float(value)
+    if not 0 < seconds <= MAX_WAIT:
+        raise OpError(ErrorCode.BAD_REQUEST, f"in-doubt-timeout must be in (0, {MAX_WAIT:g}] seconds")
+    return seconds
 
 
 def _same_file(path: str, source: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from agent.migration.transport import Connection
 from agent.vms import VMError
 from proto.auth import ClientHandshake, ServerHandshake, error_response
-from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from proto.errors import ErrorCode, ProtocolError
 from proto.messages import ErrorResponse
 
 T = TypeVar("T")
@@ -99,13 +99,13 @@ def server_handshake(conn: Connection, key: bytes, name: str) -> str:
     try:
         conn.send(hs.receive(conn.recv()))
         conn.send(hs.receive(conn.recv()))
-    except RemoteProtocolError as e:
-        _tell(conn, error_response(e))
+    except ProtocolError as e:  # a bad frame or a failed MAC: say why before closing
+        tell(conn, error_response(e))
         raise
     return hs.peer_name or "?"
 
 
-def _tell(conn: Connection, msg: ErrorResponse) -> None:
+def tell(conn: Connection, msg: ErrorResponse) -> None:
     """Best effort: the peer may already be gone."""
     try:
         conn.send(msg)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent.migration import pages
-from agent.migration.common import LoopBridge, describe, error_code, server_handshake
+from agent.migration.common import LoopBridge, describe, error_code, server_handshake, tell
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.transport import Connection
+from proto.auth import error_response
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
     Abort,
@@ -56,6 +58,10 @@ OUTCOME_WAIT_S = 30.0
 REFRESH_BYTES = 64 * 1024 * 1024
 # Outcomes remembered for in-doubt queries (oldest forgotten first).
 MAX_OUTCOMES = 4096
+# Whole time an unauthenticated peer gets for the handshake and its first message. The kernel
+# timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
+# session (and its thread) forever; an honest peer needs a few round trips.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class Refused(Exception):
@@ -137,8 +143,12 @@ class DestinationSession:
     """One accepted migration connection."""
 
     def __init__(self, *, conn: Connection, vms: Any, key: bytes, agent_name: str, bridge: LoopBridge,
-                 outcomes: Outcomes, infos: dict[str, MigrationInfo], log: Any) -> None:
+                 outcomes: Outcomes, infos: dict[str, MigrationInfo], log: Any,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.conn = conn
+        self._on_authenticated: Callable[[], None] | None = None  # the listener's unauthenticated list
+        self._handshake_timeout = handshake_timeout
+        self._too_late = False
         self.vms = vms
         self.key = key
         self.agent_name = agent_name
@@ -161,6 +171,10 @@ class DestinationSession:
         self._mid = ""
         self._peer = "?"
 
+    def on_authenticated(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the peer has authenticated or the session ended."""
+        self._on_authenticated = callback
+
     def fence(self) -> None:
         """Never start this VM: called by an in-doubt answer, or shutdown, before COMMIT."""
         self.fenced = True
@@ -169,8 +183,7 @@ class DestinationSession:
     # -- the thread body -----------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            self._peer = server_handshake(self.conn, self.key, self.agent_name)
-            first = self._recv()
+            first = self._greet()
             if isinstance(first, InDoubtQuery):
                 self._answer_query(first)
             elif isinstance(first, MigrateStart):
@@ -178,7 +191,45 @@ class DestinationSession:
         except Exception as exc:  # the connection is this session's only client: log, never raise
             self.log.warning("incoming migration connection failed", peer=self._peer, error=describe(exc))
         finally:
+            self._authenticated()
             self.conn.close()
+
+    def _greet(self) -> Message:
+        """Handshake and first message, within one deadline for the whole exchange."""
+        timer = threading.Timer(self._handshake_timeout, self._too_slow)
+        timer.daemon = True
+        timer.start()
+        try:
+            self._peer = server_handshake(self.conn, self.key, self.agent_name)  # tells the peer itself
+            first = self._first()
+        except Exception as e:
+            if self._too_late:  # the deadline shut the socket: say so, not "peer closed"
+                raise TimeoutError(f"handshake not done within {self._handshake_timeout:g} s") from e
+            raise
+        finally:
+            timer.cancel()
+        if self._too_late:
+            raise TimeoutError(f"handshake not done within {self._handshake_timeout:g} s")
+        self._authenticated()
+        return first
+
+    def _first(self) -> Message:
+        """The first message after the handshake; an illegal one is answered with the reason."""
+        try:
+            return self._recv()
+        except ProtocolError as e:
+            tell(self.conn, error_response(e))
+            raise
+
+    def _too_slow(self) -> None:
+        self._too_late = True
+        self.conn.shutdown()
+
+    def _authenticated(self) -> None:
+        """Once: the peer no longer counts against the listener's unauthenticated connections."""
+        done, self._on_authenticated = self._on_authenticated, None
+        if done is not None:
+            done()
 
     def _answer_query(self, q: InDoubtQuery) -> None:
         resumed = self.outcomes.answer(q.migration_id)
@@ -201,9 +252,20 @@ class DestinationSession:
             self._receive_until_ready()
             resumed = self._on_commit(self._recv())
         except BaseException as exc:
+            self._tell_abort(exc)
             self._discard(exc)
             raise
         self._finish(resumed)
+
+    def _tell_abort(self, exc: BaseException) -> None:
+        """A bad frame, an out-of-order message, a timeout: tell the source why (best effort)."""
+        if self.fenced or isinstance(exc, Aborted) or not self.machine.can_send(Abort):
+            return
+        if isinstance(exc, ProtocolError | TimeoutError):
+            try:
+                self._send(Abort(error_code(exc), describe(exc)[:500]))
+            except (OSError, ProtocolError):
+                pass
 
     def _check_and_reserve(self, start: MigrateStart) -> None:
         """The compatibility check and the reservation; Refused when either fails, nothing held."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from agent.migration.common import LoopBridge, MigrationError
@@ -28,6 +29,10 @@ SETUP_WAIT_S = 15.0
 # How long cancel() waits for the session to put the VM back.
 CANCEL_WAIT_S = 30.0
 LISTEN_BACKLOG = 64
+# Most peers at once that have not finished the handshake. Past it, each new connection drops
+# the oldest unauthenticated one: an honest source authenticates within milliseconds, so a burst
+# of idle connections ends up dropping itself while real migrations still get in.
+MAX_UNAUTHENTICATED = 32
 
 
 class MigrationManager:
@@ -47,6 +52,11 @@ class MigrationManager:
         self._threads: set[threading.Thread] = set()
         self._serve_task: asyncio.Task[Any] | None = None
         self._accepting = True
+        # Called with each MigrationInfo once its session ended (in the session's thread): metrics.
+        self.on_finished: Callable[[MigrationInfo], None] | None = None
+        self._pending: dict[int, DestinationSession] = {}  # not yet authenticated, oldest first
+        self._in_doubt: dict[str, SourceSession] = {}  # vm name -> migration that ended in doubt
+        self._pending_lock = threading.Lock()
 
     # -- the listener ----------------------------------------------------------------------------------
     async def serve(self, host: str, port: int) -> None:
@@ -73,7 +83,35 @@ class MigrationManager:
         session = DestinationSession(conn=Connection(prepare_socket(sock)), vms=self.vms, key=self.key,
                                      agent_name=self.agent_name, bridge=bridge, outcomes=self._outcomes,
                                      infos=self._infos, log=self.log)
-        self._start_thread(session.run, "ferry-migration-in")
+        key = id(session)
+        session.on_authenticated(lambda: self._authenticated(key))
+        with self._pending_lock:
+            self._pending[key] = session
+            oldest = next(iter(self._pending.values())) if len(self._pending) > MAX_UNAUTHENTICATED else None
+            if oldest is not None:
+                oldest.conn.shutdown()  # under the lock: it cannot be leaving the list meanwhile
+        if oldest is not None:
+            self.log.warning("too many unauthenticated migration connections; dropped the oldest",
+                             limit=MAX_UNAUTHENTICATED)
+        self._start_thread(lambda: self._run_incoming(session), "ferry-migration-in")
+
+    def _run_incoming(self, session: DestinationSession) -> None:
+        try:
+            session.run()
+        finally:
+            if session.info is not None:  # None: a refusal or an in-doubt query, no migration ran here
+                self._finished(session.info)
+
+    def _finished(self, info: MigrationInfo) -> None:
+        if self.on_finished is not None:
+            try:
+                self.on_finished(info)
+            except Exception as e:  # an observer's bug must not touch a migration's outcome
+                self.log.error("on_finished hook failed", vm=info.vm, error=repr(e))
+
+    def _authenticated(self, key: int) -> None:
+        with self._pending_lock:
+            self._pending.pop(key, None)
 
     def _start_thread(self, target: Any, name: str) -> threading.Thread:
         t = threading.Thread(target=self._tracked(target), name=name, daemon=True)
@@ -90,15 +128,22 @@ class MigrationManager:
         return run
 
     # -- outgoing --------------------------------------------------------------------------------------
-    async def migrate(self, vm_name: str, dest_migration: tuple[str, int], params: MigrationParams) -> dict[str, Any]:
-        """Start migrating ``vm_name``; returns once the destination accepted (or raises its refusal)."""
+    async def migrate(self, vm_name: str, dest_migration: tuple[str, int], params: MigrationParams,
+                      in_doubt_timeout: float | None = None) -> dict[str, Any]:
+        """Start migrating ``vm_name``; returns once the destination accepted (or raises its refusal).
+
+        ``in_doubt_timeout`` overrides the agent's for this migration (how long the source keeps
+        asking a silent destination after COMMIT before it leaves the VM paused for the operator).
+        """
         vm = self.vms.get(vm_name)
         self._check_can_start(vm_name, vm)
+        self._in_doubt.pop(vm_name, None)  # resolved meanwhile by hand (vm resume): not in doubt any more
         info = MigrationInfo(vm=vm_name, direction="out", peer=f"{dest_migration[0]}:{dest_migration[1]}",
                              params=params, dirty_tracker=vm.dirty_backend, mem=vm.mem)
         session = SourceSession(vm=vm, vms=self.vms, dest=dest_migration, params=params, key=self.key,
                                 agent_name=self.agent_name, bridge=LoopBridge(asyncio.get_running_loop()),
-                                info=info, log=self.log, in_doubt_timeout=self.in_doubt_timeout)
+                                info=info, log=self.log,
+                                in_doubt_timeout=self.in_doubt_timeout if in_doubt_timeout is None else in_doubt_timeout)
         self._infos[vm_name] = info
         self._outgoing[vm_name] = session
         self.log.info("migration starting", vm=vm_name, to=info.peer, params=params.to_dict())
@@ -121,11 +166,52 @@ class MigrationManager:
             session.run()
         finally:
             self._outgoing.pop(session.vm.name, None)
+            if session.in_doubt:
+                self._in_doubt[session.vm.name] = session
+            self._finished(session.info)
+
+    async def resolve(self, vm_name: str, resume_here: bool) -> str:
+        """The operator settles a migration that ended in doubt (the VM paused here).
+
+        One more query first, so the operator cannot run the VM twice by mistake: resuming here is
+        refused while the destination says it runs the VM, and destroying the copy here is refused
+        while it says it does not (its "no" also fences the migration for good). When it cannot be
+        reached, the operator's word decides. Returns what was done.
+        """
+        session = self._in_doubt.get(vm_name)
+        if session is None:
+            raise MigrationError(ErrorCode.NOT_FOUND, f"no migration of VM {vm_name!r} is in doubt on {self.agent_name}")
+        if vm_name not in {v.name for v in self.vms.list()}:
+            del self._in_doubt[vm_name]  # destroyed by hand meanwhile: nothing left to resolve here
+            raise MigrationError(ErrorCode.NO_SUCH_VM, f"VM {vm_name!r} is no longer on {self.agent_name}")
+        vm = self.vms.get(vm_name)
+        answer = await asyncio.to_thread(session.ask_once)
+        if resume_here and answer is True:
+            raise MigrationError(ErrorCode.BUSY, f"the destination runs VM {vm_name!r}: destroy the copy here "
+                                 "instead (--resumed-on-destination)")
+        if not resume_here and answer is False:
+            raise MigrationError(ErrorCode.BUSY, f"the destination says it did not resume VM {vm_name!r} and "
+                                 "never will: resume it here instead (--resume-here)")
+        async with vm.lock:
+            if resume_here:
+                await vm.resume()
+            else:
+                await self.vms.remove_migrated(vm_name)
+        del self._in_doubt[vm_name]
+        done = "resumed here" if resume_here else "copy here destroyed"
+        how = "the destination could not be reached" if answer is None else "the destination confirmed"
+        session.info.summary = f"in doubt, resolved by the operator: {done} ({how})"
+        self.log.warning("in-doubt migration resolved by the operator", vm=vm_name, action=done, answer=answer)
+        return f"{done} ({how})"
 
     def info(self, vm_name: str) -> dict[str, Any] | None:
         """The current or last migration of ``vm_name`` on this agent (in or out), QEMU names."""
         info = self._infos.get(vm_name)
         return None if info is None else info.to_dict()
+
+    def infos(self) -> list[dict[str, Any]]:
+        """Snapshots of every VM's current or last migration on this agent (for metrics)."""
+        return [info.to_dict() for info in list(self._infos.values())]
 
     async def cancel(self, vm_name: str) -> None:
         """Cancel the outgoing migration of ``vm_name``; returns when the VM runs here again.

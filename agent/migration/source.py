@@ -94,6 +94,7 @@ class SourceSession:
         self.conn: Connection | None = None
         self.setup_done = threading.Event()  # set when setup succeeded or the session ended
         self.done = threading.Event()
+        self.in_doubt = False  # ended in doubt: the VM is paused here until an operator resolves it
         self._cancel = threading.Event()
         self._lock = threading.Lock()  # orders cancel() against sending COMMIT
         self._committing = False
@@ -476,14 +477,24 @@ class SourceSession:
         self.info.finish(Status.FAILED, self.info.error or "the destination did not resume the VM")
         self.log.warning("migration failed after commit; VM resumed here", vm=self.vm.name, error=self.info.error)
 
+    def ask_once(self) -> bool | None:
+        """One more in-doubt query (for the operator's migrate-resolve): the destination's answer,
+        or None when it cannot be reached. A "no" fences the migration there for good."""
+        try:
+            return self._query_once()
+        except (OSError, ProtocolError) as exc:
+            self.log.info("in-doubt query failed", vm=self.vm.name, error=describe(exc))
+            return None
+
     def _stay_in_doubt(self) -> None:
         """Nobody can say whether the destination runs the VM: keep it paused, tell the operator."""
+        self.in_doubt = True
         self._release_ram()
         self.bridge.run(setattr, self.vm, "state", "paused")
         self.info.finish(Status.FAILED, (
             f"in doubt: COMMIT sent but no answer from {self.dest[0]}:{self.dest[1]} within "
-            f"{self.in_doubt_timeout:g} s; the VM stays paused here. Check the destination, then resume or "
-            "destroy it by hand"))
+            f"{self.in_doubt_timeout:g} s; the VM stays paused here. Check the destination, then resolve it: "
+            "ferry migrate-resolve NAME --resume-here | --resumed-on-destination"))
         self.log.error("migration in doubt; VM kept paused", vm=self.vm.name, migration_id=self.migration_id)
 
     # -- rolling back ----------------------------------------------------------------------------------
