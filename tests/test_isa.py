@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from tests.test_machine import FakeClock, boot_asm, run_to_end
 from vmruntime import isa
 from vmruntime.isa import Op
+from vmruntime.machine import Machine
 
 M = isa.MASK64
 u64 = st.integers(min_value=0, max_value=M)
@@ -241,7 +243,8 @@ def _random_program(rng: random.Random) -> str:
         else:
             line = rng.choice(["push r3", "pop r4", "rdinsn r5", "clock r6", "out r7", "nop",
                                "mov r8, r9", "movi r10, -7", "hash r11, r12, r13", "ret", "jr r10",
-                               "fill r3, r10, r7", "copy r6, r0, r10", "outs r9, r10", "movi r10, 40"])
+                               "fill r3, r10, r7", "copy r6, r0, r10", "outs r9, r10", "movi r10, 40",
+                               "wait r6", "wait r10", "wait r1"])
         lines.append(f"L{k}: {line}")
     lines.append(f"L{n}: halt")
     return "start:\n" + "\n".join(lines)
@@ -261,8 +264,8 @@ def test_block_compiler_matches_reference_interpreter() -> None:
         assert ref.run(ran) == ran, src
         if fast.status == "faulted":
             assert ref.run(1) == 0, src
-        assert (fast.status, fast.fault_reason, fast.pc, fast.instructions) == \
-            (slow.status, slow.fault_reason, slow.pc, slow.instructions), src
+        assert (fast.status, fast.fault_reason, fast.pc, fast.instructions, fast.wait_until_ns) == \
+            (slow.status, slow.fault_reason, slow.pc, slow.instructions, slow.wait_until_ns), src
         assert fast._R == slow._R, src
         assert bytes(fast._ram) == bytes(slow._ram), src
         assert fast.console_drain() == slow.console_drain(), src
@@ -274,3 +277,134 @@ def test_fill_larger_than_the_host_chunk() -> None:
     m = run_to_end(boot_asm(src, ram_size=4 << 20))
     assert m._ram[DATA:DATA + length] == b"\x5c" * length
     assert m._ram[DATA + length] == 0
+
+
+# ---- WAIT: yield the vCPU until the clock device reaches a deadline ----
+
+WAIT_LOOP = "start: clock r1\n addi r1, r1, 100\n wait r1\n addi r2, r2, 1\n jmp start"
+
+
+@pytest.mark.parametrize("engine", ["fast", "ref"])
+def test_wait_on_a_future_deadline_completes_and_returns_early(engine: str) -> None:
+    clock = FakeClock()
+    m = boot_asm(WAIT_LOOP, clock=clock)
+    run = _engine(m, engine)
+    assert run(10_000) == 3  # clock, addi, wait: the WAIT counts and run() returns at once
+    assert (m.pc, m.instructions, m.wait_until_ns, m.regs[2]) == (24, 3, 100, 0)
+    assert m.status == "running"
+    assert m.wait_seconds() == pytest.approx(100e-9)
+
+
+@pytest.mark.parametrize("engine", ["fast", "ref"])
+def test_run_before_the_deadline_does_nothing(engine: str) -> None:
+    clock = FakeClock()
+    m = boot_asm(WAIT_LOOP, clock=clock)
+    run = _engine(m, engine)
+    run(10_000)
+    before = (m.pc, m._R[:], bytes(m._ram))
+    clock.now += 99  # one nanosecond short
+    assert run(10_000) == 0
+    assert (m.pc, m._R[:], bytes(m._ram)) == before
+    assert m.wait_seconds() == pytest.approx(1e-9)
+    clock.now += 1  # the deadline is reached: the guest goes on to its next WAIT
+    assert run(10_000) == 5
+    assert (m.regs[2], m.wait_until_ns, m.instructions) == (1, 200, 8)
+
+
+@pytest.mark.parametrize("engine", ["fast", "ref"])
+def test_wait_on_a_passed_deadline_is_one_instruction_and_no_yield(engine: str) -> None:
+    m = boot_asm("start: clock r1\n wait r1\n wait r3\n addi r2, r2, 1\n halt", clock=FakeClock())
+    assert _engine(m, engine)(10_000) == 5  # r1 = now and r3 = 0 are both reached: no early return
+    assert (m.status, m.regs[2], m.wait_until_ns) == ("halted", 1, None)
+
+
+def test_wait_seconds_is_capped_and_zero_when_not_waiting() -> None:
+    from vmruntime.machine import MAX_WAIT_SECONDS
+
+    m = boot_asm(f"start: li r1, {M}\n wait r1\n halt", clock=FakeClock())
+    assert m.wait_seconds() == 0.0
+    m.run(100)
+    assert m.wait_until_ns == M  # a deadline 584 years ahead: the host re-checks it now and then
+    assert m.wait_seconds() == MAX_WAIT_SECONDS
+    assert m.run(100) == 0 and m.status == "running"
+
+
+def test_wait_seconds_never_goes_negative_on_a_moving_clock() -> None:
+    ticks = iter(range(0, 10**9, 7))  # every clock read is 7 ns later than the one before
+    m = boot_asm("start: clock r1\n addi r1, r1, 50\n wait r1\n halt", clock=lambda: next(ticks))  # type: ignore[arg-type]
+    m.run(10)
+    assert m.wait_until_ns is not None
+    seen = []
+    while m.run(10) == 0:
+        seen.append(m.wait_seconds())
+    assert seen and min(seen) >= 0.0 and max(seen) < 50e-9
+    assert m.status == "halted"
+
+
+def test_wait_ends_a_self_loop_block_with_exact_registers_and_flags() -> None:
+    # The WAIT sits inside a loop the compiler turns into a `while`: registers
+    # written in earlier iterations and the flags must be written back at the exit.
+    src = ("start: movi r3, 0\nloop: addi r3, r3, 1\n cmpi r3, 5\n wait r4\n bne loop\n"
+           " li r4, 1000\n jmp loop")
+    clock = FakeClock()
+    fast, slow = boot_asm(src, clock=clock), boot_asm(src, clock=clock)
+    from vmruntime.interp_ref import RefInterpreter
+
+    ran = fast.run(1000)
+    assert RefInterpreter(slow).run(ran) == ran
+    assert fast.wait_until_ns == 1000 and fast.regs[3] == 6  # five turns, out, one more turn
+    assert (fast._R, fast.pc, fast.wait_until_ns) == (slow._R, slow.pc, slow.wait_until_ns)
+
+
+def _engine(m: Machine, engine: str) -> Callable[[int], int]:
+    from vmruntime.interp_ref import RefInterpreter
+
+    return m.run if engine == "fast" else RefInterpreter(m).run
+
+
+def _waiting_program(rng: random.Random) -> str:
+    """Random loops mixing computation, clock reads and WAITs on near and far deadlines."""
+    body = []
+    for _ in range(rng.randint(3, 25)):
+        kind = rng.random()
+        if kind < 0.25:
+            body.append(f"clock r{rng.randint(1, 6)}\n addi r{rng.randint(1, 6)}, r{rng.randint(1, 6)}, "
+                        f"{rng.randint(-50, 5000)}")
+        elif kind < 0.5:
+            body.append(f"wait r{rng.randint(1, 6)}")
+        elif kind < 0.7:
+            body.append(f"cmpi r{rng.randint(1, 6)}, {rng.randint(0, 3000)}\n bltu W{rng.randint(0, 30)}")
+        else:
+            body.append(f"addi r{rng.randint(1, 6)}, r{rng.randint(1, 6)}, {rng.randint(-9, 9)}\n"
+                        f" st8 r1, [r7 + {rng.randint(0, 4000)}]")
+    lines = [f"W{k}: {line}" for k, line in enumerate(body)]
+    lines += [f"W{k}: nop" for k in range(len(body), 31)]
+    return f"start: li r7, {DATA}\n" + "\n".join(lines) + "\n jmp start"
+
+
+def test_block_compiler_matches_reference_while_the_clock_moves() -> None:
+    from vmruntime.interp_ref import RefInterpreter
+
+    rng = random.Random(74)
+    yields = resumes = 0
+    for _ in range(60):
+        src = _waiting_program(rng)
+        c_fast, c_slow = FakeClock(), FakeClock()
+        fast, slow = boot_asm(src, clock=c_fast), boot_asm(src, clock=c_slow)
+        ref = RefInterpreter(slow)
+        waiting = False
+        for _ in range(40):
+            ran = fast.run(rng.randint(1, 500))
+            assert ref.run(ran) == ran, src
+            assert (fast.pc, fast.instructions, fast.wait_until_ns, fast.status) == \
+                (slow.pc, slow.instructions, slow.wait_until_ns, slow.status), src
+            assert fast._R == slow._R, src
+            resumes += waiting and ran > 0
+            waiting = fast.wait_until_ns is not None
+            yields += waiting
+            step = rng.choice([0, 1, 37, 400, 5000])
+            c_fast.now += step
+            c_slow.now += step
+        assert bytes(fast._ram) == bytes(slow._ram), src
+        assert fast.status == "running", fast.fault_reason
+    assert yields > 400 and resumes > 60  # the programs really waited, and went on after deadlines

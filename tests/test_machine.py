@@ -238,10 +238,14 @@ def test_restore_in_place_without_msgpack() -> None:
 def test_state_is_versioned_and_checked() -> None:
     m = boot_asm("start: jmp start")
     state = m.save_state()
-    assert state["version"] == 1 and state["isa_version"] == isa.ISA_VERSION
-    bad_values: tuple[tuple[str, object], ...] = (("version", 2), ("ram_size", RAM * 2), ("status", "exploded"), ("regs", [0] * 15),
+    assert state["version"] == 2 and state["isa_version"] == isa.ISA_VERSION
+    assert state["devices"]["clock"]["wait_until_ns"] is None
+    bad_values: tuple[tuple[str, object], ...] = (("version", 3), ("version", 0), ("ram_size", RAM * 2), ("status", "exploded"), ("regs", [0] * 15),
                   ("regs", [-1] * 16), ("cmp", [0]), ("pc", "0"), ("instructions", -5), ("code", [0, 1 << 40]),
-                  ("devices", {"console": {}}), ("devices", {"console": {"pending": "x"}, "clock": {"now_ns": 0}}))
+                  ("devices", {"console": {}}), ("devices", {"console": {"pending": "x"}, "clock": {"now_ns": 0}}),
+                  ("devices", {"console": {"pending": b""}, "clock": {"now_ns": 0}}),  # v2 lacks the deadline
+                  ("devices", {"console": {"pending": b""}, "clock": {"now_ns": 0, "wait_until_ns": -1}}),
+                  ("devices", {"console": {"pending": b""}, "clock": {"now_ns": 0, "wait_until_ns": "1"}}))
     for key, bad in bad_values:
         with pytest.raises(ValueError):
             Machine.restore(m._ram, {**state, key: bad}, FakeClock())
@@ -314,3 +318,87 @@ def test_a_host_side_error_inside_execution_faults_the_vm_instead_of_raising() -
     # the block never completed: state stays at its start, nothing half-committed
     assert (m.pc, m.instructions, m.regs[1]) == (0, 0, 0)
     assert "internal error: RuntimeError: disk on fire" in (m.fault_reason or "")
+
+
+# ---- WAIT across save and restore ----
+
+WAITER = "start: clock r1\n addi r1, r1, 1000\n wait r1\n addi r2, r2, 1\n jmp start"
+
+
+def test_version_1_states_are_still_accepted_but_cannot_wait() -> None:
+    m = boot_asm(WAITER)
+    m.run(2)  # before the WAIT
+    state = m.save_state()
+    old = {**state, "version": 1, "devices": {"console": {"pending": b""}, "clock": {"now_ns": 0}}}
+    m1 = Machine.restore(m._ram, old, FakeClock())
+    assert m1.wait_until_ns is None and m1.run(10) > 0
+    bad = {**old, "devices": {"console": {"pending": b""}, "clock": {"now_ns": 0, "wait_until_ns": 5}}}
+    with pytest.raises(ValueError, match="version 1"):
+        Machine.restore(m._ram, bad, FakeClock())
+
+
+def test_a_waiting_vm_restored_elsewhere_waits_only_for_the_remainder() -> None:
+    host_a = FakeClock(10**12)
+    m = boot_asm(WAITER, clock=host_a)
+    m.run(100)
+    host_a.now += 400  # 400 of the 1000 ns have passed when the VM is saved
+    assert m.run(100) == 0
+    state = msgpack.unpackb(msgpack.packb(m.save_state()))
+    assert state["devices"]["clock"] == {"now_ns": 400, "wait_until_ns": 1000}
+    assert state["pc"] == 24 and state["instructions"] == 3  # the WAIT itself has completed
+    host_b = FakeClock(77)  # another host, another epoch; downtime is not guest time
+    m2 = Machine.restore(m._ram, state, host_b)
+    assert m2.wait_until_ns == 1000 and m2.wait_seconds() == pytest.approx(600e-9)
+    host_b.now += 599
+    assert m2.run(100) == 0 and m2.instructions == 3
+    host_b.now += 1
+    assert m2.run(100) == 5 and m2.regs[2] == 1 and m2.wait_until_ns == 2000
+
+
+def test_restore_of_a_passed_deadline_runs_at_once() -> None:
+    clock = FakeClock()
+    m = boot_asm(WAITER, clock=clock)
+    m.run(100)
+    clock.now += 5000  # the deadline passed while the VM was not run (e.g. right before a pause)
+    state = m.save_state()
+    assert state["devices"]["clock"]["wait_until_ns"] == 1000  # still recorded: run() clears it
+    m2 = Machine.restore(m._ram, state, FakeClock())
+    assert m2.run(100) == 5 and m2.regs[2] == 1
+
+
+def _paced_run(program: str, args: dict[str, str], steps: list[int], migrate_at: set[int]) -> tuple[bytes, bytes, int]:
+    """Drive a paced guest through a schedule of virtual-time steps, saving and restoring it on a
+    new host (another clock epoch, a copy of RAM) before the steps in migrate_at; return
+    (console, RAM, instructions)."""
+    size = 2 << 20
+    image, boot_args = load_program(program, args)
+    clock = FakeClock(10**12)
+    m = Machine.boot(mmap.mmap(-1, size), image, boot_args, clock)
+    out = bytearray()
+    for i, step in enumerate(steps):
+        if i in migrate_at:
+            out += m.console_drain()
+            state = msgpack.unpackb(msgpack.packb(m.save_state()))
+            ram = mmap.mmap(-1, size)
+            ram[:] = m._ram[:]
+            clock = FakeClock(i * 7919)  # the new host's epoch; the downtime is not guest time
+            m = Machine.restore(ram, state, clock)
+        clock.now += step
+        m.run(1 << 20)
+    out += m.console_drain()
+    return bytes(out), bytes(m._ram), m.instructions
+
+
+@pytest.mark.parametrize(("program", "args"), [
+    ("memstress", {"ws": "1M", "rate": "3000", "pattern": "random", "values": "random"}),
+    ("counter", {"every": "30000", "wait": "1"}),
+    ("idle", {}),
+])
+def test_paced_guests_migrated_mid_wait_end_as_if_never_migrated(program: str, args: dict[str, str]) -> None:
+    rng = random.Random(program)
+    steps = [rng.choice([1, 50_000, 333_333, 1_000_000, 2_500_000]) for _ in range(120)]
+    want = _paced_run(program, args, steps, set())
+    assert want[2] > 20  # the guest ran (idle: ~4 instructions per 10 virtual ms)
+    for _ in range(4):
+        got = _paced_run(program, args, steps, set(rng.sample(range(1, 120), rng.randint(1, 6))))
+        assert got == want

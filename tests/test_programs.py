@@ -47,6 +47,10 @@ def test_bad_names_and_arguments_say_what_is_accepted() -> None:
         load_program("memstress", {"pattern": "zigzag"})
     with pytest.raises(ValueError, match="bad size"):
         load_program("verify", {"ws": "lots"})
+    with pytest.raises(ValueError, match="at most 3600000"):
+        load_program("counter", {"wait": "3600001"})
+    with pytest.raises(ValueError, match="at most 1000000000"):
+        load_program("memstress", {"rate": "1000000001"})
 
 
 def test_program_help_lists_arguments_and_defaults() -> None:
@@ -60,21 +64,77 @@ def test_boot_args_defaults_and_order() -> None:
     assert args == {"ws": 16 << 20, "rate": 0, "pattern": 1, "values": 0}
 
 
-def test_idle_touches_nothing() -> None:
-    m = boot("idle", {})
+def run_for(m: Machine, clock: FakeClock, virtual_ns: int, step_ns: int, budget: int = 1 << 20) -> None:
+    """Let virtual time pass in steps, giving the guest a large budget at each step (as a host would)."""
+    for _ in range(virtual_ns // step_ns):
+        clock.now += step_ns
+        m.run(budget)
+
+
+def test_idle_touches_nothing_and_runs_slowly() -> None:
+    clock = FakeClock()
+    m = boot("idle", {}, clock=clock)
     before = bytes(m._ram)
-    m.run(200_000)
-    assert m.status == "running" and m.instructions >= 200_000
-    assert bytes(m._ram) == before
+    run_for(m, clock, 10**9, 1_000_000)  # one virtual second, the host calling run() every ms
+    assert m.status == "running" and bytes(m._ram) == before
+    # 4 instructions per 10 ms turn: the counter moves, at about 400 a second, not millions
+    assert 396 <= m.instructions <= 408
+    assert m.wait_until_ns is not None and m.run(1 << 20) == 0
+
+
+def test_idle_is_bounded_however_often_the_host_calls_run() -> None:
+    clock = FakeClock()
+    m = boot("idle", {}, clock=clock)
+    for _ in range(10_000):
+        m.run(1 << 20)  # the clock stands still: every call after the first does nothing
+    assert m.instructions == 3
 
 
 def test_counter_counts_and_prints() -> None:
     m = boot("counter", {"every": "1000"})
-    while m.instructions < 14_000:  # four instructions per count
+    while m.instructions < 14_000:  # about three instructions per count
         m.run(1000)
     lines = m.console_drain().decode().splitlines()
     assert lines[:3] == ["count 00000000000003e8", "count 00000000000007d0", "count 0000000000000bb8"]
     assert struct.unpack_from("<Q", m._ram, DATA)[0] == 1000 * len(lines)
+
+
+COUNTER_BURST = 32768
+
+
+def test_counter_counts_in_bursts_then_waits() -> None:
+    clock = FakeClock()
+    m = boot("counter", {"every": "5000"}, clock=clock)
+    m.run(1 << 24)  # a huge budget, the clock standing still: one burst, then the WAIT
+    assert m.wait_until_ns == 10_000_000  # 10 ms of virtual time after the burst (read at time 0)
+    assert m.regs[1] == COUNTER_BURST
+    assert 3 * COUNTER_BURST <= m.instructions <= 4 * COUNTER_BURST
+    assert m.run(1 << 24) == 0
+    run_for(m, clock, 100_000_000, 1_000_000, budget=1 << 24)  # 100 virtual ms
+    assert m.regs[1] == 11 * COUNTER_BURST  # one burst per 10 ms: the core is not spun flat out
+
+
+def test_counter_output_does_not_depend_on_waiting() -> None:
+    clock = FakeClock()
+    paced = boot("counter", {"every": "20000"}, clock=clock)
+    run_for(paced, clock, 200_000_000, 3_000_000, budget=50_000)
+    flat = boot("counter", {"every": "20000", "wait": "0"})
+    while flat.regs[1] < paced.regs[1]:
+        flat.run(1000)
+    out = paced.console_drain()
+    assert out.count(b"\n") >= 10 and flat.console_drain().startswith(out)
+    assert flat.wait_until_ns is None  # wait=0 never waits
+
+
+def test_memstress_rate_waits_instead_of_spinning() -> None:
+    clock = FakeClock()
+    m = boot("memstress", {"ws": "1M", "rate": "100"}, clock=clock)
+    m.run(1 << 20)
+    first = m.instructions
+    for _ in range(1000):
+        m.run(1 << 20)  # 10 ms to the next page and the clock stands still: nothing runs
+    assert m.instructions == first < 100 and m.wait_until_ns == 10_000_000
+    assert len(touched_pages(m, DATA, DATA + (1 << 20))) == 1
 
 
 @pytest.mark.parametrize("pattern", ["seq", "random"])
@@ -104,6 +164,18 @@ def test_memstress_rate_is_paced_by_the_clock_device() -> None:
         m.run(2_000)
     written = touched_pages(m, DATA, DATA + (1 << 20))
     assert 9 <= len(written) <= 11
+
+
+@pytest.mark.parametrize("pattern", ["seq", "random"])
+def test_memstress_fast_rates_write_pages_in_millisecond_batches(pattern: str) -> None:
+    clock = FakeClock()
+    ws = 64 << 20  # 16384 pages: 300 random picks rarely repeat one
+    m = boot("memstress", {"ws": "64M", "rate": "2500", "pattern": pattern}, size=DATA + ws, clock=clock)
+    m.run(1 << 20)  # ceil(2500 / 1000) = 3 pages, then a WAIT 1.2 ms (3 pages at 2500/s) ahead
+    assert (len(touched_pages(m, DATA, DATA + ws)), m.wait_until_ns) == (3, 1_200_000)
+    run_for(m, clock, 120_000_000, 100_000)  # 120 virtual ms in steps of 0.1 ms
+    low = 300 if pattern == "seq" else 290
+    assert low <= len(touched_pages(m, DATA, DATA + ws)) <= 303
 
 
 def test_memstress_drops_backlog_after_a_long_stall() -> None:
@@ -161,15 +233,23 @@ def test_load_program_from_a_path(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "args"), [("verify", {"ws": "64K", "steps": "1500"}),
                                             ("memstress", {"ws": "64K", "pattern": "random", "values": "random"}),
-                                            ("counter", {"every": "300"})])
+                                            ("memstress", {"ws": "64K", "rate": "20000"}),
+                                            ("counter", {"every": "300"}), ("idle", {})])
 def test_shipped_programs_agree_with_the_reference_interpreter(name: str, args: dict[str, str]) -> None:
     from vmruntime.interp_ref import RefInterpreter
 
-    fast, slow = boot(name, args), boot(name, args)
+    c_fast, c_slow = FakeClock(), FakeClock()
+    fast, slow = boot(name, args, clock=c_fast), boot(name, args, clock=c_slow)
+    ref = RefInterpreter(slow)
     ran = 0
-    while fast.status == "running" and ran < 30_000:
-        ran += fast.run(997)
-    assert RefInterpreter(slow).run(ran) == ran
+    for _ in range(200):  # the same steps of virtual time on both; waits included
+        if fast.status != "running" or ran >= 30_000:
+            break
+        step = fast.run(997)
+        assert ref.run(step) == step
+        ran += step
+        c_fast.now += 20_000
+        c_slow.now += 20_000
     assert (fast.status, fast.pc, fast._R) == (slow.status, slow.pc, slow._R)
     assert bytes(fast._ram) == bytes(slow._ram)
     assert fast.console_drain() == slow.console_drain()

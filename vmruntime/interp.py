@@ -14,8 +14,9 @@ instruction budget on each back edge.
 Calling convention of a block function: fn(R, M, lim) -> next pc, where R is
 the register file (R[0..15] registers, R[16]/R[17] the operands of the last
 compare, R[18] the instruction counter), M the guest RAM mapping and lim the
-instruction count at which a self-loop must stop.  A fault raises GuestFault
-and a HALT raises Halted, after writing back registers and an exact count.
+instruction count at which a self-loop must stop.  A fault raises GuestFault,
+a HALT raises Halted and a WAIT on a deadline still ahead raises Waiting,
+each after writing back registers and an exact count.
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ class Halted(Exception):
         self.pc = pc
 
 
+class Waiting(Exception):
+    """The guest executed WAIT on a deadline still ahead: the vCPU yields until the clock reaches it.
+
+    The WAIT has completed (it is counted and pc is the address after it);
+    deadline is in the clock device's virtual nanoseconds.
+    """
+
+    def __init__(self, pc: int, deadline: int) -> None:
+        super().__init__(pc, deadline)
+        self.pc = pc
+        self.deadline = deadline
+
+
 def mem_fault(pc: int, kind: str, addr: int, width: int) -> GuestFault:
     return GuestFault(pc, f"{kind} of {width} bytes at address {addr:#x} outside guest RAM "
                           f"or into the read-only code region (pc={pc:#x})")
@@ -93,7 +107,7 @@ def make_namespace(console: bytearray, clock: Callable[[], int]) -> dict[str, An
         "U64": struct.Struct("<Q").unpack_from, "P16": struct.Struct("<H").pack_into,
         "P32": struct.Struct("<I").pack_into, "P64": struct.Struct("<Q").pack_into,
         "CON": console, "CLK": clock, "HASH": hash_range, "FILL": fill,
-        "MF": mem_fault, "RF": range_fault, "GF": GuestFault, "Halted": Halted,
+        "MF": mem_fault, "RF": range_fault, "GF": GuestFault, "Halted": Halted, "Waiting": Waiting,
     }
 
 
@@ -297,7 +311,7 @@ class _BlockWriter:
             self.cmp_done = True
         elif op in isa.LOADS or op in isa.STORES or op in (Op.PUSH, Op.POP):
             self._mem(k, pc, insn)
-        elif op in (Op.FILL, Op.COPY, Op.HASH, Op.OUT, Op.OUTS, Op.RDINSN, Op.CLOCK):
+        elif op in (Op.FILL, Op.COPY, Op.HASH, Op.OUT, Op.OUTS, Op.RDINSN, Op.CLOCK, Op.WAIT):
             self._device(k, pc, insn)
         else:
             return self._control(k, pc, insn)
@@ -384,8 +398,21 @@ class _BlockWriter:
             self.emit(f"CON.extend(M[{a}:{a} + {b}])")
         elif op is Op.RDINSN:
             self.emit(f"{a} = ic + {k}")
-        else:
+        elif op is Op.CLOCK:
             self.emit(f"{a} = CLK()")
+        else:
+            self._wait(k, pc, insn)
+
+    def _wait(self, k: int, pc: int, insn: isa.Insn) -> None:
+        # A deadline already reached costs nothing: the block runs on.  One
+        # still ahead leaves the block with the WAIT completed (counted, pc
+        # after it) so run() can return and the host can sleep.
+        deadline = _r(insn.a)
+        self.emit(f"if CLK() < {deadline}:")
+        self.indent += 1
+        self.writeback(f"ic + {k + 1}")
+        self.emit(f"raise Waiting({pc + insn.size}, {deadline})")
+        self.indent -= 1
 
     def _control(self, k: int, pc: int, insn: isa.Insn) -> bool:
         op = insn.op

@@ -13,7 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vmruntime import isa
-from vmruntime.interp import R_FA, R_FB, R_IC, GuestFault, Halted, fill, hash_range, mem_fault, range_fault
+from vmruntime.interp import (
+    R_FA,
+    R_FB,
+    R_IC,
+    GuestFault,
+    Halted,
+    Waiting,
+    fill,
+    hash_range,
+    mem_fault,
+    range_fault,
+)
 from vmruntime.isa import Op
 from vmruntime.machine import Machine
 
@@ -56,9 +67,9 @@ class RefInterpreter:
         self.handlers = self._handler_table()
 
     def run(self, budget: int) -> int:
-        """Like Machine.run, but exact: stops after exactly budget instructions."""
+        """Like Machine.run, but exact: stops after exactly budget instructions (or a WAIT that yields)."""
         m = self.m
-        if m.status != "running":
+        if m.status != "running" or m.waiting():
             return 0
         R, decoded, pc, done = m._R, self.decoded, m.pc, 0
         try:
@@ -70,6 +81,9 @@ class RefInterpreter:
         except Halted as h:
             R[R_IC] += 1
             pc, m.status, done = h.pc, "halted", done + 1
+        except Waiting as w:
+            R[R_IC] += 1
+            pc, m.wait_until_ns, done = w.pc, w.deadline, done + 1
         except GuestFault as f:
             pc, m.status, m.fault_reason = f.pc, "faulted", f.reason
         m.pc = pc
@@ -261,4 +275,10 @@ class RefInterpreter:
 
     def _clock(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
         self.m._R[a] = self.clock()
+        return pc + 8
+
+    def _wait(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
+        deadline = self.m._R[a]
+        if self.clock() < deadline:
+            raise Waiting(pc + 8, deadline)
         return pc + 8

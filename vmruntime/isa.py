@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 ISA_VERSION = 1
-ISA_FEATURES: frozenset[str] = frozenset({"base", "fill", "copy", "clock", "hash", "console"})
+# "wait" (the WAIT instruction) came after the first release: a destination without it refuses the VM.
+ISA_FEATURES: frozenset[str] = frozenset({"base", "fill", "copy", "clock", "hash", "console", "wait"})
 PAGE_SIZE = 4096
 
 NUM_REGS = 16
@@ -107,6 +108,7 @@ class Op(IntEnum):
     OUTS = 0x71  # raddr, rlen: a RAM range to the console
     RDINSN = 0x72  # rd = instructions executed before this one
     CLOCK = 0x73  # rd = clock device, virtual nanoseconds
+    WAIT = 0x74  # rs: yield the vCPU until the clock device reads >= rs (virtual ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,7 @@ class OpSpec:
 
 _FORMS: dict[str, tuple[Op, ...]] = {
     "": (Op.NOP, Op.HALT, Op.RET),
-    "r": (Op.PUSH, Op.POP, Op.OUT, Op.RDINSN, Op.CLOCK, Op.JR),
+    "r": (Op.PUSH, Op.POP, Op.OUT, Op.RDINSN, Op.CLOCK, Op.JR, Op.WAIT),
     "rr": (Op.MOV, Op.CMP, Op.OUTS),
     "rrr": (Op.ADD, Op.SUB, Op.MUL, Op.DIVU, Op.REMU, Op.AND, Op.OR, Op.XOR, Op.SHL, Op.SHR,
             Op.SAR, Op.FILL, Op.COPY, Op.HASH),

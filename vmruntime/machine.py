@@ -2,10 +2,11 @@
 
 Owns the machine's lifecycle and state: boot (image and boot block into RAM),
 run(budget) to an instruction boundary, the faulted/halted states, the
-console and clock devices, and save_state()/restore() as a versioned,
-msgpack-able dict.  Execution itself is the block compiler's (interp.py).
-A guest error never raises out of run(): the machine becomes "faulted" with
-the reason.
+console and clock devices, the WAIT state (a deadline on the clock device
+before which the vCPU does nothing), and save_state()/restore() as a
+versioned, msgpack-able dict.  Execution itself is the block compiler's
+(interp.py).  A guest error never raises out of run(): the machine becomes
+"faulted" with the reason.
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ from vmruntime.interp import (
     BlockFn,
     GuestFault,
     Halted,
+    Waiting,
     make_namespace,
 )
 
-STATE_VERSION = 1
+# Version 2 added devices.clock.wait_until_ns (the WAIT instruction); version 1
+# states (no guest could be waiting then) are still accepted.
+STATE_VERSION = 2
+ACCEPTED_STATE_VERSIONS = (1, 2)
+# The longest a host is told to sleep before calling run() again: a deadline
+# far ahead is re-checked now and then (cheaply) rather than slept on whole.
+MAX_WAIT_SECONDS = 1.0
 STATUSES = ("running", "halted", "faulted")
 _U64 = struct.Struct("<Q")
 
@@ -62,6 +70,8 @@ class Machine:
         self.pc = 0
         self.status = "running"
         self.fault_reason: str | None = None
+        # Virtual-clock deadline of a WAIT still in progress; run() does nothing before it.
+        self.wait_until_ns: int | None = None
         self._code_range = code_range
         self._console = bytearray()
         self._clock = clock
@@ -103,6 +113,7 @@ class Machine:
         m.status = state["status"]
         m.fault_reason = state["fault_reason"]
         m._console += state["devices"]["console"]["pending"]
+        m.wait_until_ns = state["devices"]["clock"].get("wait_until_ns")
         return m
 
     # ---- running ----
@@ -121,13 +132,19 @@ class Machine:
         return isa.flags_of(self._R[R_FA], self._R[R_FB])
 
     def run(self, budget: int) -> int:
-        """Run about budget instructions (a block may overshoot); return how many ran."""
-        if self.status != "running" or budget <= 0:
+        """Run about budget instructions (a block may overshoot); return how many ran.
+
+        Returns early after a WAIT whose deadline is still ahead; until that
+        deadline passes, run() returns 0 at once (see wait_seconds()).
+        """
+        if self.status != "running" or budget <= 0 or self.waiting():
             return 0
         R = self._R
         start = R[R_IC]
         try:
             self.pc = self._loop(R, start + budget)
+        except Waiting as w:
+            self.pc, self.wait_until_ns = w.pc, w.deadline
         except Halted as h:
             self.pc, self.status = h.pc, "halted"
         except GuestFault as f:
@@ -148,6 +165,27 @@ class Machine:
         finally:
             self.pc = pc  # the start of the last block entered, for an internal-error report
         return pc
+
+    def waiting(self) -> bool:
+        """True while a WAIT's deadline is ahead; clears a deadline the clock has reached."""
+        if self.wait_until_ns is None:
+            return False
+        if self._clock.read() < self.wait_until_ns:
+            return True
+        self.wait_until_ns = None
+        return False
+
+    def wait_seconds(self) -> float:
+        """How long the host may sleep before run() has work again: 0.0 unless waiting.
+
+        Virtual time runs at the host clock's rate while the VM runs, so the
+        virtual time left is the host time left.  Capped at MAX_WAIT_SECONDS.
+        """
+        if self.status != "running" or self.wait_until_ns is None:
+            return 0.0
+        # One clock read: the deadline may pass between two (and sleep() refuses a negative time).
+        left = self.wait_until_ns - self._clock.read()
+        return 0.0 if left <= 0 else min(left / 1e9, MAX_WAIT_SECONDS)
 
     def _compile(self, pc: int) -> BlockFn:
         fn = self._compiler.compile(pc)
@@ -188,7 +226,7 @@ class Machine:
             "fault_reason": self.fault_reason,
             "devices": {
                 "console": {"pending": bytes(self._console)},
-                "clock": self._clock.save(),
+                "clock": {**self._clock.save(), "wait_until_ns": self.wait_until_ns},
             },
         }
 
@@ -236,8 +274,9 @@ def _check_state(state: Mapping[str, Any], ram_size: int) -> None:
     """Refuse a state this machine cannot continue, before touching anything."""
     if not isinstance(state, Mapping):
         raise ValueError("machine state must be a map")
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"machine state version {state.get('version')!r}, expected {STATE_VERSION}")
+    if state.get("version") not in ACCEPTED_STATE_VERSIONS:
+        raise ValueError(f"machine state version {state.get('version')!r}, expected one of "
+                         f"{', '.join(map(str, ACCEPTED_STATE_VERSIONS))}")
     if state.get("isa_version") != isa.ISA_VERSION:
         raise ValueError(f"machine state is for ISA version {state.get('isa_version')!r}")
     if state.get("ram_size") != ram_size:
@@ -255,17 +294,24 @@ def _check_state(state: Mapping[str, Any], ram_size: int) -> None:
         raise ValueError("state's flags are malformed")
     if not (_is_u64(state.get("pc")) and _is_u64(state.get("instructions"))):
         raise ValueError("state's pc or instruction counter is malformed")
-    _check_devices(state.get("devices"))
+    _check_devices(state.get("devices"), state["version"])
 
 
-def _check_devices(devices: object) -> None:
+def _check_devices(devices: object, version: int) -> None:
     try:
         pending = devices["console"]["pending"]  # type: ignore[index]
-        now_ns = devices["clock"]["now_ns"]  # type: ignore[index]
-    except (KeyError, TypeError):
+        clock = devices["clock"]  # type: ignore[index]
+        now_ns = clock["now_ns"]
+        # Version 2 always carries the field (None when not waiting); version 1 never does.
+        wait = clock["wait_until_ns"] if version >= 2 else clock.get("wait_until_ns")
+    except (KeyError, TypeError, AttributeError):
         raise ValueError("state's device section is malformed") from None
     if not isinstance(pending, bytes) or not _is_u64(now_ns):
         raise ValueError("state's console or clock device is malformed")
+    if version < 2 and wait is not None:
+        raise ValueError("a version 1 machine state cannot carry a WAIT deadline")
+    if wait is not None and not _is_u64(wait):
+        raise ValueError("state's WAIT deadline is malformed")
 
 
 def _is_u64(value: object) -> bool:

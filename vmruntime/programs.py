@@ -21,6 +21,8 @@ _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _U64_MAX = (1 << 64) - 1
+MAX_WAIT_MS = 3_600_000  # counter wait=: an hour between bursts
+MAX_RATE = 1_000_000_000  # memstress rate=: pages per second (far beyond what the interpreter reaches)
 
 
 def parse_size(text: str) -> int:
@@ -60,6 +62,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _at_most(limit: int) -> Callable[[str], int]:
+    """A count no larger than limit: the guest's arithmetic on it must not wrap."""
+    def parse(text: str) -> int:
+        value = parse_count(text)
+        if value > limit:
+            raise ValueError(f"must be at most {limit}")
+        return value
+    return parse
+
+
 @dataclass(frozen=True)
 class _Arg:
     parse: Callable[[str], int]
@@ -69,10 +81,14 @@ class _Arg:
 
 _ARGS: dict[str, dict[str, _Arg]] = {
     "idle": {},
-    "counter": {"every": _Arg(_positive, "1048576", "counts between prints")},
+    "counter": {
+        "every": _Arg(_positive, "1048576", "counts between prints"),
+        "wait": _Arg(_at_most(MAX_WAIT_MS), "10", "milliseconds of virtual time to wait after each burst of "
+                                        "32768 counts, 0 = never wait"),
+    },
     "memstress": {
         "ws": _Arg(parse_size, "64M", "working-set bytes (clamped to RAM above DATA_ADDR)"),
-        "rate": _Arg(parse_count, "0", "pages per second, 0 = as fast as possible"),
+        "rate": _Arg(_at_most(MAX_RATE), "0", "pages per second, 0 = as fast as possible"),
         "pattern": _Arg(_choice("seq", "random"), "seq", "page order: seq|random"),
         "values": _Arg(_choice("const", "random"), "const", "stored values: const|random"),
     },

@@ -11,7 +11,9 @@ simple: the machine runs in slices of about half a millisecond
 (``Machine.run(budget)`` with the budget re-tuned after every slice), and
 between slices the control socket is polled without waiting, so a pause
 request is served at the next instruction boundary. While paused, halted or
-faulted, the loop blocks on the socket. Throttling sleeps after each slice
+faulted, the loop blocks on the socket; while the guest WAITs (idle and paced
+guests), it blocks on the socket until the deadline (Machine.wait_seconds()),
+so such a guest does not spin a host core. Throttling sleeps after each slice
 so the vCPU gets the asked share of wall time; the sleep is a wait on the
 socket, so requests are still answered at once.
 
@@ -78,7 +80,8 @@ class VMProcess:
                 self._wait_control(self.next_run - now)
                 continue
             self._run_slice()
-            self._wait_control(0.0)
+            # A guest WAIT: sleep on the socket (requests still served at once) until its deadline.
+            self._wait_control(self.machine.wait_seconds() if self.machine is not None else 0.0)
         return 0
 
     def _vcpu_runnable(self) -> bool:
