@@ -25,6 +25,11 @@ from vmruntime.control import VMHandle
 from vmruntime.programs import load_program
 
 
+def _busy_args(program: str) -> dict[str, str]:
+    """Keep the vCPU busy: a counter that waits between bursts would measure pauses of a sleeping VM."""
+    return {"wait": "0"} if program == "counter" else {}
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-quantile (0..1) by nearest rank: an observed value, never interpolated."""
     ordered = sorted(values)
@@ -33,7 +38,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def one_run(a: argparse.Namespace, samples: int, rng: random.Random) -> dict[str, list[float]]:
-    image, args = load_program(a.program, {})
+    image, args = load_program(a.program, _busy_args(a.program))
     with VMHandle.spawn(a.mem, name="bench-pause") as vm:
         vm.boot(image, args)
         if a.throttle:
@@ -84,7 +89,7 @@ def sample(vm: VMHandle, samples: int, rng: random.Random) -> dict[str, list[flo
 
 def restart_costs(a: argparse.Namespace, samples: int) -> dict[str, list[float]]:
     """Start-up of a VM process (spawn -> first reply) and restore of a paused guest's state in it."""
-    image, args = load_program(a.program, {})
+    image, args = load_program(a.program, _busy_args(a.program))
     spawn_ms: list[float] = []
     restore_ms: list[float] = []
     with VMHandle.spawn(a.mem, name="bench-source") as src:
@@ -109,7 +114,7 @@ def restart_costs(a: argparse.Namespace, samples: int) -> dict[str, list[float]]
 
 def throttle_rates(a: argparse.Namespace, percents: list[int], seconds: float) -> dict[int, float]:
     """Guest instructions per second at each throttle setting (one VM, settings in turn)."""
-    image, args = load_program(a.program, {})
+    image, args = load_program(a.program, _busy_args(a.program))
     rates: dict[int, float] = {}
     with VMHandle.spawn(a.mem, name="bench-throttle") as vm:
         vm.boot(image, args)
