@@ -128,7 +128,12 @@ class Demo:
             raise DemoError(f"the VM is not executing on the destination: {after}")
 
     def stop(self) -> bool:
-        """Stop the agents; True when each exited cleanly."""
+        """Destroy the demo VM (VMs outlive their agent), then stop the agents; True when each exited cleanly."""
+        for agent in self.agents:
+            try:
+                self.ferry(agent, "vm", "destroy", "demo", echo=False, capture=True)
+            except (DemoError, OSError, subprocess.SubprocessError):
+                pass  # not on this agent (or the agent is gone)
         statuses = [agent.stop() for agent in self.agents]
         if self.agents:
             print(f"\nagents stopped (exit statuses {statuses})")

@@ -1,10 +1,12 @@
 """VM records in the state dir: one JSON file per VM this agent runs, `<state-dir>/vms/<name>.json`.
 
-This module owns those files. The VM manager writes a record when a VM starts here (created or
-arrived by migration) and removes it when the VM stops here (destroyed, migrated away, stopped at
-shutdown). A record still present when an agent starts means the previous agent run ended without
-stopping that VM (it was killed): its VM processes exited with it, and the new agent reports each
-such VM as lost, then clears the record. Records are written atomically (temp file + rename).
+This module owns those files and the attach socket paths next to them (`<name>.sock`, created by the
+VM process itself, see vmruntime/vmproc.py `listen`). The VM manager writes a record when a VM starts
+here (created or arrived by migration), rewrites it when its migration phase changes, and removes it
+when the VM stops here (destroyed, migrated away). VM processes outlive their agent, so the records
+survive an agent stop or crash: the next agent run reads them and re-adopts each VM whose process is
+still the one recorded (pid and start time), or reports it lost and removes its record.
+Records are written atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class VMRecords:
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.json"
 
+    def socket_path(self, name: str) -> Path:
+        """Where the VM process of `name` listens for a controller after its agent is gone."""
+        return self.directory / f"{name}.sock"
+
     def write(self, record: dict[str, Any]) -> None:
         """Create or replace the record of record["name"]."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -34,17 +40,38 @@ class VMRecords:
         os.replace(tmp, path)
 
     def remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(name).unlink()
-
-    def take_stale(self) -> list[dict[str, Any]]:
-        """Every record left by a previous run, removed as it is read (unreadable ones too)."""
-        stale: list[dict[str, Any]] = []
-        if not self.directory.is_dir():
-            return stale
-        for path in sorted(self.directory.glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                stale.append(dict(json.loads(path.read_text())))
-            with contextlib.suppress(OSError):
+        """Forget a VM: its record, and its socket file if its process left one (it was killed)."""
+        for path in (self._path(name), self.socket_path(name)):
+            with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        return stale
+
+    def read_all(self) -> list[dict[str, Any]]:
+        """Every record left by a previous run; an unreadable one is removed (nothing can use it)."""
+        found: list[dict[str, Any]] = []
+        if not self.directory.is_dir():
+            return found
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(path.read_text())
+                if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+                    raise ValueError("not a VM record")
+                found.append(record)
+            except (OSError, ValueError):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return found
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process `pid` (clock ticks since boot, /proc/PID/stat field 22); None if gone.
+
+    A pid alone can be reused once its process is reaped; pid plus start time names one process.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    if fields[0] in ("Z", "X"):
+        return None  # exited, not yet reaped: gone for our purposes
+    return int(fields[19])

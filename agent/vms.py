@@ -3,7 +3,9 @@
 This module owns the lifecycle of every VM on the host: creating guest RAM (a memfd shared with the
 VM process), spawning `python -m vmruntime.vmproc`, talking to it over its SEQPACKET control socket
 (an asyncio client over vmruntime.control's codec), buffering its console, following its state, and
-tearing it down without leaking processes or memory. The migration engine uses the surface fixed in
+tearing it down without leaking processes or memory, and re-adopting the VMs a previous run of the
+agent left running (VM processes outlive their agent: each listens on `<state-dir>/vms/NAME.sock`;
+see docs/RELIABILITY.md "Agent restarts"). The migration engine uses the surface fixed in
 docs/CONTRACTS.md (`VM.pause/resume/throttle/track_start/track_stop`, `VMManager.get/free_memory/
 reserve_incoming/start_incoming/discard_incoming/remove_migrated`) and nothing else.
 """
@@ -15,6 +17,7 @@ import contextlib
 import mmap
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.logs import Log
-from agent.records import VMRecords
+from agent.records import VMRecords, process_start_time
 from proto.errors import ErrorCode
 from vmruntime import control as vmctl
 from vmruntime import dirty, guestram
@@ -213,6 +216,46 @@ def close_guest_ram(fd: int, ram: mmap.mmap) -> None:
         os.close(fd)
 
 
+class AdoptedProcess:
+    """A VM process started by a previous run of the agent: not our child, so followed by a pidfd.
+
+    Offers what VM.stop_process needs of an asyncio Process (pid, wait, kill). Its exit status is
+    unknown to us (its parent reaps it), so `wait` returns -1.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+            # A pidfd polls readable once the process has exited (zombie or reaped).
+            def done() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(self._pidfd, done)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(self._pidfd)
+            self.returncode = -1
+            os.close(self._pidfd)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is not None:
+            raise ProcessLookupError(self.pid)
+        signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
+class AdoptError(Exception):
+    """A recorded VM cannot be re-adopted: its process is gone, or is not the one recorded."""
+
+
 @dataclass
 class Incoming:
     """Guest RAM reserved for a VM arriving by migration: the name is taken, nothing runs yet."""
@@ -238,7 +281,7 @@ class VM:
     dirty_backend: str
     program: str
     host: str
-    process: asyncio.subprocess.Process
+    process: asyncio.subprocess.Process | AdoptedProcess
     log: Log
     instructions: int = 0
     fault_reason: str | None = None
@@ -252,6 +295,14 @@ class VM:
     _tracker: dirty.DirtyTracker | None = None
     _uffd: int | None = None
     _stopping: bool = False  # we asked the process to exit: its channel closing is no fault
+    # Re-adoption after an agent restart (docs/RELIABILITY.md): where the process listens, its start
+    # time (pid + start time name one process), the migration phase, and the record's origin.
+    socket_path: str | None = None
+    pid_start: int | None = None
+    migration_phase: str | None = None  # None | "precopy" | "stop-and-copy"
+    origin: str = "created"
+    started: float = field(default_factory=time.time)
+    on_record: Callable[[VM], None] | None = field(default=None, repr=False)  # rewrites the VM's record
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -266,9 +317,11 @@ class VM:
         # The migration engine sets "migrating" while it runs and any other state when it is done.
         if value == "migrating":
             self.migrating = True
+            self._note_phase("precopy")
             self._pulse()
             return
         self.migrating = False
+        self._note_phase(None)
         if value in RUN_STATES:
             self._set_run(value)  # a guest that halted meanwhile stays halted
         self._pulse()
@@ -278,6 +331,13 @@ class VM:
             return  # a finished guest stays finished whatever the vCPU loop does next
         self._run = value
         self._pulse()
+
+    def _note_phase(self, phase: str | None) -> None:
+        """Record the migration phase, so an agent restarted mid-migration knows what to do with the VM."""
+        if phase != self.migration_phase:
+            self.migration_phase = phase
+            if self.on_record is not None:
+                self.on_record(self)
 
     def _pulse(self) -> None:
         self.changed.set()
@@ -312,6 +372,8 @@ class VM:
     # -- the surface of CONTRACTS.md ---------------------------------------------------------------
     async def pause(self) -> dict[str, Any]:
         """Stop the vCPU at an instruction boundary; returns its CPU and device state."""
+        if self.migrating:  # paused by the migration engine: stop-and-copy, recorded before it starts
+            self._note_phase("stop-and-copy")
         reply, _ = await self.channel.request("pause")
         self._set_run("paused")
         state: dict[str, Any] = reply.get("state", {})
@@ -412,6 +474,39 @@ class VM:
         close_guest_ram(self.memfd, self.ram)
 
 
+def _attach(sock: socket.socket) -> tuple[dict[str, Any], list[int], bytes]:
+    """The blocking `attach` exchange on a fresh connection: its reply, the memfd, and console output
+    the VM process kept while nobody was attached (sent as events ahead of the reply)."""
+    sock.settimeout(5.0)
+    vmctl.send_msg(sock, {"op": "attach", "id": 0})
+    console = bytearray()
+    while True:
+        msg, fds = vmctl.recv_msg(sock)
+        if "ev" in msg:
+            for fd in fds:
+                os.close(fd)
+            if msg["ev"] == "console":
+                console += bytes(msg.get("data", b""))
+            continue
+        if not msg.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise AdoptError(f"attach refused: {msg.get('error', 'no guest RAM fd')}")
+        return msg, fds, bytes(console)
+
+
+def _map_attached(fds: list[int], mem: int) -> tuple[int, mmap.mmap]:
+    """Map the guest RAM memfd an attached VM process handed over; it must hold the recorded size."""
+    fd = fds[0]
+    try:
+        if os.fstat(fd).st_size < mem:
+            raise AdoptError(f"guest RAM holds {os.fstat(fd).st_size} bytes, the record says {mem}")
+        return fd, guestram.map_shared(fd, mem)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _kill_spawned(task: asyncio.Task[VM]) -> None:
     """A discarded incoming VM's process: kill it (the event loop's child watcher reaps it)."""
     if task.cancelled() or task.exception() is not None:
@@ -502,6 +597,7 @@ class VMManager:
             await self._drop(vm)
             raise
         vm._set_run("paused" if paused else "running")
+        await self._make_detachable(vm)
         self._record(vm, "created")
         vm.log.info("vm created", mem=vm.mem, program=vm.program, pid=vm.pid, dirty_tracker=vm.dirty_backend)
         return vm
@@ -544,14 +640,118 @@ class VMManager:
                 if self.records is not None:
                     self.records.remove(vm.name)
 
-    def _record(self, vm: VM, origin: str) -> None:
-        """The VM runs here now: note it in the state dir (a record is for operators; failing it is no error)."""
+    async def _make_detachable(self, vm: VM) -> None:
+        """Let the VM process outlive this agent: it listens on its socket in the state dir.
+
+        Asked only once the VM runs here for good (booted, or restored by a migration): an incoming VM
+        process whose agent dies before that still exits with it, leaving nothing behind. Without a
+        state dir, or if listening fails, the VM process exits with the agent as before (logged)."""
         if self.records is None:
             return
+        path = str(self.records.socket_path(vm.name))
         try:
-            self.records.write({**vm.info(), "origin": origin, "started": time.time()})
+            self.records.directory.mkdir(parents=True, exist_ok=True)
+            await vm.channel.request("listen", path=path)
+        except (VMError, OSError) as e:
+            vm.log.warning("vm process cannot outlive the agent", error=str(e))
+            return
+        vm.socket_path = path
+        vm.pid_start = process_start_time(vm.pid)
+
+    def _record(self, vm: VM, origin: str | None = None) -> None:
+        """The VM runs here now: note it in the state dir (failing that is logged, not an error)."""
+        if self.records is None:
+            return
+        if origin is not None:
+            vm.origin, vm.started = origin, time.time()
+        vm.on_record = self._rewrite
+        self._rewrite(vm)
+
+    def _rewrite(self, vm: VM) -> None:
+        if self.records is None or self._vms.get(vm.name) is not vm:
+            return
+        try:
+            self.records.write({**vm.info(), "origin": vm.origin, "started": vm.started, "socket": vm.socket_path,
+                                "pid-start": vm.pid_start, "migration-phase": vm.migration_phase})
         except OSError as e:
             vm.log.warning("cannot write vm record", error=e.strerror or str(e))
+
+    # -- re-adoption after an agent restart (docs/RELIABILITY.md) -----------------------------------
+    async def adopt_previous(self) -> int:
+        """Take over the VMs a previous run of this agent left running; report and forget the lost ones.
+
+        Returns how many were re-adopted."""
+        adopted = 0
+        if self.records is None:
+            return adopted
+        for rec in self.records.read_all():
+            name = str(rec["name"])
+            try:
+                await self.adopt(rec)
+            except (AdoptError, VMError, OSError, vmctl.ControlError, ValueError, KeyError, TypeError) as e:
+                self.log.warning("vm lost with the previous agent run", vm=name, mem=rec.get("mem"),
+                                 program=rec.get("program"), pid=rec.get("pid"), origin=rec.get("origin"),
+                                 reason=str(e))
+                self.records.remove(name)
+                continue
+            adopted += 1
+        return adopted
+
+    async def adopt(self, rec: dict[str, Any]) -> VM:
+        """Re-attach the VM process of one record: same process (pid + start time), its socket, its RAM."""
+        name, pid, mem = str(rec["name"]), int(rec["pid"]), int(rec["mem"])
+        check_name(name)
+        if rec.get("socket") is None or rec.get("pid-start") is None:
+            raise AdoptError("its VM process did not outlive the agent (no attach socket)")
+        if process_start_time(pid) != int(rec["pid-start"]):
+            raise AdoptError(f"its VM process (pid {pid}) is gone")
+        sock = await asyncio.to_thread(vmctl.connect, str(rec["socket"]))
+        try:
+            if vmctl.peer_pid(sock) != pid:
+                raise AdoptError(f"the process at {rec['socket']} is not pid {pid}")
+            reply, fds, console = await asyncio.to_thread(_attach, sock)
+        except BaseException:
+            sock.close()
+            raise
+        memfd, ram = _map_attached(fds, mem)
+        try:
+            vm = VM(name=name, mem=mem, memfd=memfd, ram=ram, pid=pid, program=str(rec.get("program", "?")),
+                    dirty_backend=self._backend(str(rec.get("dirty-tracker") or "auto")), host=self.agent_name,
+                    process=AdoptedProcess(pid), log=self.log.bind(vm=name), socket_path=str(rec["socket"]),
+                    pid_start=int(rec["pid-start"]), origin=str(rec.get("origin", "created")),
+                    started=float(rec.get("started") or time.time()))
+        except BaseException:
+            sock.close()
+            close_guest_ram(memfd, ram)
+            raise
+        vm.console.write(console)
+        vm._channel = VMChannel(sock, vm.on_event, vm.on_channel_closed)
+        self._vms[name] = vm
+        await self._settle_adopted(vm, reply, rec.get("migration-phase"))
+        self._record(vm)
+        vm.log.info("vm re-adopted", pid=pid, state=vm.state, instructions=vm.instructions,
+                    console_dropped=reply.get("console-dropped", 0))
+        return vm
+
+    async def _settle_adopted(self, vm: VM, reply: dict[str, Any], phase: Any) -> None:
+        """Apply the ownership rules to a VM whose agent died in the middle of a migration of it."""
+        vm.instructions = int(reply.get("instructions", 0))
+        vm.fault_reason = reply.get("fault_reason")
+        status = str(reply.get("status"))
+        vm._set_run(status if status in ("halted", "faulted") else "paused" if reply.get("paused") else "running")
+        if phase is None:
+            return
+        # The migration died with the agent: the destination discards its copy when the connection drops.
+        if int(reply.get("throttle", 0)):
+            await vm.throttle(0)
+        if phase == "precopy":
+            vm.log.warning("migration cut by an agent restart in pre-copy; the VM runs here", phase=phase)
+        else:
+            # Paused for stop-and-copy: COMMIT may have gone out before the agent died, and the destination
+            # may run the VM. Never run it twice: it stays paused until the operator checks the destination.
+            vm.log.error("migration cut by an agent restart in stop-and-copy; VM kept paused (in doubt): "
+                         "check the destination, then `ferry vm resume` or `ferry vm destroy` it here",
+                         phase=phase)
 
     # -- incoming migrations (CONTRACTS.md) ---------------------------------------------------------
     def reserve_incoming(self, name: str, mem: int) -> Incoming:
@@ -597,6 +797,7 @@ class VMManager:
             raise
         vm.instructions = int(state.get("instructions", 0))
         vm._set_run("running")
+        await self._make_detachable(vm)
         self._record(vm, "migration")
         vm.log.info("vm started from migration", mem=vm.mem, pid=vm.pid, dirty_tracker=backend)
         return vm
@@ -619,11 +820,30 @@ class VMManager:
 
     # -- shutdown ----------------------------------------------------------------------------------
     async def shutdown(self) -> None:
-        """Stop every VM process and free all guest RAM (the agent is exiting)."""
+        """The agent is exiting: VMs that can outlive it run on (the next agent run re-adopts them),
+        any other VM process is stopped; all of this agent's guest RAM mappings are released."""
         self.accepting = False
         for vm in list(self._vms.values()):
+            if vm.socket_path is not None and vm._channel is not None and not vm._channel.closed:
+                self._leave_running(vm)
+                continue
             with contextlib.suppress(Exception):
                 await self._drop(vm)
             vm.log.info("vm stopped at agent shutdown")
         for inc in list(self._incoming.values()):
             self.discard_incoming(inc)
+
+    def _leave_running(self, vm: VM) -> None:
+        """Let go of a VM without stopping it: its process keeps running and listening; its record stays."""
+        vm._stopping = True
+        if vm._tracker is not None:
+            with contextlib.suppress(Exception):
+                vm._tracker.stop()
+        if vm._uffd is not None:
+            with contextlib.suppress(OSError):
+                os.close(vm._uffd)  # unregisters guest RAM from the migration's write-protect tracking
+        vm._tracker = vm._uffd = None
+        vm.channel.close()
+        vm.release_ram()
+        del self._vms[vm.name]
+        vm.log.info("vm left running at agent shutdown", pid=vm.pid, state=vm.state)

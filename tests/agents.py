@@ -9,8 +9,11 @@ Not a conftest: import it. Typical use:
         a.cli("migrate", "c1", "--to", b.control, json=True)
 
 Each agent gets its own state dir and log file under tmp_path. `stop()` (also on leaving the `with`)
-sends SIGTERM, waits, kills what is left of the agent's process group, and prints the agent's log,
-which pytest shows only when the test failed. `leaked` lists processes the agent left behind.
+sends SIGTERM, waits, kills the VM processes the agent left running by design (VMs outlive their
+agent: those named by the records in its state dir), kills what else is left of the agent's process
+group, and prints the agent's log, which pytest shows only when the test failed. `leaked` lists the
+processes the agent left behind that no record accounts for. `stop(keep_vms=True)` leaves the VMs
+running for a restarted agent on the same state dir (start_agent with the same name).
 """
 
 from __future__ import annotations
@@ -178,8 +181,8 @@ class AgentProc:
                 pids.append(int(entry))
         return pids
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        """Signal the agent, wait for it, kill leftovers (recorded in .leaked), print its log."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT, keep_vms: bool = False) -> int:
+        """Signal the agent, wait for it, kill its VMs (unless keep_vms) and leftovers (in .leaked), print its log."""
         if self.returncode is not None:
             return self.returncode
         if self.proc.poll() is None:
@@ -189,15 +192,41 @@ class AgentProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.returncode = self.proc.wait()
-        self._reap_group()
+        if keep_vms:  # the VMs run on for the next agent; anything else left is a leak
+            recorded = set(self.recorded_vm_pids().values())
+            self.leaked = [p for p in self.group_processes() if p not in recorded]
+        else:
+            self.kill_recorded_vms()
+            self._reap_group()
         self._log_file.close()
         print(self._context())  # pytest shows it only for failed tests
         return self.returncode
 
+    def recorded_vm_pids(self) -> dict[str, int]:
+        """VM name -> pid of each live VM process the records in the state dir name (pid + start time)."""
+        from agent.records import process_start_time
+
+        found = {}
+        for path in sorted((self.state_dir / "vms").glob("*.json")):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                rec = jsonlib.loads(path.read_text())
+                if rec.get("pid-start") is not None and process_start_time(rec["pid"]) == rec["pid-start"]:
+                    found[rec["name"]] = int(rec["pid"])
+        return found
+
+    def kill_recorded_vms(self) -> list[int]:
+        """Kill the VM processes this agent left running by design (the test is over); returns their pids."""
+        pids = list(self.recorded_vm_pids().values())
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not self.recorded_vm_pids(), timeout=5.0, what="recorded VM processes to exit")
+        return pids
+
     def _reap_group(self) -> None:
         deadline = time.monotonic() + 2.0
         while (left := self.group_processes()) and time.monotonic() < deadline:
-            time.sleep(0.05)  # VM processes exit on their own once the agent's socket closes
+            time.sleep(0.05)  # an incoming VM process exits on its own once the agent's socket closes
         self.leaked = left
         for pid in left:
             try:

@@ -323,7 +323,7 @@ def kill9(pid: int) -> None:
 
 
 def kill_agent(agent: Any) -> Callable[[], None]:
-    """A callback that kill -9s an agent (its VM processes exit when their control socket closes)."""
+    """A callback that kill -9s an agent (its VMs run on, as after any agent crash)."""
     def kill() -> None:
         kill9(agent.proc.pid)
         agent.proc.wait()

@@ -171,7 +171,7 @@ def test_agent_info(agent: AgentProc) -> None:
     assert info["dirty-backends"] and set(info["dirty-backends"]) <= {"uffd-wp-async", "uffd-wp-sync", "hash"}
 
 
-def test_sigterm_stops_vms_and_exits_cleanly(tmp_path: Path, key: Path) -> None:
+def test_sigterm_leaves_the_vms_running_and_exits_cleanly(tmp_path: Path, key: Path) -> None:
     conf = tmp_path / "agent.toml"
     conf.write_text('name = "overridden-by-flag"\nmax-mem = "64M"\nlog-level = "debug"\n')
     a = start_agent(tmp_path, "S", key, config=conf)
@@ -183,25 +183,36 @@ def test_sigterm_stops_vms_and_exits_cleanly(tmp_path: Path, key: Path) -> None:
         pids = [v["pid"] for v in a.call("vm-list")["vms"]]
         assert len(pids) == 2 and all(_pid_alive(p) for p in pids)
     finally:
-        assert a.stop() == 0
-    assert a.leaked == []
-    assert not any(_pid_alive(p) for p in pids)
-    assert not a.socket_path.exists()
-    log = a.log()
-    assert "agent stopped" in log and "vm stopped at agent shutdown" in log
-    assert "level=debug" in log  # log-level from the config file
+        assert a.stop(keep_vms=True) == 0
+    try:
+        # `systemctl restart ferry-agent` must not kill guests: they run on, and their records stay.
+        assert a.leaked == []
+        assert all(_pid_alive(p) for p in pids)
+        assert sorted(a.recorded_vm_pids()) == ["c1", "c2"]
+        assert not a.socket_path.exists()
+        log = a.log()
+        assert "agent stopped" in log and "vm left running at agent shutdown" in log
+        assert "vm stopped at agent shutdown" not in log
+        assert "level=debug" in log  # log-level from the config file
+    finally:
+        assert sorted(a.kill_recorded_vms()) == sorted(pids)
 
 
-def test_vm_processes_exit_when_the_agent_is_killed(tmp_path: Path, key: Path) -> None:
+def test_vm_processes_outlive_a_killed_agent(tmp_path: Path, key: Path) -> None:
     a = start_agent(tmp_path, "K", key)
     a.cli_in_process = True
     try:
         a.cli("vm", "create", "c1", "--program", "counter", "--mem", "16M")
         pid = a.call("vm-info", name="c1")["pid"]
     finally:
-        a.stop(signal.SIGKILL)
-    # Nobody manages a VM whose agent died: its process exits on its own when the control socket closes.
-    assert a.leaked == []
+        a.stop(signal.SIGKILL, keep_vms=True)
+    # Like a QEMU guest whose libvirtd died: the VM runs on until an agent re-adopts it (test_restart.py).
+    try:
+        assert a.leaked == []
+        assert _pid_alive(pid)
+        assert a.recorded_vm_pids() == {"c1": pid}
+    finally:
+        assert a.kill_recorded_vms() == [pid]
     assert not _pid_alive(pid)
 
 
@@ -271,25 +282,29 @@ def test_an_unauthenticated_peer_cannot_announce_a_large_body(agent: AgentProc) 
     assert isinstance(answer, ErrorResponse) and answer.code == "protocol-error", answer
 
 
-def test_vm_records_follow_the_vms_and_a_killed_agent_is_reported(tmp_path: Path, key: Path) -> None:
+def test_vm_records_follow_the_vms_and_a_killed_agent_s_vms_are_re_adopted(tmp_path: Path, key: Path) -> None:
     a = start_agent(tmp_path, "R", key)
     a.cli_in_process = True
     records = a.state_dir / "vms"
     try:
         a.cli("vm", "create", "r1", "--program", "idle", "--mem", "4M")
         a.cli("vm", "create", "r2", "--program", "idle", "--mem", "8M")
-        assert sorted(p.name for p in records.iterdir()) == ["r1.json", "r2.json"]
+        assert sorted(p.name for p in records.glob("*.json")) == ["r1.json", "r2.json"]
         a.cli("vm", "destroy", "r1")
-        assert [p.name for p in records.iterdir()] == ["r2.json"]
+        assert [p.name for p in records.glob("*.json")] == ["r2.json"]
+        assert not (records / "r1.sock").exists()
     finally:
-        a.stop(signal.SIGKILL)  # r2's record stays behind
+        a.stop(signal.SIGKILL, keep_vms=True)  # r2's record stays behind, and r2 runs on
     again = start_agent(tmp_path, "R", key)
     again.cli_in_process = True
     try:
-        assert 'msg="vm lost with the previous agent run" vm=r2 mem=8388608' in again.log()
-        assert list(records.iterdir()) == []
+        assert 'msg="vm re-adopted" vm=r2' in again.log()
+        assert [v["name"] for v in again.call("vm-list")["vms"]] == ["r2"]
         again.cli("vm", "create", "r3", "--program", "idle", "--mem", "4M")
-        assert [p.name for p in records.iterdir()] == ["r3.json"]
+        assert sorted(p.name for p in records.glob("*.json")) == ["r2.json", "r3.json"]
+        again.cli("vm", "destroy", "r2")
+        again.cli("vm", "destroy", "r3")
+        assert list(records.iterdir()) == []  # destroyed VMs leave neither record nor socket
     finally:
         assert again.stop() == 0
-    assert list(records.iterdir()) == []  # a clean stop leaves nothing to report next time
+    assert again.leaked == []

@@ -7,6 +7,7 @@ keep-alives, STOPPING=1 on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -141,12 +142,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
         return proc.wait()
 
 
+def _kill_vm(pid: int | None) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_agent_says_ready_once_listening_then_keeps_alive_then_stopping(
         tmp_path: Path, abstract_systemd: FakeSystemd) -> None:
     metrics_port = free_port()
     proc, control, key_path = _start_agent(
         tmp_path, {"NOTIFY_SOCKET": abstract_systemd.env_value, "WATCHDOG_USEC": "300000"},
         "--metrics", f"127.0.0.1:{metrics_port}")
+    vm_pid: int | None = None
     try:
         ready = abstract_systemd.wait_for("READY")
         # READY=1 means every listener is up: the first attempt at each must succeed, no retries.
@@ -160,6 +168,7 @@ def test_agent_says_ready_once_listening_then_keeps_alive_then_stopping(
 
         # VM processes do not inherit NOTIFY_SOCKET: only the agent speaks to systemd.
         vm = call_sync(control, key, "vm-create", {"name": "v1", "program": "idle", "mem": 16 << 20})
+        vm_pid = int(vm["pid"])
         environ = Path(f"/proc/{vm['pid']}/environ").read_bytes().split(b"\0")
         assert not any(e.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_")) for e in environ)
         # The status line follows the VMs (`systemctl status` shows it).
@@ -172,6 +181,7 @@ def test_agent_says_ready_once_listening_then_keeps_alive_then_stopping(
         assert proc.wait(15) == 0
     finally:
         _stop(proc)
+        _kill_vm(vm_pid)  # VMs outlive their agent: never leave this one behind
     abstract_systemd.sock.setblocking(False)
     while True:  # what came after STOPPING=1: keep-alives at most, never another status
         try:

@@ -1,10 +1,9 @@
 """kill -9 an agent or a VM process at a chosen migration phase; the ownership rules must hold.
 
 The proxy of tests/faults.py sits in the migration path and runs the kill when a given frame
-passes, so each phase is hit deterministically. VM processes die with their agent today
-(they exit when its control socket closes; re-adoption by a restarted agent is not built
-yet), so killing the agent that owns the only copy loses that copy: those cases check what
-the other side does, and docs/RELIABILITY.md says so.
+passes, so each phase is hit deterministically. A killed agent's VM processes run on (a
+restarted agent re-adopts them: tests/test_restart.py); these tests check what the other
+side does and that no second copy ever runs.
 """
 
 from __future__ import annotations
@@ -152,8 +151,8 @@ def test_source_killed_after_commit_leaves_the_vm_running_on_the_destination(
 
 def test_destination_killed_after_resumed_completes_on_the_source(
         trio: tuple[AgentProc, AgentProc, AgentProc]) -> None:
-    """Past RESUMED the VM belongs to the destination; killing that agent takes the VM with it
-    (until agent restarts re-adopt VMs): the source must not resurrect a second copy."""
+    """Past RESUMED the VM belongs to the destination; killing that agent there must not make the
+    source resurrect a second copy."""
     a, b, c = trio
     busy(a, "m")
     with FaultProxy(migration_target(b)) as proxy:

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -235,6 +237,74 @@ def test_killed_parent_with_on_eof_stay_keeps_the_guest_running() -> None:
         first = _guest_word(vm_pid, DATA_ADDR)
         assert _wait_until(lambda: _guest_word(vm_pid, DATA_ADDR) > first)
         assert not _gone(vm_pid)
+    finally:
+        if not _gone(vm_pid):
+            os.kill(vm_pid, signal.SIGKILL)
+
+
+LISTENING_PARENT = """
+import sys
+from vmruntime.control import VMHandle
+from vmruntime.programs import load_program
+vm = VMHandle.spawn(1 << 20)
+vm.boot(*load_program("counter", {"every": "1000"}))
+vm.request("listen", path=sys.argv[1])
+vm.wait_event(["console"])
+print(vm.pid, flush=True)
+import time; time.sleep(600)
+"""
+
+
+def _attach(path: str) -> tuple[socket.socket, dict[str, Any], list[int], bytes]:
+    """Connect to a VM process's attach socket and attach: the reply, its fds and the console events."""
+    sock = control.connect(path)
+    control.send_msg(sock, {"op": "attach", "id": 1})
+    console = b""
+    while True:
+        msg, fds = control.recv_msg(sock)
+        if msg.get("id") == 1:
+            return sock, msg, fds, console
+        console += msg.get("data", b"") if msg.get("ev") == "console" else b""
+
+
+def test_a_listening_vm_process_outlives_its_parent_and_takes_a_new_controller(tmp_path: Path) -> None:
+    from vmruntime.isa import DATA_ADDR
+
+    # A deep directory: the socket path is longer than sun_path holds, and must still work.
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = str(deep / "vm.sock")
+    parent = subprocess.Popen([sys.executable, "-c", LISTENING_PARENT, path], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    vm_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    try:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        first = _guest_word(vm_pid, DATA_ADDR)
+        assert _wait_until(lambda: _guest_word(vm_pid, DATA_ADDR) > first)  # runs unattended
+        sock, reply, fds, console = _attach(path)
+        assert control.peer_pid(sock) == vm_pid
+        assert reply["ok"] and reply["status"] == "running" and reply["pid"] == vm_pid
+        assert reply["ram-size"] == 1 << 20 and len(fds) == 1
+        # The memfd we got is the guest's RAM: the counter's word moves in our own mapping.
+        ram = guestram.map_shared(fds[0], 1 << 20)
+        seen = int.from_bytes(ram[DATA_ADDR:DATA_ADDR + 8], "little")
+        assert _wait_until(lambda: int.from_bytes(ram[DATA_ADDR:DATA_ADDR + 8], "little") > seen)
+        ram.close()
+        os.close(fds[0])
+        # Output printed while detached was kept and came with the attach.
+        assert len(console) > 0
+        # A second controller waits while the first is attached; when the first goes, it gets in.
+        sock.close()
+        sock2, reply2, fds2, _ = _attach(path)
+        for fd in fds2:
+            os.close(fd)
+        assert reply2["status"] == "running"
+        control.send_msg(sock2, {"op": "stop", "id": 2})
+        assert _wait_until(lambda: _gone(vm_pid))
+        assert not os.path.exists(path)  # a VM process that stops removes its socket
+        sock2.close()
     finally:
         if not _gone(vm_pid):
             os.kill(vm_pid, signal.SIGKILL)

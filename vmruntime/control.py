@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,8 @@ MAX_FDS = 4
 _SOCK_BUF = 2 * MAX_MSG
 
 ON_EOF_CHOICES = ("exit", "stay")
+# sun_path holds 108 bytes; a longer socket path is reached through /proc/self/fd/DIRFD/NAME instead.
+_SUN_PATH_MAX = 100
 
 
 class ControlError(Exception):
@@ -124,13 +128,76 @@ def _close_all(fds: Iterable[int]) -> None:
         os.close(fd)
 
 
+def listener(path: str) -> socket.socket:
+    """A listening SOCK_SEQPACKET socket at ``path``, mode 0600 (a stale file there is replaced)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        _size_buffers(sock)  # accepted sockets inherit the buffer sizes
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a VM process that was killed: nobody listens there
+        old = os.umask(0o177)  # created 0600: whoever connects controls the guest
+        try:
+            with reachable_path(path) as short:
+                sock.bind(short)
+        finally:
+            os.umask(old)
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def socketpair() -> tuple[socket.socket, socket.socket]:
     """A control socketpair (parent end, child end) with buffers sized for MAX_MSG packets."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     for s in (parent, child):
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            s.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+        _size_buffers(s)
     return parent, child
+
+
+@contextlib.contextmanager
+def reachable_path(path: str) -> Iterator[str]:
+    """A form of ``path`` short enough for bind/connect of a unix socket.
+
+    State dirs can be deep (a test's tmp dir); the kernel resolves a path
+    through /proc/self/fd/N, so the directory is opened and named by its fd.
+    """
+    if len(os.fsencode(path)) < _SUN_PATH_MAX:
+        yield path
+        return
+    dirfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{dirfd}/{os.path.basename(path)}"
+    finally:
+        os.close(dirfd)
+
+
+def _size_buffers(s: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        s.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+
+
+def connect(path: str, timeout: float = 5.0) -> socket.socket:
+    """Connect to the attach socket of a running VM process (``op listen``); a blocking socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        _size_buffers(sock)
+        sock.settimeout(timeout)
+        with reachable_path(path) as short:
+            sock.connect(short)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid: int = struct.unpack("3i", cred)[0]
+    return pid
 
 
 def vmproc_argv(ram_fd: int, ram_size: int, ctl_fd: int, on_eof: str = "exit") -> list[str]:

@@ -4,7 +4,16 @@ Started as ``python -m vmruntime.vmproc --ram-fd F --ram-size N --ctl-fd C``
 with the memfd of guest RAM and its end of the control socketpair inherited.
 This module owns the process's main loop and the handling of every control
 request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
-track-start, track-stop, stop.
+track-start, track-stop, listen, attach, stop.
+
+A VM process can outlive its parent (the agent restarting): ``listen`` makes
+it listen on a unix SOCK_SEQPACKET socket (mode 0600) and keep the guest
+running when the parent's end closes; it then accepts one new controller at a
+time on that socket, which sends ``attach`` to get the run state and a copy of
+the guest RAM memfd. Console output produced while nobody is attached is kept
+in a bounded buffer (the newest DETACHED_CONSOLE bytes) and sent on attach
+(as console events ahead of the reply);
+what did not fit is counted in the attach reply (``console-dropped``).
 
 The loop is single-threaded, which keeps the guest deterministic and pause
 simple: the machine runs in slices of about half a millisecond
@@ -25,6 +34,7 @@ fast), and dirty tracking is imported on the first track-start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import select
@@ -46,6 +56,7 @@ MIN_BUDGET = 16
 MAX_BUDGET = 1 << 22
 FIRST_BUDGET = 500
 CONSOLE_CHUNK = 256 << 10  # console bytes per event, well under control.MAX_MSG
+DETACHED_CONSOLE = 64 << 10  # console bytes kept while no controller is attached
 
 Reply = tuple[dict[str, Any], tuple[int, ...]]  # a handler's reply fields and fds to hand over
 
@@ -53,10 +64,15 @@ Reply = tuple[dict[str, Any], tuple[int, ...]]  # a handler's reply fields and f
 class VMProcess:
     """The state of one VM process: its machine, run state and control socket."""
 
-    def __init__(self, ram: mmap.mmap, ctl: socket.socket, on_eof: str = "exit") -> None:
+    def __init__(self, ram: mmap.mmap, ctl: socket.socket, on_eof: str = "exit", ram_fd: int = -1) -> None:
         self.ram = ram
+        self.ram_fd = ram_fd  # kept open so a controller attaching later can get a copy
         self.ctl: socket.socket | None = ctl
         self.on_eof = on_eof
+        self.listener: socket.socket | None = None  # the attach socket, once `listen` asked for one
+        self.listen_path: str | None = None
+        self.backlog = bytearray()  # console output while detached (bounded)
+        self.backlog_dropped = 0
         self.machine: Machine | None = None
         self.paused = False
         self.throttle = 0
@@ -82,7 +98,17 @@ class VMProcess:
             self._run_slice()
             # A guest WAIT: sleep on the socket (requests still served at once) until its deadline.
             self._wait_control(self.machine.wait_seconds() if self.machine is not None else 0.0)
+        self._close_listener()
         return 0
+
+    def _close_listener(self) -> None:
+        if self.listener is None:
+            return
+        self.listener.close()
+        self.listener = None
+        if self.listen_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.listen_path)
 
     def _vcpu_runnable(self) -> bool:
         return self.machine is not None and not self.paused and self.machine.status == "running"
@@ -114,12 +140,15 @@ class VMProcess:
 
     def _wait_control(self, timeout: float | None) -> None:
         """Serve every waiting request; wait up to ``timeout`` seconds (None: forever) for the first."""
-        if self.ctl is None:
+        watched = self.ctl if self.ctl is not None else self.listener
+        if watched is None:
             self._sleep_detached(timeout)
             return
-        ready, _, _ = select.select([self.ctl], [], [], timeout)
+        ready, _, _ = select.select([watched], [], [], timeout)
         if not ready:
             return
+        if self.ctl is None:
+            self._accept()
         while self.ctl is not None and not self.exiting:
             try:
                 msg, fds = control.recv_msg(self.ctl, socket.MSG_DONTWAIT)
@@ -136,6 +165,21 @@ class VMProcess:
             for fd in fds:  # no request carries fds; never leak one a peer sends
                 os.close(fd)
             self._handle(msg)
+
+    def _accept(self) -> None:
+        """A new controller (a restarted agent) connects: it is ours until it closes its end."""
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return  # it gave up meanwhile: keep listening
+        self.ctl = conn
+
+    def _send_backlog(self) -> None:
+        data = bytes(self.backlog)
+        self.backlog.clear()
+        for at in range(0, len(data), CONSOLE_CHUNK):
+            self._send({"ev": "console", "data": data[at:at + CONSOLE_CHUNK]})
 
     def _sleep_detached(self, timeout: float | None) -> None:
         if timeout is None:
@@ -187,9 +231,20 @@ class VMProcess:
     def _flush_console(self) -> None:
         assert self.machine is not None
         data = self.machine.console_drain()
+        if self.ctl is None:
+            self._keep_detached(data)
+            return
         # One `outs` may print any amount of guest RAM: split to stay under MAX_MSG.
         for at in range(0, len(data), CONSOLE_CHUNK):
             self._send({"ev": "console", "data": data[at:at + CONSOLE_CHUNK]})
+
+    def _keep_detached(self, data: bytes) -> None:
+        """Nobody is attached: keep the newest output for the next controller, count what goes."""
+        self.backlog += data
+        excess = len(self.backlog) - DETACHED_CONSOLE
+        if excess > 0:
+            del self.backlog[:excess]
+            self.backlog_dropped += excess
 
     def _announce_status(self) -> None:
         """Send halted/faulted once, when the machine enters that status."""
@@ -294,6 +349,31 @@ class VMProcess:
         self.tracking = None
         return {}, ()
 
+    def op_listen(self, msg: dict[str, Any]) -> Reply:
+        """Listen for later controllers at msg["path"] and outlive this one (on-eof becomes "stay")."""
+        path = msg.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("listen needs a socket path")
+        if self.listener is not None:
+            raise RuntimeError(f"already listening at {self.listen_path}")
+        if self.ram_fd < 0:
+            raise RuntimeError("this VM process did not keep its guest RAM fd: nobody could attach")
+        self.listener = control.listener(path)
+        self.listen_path = path
+        self.on_eof = "stay"
+        return {}, ()
+
+    def op_attach(self, msg: dict[str, Any]) -> Reply:
+        """A new controller takes over: the run state, and a copy of the guest RAM memfd."""
+        # A tracker of the previous controller died with it (its uffd closed, which
+        # unregistered guest RAM): the new controller starts tracking afresh.
+        self.tracking = None
+        fields, _ = self.op_status(msg)
+        fields.update({"ram-size": len(self.ram), "console-dropped": self.backlog_dropped})
+        self.backlog_dropped = 0
+        self._send_backlog()  # ahead of the reply: the controller has all output when attach returns
+        return fields, (os.dup(self.ram_fd),)
+
     def op_stop(self, msg: dict[str, Any]) -> Reply:
         self.exiting = True
         return {}, ()
@@ -313,6 +393,8 @@ _HANDLERS = {
     "status": VMProcess.op_status,
     "track-start": VMProcess.op_track_start,
     "track-stop": VMProcess.op_track_stop,
+    "listen": VMProcess.op_listen,
+    "attach": VMProcess.op_attach,
     "stop": VMProcess.op_stop,
 }
 
@@ -361,13 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     if have < args.ram_size:  # pages past the end of the memfd would SIGBUS the vCPU
         sys.exit(f"vmproc: guest RAM fd holds {have} bytes, --ram-size asks for {args.ram_size}")
     ram = guestram.map_shared(args.ram_fd, args.ram_size)
-    os.close(args.ram_fd)  # the mapping keeps the memfd alive; one fd less to leak
+    # The fd stays open (close-on-exec, as inherited fds are not): a controller that
+    # attaches after our parent is gone gets a copy of it (op attach).
+    os.set_inheritable(args.ram_fd, False)
     ctl = socket.socket(fileno=args.ctl_fd)
     # Importing the machine costs tens of milliseconds. Pay it now, before the
     # first request: a destination agent spawns this process ahead of time and
     # its `restore` is inside the migration's downtime.
     import vmruntime.machine  # noqa: F401
-    return VMProcess(ram, ctl, args.on_eof).serve()
+    return VMProcess(ram, ctl, args.on_eof, args.ram_fd).serve()
 
 
 if __name__ == "__main__":
