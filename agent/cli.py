@@ -6,7 +6,8 @@ agent.client; errors go to stderr as `ferry: error: MESSAGE (CODE)` with exit st
 usage errors, as argparse does). docs/cli.md is the reference.
 
 Defaults: --agent from $FERRY_AGENT, else the unix socket of the default state dir
-(/var/lib/ferry/control.sock); --key-file from $FERRY_KEY_FILE, else /etc/ferry/cluster.key.
+(/var/lib/ferry/control.sock); --key-file from $FERRY_KEY_FILE, else /etc/ferry/cluster.key;
+--tls-dir from $FERRY_TLS_DIR, else none (plaintext TCP). `ferry certs` (agent/certs.py) is local too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from agent import certs, tls
 from agent.client import ClientError, ControlClient, connect
 from agent.config import (
     CONTROL_SOCKET_NAME,
@@ -72,11 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: $FERRY_AGENT, else {DEFAULT_AGENT})")
     p.add_argument("--key-file", metavar="FILE", default=os.environ.get("FERRY_KEY_FILE", DEFAULT_KEY_FILE),
                    help=f"cluster key file (default: $FERRY_KEY_FILE, else {DEFAULT_KEY_FILE})")
+    p.add_argument("--tls-dir", metavar="DIR", default=os.environ.get("FERRY_TLS_DIR") or None,
+                   help="mutual TLS to an agent's TCP control address: a directory with ca.pem, cert.pem, "
+                        "key.pem (default: $FERRY_TLS_DIR, else plaintext)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_vm_commands(sub)
     _add_migrate_commands(sub)
     _add_agent_commands(sub)
     _add_run_command(sub)
+    certs.add_commands(sub)
     return p
 
 
@@ -450,7 +456,7 @@ async def cmd_migrate_cancel(client: ControlClient, ns: argparse.Namespace) -> i
 # -- entry --------------------------------------------------------------------------------------------
 async def _run_remote(ns: argparse.Namespace) -> int:
     key = load_key(ns.key_file)  # the unix socket authenticates with the key too
-    client = await connect(ns.agent, key)
+    client = await connect(ns.agent, key, tls=tls.client_context(ns.tls_dir))
     try:
         command: Command = ns.run
         return await command(client, ns)
@@ -472,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "run":
         return _run_local(ns)
+    if ns.command == "certs":
+        return certs.run_command(ns)
     try:
         return asyncio.run(_run_remote(ns))
     except ClientError as e:

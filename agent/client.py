@@ -3,7 +3,9 @@
 This module owns the client side of control connections, used by the `ferry` CLI and by agents
 talking to agents (the source asking the destination for its agent-info). Addresses are
 "HOST:PORT" for TCP or a path (optionally "unix:PATH") for the agent's unix socket; both speak
-the same authenticated protocol. `call_sync` wraps one call for blocking callers.
+the same authenticated protocol. `call_sync` wraps one call for blocking callers. Given a client
+`ssl.SSLContext` (agent/tls.py), TCP connections use mutual TLS, the cluster-key handshake running
+inside it; the unix socket never does.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 from typing import Any
 
+from agent import tls as tlsdir
 from agent import wire
 from agent.config import parse_hostport
-from proto.errors import ErrorCode, ProtocolError
+from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.messages import ErrorResponse, Request, Response
 
 CONNECT_TIMEOUT = 10.0
@@ -75,13 +79,17 @@ def _result(rid: int, reply: object) -> Any:
     raise ClientError(ErrorCode.PROTOCOL_ERROR, f"unexpected reply {type(reply).__name__} to request {rid}")
 
 
-async def _open(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(address: str, tls: ssl.SSLContext | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     kind, where = split_address(address)
     if kind == "unix":
         assert isinstance(where, str)
         return await asyncio.open_unix_connection(where)
     assert isinstance(where, tuple)
-    reader, writer = await asyncio.open_connection(where[0], where[1])
+    if tls is None:
+        reader, writer = await asyncio.open_connection(where[0], where[1])
+    else:  # the agent's certificate must name the host we dial (a DNS or IP subjectAltName)
+        reader, writer = await asyncio.open_connection(where[0], where[1], ssl=tls, server_hostname=where[0],
+                                                       ssl_handshake_timeout=tlsdir.HANDSHAKE_TIMEOUT)
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small request/response frames
@@ -89,26 +97,51 @@ async def _open(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 
 async def connect(address: str, key: bytes | None, *, name: str = "ferry-cli", role: str = "cli",
-                  timeout: float = CONNECT_TIMEOUT) -> ControlClient:
-    """Connect and authenticate with the cluster key; ClientError(auth-failed) on a wrong key."""
+                  timeout: float = CONNECT_TIMEOUT, tls: ssl.SSLContext | None = None) -> ControlClient:
+    """Connect and authenticate with the cluster key; ClientError(auth-failed) on a wrong key,
+    or on a TLS failure (either side's certificate refused, or no TLS on the agent)."""
     if key is None:
         raise ClientError(ErrorCode.AUTH_FAILED, "no cluster key: pass --key-file or set FERRY_KEY_FILE")
-    reader, writer = await asyncio.wait_for(_open(address), timeout)
+    try:
+        reader, writer = await asyncio.wait_for(_open(address, tls), timeout)
+    except ssl.SSLError as e:
+        raise ClientError(ErrorCode.AUTH_FAILED, f"TLS with {address} failed: {tlsdir.describe_error(e)}") from e
     try:
         version, peer = await wire.client_handshake(reader, writer, key=key, name=name, role=role)
     except ProtocolError as e:
         await wire.close_writer(writer)
-        raise ClientError(e.code, f"handshake with {address} failed: {e.message}") from e
+        code, hint = _closed_hint(e, address, tls)
+        raise ClientError(code, f"handshake with {address} failed: {e.message}{hint}") from e
+    except ssl.SSLError as e:  # TLS 1.3: the agent refuses our certificate after our side of the handshake
+        await wire.close_writer(writer)
+        raise ClientError(ErrorCode.AUTH_FAILED, f"TLS with {address} failed: {tlsdir.describe_error(e)}") from e
+    except ConnectionResetError as e:  # the same refusal, or TLS meeting plaintext, may end in a reset
+        await wire.close_writer(writer)
+        closed = RemoteProtocolError("connection reset by the peer")
+        code, hint = _closed_hint(closed, address, tls)
+        raise ClientError(code, f"handshake with {address} failed: {closed.message}{hint}") from e
     except BaseException:
         await wire.close_writer(writer)
         raise
     return ControlClient(reader, writer, version, peer)
 
 
+def _closed_hint(e: ProtocolError, address: str, tls: ssl.SSLContext | None) -> tuple[str, str]:
+    """(code, hint) for a failed handshake. A TLS agent closes on a plaintext client without a word,
+    and over TLS 1.3 an agent that refuses our certificate does so after our side of the TLS
+    handshake, which the stream only shows as a close: say what is likely wrong."""
+    if e.code != ErrorCode.PROTOCOL_ERROR or split_address(address)[0] != "tcp":
+        return e.code, ""
+    if tls is None:
+        return e.code, " (if the agent uses TLS, pass --tls-dir or set FERRY_TLS_DIR)"
+    return ErrorCode.AUTH_FAILED, " (the agent refused the TLS certificate: is it signed by the agent's CA?)"
+
+
 async def call_once(address: str, key: bytes, op: str, args: dict[str, Any] | None = None, *,
-                    name: str = "ferry-cli", role: str = "cli", timeout: float = CALL_TIMEOUT) -> Any:
+                    name: str = "ferry-cli", role: str = "cli", timeout: float = CALL_TIMEOUT,
+                    tls: ssl.SSLContext | None = None) -> Any:
     """Connect, run one operation, close."""
-    client = await connect(address, key, name=name, role=role)
+    client = await connect(address, key, name=name, role=role, tls=tls)
     try:
         return await client.call(op, args, timeout=timeout)
     finally:

@@ -116,6 +116,7 @@ class AgentConfig:
     dirty_tracker: str  # "auto" or a backend name from vmruntime.dirty.BACKENDS
     log_level: str
     metrics: tuple[str, int] | None = None  # the Prometheus endpoint, off when None
+    tls_dir: Path | None = None  # ca.pem, cert.pem, key.pem: mutual TLS on TCP (agent/tls.py); off when None
 
     @property
     def control_socket(self) -> Path:
@@ -134,10 +135,12 @@ _KEYS: dict[str, str] = {
     "dirty-tracker": "dirty tracking backend: auto, uffd-wp-async, uffd-wp-sync, hash (default: auto)",
     "log-level": "debug, info, warning or error (default: info)",
     "metrics": "serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    "tls-dir": "directory holding ca.pem, cert.pem and key.pem: mutual TLS on the control and migration "
+               "TCP connections, in and out (default: off)",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
-             "metrics": "HOST:PORT"}
+             "metrics": "HOST:PORT", "tls-dir": "DIR"}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
 _TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int)}
 
@@ -219,6 +222,15 @@ def _metrics(values: dict[str, Any]) -> tuple[str, int] | None:
     return _address(values, "metrics", "") if values.get("metrics") else None
 
 
+def _tls_dir(values: dict[str, Any]) -> Path | None:
+    """The TLS directory, loaded once here so a bad certificate or key is a configuration error."""
+    if not values.get("tls-dir"):
+        return None
+    from agent import tls  # agent.tls builds on this module's ConfigError
+
+    return tls.load(str(values["tls-dir"])).directory
+
+
 def _distinct_addresses(control: Any, migration: Any, metrics: Any) -> None:
     """Two listeners on one HOST:PORT cannot both bind; say so before trying (port 0 picks a free one)."""
     seen: dict[tuple[str, int], str] = {}
@@ -260,6 +272,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "dirty_tracker": p.take(_choice, values, "dirty-tracker", "auto", trackers),
         "log_level": p.take(_choice, values, "log-level", "info", LOG_LEVELS),
         "metrics": p.take(_metrics, values),
+        "tls_dir": p.take(_tls_dir, values),
     }
     p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
     if p.found:
@@ -313,6 +326,8 @@ def describe(config: AgentConfig) -> str:
     }
     if config.metrics is not None:
         values["metrics"] = format_hostport(*config.metrics)
+    if config.tls_dir is not None:
+        values["tls-dir"] = str(config.tls_dir)
     return "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items())
 
 

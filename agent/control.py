@@ -3,7 +3,9 @@
 This module owns the agent's control listeners and connections: it accepts a connection, runs the
 handshake (mutual HMAC over the cluster key, proto.auth), then reads Requests one at a time, hands
 each to ControlOps and writes its Response or ErrorResponse. It knows nothing of what operations
-mean (agent/ops.py) and nothing of frames beyond agent/wire.py.
+mean (agent/ops.py) and nothing of frames beyond agent/wire.py. With a server `ssl.SSLContext`
+(agent/tls.py) the TCP listener speaks mutual TLS and the handshake runs inside it; the unix socket
+never uses TLS (it is local and mode 0600).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import time
 from pathlib import Path
 
+from agent import tls as tlsdir
 from agent import wire
 from agent.logs import Log
 from agent.ops import ControlOps, OpError
@@ -27,8 +31,10 @@ IDLE_TIMEOUT = 600.0  # seconds a connection may sit between requests
 class ControlServer:
     """The control listeners of one agent and their connections."""
 
-    def __init__(self, *, ops: ControlOps, key: bytes, name: str, log: Log) -> None:
+    def __init__(self, *, ops: ControlOps, key: bytes, name: str, log: Log,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.ops = ops
+        self._tls = tls
         self._key = key
         self._name = name
         self.log = log
@@ -38,7 +44,11 @@ class ControlServer:
 
     async def start_tcp(self, host: str, port: int) -> tuple[str, int]:
         """Listen on TCP; returns the bound address (port 0 picks a free one)."""
-        server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        if self._tls is None:
+            server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        else:  # a failed TLS handshake never reaches _accept: the loop drops that connection
+            server = await asyncio.start_server(self._accept, host, port, reuse_address=True, ssl=self._tls,
+                                                ssl_handshake_timeout=tlsdir.HANDSHAKE_TIMEOUT)
         self._servers.append(server)
         sockname = server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])

@@ -4,10 +4,13 @@ This module owns the agent's process lifecycle: read the configuration, build th
 migration engine and the control API, listen (control TCP + unix socket, migration listener),
 and on SIGTERM or SIGINT shut down in order: refuse new work, let the migration engine cancel or
 finish what runs (it keeps a VM that is in doubt paused rather than running it twice), close the
-control API, stop the VM processes, exit 0. Under systemd (`Type=notify`) it says READY=1 once every
+control API, let go of the VMs (their processes run on, as QEMU guests outlive libvirtd; `vm destroy`
+stops a VM), exit 0. On start it re-adopts the VMs a previous run left running (agent/vms.py,
+docs/RELIABILITY.md "Agent restarts"). Under systemd (`Type=notify`) it says READY=1 once every
 listener is up, sends watchdog keep-alives while it runs and STOPPING=1 when it begins to shut down
 (agent/sdnotify.py); `--metrics` adds a Prometheus endpoint (agent/metrics.py); `--check-config`
-checks a configuration without starting anything.
+checks a configuration without starting anything; `--tls-dir` puts mutual TLS on the control and
+migration TCP connections, in and out (agent/tls.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from agent.migration import MigrationManager
 from agent.ops import AgentIdentity, ControlOps, Migrations, OpError, ferry_version
 from agent.records import VMRecords
 from agent.sdnotify import Notifier
+from agent.tls import TLSContexts
+from agent.tls import load as load_tls
 from agent.vms import VMManager
 from vmruntime import dirty
 
@@ -53,11 +58,15 @@ class Agent:
         self.records = VMRecords(config.state_dir)
         self.vms = VMManager(agent_name=config.name, max_mem=config.max_mem, dirty_tracker=config.dirty_tracker,
                              log=log, records=self.records)
-        self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log)
+        # Mutual TLS (--tls-dir) on every TCP connection in and out; None: plaintext (HMAC auth only).
+        self.tls: TLSContexts | None = load_tls(config.tls_dir) if config.tls_dir is not None else None
+        self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
+                                           tls=self.tls)
         identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
                               peer_info=self._peer_info, log=log)
-        self.control = ControlServer(ops=self.ops, key=config.key, name=config.name, log=log)
+        self.control = ControlServer(ops=self.ops, key=config.key, name=config.name, log=log,
+                                     tls=self.tls.server if self.tls is not None else None)
         self.metrics = AgentMetrics(agent_name=config.name, version=ferry_version(), vms=self.vms,
                                     migrations=self.migrations)
         self.migrations.on_finished = self.metrics.stats.record
@@ -74,6 +83,7 @@ class Agent:
         """agent-info of another agent (the destination of a migration), over its control API."""
         try:
             result = await asyncio.wait_for(call_once(address, self.config.key, "agent-info", name=self.config.name,
+                                                      tls=self.tls.client if self.tls is not None else None,
                                                       role="agent", timeout=PEER_TIMEOUT), PEER_TIMEOUT)
         except ClientError as e:  # e.g. auth-failed: the destination has another cluster key
             raise OpError(e.code, f"destination agent {address}: {e.message}") from e
@@ -82,7 +92,7 @@ class Agent:
     async def start(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._report_lost_vms()
+        await self._adopt_vms()
         control = await self.control.start_tcp(*cfg.control)
         try:
             await self.control.start_unix(cfg.control_socket)
@@ -93,7 +103,8 @@ class Agent:
         self.log.info("agent started", version=ferry_version(), control=format_hostport(*control),
                       migration=format_hostport(*cfg.migration), unix=str(cfg.control_socket),
                       max_mem=cfg.max_mem, dirty_tracker=cfg.dirty_tracker,
-                      metrics=format_hostport(*metrics) if metrics else None)
+                      metrics=format_hostport(*metrics) if metrics else None,
+                      tls=str(cfg.tls_dir) if cfg.tls_dir is not None else None)
 
     def status_line(self) -> str:
         """systemd's STATUS= for a running agent (shown by `systemctl status`): VMs and addresses."""
@@ -104,11 +115,11 @@ class Agent:
         return (f"agent {cfg.name}: {len(vms)} VM{'' if len(vms) == 1 else 's'} ({migrating} migrating); "
                 f"control {format_hostport(*cfg.control)}, migration {format_hostport(*cfg.migration)}{metrics}")
 
-    def _report_lost_vms(self) -> None:
-        """VMs a previous run of this agent did not stop: their processes died with it (on-eof exit)."""
-        for rec in self.records.take_stale():
-            self.log.warning("vm lost with the previous agent run", vm=rec.get("name"), mem=rec.get("mem"),
-                             program=rec.get("program"), pid=rec.get("pid"), origin=rec.get("origin"))
+    async def _adopt_vms(self) -> None:
+        """VMs a previous run of this agent left running: take them over before serving anyone."""
+        adopted = await self.vms.adopt_previous()
+        if adopted:
+            self.log.info("vms re-adopted from the previous agent run", count=adopted)
 
     async def _start_migration_listener(self) -> None:
         self._migration_task = asyncio.create_task(self.migrations.serve(*self.config.migration))
@@ -127,7 +138,7 @@ class Agent:
             self.stopping.set()
 
     async def shutdown(self) -> None:
-        """Refuse new work, wind migrations down, close the control API, stop the VMs."""
+        """Refuse new work, wind migrations down, close the control API, let go of the VMs."""
         self.log.info("agent stopping")
         self.ops.accepting = False
         self.vms.accepting = False
@@ -164,7 +175,7 @@ async def serve(config: AgentConfig, log: Log) -> int:
     # hangs is noticed too.
     watchdog = asyncio.create_task(notifier.run(agent.status_line))
     await agent.stopping.wait()
-    notifier.stopping(f"agent {config.name}: stopping (winding down migrations, stopping VMs)")
+    notifier.stopping(f"agent {config.name}: stopping (winding down migrations; VMs run on)")
     await agent.shutdown()
     watchdog.cancel()
     await asyncio.gather(watchdog, return_exceptions=True)

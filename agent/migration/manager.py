@@ -20,7 +20,9 @@ from agent.migration.common import LoopBridge, MigrationError
 from agent.migration.destination import DestinationSession, Outcomes
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
 from agent.migration.source import IN_DOUBT_TIMEOUT_S, SourceSession
+from agent.migration.tls import server_connection
 from agent.migration.transport import Connection, prepare_socket
+from agent.tls import TLSContexts
 from proto.errors import ErrorCode
 
 # How long migrate() waits for the destination's accept or refusal before
@@ -39,8 +41,9 @@ class MigrationManager:
     """Outgoing and incoming migrations of one agent (CONTRACTS.md)."""
 
     def __init__(self, *, agent_name: str, key: bytes, vms: Any, log: Any,
-                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S) -> None:
+                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSContexts | None = None) -> None:
         self.agent_name = agent_name
+        self.tls = tls  # agent.tls.TLSContexts: mutual TLS on the listener and outgoing connections
         self.key = key
         self.vms = vms
         self.log = log
@@ -80,7 +83,7 @@ class MigrationManager:
         if not self._accepting:
             sock.close()
             return
-        session = DestinationSession(conn=Connection(prepare_socket(sock)), vms=self.vms, key=self.key,
+        session = DestinationSession(conn=self._incoming_connection(sock), vms=self.vms, key=self.key,
                                      agent_name=self.agent_name, bridge=bridge, outcomes=self._outcomes,
                                      infos=self._infos, log=self.log)
         key = id(session)
@@ -94,6 +97,12 @@ class MigrationManager:
             self.log.warning("too many unauthenticated migration connections; dropped the oldest",
                              limit=MAX_UNAUTHENTICATED)
         self._start_thread(lambda: self._run_incoming(session), "ferry-migration-in")
+
+    def _incoming_connection(self, sock: socket.socket) -> Connection:
+        sock = prepare_socket(sock)
+        if self.tls is None:
+            return Connection(sock)
+        return server_connection(sock, self.tls.server)
 
     def _run_incoming(self, session: DestinationSession) -> None:
         try:
@@ -142,7 +151,7 @@ class MigrationManager:
                              params=params, dirty_tracker=vm.dirty_backend, mem=vm.mem)
         session = SourceSession(vm=vm, vms=self.vms, dest=dest_migration, params=params, key=self.key,
                                 agent_name=self.agent_name, bridge=LoopBridge(asyncio.get_running_loop()),
-                                info=info, log=self.log,
+                                info=info, log=self.log, tls=None if self.tls is None else self.tls.client,
                                 in_doubt_timeout=self.in_doubt_timeout if in_doubt_timeout is None else in_doubt_timeout)
         self._infos[vm_name] = info
         self._outgoing[vm_name] = session

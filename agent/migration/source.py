@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import ssl
 import threading
 import time
 from concurrent.futures import Future
 from typing import Any
 
-from agent.migration import pages
+from agent.migration import pages, tls
 from agent.migration.common import (
     Cancelled,
     LoopBridge,
@@ -78,7 +79,7 @@ class SourceSession:
 
     def __init__(self, *, vm: Any, vms: Any, dest: tuple[str, int], params: MigrationParams, key: bytes,
                  agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: Any,
-                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S) -> None:
+                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> None:
         self.vm = vm
         self.vms = vms
         self.dest = dest
@@ -89,6 +90,7 @@ class SourceSession:
         self.info = info
         self.log = log
         self.in_doubt_timeout = in_doubt_timeout
+        self.tls = tls  # the client context of mutual TLS, or None for plaintext
         self.migration_id = secrets.token_hex(8)
         self.machine = SourceMachine()
         self.conn: Connection | None = None
@@ -150,9 +152,10 @@ class SourceSession:
         vm = self.vm
         self._was_running = vm.state not in ("paused",)
         self.bridge.run(setattr, vm, "state", "migrating")
-        self.conn = Connection(connect(self.dest), guest_size=vm.mem)
-        self._check_cancel()
-        self.info.peer = client_handshake(self.conn, self.key, self.agent_name)
+        with tls.refusals(self.dest):
+            self.conn = self._connect(guest_size=vm.mem)
+            self._check_cancel()
+            self.info.peer = client_handshake(self.conn, self.key, self.agent_name)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
@@ -426,7 +429,7 @@ class SourceSession:
         return None
 
     def _query_once(self) -> bool:
-        conn = Connection(connect(self.dest))
+        conn = self._connect()  # a TLS failure stays an OSError here: the in-doubt loop retries it
         try:
             client_handshake(conn, self.key, self.agent_name)
             machine = SourceMachine()
@@ -548,6 +551,13 @@ class SourceSession:
         return None
 
     # -- plumbing ------------------------------------------------------------------------------------
+    def _connect(self, guest_size: int | None = None) -> Connection:
+        """A connection to the destination's migration listener: plaintext, or mutual TLS."""
+        sock = connect(self.dest)
+        if self.tls is None:
+            return Connection(sock, guest_size=guest_size)
+        return tls.client_connection(sock, self.tls, self.dest[0], guest_size)
+
     def _send(self, msg: Message) -> None:
         assert self.conn is not None
         self.machine.send(msg)

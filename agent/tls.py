@@ -1,0 +1,88 @@
+"""Mutual TLS for ferry's TCP connections: the contexts built from a TLS directory.
+
+This module owns how a `--tls-dir` becomes `ssl.SSLContext`s. The directory holds three PEM files
+(written by `ferry certs issue`, agent/certs.py):
+
+* ``ca.pem``: the cluster's CA certificate; a peer's certificate must chain to it;
+* ``cert.pem``: this host's (or this operator's) certificate, signed by that CA;
+* ``key.pem``: its private key (mode 0600).
+
+Both sides present a certificate and verify the other's (CERT_REQUIRED), TLS 1.3 only. A client
+also checks that the server's certificate names the host it dialled (a DNS or IP subjectAltName:
+agents are mostly reached by IP, so `ferry certs issue --ip` puts IP SANs in). A server does not
+check a client's name: clients dial from any address, so chaining to the cluster CA is what
+admits them; the HMAC cluster-key handshake still runs inside the tunnel on every connection.
+The unix control socket never uses TLS (local, mode 0600).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import ConfigError
+
+CA_FILE = "ca.pem"
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+TLS_FILES = (CA_FILE, CERT_FILE, KEY_FILE)
+# Seconds for a TLS handshake: as long as the cluster-key handshake may take.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class TLSContexts:
+    """The two contexts of one TLS directory: for accepting and for dialling."""
+
+    directory: Path
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+def _files(directory: Path) -> tuple[Path, Path, Path]:
+    """The three files, each checked for existence (one error naming every missing one)."""
+    if not directory.is_dir():
+        raise ConfigError(f"tls-dir: {str(directory)!r} is not a directory")
+    paths = tuple(directory / name for name in TLS_FILES)
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"tls-dir: {str(directory)!r} lacks {', '.join(missing)} "
+                          f"(expected {', '.join(TLS_FILES)}; make them with `ferry certs issue`)")
+    ca, cert, key = paths
+    return ca, cert, key
+
+
+def _context(purpose: ssl._SSLMethod, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED  # both ways: a peer without a certificate is refused
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"tls-dir: cannot load {ca.parent}: {getattr(e, 'reason', None) or e}") from e
+    return ctx
+
+
+def load(directory: str | Path) -> TLSContexts:
+    """Build the server and client contexts of ``directory``; ConfigError says what is wrong."""
+    path = Path(directory)
+    ca, cert, key = _files(path)
+    server = _context(ssl.PROTOCOL_TLS_SERVER, ca, cert, key)
+    client = _context(ssl.PROTOCOL_TLS_CLIENT, ca, cert, key)
+    client.check_hostname = True  # the server's DNS or IP SAN must name the host we dialled
+    return TLSContexts(path, server, client)
+
+
+def client_context(directory: str | Path | None) -> ssl.SSLContext | None:
+    """The dialling context of ``directory``, or None (plaintext) when no directory is given."""
+    return None if not directory else load(directory).client
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for a failed TLS exchange (OpenSSL's reason text when there is one)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    reason = getattr(exc, "reason", None)
+    return str(reason).lower().replace("_", " ") if reason else (str(exc) or type(exc).__name__)
