@@ -299,7 +299,7 @@ class VM:
     # time (pid + start time name one process), the migration phase, and the record's origin.
     socket_path: str | None = None
     pid_start: int | None = None
-    migration_phase: str | None = None  # None | "precopy" | "stop-and-copy"
+    migration_phase: str | None = None  # None | "precopy" | "stop-and-copy" | "commit-sent"
     origin: str = "created"
     started: float = field(default_factory=time.time)
     on_record: Callable[[VM], None] | None = field(default=None, repr=False)  # rewrites the VM's record
@@ -338,6 +338,10 @@ class VM:
             self.migration_phase = phase
             if self.on_record is not None:
                 self.on_record(self)
+
+    def mark_commit_sent(self) -> None:
+        """The source is about to send COMMIT: from here a restarted agent must treat the VM as in doubt."""
+        self._note_phase("commit-sent")
 
     def _pulse(self) -> None:
         self.changed.set()
@@ -746,9 +750,15 @@ class VMManager:
             await vm.throttle(0)
         if phase == "precopy":
             vm.log.warning("migration cut by an agent restart in pre-copy; the VM runs here", phase=phase)
+        elif phase == "stop-and-copy":
+            # Paused for stop-and-copy but COMMIT never went out (it is recorded before it is sent): the
+            # destination never starts a VM without COMMIT and discards its copy, so the VM runs here again.
+            if vm.state == "paused":
+                await vm.resume()
+            vm.log.warning("migration cut by an agent restart before COMMIT; the VM runs here", phase=phase)
         else:
-            # Paused for stop-and-copy: COMMIT may have gone out before the agent died, and the destination
-            # may run the VM. Never run it twice: it stays paused until the operator checks the destination.
+            # COMMIT may have gone out before the agent died, and the destination may run the VM.
+            # Never run it twice: it stays paused until the operator checks the destination.
             vm.log.error("migration cut by an agent restart in stop-and-copy; VM kept paused (in doubt): "
                          "check the destination, then `ferry vm resume` or `ferry vm destroy` it here",
                          phase=phase)

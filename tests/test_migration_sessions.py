@@ -135,6 +135,9 @@ class FakeVM:
     async def track_stop(self) -> None:
         self.calls.append("track_stop")
 
+    def mark_commit_sent(self) -> None:
+        self.calls.append("commit_sent")
+
 
 class FakeSourceVMs:
     def __init__(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proto.messages import DeviceState, PageBatch
+from proto.messages import Commit, DeviceState, PageBatch
 from tests.agents import AgentProc, make_key, start_agent, wait_for
 from tests.faults import C2S, CALL, FaultProxy, Rule, kill9, migration_target
 from tests.test_faults_cuts import busy, finished, migrate_via, names, only_on, runs_on
@@ -166,7 +166,7 @@ def test_a_source_agent_killed_in_pre_copy_and_restarted_runs_the_vm_and_migrate
     only_on(b, a2, "m")
 
 
-def test_a_source_agent_killed_in_stop_and_copy_keeps_the_vm_paused_until_the_operator_decides(
+def test_a_source_agent_killed_in_stop_and_copy_before_commit_resumes_the_vm_on_restart(
         tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
     a = start_agent(tmp_path, "A", key)
     b = start_agent(tmp_path, "B", key)
@@ -182,13 +182,37 @@ def test_a_source_agent_killed_in_stop_and_copy_keeps_the_vm_paused_until_the_op
     wait_for(lambda: b.call("agent-info")["free-mem"] == b.call("agent-info")["max-mem"],
              what="the destination to discard its copy")
     a2 = restart(tmp_path, a, agents)
-    # Paused for stop-and-copy: the agent cannot tell whether COMMIT went out, so it never runs the VM
-    # by itself; the operator checks the destination and resumes it here.
-    assert a2.call("vm-info", name="m")["state"] == "paused"
-    assert "in doubt" in a2.log()
-    assert names(b) == []
-    a2.call("vm-resume", name="m")
+    # Paused for stop-and-copy, but COMMIT was never recorded as sent: the destination cannot run
+    # the VM, so the restarted agent runs it here again by itself.
     runs_on(a2, "m")
+    assert "migration cut by an agent restart before COMMIT" in a2.log()
+    assert names(b) == []
     a2.call("migrate", name="m", to=b.control)
     assert finished(a2, "m")["status"] == "completed"
+    only_on(b, a2, "m")
+
+
+def test_a_source_agent_killed_as_commit_goes_out_keeps_the_vm_paused_until_the_operator_decides(
+        tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
+    a = start_agent(tmp_path, "A", key)
+    b = start_agent(tmp_path, "B", key)
+    agents += [a, b]
+    busy(a, "m")
+    with FaultProxy(migration_target(b)) as proxy:
+        # The source dies with its COMMIT in flight (the proxy holds the frame, then passes it on):
+        # COMMIT was recorded as sent, and the destination gets it and starts the VM.
+        rule = proxy.add(Rule(C2S, Commit, CALL, callback=lambda: kill_agent(a)))
+        try:
+            migrate_via(a, b, proxy, "m")
+        except Exception:
+            pass
+        wait_for(rule.fired.is_set, what="the kill")
+    wait_for(lambda: "m" in names(b), what="the destination to start the VM")
+    runs_on(b, "m")
+    a2 = restart(tmp_path, a, agents)
+    # The restarted source cannot tell whether COMMIT reached the destination, so it never runs
+    # the VM by itself: one copy runs (there), the other stays paused until the operator decides.
+    assert a2.call("vm-info", name="m")["state"] == "paused"
+    assert "in doubt" in a2.log()
+    a2.call("vm-destroy", name="m")  # the operator saw it run on the destination
     only_on(b, a2, "m")

@@ -387,6 +387,9 @@ class SourceSession:
             return
         t = time.monotonic()
         resumed: bool | None
+        # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
+        # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
+        self.bridge.run(self.vm.mark_commit_sent)
         try:
             self._send(Commit(self.migration_id))
             assert self.conn is not None
