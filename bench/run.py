@@ -5,7 +5,8 @@ module that exists (the raw copy baseline first, so ferry's figures can be
 read as ratios to a baseline of the same run), each in its own subprocess
 under a time limit, and writes: a header with the machine, the date and the
 load average before and after; a summary table; then one section per bench
-with its Markdown output verbatim. A bench that fails or overruns its limit
+with its Markdown output verbatim; docs/PERFORMANCE.md (hand-written: what each optimisation
+bought) goes in after the summary. A bench that fails or overruns its limit
 gets a section saying so, with whatever it printed and the tail of its
 stderr: the runner itself never fails because a bench did.
 
@@ -40,8 +41,11 @@ from bench.common import (
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
+# Hand-written: what each optimisation bought, before/after. Included in the report, never generated.
+NARRATIVE = ROOT / "docs" / "PERFORMANCE.md"
 # The order of the report: the baseline first, then bottom-up through ferry's parts to whole migrations.
-KNOWN = ("baseline_copy", "bench_interp", "bench_pause", "bench_dirty", "bench_proto", "bench_migrate")
+KNOWN = ("baseline_copy", "bench_interp", "bench_pause", "bench_dirty", "bench_proto", "bench_migrate",
+         "bench_downtime")
 TIMEOUT_FULL = 1200.0  # s per bench; a full bench_migrate moves tens of GiB on a loaded machine
 TIMEOUT_QUICK = 300.0
 STDERR_TAIL = 30  # lines of a failed bench's stderr kept in the report
@@ -74,6 +78,7 @@ class Report:
     seconds: float
     results: tuple[BenchResult, ...]
     missing: tuple[str, ...]  # known benches whose module does not exist (yet)
+    narrative: str = ""  # docs/PERFORMANCE.md, included after the summary
 
 
 # --- what to run ------------------------------------------------------------------------------
@@ -115,6 +120,8 @@ def title_of(name: str, bench_dir: Path = BENCH_DIR) -> str:
 def render(report: Report) -> str:
     """The whole of docs/BENCHMARKS.md."""
     parts = [render_header(report), render_summary(report)]
+    if report.narrative.strip():
+        parts.append(render_narrative(report.narrative))
     parts += [render_section(r) for r in report.results]
     return "\n\n".join(parts) + "\n"
 
@@ -145,6 +152,21 @@ def render_summary(report: Report) -> str:
     if report.missing:
         text += "\n\nNot present, so not run: " + ", ".join(f"`{n}`" for n in report.missing) + "."
     return text
+
+
+def render_narrative(text: str) -> str:
+    """docs/PERFORMANCE.md as a section: its headings pushed one level down, under one of ours."""
+    lines = text.strip().splitlines()
+    if lines and lines[0].startswith(("# ", "## ")):
+        lines = lines[1:]  # its own title: ours replaces it
+    in_code = False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            in_code = not in_code
+        elif line.startswith("#") and not in_code:  # a heading, not a shell comment in a code block
+            lines[i] = "#" + line
+    return ("## What the optimisations bought\n\nFrom [docs/PERFORMANCE.md](PERFORMANCE.md) (hand-written, "
+            "figures from the runs it names; the tables below are this run's).\n\n" + "\n".join(lines).strip())
 
 
 def render_section(r: BenchResult) -> str:
@@ -219,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"interrupted: {a.out} left as it was", file=sys.stderr)
         raise SystemExit(130) from None
     seconds = (datetime.datetime.now(datetime.UTC) - start).total_seconds()
-    report = Report(machine, a.quick, load_before, load_average(), seconds, tuple(results), tuple(missing))
+    narrative = NARRATIVE.read_text() if NARRATIVE.is_file() else ""
+    report = Report(machine, a.quick, load_before, load_average(), seconds, tuple(results), tuple(missing),
+                    narrative)
     write_atomically(a.out, render(report))
     print(f"wrote {a.out}", file=sys.stderr)
 

@@ -92,7 +92,12 @@ def connect(addr: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S,
 
 
 class Connection:
-    """Proto frames over one blocking socket; counts the bytes it moves."""
+    """Proto frames over one blocking socket; counts the bytes it moves.
+
+    agent/migration/tls.py's TLSConnection overrides ``_sendmsg_all``, ``_recv_scatter``,
+    ``_recv_exact`` and ``shutdown`` (an SSLSocket has no sendmsg/recvmsg_into): keep their
+    signatures, or change both classes together.
+    """
 
     def __init__(self, sock: socket.socket, guest_size: int | None = None) -> None:
         self.sock = sock
