@@ -624,6 +624,17 @@ class VMManager:
         vm = VM(name=name, mem=mem, memfd=fd, ram=ram, pid=proc.pid, dirty_backend=backend, program=program,
                 host=self.agent_name, process=proc, log=self.log.bind(vm=name))
         vm._channel = VMChannel(parent, vm.on_event, vm.on_channel_closed)
+        if preload:
+            # An incoming VM's process is ready only once it answers: a fresh interpreter needs
+            # 0.1-0.25 s to start and import the machine, which would otherwise be spent inside the
+            # downtime by the restore at COMMIT (docs/PERFORMANCE.md, section 1).
+            try:
+                await vm.channel.request("status")
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                vm.channel.close()
+                raise
         return vm
 
     async def destroy(self, name: str) -> None:
