@@ -115,6 +115,7 @@ class AgentProc:
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.leaked: list[int] = []
         self.returncode: int | None = None
+        self.kept_vms = False  # stopped with keep_vms: a later stop() (the fixture's) kills those VMs
         # True: .cli() calls agent.cli.main() in-process (fast); False: the `ferry` entry point in a subprocess.
         self.cli_in_process = False
 
@@ -184,7 +185,11 @@ class AgentProc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT, keep_vms: bool = False) -> int:
         """Signal the agent, wait for it, kill its VMs (unless keep_vms) and leftovers (in .leaked), print its log."""
         if self.returncode is not None:
+            if not keep_vms and self.kept_vms:  # killed earlier with its VMs left running: the test is over
+                self.kept_vms = False
+                self.kill_recorded_vms()
             return self.returncode
+        self.kept_vms = keep_vms
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
