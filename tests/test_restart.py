@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proto.messages import Commit, DeviceState, PageBatch
+from proto.messages import Commit, DeviceState, Message, PageBatch
 from tests.agents import AgentProc, make_key, start_agent, wait_for
 from tests.faults import C2S, CALL, FaultProxy, Rule, kill9, migration_target
 from tests.test_faults_cuts import busy, finished, migrate_via, names, only_on, runs_on
@@ -166,19 +166,27 @@ def test_a_source_agent_killed_in_pre_copy_and_restarted_runs_the_vm_and_migrate
     only_on(b, a2, "m")
 
 
-def test_a_source_agent_killed_in_stop_and_copy_before_commit_resumes_the_vm_on_restart(
-        tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
+def kill_source_when(tmp_path: Path, key: Path, agents: list[AgentProc],
+                     msg: type[Message]) -> tuple[AgentProc, AgentProc]:
+    """Migrate a busy VM "m" from a new agent A to a new agent B and kill -9 A when the first ``msg``
+    frame reaches the proxy between them (before the proxy passes it on); returns (A, B)."""
     a = start_agent(tmp_path, "A", key)
     b = start_agent(tmp_path, "B", key)
     agents += [a, b]
     busy(a, "m")
     with FaultProxy(migration_target(b)) as proxy:
-        rule = proxy.add(Rule(C2S, DeviceState, CALL, callback=lambda: kill_agent(a)))
+        rule = proxy.add(Rule(C2S, msg, CALL, callback=lambda: kill_agent(a)))
         try:
             migrate_via(a, b, proxy, "m")
         except Exception:
-            pass
+            pass  # the source died under the call
         wait_for(rule.fired.is_set, what="the kill")
+    return a, b
+
+
+def test_a_source_agent_killed_in_stop_and_copy_before_commit_resumes_the_vm_on_restart(
+        tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
+    a, b = kill_source_when(tmp_path, key, agents, DeviceState)
     wait_for(lambda: b.call("agent-info")["free-mem"] == b.call("agent-info")["max-mem"],
              what="the destination to discard its copy")
     a2 = restart(tmp_path, a, agents)
@@ -194,19 +202,9 @@ def test_a_source_agent_killed_in_stop_and_copy_before_commit_resumes_the_vm_on_
 
 def test_a_source_agent_killed_as_commit_goes_out_keeps_the_vm_paused_until_the_operator_decides(
         tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
-    a = start_agent(tmp_path, "A", key)
-    b = start_agent(tmp_path, "B", key)
-    agents += [a, b]
-    busy(a, "m")
-    with FaultProxy(migration_target(b)) as proxy:
-        # The source dies with its COMMIT in flight (the proxy holds the frame, then passes it on):
-        # COMMIT was recorded as sent, and the destination gets it and starts the VM.
-        rule = proxy.add(Rule(C2S, Commit, CALL, callback=lambda: kill_agent(a)))
-        try:
-            migrate_via(a, b, proxy, "m")
-        except Exception:
-            pass
-        wait_for(rule.fired.is_set, what="the kill")
+    # The source dies with its COMMIT in flight (the proxy holds the frame, then passes it on):
+    # COMMIT was recorded as sent, and the destination gets it and starts the VM.
+    a, b = kill_source_when(tmp_path, key, agents, Commit)
     wait_for(lambda: "m" in names(b), what="the destination to start the VM")
     runs_on(b, "m")
     a2 = restart(tmp_path, a, agents)

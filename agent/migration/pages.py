@@ -27,8 +27,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
-import errno
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -36,6 +34,7 @@ from functools import lru_cache
 import xxhash
 
 from vmruntime.dirty import merge_ranges
+from vmruntime.dirty.extents import data_pieces
 
 PAGE_SIZE = 4096
 ZERO_GRAIN = 64 * 1024
@@ -156,25 +155,6 @@ def covered_chunks(ranges: Iterable[Range]) -> set[int]:
     out: set[int] = set()
     for a, b in ranges:
         out.update(range(-(-a // DIGEST_CHUNK), b // DIGEST_CHUNK))
-    return out
-
-
-def data_pieces(memfd: int, start: int, end: int) -> list[Range]:
-    """The data (non-hole) pieces of memfd within [start, end), by SEEK_DATA/SEEK_HOLE."""
-    out: list[Range] = []
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(memfd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data at or after pos
-                break
-            raise
-        if data >= end:
-            break
-        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), end)
-        out.append((data, hole))
-        pos = hole
     return out
 
 

@@ -20,27 +20,36 @@ def page_ceil(x: int) -> int:
     return -(-x // PAGE_SIZE) * PAGE_SIZE
 
 
-def written_extents(memfd: int, size: int) -> list[tuple[int, int]]:
-    """The extents of ``memfd`` that hold data (not holes) within [0, size), page aligned.
-
-    Uses lseek SEEK_DATA/SEEK_HOLE: a memfd page never written (or punched) is
-    a hole and reads as zeros, so round 0 of a migration sends only these.
-    Extents are rounded out to whole pages, merged, and clipped to ``size``.
-    """
+def data_pieces(memfd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The data (non-hole) pieces of ``memfd`` within [start, end), as lseek SEEK_DATA/SEEK_HOLE
+    report them (not rounded to pages)."""
     out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
+    pos = start
+    while pos < end:
         try:
             data = os.lseek(memfd, pos, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data at or after pos
                 break
             raise
-        if data >= size:
+        if data >= end:
             break
-        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), size)
-        append_range(out, page_floor(data), min(page_ceil(hole), page_ceil(size)))
+        hole = min(os.lseek(memfd, data, os.SEEK_HOLE), end)
+        out.append((data, hole))
         pos = hole
+    return out
+
+
+def written_extents(memfd: int, size: int) -> list[tuple[int, int]]:
+    """The extents of ``memfd`` that hold data (not holes) within [0, size), page aligned.
+
+    A memfd page never written (or punched) is a hole and reads as zeros, so
+    round 0 of a migration sends only these. Extents are rounded out to whole
+    pages, merged, and clipped to ``size``.
+    """
+    out: list[tuple[int, int]] = []
+    for data, hole in data_pieces(memfd, 0, size):
+        append_range(out, page_floor(data), min(page_ceil(hole), page_ceil(size)))
     return out
 
 
