@@ -798,8 +798,10 @@ class VMManager:
                             preload=True))
         await asyncio.shield(inc.spawning)
 
-    async def start_incoming(self, inc: Incoming, state: dict[str, Any], dirty_backend: str | None) -> VM:
-        """Restore the CPU and device state in the VM process over the received RAM, and resume it."""
+    async def start_incoming(self, inc: Incoming, state: dict[str, Any], dirty_backend: str | None,
+                             paused: bool = False) -> VM:
+        """Restore the CPU and device state in the VM process over the received RAM, and resume it
+        (or leave it paused, as it was on the source)."""
         if self._incoming.get(inc.name) is not inc:
             raise VMError(ErrorCode.BAD_REQUEST, f"no incoming reservation for {inc.name!r}")
         backend = self._backend(dirty_backend)
@@ -812,12 +814,12 @@ class VMManager:
         del self._incoming[inc.name]
         self._vms[vm.name] = vm
         try:
-            await vm.channel.request("restore", state=state, paused=False)
+            await vm.channel.request("restore", state=state, paused=paused)
         except BaseException:
             await self._drop(vm)
             raise
         vm.instructions = int(state.get("instructions", 0))
-        vm._set_run("running")
+        vm._set_run("paused" if paused else "running")
         await self._make_detachable(vm)
         self._record(vm, "migration")
         vm.log.info("vm started from migration", mem=vm.mem, pid=vm.pid, dirty_tracker=backend)

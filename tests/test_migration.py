@@ -133,6 +133,23 @@ def test_counter_migrates_there_and_back_through_the_cli(pair: tuple[AgentProc, 
     moved(b, a, "c1")
 
 
+def test_a_paused_vm_stays_paused_on_the_destination(pair: tuple[AgentProc, AgentProc]) -> None:
+    """The run state migrates with the VM (QEMU's runstate): paused there, and it resumes on request."""
+    a, b = pair
+    create(a, "p1", "counter", every="4096")
+    executing(a, "p1")
+    a.call("vm-pause", name="p1")
+    frozen = a.call("vm-info", name="p1")["instructions"]
+    start_migration(a, "p1", b)
+    assert finished(a, "p1")["status"] == "completed"
+    assert "p1" not in names(a)
+    info = b.call("vm-info", name="p1")
+    assert info["state"] == "paused" and info["instructions"] == frozen, info
+    b.call("vm-resume", name="p1")
+    executing(b, "p1")
+    b.call("vm-destroy", name="p1")
+
+
 def test_idle_guest_sends_only_what_it_touched(pair: tuple[AgentProc, AgentProc]) -> None:
     a, b = pair
     create(a, "i1", "idle", mem="1G")

@@ -21,7 +21,13 @@ from typing import Any
 import pytest
 
 from agent.migration import pages
-from agent.migration.common import LoopBridge, MigrationError, client_handshake, server_handshake
+from agent.migration.common import (
+    RUN_STATE_KEY,
+    LoopBridge,
+    MigrationError,
+    client_handshake,
+    server_handshake,
+)
 from agent.migration.destination import DestinationSession, Outcomes
 from agent.migration.info import MigrationInfo, MigrationParams, Status
 from agent.migration.source import SourceSession
@@ -231,13 +237,13 @@ def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: An
     vm, vms = FakeVM(dirty=[[(0, 2 * P)], [(3 * MiB, 3 * MiB + P)]]), FakeSourceVMs()
     _, info = run_source(bridge, dest, vm, vms)
     assert info.status is Status.COMPLETED, info.error
-    assert vm.calls == ["track_start", "pause", "track_stop"]  # paused once, never resumed here
+    assert vm.calls == ["track_start", "pause", "commit_sent", "track_stop"]  # paused once, never resumed here
     assert vms.removed == ["v"]
     assert dest.ram[:] == vm.ram[:]
     kinds = [type(m).__name__ for m in dest.got]
     assert kinds[0] == "MigrateStart" and kinds[-4:] == ["RoundEnd", "DeviceState", "Digest", "Commit"]
     state = next(m for m in dest.got if isinstance(m, DeviceState))
-    assert state.state == {"version": 1, "pc": 1234}
+    assert state.state == {"version": 1, "pc": 1234, RUN_STATE_KEY: "running"}  # the run state travels too
     digest = next(m for m in dest.got if isinstance(m, Digest))
     assert digest.value == pages.ram_digest(vm.memfd, memoryview(vm.ram), SIZE)
     assert info.rounds[-1].final and info.downtime_s is not None
@@ -340,7 +346,8 @@ class FakeDestVMs:
         self.reserved.append(Inc(name, mem, fd, ram))
         return self.reserved[-1]
 
-    async def start_incoming(self, inc: Inc, state: dict[str, Any], backend: str | None) -> None:
+    async def start_incoming(self, inc: Inc, state: dict[str, Any], backend: str | None,
+                             paused: bool = False) -> None:
         self.started.append(state)
 
     def discard_incoming(self, inc: Inc) -> None:

@@ -18,6 +18,11 @@ from proto.auth import ClientHandshake, ServerHandshake, error_response
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import ErrorResponse
 
+# The VM's run state travels beside its CPU and device state in DeviceState, as QEMU's runstate
+# does: a VM the operator paused before migrating stays paused on the destination. The key is the
+# agent's; the destination takes it out before the state reaches the VM process.
+RUN_STATE_KEY = "agent-run-state"
+
 T = TypeVar("T")
 
 # How long a session waits for one VM-manager call on the loop (pause, resume,

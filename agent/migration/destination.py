@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.migration import pages
-from agent.migration.common import LoopBridge, describe, error_code, server_handshake, tell
+from agent.migration.common import RUN_STATE_KEY, LoopBridge, describe, error_code, server_handshake, tell
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.transport import Connection
 from proto.auth import error_response
@@ -166,6 +166,7 @@ class DestinationSession:
         self._digest: pages.RamDigest | None = None
         self._touched: set[int] = set()  # digest chunks written since the last round end
         self._state: dict[str, Any] | None = None
+        self._start_paused = False  # the VM was paused on the source: it stays paused here
         self._ram_digest: str | None = None
         self._round = RoundStat()
         self._mid = ""
@@ -377,7 +378,8 @@ class DestinationSession:
         self.info.status = Status.DEVICE
         if self.info.rounds:
             self.info.rounds[-1].final = True
-        self._state = msg.state
+        self._state = dict(msg.state)
+        self._start_paused = self._state.pop(RUN_STATE_KEY, "running") == "paused"
         t = time.monotonic()
         self._ram_digest = self._digest.hexdigest()
         self.info.breakdown["digest"] = time.monotonic() - t
@@ -407,7 +409,7 @@ class DestinationSession:
         self._release_ram()
         t = time.monotonic()
         try:
-            self.bridge.call(self.vms.start_incoming(self._inc, self._state, None))
+            self.bridge.call(self.vms.start_incoming(self._inc, self._state, None, paused=self._start_paused))
         except Exception as exc:
             # start_incoming dropped the reservation; the source may resume: we never will.
             self.outcomes.settle(self._mid, False)

@@ -32,6 +32,7 @@ from typing import Any
 
 from agent.migration import pages, tls
 from agent.migration.common import (
+    RUN_STATE_KEY,
     Cancelled,
     LoopBridge,
     MigrationError,
@@ -342,7 +343,7 @@ class SourceSession:
         stat = self._send_ranges(final, final=True)
         self._end_round(stat, 0, max(time.monotonic() - t, 1e-6), final=True)
         t = self._lap("final-copy", t)
-        self._send(DeviceState(state))
+        self._send(DeviceState({**state, RUN_STATE_KEY: "running" if self._was_running else "paused"}))
         t = self._lap("state", t)
         self._send(Digest(pages.DIGEST_ALGORITHM, digest.result()))
         t = self._lap("digest", t)  # only what the final copy did not hide
