@@ -27,7 +27,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,3 +278,32 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def digest_line(console: bytes) -> bytes:
+    """The one `digest <hex>` line a `verify` guest prints before it halts."""
+    lines = [ln for ln in console.splitlines() if ln.startswith(b"digest ")]
+    assert len(lines) == 1, console[-500:]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def unmigrated_verify_digest(mem: int, args: dict[str, str]) -> Iterator[Callable[[], bytes]]:
+    """The `digest` line of a `verify` run that is never migrated (the oracle of migration tests),
+    computed in a background thread while the test migrates its own copy; call the result to get it."""
+    from vmruntime.runlocal import run_local
+
+    out = io.BytesIO()
+    status: list[int] = []
+    t = threading.Thread(target=lambda: status.append(run_local("verify", mem, dict(args), out, max_seconds=100)))
+    t.start()
+
+    def result() -> bytes:
+        t.join()
+        assert status == [0], out.getvalue()[-500:]
+        return digest_line(out.getvalue())
+
+    try:
+        yield result
+    finally:
+        t.join()

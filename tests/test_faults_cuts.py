@@ -8,8 +8,6 @@ runs (before COMMIT on the source, after it on the destination), neither agent i
 
 from __future__ import annotations
 
-import io
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +25,7 @@ from proto.messages import (
     Resumed,
     RoundEnd,
 )
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, digest_line, make_key, start_agent, unmigrated_verify_digest, wait_for
 from tests.faults import (
     AFTER,
     C2S,
@@ -41,7 +39,6 @@ from tests.faults import (
     migration_target,
     round_is,
 )
-from vmruntime.runlocal import run_local
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -171,25 +168,9 @@ def test_a_cut_at_every_point_leaves_exactly_one_running_copy(pair: tuple[AgentP
 
 @pytest.fixture(scope="module")
 def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    out = io.BytesIO()
-    status: list[int] = []
-    t = threading.Thread(target=lambda: status.append(run_local("verify", 8 << 20, dict(VERIFY_ARGS), out,
-                                                                  max_seconds=100)))
-    t.start()
-
-    def result() -> bytes:
-        t.join()
-        assert status == [0], out.getvalue()[-500:]
-        return digest_line(out.getvalue())
-
-    yield result
-    t.join()
-
-
-def digest_line(console: bytes) -> bytes:
-    lines = [ln for ln in console.splitlines() if ln.startswith(b"digest ")]
-    assert len(lines) == 1, console[-500:]
-    return lines[0]
+    """The `digest` line of an unmigrated verify run, computed once, in the background."""
+    with unmigrated_verify_digest(8 << 20, VERIFY_ARGS) as result:
+        yield result
 
 
 @pytest.mark.parametrize("rule, owner", [

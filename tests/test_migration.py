@@ -8,18 +8,23 @@ the destination and runs there; after a refusal, cancel or failure it runs on th
 
 from __future__ import annotations
 
-import io
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.agents import AgentProc, free_port, make_key, start_agent, wait_for
+from tests.agents import (
+    AgentProc,
+    digest_line,
+    free_port,
+    make_key,
+    start_agent,
+    unmigrated_verify_digest,
+    wait_for,
+)
 from vmruntime import dirty
-from vmruntime.runlocal import run_local
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -170,25 +175,8 @@ VERIFY_ARGS = {"ws": "4M", "steps": "4000000"}  # a few seconds of guest time: t
 @pytest.fixture(scope="module")
 def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
     """The `digest` line of an unmigrated verify run, computed once, in the background."""
-    out = io.BytesIO()
-    status: list[int] = []
-    t = threading.Thread(target=lambda: status.append(
-        run_local("verify", 16 << 20, dict(VERIFY_ARGS), out, max_seconds=100)))
-    t.start()
-
-    def result() -> bytes:
-        t.join()
-        assert status == [0], out.getvalue()[-500:]
-        return digest_line(out.getvalue())
-
-    yield result
-    t.join()
-
-
-def digest_line(console: bytes) -> bytes:
-    lines = [ln for ln in console.splitlines() if ln.startswith(b"digest ")]
-    assert len(lines) == 1, console[-500:]
-    return lines[0]
+    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
+        yield result
 
 
 @pytest.mark.parametrize("backend", dirty.available_backends())

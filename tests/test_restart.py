@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from proto.messages import Commit, DeviceState, Message, PageBatch
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, digest_line, make_key, start_agent, wait_for
 from tests.faults import C2S, CALL, FaultProxy, Rule, kill9, migration_target
 from tests.test_faults_cuts import busy, finished, migrate_via, names, only_on, runs_on
 from vmruntime.runlocal import run_local
@@ -53,12 +53,6 @@ def restart(tmp_path: Path, old: AgentProc, agents: list[AgentProc]) -> AgentPro
     new = start_agent(tmp_path, old.name, old.key_path)
     agents.append(new)
     return new
-
-
-def digest_line(console: bytes) -> bytes:
-    lines = [ln for ln in console.splitlines() if ln.startswith(b"digest ")]
-    assert len(lines) == 1, console[-500:]
-    return lines[0]
 
 
 def test_a_killed_agent_s_vms_are_re_adopted_keep_running_and_migrate(

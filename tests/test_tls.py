@@ -10,7 +10,6 @@ cluster key is still required inside TLS.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import socket
 import ssl
@@ -32,8 +31,14 @@ from proto.auth import ClientHandshake
 from proto.codec import encode
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import PageBatch
-from tests.agents import AgentProc, make_key, run_cli_in_process, wait_for
-from vmruntime.runlocal import run_local
+from tests.agents import (
+    AgentProc,
+    digest_line,
+    make_key,
+    run_cli_in_process,
+    unmigrated_verify_digest,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -266,25 +271,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> I
 
 @pytest.fixture(scope="module")
 def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    out = io.BytesIO()
-    status: list[int] = []
-    t = threading.Thread(target=lambda: status.append(
-        run_local("verify", 16 << 20, dict(VERIFY_ARGS), out, max_seconds=100)))
-    t.start()
-
-    def result() -> bytes:
-        t.join()
-        assert status == [0], out.getvalue()[-500:]
-        return _digest_line(out.getvalue())
-
-    yield result
-    t.join()
-
-
-def _digest_line(console: bytes) -> bytes:
-    lines = [ln for ln in console.splitlines() if ln.startswith(b"digest ")]
-    assert len(lines) == 1, console[-500:]
-    return lines[0]
+    """The `digest` line of an unmigrated verify run, computed once, in the background."""
+    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
+        yield result
 
 
 def test_tls_agents_migrate_a_guest_that_ends_with_the_unmigrated_digest(
@@ -299,7 +288,7 @@ def test_tls_agents_migrate_a_guest_that_ends_with_the_unmigrated_digest(
     assert [vm["name"] for vm in b.call("vm-list")["vms"]] == ["v1"]
     wait_for(lambda: b.call("vm-info", name="v1")["state"] == "halted", timeout=100, what="verify to halt")
     console = b.cli("vm", "console", "v1").stdout.encode()
-    assert _digest_line(console) == unmigrated_digest()
+    assert digest_line(console) == unmigrated_digest()
     b.call("vm-destroy", name="v1")
 
 
