@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/python -m agent.demo
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'  # py-spy and matplotlib (the plots)
 	$(BIN)/python -m bench.run
 
 clean:
