@@ -130,18 +130,22 @@ def breakdown_row(case: Case, results: list[dict[str, Any]]) -> str:
 def transport_once(mem: int, scattered: bool) -> float:
     """Seconds to move ``mem`` bytes of non-zero data through the data path alone (no agents):
     page batches from one memfd to a fresh one over loopback TCP, sender and receiver threads."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    tx = Connection(connect(lsock.getsockname()[:2]))
+    server, _ = lsock.accept()
+    lsock.close()
+    return time_transfer(tx, Connection(prepare_socket(server), guest_size=mem), mem, scattered)
+
+
+def time_transfer(tx: Connection, rx: Connection, mem: int, scattered: bool) -> float:
+    """Seconds to send ``mem`` bytes of non-zero data (every other page when ``scattered``) from a
+    memfd over ``tx`` into a fresh memfd behind ``rx``; closes both connections."""
     src_fd, src = create_guest_ram("bench-src", mem)
     dst_fd, dst = create_guest_ram("bench-dst", mem)
     block = os.urandom(1 << 20)
     for off in range(0, mem, 1 << 20):
         src[off:off + (1 << 20)] = block
-    lsock = socket.create_server(("127.0.0.1", 0))
-    tx = Connection(connect(lsock.getsockname()[:2]))
-    server, _ = lsock.accept()
-    lsock.close()
-    rx = Connection(prepare_socket(server), guest_size=mem)
-    step = 2 * PAGE if scattered else mem
-    ranges = [(off, off + PAGE) for off in range(0, mem, step)] if scattered else [(0, mem)]
+    ranges = [(off, off + PAGE) for off in range(0, mem, 2 * PAGE)] if scattered else [(0, mem)]
     smv, dmv = memoryview(src), memoryview(dst)
 
     def receive() -> None:

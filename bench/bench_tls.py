@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import socket
 import ssl
 import statistics
@@ -31,12 +30,9 @@ from typing import Any
 
 from agent import certs, tls
 from agent.client import call_sync
-from agent.migration.pages import PAGE_SIZE as PAGE
-from agent.migration.pages import plan_batches
 from agent.migration.tls import TLSConnection
 from agent.migration.transport import Connection, connect, prepare_socket
-from agent.vms import close_guest_ram, create_guest_ram
-from proto.messages import PageBatch, Ready
+from bench.bench_migrate import time_transfer
 from tests.agents import AgentProc, make_key, wait_for
 from vmruntime.isa import DATA_ADDR
 
@@ -69,34 +65,8 @@ def _pair(mem: int, pki: dict[str, Path] | None) -> tuple[Connection, Connection
 
 def transport_once(mem: int, scattered: bool, pki: dict[str, Path] | None) -> float:
     """Seconds to move the data through the data path alone (fresh destination memory each run)."""
-    src_fd, src = create_guest_ram("bench-src", mem)
-    dst_fd, dst = create_guest_ram("bench-dst", mem)
-    block = os.urandom(1 << 20)
-    for off in range(0, mem, 1 << 20):
-        src[off:off + (1 << 20)] = block
     tx, rx = _pair(mem, pki)
-    ranges = [(off, off + PAGE) for off in range(0, mem, 2 * PAGE)] if scattered else [(0, mem)]
-    smv, dmv = memoryview(src), memoryview(dst)
-
-    def receive() -> None:
-        while isinstance(rx.recv(dmv), PageBatch):
-            pass
-
-    t = threading.Thread(target=receive)
-    t0 = time.perf_counter()
-    t.start()
-    for batch in plan_batches(smv, ranges):
-        tx.send_pages(smv, batch.ranges, batch.zeros)
-    tx.send(Ready())
-    t.join()
-    seconds = time.perf_counter() - t0
-    smv.release()
-    dmv.release()
-    tx.close()
-    rx.close()
-    close_guest_ram(src_fd, src)
-    close_guest_ram(dst_fd, dst)
-    return seconds
+    return time_transfer(tx, rx, mem, scattered)
 
 
 def transport_table(mem: int, runs: int, pki: dict[str, Path]) -> str:
