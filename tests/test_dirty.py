@@ -8,7 +8,8 @@ memfd. Tracking is the kernel's own (userfaultfd write-protect, PAGEMAP_SCAN).
 What "exact" means per backend: the uffd backends report exactly the pages
 the guest wrote; "hash" reports exactly the pages whose content changed (the
 writer stamps fresh values, so there the two coincide; see
-test_rewriting_same_content for where they differ).
+test_rewriting_same_content for where they differ). uffd-wp-async with its
+opt-in hot blocks reports a superset (whole dense 2 MiB blocks): tested at the end.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -500,3 +502,245 @@ def test_sync_writer_wakes_when_agent_dies(fresh: tuple[WriterProc, mmap.mmap]) 
             agent.kill()
             agent.wait()
         writer.sock.settimeout(None)
+
+
+# ---- uffd-wp-async hot blocks (opt-in): whole dense blocks reported, no write lost ----
+
+B = uffd_async.HOT_BLOCK
+needs_async = pytest.mark.skipif("uffd-wp-async" not in AVAILABLE, reason="uffd-wp-async unavailable")
+
+
+def track_async(writer: WriterProc, ram: mmap.mmap, hot_blocks: bool) -> Tracked:
+    """Like track(), for uffd-wp-async with or without hot blocks."""
+    addr, length, uffd = writer.register("uffd-wp-async")
+    tracker = dirty.make_tracker(
+        "uffd-wp-async", pid=writer.pid, uffd=uffd, addr=addr, length=length, ram=ram, hot_blocks=hot_blocks
+    )
+    tracker.start()
+    return Tracked(writer, tracker, ram, uffd)
+
+
+def test_dense_runs_finds_blocks_written_at_hot_density() -> None:
+    """The block-density helper on virtual addresses: 3 whole blocks and a short tail block.
+
+    The tail counts against its own (clipped) size, the threshold is inclusive (exactly
+    HOT_DENSITY is dense), ranges crossing block boundaries are split between blocks, and
+    adjacent dense blocks come out as one run.
+    """
+    assert uffd_async.HOT_DENSITY == 0.75 and B == 512 * P  # the figures below assume these
+    base = 0x7F12_3440_0000  # a HOT_BLOCK-aligned address, as an mmap of guest RAM would be
+    length = 3 * B + 8 * P
+
+    def dense(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        starts = array("Q", [base + s * P for s, _ in pages])
+        ends = array("Q", [base + e * P for _, e in pages])
+        return uffd_async._dense_runs(starts, ends, base, length)
+
+    # Block 0 all written, one page in block 1, block 2 all written and 6 of the 8 tail pages.
+    assert dense([(0, 512), (700, 701), (1024, 1536 + 6)]) == [(0, B), (2 * B, 3 * B + 8 * P)]
+    # Exactly 75% (384 of 512, 6 of 8) is dense, one page less is not; pieces add up per block.
+    assert dense([(0, 100), (200, 484)]) == [(0, B)]
+    assert dense([(0, 100), (200, 483)]) == []
+    assert dense([(1536, 1538), (1539, 1543)]) == [(3 * B, 3 * B + 8 * P)]
+    assert dense([(1536, 1541)]) == []
+    # A range across a block boundary counts for both blocks: 400 pages in block 0, 400 in block 1.
+    assert dense([(112, 912)]) == [(0, 2 * B)]
+    # Half of block 1 and half of block 2 in one range: neither is dense.
+    assert dense([(768, 1280)]) == []
+    # Dense blocks 0 and 2 with block 1 sparse between them stay two runs.
+    assert dense([(0, 512), (1024, 1536)]) == [(0, B), (2 * B, 3 * B)]
+    assert dense([]) == []
+
+
+@needs_async
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hot_blocks", [False, True])
+def test_hot_blocks_off_reports_dense_blocks_page_exact(hot_blocks: bool) -> None:
+    """A block written at 7/8 density, then one page of it per round, for more than HOT_ROUNDS rounds.
+
+    Off (the default): every harvest is exactly the pages written, and nothing is ever hot.
+    On, as a control that the same pattern does turn the block hot: the block is reported
+    whole from the round that made it hot until the HOT_ROUNDS-th harvest, which scans it
+    (finding it all written, as un-protected), re-protects it and forgets it; the round after
+    that is page-exact again.
+    """
+    npages = 3 * 512 + 8
+    writer = WriterProc(npages * P)
+    ram = mmap.mmap(writer.memfd, writer.size)
+    try:
+        writer.call("write", pages=list(range(npages)), value=1)  # populated, like a booted guest
+        t = track_async(writer, ram, hot_blocks)
+        tracker = t.tracker
+        assert isinstance(tracker, uffd_async.UffdAsyncTracker) and tracker.hot_blocks == hot_blocks
+        try:
+            dense_pages = [p for p in range(512) if p % 8]  # 448 of block 0's 512 pages
+            writer.call("write", pages=[*dense_pages, 600, npages - 1], value=2)
+            got = tracker.harvest()
+            if hot_blocks:
+                assert got == [(0, B), (600 * P, 601 * P), ((npages - 1) * P, npages * P)]
+                assert tracker.hot_bytes == B
+            else:
+                assert got == pages_to_ranges([*dense_pages, 600, npages - 1])
+                assert tracker.hot_bytes == 0
+            for n in range(2, uffd_async.HOT_ROUNDS + 3):  # harvests 2 .. HOT_ROUNDS + 2
+                writer.call("write", pages=[3, 700], value=n + 2)
+                got = tracker.harvest()
+                exact = [(3 * P, 4 * P), (700 * P, 701 * P)]
+                if hot_blocks and n <= uffd_async.HOT_ROUNDS:  # hot, then the cooling harvest
+                    assert got == [(0, B), (700 * P, 701 * P)], n
+                else:
+                    assert got == exact, n
+                still_hot = hot_blocks and n < uffd_async.HOT_ROUNDS
+                assert tracker.hot_bytes == (B if still_hot else 0), n
+            assert tracker.harvest() == []
+            assert ram[3 * P : 3 * P + 8] == (uffd_async.HOT_ROUNDS + 4).to_bytes(8, "little")
+        finally:
+            t.close()
+    finally:
+        writer.close()
+        ram.close()
+
+
+@needs_async
+@pytest.mark.timeout(60)
+def test_hot_block_with_never_touched_pages() -> None:
+    """A hot block of an unpopulated guest: un-protecting it drops the pte markers of its 64
+    never-touched pages. It is reported whole every round, even rounds that write nothing
+    there (the over-reporting is per round, not bounded by that round's writes); the cooling
+    harvest reports at least what was written and re-protects the empty ptes, so first
+    writes to them afterwards are reported page-exact."""
+    npages = 1024
+    writer = WriterProc(npages * P)
+    ram = mmap.mmap(writer.memfd, writer.size)
+    try:
+        t = track_async(writer, ram, hot_blocks=True)
+        tracker = t.tracker
+        assert isinstance(tracker, uffd_async.UffdAsyncTracker)
+        try:
+            dense_pages = [p for p in range(512) if p % 8]  # 448 of block 0; 0, 8, 16, ... never touched
+            writer.call("write", pages=dense_pages, value=7)
+            assert tracker.harvest() == [(0, B)]
+            writer.call("write", pages=[600], value=8)  # outside the hot block: exact
+            assert tracker.harvest() == [(0, B), (600 * P, 601 * P)]
+            for n in range(3, uffd_async.HOT_ROUNDS):
+                assert tracker.harvest() == [(0, B)], n  # nothing written, still reported whole
+                assert tracker.hot_bytes == B
+            writer.call("write", pages=[5], value=9)
+            cooling = pages_of(tracker.harvest())  # the HOT_ROUNDS-th harvest
+            assert set(dense_pages) <= cooling <= set(range(512))
+            assert tracker.hot_bytes == 0
+            writer.call("write", pages=[8, 16, 601], value=10)  # first writes to never-touched pages
+            assert tracker.harvest() == [(8 * P, 9 * P), (16 * P, 17 * P), (601 * P, 602 * P)]
+            assert tracker.harvest() == []
+            assert ram[16 * P : 16 * P + 8] == (10).to_bytes(8, "little")
+        finally:
+            t.close()
+    finally:
+        writer.close()
+        ram.close()
+
+
+@needs_async
+@pytest.mark.timeout(60)
+def test_hot_block_dropped_by_a_scattered_round_is_reported_whole() -> None:
+    """A round of scattered single pages (average run 2 pages: _find_hot does not look for
+    dense blocks then) ends the hot set early: the hot block is scanned like any other in that
+    round, reported whole (un-protected, it reads as written) and re-protected, and the next
+    round is page-exact."""
+    npages = 3 * 512
+    writer = WriterProc(npages * P)
+    ram = mmap.mmap(writer.memfd, writer.size)
+    try:
+        writer.call("write", pages=list(range(npages)), value=1)
+        t = track_async(writer, ram, hot_blocks=True)
+        tracker = t.tracker
+        assert isinstance(tracker, uffd_async.UffdAsyncTracker)
+        try:
+            writer.call("write", pages=list(range(512)), value=2)
+            assert tracker.harvest() == [(0, B)]
+            assert tracker.hot_bytes == B
+            scattered = list(range(512, npages, 2))  # every other page of blocks 1 and 2: 50%, not hot
+            writer.call("write", pages=[*scattered, 3], value=3)
+            assert tracker.harvest() == pages_to_ranges([*range(512), *scattered])
+            assert tracker.hot_bytes == 0
+            writer.call("write", pages=[3, 513], value=4)
+            assert tracker.harvest() == [(3 * P, 4 * P), (513 * P, 514 * P)]
+            assert tracker.harvest() == []
+        finally:
+            t.close()
+    finally:
+        writer.close()
+        ram.close()
+
+
+@needs_async
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("npages", "span", "populated"),
+    [(2148, 600, True), (2148, 2148, True), (1024, 1024, True), (2148, 600, False)],
+)
+def test_hot_blocks_lose_no_write_while_writer_streams(npages: int, span: int, populated: bool) -> None:
+    """Hot blocks on, the writer streaming over ``span`` pages of an ``npages`` guest.
+
+    The guest is populated first (every page mapped in the writer, as after boot) except in
+    the last case, where un-protecting a hot block turns never-touched pages' pte markers
+    into empty ptes, which must still read as written when a cooling harvest scans them.
+    Harvest about every 3 ms (some longer pauses let wide spans reach HOT_DENSITY too) and
+    copy what each harvest names, like a migration. Each harvest must be sorted and merged;
+    at the end, after halting the writer and a final harvest, the copy must equal guest RAM
+    with every page's last stamp, every written page must have been reported, pages reported
+    but never written must lie in blocks that were hot, and blocks must have been hot at
+    least once (else the mode was not exercised). 2148 pages end in a short 100-page block.
+    """
+    seed = 4321 + span
+    writer = WriterProc(npages * P)
+    ram = mmap.mmap(writer.memfd, writer.size)
+    try:
+        if populated:
+            writer.call("write", pages=list(range(npages)), value=0)  # zeros: no stamp is zero
+        t = track_async(writer, ram, hot_blocks=True)
+        tracker = t.tracker
+        assert isinstance(tracker, uffd_async.UffdAsyncTracker)
+        try:
+            copy = bytearray(ram[:])
+            union: set[int] = set()
+            hot_pages: set[int] = set()  # pages of blocks hot after some harvest
+            harvests = hot_harvests = 0
+            writer.send("stream", seed=seed, npages=span)
+            give_up = time.monotonic() + 20  # a liveness bound under load, not a performance check
+            while (harvests < 60 or not hot_harvests) and time.monotonic() < give_up:
+                # Mostly ~3 ms rounds; every 10th a longer one, and only long ones if a starved
+                # writer has not made any block hot by the 60th harvest.
+                time.sleep(0.1 if harvests >= 60 else 0.003 if harvests % 10 else 0.03)
+                ranges = tracker.harvest()
+                assert ranges == merge_ranges(ranges)
+                for s, e in ranges:
+                    copy[s:e] = ram[s:e]
+                union |= pages_of(ranges)
+                hot = tracker._hot
+                assert pages_of(hot) <= pages_of(ranges)  # a hot block is reported whole
+                assert tracker.hot_bytes == sum(e - s for s, e in hot)
+                hot_pages |= pages_of(hot)
+                hot_harvests += bool(hot)
+                harvests += 1
+            writer.send("halt")
+            count = writer.recv()["count"]
+            final = tracker.harvest()
+            assert final == merge_ranges(final)
+            for s, e in final:
+                copy[s:e] = ram[s:e]
+            union |= pages_of(final)
+        finally:
+            t.close()
+    finally:
+        writer.close()
+        ram_now = ram[:]
+        ram.close()
+    assert harvests >= 60 and hot_harvests > 0, (harvests, hot_harvests)
+    rng = stream_rng(seed)
+    written = [rng.randrange(span) for _ in range(count)]
+    assert set(written) <= union
+    assert union - set(written) <= hot_pages  # over-reporting only in hot blocks
+    assert bytes(copy) == ram_now
+    last = {p: i for i, p in enumerate(written)}
+    assert all(copy[p * P : p * P + 8] == stamp(i) for p, i in last.items())

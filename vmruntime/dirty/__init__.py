@@ -57,6 +57,10 @@ class DirtyTracker(Protocol):
     def harvest(self) -> list[tuple[int, int]]:
         """Guest byte ranges written since start()/the last harvest, merged and sorted.
 
+        The uffd backends never report fewer pages than were written, and
+        exactly those unless uffd-wp-async's opt-in hot blocks add whole dense
+        blocks; for "hash" see :mod:`.hashing`.
+
         Re-arms atomically: no write is lost between harvests. Read the pages'
         content after this returns.
         """
@@ -75,6 +79,7 @@ def make_tracker(
     length: int,
     ram: mmap.mmap,
     memfd: int | None = None,
+    hot_blocks: bool = False,
 ) -> DirtyTracker:
     """Build the agent-side tracker for a VM process that ran ``vm_register(backend, addr, length)``.
 
@@ -82,7 +87,9 @@ def make_tracker(
     duplicate it closes in stop(); the caller still closes ``uffd`` itself),
     ``addr``/``length`` the guest RAM mapping in the VM
     process, ``ram`` the agent's own mapping of guest RAM. ``memfd`` (optional)
-    lets the hash backend skip holes. Returned unstarted: call start().
+    lets the hash backend skip holes. ``hot_blocks`` (uffd-wp-async only, ignored
+    by the others) trades over-reporting of densely written 2 MiB blocks for fewer
+    guest write faults (see :mod:`.uffd_async`). Returned unstarted: call start().
     """
     check_backend(backend)
     if addr % PAGE_SIZE or length <= 0 or length % PAGE_SIZE or len(ram) < length:
@@ -92,6 +99,6 @@ def make_tracker(
     if uffd is None:
         raise ValueError(f"backend {backend!r} needs the uffd from vm_register()")
     if backend == UFFD_WP_ASYNC:
-        return UffdAsyncTracker(pid=pid, uffd=uffd, addr=addr, length=length)
+        return UffdAsyncTracker(pid=pid, uffd=uffd, addr=addr, length=length, hot_blocks=hot_blocks)
     assert backend == UFFD_WP_SYNC
     return UffdSyncTracker(pid=pid, uffd=uffd, addr=addr, length=length)
