@@ -299,7 +299,9 @@ class VM:
     # time (pid + start time name one process), the migration phase, and the record's origin.
     socket_path: str | None = None
     pid_start: int | None = None
-    migration_phase: str | None = None  # None | "precopy" | "stop-and-copy" | "commit-sent"
+    migration_phase: str | None = None  # None | "precopy" | "commit-sent" ("stop-and-copy": older records)
+    run_before: str | None = None  # the run state when the migration began: what a restart puts back
+    arrived_by: str | None = None  # the id of the migration that brought the VM here, if one did
     origin: str = "created"
     started: float = field(default_factory=time.time)
     on_record: Callable[[VM], None] | None = field(default=None, repr=False)  # rewrites the VM's record
@@ -317,6 +319,7 @@ class VM:
         # The migration engine sets "migrating" while it runs and any other state when it is done.
         if value == "migrating":
             self.migrating = True
+            self.run_before = self._run
             self._note_phase("precopy")
             self._pulse()
             return
@@ -376,13 +379,29 @@ class VM:
     # -- the surface of CONTRACTS.md ---------------------------------------------------------------
     async def pause(self) -> dict[str, Any]:
         """Stop the vCPU at an instruction boundary; returns its CPU and device state."""
-        if self.migrating:  # paused by the migration engine: stop-and-copy, recorded before it starts
-            self._note_phase("stop-and-copy")
+        # Nothing is recorded here: the record of a migrating VM already says how it ran before
+        # (run_before), which is all a restart needs to undo a stop-and-copy pause; the pause itself
+        # is inside the downtime and waits on no file.
         reply, _ = await self.channel.request("pause")
         self._set_run("paused")
         state: dict[str, Any] = reply.get("state", {})
         self.instructions = int(state.get("instructions", self.instructions))
         return state
+
+    def paused_by_lane(self, state: dict[str, Any]) -> None:
+        """What pause() notes, for a pause a migration sent on its own lane (the reply is its state)."""
+        self._set_run("paused")
+        self.instructions = int(state.get("instructions", self.instructions))
+
+    async def open_lane(self) -> vmctl.Lane:
+        """A private request/reply socket to the VM process, for a migration's session thread: it
+        pauses (source) or restores (destination) the vCPU without a round trip through this loop."""
+        _, fds = await self.channel.request("lane")
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise VMError(ErrorCode.INTERNAL, f"the VM process sent {len(fds)} fds for a lane")
+        return vmctl.Lane(socket.socket(fileno=fds[0]))
 
     async def resume(self) -> None:
         await self.channel.request("resume")
@@ -649,11 +668,12 @@ class VMManager:
         try:
             await vm.stop_process()
         finally:
-            vm.release_ram()
             if self._vms.get(vm.name) is vm:
                 del self._vms[vm.name]
                 if self.records is not None:
                     self.records.remove(vm.name)
+            # Freeing guest RAM costs 0.1-0.3 s per GiB in the kernel: not on the event loop.
+            await asyncio.to_thread(vm.release_ram)
 
     async def _make_detachable(self, vm: VM) -> None:
         """Let the VM process outlive this agent: it listens on its socket in the state dir.
@@ -661,15 +681,28 @@ class VMManager:
         Asked only once the VM runs here for good (booted, or restored by a migration): an incoming VM
         process whose agent dies before that still exits with it, leaving nothing behind. Without a
         state dir, or if listening fails, the VM process exits with the agent as before (logged)."""
-        if self.records is None:
+        path = self._detach_path(vm)
+        if path is None:
             return
-        path = str(self.records.socket_path(vm.name))
         try:
-            self.records.directory.mkdir(parents=True, exist_ok=True)
             await vm.channel.request("listen", path=path)
-        except (VMError, OSError) as e:
+        except VMError as e:
             vm.log.warning("vm process cannot outlive the agent", error=str(e))
             return
+        self._detached(vm, path)
+
+    def _detach_path(self, vm: VM) -> str | None:
+        """Where the VM process of ``vm`` should listen, or None (no state dir, or it cannot be made)."""
+        if self.records is None:
+            return None
+        try:
+            self.records.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            vm.log.warning("vm process cannot outlive the agent", error=str(e))
+            return None
+        return str(self.records.socket_path(vm.name))
+
+    def _detached(self, vm: VM, path: str) -> None:
         vm.socket_path = path
         vm.pid_start = process_start_time(vm.pid)
 
@@ -687,7 +720,8 @@ class VMManager:
             return
         try:
             self.records.write({**vm.info(), "origin": vm.origin, "started": vm.started, "socket": vm.socket_path,
-                                "pid-start": vm.pid_start, "migration-phase": vm.migration_phase})
+                                "pid-start": vm.pid_start, "migration-phase": vm.migration_phase,
+                                "run-before-migration": vm.run_before, "arrived-by": vm.arrived_by})
         except OSError as e:
             vm.log.warning("cannot write vm record", error=e.strerror or str(e))
 
@@ -734,7 +768,8 @@ class VMManager:
                     dirty_backend=self._backend(str(rec.get("dirty-tracker") or "auto")), host=self.agent_name,
                     process=AdoptedProcess(pid), log=self.log.bind(vm=name), socket_path=str(rec["socket"]),
                     pid_start=int(rec["pid-start"]), origin=str(rec.get("origin", "created")),
-                    started=float(rec.get("started") or time.time()))
+                    started=float(rec.get("started") or time.time()),
+                    arrived_by=str(rec["arrived-by"]) if rec.get("arrived-by") else None)
         except BaseException:
             sock.close()
             close_guest_ram(memfd, ram)
@@ -742,13 +777,13 @@ class VMManager:
         vm.console.write(console)
         vm._channel = VMChannel(sock, vm.on_event, vm.on_channel_closed)
         self._vms[name] = vm
-        await self._settle_adopted(vm, reply, rec.get("migration-phase"))
+        await self._settle_adopted(vm, reply, rec.get("migration-phase"), rec.get("run-before-migration"))
         self._record(vm)
         vm.log.info("vm re-adopted", pid=pid, state=vm.state, instructions=vm.instructions,
                     console_dropped=reply.get("console-dropped", 0))
         return vm
 
-    async def _settle_adopted(self, vm: VM, reply: dict[str, Any], phase: Any) -> None:
+    async def _settle_adopted(self, vm: VM, reply: dict[str, Any], phase: Any, run_before: Any = None) -> None:
         """Apply the ownership rules to a VM whose agent died in the middle of a migration of it."""
         vm.instructions = int(reply.get("instructions", 0))
         vm.fault_reason = reply.get("fault_reason")
@@ -759,14 +794,16 @@ class VMManager:
         # The migration died with the agent: the destination discards its copy when the connection drops.
         if int(reply.get("throttle", 0)):
             await vm.throttle(0)
-        if phase == "precopy":
-            vm.log.warning("migration cut by an agent restart in pre-copy; the VM runs here", phase=phase)
-        elif phase == "stop-and-copy":
-            # Paused for stop-and-copy but COMMIT never went out (it is recorded before it is sent): the
-            # destination never starts a VM without COMMIT and discards its copy, so the VM runs here again.
-            if vm.state == "paused":
+        if phase in ("precopy", "stop-and-copy"):
+            # COMMIT never went out (it is recorded before it is sent): the destination never starts a
+            # VM without COMMIT and discards its copy, so the VM runs here again, as it ran before. A VM
+            # that ran before and is paused now was paused by stop-and-copy. ("stop-and-copy" is what
+            # records written by earlier versions say for that pause.)
+            if vm.state == "paused" and (run_before == "running" or phase == "stop-and-copy"):
                 await vm.resume()
-            vm.log.warning("migration cut by an agent restart before COMMIT; the VM runs here", phase=phase)
+                vm.log.warning("migration cut by an agent restart before COMMIT; the VM runs here", phase=phase)
+            else:
+                vm.log.warning("migration cut by an agent restart in pre-copy; the VM stays here as it was", phase=phase)
         else:
             # COMMIT may have gone out before the agent died, and the destination may run the VM.
             # Never run it twice: it stays paused until the operator checks the destination.
@@ -799,31 +836,72 @@ class VMManager:
         await asyncio.shield(inc.spawning)
 
     async def start_incoming(self, inc: Incoming, state: dict[str, Any], dirty_backend: str | None,
-                             paused: bool = False) -> VM:
+                             paused: bool = False, migration_id: str | None = None) -> VM:
         """Restore the CPU and device state in the VM process over the received RAM, and resume it
-        (or leave it paused, as it was on the source)."""
+        (or leave it paused, as it was on the source): claim_incoming, the restore, incoming_restored.
+
+        A migration's session does the same with the restore on its own lane (see claim_incoming)."""
         if self._incoming.get(inc.name) is not inc:
             raise VMError(ErrorCode.BAD_REQUEST, f"no incoming reservation for {inc.name!r}")
-        backend = self._backend(dirty_backend)
         await self.prepare_incoming(inc)
-        if self._incoming.get(inc.name) is not inc:  # discarded meanwhile: its process is being killed
-            raise VMError(ErrorCode.BAD_REQUEST, f"the incoming reservation for {inc.name!r} was discarded")
-        assert inc.spawning is not None
-        vm = inc.spawning.result()
-        vm.dirty_backend = backend
-        del self._incoming[inc.name]
-        self._vms[vm.name] = vm
+        path = self.incoming_socket_path(inc)
+        vm = self.claim_incoming(inc, state, paused, path, migration_id, dirty_backend)
         try:
-            await vm.channel.request("restore", state=state, paused=paused)
+            reply, _ = await vm.channel.request("restore", state=state, paused=paused, listen=path)
         except BaseException:
             await self._drop(vm)
             raise
+        self.incoming_restored(vm, reply)
+        return vm
+
+    async def incoming_lane(self, inc: Incoming) -> vmctl.Lane:
+        """A lane to the incoming VM's (spawned, idle) process, for the session that restores it."""
+        await self.prepare_incoming(inc)
+        assert inc.spawning is not None
+        return await inc.spawning.result().open_lane()
+
+    def incoming_socket_path(self, inc: Incoming) -> str | None:
+        """Where the incoming VM's process will listen once restored (None: it cannot outlive us)."""
+        assert inc.spawning is not None and inc.spawning.done()
+        return self._detach_path(inc.spawning.result())
+
+    def claim_incoming(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
+                       migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
+        """COMMIT arrived: the VM is this host's now. Listed and recorded (as listening at
+        ``socket_path``, which the restore that goes with the claim asks for) before anyone is told
+        it runs here; the caller restores the VM process, then calls incoming_restored, or drops
+        the VM if the restore fails. Runs on the loop while the restore may already be under way."""
+        if self._incoming.get(inc.name) is not inc or inc.spawning is None or not inc.spawning.done():
+            raise VMError(ErrorCode.BAD_REQUEST, f"no ready incoming reservation for {inc.name!r}")
+        vm = inc.spawning.result()
+        vm.dirty_backend = self._backend(dirty_backend)
+        del self._incoming[inc.name]
+        self._vms[vm.name] = vm
         vm.instructions = int(state.get("instructions", 0))
         vm._set_run("paused" if paused else "running")
-        await self._make_detachable(vm)
+        vm.arrived_by = migration_id
+        if socket_path is not None:
+            self._detached(vm, socket_path)
         self._record(vm, "migration")
-        vm.log.info("vm started from migration", mem=vm.mem, pid=vm.pid, dirty_tracker=backend)
+        vm.log.info("vm started from migration", mem=vm.mem, pid=vm.pid, dirty_tracker=vm.dirty_backend)
         return vm
+
+    def incoming_restored(self, vm: VM, reply: dict[str, Any]) -> None:
+        """The restore's reply: a VM process that could not listen exits with this agent; say so."""
+        if vm.socket_path is not None and not reply.get("listening"):
+            vm.log.warning("vm process cannot outlive the agent", error=str(reply.get("listen-error")))
+            vm.socket_path = vm.pid_start = None
+            self._rewrite(vm)
+
+    async def drop_claimed(self, vm: VM) -> None:
+        """A claimed VM whose restore failed: its process goes, its record too."""
+        await self._drop(vm)
+
+    def arrived_by(self, name: str, migration_id: str) -> bool:
+        """True if VM ``name`` runs here because migration ``migration_id`` committed (an agent
+        restarted after that migration's COMMIT re-adopts it: an in-doubt source must hear so)."""
+        vm = self._vms.get(name)
+        return vm is not None and vm.arrived_by == migration_id
 
     def discard_incoming(self, inc: Incoming) -> None:
         """Give up an incoming VM: its idle VM process is killed, its RAM freed, its name released."""

@@ -128,6 +128,12 @@ class FakeVM:
         self.calls.append("pause")
         return {"version": 1, "pc": 1234}
 
+    async def open_lane(self) -> FakeLane:
+        return FakeLane(self)
+
+    def paused_by_lane(self, state: dict[str, Any]) -> None:
+        self.calls.append("paused-by-lane")
+
     async def resume(self) -> None:
         self.calls.append("resume")
 
@@ -143,6 +149,20 @@ class FakeVM:
 
     def mark_commit_sent(self) -> None:
         self.calls.append("commit_sent")
+
+
+class FakeLane:
+    """The session thread's own socket to the VM process: requests are recorded like the VM's calls."""
+
+    def __init__(self, vm: FakeVM) -> None:
+        self.vm = vm
+
+    def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        self.vm.calls.append(op)
+        return {"state": {"version": 1, "pc": 1234}} if op == "pause" else {}
+
+    def close(self) -> None:
+        self.vm.calls.append("lane-closed")
 
 
 class FakeSourceVMs:
@@ -237,7 +257,8 @@ def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: An
     vm, vms = FakeVM(dirty=[[(0, 2 * P)], [(3 * MiB, 3 * MiB + P)]]), FakeSourceVMs()
     _, info = run_source(bridge, dest, vm, vms)
     assert info.status is Status.COMPLETED, info.error
-    assert vm.calls == ["track_start", "pause", "commit_sent", "track_stop"]  # paused once, never resumed here
+    # Paused once (on the lane, the manager told after), never resumed here.
+    assert vm.calls == ["track_start", "pause", "paused-by-lane", "commit_sent", "track_stop", "lane-closed"]
     assert vms.removed == ["v"]
     assert dest.ram[:] == vm.ram[:]
     kinds = [type(m).__name__ for m in dest.got]
@@ -264,7 +285,7 @@ def test_source_in_doubt_resumes_only_when_told_not_resumed(bridge: LoopBridge, 
     vm, vms = FakeVM(), FakeSourceVMs()
     _, info = run_source(bridge, dest, vm, vms)
     assert info.status is Status.FAILED
-    assert vm.calls[-2:] == ["track_stop", "resume"] and vms.removed == []
+    assert vm.calls[-3:] == ["track_stop", "resume", "lane-closed"] and vms.removed == []
     assert vm.state == "running"
 
 
@@ -282,7 +303,7 @@ def test_digest_mismatch_before_commit_resumes_the_vm(bridge: LoopBridge, script
     vm, vms = FakeVM(), FakeSourceVMs()
     _, info = run_source(bridge, dest, vm, vms)
     assert info.status is Status.FAILED and info.error_code == ErrorCode.DIGEST_MISMATCH
-    assert vm.calls == ["track_start", "pause", "track_stop", "resume"]
+    assert vm.calls == ["track_start", "pause", "paused-by-lane", "track_stop", "resume", "lane-closed"]
     assert not any(isinstance(m, Commit) for m in dest.got)
 
 
@@ -347,7 +368,7 @@ class FakeDestVMs:
         return self.reserved[-1]
 
     async def start_incoming(self, inc: Inc, state: dict[str, Any], backend: str | None,
-                             paused: bool = False) -> None:
+                             paused: bool = False, migration_id: str | None = None) -> None:
         self.started.append(state)
 
     def discard_incoming(self, inc: Inc) -> None:

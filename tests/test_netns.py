@@ -258,9 +258,14 @@ def test_vm_migrates_between_namespaces_over_the_migration_address_and_back(host
     assert f"migration={b.migration}" in a.log()
     assert "v1" in b.ferry("vm", "list").stdout and "v1" not in a.ferry("vm", "list").stdout
 
+    # Paused on B, so that its digest line is printed on A at the end, not on B when a slow machine
+    # let it run out there (console output does not travel with a migration); it migrates paused.
+    b.ferry("vm", "pause", "v1")
+    assert _vm_info(b, "v1")["state"] == "paused", "verify ran out on B before the way back"
     back = json.loads(b.ferry("migrate", "v1", "--to", a.control, "--json").stdout)
     assert back["status"] == "completed", back
     assert f"migration={a.migration}" in b.log()
+    a.ferry("vm", "resume", "v1")
 
     wait_for(lambda: _vm_info(a, "v1")["state"] == "halted", timeout=200, what="verify to halt")
     console = a.ferry("vm", "console", "v1").stdout

@@ -22,9 +22,10 @@ GBPS = 1e9
 
 
 def fig(remaining: int, prev: int | None = None, *, rounds: int = 3, bw: float = GBPS,
-        dirty: float = 0.0, throttle: int = 0, started: float = 0.0) -> Figures:
-    return Figures(rounds=rounds, remaining_bytes=remaining, previous_remaining_bytes=prev,
-                   bandwidth=bw, dirty_rate=dirty, throttle=throttle, started=started)
+        dirty: float = 0.0, throttle: int = 0, started: float = 0.0, hash_s: float = 0.0,
+        fixed_s: float = 0.0) -> Figures:
+    return Figures(rounds=rounds, remaining_bytes=remaining, previous_remaining_bytes=prev, bandwidth=bw,
+                   dirty_rate=dirty, throttle=throttle, started=started, hash_s=hash_s, fixed_s=fixed_s)
 
 
 def test_nothing_dirty_switches_over() -> None:
@@ -55,6 +56,26 @@ def test_negligible_remainder_switches_at_once() -> None:
     d = decide(fig(256 * 1024, 100 * MiB), Limits(max_downtime_s=0.3), now=1.0)
     assert d.action is Action.SWITCH_OVER
     assert "negligible" in d.reason
+
+
+def test_hashing_and_fixed_costs_count_against_the_bound() -> None:
+    # 200 MiB at 1 GB/s = 210 ms fits 300 ms alone, not with the destination's 100 ms digest check
+    # after it and 20 ms of fixed costs (the source's 100 ms of hashing hides under the copy).
+    alone = decide(fig(200 * MiB, 210 * MiB), Limits(max_downtime_s=0.3), now=1.0)
+    assert alone.action is Action.SWITCH_OVER
+    loaded = decide(fig(200 * MiB, 210 * MiB, hash_s=0.1, fixed_s=0.02), Limits(max_downtime_s=0.3), now=1.0)
+    assert loaded.action is Action.CONTINUE and "exceeds" in loaded.reason
+    assert loaded.expected_downtime_s == pytest.approx(200 * MiB / GBPS + 0.1 + 0.02)
+
+
+def test_hashing_longer_than_the_copy_counts_twice() -> None:
+    assert expected_downtime(10 * MiB, GBPS, hash_s=0.05, fixed_s=0.01) == pytest.approx(0.05 + 0.05 + 0.01)
+
+
+def test_a_negligible_copy_switches_over_whatever_the_fixed_costs() -> None:
+    d = decide(fig(256 * 1024, 100 * MiB, fixed_s=0.01), Limits(max_downtime_s=0.3), now=1.0)
+    assert d.action is Action.SWITCH_OVER and "negligible" in d.reason
+    assert d.expected_downtime_s == pytest.approx(256 * 1024 / GBPS + 0.01)
 
 
 def test_fitting_at_round_cap_switches_over() -> None:

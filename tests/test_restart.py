@@ -12,14 +12,14 @@ from __future__ import annotations
 import io
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from proto.messages import Commit, DeviceState, Message, PageBatch
+from proto.messages import Commit, DeviceState, Message, PageBatch, Resumed
 from tests.agents import AgentProc, digest_line, make_key, start_agent, wait_for
-from tests.faults import C2S, CALL, FaultProxy, Rule, kill9, migration_target
+from tests.faults import C2S, CALL, CUT, S2C, FaultProxy, Rule, kill9, migration_target
 from tests.test_faults_cuts import busy, finished, migrate_via, names, only_on, runs_on
 from vmruntime.runlocal import run_local
 
@@ -148,8 +148,7 @@ def test_a_source_agent_killed_in_pre_copy_and_restarted_runs_the_vm_and_migrate
             pass  # the source died under the call
         wait_for(rule.fired.is_set, what="the kill")
     # The destination discards its copy when the connection drops.
-    wait_for(lambda: b.call("agent-info")["free-mem"] == b.call("agent-info")["max-mem"],
-             what="the destination to discard its copy")
+    wait_for(lambda: discarded(b), what="the destination to discard its copy")
     a2 = restart(tmp_path, a, agents)
     info = a2.call("vm-info", name="m")
     assert info["state"] == "running" and info["throttle"] == 0, info
@@ -160,10 +159,18 @@ def test_a_source_agent_killed_in_pre_copy_and_restarted_runs_the_vm_and_migrate
     only_on(b, a2, "m")
 
 
-def kill_source_when(tmp_path: Path, key: Path, agents: list[AgentProc],
-                     msg: type[Message]) -> tuple[AgentProc, AgentProc]:
+def discarded(agent: AgentProc) -> bool:
+    """The agent holds no guest RAM: an incoming copy it had is discarded."""
+    info = agent.call("agent-info")
+    return bool(info["free-mem"] == info["max-mem"])
+
+
+def kill_source_when(tmp_path: Path, key: Path, agents: list[AgentProc], msg: type[Message],
+                     then: Callable[[AgentProc], bool]) -> tuple[AgentProc, AgentProc]:
     """Migrate a busy VM "m" from a new agent A to a new agent B and kill -9 A when the first ``msg``
-    frame reaches the proxy between them (before the proxy passes it on); returns (A, B)."""
+    frame reaches the proxy between them (before the proxy passes it on); returns (A, B) once
+    ``then(B)`` holds. The proxy stays up until then: closing it right after the kill could drop
+    the frame it was about to pass on."""
     a = start_agent(tmp_path, "A", key)
     b = start_agent(tmp_path, "B", key)
     agents += [a, b]
@@ -175,14 +182,13 @@ def kill_source_when(tmp_path: Path, key: Path, agents: list[AgentProc],
         except Exception:
             pass  # the source died under the call
         wait_for(rule.fired.is_set, what="the kill")
+        wait_for(lambda: then(b), timeout=20, what=f"the destination to settle after the kill at {msg.__name__}")
     return a, b
 
 
 def test_a_source_agent_killed_in_stop_and_copy_before_commit_resumes_the_vm_on_restart(
         tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
-    a, b = kill_source_when(tmp_path, key, agents, DeviceState)
-    wait_for(lambda: b.call("agent-info")["free-mem"] == b.call("agent-info")["max-mem"],
-             what="the destination to discard its copy")
+    a, b = kill_source_when(tmp_path, key, agents, DeviceState, then=discarded)
     a2 = restart(tmp_path, a, agents)
     # Paused for stop-and-copy, but COMMIT was never recorded as sent: the destination cannot run
     # the VM, so the restarted agent runs it here again by itself.
@@ -198,8 +204,7 @@ def test_a_source_agent_killed_as_commit_goes_out_keeps_the_vm_paused_until_the_
         tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
     # The source dies with its COMMIT in flight (the proxy holds the frame, then passes it on):
     # COMMIT was recorded as sent, and the destination gets it and starts the VM.
-    a, b = kill_source_when(tmp_path, key, agents, Commit)
-    wait_for(lambda: "m" in names(b), what="the destination to start the VM")
+    a, b = kill_source_when(tmp_path, key, agents, Commit, then=lambda b: "m" in names(b))
     runs_on(b, "m")
     a2 = restart(tmp_path, a, agents)
     # The restarted source cannot tell whether COMMIT reached the destination, so it never runs
@@ -208,3 +213,27 @@ def test_a_source_agent_killed_as_commit_goes_out_keeps_the_vm_paused_until_the_
     assert "in doubt" in a2.log()
     a2.call("vm-destroy", name="m")  # the operator saw it run on the destination
     only_on(b, a2, "m")
+
+
+def test_a_destination_agent_killed_before_resumed_arrives_says_resumed_after_its_restart(
+        tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
+    # B started the VM and recorded it, then died before RESUMED reached A (the proxy drops it). A,
+    # in doubt, keeps asking; B restarts on the same migration address, re-adopts the VM, and must
+    # answer "resumed": it knows nothing of the migration, but the VM's record names it. Answering
+    # "not resumed" would make A run the VM too: two copies.
+    a = start_agent(tmp_path, "A", key)
+    b = start_agent(tmp_path, "B", key)
+    agents += [a, b]
+    busy(a, "m")
+    with FaultProxy(migration_target(b)) as proxy:
+        rule = proxy.add(Rule(S2C, Resumed, CALL, callback=lambda: kill_agent(b)))
+        proxy.add(Rule(S2C, Resumed, CUT))
+        a.call("migrate", name="m", to=b.control, migration=proxy.address_text, **{"in-doubt-timeout": 60})
+        wait_for(rule.fired.is_set, timeout=30, what="the kill")
+        wait_for(lambda: b.proc.poll() is not None, what="B to die")
+        b2 = start_agent(tmp_path, "B", key, migration=b.migration)
+        agents.append(b2)
+        info = finished(a, "m", timeout=90)
+    assert info["status"] == "completed", info
+    only_on(b2, a, "m")
+    assert "in-doubt query answered" in b2.log()

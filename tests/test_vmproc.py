@@ -465,3 +465,72 @@ def test_budget_moves_halfway_towards_the_slice_target() -> None:
         proc._tune_budget(proc.budget, 1.0)
     assert proc.budget == vmproc.MIN_BUDGET
     b.close()
+
+
+# --- lanes: a private request/reply socket for one thread of the controller ---------------------
+
+
+def _lane(vm: control.VMHandle) -> control.Lane:
+    _, fds = vm.request_fds("lane")
+    assert len(fds) == 1
+    return control.Lane(socket.socket(fileno=fds[0]), timeout=10.0)
+
+
+def test_a_lane_pauses_and_resumes_the_vcpu_and_its_replies_stay_on_it(spawn_vm: SpawnVM) -> None:
+    from vmruntime.programs import load_program
+
+    vm = spawn_vm()
+    vm.boot(*load_program("counter", {"every": "1000"}))
+    lane = _lane(vm)
+    state = lane.request("pause")["state"]
+    assert state["instructions"] > 0
+    st = vm.status()  # the control socket saw no stray reply of the lane: its next reply is its own
+    assert st["paused"] is True and st["instructions"] == state["instructions"]
+    time.sleep(0.05)
+    assert vm.status()["instructions"] == state["instructions"]  # really stopped
+    lane.request("resume")
+    assert _wait_until(lambda: vm.status()["instructions"] > state["instructions"])
+    with pytest.raises(VMError, match="unknown op"):
+        lane.request("reboot")
+    lane.close()
+
+
+def test_closing_a_lane_leaves_the_vm_and_its_control_socket_alone(spawn_vm: SpawnVM) -> None:
+    from vmruntime.programs import load_program
+
+    vm = spawn_vm()
+    vm.boot(*load_program("counter", {"every": "1000"}))
+    _lane(vm).close()
+    first = vm.status()["instructions"]
+    assert _wait_until(lambda: vm.status()["instructions"] > first)
+    assert vm.proc.poll() is None
+
+
+def test_an_open_lane_does_not_keep_an_orphaned_vm_process_alive(spawn_vm: SpawnVM) -> None:
+    vm = spawn_vm()
+    lane = _lane(vm)
+    vm.sock.close()  # the controller's control socket goes (on_eof="exit"): the lane is no reason to stay
+    assert vm.proc.wait(10) == 0
+    with pytest.raises(VMGone):
+        lane.request("status")
+    lane.close()
+
+
+def test_lanes_are_bounded(spawn_vm: SpawnVM) -> None:
+    vm = spawn_vm()
+    lanes = [_lane(vm) for _ in range(vmproc.MAX_LANES)]
+    with pytest.raises(VMError, match="too many lanes"):
+        vm.request("lane")
+    lanes.pop().close()
+    assert _wait_until(lambda: _try_lane(vm))
+    for lane in lanes:
+        lane.close()
+
+
+def _try_lane(vm: control.VMHandle) -> bool:
+    try:
+        _lane(vm).close()
+    except VMError:
+        return False
+    return True
+

@@ -233,6 +233,40 @@ def image_fields(image: Any) -> dict[str, Any]:
     return {k: getattr(image, k) for k in ("isa_version", "code", "entry", "load_addr")}
 
 
+class Lane:
+    """A blocking client of one lane of a VM process (op ``lane``), for one thread.
+
+    No events arrive on a lane, only replies, so a request is one send and
+    one receive. A reply to an earlier request that timed out is skipped.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self._last_id = 0
+
+    def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply; VMError if refused, VMGone if the process is gone,
+        TimeoutError if it does not answer in time."""
+        rid = self._last_id = self._last_id + 1
+        self.sock.settimeout(self.timeout if timeout is None else timeout)
+        try:
+            send_msg(self.sock, {"op": op, "id": rid, **fields})
+            while True:
+                msg, fds = recv_msg(self.sock)
+                _close_all(fds)
+                if msg.get("id") == rid:
+                    break
+        except (EOFError, BrokenPipeError, ConnectionResetError) as e:
+            raise VMGone(f"the VM process closed its lane ({op})") from e
+        if not msg.get("ok"):
+            raise VMError(f"{op}: {msg.get('error', 'failed')}")
+        return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class VMHandle:
     """A VM process and the parent's end of its control socket.
 

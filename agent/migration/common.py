@@ -9,6 +9,7 @@ plain function on the loop and wait for the result, with a timeout.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -75,11 +76,21 @@ class LoopBridge:
 
     def run(self, fn: Callable[..., T], *args: Any, timeout: float = LOOP_CALL_TIMEOUT_S) -> T:
         """Call plain ``fn(*args)`` on the loop (where the VM manager's state lives)."""
+        fut = self.submit(fn, *args)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Start plain ``fn(*args)`` on the loop and return at once (calls from one thread run in
+        the order submitted); the future has its result or exception."""
 
         async def wrapper() -> T:
             return fn(*args)
 
-        return self.call(wrapper(), timeout)
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop)
 
 
 async def _as_coro(aw: Awaitable[T]) -> T:

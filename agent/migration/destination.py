@@ -21,13 +21,22 @@ still in flight can never start the VM afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from agent.migration import pages
-from agent.migration.common import RUN_STATE_KEY, LoopBridge, describe, error_code, server_handshake, tell
+from agent.migration.common import (
+    LOOP_CALL_TIMEOUT_S,
+    RUN_STATE_KEY,
+    LoopBridge,
+    describe,
+    error_code,
+    server_handshake,
+    tell,
+)
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.transport import Connection
 from proto.auth import error_response
@@ -49,6 +58,7 @@ from proto.messages import (
     RoundEnd,
 )
 from proto.state import DestinationMachine
+from vmruntime import control as vmctl
 from vmruntime import isa
 from vmruntime.dirty import merge_ranges
 
@@ -62,6 +72,8 @@ MAX_OUTCOMES = 4096
 # timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
 # session (and its thread) forever; an honest peer needs a few round trips.
 HANDSHAKE_TIMEOUT_S = 10.0
+# Restoring the CPU state takes a millisecond; past this the VM process is stuck: not resumed here.
+RESTORE_TIMEOUT_S = 10.0
 
 
 class Refused(Exception):
@@ -111,17 +123,23 @@ class Outcomes:
         if session is not None:
             session.settled.set()
 
-    def answer(self, mid: str) -> bool | None:
-        """Did migration ``mid`` resume here? Fences it when not; None if still undecided after a wait."""
+    def answer(self, mid: str, runs_here: Callable[[], bool] = lambda: False) -> bool | None:
+        """Did migration ``mid`` resume here? Fences it when not; None if still undecided after a wait.
+
+        ``runs_here`` is asked about a migration this run of the agent never saw: True when a VM it
+        re-adopted from the previous run arrived by that migration (it committed, then the agent died)."""
         with self._lock:
             if mid in self._done:
                 return self._done[mid]
             session = self._live.get(mid)
-            if session is None or not session.committing:
-                self._done[mid] = False  # never seen, or not committed: it never will be
-                if session is not None:
-                    session.fence()
+            if session is not None and not session.committing:
+                self._done[mid] = False  # not committed: it never will be
+                session.fence()
                 return False
+        if session is None:
+            here = runs_here()
+            with self._lock:
+                return self._done.setdefault(mid, here)  # never seen: it committed before a restart, or never
         session.settled.wait(OUTCOME_WAIT_S)
         with self._lock:
             return self._done.get(mid)
@@ -171,6 +189,8 @@ class DestinationSession:
         self._round = RoundStat()
         self._mid = ""
         self._peer = "?"
+        self._lane: vmctl.Lane | None = None  # this thread's own socket to the incoming VM's process
+        self._listen_at: str | None = None  # where that process will listen once restored
 
     def on_authenticated(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when the peer has authenticated or the session ended."""
@@ -194,6 +214,8 @@ class DestinationSession:
         finally:
             self._authenticated()
             self.conn.close()
+            if self._lane is not None:
+                self._lane.close()
 
     def _greet(self) -> Message:
         """Handshake and first message, within one deadline for the whole exchange."""
@@ -233,7 +255,11 @@ class DestinationSession:
             done()
 
     def _answer_query(self, q: InDoubtQuery) -> None:
-        resumed = self.outcomes.answer(q.migration_id)
+        # An agent restarted after that migration's COMMIT knows nothing of it, but it re-adopted
+        # the VM if the VM started here: that VM's record names the migration.
+        arrived = getattr(self.vms, "arrived_by", None)
+        resumed = self.outcomes.answer(
+            q.migration_id, lambda: arrived is not None and self.bridge.run(arrived, q.vm_name, q.migration_id))
         if resumed is None:
             raise TimeoutError(f"migration {q.migration_id} is still starting; ask again")
         self._send(InDoubtAnswer(q.migration_id, resumed))
@@ -281,11 +307,13 @@ class DestinationSession:
 
     def _accept(self, start: MigrateStart) -> None:
         """RAM is reserved: get ready to receive into it and tell the source to go."""
-        self._await_vm_process()
         self.conn.guest_size = start.mem_size
         self._ram = memoryview(self._inc.ram)
+        # Before the wait for the VM process, not after: the digest's set-up (a few ms for a big
+        # guest) then runs while that process starts, instead of adding to the setup time.
         self._digest = pages.RamDigest(self._inc.memfd, self._ram, start.mem_size)
         self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
+        self._await_vm_process()
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
                                   params=_params_of(start))
@@ -306,6 +334,9 @@ class DestinationSession:
         prepare = getattr(self.vms, "prepare_incoming", None)
         if prepare is not None:
             self.bridge.call(prepare(self._inc))
+        if hasattr(self.vms, "incoming_lane"):  # the VM manager of agent/vms.py; test doubles may lack it
+            self._lane = self.bridge.call(self.vms.incoming_lane(self._inc))
+            self._listen_at = self.bridge.run(self.vms.incoming_socket_path, self._inc)
 
     def _receive_until_ready(self) -> None:
         """Pages, round ends, state, digest; answers READY when guest RAM checks out."""
@@ -329,6 +360,8 @@ class DestinationSession:
         data = pages.total_bytes(batch.ranges)
         zero = pages.total_bytes(batch.zeros)
         r = self._round
+        if r.pages == 0:
+            r.start = time.monotonic() - self.info.started
         r.pages += (data + zero) // PAGE_SIZE
         r.zero_pages += zero // PAGE_SIZE
         r.bytes += data
@@ -409,7 +442,7 @@ class DestinationSession:
         self._release_ram()
         t = time.monotonic()
         try:
-            self.bridge.call(self.vms.start_incoming(self._inc, self._state, None, paused=self._start_paused))
+            self._start_vm()
         except Exception as exc:
             # start_incoming dropped the reservation; the source may resume: we never will.
             self.outcomes.settle(self._mid, False)
@@ -424,6 +457,26 @@ class DestinationSession:
             # The VM runs here; the source learns it from an in-doubt query.
             self.log.warning("RESUMED not delivered; the source will ask", vm=self.info.vm, error=describe(exc))
         return True
+
+    def _start_vm(self) -> None:
+        """Restore and resume the VM: on this thread's lane when there is one, while the loop lists and
+        records it (both done before RESUMED goes out); else all of it on the loop."""
+        assert self._state is not None
+        if self._lane is None:
+            self.bridge.call(self.vms.start_incoming(self._inc, self._state, None, paused=self._start_paused,
+                                                     migration_id=self._mid))
+            return
+        claim = self.bridge.submit(self.vms.claim_incoming, self._inc, self._state, self._start_paused,
+                                   self._listen_at, self._mid)
+        try:
+            reply = self._lane.request("restore", state=self._state, paused=self._start_paused,
+                                       listen=self._listen_at, timeout=RESTORE_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a failed claim already left the VM unlisted
+                self.bridge.call(self.vms.drop_claimed(claim.result(LOOP_CALL_TIMEOUT_S)))
+            raise
+        vm = claim.result(LOOP_CALL_TIMEOUT_S)
+        self.bridge.submit(self.vms.incoming_restored, vm, reply)
 
     def _tell_not_resumed(self) -> None:
         try:

@@ -98,10 +98,12 @@ class RoundStat:
     zero_pages: int = 0
     dirty_pages: int = 0  # pages the guest dirtied while this round ran
     final: bool = False  # the stop-and-copy pass (VM paused), always the last entry
+    start: float = 0.0  # when the round began sending (received, on the destination), seconds into the migration
 
     def to_dict(self) -> dict[str, Any]:
         return {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),
-                "zero-pages": self.zero_pages, "dirty-pages": self.dirty_pages, "final": self.final}
+                "zero-pages": self.zero_pages, "dirty-pages": self.dirty_pages, "final": self.final,
+                "start": _ms(self.start)}
 
 
 def _ms(seconds: float) -> int:
@@ -138,14 +140,15 @@ class MigrationInfo:
     error_code: str | None = None  # stable proto ErrorCode value of the failure
     summary: str = ""
 
-    def finish(self, status: Status, error: str | None = None, code: str | None = None) -> None:
-        """Close the record: final status, error text and code, end time."""
+    def finish(self, status: Status, error: str | None = None, code: str | None = None,
+               at: float | None = None) -> None:
+        """Close the record: final status, error text and code, end time (``at``, default now)."""
         self.status = status
         if error is not None and self.error is None:
             self.error = error
         if code is not None and self.error_code is None:
             self.error_code = code
-        self.finished = time.monotonic()
+        self.finished = time.monotonic() if at is None else at
 
     def total_s(self) -> float:
         end = self.finished if self.finished is not None else time.monotonic()

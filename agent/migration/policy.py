@@ -59,6 +59,11 @@ class Figures:
     dirty_rate: float  # bytes/s the guest dirtied during the latest round
     throttle: int  # current vCPU throttle percent
     started: float  # when the migration started (same clock as ``now``)
+    # The downtime that is not copying, as the source expects it. hash_s: hashing the RAM digest
+    # chunks the remainder touches, once on each side (the source's overlaps the copy, the
+    # destination's check follows it); fixed_s: pause, state, READY, COMMIT to RESUMED.
+    hash_s: float = 0.0
+    fixed_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +87,14 @@ class Decision:
     expected_downtime_s: float = 0.0
 
 
-def expected_downtime(remaining_bytes: int, bandwidth: float) -> float:
+def expected_downtime(remaining_bytes: int, bandwidth: float, hash_s: float = 0.0, fixed_s: float = 0.0) -> float:
+    """Seconds of downtime: the copy of ``remaining_bytes`` at ``bandwidth`` (inf when unmeasured) or
+    the source's hashing of what it touches, whichever is longer (they overlap), then the
+    destination's hashing, then the fixed costs."""
+    return max(copy_time(remaining_bytes, bandwidth), hash_s) + hash_s + fixed_s
+
+
+def copy_time(remaining_bytes: int, bandwidth: float) -> float:
     """Seconds needed to send ``remaining_bytes`` at ``bandwidth`` (inf when unmeasured)."""
     if remaining_bytes <= 0:
         return 0.0
@@ -100,9 +112,9 @@ def next_throttle(current: int) -> int:
 
 def decide(fig: Figures, lim: Limits, now: float) -> Decision:
     """The next step of a pre-copy migration, from figures and limits only."""
-    exp = expected_downtime(fig.remaining_bytes, fig.bandwidth)
+    exp = expected_downtime(fig.remaining_bytes, fig.bandwidth, fig.hash_s, fig.fixed_s)
     if fig.remaining_bytes <= 0:
-        return Decision(Action.SWITCH_OVER, "nothing left to copy", expected_downtime_s=0.0)
+        return Decision(Action.SWITCH_OVER, "nothing left to copy", expected_downtime_s=fig.fixed_s)
     if exp <= lim.max_downtime_s:
         return _decide_fitting(fig, lim, now, exp)
     return _decide_not_fitting(fig, lim, now, exp)
@@ -119,7 +131,7 @@ def _out_of_budget(fig: Figures, lim: Limits, now: float) -> str | None:
 
 def _decide_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> Decision:
     """The remainder fits the bound: iterate only while that still pays."""
-    if exp <= NEGLIGIBLE_DOWNTIME_S:
+    if copy_time(fig.remaining_bytes, fig.bandwidth) <= NEGLIGIBLE_DOWNTIME_S:
         return Decision(Action.SWITCH_OVER, "remainder negligible", expected_downtime_s=exp)
     budget = _out_of_budget(fig, lim, now)
     if budget is not None:

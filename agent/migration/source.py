@@ -61,6 +61,7 @@ from proto.messages import (
     RoundEnd,
 )
 from proto.state import SourceMachine
+from vmruntime import control as vmctl
 from vmruntime import isa
 from vmruntime.dirty import DirtyTracker, merge_ranges, written_extents
 
@@ -73,6 +74,14 @@ IN_DOUBT_RETRY_S = 0.5
 MIN_MEASURED_BYTES = 1 << 20
 # Upper bound on waiting for the digest thread when a migration fails mid-way.
 DIGEST_WAIT_S = 60.0
+# A VM process answers a pause at its next instruction boundary (a slice is ~0.5 ms; one huge
+# FILL/COPY/HASH instruction can take a second): past this the migration fails, the VM resumes.
+PAUSE_TIMEOUT_S = 10.0
+# The downtime of an idle guest that is neither copy nor hashing: pause, final harvest, state,
+# READY, COMMIT to RESUMED (5-10 ms on these machines, docs/BENCHMARKS.md bench_downtime).
+FIXED_DOWNTIME_S = 0.010
+# RAM digest bytes/s assumed until a round has measured it (xxh3 of 64 KiB chunks: 2-6 GB/s here).
+HASH_RATE_GUESS = 2e9
 
 
 class SourceSession:
@@ -112,6 +121,10 @@ class SourceSession:
         self._sent_bytes = 0
         self._send_seconds = 0.0
         self._pause_t = 0.0
+        self._hashed_bytes = 0  # RAM digest work during pre-copy, for the rate _overhead assumes
+        self._stable: set[int] = set()  # digest chunks sent last round and not dirtied since: hash next
+        self._hash_seconds = 0.0
+        self._lane: vmctl.Lane | None = None  # this thread's own socket to the VM process
 
     # -- control from other threads ----------------------------------------------------------------
     def cancel(self) -> bool:
@@ -134,6 +147,9 @@ class SourceSession:
         try:
             self._run()
         finally:
+            if self._lane is not None:
+                self._lane.close()
+                self._lane = None
             self.setup_done.set()
             self.done.set()
 
@@ -181,6 +197,7 @@ class SourceSession:
         """Rounds until the policy switches over; returns the dirty set still to send."""
         vm = self.vm
         self._tracker = self.bridge.call(vm.track_start())
+        self._lane = self.bridge.call(vm.open_lane())
         self.info.dirty_tracker = self._tracker.name
         self._ram = memoryview(vm.ram)
         self._digest = pages.RamDigest(vm.memfd, self._ram, vm.mem)
@@ -200,15 +217,20 @@ class SourceSession:
                    limits: Limits) -> tuple[list[Range], int, Decision]:
         """Send ``ranges`` as one round, harvest, ask the policy."""
         t0 = time.monotonic()
+        self._digest_stable()
         stat = self._send_ranges(ranges)
+        # The harvest is the last step before the decision: the dirty set the policy judges is the
+        # one a switch-over sends, not that plus what the guest wrote while we hashed.
         dirty = self._harvest()
+        assert self._digest is not None
+        self._digest.invalidate(dirty)
+        self._stable = pages.chunks_of(ranges) - pages.chunks_of(dirty)
         elapsed = max(time.monotonic() - t0, 1e-6)
-        self._digest_stable(ranges, dirty)
         dirty_bytes = pages.total_bytes(dirty)
         self._end_round(stat, dirty_bytes, elapsed)
         fig = Figures(rounds=len(self.info.rounds), remaining_bytes=dirty_bytes, previous_remaining_bytes=prev,
                       bandwidth=self._bandwidth(), dirty_rate=dirty_bytes / elapsed, throttle=self._throttle,
-                      started=self.info.started)
+                      started=self.info.started, hash_s=self._hash_time(dirty), fixed_s=FIXED_DOWNTIME_S)
         decision = decide(fig, limits, time.monotonic())
         self.info.expected_downtime_s = decision.expected_downtime_s
         return dirty, dirty_bytes, decision
@@ -227,11 +249,29 @@ class SourceSession:
         self.info.summary = d.reason if d.action is Action.SWITCH_OVER else f"forced switch-over: {d.reason}"
         return True
 
-    def _digest_stable(self, sent: list[Range], dirty: list[Range]) -> None:
-        """Hash now the chunks this round sent that the guest left alone meanwhile (likely to stay so)."""
+    def _digest_stable(self) -> None:
+        """Hash the chunks the previous round sent and the guest then left alone (likely to stay so),
+        those the batches did not hash whole already.
+
+        Done at the start of the next round, not right after the harvest: when the policy switches
+        over instead, the digest thread hashes them during the final copy, and the time between
+        the harvest and the pause stays short. A chunk the guest writes meanwhile shows up in this
+        round's harvest, which invalidates it again. Timed: the rate predicts the hashing in the
+        downtime (see _hash_time).
+        """
         assert self._digest is not None
-        self._digest.invalidate(dirty)
-        self._digest.refresh_missing(pages.chunks_of(sent) - pages.chunks_of(dirty))
+        stable, self._stable = self._stable, set()
+        t = time.monotonic()
+        hashed = self._digest.refresh_missing(stable)
+        if hashed:
+            self._hashed_bytes += hashed * pages.DIGEST_CHUNK
+            self._hash_seconds += time.monotonic() - t
+
+    def _hash_time(self, dirty: list[Range]) -> float:
+        """Seconds to hash every digest chunk the remainder touches (each side does, in the downtime),
+        at the rate measured so far."""
+        rate = self._hashed_bytes / self._hash_seconds if self._hash_seconds > 0 else HASH_RATE_GUESS
+        return len(pages.chunks_of(dirty)) * pages.DIGEST_CHUNK / rate
 
     def _bandwidth(self) -> float:
         """The lower of: bytes/s over all rounds, and of the latest round that moved enough to measure.
@@ -260,9 +300,9 @@ class SourceSession:
     def _send_ranges(self, ranges: list[Range], final: bool = False) -> RoundStat:
         """Send one round's ranges in page batches; zero grains go without payload."""
         assert self._ram is not None and self.conn is not None
-        stat = RoundStat()
-        self.info.remaining = pages.total_bytes(ranges)
         t0 = time.monotonic()
+        stat = RoundStat(start=t0 - self.info.started)
+        self.info.remaining = pages.total_bytes(ranges)
         for batch in pages.plan_batches(self._ram, ranges):
             self._check_cancel()
             if not final:
@@ -334,8 +374,8 @@ class SourceSession:
         info.status = Status.DEVICE
         self._check_cancel()
         self._pause_t = t = time.monotonic()
-        state = self.bridge.call(self.vm.pause())
-        self._paused = True
+        self._paused = True  # set first: a pause that fails half-way is undone by a resume all the same
+        state = self._pause()
         t = self._lap("pause", t)
         last = self._harvest()
         digest = self._digest_meanwhile(last)
@@ -351,6 +391,18 @@ class SourceSession:
         if not isinstance(reply, Ready):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
         self._lap("verify", t)
+
+    def _pause(self) -> dict[str, Any]:
+        """Stop the vCPU through this thread's lane (no event-loop round trip inside the downtime);
+        the VM manager's bookkeeping follows on the loop, not waited for."""
+        assert self._lane is not None
+        try:
+            reply = self._lane.request("pause", timeout=PAUSE_TIMEOUT_S)
+        except (vmctl.VMError, vmctl.VMGone) as exc:
+            raise MigrationError(ErrorCode.INTERNAL, f"pausing the VM failed: {exc}") from exc
+        state: dict[str, Any] = reply.get("state", {})
+        self.bridge.submit(self.vm.paused_by_lane, state)
+        return state
 
     def _digest_meanwhile(self, last: list[Range]) -> Future[str]:
         """Finish the RAM digest in a helper thread while the final pages go out.
@@ -449,7 +501,8 @@ class SourceSession:
 
     def _complete(self) -> None:
         info = self.info
-        info.downtime_s = time.monotonic() - self._pause_t
+        resumed_at = time.monotonic()
+        info.downtime_s = resumed_at - self._pause_t
         info.remaining = 0
         self._release_ram()
         try:
@@ -461,7 +514,9 @@ class SourceSession:
         except Exception as exc:  # the VM runs on the destination whatever happens to our copy
             self.log.error("removing the migrated VM failed", vm=self.vm.name, error=describe(exc))
         self._note_downtime()
-        info.finish(Status.COMPLETED)
+        # The migration is over when the destination runs the VM (QEMU's total-time ends there too):
+        # stopping our copy and freeing its RAM (0.1-0.3 s per GiB) come after, outside total-time.
+        info.finish(Status.COMPLETED, at=resumed_at)
         self.log.info("migration completed", vm=self.vm.name, peer=info.peer,
                       downtime_ms=round(info.downtime_s * 1000, 1), rounds=len(info.rounds))
 
