@@ -329,8 +329,11 @@ def _iperf3_client(exe: str, port: int, size: int) -> str:
     for _ in range(50):
         done = subprocess.run([exe, "-c", "127.0.0.1", "-p", str(port), "-n", str(size), "-J"],
                               capture_output=True, text=True, timeout=120)
-        if done.returncode == 0:
-            return done.stdout
+        # iperf3 3.12 exits 0 with -J even when it could not connect (the server not listening
+        # yet): the JSON's "error" says so, and "end" is empty. Only a report with totals counts.
+        with contextlib.suppress(ValueError):
+            if done.returncode == 0 and "sum_received" in json.loads(done.stdout).get("end", {}):
+                return done.stdout
         time.sleep(0.1)
     raise RuntimeError(f"iperf3 client failed: {done.stdout[-500:]} {done.stderr[-500:]}")
 
