@@ -14,11 +14,21 @@ is written for speed:
   blocking socket, so a dead peer cannot hang a session, without the poll
   per call a Python-level timeout costs;
 * cancelling is ``shutdown()`` from another thread: every blocked call
-  returns at once.
+  returns at once;
+* the connecting side (always the migration source, the one that streams
+  guest RAM) sizes its send buffer for a long path: a TCP sender keeps at
+  most its send buffer unacknowledged, so the buffer caps throughput at
+  buffer / round trip, and Linux autotuning stops at ``net.ipv4.tcp_wmem``
+  max (4 MiB by default: 80 MiB/s at 50 ms). The round trip measured by the
+  TCP handshake times ``PATH_RATE`` gives the buffer wanted (at most
+  ``SEND_BUFFER``); a short path (loopback, a LAN) keeps autotuning, which a
+  fixed buffer would turn off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import struct
 import threading
@@ -41,6 +51,15 @@ IOV_MAX = 1024
 # peer may legitimately spend a while spawning a VM process before it answers.
 IO_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
+
+# Most send buffer the connecting side asks for (the kernel doubles it): room for bandwidth x
+# round trip, 0.6 GiB/s x 50 ms is ~32 MB. Memory is only used by data in flight. 0: leave
+# autotuning on. FERRY_MIGRATION_SNDBUF (bytes) overrides it: for a longer path, or to compare.
+SEND_BUFFER = int(os.environ.get("FERRY_MIGRATION_SNDBUF", 32 << 20))
+# Bytes/s the data path may reach (above what it does on these machines): the buffer asked for is
+# this times the handshake round trip, so a 50 ms path asks for SEND_BUFFER, a 1 ms one for ~1 MiB
+# (below autotuning's own reach: nothing is set).
+PATH_RATE = 1 << 30
 
 
 class ConnectionClosed(ConnectionError):
@@ -84,11 +103,60 @@ def prepare_socket(sock: socket.socket, io_timeout: float = IO_TIMEOUT_S) -> soc
     return sock
 
 
+def _sysctl_max(name: str) -> int:
+    """The last number of a /proc/sys value (the max of tcp_wmem, or wmem_max itself); 0 if unreadable."""
+    try:
+        with open(f"/proc/sys/net/{name}") as f:
+            return int(f.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _big_send_buffer(sock: socket.socket, size: int) -> None:
+    """Ask for a ``size``-byte send buffer, silently keeping autotuning when that would not be larger.
+
+    A fixed SO_SNDBUF turns send-buffer autotuning off for the socket, so it is only set when it
+    beats what autotuning may reach (``tcp_wmem`` max). SO_SNDBUFFORCE passes ``wmem_max`` but
+    needs CAP_NET_ADMIN; without it SO_SNDBUF is capped at ``wmem_max`` (the kernel doubles
+    either value for its bookkeeping).
+    """
+    autotune_max = _sysctl_max("ipv4/tcp_wmem")
+    force = getattr(socket, "SO_SNDBUFFORCE", 32)
+    if 2 * size <= autotune_max:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+        return
+    except OSError:
+        pass  # not privileged: the plain option, if its cap still beats autotuning
+    if 2 * min(size, _sysctl_max("core/wmem_max")) > autotune_max:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 def connect(addr: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S,
             io_timeout: float = IO_TIMEOUT_S) -> socket.socket:
-    """A connected, prepared socket to ``addr``."""
+    """A connected, prepared socket to ``addr``, with a send buffer sized for the path's round trip."""
     sock = socket.create_connection(addr, timeout=timeout)
+    if SEND_BUFFER:
+        rtt = handshake_rtt(sock)
+        # An unknown round trip (no TCP_INFO) gets the largest buffer: a long path is the costly miss.
+        want = SEND_BUFFER if rtt is None else min(SEND_BUFFER, int(rtt * PATH_RATE))
+        _big_send_buffer(sock, want)
     return prepare_socket(sock, io_timeout)
+
+
+def handshake_rtt(sock: socket.socket) -> float | None:
+    """The kernel's round-trip estimate of a just-connected TCP socket (from the SYN exchange), seconds."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return float(struct.unpack_from("I", info, _TCPI_RTT_OFFSET)[0]) / 1e6
+    except (OSError, AttributeError, struct.error):
+        return None
+
+
+# struct tcp_info (linux/tcp.h): eight u8 fields, then u32 tcpi_rto ... tcpi_rcv_ssthresh, tcpi_rtt (microseconds).
+_TCPI_RTT_OFFSET = 8 + 15 * 4
 
 
 class Connection:
