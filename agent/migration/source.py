@@ -80,7 +80,8 @@ PAUSE_TIMEOUT_S = 10.0
 # The downtime of an idle guest that is neither copy nor hashing: pause, final harvest, state,
 # READY, COMMIT to RESUMED (5-10 ms on these machines, docs/BENCHMARKS.md bench_downtime).
 FIXED_DOWNTIME_S = 0.010
-# RAM digest bytes/s assumed until a round has measured it (xxh3 of 64 KiB chunks: 2-6 GB/s here).
+# RAM digest bytes/s assumed until a round measured faster (xxh3 of 64 KiB chunks: 4-16 GB/s here);
+# also the floor: a measurement under CPU contention must not make pre-copy look hopeless.
 HASH_RATE_GUESS = 2e9
 
 
@@ -121,9 +122,8 @@ class SourceSession:
         self._sent_bytes = 0
         self._send_seconds = 0.0
         self._pause_t = 0.0
-        self._hashed_bytes = 0  # RAM digest work during pre-copy, for the rate _overhead assumes
+        self._hash_rate = HASH_RATE_GUESS  # RAM digest bytes/s: the fastest measured, for _hash_time
         self._stable: set[int] = set()  # digest chunks sent last round and not dirtied since: hash next
-        self._hash_seconds = 0.0
         self._lane: vmctl.Lane | None = None  # this thread's own socket to the VM process
 
     # -- control from other threads ----------------------------------------------------------------
@@ -262,16 +262,17 @@ class SourceSession:
         assert self._digest is not None
         stable, self._stable = self._stable, set()
         t = time.monotonic()
-        hashed = self._digest.refresh_missing(stable)
-        if hashed:
-            self._hashed_bytes += hashed * pages.DIGEST_CHUNK
-            self._hash_seconds += time.monotonic() - t
+        hashed = self._digest.refresh_missing(stable) * pages.DIGEST_CHUNK
+        seconds = time.monotonic() - t
+        # A thread preempted mid-measure (a busy host) only ever looks slower than the hashing is:
+        # the fastest sample of a meaningful size is the estimate, never below the guess.
+        if hashed >= MIN_MEASURED_BYTES and seconds > 0:
+            self._hash_rate = max(self._hash_rate, hashed / seconds)
 
     def _hash_time(self, dirty: list[Range]) -> float:
         """Seconds to hash every digest chunk the remainder touches (each side does, in the downtime),
-        at the rate measured so far."""
-        rate = self._hashed_bytes / self._hash_seconds if self._hash_seconds > 0 else HASH_RATE_GUESS
-        return len(pages.chunks_of(dirty)) * pages.DIGEST_CHUNK / rate
+        at the fastest rate measured so far."""
+        return len(pages.chunks_of(dirty)) * pages.DIGEST_CHUNK / self._hash_rate
 
     def _bandwidth(self) -> float:
         """The lower of: bytes/s over all rounds, and of the latest round that moved enough to measure.
