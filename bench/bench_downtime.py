@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.bench_migrate import FILL_PROGRAM, migrate_once
+from bench.bench_migrate import FILL_PROGRAM, migrate_once, wait_filled
 from bench.common import MiB, format_size, markdown_table, percentile
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, make_key, start_agent
 from vmruntime.isa import DATA_ADDR
 
 PHASES = ("pause", "final-copy", "state", "digest", "verify", "commit")
@@ -67,7 +67,7 @@ def measure_bandwidth(a: AgentProc, b: AgentProc, mem: int) -> float:
     """Bytes/s of ferry's data path now: round 0 of a paused, random-filled guest's migration."""
     a.call("vm-create", name="bench-bw", program=FILL_PROGRAM, mem=str(mem), args={"ws": str(mem - DATA_ADDR)})
     try:
-        wait_for(lambda: a.call("vm-info", name="bench-bw")["instructions"] > 1_000_000, timeout=120, what="fill")
+        wait_filled(a, "bench-bw", timeout=120)
         a.call("vm-pause", name="bench-bw")
         info = migrate_once(a, b, "bench-bw", {})
         if info["status"] != "completed":

@@ -94,8 +94,7 @@ def run_case(a: AgentProc, b: AgentProc, case: Case, mem: int, runs: int) -> lis
     name = "bench-" + case.name.split()[0]
     a.call("vm-create", name=name, program=case.program, mem=str(mem), args=case.args)
     if case.program == FILL_PROGRAM:
-        # The filler's copies run inside single instructions: a million more means it is done.
-        wait_for(lambda: a.call("vm-info", name=name)["instructions"] > 1_000_000, timeout=120, what="fill")
+        wait_filled(a, name, timeout=120)
     time.sleep(case.warmup_s)
     results: list[dict[str, Any]] = []
     src, dst = a, b
@@ -282,10 +281,17 @@ class Sidekicks:
             return None
 
 
-def fill_guest(agent: AgentProc, name: str, mem: int) -> None:
-    agent.call("vm-create", name=name, program=FILL_PROGRAM, mem=str(mem), args={"ws": str(mem - DATA_ADDR)})
-    # The filler's copies run inside single instructions: a million more means it is done.
-    wait_for(lambda: agent.call("vm-info", name=name)["instructions"] > 1_000_000, timeout=300, what="fill")
+def fill_guest(agent: AgentProc, name: str, mem: int, ws: int | None = None) -> None:
+    """Create a bench/fill_random.fasm guest over ``ws`` bytes (all RAM above the code by default)
+    and wait until it has filled them."""
+    ws = mem - DATA_ADDR if ws is None else ws
+    agent.call("vm-create", name=name, program=FILL_PROGRAM, mem=str(mem), args={"ws": str(ws)})
+    wait_filled(agent, name, timeout=600)
+
+
+def wait_filled(agent: AgentProc, name: str, timeout: float) -> None:
+    """Wait for bench/fill_random.fasm's console byte: its fill is done, it idles from then on."""
+    wait_for(lambda: agent.call("vm-info", name=name)["console-bytes"] >= 1, timeout=timeout, what="fill")
 
 
 def mem_available() -> int:

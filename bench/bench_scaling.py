@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.bench_migrate import migrate_once
+from bench.bench_migrate import fill_guest, migrate_once
 from bench.common import GiB, MiB, format_size, load_average, markdown_table, median
 from tests.agents import AgentProc, make_key, start_agent, wait_for
 from vmruntime.isa import DATA_ADDR
@@ -243,65 +243,6 @@ class Series:
         return median(self.raw_s) * 1000 if self.raw_s else float("nan")
 
 
-# bench/fill_random.fasm's fill, but idling afterwards without spinning (fill_random ends in
-# `jmp done`, which keeps a host core busy in the VM process for the whole migration: on two
-# shared cores that steals from the agents and bills the VM process for CPU that is no part of
-# migrating). It prints one byte when the fill is done, which is how the bench knows.
-FILL_IDLE = """\
-; fill_idle ws=SIZE (bench/bench_scaling.py): pseudo-random non-zero bytes over ws at DATA_ADDR,
-; then print "F" and idle: a 10 ms WAIT per turn, touching no memory.
-LCG_A = 6364136223846793005
-LCG_C = 1442695040888963407
-BLOCK = 65536
-TICK_NS = 10000000
-
-start:
-    li r5, DATA_ADDR
-    li r7, 0x9E3779B97F4A7C15
-    li r8, LCG_A
-    li r9, LCG_C
-    movi r6, 0
-    li r10, BLOCK
-    cmp r1, r10
-    bgeu seed
-    mov r10, r1
-seed:
-    mul r7, r7, r8
-    add r7, r7, r9
-    add r0, r5, r6
-    st64 r7, [r0]
-    addi r6, r6, 8
-    cmp r6, r10
-    bltu seed
-grow:
-    cmp r6, r1
-    bgeu done
-    sub r11, r1, r6
-    cmp r11, r6
-    bltu tail
-    mov r11, r6
-tail:
-    add r0, r5, r6
-    copy r0, r5, r11
-    add r6, r6, r11
-    jmp grow
-done:
-    movi r0, 70
-    out r0
-idle:
-    clock r1
-    addi r1, r1, TICK_NS
-    wait r1
-    jmp idle
-"""
-
-
-def fill(agent: AgentProc, program: str, name: str, mem: int, touched: int) -> None:
-    """Create a guest on ``agent`` that writes non-zero data over ``touched`` bytes, then idles."""
-    agent.call("vm-create", name=name, program=program, mem=str(mem), args={"ws": str(touched)})
-    wait_for(lambda: agent.call("vm-info", name=name)["console-bytes"] >= 1, timeout=600, what="fill")
-
-
 def raw_copies(size: int, runs: int) -> list[Any]:
     """The Transfers (seconds, sender and receiver CPU) of ``runs`` raw Python copies of ``size`` bytes (bench/baseline_copy.py), its memfd
     freed again before the guest is created (an 8 GiB guest and an 8 GiB baseline must not coexist)."""
@@ -318,9 +259,9 @@ def raw_copies(size: int, runs: int) -> list[Any]:
     return out
 
 
-def run_series(a: AgentProc, b: AgentProc, program: str, s: Series, runs: int, log: Any) -> None:
+def run_series(a: AgentProc, b: AgentProc, s: Series, runs: int, log: Any) -> None:
     name = f"scale-{s.kind}-{s.size >> 20}m"
-    fill(a, program, name, s.size, s.touched)
+    fill_guest(a, name, s.size, s.touched)
     src, dst = a, b
     try:
         while len(s.runs) < runs and len(s.failed) <= MAX_FAILURES:
@@ -350,14 +291,14 @@ def warm_up(a: AgentProc, b: AgentProc) -> None:
     where.call("vm-destroy", name="scale-warmup")
 
 
-def measure_all(a: AgentProc, b: AgentProc, program: str, sparse: list[int], full: list[int], runs: int,
+def measure_all(a: AgentProc, b: AgentProc, sparse: list[int], full: list[int], runs: int,
                 big_runs: int, log: Any) -> list[Series]:
     out: list[Series] = []
     warm_up(a, b)
     for size in sparse:
         s = Series("sparse", size, TOUCHED)
         out.append(s)
-        run_series(a, b, program, s, runs, log)
+        run_series(a, b, s, runs, log)
     for size in full:
         s = Series("full", size, size - DATA_ADDR)
         out.append(s)
@@ -372,7 +313,7 @@ def measure_all(a: AgentProc, b: AgentProc, program: str, sparse: list[int], ful
             copies = raw_copies(size, n)
             s.raw_s = [t.seconds for t in copies]
             s.raw_cpu_s = [t.send_cpu + t.recv_cpu for t in copies]
-            run_series(a, b, program, s, n, log)
+            run_series(a, b, s, n, log)
     return out
 
 
@@ -629,11 +570,9 @@ def main(argv: list[str] | None = None) -> None:
     load0 = load_average()
     tmp = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
     key = make_key(tmp)
-    program = tmp / "fill_idle.fasm"
-    program.write_text(FILL_IDLE)
     # Agents' logs (printed when they stop) and progress go to stderr: stdout is the report.
     with contextlib.redirect_stdout(sys.stderr), start_agent(tmp, "A", key) as a, start_agent(tmp, "B", key) as b:
-        series = measure_all(a, b, str(program), sparse, full, runs, big_runs, sys.stderr)
+        series = measure_all(a, b, sparse, full, runs, big_runs, sys.stderr)
     load = (*load0, *load_average())
     shutil.rmtree(tmp, ignore_errors=True)
     if ns.json_out:

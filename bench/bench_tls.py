@@ -32,11 +32,10 @@ from agent import certs, tls
 from agent.client import call_sync
 from agent.migration.tls import TLSConnection
 from agent.migration.transport import Connection, connect, prepare_socket
-from bench.bench_migrate import time_transfer
-from tests.agents import AgentProc, make_key, wait_for
+from bench.bench_migrate import FILL_PROGRAM, time_transfer, wait_filled
+from tests.agents import AgentProc, make_key
 from vmruntime.isa import DATA_ADDR
 
-FILL_PROGRAM = str(Path(__file__).resolve().parent / "fill_random.fasm")
 FINAL = ("completed", "failed", "cancelled")
 
 
@@ -120,7 +119,7 @@ def migrations(tmp: Path, mem: int, runs: int, pki: dict[str, Path] | None) -> l
     a, b = _agents(tmp, pki)
     try:
         a.call("vm-create", name="bench-tls", program=FILL_PROGRAM, mem=str(mem), args={"ws": str(mem - DATA_ADDR)})
-        wait_for(lambda: a.call("vm-info", name="bench-tls")["instructions"] > 1_000_000, timeout=300, what="fill")
+        wait_filled(a, "bench-tls", timeout=300)
         a.call("vm-pause", name="bench-tls")
         results, src, dst = [], a, b
         for _ in range(runs):

@@ -3,6 +3,7 @@ over real sockets into real memfds, the token bucket, MigrationParams and Migrat
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import socket
@@ -14,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.migration import pages
+from agent.migration import pages, transport
 from agent.migration.info import MigrationInfo, MigrationParams, RoundStat, Status
-from agent.migration.transport import Connection, RateLimiter, prepare_socket
+from agent.migration.transport import RECV_PIECE, Connection, GuestRamFull, RateLimiter, prepare_socket
 from proto.codec import encode
-from proto.errors import RemoteProtocolError
+from proto.errors import ErrorCode, RemoteProtocolError
 from proto.messages import PageBatch, Ready
 from vmruntime import guestram
 from vmruntime.dirty import merge_ranges
@@ -210,6 +211,99 @@ def test_scattered_pages_beyond_one_iovec_array(guest: Any, link: tuple[Connecti
     for a, b in ranges:
         assert dst[a:b] == src[a:b]
         assert dst[b:b + P] == bytes(P)  # the pages between were not sent and stay untouched
+
+
+class RecordingSink:
+    """A transport PageSink over a real memfd that records the pieces it was handed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pieces: list[tuple[int, bytes]] = []
+
+    def received(self, offset: int, data: memoryview) -> None:
+        self.pieces.append((offset, bytes(data)))
+
+
+def test_large_ranges_go_through_the_buffer_into_the_memfd(guest: Any, link: tuple[Connection, Connection]) -> None:
+    size = 8 * MiB
+    _, src = guest(size)
+    dfd, dst = guest(size)
+    src[:] = os.urandom(size)
+    sender, receiver = link
+    receiver.guest_size = size
+    # Unaligned to the piece grid on purpose: a range starting and ending mid-piece.
+    ranges = [(3 * P, RECV_PIECE + 5 * P), (2 * MiB + 7 * P, 6 * MiB - 9 * P)]
+    sink = RecordingSink(dfd)
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(receiver.recv(memoryview(dst), sink)))
+    t.start()
+    wire = sender.send_pages(memoryview(src), ranges)
+    t.join()
+    assert isinstance(got[0], PageBatch) and wire == receiver.received
+    for a, b in ranges:
+        assert dst[a:b] == src[a:b]  # written to the memfd, read back through the mapping
+    assert dst[:3 * P] == bytes(3 * P) and dst[6 * MiB - 9 * P:] == bytes(2 * MiB + 9 * P)
+    # The pieces cover exactly the ranges, in order, each inside one cell of the piece grid,
+    # and what the sink saw is what landed.
+    assert merge_ranges([(o, o + len(d)) for o, d in sink.pieces]) == ranges
+    for off, data in sink.pieces:
+        assert off // RECV_PIECE == (off + len(data) - 1) // RECV_PIECE
+        assert data == src[off:off + len(data)]
+
+
+def test_scattered_pages_skip_the_buffer(guest: Any, link: tuple[Connection, Connection]) -> None:
+    size = 4 * MiB
+    _, src = guest(size)
+    dfd, dst = guest(size)
+    src[:] = os.urandom(size)
+    sender, receiver = link
+    receiver.guest_size = size
+    ranges = [(p * P, (p + 1) * P) for p in range(0, 200, 3)]
+    sink = RecordingSink(dfd)
+    t = threading.Thread(target=lambda: receiver.recv(memoryview(dst), sink))
+    t.start()
+    sender.send_pages(memoryview(src), ranges)
+    t.join()
+    assert sink.pieces == []  # straight into the mapping
+    for a, b in ranges:
+        assert dst[a:b] == src[a:b]
+
+
+def test_a_full_memfd_is_an_error_not_a_crash(guest: Any, link: tuple[Connection, Connection],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A write through the mapping into a memfd that cannot grow takes SIGBUS; pwrite returns
+    # ENOSPC instead (tmpfs limit, memory cgroup), which must become a clear error.
+    size = 2 * MiB
+    _, src = guest(size)
+    dfd, dst = guest(size)
+    src[:] = os.urandom(size)
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if offset >= MiB:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(transport.os, "pwrite", pwrite)
+    sender, receiver = link
+    receiver.guest_size = size
+    errors: list[BaseException] = []
+    view = memoryview(dst)
+
+    def recv() -> None:
+        try:
+            receiver.recv(view, RecordingSink(dfd))
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=recv)
+    t.start()
+    sender.send_pages(memoryview(src), [(0, size)])  # fits the socket buffers of loopback
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], GuestRamFull)
+    assert errors[0].code == ErrorCode.INSUFFICIENT_MEMORY and str(errors[0]).startswith("guest RAM cannot be stored on the destination")
+    view.release()  # the exception's frames still refer to it
+    assert dst[:MiB] == src[:MiB]
 
 
 def test_a_range_outside_the_guest_is_refused_before_any_byte_lands(

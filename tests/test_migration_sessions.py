@@ -10,6 +10,8 @@ resumed" fences a COMMIT that arrives later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import mmap
 import os
 import socket
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent.migration import pages
+from agent.migration import pages, transport
 from agent.migration.common import (
     RUN_STATE_KEY,
     LoopBridge,
@@ -81,6 +83,8 @@ def bridge() -> Iterator[LoopBridge]:
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     yield LoopBridge(loop)
+    # Let what sessions submitted last (fire and forget, as incoming_restored) run before stopping.
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0.01), loop).result(5)
     loop.call_soon_threadsafe(loop.stop)
     t.join()
     loop.close()
@@ -353,11 +357,33 @@ class Inc:
     ram: mmap.mmap
 
 
+class FakeDestLane:
+    """The destination session's lane to the (fake) incoming VM process: records the restores."""
+
+    def __init__(self, vms: FakeDestVMs) -> None:
+        self.vms = vms
+
+    def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        assert op == "restore"
+        if self.vms.fail_restore:
+            raise ConnectionError("the VM process died")
+        self.vms.started.append(fields["state"])
+        return {"listening": True}
+
+    def close(self) -> None:
+        pass
+
+
 class FakeDestVMs:
+    """The destination's VM-manager API (agent/vms.py VMManager's incoming side) over plain RAM."""
+
     def __init__(self, refuse: Exception | None = None) -> None:
         self.refuse = refuse
+        self.fail_restore = False
         self.reserved: list[Inc] = []
         self.started: list[dict[str, Any]] = []
+        self.claimed: list[str] = []
+        self.dropped: list[str] = []
         self.discarded: list[str] = []
 
     def reserve_incoming(self, name: str, mem: int) -> Inc:
@@ -367,9 +393,25 @@ class FakeDestVMs:
         self.reserved.append(Inc(name, mem, fd, ram))
         return self.reserved[-1]
 
-    async def start_incoming(self, inc: Inc, state: dict[str, Any], backend: str | None,
-                             paused: bool = False, migration_id: str | None = None) -> None:
-        self.started.append(state)
+    async def incoming_lane(self, inc: Inc) -> FakeDestLane:
+        return FakeDestLane(self)
+
+    def incoming_socket_path(self, inc: Inc) -> str | None:
+        return None
+
+    def claim_incoming(self, inc: Inc, state: dict[str, Any], paused: bool, socket_path: str | None,
+                       migration_id: str | None = None) -> str:
+        self.claimed.append(inc.name)
+        return inc.name
+
+    def incoming_restored(self, vm: str, reply: dict[str, Any]) -> None:
+        pass
+
+    async def drop_claimed(self, vm: str) -> None:
+        self.dropped.append(vm)
+
+    def arrived_by(self, name: str, migration_id: str) -> bool:
+        return False
 
     def discard_incoming(self, inc: Inc) -> None:
         self.discarded.append(inc.name)
@@ -432,6 +474,23 @@ def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram
     assert h.infos["v"].status is Status.COMPLETED and h.infos["v"].direction == "in"
 
 
+def test_destination_whose_restore_fails_says_not_resumed(bridge: LoopBridge, source_ram: Any) -> None:
+    fd, ram = source_ram
+    vms = FakeDestVMs()
+    vms.fail_restore = True
+    h = Harness(bridge, vms, Outcomes())
+    h.start()
+    h.send_ram(ram)
+    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
+    assert isinstance(h.src.recv(), Ready)
+    h.src.send(Commit("m1"))
+    reply = h.src.recv()
+    assert isinstance(reply, InDoubtAnswer) and reply.resumed is False  # the source may resume its copy
+    h.finish()
+    assert vms.started == [] and vms.claimed == ["v"] and vms.dropped == ["v"]
+    assert h.infos["v"].status is Status.FAILED
+
+
 def test_destination_refuses_a_wrong_digest_and_discards(bridge: LoopBridge, source_ram: Any) -> None:
     _, ram = source_ram
     vms = FakeDestVMs()
@@ -454,6 +513,27 @@ def test_destination_discards_when_the_source_vanishes(bridge: LoopBridge, sourc
     h.send_ram(ram)
     h.finish()  # gone before the digest
     assert vms.started == [] and vms.discarded == ["v"]
+
+
+def test_destination_out_of_room_for_guest_ram_aborts_clearly(bridge: LoopBridge, source_ram: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The memfd takes no more pages (a tmpfs limit, a memory cgroup): pwrite fails with ENOSPC.
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transport.os, "pwrite", full)
+    _, ram = source_ram
+    vms = FakeDestVMs()
+    h = Harness(bridge, vms, Outcomes())
+    h.start()
+    with contextlib.suppress(OSError):
+        h.send_ram(ram)
+    reply = h.src.recv()
+    assert isinstance(reply, Abort) and reply.code == ErrorCode.INSUFFICIENT_MEMORY
+    assert reply.reason.startswith("guest RAM cannot be stored on the destination")
+    h.finish()
+    assert vms.started == [] and vms.discarded == ["v"]
+    assert h.infos["v"].status is Status.FAILED
 
 
 def test_destination_refuses_before_touching_anything(bridge: LoopBridge) -> None:

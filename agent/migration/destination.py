@@ -38,7 +38,7 @@ from agent.migration.common import (
     tell,
 )
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
-from agent.migration.transport import Connection
+from agent.migration.transport import Connection, GuestRamFull
 from proto.auth import error_response
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
@@ -183,6 +183,7 @@ class DestinationSession:
         self._ram: memoryview | None = None
         self._digest: pages.RamDigest | None = None
         self._touched: set[int] = set()  # digest chunks written since the last round end
+        self._sink: _DigestingSink | None = None  # the memfd large ranges are written to
         self._state: dict[str, Any] | None = None
         self._start_paused = False  # the VM was paused on the source: it stays paused here
         self._ram_digest: str | None = None
@@ -257,9 +258,8 @@ class DestinationSession:
     def _answer_query(self, q: InDoubtQuery) -> None:
         # An agent restarted after that migration's COMMIT knows nothing of it, but it re-adopted
         # the VM if the VM started here: that VM's record names the migration.
-        arrived = getattr(self.vms, "arrived_by", None)
         resumed = self.outcomes.answer(
-            q.migration_id, lambda: arrived is not None and self.bridge.run(arrived, q.vm_name, q.migration_id))
+            q.migration_id, lambda: self.bridge.run(self.vms.arrived_by, q.vm_name, q.migration_id))
         if resumed is None:
             raise TimeoutError(f"migration {q.migration_id} is still starting; ask again")
         self._send(InDoubtAnswer(q.migration_id, resumed))
@@ -288,7 +288,7 @@ class DestinationSession:
         """A bad frame, an out-of-order message, a timeout: tell the source why (best effort)."""
         if self.fenced or isinstance(exc, Aborted) or not self.machine.can_send(Abort):
             return
-        if isinstance(exc, ProtocolError | TimeoutError):
+        if isinstance(exc, ProtocolError | TimeoutError | GuestRamFull):
             try:
                 self._send(Abort(error_code(exc), describe(exc)[:500]))
             except (OSError, ProtocolError):
@@ -313,6 +313,7 @@ class DestinationSession:
         # guest) then runs while that process starts, instead of adding to the setup time.
         self._digest = pages.RamDigest(self._inc.memfd, self._ram, start.mem_size)
         self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
+        self._sink = _DigestingSink(self._inc.memfd, self._digest)
         self._await_vm_process()
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
@@ -323,25 +324,21 @@ class DestinationSession:
         self.log.info("incoming migration accepted", vm=start.vm_name, peer=self._peer, mem=start.mem_size)
 
     def _await_vm_process(self) -> None:
-        """Hold the accept until the VM process for the reservation is up.
+        """Hold the accept until the VM process for the reservation is up, and open a lane to it.
 
         Starting a Python process takes 0.1-0.4 s here; a small guest migrates
         faster than that, and whatever is left of the start at COMMIT is
-        downtime. Waiting now moves it into the setup time instead. Uses the
-        VM manager's optional ``prepare_incoming(inc)`` (agent/vms.py has it);
-        without it the VM process simply starts at COMMIT.
+        downtime. Waiting now moves it into the setup time instead. The lane is
+        this thread's own socket to that process: the restore at COMMIT goes
+        over it, with no round trip through the agent's event loop.
         """
-        prepare = getattr(self.vms, "prepare_incoming", None)
-        if prepare is not None:
-            self.bridge.call(prepare(self._inc))
-        if hasattr(self.vms, "incoming_lane"):  # the VM manager of agent/vms.py; test doubles may lack it
-            self._lane = self.bridge.call(self.vms.incoming_lane(self._inc))
-            self._listen_at = self.bridge.run(self.vms.incoming_socket_path, self._inc)
+        self._lane = self.bridge.call(self.vms.incoming_lane(self._inc))
+        self._listen_at = self.bridge.run(self.vms.incoming_socket_path, self._inc)
 
     def _receive_until_ready(self) -> None:
         """Pages, round ends, state, digest; answers READY when guest RAM checks out."""
         while True:
-            msg = self._recv(self._ram)
+            msg = self._recv(self._ram, self._sink)
             if isinstance(msg, PageBatch):
                 self._on_pages(msg)
             elif isinstance(msg, RoundEnd):
@@ -372,11 +369,12 @@ class DestinationSession:
     def _digest_batch(self, batch: PageBatch) -> None:
         """Keep the digest current: chunks the batch covered whole are hashed now, still in the
         CPU cache; chunks it touched in part wait until enough of them gathered."""
-        assert self._digest is not None
+        assert self._digest is not None and self._sink is not None
         merged = merge_ranges([*batch.ranges, *batch.zeros])
         touched = pages.chunks_of(merged)
-        self._digest.invalidate_chunks(touched)
-        self._digest.refresh_known(batch.ranges, batch.zeros)
+        hashed = self._sink.take()  # chunks hashed from the receive buffer as they arrived
+        self._digest.invalidate_chunks(touched - hashed if hashed else touched)
+        self._digest.refresh_known(batch.ranges, batch.zeros, hashed if hashed else None)
         self._touched = (self._touched | touched) - pages.covered_chunks(merged)
         if len(self._touched) * pages.DIGEST_CHUNK >= REFRESH_BYTES:
             self._refresh_digest()
@@ -444,7 +442,7 @@ class DestinationSession:
         try:
             self._start_vm()
         except Exception as exc:
-            # start_incoming dropped the reservation; the source may resume: we never will.
+            # The claim was dropped (or never made); the source may resume: we never will.
             self.outcomes.settle(self._mid, False)
             self.info.finish(Status.FAILED, f"starting the VM failed: {describe(exc)}")
             self._tell_not_resumed()
@@ -459,13 +457,9 @@ class DestinationSession:
         return True
 
     def _start_vm(self) -> None:
-        """Restore and resume the VM: on this thread's lane when there is one, while the loop lists and
-        records it (both done before RESUMED goes out); else all of it on the loop."""
-        assert self._state is not None
-        if self._lane is None:
-            self.bridge.call(self.vms.start_incoming(self._inc, self._state, None, paused=self._start_paused,
-                                                     migration_id=self._mid))
-            return
+        """Restore and resume the VM on this thread's lane, while the loop lists and records it
+        (both done before RESUMED goes out)."""
+        assert self._state is not None and self._lane is not None
         claim = self.bridge.submit(self.vms.claim_incoming, self._inc, self._state, self._start_paused,
                                    self._listen_at, self._mid)
         try:
@@ -513,18 +507,36 @@ class DestinationSession:
         self.machine.send(msg)
         self.conn.send(msg)
 
-    def _recv(self, ram: memoryview | None = None) -> Message:
-        msg = self.conn.recv(ram)
+    def _recv(self, ram: memoryview | None = None, sink: _DigestingSink | None = None) -> Message:
+        msg = self.conn.recv(ram, sink)
         self.machine.receive(msg)
         if isinstance(msg, Abort):
             raise Aborted(f"the source aborted: {msg.reason}")
         return msg
 
     def _release_ram(self) -> None:
-        self._digest = None  # it holds slices of the mapping
+        self._digest = self._sink = None  # they hold slices of the mapping
         if self._ram is not None:
             self._ram.release()
             self._ram = None
+
+
+class _DigestingSink:
+    """The receiving end of transport's piece path: the memfd, and the RAM digest fed from each
+    piece while it is in the cache. Collects the chunks it hashed for the batch being received."""
+
+    def __init__(self, fd: int, digest: pages.RamDigest) -> None:
+        self.fd = fd
+        self._digest = digest
+        self._hashed: set[int] = set()
+
+    def received(self, offset: int, data: memoryview) -> None:
+        self._hashed.update(self._digest.hash_piece(offset, data))
+
+    def take(self) -> set[int]:
+        """The chunks hashed since the last call (empty when the batch took the mapping path)."""
+        out, self._hashed = self._hashed, set()
+        return out
 
 
 def _params_of(start: MigrateStart) -> MigrationParams:

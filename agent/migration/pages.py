@@ -273,13 +273,16 @@ class RamDigest:
                 j += 1
             self._store(idx, mine or None)
 
-    def refresh_known(self, data: Sequence[Range], zeros: Sequence[Range]) -> None:
+    def refresh_known(self, data: Sequence[Range], zeros: Sequence[Range],
+                      hashed: set[int] | None = None) -> None:
         """Hash the chunks that ``data`` and ``zeros`` together cover whole, from what the caller
         knows: ``data`` are bytes present in the memfd, ``zeros`` read as zeros. No system call,
-        so it is cheap right after a batch crossed the socket and its bytes are in the CPU cache."""
+        so it is cheap right after a batch crossed the socket and its bytes are in the CPU cache.
+        ``hashed``: the chunks lying wholly inside one data range, already hashed by
+        ``hash_piece`` as they arrived (else they are hashed here, through the mapping)."""
         if zeros:
             self._full.difference_update(chunks_of(zeros))  # punched: may hold holes now
-        direct = self._hash_inside(data)
+        direct = self._hash_inside(data) if hashed is None else hashed
         covered = covered_chunks(merge_ranges([*data, *zeros])) - direct if zeros or len(data) > 1 else set()
         if not covered:
             return
@@ -288,18 +291,28 @@ class RamDigest:
             self._store(idx, by_chunk.get(idx))
 
     def _hash_inside(self, data: Sequence[Range]) -> set[int]:
-        """Hash the chunks lying wholly inside one data range, in a tight loop (the bulk of a
-        round: a 4 MiB batch is 64 of them); returns their indices."""
+        """Hash the chunks lying wholly inside one data range through the mapping; their indices."""
         done: set[int] = set()
-        ram, buf, size = self.ram, self._buf, _DIGEST_SIZE
         for a, b in data:
-            first, last = -(-a // DIGEST_CHUNK), b // DIGEST_CHUNK
-            for idx in range(first, last):
-                c0 = idx * DIGEST_CHUNK
-                buf[idx * size:(idx + 1) * size] = xxhash.xxh3_128_digest(ram[c0:c0 + DIGEST_CHUNK])
-            done.update(range(first, last))
-        self._missing.difference_update(done)
-        self._full.update(done)
+            with self.ram[a:b] as view:
+                done.update(self.hash_piece(a, view))
+        return done
+
+    def hash_piece(self, offset: int, data: memoryview) -> range:
+        """Hash the chunks lying wholly inside ``[offset, offset + len(data))`` from ``data``,
+        the bytes now at that guest offset, in a tight loop (a 4 MiB batch is 64 of them).
+        Returns their indices."""
+        end = offset + len(data)
+        first, last = -(-offset // DIGEST_CHUNK), end // DIGEST_CHUNK
+        buf, size, digest = self._buf, _DIGEST_SIZE, xxhash.xxh3_128_digest
+        pos = first * DIGEST_CHUNK - offset
+        for idx in range(first, last):
+            buf[idx * size:(idx + 1) * size] = digest(data[pos:pos + DIGEST_CHUNK])
+            pos += DIGEST_CHUNK
+        done = range(first, last)
+        if done:
+            self._missing.difference_update(done)
+            self._full.update(done)
         return done
 
     def refresh_missing(self, indices: Iterable[int]) -> int:
