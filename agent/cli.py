@@ -134,6 +134,9 @@ def _add_migrate_commands(sub: Any) -> None:
     m.add_argument("--timeout", type=_positive_float, metavar="S", help="give up after S seconds")
     m.add_argument("--force", action="store_true",
                    help="when it does not converge, switch over anyway instead of aborting")
+    m.add_argument("--hot-blocks", action="store_true",
+                   help="send densely written 2 MiB blocks whole instead of write-protecting them every round "
+                        "(uffd-wp-async: fewer guest write faults, more bytes)")
     m.add_argument("--migration-address", metavar="HOST:PORT",
                    help="send the memory stream here instead of the destination's advertised migration address")
     m.add_argument("--in-doubt-timeout", type=_positive_float, metavar="S",
@@ -310,6 +313,8 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
         params["auto-converge"] = True
     if ns.force:
         params["force"] = True
+    if ns.hot_blocks:
+        params["hot-blocks"] = True
     return {k: v for k, v in params.items() if v is not None}
 
 

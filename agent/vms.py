@@ -411,8 +411,11 @@ class VM:
         await self.channel.request("throttle", percent=int(percent))
         self.throttle_percent = int(percent)
 
-    async def track_start(self) -> dirty.DirtyTracker:
-        """Register guest RAM for dirty tracking in the VM process; returns the (not yet armed) tracker."""
+    async def track_start(self, hot_blocks: bool = False) -> dirty.DirtyTracker:
+        """Register guest RAM for dirty tracking in the VM process; returns the (not yet armed) tracker.
+
+        ``hot_blocks``: let uffd-wp-async leave densely written 2 MiB blocks un-protected and report
+        them whole (MigrationParams.hot_blocks; the other backends ignore it)."""
         if self._tracker is not None:
             await self.track_stop()
         reply, fds = await self.channel.request("track-start", backend=self.dirty_backend)
@@ -422,7 +425,7 @@ class VM:
         try:
             tracker = dirty.make_tracker(str(reply.get("backend", self.dirty_backend)), pid=self.pid, uffd=uffd,
                                          addr=int(reply["addr"]), length=int(reply["length"]), ram=self.ram,
-                                         memfd=self.memfd)
+                                         memfd=self.memfd, hot_blocks=hot_blocks)
         except BaseException:
             if uffd is not None:
                 os.close(uffd)

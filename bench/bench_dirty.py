@@ -170,20 +170,27 @@ def memstress_run(backend: str | None, mem: int, seconds: float, interval: float
     with VMHandle.spawn(mem, name="bench-dirty") as vm:
         vm.boot(image, args)
         time.sleep(0.2)  # past start-up
-        with _tracked(vm, backend, hot) as tracker:
-            c0 = process_cpu_seconds(vm.pid)
-            i0, t0 = vm.status()["instructions"], time.perf_counter()
-            harvests, pages, hms = 0, 0, []
-            while time.perf_counter() - t0 < seconds:
-                time.sleep(interval)
-                if tracker is not None:
-                    ms, got = timed_ms(tracker.harvest)
-                    harvests += 1
-                    pages += sum(e - s for s, e in got) // PAGE_SIZE
-                    hms.append(ms)
-            i1, t1 = vm.status()["instructions"], time.perf_counter()
-            c1 = process_cpu_seconds(vm.pid)
+        with tracked(vm, backend, hot) as tracker:
+            sample = measure_window(vm, tracker, seconds, interval)
         vm.stop()
+    return sample
+
+
+def measure_window(vm: VMHandle, tracker: dirty.DirtyTracker | None, seconds: float, interval: float) -> Sample:
+    """The guest's speed over ``seconds`` while ``tracker`` (None: untracked) is harvested every
+    ``interval`` s (from the end of one harvest to the next). Also used by bench_slowdown."""
+    c0 = process_cpu_seconds(vm.pid)
+    i0, t0 = vm.status()["instructions"], time.perf_counter()
+    harvests, pages, hms = 0, 0, []
+    while time.perf_counter() - t0 < seconds:
+        time.sleep(interval)
+        if tracker is not None:
+            ms, got = timed_ms(tracker.harvest)
+            harvests += 1
+            pages += sum(e - s for s, e in got) // PAGE_SIZE
+            hms.append(ms)
+    i1, t1 = vm.status()["instructions"], time.perf_counter()
+    c1 = process_cpu_seconds(vm.pid)
     return Sample((i1 - i0) / (t1 - t0), t1 - t0, c1 - c0, i1 - i0, harvests, pages, hms)
 
 
@@ -205,7 +212,9 @@ def memstress_ips(backend: str | None, mem: int, seconds: float, interval: float
 
 
 @contextlib.contextmanager
-def _tracked(vm: VMHandle, backend: str | None, hot: bool = False) -> Iterator[dirty.DirtyTracker | None]:
+def tracked(vm: VMHandle, backend: str | None, hot: bool = False) -> Iterator[dirty.DirtyTracker | None]:
+    """An armed agent-side tracker of ``vm`` (None: untracked), with hot blocks if ``hot``; on leaving,
+    the tracker is stopped and the VM process told, so the same VM can be tracked again."""
     if backend is None:
         yield None
         return
@@ -223,6 +232,8 @@ def _tracked(vm: VMHandle, backend: str | None, hot: bool = False) -> Iterator[d
         if info.uffd is not None:
             os.close(info.uffd)
         ram.close()
+        with contextlib.suppress(Exception):  # the VM process may be gone (then nothing is left to undo)
+            vm.track_stop()
 
 
 def vm_table(backends: list[str], mem: int, seconds: float, interval: float, runs: int) -> str:

@@ -474,6 +474,35 @@ def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram
     assert h.infos["v"].status is Status.COMPLETED and h.infos["v"].direction == "in"
 
 
+def test_destination_digest_holds_for_scattered_batches_in_any_order(bridge: LoopBridge, source_ram: Any) -> None:
+    # The destination hashes chunks touched in part some time after their pages arrived; a round
+    # whose batches touch the same chunks again, out of address order, must still check out.
+    fd, ram = source_ram
+    vms = FakeDestVMs()
+    h = Harness(bridge, vms, Outcomes())
+    h.start()
+    mv = memoryview(ram)
+    for b in pages.plan_batches(mv, [(0, SIZE)]):
+        h.src.send_pages(mv, b.ranges, b.zeros)
+    h.src.send(RoundEnd(0, 1, 0, SIZE, 0.1, 0, 0.0))
+    # Round 1: scattered single pages, two of them in one 64 KiB chunk, sent high to low and
+    # then low to high, each batch touching chunks the other one touched.
+    scattered = [p * P for p in (3, 5, 300, 301, 17, 18, 200)]
+    for off in scattered:
+        ram[off:off + P] = os.urandom(P)
+    high = sorted(o for o in scattered if o >= 100 * P)
+    low = sorted(o for o in scattered if o < 100 * P)
+    for group in (high, low, high):
+        h.src.send_pages(mv, [(o, o + P) for o in group])
+    h.src.send(RoundEnd(1, 1, 0, len(scattered) * P, 0.1, 0, 0.0))
+    h.src.send(DeviceState({"version": 1}))
+    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, mv, SIZE)))
+    assert isinstance(h.src.recv(), Ready)
+    assert vms.reserved[0].ram[:] == ram[:]
+    mv.release()
+    h.finish()
+
+
 def test_destination_whose_restore_fails_says_not_resumed(bridge: LoopBridge, source_ram: Any) -> None:
     fd, ram = source_ram
     vms = FakeDestVMs()
