@@ -56,8 +56,9 @@ class Agent:
         self.config = config
         self.log = log
         self.records = VMRecords(config.state_dir)
+        # spare: an idle VM process kept ready for the next incoming migration (vmruntime/spare.py).
         self.vms = VMManager(agent_name=config.name, max_mem=config.max_mem, dirty_tracker=config.dirty_tracker,
-                             log=log, records=self.records)
+                             log=log, records=self.records, spare=True)
         # Mutual TLS (--tls-dir) on every TCP connection in and out; None: plaintext (HMAC auth only).
         self.tls: TLSContexts | None = load_tls(config.tls_dir) if config.tls_dir is not None else None
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
@@ -99,6 +100,7 @@ class Agent:
         except OSError as e:  # e.g. a path over the 107-byte limit: TCP still serves every client
             self.log.warning("no unix control socket", path=str(cfg.control_socket), error=e.strerror or str(e))
         await self._start_migration_listener()
+        self.vms.keep_spare()
         metrics = await self.metrics_server.start(*cfg.metrics) if self.metrics_server and cfg.metrics else None
         self.log.info("agent started", version=ferry_version(), control=format_hostport(*control),
                       migration=format_hostport(*cfg.migration), unix=str(cfg.control_socket),

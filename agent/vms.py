@@ -29,7 +29,7 @@ from agent.logs import Log
 from agent.records import VMRecords, process_start_time
 from proto.errors import ErrorCode
 from vmruntime import control as vmctl
-from vmruntime import dirty, guestram
+from vmruntime import dirty, guestram, spare
 from vmruntime.asm import AsmError
 from vmruntime.programs import load_program
 
@@ -37,6 +37,7 @@ PAGE_SIZE = 4096
 CONSOLE_BUFFER = 1 << 20  # console bytes kept per VM; older output is dropped, the total keeps counting
 REQUEST_TIMEOUT = 30.0  # seconds for one VM-process request; a VM that does not answer is broken
 STOP_GRACE = 2.0  # seconds a VM process gets to exit after "stop" before it is killed
+SPARE_DELAY_S = 0.5  # after an incoming VM settled, before the next spare VM process starts
 RUN_STATES = ("running", "paused", "halted", "faulted")
 # An incoming VM process waits idle while pages arrive, then restores inside the migration's downtime.
 # vmproc imports the machine lazily on restore (~0.1 s); this entry imports it up front instead and
@@ -254,6 +255,17 @@ class AdoptedProcess:
 
 class AdoptError(Exception):
     """A recorded VM cannot be re-adopted: its process is gone, or is not the one recorded."""
+
+
+@dataclass
+class Spare:
+    """A VM process started ahead of need (vmruntime/spare.py): the next incoming VM's process."""
+
+    proc: asyncio.subprocess.Process
+    sock: socket.socket  # our end of its hand-over socket; closing it lets the spare go
+
+    def alive(self) -> bool:
+        return self.proc.returncode is None
 
 
 @dataclass
@@ -549,7 +561,9 @@ class VMManager:
     """The VMs of this host and the guest memory reserved for incoming migrations."""
 
     def __init__(self, *, agent_name: str, max_mem: int, dirty_tracker: str = "auto", log: Log | None = None,
-                 records: VMRecords | None = None) -> None:
+                 records: VMRecords | None = None, spare: bool = False) -> None:
+        """``spare``: keep one VM process started ahead of need for incoming migrations
+        (keep_spare(); the agent daemon does, library users and unit tests need not)."""
         self.agent_name = agent_name
         self.records = records
         self.max_mem = max_mem
@@ -559,6 +573,9 @@ class VMManager:
         self._incoming: dict[str, Incoming] = {}
         self._creating: dict[str, int] = {}  # names being created -> mem, so two creates cannot race
         self.accepting = True  # False once the agent is shutting down
+        self.keeps_spare = spare
+        self._spare: Spare | None = None
+        self._spare_task: asyncio.Task[None] | None = None
 
     # -- lookup and capacity -----------------------------------------------------------------------
     def get(self, name: str) -> VM:
@@ -633,11 +650,13 @@ class VMManager:
         parent, child = vmctl.socketpair()
         try:
             # on-eof "exit": a VM process whose agent died exits rather than running on unmanaged.
-            argv = vmctl.vmproc_argv(fd, mem, child.fileno(), on_eof="exit")
-            if preload:
-                argv = [sys.executable, "-c", _PRELOAD_VMPROC, *argv[3:]]
-            proc = await asyncio.create_subprocess_exec(
-                *argv, pass_fds=(fd, child.fileno()), stdin=asyncio.subprocess.DEVNULL)
+            proc = self._adopt_spare(fd, mem, child) if preload else None
+            if proc is None:
+                argv = vmctl.vmproc_argv(fd, mem, child.fileno(), on_eof="exit")
+                if preload:
+                    argv = [sys.executable, "-c", _PRELOAD_VMPROC, *argv[3:]]
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, pass_fds=(fd, child.fileno()), stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             parent.close()
             raise
@@ -658,6 +677,68 @@ class VMManager:
                 vm.channel.close()
                 raise
         return vm
+
+    # -- the spare VM process (vmruntime/spare.py) --------------------------------------------------
+    def keep_spare(self) -> None:
+        """Start a spare VM process unless one is there or starting (needs the running loop)."""
+        if not self.keeps_spare or not self.accepting:
+            return
+        if (self._spare is not None and self._spare.alive()) or (
+                self._spare_task is not None and not self._spare_task.done()):
+            return
+        self._spare_task = asyncio.get_running_loop().create_task(self._start_spare())
+
+    async def _start_spare(self) -> None:
+        parent, child = vmctl.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spare.spare_argv(child.fileno()), pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+        except Exception as e:  # no spare: incoming VM processes start as before
+            parent.close()
+            self.log.warning("spare VM process not started", error=str(e))
+            return
+        finally:
+            child.close()
+        self._spare = Spare(proc, parent)
+        if not self.accepting:  # shut down meanwhile
+            await self._let_spare_go()
+
+    def _adopt_spare(self, fd: int, mem: int, child: socket.socket) -> asyncio.subprocess.Process | None:
+        """Hand guest RAM and the control socket to the spare: its process, or None (no live
+        spare; the caller spawns a process). A new spare starts for the next one."""
+        sp, self._spare = self._spare, None
+        if sp is None:
+            return None
+        try:
+            if not sp.alive():
+                return None
+            spare.hand_over(sp.sock, fd, mem, child.fileno(), on_eof="exit")
+            return sp.proc
+        except OSError as e:  # it died between the check and the hand-over: spawn instead
+            self.log.warning("spare VM process lost", pid=sp.proc.pid, error=str(e))
+            return None
+        finally:
+            sp.sock.close()
+
+    def _keep_spare_later(self) -> None:
+        """Start the next spare once the incoming VM that took the last one is settled: not at once,
+        because a new interpreter's start-up (0.1 s of CPU) would compete with the migration's
+        rounds and its downtime on a small host."""
+        with contextlib.suppress(RuntimeError):  # no running loop: no spare
+            asyncio.get_running_loop().call_later(SPARE_DELAY_S, self.keep_spare)
+
+    async def _let_spare_go(self) -> None:
+        """The spare exits on EOF of its socket; reaped here (killed if it does not go)."""
+        sp, self._spare = self._spare, None
+        if sp is None:
+            return
+        sp.sock.close()
+        try:
+            await asyncio.wait_for(sp.proc.wait(), STOP_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                sp.proc.kill()
+            await sp.proc.wait()
 
     async def destroy(self, name: str) -> None:
         vm = self.get(name)
@@ -891,6 +972,7 @@ class VMManager:
 
     def incoming_restored(self, vm: VM, reply: dict[str, Any]) -> None:
         """The restore's reply: a VM process that could not listen exits with this agent; say so."""
+        self._keep_spare_later()
         if vm.socket_path is not None and not reply.get("listening"):
             vm.log.warning("vm process cannot outlive the agent", error=str(reply.get("listen-error")))
             vm.socket_path = vm.pid_start = None
@@ -898,6 +980,7 @@ class VMManager:
 
     async def drop_claimed(self, vm: VM) -> None:
         """A claimed VM whose restore failed: its process goes, its record too."""
+        self._keep_spare_later()
         await self._drop(vm)
 
     def arrived_by(self, name: str, migration_id: str) -> bool:
@@ -914,6 +997,7 @@ class VMManager:
             inc.spawning.add_done_callback(_kill_spawned)  # runs at once if the spawn already finished
         close_guest_ram(inc.memfd, inc.ram)
         self.log.info("incoming discarded", vm=inc.name)
+        self._keep_spare_later()
 
     async def remove_migrated(self, name: str) -> None:
         """Source side after commit: the VM runs elsewhere now; stop its process and free its RAM."""
@@ -936,6 +1020,10 @@ class VMManager:
             vm.log.info("vm stopped at agent shutdown")
         for inc in list(self._incoming.values()):
             self.discard_incoming(inc)
+        if self._spare_task is not None:
+            with contextlib.suppress(Exception):
+                await self._spare_task
+        await self._let_spare_go()
 
     def _leave_running(self, vm: VM) -> None:
         """Let go of a VM without stopping it: its process keeps running and listening; its record stays."""

@@ -37,6 +37,7 @@ from typing import Any
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 CLI_TIMEOUT = 120.0
+SPARE_NAME = "ferry-spare"  # /proc/PID/comm of an agent's spare VM process (vmruntime/spare.py)
 
 
 def free_port() -> int:
@@ -169,9 +170,14 @@ class AgentProc:
                     raise AssertionError(f"agent {self.name} not ready in {timeout} s{self._context()}") from None
                 time.sleep(0.05)
 
-    def group_processes(self) -> list[int]:
-        """Live processes in the agent's process group (the agent and the VM processes it spawned)."""
-        pids = []
+    def group_processes(self, spare: bool = False) -> list[int]:
+        """Live processes in the agent's process group (the agent and the VM processes it spawned);
+        its spare VM process (vmruntime/spare.py, not yet a VM's) only if ``spare``."""
+        return [pid for pid, name in self._group_members() if spare or name != SPARE_NAME]
+
+    def _group_members(self) -> list[tuple[int, str]]:
+        """(pid, process name) of the live processes in the agent's process group, in one pass."""
+        found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -181,8 +187,24 @@ class AgentProc:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
             if int(fields[2]) == self.proc.pid and fields[0] != "Z":  # fields[2]: pgrp; Z: zombie
-                pids.append(int(entry))
-        return pids
+                found.append((int(entry), stat[stat.index("(") + 1:stat.rindex(")")]))
+        return found
+
+    def spare_pids(self) -> list[int]:
+        """The agent's spare VM process(es) (vmruntime/spare.py): one once started, none while it
+        is being replaced after an incoming migration took it."""
+        return [pid for pid, name in self._group_members() if name == SPARE_NAME]
+
+    def wait_spare(self, timeout: float = 15.0) -> int:
+        """Wait until the agent has its spare VM process (so its descriptors are all there); its pid."""
+        found: list[int] = []
+
+        def one() -> bool:
+            found[:] = self.spare_pids()
+            return len(found) == 1
+
+        wait_for(one, timeout=timeout, what=f"agent {self.name}'s spare VM process")
+        return found[0]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT, keep_vms: bool = False) -> int:
         """Signal the agent, wait for it, kill its VMs (unless keep_vms) and leftovers (in .leaked), print its log."""
@@ -201,7 +223,10 @@ class AgentProc:
             self.returncode = self.proc.wait()
         if keep_vms:  # the VMs run on for the next agent; anything else left is a leak
             recorded = set(self.recorded_vm_pids().values())
-            self.leaked = [p for p in self.group_processes() if p not in recorded]
+            deadline = time.monotonic() + 2.0  # a spare VM process exits once it sees the agent gone
+            while self.spare_pids() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.leaked = [p for p in self.group_processes(spare=True) if p not in recorded]
         else:
             self.kill_recorded_vms()
             self._reap_group()
@@ -232,7 +257,7 @@ class AgentProc:
 
     def _reap_group(self) -> None:
         deadline = time.monotonic() + 2.0
-        while (left := self.group_processes()) and time.monotonic() < deadline:
+        while (left := self.group_processes(spare=True)) and time.monotonic() < deadline:
             time.sleep(0.05)  # an incoming VM process exits on its own once the agent's socket closes
         self.leaked = left
         for pid in left:

@@ -60,6 +60,8 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc
 @pytest.fixture
 def pair(agents: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, AgentProc]]:
     a, b = agents
+    for agent in agents:
+        agent.wait_spare()  # counted in the descriptors; replaced after each incoming migration
     fds = (fd_count(a.proc.pid), fd_count(b.proc.pid))
     yield a, b
     for agent in (a, b):

@@ -67,6 +67,7 @@ def pair(agents: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, Agent
     """The agents, with a VM running on B that must survive every test untouched."""
     a, b = agents
     busy(b, "bystander")
+    b.wait_spare()  # counted in the descriptors; replaced after each incoming migration
     fds = fd_count(b.proc.pid)
     yield a, b
     runs_on(b, "bystander")

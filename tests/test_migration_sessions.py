@@ -144,8 +144,8 @@ class FakeVM:
     async def throttle(self, percent: int) -> None:
         self.calls.append(("throttle", percent))
 
-    async def track_start(self) -> FakeTracker:
-        self.calls.append("track_start")
+    async def track_start(self, hot_blocks: bool = False) -> FakeTracker:
+        self.calls.append(("track_start", hot_blocks) if hot_blocks else "track_start")
         return FakeTracker(self.dirty)
 
     async def track_stop(self) -> None:

@@ -502,8 +502,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+PROCESS_NAME = "ferry-vm"  # /proc/PID/comm of a VM process (what ps and top show)
+
+
+def set_process_name(name: str) -> None:
+    """Set this process's name (/proc/PID/comm, at most 15 bytes); best effort."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_process_name(PROCESS_NAME)
     # Ctrl-C in a terminal signals the whole foreground group; the parent
     # (agent, `ferry run`) decides what happens to its VMs, not the keyboard.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

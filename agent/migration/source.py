@@ -196,9 +196,7 @@ class SourceSession:
     def _precopy(self) -> list[Range]:
         """Rounds until the policy switches over; returns the dirty set still to send."""
         vm = self.vm
-        # hot_blocks passed only when asked, so VM doubles whose track_start() takes no argument still work.
-        self._tracker = self.bridge.call(vm.track_start(hot_blocks=True) if self.params.hot_blocks
-                                         else vm.track_start())
+        self._tracker = self.bridge.call(vm.track_start(hot_blocks=self.params.hot_blocks))
         self._lane = self.bridge.call(vm.open_lane())
         self.info.dirty_tracker = self._tracker.name
         self._ram = memoryview(vm.ram)
