@@ -686,6 +686,9 @@ class VMManager:
         if (self._spare is not None and self._spare.alive()) or (
                 self._spare_task is not None and not self._spare_task.done()):
             return
+        if self._spare is not None:  # it died on its own: its socket goes with it
+            self._spare.sock.close()
+            self._spare = None
         self._spare_task = asyncio.get_running_loop().create_task(self._start_spare())
 
     async def _start_spare(self) -> None:
@@ -705,7 +708,7 @@ class VMManager:
 
     def _adopt_spare(self, fd: int, mem: int, child: socket.socket) -> asyncio.subprocess.Process | None:
         """Hand guest RAM and the control socket to the spare: its process, or None (no live
-        spare; the caller spawns a process). A new spare starts for the next one."""
+        spare; the caller spawns a process). The next spare starts once this VM settled."""
         sp, self._spare = self._spare, None
         if sp is None:
             return None
