@@ -241,6 +241,20 @@ def _med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def failure_lines(results: list[tuple[Guest, list[MigRun]]]) -> list[str]:
+    """Why the failed migrations of the table failed (each reason once per guest and mode, counted)."""
+    reasons: dict[tuple[str, str, str], int] = {}
+    for g, runs in results:
+        for r in runs:
+            if not _ok(r):
+                key = (g.name, "on" if r.hot else "off", str(r.info.get("error-desc") or r.info["status"]))
+                reasons[key] = reasons.get(key, 0) + 1
+    if not reasons:
+        return []
+    return ["", "Failed migrations (the VM kept running on its source each time):", "",
+            *[f"- {name}, hot blocks {hot}, {n}x: {why}" for (name, hot, why), n in reasons.items()]]
+
+
 def mig_rows(results: list[tuple[Guest, list[MigRun]]]) -> list[list[object]]:
     rows: list[list[object]] = []
     for g, runs in results:
@@ -348,6 +362,7 @@ def markdown(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]], rate: i
             markdown_table(["guest", "hot blocks", "runs", "failed", "during/before wall", "during/before CPU",
                             "sent / guest", "sent vs off", "rounds", "downtime ms", "total ms", "load"],
                            mig_rows(migs), "llrrrrrrrrrr"),
+            *failure_lines(migs),
         ]
     out += ["", "Verdicts:", "", *verdicts(armed, migs), "",
             f"Load average at the end: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (2 cores, shared)."]
