@@ -293,6 +293,22 @@ def start_agent(tmp_path: Path, name: str, key_path: Path, **extra_flags: Any) -
     return agent
 
 
+def agent_pair(tmp_path: Path, **b_flags: Any) -> Iterator[tuple[AgentProc, AgentProc]]:
+    """Agents A and B sharing one key (B with ``b_flags``), for a fixture to ``yield from``; both
+    must stop cleanly and leave no process behind."""
+    key = make_key(tmp_path)
+    a = start_agent(tmp_path, "A", key)
+    try:
+        b = start_agent(tmp_path, "B", key, **b_flags)
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b
+    for agent in (a, b):
+        assert agent.stop() == 0
+        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll predicate() until it returns something truthy; AssertionError after timeout."""
     deadline = time.monotonic() + timeout

@@ -8,24 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import AgentProc, free_port, make_key, start_agent, wait_for
+from tests.agents import AgentProc, agent_pair, free_port, make_key, start_agent, wait_for
 
 
 @pytest.fixture(scope="module")
 def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
     """Two agents for the module (B accepts at most 96M of guests)."""
     tmp = tmp_path_factory.mktemp("pair")
-    key = make_key(tmp)
-    a = start_agent(tmp, "A", key)
-    try:
-        b = start_agent(tmp, "B", key, max_mem="96M")
-    except BaseException:
-        a.stop()
-        raise
-    yield a, b
-    for agent in (a, b):
-        assert agent.stop() == 0
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    yield from agent_pair(tmp, max_mem="96M")
 
 
 @pytest.fixture

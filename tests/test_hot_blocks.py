@@ -20,7 +20,7 @@ import pytest
 
 from agent import cli
 from agent.migration.info import MigrationParams, Status
-from tests.agents import AgentProc, digest_line, make_key, start_agent, unmigrated_verify_digest, wait_for
+from tests.agents import AgentProc, agent_pair, digest_line, unmigrated_verify_digest, wait_for
 from tests.test_migration_sessions import (  # the source session's doubles and their fixtures
     FakeSourceVMs,
     FakeVM,
@@ -113,17 +113,7 @@ def test_verify_guest_turns_blocks_hot() -> None:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
     tmp: Path = tmp_path_factory.mktemp("agents")
-    key = make_key(tmp)
-    a = start_agent(tmp, "A", key)
-    try:
-        b = start_agent(tmp, "B", key)
-    except BaseException:
-        a.stop()
-        raise
-    yield a, b
-    for agent in (a, b):
-        assert agent.stop() == 0
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    yield from agent_pair(tmp)
 
 
 @pytest.fixture(autouse=True)
