@@ -38,6 +38,8 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 CLI_TIMEOUT = 120.0
 SPARE_NAME = "ferry-spare"  # /proc/PID/comm of an agent's spare VM process (vmruntime/spare.py)
+STARTING_SPARE = "(spare starting)"  # _group_members' name for a spare not yet named
+VM_NAME = "ferry-vm"  # /proc/PID/comm of a VM process, a spare's after its hand-over too
 
 
 def free_port() -> int:
@@ -173,7 +175,7 @@ class AgentProc:
     def group_processes(self, spare: bool = False) -> list[int]:
         """Live processes in the agent's process group (the agent and the VM processes it spawned);
         its spare VM process (vmruntime/spare.py, not yet a VM's) only if ``spare``."""
-        return [pid for pid, name in self._group_members() if spare or name != SPARE_NAME]
+        return [pid for pid, name in self._group_members() if spare or name not in (SPARE_NAME, STARTING_SPARE)]
 
     def _group_members(self) -> list[tuple[int, str]]:
         """(pid, process name) of the live processes in the agent's process group, in one pass."""
@@ -187,13 +189,20 @@ class AgentProc:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
             if int(fields[2]) == self.proc.pid and fields[0] != "Z":  # fields[2]: pgrp; Z: zombie
-                found.append((int(entry), stat[stat.index("(") + 1:stat.rindex(")")]))
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                if name not in (SPARE_NAME, VM_NAME) and _is_spare_command(int(entry)):
+                    name = STARTING_SPARE  # a spare still importing: named only once its imports are done
+                found.append((int(entry), name))
         return found
 
     def spare_pids(self) -> list[int]:
         """The agent's spare VM process(es) (vmruntime/spare.py): one once started, none while it
         is being replaced after an incoming migration took it."""
-        return [pid for pid, name in self._group_members() if name == SPARE_NAME]
+        return self._spares(starting=False)
+
+    def _spares(self, starting: bool) -> list[int]:
+        names = (SPARE_NAME, STARTING_SPARE) if starting else (SPARE_NAME,)
+        return [pid for pid, name in self._group_members() if name in names]
 
     def wait_spare(self, timeout: float = 15.0) -> int:
         """Wait until the agent has its spare VM process (so its descriptors are all there); its pid."""
@@ -223,8 +232,9 @@ class AgentProc:
             self.returncode = self.proc.wait()
         if keep_vms:  # the VMs run on for the next agent; anything else left is a leak
             recorded = set(self.recorded_vm_pids().values())
-            deadline = time.monotonic() + 2.0  # a spare VM process exits once it sees the agent gone
-            while self.spare_pids() and time.monotonic() < deadline:
+            # A spare VM process exits once it sees the agent gone, after its imports (slow under load).
+            deadline = time.monotonic() + 10.0
+            while self._spares(starting=True) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.leaked = [p for p in self.group_processes(spare=True) if p not in recorded]
         else:
@@ -256,7 +266,7 @@ class AgentProc:
         return pids
 
     def _reap_group(self) -> None:
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 10.0
         while (left := self.group_processes(spare=True)) and time.monotonic() < deadline:
             time.sleep(0.05)  # an incoming VM process exits on its own once the agent's socket closes
         self.leaked = left
@@ -307,6 +317,14 @@ def agent_pair(tmp_path: Path, **b_flags: Any) -> Iterator[tuple[AgentProc, Agen
     for agent in (a, b):
         assert agent.stop() == 0
         assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+
+
+def _is_spare_command(pid: int) -> bool:
+    """Whether process ``pid`` runs vmruntime/spare.py (its command line; False once it is gone)."""
+    try:
+        return b"vmruntime.spare" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:

@@ -4,6 +4,7 @@ hand-over of its guest RAM and control socket; and the agent keeping one for inc
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -109,3 +110,14 @@ def test_the_spare_goes_with_its_agent(tmp_path: Path) -> None:
         assert a.leaked == []
         wait_for(lambda: not Path(f"/proc/{pid}").exists() or comm(pid) != SPARE_NAME, timeout=5,
                  what="the spare to exit")
+
+
+def test_an_agent_killed_while_its_spare_starts_leaves_nothing_behind(tmp_path: Path) -> None:
+    # kill -9 right after start: the spare is still importing (or not yet spawned) and must
+    # still exit on its own once it finds the agent's end of its socket closed.
+    for i in range(3):
+        run = tmp_path / str(i)
+        run.mkdir()
+        a = start_agent(run, "K", make_key(run))
+        a.stop(signal.SIGKILL, keep_vms=True)
+        assert a.leaked == []
