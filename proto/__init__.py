@@ -69,6 +69,8 @@ from proto.messages import (
     Response,
     Resumed,
     RoundEnd,
+    Sync,
+    SyncAck,
 )
 from proto.state import (
     DESTINATION_TRANSITIONS,
@@ -92,5 +94,5 @@ __all__ = [
     "MIGRATION_MESSAGES", "Abort", "Auth", "AuthOk", "Commit", "DeviceState", "Digest", "ErrorResponse",
     "Event", "Hello", "HelloReply", "InDoubtAnswer", "InDoubtQuery", "Message", "MigrateAccept",
     "MigrateRefuse", "MigrateStart", "PageBatch", "Ranges", "Ready", "Request", "Response", "Resumed",
-    "RoundEnd",
+    "RoundEnd", "Sync", "SyncAck",
 ]  # fmt: skip

@@ -459,9 +459,26 @@ class InDoubtAnswer(Message):
     resumed: bool
 
 
+@register(45)
+@dataclass(frozen=True, slots=True)
+class Sync(Message):
+    """Source -> destination, in pre-copy after a round's last batch: answer SyncAck once every
+    page sent before this is applied (the source harvests and decides with nothing in flight)."""
+
+    round: int
+
+
+@register(46)
+@dataclass(frozen=True, slots=True)
+class SyncAck(Message):
+    """Destination -> source: every page sent before Sync ``round`` is applied here."""
+
+    round: int
+
+
 HANDSHAKE_MESSAGES = (Hello, HelloReply, Auth, AuthOk)
 CONTROL_MESSAGES = (Request, Response, ErrorResponse, Event)
 MIGRATION_MESSAGES = (
     MigrateStart, MigrateAccept, MigrateRefuse, PageBatch, RoundEnd, DeviceState, Digest,
-    Ready, Commit, Resumed, Abort, InDoubtQuery, InDoubtAnswer,
+    Ready, Commit, Resumed, Abort, InDoubtQuery, InDoubtAnswer, Sync, SyncAck,
 )  # fmt: skip

@@ -12,7 +12,9 @@ The exchange (DESIGN.md, "A migration, step by step" and "Ownership rules")::
     source                               destination
       MigrateStart ------------------------> compatibility check
       <------------- MigrateAccept | MigrateRefuse
-      PageBatch* RoundEnd  (round 0..n) ---->
+      PageBatch* Sync  (round 0..n) -------->
+      <------------------------------------- SyncAck   (all of the round applied)
+      RoundEnd ----------------------------->
       [pause] PageBatch* RoundEnd ---------->
       DeviceState -------------------------->
       Digest ------------------------------->  check RAM digest
@@ -51,6 +53,8 @@ from proto.messages import (
     Ready,
     Resumed,
     RoundEnd,
+    Sync,
+    SyncAck,
 )
 
 
@@ -71,6 +75,7 @@ class SourceState(Enum):
     START = "start"  # authenticated; nothing sent yet
     PROPOSED = "proposed"  # MigrateStart sent; awaiting accept or refuse
     PRECOPY = "precopy"  # accepted; page batches and round ends flow (pre-copy and the final copy)
+    SYNCING = "syncing"  # Sync sent after a round's pages; awaiting SyncAck
     STATE_SENT = "state-sent"  # VM paused, CPU/device state sent; the digest comes next
     AWAITING_READY = "awaiting-ready"  # digest sent; awaiting READY
     READY = "ready"  # destination ready; COMMIT may be sent (or Abort)
@@ -88,6 +93,7 @@ class DestinationState(Enum):
     START = "start"  # authenticated; awaiting MigrateStart or InDoubtQuery
     CHECKING = "checking"  # MigrateStart received; checking compatibility
     RECEIVING = "receiving"  # accepted, guest RAM reserved; pages arrive
+    SYNC_ASKED = "sync-asked"  # Sync received (every page before it applied): SyncAck comes next
     STATE_RECEIVED = "state-received"  # CPU/device state received; the digest comes next
     VERIFYING = "verifying"  # digest received; checking guest RAM
     READY = "ready"  # READY sent; awaiting COMMIT (never start without it)
@@ -121,6 +127,8 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.PROPOSED, MigrateRefuse, RECV): _S.REFUSED,
     (_S.PRECOPY, PageBatch, SEND): _S.PRECOPY,
     (_S.PRECOPY, RoundEnd, SEND): _S.PRECOPY,
+    (_S.PRECOPY, Sync, SEND): _S.SYNCING,
+    (_S.SYNCING, SyncAck, RECV): _S.PRECOPY,
     (_S.PRECOPY, DeviceState, SEND): _S.STATE_SENT,
     (_S.STATE_SENT, Digest, SEND): _S.AWAITING_READY,
     (_S.AWAITING_READY, Ready, RECV): _S.READY,
@@ -130,7 +138,7 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.COMMITTED, Abort, RECV): _S.ABORTED,  # the destination aborted before it saw COMMIT
     (_S.QUERYING, InDoubtAnswer, RECV): _S.RESOLVED,
     (_S.ABORTED, Abort, RECV): _S.ABORTED,  # crossing aborts
-    **_abort_entries((_S.START, _S.PROPOSED, _S.PRECOPY, _S.STATE_SENT, _S.AWAITING_READY, _S.READY), _S.ABORTED),
+    **_abort_entries((_S.START, _S.PROPOSED, _S.PRECOPY, _S.SYNCING, _S.STATE_SENT, _S.AWAITING_READY, _S.READY), _S.ABORTED),
 }
 
 DESTINATION_TRANSITIONS: dict[Key, Enum] = {
@@ -140,6 +148,8 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.CHECKING, MigrateRefuse, SEND): _D.REFUSED,
     (_D.RECEIVING, PageBatch, RECV): _D.RECEIVING,
     (_D.RECEIVING, RoundEnd, RECV): _D.RECEIVING,
+    (_D.RECEIVING, Sync, RECV): _D.SYNC_ASKED,
+    (_D.SYNC_ASKED, SyncAck, SEND): _D.RECEIVING,
     (_D.RECEIVING, DeviceState, RECV): _D.STATE_RECEIVED,
     (_D.STATE_RECEIVED, Digest, RECV): _D.VERIFYING,
     (_D.VERIFYING, Ready, SEND): _D.READY,
@@ -149,7 +159,7 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.ANSWERING, InDoubtAnswer, SEND): _D.RESOLVED,
     (_D.ABORTED, Abort, RECV): _D.ABORTED,  # crossing aborts
     **_abort_entries(
-        (_D.START, _D.CHECKING, _D.RECEIVING, _D.STATE_RECEIVED, _D.VERIFYING, _D.READY), _D.ABORTED
+        (_D.START, _D.CHECKING, _D.RECEIVING, _D.SYNC_ASKED, _D.STATE_RECEIVED, _D.VERIFYING, _D.READY), _D.ABORTED
     ),
 }
 

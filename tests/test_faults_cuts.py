@@ -24,6 +24,8 @@ from proto.messages import (
     Response,
     Resumed,
     RoundEnd,
+    Sync,
+    SyncAck,
 )
 from tests.agents import AgentProc, digest_line, make_key, start_agent, unmigrated_verify_digest, wait_for
 from tests.faults import (
@@ -133,6 +135,8 @@ CUTS = [
     pytest.param(Rule(C2S, MigrateStart, CUT), "src", id="setup-before-MigrateStart"),
     pytest.param(Rule(S2C, MigrateAccept, CUT), "src", id="setup-before-MigrateAccept"),
     pytest.param(Rule(C2S, PageBatch, CUT_AFTER_BYTES, nth=2, nbytes=5000), "src", id="round0-mid-PageBatch"),
+    pytest.param(Rule(C2S, Sync, CUT), "src", id="round0-before-Sync"),
+    pytest.param(Rule(S2C, SyncAck, CUT), "src", id="round0-before-SyncAck"),
     pytest.param(Rule(C2S, RoundEnd, CUT, where=round_is(0)), "src", id="round0-before-RoundEnd"),
     pytest.param(Rule(C2S, RoundEnd, CUT, where=round_is(1)), "src", id="round1-before-RoundEnd"),
     pytest.param(Rule(C2S, DeviceState, CUT), "src", id="stop-and-copy-before-DeviceState"),

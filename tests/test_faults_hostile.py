@@ -39,6 +39,8 @@ from proto.messages import (
     PageBatch,
     Ready,
     RoundEnd,
+    Sync,
+    SyncAck,
 )
 from tests.agents import AgentProc, make_key, start_agent, wait_for
 from tests.faults import fd_count, migration_target
@@ -205,6 +207,8 @@ def test_a_burst_of_200_connections_does_not_stop_migrations(pair: tuple[AgentPr
     Ready(),
     Commit("0123456789abcdef"),
     RoundEnd(0, 0, 0, 0, 0.0, 0, 0.0),
+    Sync(0),
+    SyncAck(0),
 ])
 def test_out_of_order_first_message_is_refused(pair: tuple[AgentProc, AgentProc], first: Message) -> None:
     a, b = pair

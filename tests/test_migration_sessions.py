@@ -49,6 +49,8 @@ from proto.messages import (
     Ready,
     Resumed,
     RoundEnd,
+    Sync,
+    SyncAck,
 )
 from vmruntime import guestram, isa
 
@@ -214,6 +216,8 @@ class ScriptedDestination:
                 conn.send(MigrateRefuse(*self.refuse) if self.refuse else MigrateAccept(msg.migration_id))
             elif isinstance(msg, PageBatch):
                 pages.punch_zeros(self.fd, memoryview(self.ram), msg.zeros)
+            elif isinstance(msg, Sync):
+                conn.send(SyncAck(msg.round))
             elif isinstance(msg, Digest):
                 conn.send(Ready() if self.on_digest == "ready" else Abort(ErrorCode.DIGEST_MISMATCH, "bad digest"))
             elif isinstance(msg, Commit):
@@ -437,10 +441,13 @@ class Harness:
         self.src.send(MigrateStart(mid, "v", SIZE, P, isa_version, tuple(sorted(isa.ISA_FEATURES)), "t", {}))
         return self.src.recv()
 
-    def send_ram(self, ram: mmap.mmap) -> None:
+    def send_ram(self, ram: mmap.mmap, sync: bool = True) -> None:
         mv = memoryview(ram)
         for b in pages.plan_batches(mv, [(0, SIZE)]):
             self.src.send_pages(mv, b.ranges, b.zeros)
+        if sync:  # (a source need not: the destination answers Sync, never asks for it)
+            self.src.send(Sync(0))
+            assert self.src.recv() == SyncAck(0)  # answered once every page before it is applied
         self.src.send(RoundEnd(0, 1, 0, SIZE, 0.1, 0, 0.0))
         self.src.send(DeviceState({"version": 1}))
 
@@ -556,7 +563,7 @@ def test_destination_out_of_room_for_guest_ram_aborts_clearly(bridge: LoopBridge
     h = Harness(bridge, vms, Outcomes())
     h.start()
     with contextlib.suppress(OSError):
-        h.send_ram(ram)
+        h.send_ram(ram, sync=False)
     reply = h.src.recv()
     assert isinstance(reply, Abort) and reply.code == ErrorCode.INSUFFICIENT_MEMORY
     assert reply.reason.startswith("guest RAM cannot be stored on the destination")

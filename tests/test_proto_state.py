@@ -80,7 +80,8 @@ def test_happy_path_with_rounds_in_order() -> None:
     src, dst = proto.SourceMachine(), proto.DestinationMachine()
     script: list[tuple[str, Message]] = [
         ("s", SAMPLES[proto.MigrateStart]), ("d", SAMPLES[proto.MigrateAccept]),
-        ("s", SAMPLES[proto.PageBatch]), ("s", SAMPLES[proto.PageBatch]), ("s", SAMPLES[proto.RoundEnd]),
+        ("s", SAMPLES[proto.PageBatch]), ("s", SAMPLES[proto.PageBatch]), ("s", SAMPLES[proto.Sync]),
+        ("d", SAMPLES[proto.SyncAck]), ("s", SAMPLES[proto.RoundEnd]),
         ("s", SAMPLES[proto.PageBatch]), ("s", SAMPLES[proto.RoundEnd]),
         ("s", SAMPLES[proto.DeviceState]), ("s", SAMPLES[proto.Digest]), ("d", proto.Ready()),
         ("s", SAMPLES[proto.Commit]), ("d", proto.Resumed()),
@@ -137,7 +138,7 @@ def test_every_illegal_message_in_every_state_is_refused(role: str) -> None:
 @pytest.mark.parametrize("role", MACHINES)
 def test_abort_legal_everywhere_before_commit_and_never_after(role: str) -> None:
     cls, table = MACHINES[role]
-    pre_commit = {"START", "PROPOSED", "CHECKING", "PRECOPY", "RECEIVING", "STATE_SENT", "STATE_RECEIVED",
+    pre_commit = {"START", "PROPOSED", "CHECKING", "PRECOPY", "SYNCING", "RECEIVING", "SYNC_ASKED", "STATE_SENT", "STATE_RECEIVED",
                   "AWAITING_READY", "VERIFYING", "READY"}  # fmt: skip
     for state in type(cls().state):
         if state.name in pre_commit:

@@ -37,6 +37,8 @@ SAMPLES: dict[type[Message], Message] = {
     proto.Abort: proto.Abort("cancelled", "operator cancelled"),
     proto.InDoubtQuery: proto.InDoubtQuery("vm1", "mig-1"),
     proto.InDoubtAnswer: proto.InDoubtAnswer("mig-1", True),
+    proto.Sync: proto.Sync(3),
+    proto.SyncAck: proto.SyncAck(3),
 }
 
 

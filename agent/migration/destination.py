@@ -56,6 +56,8 @@ from proto.messages import (
     Ready,
     Resumed,
     RoundEnd,
+    Sync,
+    SyncAck,
 )
 from proto.state import DestinationMachine
 from vmruntime import control as vmctl
@@ -341,6 +343,8 @@ class DestinationSession:
             msg = self._recv(self._ram, self._sink)
             if isinstance(msg, PageBatch):
                 self._on_pages(msg)
+            elif isinstance(msg, Sync):  # every page before it is applied: say so
+                self._send(SyncAck(msg.round))
             elif isinstance(msg, RoundEnd):
                 self._on_round_end(msg)
             elif isinstance(msg, DeviceState):

@@ -59,6 +59,8 @@ from proto.messages import (
     Ready,
     Resumed,
     RoundEnd,
+    Sync,
+    SyncAck,
 )
 from proto.state import SourceMachine
 from vmruntime import control as vmctl
@@ -219,6 +221,7 @@ class SourceSession:
         t0 = time.monotonic()
         self._digest_stable()
         stat = self._send_ranges(ranges)
+        self._sync(stat)
         # The harvest is the last step before the decision: the dirty set the policy judges is the
         # one a switch-over sends, not that plus what the guest wrote while we hashed.
         dirty = self._harvest()
@@ -317,6 +320,25 @@ class SourceSession:
         self._sent_bytes += stat.bytes
         self._send_seconds += stat.seconds
         return stat
+
+    def _sync(self, stat: RoundStat) -> None:
+        """Wait until the destination applied every page of the round (Sync, SyncAck).
+
+        Without it, what sits in the socket buffers and the path (up to both
+        buffers, tens of MiB on a long path) is drained after the pause, in
+        the downtime, where the policy does not see it. Waiting here costs a
+        round trip of idle pipe per round and makes the round's time, and so
+        the bandwidth the policy predicts with, what the destination took.
+        """
+        t = time.monotonic()
+        n = len(self.info.rounds)
+        self._send(Sync(n))
+        reply = self._recv()
+        if not isinstance(reply, SyncAck) or reply.round != n:
+            raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected SyncAck({n}), got {reply!r}")
+        waited = time.monotonic() - t
+        stat.seconds += waited
+        self._send_seconds += waited
 
     def _check_deadline(self) -> None:
         """The time limit also holds inside a long round (a big guest on a capped link).
