@@ -213,7 +213,7 @@ def raw_links(rtts: list[float], stack: contextlib.ExitStack) -> Iterator[dict[f
 
 def link_receiver_main(host: str, size: int) -> None:
     """In the namespace: accept data-path transfers of ``size`` bytes, each into a fresh guest RAM."""
-    from agent.migration.transport import Connection, prepare_socket
+    from agent.migration.transport import Connection, accepted
     from agent.vms import close_guest_ram, create_guest_ram
     from proto.messages import PageBatch, Ready
 
@@ -221,7 +221,7 @@ def link_receiver_main(host: str, size: int) -> None:
         print(listener.getsockname()[1], flush=True)
         while True:
             sock, _ = listener.accept()
-            conn = Connection(prepare_socket(sock), guest_size=size)
+            conn = Connection(accepted(sock), guest_size=size)  # as the destination agent's
             fd, ram = create_guest_ram("bench-distance-rx", size)
             view = memoryview(ram)
             try:

@@ -21,7 +21,7 @@ from agent.migration.destination import DestinationSession, Outcomes
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
 from agent.migration.source import IN_DOUBT_TIMEOUT_S, SourceSession
 from agent.migration.tls import server_connection
-from agent.migration.transport import Connection, prepare_socket
+from agent.migration.transport import Connection, accepted
 from agent.tls import TLSContexts
 from proto.errors import ErrorCode
 
@@ -99,7 +99,7 @@ class MigrationManager:
         self._start_thread(lambda: self._run_incoming(session), "ferry-migration-in")
 
     def _incoming_connection(self, sock: socket.socket) -> Connection:
-        sock = prepare_socket(sock)
+        sock = accepted(sock)  # its receive buffer sized for the path
         if self.tls is None:
             return Connection(sock)
         return server_connection(sock, self.tls.server)

@@ -30,7 +30,12 @@ is written for speed:
   max (4 MiB by default: 80 MiB/s at 50 ms). The round trip measured by the
   TCP handshake times ``PATH_RATE`` gives the buffer wanted (at most
   ``SEND_BUFFER``); a short path (loopback, a LAN) keeps autotuning, which a
-  fixed buffer would turn off.
+  fixed buffer would turn off. The accepting side (the destination) does the
+  same for its receive buffer (``accepted``): the window it advertises is
+  about its receive buffer, and autotuning stops at ``net.ipv4.tcp_rmem``
+  max (32 MiB here: a ~16 MiB window, 0.33 GB/s at 50 ms). A bigger window
+  means more bytes in flight when the source pauses; the source's Sync at
+  every round end drains them before the pause, so they cost no downtime.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ CONNECT_TIMEOUT_S = 5.0
 # round trip, 0.6 GiB/s x 50 ms is ~32 MB. Memory is only used by data in flight. 0: leave
 # autotuning on. FERRY_MIGRATION_SNDBUF (bytes) overrides it: for a longer path, or to compare.
 SEND_BUFFER = int(os.environ.get("FERRY_MIGRATION_SNDBUF", 32 << 20))
+# Most receive buffer the accepting side asks for (the kernel doubles it, and advertises about half
+# of that as window): 1 GiB/s x 50 ms. FERRY_MIGRATION_RCVBUF (bytes) overrides it; 0: autotuning.
+RECV_BUFFER = int(os.environ.get("FERRY_MIGRATION_RCVBUF", 64 << 20))
 # Bytes/s the data path may reach (above what it does on these machines): the buffer asked for is
 # this times the handshake round trip, so a 50 ms path asks for SEND_BUFFER, a 1 ms one for ~1 MiB
 # (below autotuning's own reach: nothing is set).
@@ -151,16 +159,20 @@ def _sysctl_max(name: str) -> int:
         return 0
 
 
-def _big_send_buffer(sock: socket.socket, size: int) -> None:
-    """Ask for a ``size``-byte send buffer, silently keeping autotuning when that would not be larger.
+def _big_buffer(sock: socket.socket, size: int, send: bool = True) -> None:
+    """Ask for a ``size``-byte send (or receive) buffer, silently keeping autotuning when that
+    would not be larger.
 
-    A fixed SO_SNDBUF turns send-buffer autotuning off for the socket, so it is only set when it
-    beats what autotuning may reach (``tcp_wmem`` max). SO_SNDBUFFORCE passes ``wmem_max`` but
-    needs CAP_NET_ADMIN; without it SO_SNDBUF is capped at ``wmem_max`` (the kernel doubles
-    either value for its bookkeeping).
+    A fixed SO_SNDBUF (SO_RCVBUF) turns that buffer's autotuning off for the socket, so it is
+    only set when it beats what autotuning may reach (``tcp_wmem`` / ``tcp_rmem`` max). The
+    FORCE option passes ``wmem_max`` / ``rmem_max`` but needs CAP_NET_ADMIN; without it the
+    plain option is capped there (the kernel doubles either value for its bookkeeping).
     """
-    autotune_max = _sysctl_max("ipv4/tcp_wmem")
-    force = getattr(socket, "SO_SNDBUFFORCE", 32)
+    if send:
+        autotune, cap, plain, force = "ipv4/tcp_wmem", "core/wmem_max", socket.SO_SNDBUF, _SO_SNDBUFFORCE
+    else:
+        autotune, cap, plain, force = "ipv4/tcp_rmem", "core/rmem_max", socket.SO_RCVBUF, _SO_RCVBUFFORCE
+    autotune_max = _sysctl_max(autotune)
     if 2 * size <= autotune_max:
         return
     try:
@@ -168,9 +180,20 @@ def _big_send_buffer(sock: socket.socket, size: int) -> None:
         return
     except OSError:
         pass  # not privileged: the plain option, if its cap still beats autotuning
-    if 2 * min(size, _sysctl_max("core/wmem_max")) > autotune_max:
+    if 2 * min(size, _sysctl_max(cap)) > autotune_max:
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def _buffer_for_path(sock: socket.socket, most: int) -> int:
+    """Bytes in flight the path wants: its handshake round trip x PATH_RATE, at most ``most``.
+    An unknown round trip (no TCP_INFO) gets ``most``: a long path is the costly miss."""
+    rtt = handshake_rtt(sock)
+    return most if rtt is None else min(most, int(rtt * PATH_RATE))
 
 
 def connect(addr: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S,
@@ -178,10 +201,14 @@ def connect(addr: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S,
     """A connected, prepared socket to ``addr``, with a send buffer sized for the path's round trip."""
     sock = socket.create_connection(addr, timeout=timeout)
     if SEND_BUFFER:
-        rtt = handshake_rtt(sock)
-        # An unknown round trip (no TCP_INFO) gets the largest buffer: a long path is the costly miss.
-        want = SEND_BUFFER if rtt is None else min(SEND_BUFFER, int(rtt * PATH_RATE))
-        _big_send_buffer(sock, want)
+        _big_buffer(sock, _buffer_for_path(sock, SEND_BUFFER), send=True)
+    return prepare_socket(sock, io_timeout)
+
+
+def accepted(sock: socket.socket, io_timeout: float = IO_TIMEOUT_S) -> socket.socket:
+    """An accepted socket, prepared, with a receive buffer sized for the path's round trip."""
+    if RECV_BUFFER:
+        _big_buffer(sock, _buffer_for_path(sock, RECV_BUFFER), send=False)
     return prepare_socket(sock, io_timeout)
 
 
