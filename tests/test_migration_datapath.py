@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import random
 import socket
 import threading
 from collections.abc import Iterator
@@ -148,6 +149,39 @@ def test_chunks_touched_and_covered() -> None:
     assert pages.chunks_of(ranges) == {0, 1, 2, 3, 4}
     assert pages.covered_chunks(ranges) == {0, 3, 4}
     assert pages.covered_chunks([(P, c - P)]) == set() and pages.chunks_of([(P, c - P)]) == {0}
+
+
+def test_chunk_sets_match_a_page_by_page_count() -> None:
+    # chunks_of / covered_chunks take shortcuts for ranges inside one chunk (scattered pages):
+    # they must agree with counting page by page, for ranges of every shape.
+    rng = random.Random(5)
+    c, per = pages.DIGEST_CHUNK, pages.DIGEST_CHUNK // P
+    for _ in range(200):
+        starts = sorted(rng.sample(range(0, 4096, 3), 40))
+        ranges = [(a * P, (a + rng.choice([1, 1, 2, per - 1, per, 2 * per + 1])) * P) for a in starts]
+        ranges = [(a, min(b, nxt)) for (a, b), (nxt, _) in zip(ranges, [*ranges[1:], (1 << 40, 0)], strict=True)]
+        ranges = [(a, b) for a, b in ranges if b > a]
+        in_pages = {q for a, b in ranges for q in range(a // P, b // P)}
+        assert pages.chunks_of(ranges) == {q // per for q in in_pages}
+        assert pages.covered_chunks(ranges) == {
+            i for i in range(4096 * P // c + 2) if any(a <= i * c and (i + 1) * c <= b for a, b in ranges)}
+
+
+def test_invalidating_chunks_past_the_guest_ignores_them() -> None:
+    size = 4 * pages.DIGEST_CHUNK
+    fd = os.memfd_create("inv")
+    os.ftruncate(fd, size)
+    mm = mmap.mmap(fd, size)
+    with memoryview(mm) as ram:
+        d = pages.RamDigest(fd, ram, size)
+        d.assume_holes_except([])
+        d.invalidate_chunks({-1, 1, 4, 99})
+        d.invalidate_chunks(iter([2]))
+        assert d._missing == {1, 2}
+        assert d.hexdigest() == pages.ram_digest(fd, ram, size)
+        del d
+    mm.close()
+    os.close(fd)
 
 
 # -- the transport over a real socket into a real memfd ---------------------------------------------

@@ -144,17 +144,26 @@ def _zero_chunk_digest(n: int) -> bytes:
 
 def chunks_of(ranges: Iterable[Range]) -> set[int]:
     """Indices of the DIGEST_CHUNKs that ``ranges`` touch."""
+    # Per range in the tight loop of a later round's scattered pages (a thousand per batch, on
+    # both ends): a range inside one chunk, the common case, is one set.add, not a range object.
     out: set[int] = set()
+    add, c = out.add, DIGEST_CHUNK
     for a, b in ranges:
-        out.update(range(a // DIGEST_CHUNK, (b - 1) // DIGEST_CHUNK + 1))
+        first, last = a // c, (b - 1) // c
+        if first == last:
+            add(first)
+        else:
+            out.update(range(first, last + 1))
     return out
 
 
 def covered_chunks(ranges: Iterable[Range]) -> set[int]:
     """Indices of the DIGEST_CHUNKs lying wholly inside one of ``ranges`` (merge touching ranges first)."""
     out: set[int] = set()
+    c = DIGEST_CHUNK
     for a, b in ranges:
-        out.update(range(-(-a // DIGEST_CHUNK), b // DIGEST_CHUNK))
+        if b - a >= c:  # a shorter range covers no chunk: skip the range object
+            out.update(range(-(-a // c), b // c))
     return out
 
 
@@ -238,7 +247,10 @@ class RamDigest:
 
     def invalidate_chunks(self, indices: Iterable[int]) -> None:
         n = self.nchunks
-        self._missing.update(i for i in indices if 0 <= i < n)
+        wanted = indices if isinstance(indices, set | frozenset) else set(indices)
+        if wanted and (min(wanted) < 0 or max(wanted) >= n):  # (two C passes, not a Python filter)
+            wanted = {i for i in wanted if 0 <= i < n}
+        self._missing.update(wanted)
 
     def refresh(self, indices: Iterable[int]) -> None:
         """(Re)hash the given chunks now, finding their holes with one SEEK_DATA/SEEK_HOLE walk.
@@ -294,8 +306,9 @@ class RamDigest:
         """Hash the chunks lying wholly inside one data range through the mapping; their indices."""
         done: set[int] = set()
         for a, b in data:
-            with self.ram[a:b] as view:
-                done.update(self.hash_piece(a, view))
+            if b - a >= DIGEST_CHUNK:  # a shorter range holds no whole chunk (scattered pages)
+                with self.ram[a:b] as view:
+                    done.update(self.hash_piece(a, view))
         return done
 
     def hash_piece(self, offset: int, data: memoryview) -> range:
