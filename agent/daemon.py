@@ -58,7 +58,7 @@ class Agent:
         self.records = VMRecords(config.state_dir)
         # spare: an idle VM process kept ready for the next incoming migration (vmruntime/spare.py).
         self.vms = VMManager(agent_name=config.name, max_mem=config.max_mem, dirty_tracker=config.dirty_tracker,
-                             log=log, records=self.records, spare=True)
+                             log=log, records=self.records, spare=config.spare_vm)
         # Mutual TLS (--tls-dir) on every TCP connection in and out; None: plaintext (HMAC auth only).
         self.tls: TLSContexts | None = load_tls(config.tls_dir) if config.tls_dir is not None else None
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,

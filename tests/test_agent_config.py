@@ -8,6 +8,7 @@ import pytest
 
 from agent.config import (
     ConfigError,
+    describe,
     format_hostport,
     format_size,
     load_config,
@@ -96,3 +97,25 @@ def test_default_max_mem_is_a_share_of_the_host(tmp_path: Path) -> None:
     cfg = load_config(["--key-file", str(_key(tmp_path))])
     total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     assert 0 < cfg.max_mem < total
+
+
+def test_spare_vm_is_an_on_off_switch(tmp_path: Path) -> None:
+    key = str(_key(tmp_path))
+    assert load_config(["--key-file", key]).spare_vm is True  # on unless turned off
+    assert load_config(["--key-file", key, "--spare-vm", "off"]).spare_vm is False
+    assert load_config(["--key-file", key, "--spare-vm", "ON"]).spare_vm is True
+    conf = tmp_path / "agent.toml"
+    conf.write_text("spare-vm = false\n")
+    cfg = load_config(["--config", str(conf), "--key-file", key])
+    assert cfg.spare_vm is False
+    assert 'spare-vm = "off"' in describe(cfg)  # and it reads back
+    conf.write_text('spare-vm = "off"\n')
+    assert load_config(["--config", str(conf), "--key-file", key]).spare_vm is False
+    with pytest.raises(ConfigError, match="spare-vm: 'maybe' is not on or off"):
+        load_config(["--key-file", key, "--spare-vm", "maybe"])
+    conf.write_text("spare-vm = 1\n")
+    with pytest.raises(ConfigError, match="spare-vm must be a string or a boolean, not int"):
+        load_config(["--config", str(conf), "--key-file", key])
+    conf.write_text("max-mem = true\n")
+    with pytest.raises(ConfigError, match="max-mem must be a string or an integer, not bool"):
+        load_config(["--config", str(conf), "--key-file", key])

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +122,17 @@ def test_an_agent_killed_while_its_spare_starts_leaves_nothing_behind(tmp_path: 
         a = start_agent(run, "K", make_key(run))
         a.stop(signal.SIGKILL, keep_vms=True)
         assert a.leaked == []
+
+
+def test_an_agent_with_spare_vm_off_keeps_none_and_still_takes_migrations(tmp_path: Path) -> None:
+    key = make_key(tmp_path)
+    with start_agent(tmp_path, "A", key) as a, start_agent(tmp_path, "B", key, spare_vm="off") as b:
+        wait_for(lambda: len(a.spare_pids()) == 1, timeout=15, what="A's spare (the default: on)")
+        a.call("vm-create", name="v", program="counter", mem=str(16 * MiB))
+        a.call("migrate", name="v", to=b.control)
+        wait_for(lambda: a.call("migrate-status", name="v")["status"] == "completed", timeout=60,
+                 what="the migration")
+        assert b.call("vm-info", name="v")["state"] == "running"
+        time.sleep(1.0)  # past the delay after which an agent that keeps one starts its next spare
+        assert len(b.group_processes(spare=True)) == 2  # the agent and v's process: no spare, not even starting
+        b.call("vm-destroy", name="v")
