@@ -31,14 +31,23 @@ def buffers(sock: socket.socket) -> tuple[int, int]:
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
 
-def test_a_short_path_keeps_autotuning(listener: socket.socket) -> None:
+def test_the_kernel_measures_the_handshake_round_trip(listener: socket.socket) -> None:
+    client, server = pair(listener)
+    with client, server:
+        for sock in (client, server):
+            rtt = transport.handshake_rtt(sock)
+            assert rtt is not None and 0 <= rtt < 0.5  # loopback: microseconds, unless the host stalls
+
+
+def test_a_short_path_keeps_autotuning(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.create_connection(listener.getsockname()[:2]) as plain:
         default_snd, default_rcv = buffers(plain)
         listener.accept()[0].close()
+    # A LAN's round trip (fixed: a loaded host can stretch loopback's past what autotuning covers).
+    monkeypatch.setattr(transport, "handshake_rtt", lambda sock: 0.0002)
     client, server = pair(listener)
     with client, server:
-        assert transport.handshake_rtt(client) is not None and transport.handshake_rtt(client) < 0.005
-        assert buffers(client)[0] == default_snd  # loopback: nothing set
+        assert buffers(client)[0] == default_snd  # nothing set
         assert buffers(server)[1] == default_rcv
 
 
