@@ -16,6 +16,7 @@ import mmap
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,11 +106,13 @@ class FakeTracker:
 
     def __init__(self, dirty: list[list[tuple[int, int]]]) -> None:
         self.dirty = dirty
+        self.harvested_at: list[float] = []  # time.monotonic() of each harvest
 
     def start(self) -> None:
         pass
 
     def harvest(self) -> list[tuple[int, int]]:
+        self.harvested_at.append(time.monotonic())
         return self.dirty.pop(0) if self.dirty else []
 
     def stop(self) -> None:
@@ -148,7 +151,8 @@ class FakeVM:
 
     async def track_start(self, hot_blocks: bool = False) -> FakeTracker:
         self.calls.append(("track_start", hot_blocks) if hot_blocks else "track_start")
-        return FakeTracker(self.dirty)
+        self.tracker = FakeTracker(self.dirty)
+        return self.tracker
 
     async def track_stop(self) -> None:
         self.calls.append("track_stop")
@@ -183,11 +187,13 @@ class ScriptedDestination:
     """A destination listener that behaves as told: on_digest / on_commit / on_query."""
 
     def __init__(self, on_digest: str = "ready", on_commit: str = "resumed", on_query: bool | None = True,
-                 refuse: tuple[str, str] | None = None, size: int = SIZE) -> None:
+                 refuse: tuple[str, str] | None = None, size: int = SIZE, sync_delay: float = 0.0) -> None:
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.address = self.lsock.getsockname()[:2]
         self.on_digest, self.on_commit, self.on_query, self.refuse = on_digest, on_commit, on_query, refuse
         self.size = size
+        self.sync_delay = sync_delay  # seconds before each SyncAck (a destination still applying pages)
+        self.acked_at: list[float] = []  # time.monotonic() of each SyncAck sent
         self.fd, self.ram = new_ram(size)
         self.got: list[Any] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -217,6 +223,8 @@ class ScriptedDestination:
             elif isinstance(msg, PageBatch):
                 pages.punch_zeros(self.fd, memoryview(self.ram), msg.zeros)
             elif isinstance(msg, Sync):
+                time.sleep(self.sync_delay)
+                self.acked_at.append(time.monotonic())
                 conn.send(SyncAck(msg.round))
             elif isinstance(msg, Digest):
                 conn.send(Ready() if self.on_digest == "ready" else Abort(ErrorCode.DIGEST_MISMATCH, "bad digest"))
@@ -277,6 +285,25 @@ def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: An
     assert digest.value == pages.ram_digest(vm.memfd, memoryview(vm.ram), SIZE)
     assert info.rounds[-1].final and info.downtime_s is not None
     assert info.dirty_sync_count == len(info.rounds)
+
+
+def test_source_harvests_only_once_the_destination_applied_the_round(bridge: LoopBridge, scripted: Any) -> None:
+    # Each pre-copy round ends with Sync; the destination answers 0.2 s later. The source must not
+    # harvest (nor decide, nor pause) before the answer, and the wait is part of the round's time.
+    dest = scripted(sync_delay=0.2)
+    # 1 MiB dirty after round 0 is worth a round at the bandwidth the 0.2 s waits make (~5 MB/s).
+    vm, vms = FakeVM(dirty=[[(0, MiB)], [(3 * MiB, 3 * MiB + P)]]), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms)
+    assert info.status is Status.COMPLETED, info.error
+    kinds = [type(m).__name__ for m in dest.got if isinstance(m, Sync | RoundEnd)]
+    precopy = len(info.rounds) - 1
+    assert precopy >= 2 and kinds == ["Sync", "RoundEnd"] * precopy + ["RoundEnd"]  # the final round: no Sync
+    assert [m.round for m in dest.got if isinstance(m, Sync)] == list(range(precopy))
+    assert all(r.seconds >= 0.2 for r in info.rounds[:-1])
+    # Harvest i follows SyncAck i (the last harvest, after the pause, follows them all).
+    assert len(vm.tracker.harvested_at) == precopy + 1
+    assert all(h >= a for h, a in zip(vm.tracker.harvested_at, dest.acked_at, strict=False))
+    assert dest.ram[:] == vm.ram[:]
 
 
 def test_source_in_doubt_waits_for_the_destination_and_completes(bridge: LoopBridge, scripted: Any) -> None:
