@@ -378,7 +378,7 @@ def _ratio(values: list[float], base: list[float]) -> str:
 
 
 def markdown(series: list[Series], size: int, runs: int, load: str) -> str:
-    from agent.migration.transport import SEND_BUFFER
+    from agent.migration.transport import RECV_BUFFER, SEND_BUFFER
 
     direct = series[0]
     proxy0 = next((s for s in series if s.kind == "proxy" and s.rtt_ms == 0), None)
@@ -434,16 +434,10 @@ def markdown(series: list[Series], size: int, runs: int, load: str) -> str:
         "is in flight at the pause), and the other round trips are in setup (TCP connect, hello, auth, "
         "MigrateStart/Accept: four) and in the switch-over (Digest/Ready, Commit/Resumed: two, in the "
         "downtime). The destination's receive buffer is sized from the handshake round trip as the send "
-        f"buffer is (at most {_recv_buffer_mib()} MiB; FERRY_MIGRATION_RCVBUF). The proxy's hops are loopback "
+        f"buffer is (at most {RECV_BUFFER >> 20} MiB; FERRY_MIGRATION_RCVBUF). The proxy's hops are loopback "
         "connections, so only the link shows TCP's window at work.",
     ]
     return "\n".join(out)
-
-
-def _recv_buffer_mib() -> int:
-    from agent.migration.transport import RECV_BUFFER
-
-    return RECV_BUFFER >> 20
 
 
 def _sysctl_max(name: str) -> str:

@@ -159,6 +159,10 @@ def _sysctl_max(name: str) -> int:
         return 0
 
 
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
 def _big_buffer(sock: socket.socket, size: int, send: bool = True) -> None:
     """Ask for a ``size``-byte send (or receive) buffer, silently keeping autotuning when that
     would not be larger.
@@ -183,10 +187,6 @@ def _big_buffer(sock: socket.socket, size: int, send: bool = True) -> None:
     if 2 * min(size, _sysctl_max(cap)) > autotune_max:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
-
-
-_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def _buffer_for_path(sock: socket.socket, most: int) -> int:
