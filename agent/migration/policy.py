@@ -8,12 +8,13 @@ Hypervisor's ``is_precopy_converged``), so tests build any scenario with
 fixed numbers.
 
 The max downtime is a bound, not a target (DESIGN.md step 7): while the
-remainder fits the bound we keep iterating as long as rounds still shrink
-meaningfully, and switch over when the remainder is as small as it is going
-to get. When it does not fit, auto-converge throttles the vCPU in growing
-steps (QEMU's cpu-throttle: initial 20 %, increment 10 %, max 99 %); when
-the round cap or the time limit is reached, the operator's choice decides
-between abort and force.
+remainder fits the bound we keep iterating as long as rounds still set
+meaningful new lows, and switch over when the remainder is as small as it is
+going to get: no new low for PATIENCE rounds, and this round at its low (a
+round-to-round spike is not the moment to pause). When it does not fit,
+auto-converge throttles the vCPU in growing steps (QEMU's cpu-throttle:
+initial 20 %, increment 10 %, max 99 %); when the round cap or the time limit
+is reached, the operator's choice decides between abort and force.
 """
 
 from __future__ import annotations
@@ -26,9 +27,18 @@ THROTTLE_INITIAL = 20
 THROTTLE_INCREMENT = 10
 THROTTLE_MAX = 99
 
-# A round "still shrinks meaningfully" when its remainder is below this
-# fraction of the previous one; above it, more rounds buy almost nothing.
-SHRINK_RATIO = 0.75
+# A round sets a meaningful new low when its remainder is below this fraction
+# of the lowest remainder before it. A guest that keeps dirtying settles near
+# an equilibrium (its dirty rate times a round's fixed costs, over what the
+# rounds' per-page cost leaves), approached by cuts of 10-40 % per round that
+# the host's noise hides one round in three (docs/PERFORMANCE.md, section 12):
+# comparing with the lowest so far, with patience, rather than each round with
+# the one before, keeps a noisy round from ending pre-copy early.
+NEW_LOW_RATIO = 0.9
+# Rounds without a meaningful new low after which the remainder is taken to be
+# at its equilibrium; switch over at the next round at (or below) the low, or
+# after twice as many in any case.
+PATIENCE = 2
 
 # QEMU's throttle-trigger-threshold: auto-converge steps in when the guest
 # dirties at least this fraction of what a round manages to send.
@@ -54,7 +64,7 @@ class Figures:
 
     rounds: int  # rounds completed so far (round 0 included)
     remaining_bytes: int  # dirty bytes harvested and not sent yet
-    previous_remaining_bytes: int | None  # the same figure one round earlier
+    earlier_remaining: tuple[int, ...]  # the same figure after each earlier round, oldest first
     bandwidth: float  # bytes/s the data path achieved in the latest round
     dirty_rate: float  # bytes/s the guest dirtied during the latest round
     throttle: int  # current vCPU throttle percent
@@ -136,20 +146,27 @@ def _decide_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> Decisi
     budget = _out_of_budget(fig, lim, now)
     if budget is not None:
         return Decision(Action.SWITCH_OVER, f"remainder fits the bound; {budget}", expected_downtime_s=exp)
-    if not _still_shrinking(fig):
-        return Decision(Action.SWITCH_OVER, "remainder fits the bound and stopped shrinking",
-                        expected_downtime_s=exp)
-    return Decision(Action.CONTINUE, "remainder fits the bound and still shrinks", expected_downtime_s=exp)
+    since, low = rounds_since_low((*fig.earlier_remaining, fig.remaining_bytes))
+    if since < PATIENCE:
+        return Decision(Action.CONTINUE, "remainder fits the bound and still shrinks", expected_downtime_s=exp)
+    if fig.remaining_bytes <= low or since >= 2 * PATIENCE:
+        return Decision(Action.SWITCH_OVER, f"remainder fits the bound and stopped shrinking "
+                        f"(no new low in {since} rounds)", expected_downtime_s=exp)
+    return Decision(Action.CONTINUE, "remainder fits the bound; waiting for a round at its low",
+                    expected_downtime_s=exp)
 
 
-def _still_shrinking(fig: Figures) -> bool:
-    """True when the latest round cut the remainder meaningfully."""
-    prev = fig.previous_remaining_bytes
-    if prev is None:
-        # After round 0 the next remainder is the dirty set of the whole copy:
-        # one more round is always worth trying.
-        return True
-    return fig.remaining_bytes < prev * SHRINK_RATIO
+def rounds_since_low(remainders: tuple[int, ...]) -> tuple[int, int]:
+    """Rounds since the last meaningful new low of ``remainders`` (oldest first), and the lowest.
+
+    The first remainder is a low by definition. After round 0 alone (one remainder, the dirty
+    set of the whole copy) that makes 0: one more round is always worth trying.
+    """
+    low, since = remainders[0], 0
+    for r in remainders[1:]:
+        since = 0 if r < low * NEW_LOW_RATIO else since + 1
+        low = min(low, r)
+    return since, low
 
 
 def _decide_not_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> Decision:
