@@ -285,6 +285,15 @@ def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: An
     assert digest.value == pages.ram_digest(vm.memfd, memoryview(vm.ram), SIZE)
     assert info.rounds[-1].final and info.downtime_s is not None
     assert info.dirty_sync_count == len(info.rounds)
+    assert_digest_thread_gone()
+
+
+def assert_digest_thread_gone() -> None:
+    """The digest thread (started in pre-copy, handed the work at the pause) ends with the session."""
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("ferry-digest") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the digest thread outlived its migration"
+        time.sleep(0.01)
 
 
 def test_source_harvests_only_once_the_destination_applied_the_round(bridge: LoopBridge, scripted: Any) -> None:
@@ -340,6 +349,7 @@ def test_digest_mismatch_before_commit_resumes_the_vm(bridge: LoopBridge, script
     assert info.status is Status.FAILED and info.error_code == ErrorCode.DIGEST_MISMATCH
     assert vm.calls == ["track_start", "pause", "paused-by-lane", "track_stop", "resume", "lane-closed"]
     assert not any(isinstance(m, Commit) for m in dest.got)
+    assert_digest_thread_gone()
 
 
 def test_refusal_touches_nothing(bridge: LoopBridge, scripted: Any) -> None:
