@@ -443,3 +443,61 @@ def test_assumed_holes_stay_right_as_long_as_writes_are_invalidated(guest: Any) 
     mm[6 * MiB + 17] = 9  # a write into a chunk assumed to be a hole...
     d.invalidate([(6 * MiB, 6 * MiB + P)])  # ...reported by a harvest
     assert d.hexdigest() == pages.ram_digest(fd, memoryview(mm), size)
+
+
+def test_runs_of_a_page_mask() -> None:
+    assert pages._runs(0) == ()
+    assert pages._runs(0b1) == ((0, 1),)
+    assert pages._runs(0b1011_0000_0000_0110) == ((1, 3), (12, 14), (15, 16))
+    for mask in random.Random(3).sample(range(1 << 16), 300):
+        assert {p for a, b in pages._runs(mask) for p in range(a, b)} == {p for p in range(16) if mask >> p & 1}
+
+
+def test_known_data_digest_equals_a_walked_one_and_walks_nothing(guest: Any, monkeypatch: Any) -> None:
+    """Once told where the data is, the digest follows writes, punches and received pieces
+    without asking the memfd (no SEEK_DATA/SEEK_HOLE walk: data_pieces is never called), and
+    always equals a digest from scratch that walks the memfd."""
+    rng = random.Random(11)
+    size = 24 * pages.DIGEST_CHUNK - 5 * P  # a short last chunk too
+    fd, mm = guest(size)
+    npages = size // P
+    ram = memoryview(mm)
+    for p in rng.sample(range(npages), npages // 5):  # written in part, like a warming working set
+        ram[p * P] = rng.randrange(1, 256)
+    extents = pages.data_pieces(fd, 0, size)
+    d = pages.RamDigest(fd, ram, size)
+    d.assume_holes_except(extents)
+
+    def no_walk(*args: Any) -> Any:
+        raise AssertionError("walked the memfd")
+
+    for step in range(150):
+        a = rng.randrange(npages) * P
+        b = min(size, a + rng.choice([1, 1, 2, 5, 16, 17, 40]) * P)
+        op = rng.choice(["write", "write", "punch", "receive", "piece", "refresh"])
+        if op == "write":  # the source: the guest writes, a harvest reports it
+            ram[a:b] = os.urandom(b - a)
+            d.invalidate([(a, b)])
+        elif op == "punch":  # the destination: a zero range
+            pages.punch_zeros(fd, ram, [(a, b)])
+            d.invalidate_chunks(pages.chunks_of([(a, b)]))
+            d.refresh_known([], [(a, b)])
+        elif op == "receive":  # the destination: a data range written through the mapping
+            ram[a:b] = os.urandom(b - a)
+            d.invalidate_chunks(pages.chunks_of([(a, b)]))
+            d.refresh_known([(a, b)], [])
+        elif op == "piece":  # the destination: a long range through the buffer and pwrite
+            data = os.urandom(b - a)
+            ram[a:b] = data
+            done = set(d.hash_piece(a, memoryview(data)))
+            d.invalidate_chunks(pages.chunks_of([(a, b)]) - done)
+            d.refresh_known([(a, b)], [], done)
+        else:
+            d.refresh_missing(rng.sample(range(d.nchunks), 6))
+        if step % 15 == 14:
+            with monkeypatch.context() as m:
+                m.setattr(pages, "data_pieces", no_walk)
+                ours = d.hexdigest()
+            assert ours == pages.ram_digest(fd, ram, size), f"step {step} ({op})"
+    assert pages.data_pieces(fd, 0, size) != [(0, size)]  # holes were left: the masks were used
+    ram.release()

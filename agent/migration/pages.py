@@ -205,6 +205,18 @@ class RamDigest:
         # a dense guest, per walk). Only a punched zero range makes holes in such a chunk again;
         # and if this were ever wrong, reading a hole still reads zeros: the digest stays right.
         self._full: set[int] = set()
+        # Once assume_holes_except said where the data is (_known), every write is passed in
+        # (invalidate: written; refresh_known: written or punched), so which pages hold data is
+        # known without asking the memfd: _data has a bit mask of them (bit p: page p of the
+        # chunk) for chunks partly written, a chunk in neither _full nor _data is all hole. A
+        # working set written in part has thousands of extents, and walking them with
+        # SEEK_DATA/SEEK_HOLE cost 20-60 ms of the downtime (docs/PERFORMANCE.md, section 12).
+        # So every write must be passed in before the chunk is hashed (as every write must
+        # invalidate it anyway): a page taken for a hole is hashed as zeros unread. The other
+        # way round costs only memory: a hole taken for data (say, a punch that fell back to
+        # writing zeros) reads as zeros through the mapping.
+        self._known = False
+        self._data: dict[int, int] = {}
 
     def assume_holes_except(self, ranges: Iterable[Range]) -> None:
         """Give every chunk that ``ranges`` do not touch the digest of zeros, without reading it.
@@ -233,6 +245,10 @@ class RamDigest:
             self._missing_set = keep
         else:
             self._missing_set &= keep
+        self._full.clear()
+        self._data.clear()
+        self._known = True
+        self._note(ranges, True)
 
     @property
     def _missing(self) -> set[int]:
@@ -241,9 +257,48 @@ class RamDigest:
             self._missing_set = set(range(self.nchunks))
         return self._missing_set
 
-    def invalidate(self, ranges: Iterable[Range]) -> None:
-        """Forget the digests of the chunks ``ranges`` touch (their bytes changed or may have)."""
+    def invalidate(self, ranges: Sequence[Range]) -> None:
+        """Forget the digests of the chunks ``ranges`` touch: the guest wrote there (so they hold
+        data now)."""
         self.invalidate_chunks(chunks_of(ranges))
+        self._note(ranges, True)
+
+    def _note(self, ranges: Iterable[Range], data: bool) -> None:
+        """Record that ``ranges`` now hold data (written) or not (punched), if the rest is known."""
+        if not self._known:
+            return
+        full, masks, c, n = self._full, self._data, DIGEST_CHUNK, self.nchunks
+        for a, b in ranges:
+            first, last = max(0, a // c), min(n - 1, (b - 1) // c)
+            if last - first > 1:  # the chunks in between are covered whole: set operations in C
+                inner = range(first + 1, last)
+                if data:
+                    full.update(inner)
+                else:
+                    full.difference_update(inner)
+                if masks:
+                    for idx in masks.keys() & inner:
+                        del masks[idx]
+                edges: tuple[int, ...] = (first, last)
+            else:
+                edges = (first,) if first == last else (first, last)
+            for idx in edges:
+                base = idx * c
+                end = min(self.size, base + c)
+                p0, p1 = max(a - base, 0) // PAGE_SIZE, -(-(min(b, end) - base) // PAGE_SIZE)
+                bits = ((1 << p1) - 1) ^ ((1 << p0) - 1)
+                every = (1 << -(-(end - base) // PAGE_SIZE)) - 1
+                mask = every if idx in full else masks.get(idx, 0)
+                mask = mask | bits if data else mask & ~bits
+                if mask == every:
+                    full.add(idx)
+                    masks.pop(idx, None)
+                else:
+                    full.discard(idx)
+                    if mask:
+                        masks[idx] = mask
+                    else:
+                        masks.pop(idx, None)
 
     def invalidate_chunks(self, indices: Iterable[int]) -> None:
         n = self.nchunks
@@ -267,6 +322,14 @@ class RamDigest:
             self._put(idx, xxhash.xxh3_128_digest(self.ram[c0:min(self.size, c0 + DIGEST_CHUNK)]))
         wanted = [i for i in wanted if i not in full]
         if not wanted:
+            return
+        if self._known:  # where the data is, without a walk
+            masks = self._data
+            for idx in wanted:
+                mask = masks.get(idx, 0)
+                c0 = idx * DIGEST_CHUNK
+                self._store(idx, [(c0 + p0 * PAGE_SIZE, min(self.size, c0 + p1 * PAGE_SIZE))
+                                  for p0, p1 in _runs(mask)] or None)
             return
         span_end = min(self.size, (wanted[-1] + 1) * DIGEST_CHUNK)
         pieces = data_pieces(self.memfd, wanted[0] * DIGEST_CHUNK, span_end)
@@ -293,7 +356,9 @@ class RamDigest:
         ``hashed``: the chunks lying wholly inside one data range, already hashed by
         ``hash_piece`` as they arrived (else they are hashed here, through the mapping)."""
         if zeros:
+            self._note(zeros, False)  # (first: it needs to know which chunks were full)
             self._full.difference_update(chunks_of(zeros))  # punched: may hold holes now
+        self._note(data, True)
         direct = self._hash_inside(data) if hashed is None else hashed
         covered = covered_chunks(merge_ranges([*data, *zeros])) - direct if zeros or len(data) > 1 else set()
         if not covered:
@@ -326,6 +391,9 @@ class RamDigest:
         if done:
             self._missing.difference_update(done)
             self._full.update(done)
+            if self._data:
+                for idx in self._data.keys() & done:
+                    del self._data[idx]
         return done
 
     def refresh_missing(self, indices: Iterable[int]) -> int:
@@ -368,6 +436,25 @@ class RamDigest:
         if pos < end:
             h.update(_ZERO_CHUNK[:end - pos])
         return h.digest()
+
+
+@lru_cache(maxsize=1 << 16)
+def _runs(mask: int) -> tuple[Range, ...]:
+    """The runs of set bits of ``mask`` as (first, end) bit indices, lowest first."""
+    out: list[Range] = []
+    p = 0
+    while mask:
+        if mask & 1:
+            start = p
+            while mask & 1:
+                mask >>= 1
+                p += 1
+            out.append((start, p))
+        else:
+            low = (mask & -mask).bit_length() - 1  # skip the zeros below the next set bit
+            mask >>= low
+            p += low
+    return tuple(out)
 
 
 def _by_chunk(pieces: Iterable[Range]) -> dict[int, list[Range]]:
