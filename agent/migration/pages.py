@@ -210,7 +210,7 @@ class RamDigest:
         # known without asking the memfd: _data has a bit mask of them (bit p: page p of the
         # chunk) for chunks partly written, a chunk in neither _full nor _data is all hole. A
         # working set written in part has thousands of extents, and walking them with
-        # SEEK_DATA/SEEK_HOLE cost 20-60 ms of the downtime (docs/PERFORMANCE.md, section 12).
+        # SEEK_DATA/SEEK_HOLE cost 20-60 ms of the downtime (docs/PERFORMANCE.md, section 13).
         # So every write must be passed in before the chunk is hashed (as every write must
         # invalidate it anyway): a page taken for a hole is hashed as zeros unread. The other
         # way round costs only memory: a hole taken for data (say, a punch that fell back to
@@ -264,7 +264,9 @@ class RamDigest:
         self._note(ranges, True)
 
     def _note(self, ranges: Iterable[Range], data: bool) -> None:
-        """Record that ``ranges`` now hold data (written) or not (punched), if the rest is known."""
+        """Record that ``ranges`` now hold data (written) or read as zeros (punched on the
+        destination; on the source, zero when sent: a later write shows up in a harvest), if the
+        rest is known."""
         if not self._known:
             return
         full, masks, c, n = self._full, self._data, DIGEST_CHUNK, self.nchunks
@@ -308,7 +310,8 @@ class RamDigest:
         self._missing.update(wanted)
 
     def refresh(self, indices: Iterable[int]) -> None:
-        """(Re)hash the given chunks now, finding their holes with one SEEK_DATA/SEEK_HOLE walk.
+        """(Re)hash the given chunks now, their holes known (see _data) or found with one
+        SEEK_DATA/SEEK_HOLE walk.
 
         One walk over the span of all of them, not one per chunk: SEEK_HOLE
         runs to the end of the data extent it starts in, so per-chunk walks
