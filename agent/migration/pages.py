@@ -266,8 +266,10 @@ class RamDigest:
     def _note(self, ranges: Iterable[Range], data: bool) -> None:
         """Record that ``ranges`` now hold data (written) or read as zeros (punched on the
         destination; on the source, zero when sent: a later write shows up in a harvest), if the
-        rest is known."""
+        rest is known (else only that chunks with a punched range may hold holes now)."""
         if not self._known:
+            if not data:
+                self._full.difference_update(chunks_of(ranges))
             return
         full, masks, c, n = self._full, self._data, DIGEST_CHUNK, self.nchunks
         for a, b in ranges:
@@ -358,9 +360,7 @@ class RamDigest:
         so it is cheap right after a batch crossed the socket and its bytes are in the CPU cache.
         ``hashed``: the chunks lying wholly inside one data range, already hashed by
         ``hash_piece`` as they arrived (else they are hashed here, through the mapping)."""
-        if zeros:
-            self._note(zeros, False)  # (first: it needs to know which chunks were full)
-            self._full.difference_update(chunks_of(zeros))  # punched: may hold holes now
+        self._note(zeros, False)  # punched: may hold holes now
         self._note(data, True)
         direct = self._hash_inside(data) if hashed is None else hashed
         covered = covered_chunks(merge_ranges([*data, *zeros])) - direct if zeros or len(data) > 1 else set()
@@ -393,10 +393,7 @@ class RamDigest:
         done = range(first, last)
         if done:
             self._missing.difference_update(done)
-            self._full.update(done)
-            if self._data:
-                for idx in self._data.keys() & done:
-                    del self._data[idx]
+            self._full.update(done)  # (a mask _data may still hold for them is never read: full wins)
         return done
 
     def refresh_missing(self, indices: Iterable[int]) -> int:
