@@ -382,7 +382,7 @@ class DestinationSession:
         touched = pages.chunks_of(merged)
         hashed = self._sink.take()  # chunks hashed from the receive buffer as they arrived
         self._digest.invalidate_chunks(touched - hashed if hashed else touched)
-        self._digest.refresh_known(batch.ranges, batch.zeros, hashed if hashed else None)
+        self._digest.refresh_known(batch.ranges, batch.zeros, hashed if hashed else None, merged)
         self._digest.refresh(touched - pages.covered_chunks(merged))
 
     def _on_round_end(self, msg: RoundEnd) -> None:

@@ -257,10 +257,10 @@ class RamDigest:
             self._missing_set = set(range(self.nchunks))
         return self._missing_set
 
-    def invalidate(self, ranges: Sequence[Range]) -> None:
+    def invalidate(self, ranges: Sequence[Range], chunks: set[int] | None = None) -> None:
         """Forget the digests of the chunks ``ranges`` touch: the guest wrote there (so they hold
-        data now)."""
-        self.invalidate_chunks(chunks_of(ranges))
+        data now). ``chunks``: ``chunks_of(ranges)``, if the caller has it already."""
+        self.invalidate_chunks(chunks_of(ranges) if chunks is None else chunks)
         self._note(ranges, True)
 
     def _note(self, ranges: Iterable[Range], data: bool) -> None:
@@ -361,16 +361,20 @@ class RamDigest:
             self._store(idx, mine or None)
 
     def refresh_known(self, data: Sequence[Range], zeros: Sequence[Range],
-                      hashed: set[int] | None = None) -> None:
+                      hashed: set[int] | None = None, merged: Sequence[Range] | None = None) -> None:
         """Hash the chunks that ``data`` and ``zeros`` together cover whole, from what the caller
         knows: ``data`` are bytes present in the memfd, ``zeros`` read as zeros. No system call,
         so it is cheap right after a batch crossed the socket and its bytes are in the CPU cache.
         ``hashed``: the chunks lying wholly inside one data range, already hashed by
-        ``hash_piece`` as they arrived (else they are hashed here, through the mapping)."""
+        ``hash_piece`` as they arrived (else they are hashed here, through the mapping).
+        ``merged``: ``merge_ranges`` of ``data`` and ``zeros``, if the caller has it already."""
         self._note(zeros, False)  # punched: may hold holes now
         self._note(data, True)
         direct = self._hash_inside(data) if hashed is None else hashed
-        covered = covered_chunks(merge_ranges([*data, *zeros])) - direct if zeros or len(data) > 1 else set()
+        if zeros or len(data) > 1:
+            covered = covered_chunks(merge_ranges([*data, *zeros]) if merged is None else merged) - direct
+        else:
+            covered = set()
         if not covered:
             return
         by_chunk = _by_chunk(data)

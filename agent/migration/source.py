@@ -231,14 +231,15 @@ class SourceSession:
         # one a switch-over sends, not that plus what the guest wrote while we hashed.
         dirty = self._harvest()
         assert self._digest is not None
-        self._digest.invalidate(dirty)
-        self._stable = pages.chunks_of(ranges) - pages.chunks_of(dirty)
+        dirty_chunks = pages.chunks_of(dirty)  # (once: three uses, ~0.15 ms per 1000 ranges each)
+        self._digest.invalidate(dirty, dirty_chunks)
+        self._stable = pages.chunks_of(ranges) - dirty_chunks
         elapsed = max(time.monotonic() - t0, 1e-6)
         dirty_bytes = pages.total_bytes(dirty)
         self._end_round(stat, dirty_bytes, elapsed)
         fig = Figures(rounds=len(self.info.rounds), remaining_bytes=dirty_bytes, earlier_remaining=earlier,
                       bandwidth=self._bandwidth(), dirty_rate=dirty_bytes / elapsed, throttle=self._throttle,
-                      started=self.info.started, hash_s=self._hash_time(dirty), fixed_s=FIXED_DOWNTIME_S)
+                      started=self.info.started, hash_s=self._hash_time(dirty_chunks), fixed_s=FIXED_DOWNTIME_S)
         decision = decide(fig, limits, time.monotonic())
         self.info.expected_downtime_s = decision.expected_downtime_s
         return dirty, dirty_bytes, decision
@@ -277,10 +278,10 @@ class SourceSession:
         if hashed >= MIN_MEASURED_BYTES and seconds > 0:
             self._hash_rate = max(self._hash_rate, hashed / seconds)
 
-    def _hash_time(self, dirty: list[Range]) -> float:
-        """Seconds to hash every digest chunk the remainder touches (each side does, in the downtime),
-        at the fastest rate measured so far."""
-        return len(pages.chunks_of(dirty)) * pages.DIGEST_CHUNK / self._hash_rate
+    def _hash_time(self, chunks: set[int]) -> float:
+        """Seconds to hash the digest ``chunks`` the remainder touches (each side does, in the
+        downtime), at the fastest rate measured so far."""
+        return len(chunks) * pages.DIGEST_CHUNK / self._hash_rate
 
     def _bandwidth(self) -> float:
         """The lower of: bytes/s over all rounds, and of the latest round that moved enough to measure.
