@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from agent.migration.info import MigrationInfo, MigrationParams, RoundStat, Stat
 from agent.migration.transport import RECV_PIECE, Connection, GuestRamFull, RateLimiter, prepare_socket
 from proto.codec import encode
 from proto.errors import ErrorCode, RemoteProtocolError
-from proto.messages import PageBatch, Ready
+from proto.messages import PageBatch, Ready, Sync
 from vmruntime import guestram
 from vmruntime.dirty import merge_ranges
 
@@ -197,6 +198,26 @@ def link() -> Iterator[tuple[Connection, Connection]]:
     yield a, b
     a.close()
     b.close()
+
+
+def test_the_next_frame_can_be_peeked_at_without_waiting_or_consuming(link: tuple[Connection, Connection]) -> None:
+    a, b = link
+    assert not b.next_frame_is(Sync)  # nothing buffered: no wait, no
+    frame = encode(Sync(3))
+    a.sock.sendall(frame[:10])  # half a header: not known yet
+    deadline = time.monotonic() + 5
+    while b.sock.recv(32, socket.MSG_PEEK) != frame[:10]:
+        assert time.monotonic() < deadline
+    assert not b.next_frame_is(Sync)
+    a.sock.sendall(frame[10:])
+    while not b.next_frame_is(Sync):
+        assert time.monotonic() < deadline
+    assert not b.next_frame_is(Ready)  # the type counts
+    assert b.recv() == Sync(3)  # and nothing was consumed
+    a.send(Ready())
+    while not b.next_frame_is(Ready):
+        assert time.monotonic() < deadline
+    assert not b.next_frame_is(Sync)
 
 
 def test_pages_land_in_guest_ram_at_their_offsets(guest: Any, link: tuple[Connection, Connection]) -> None:

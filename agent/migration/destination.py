@@ -183,6 +183,7 @@ class DestinationSession:
         self._ram: memoryview | None = None
         self._digest: pages.RamDigest | None = None
         self._sink: _DigestingSink | None = None  # the memfd large ranges are written to
+        self._after_sync: set[int] = set()  # chunks of a round's last batch: hashed after SyncAck
         self._state: dict[str, Any] | None = None
         self._start_paused = False  # the VM was paused on the source: it stays paused here
         self._ram_digest: str | None = None
@@ -342,6 +343,7 @@ class DestinationSession:
                 self._on_pages(msg)
             elif isinstance(msg, Sync):  # every page before it is applied: say so
                 self._send(SyncAck(msg.round))
+                self._digest_after_sync()
             elif isinstance(msg, RoundEnd):
                 self._on_round_end(msg)
             elif isinstance(msg, DeviceState):
@@ -369,7 +371,8 @@ class DestinationSession:
 
     def _digest_batch(self, batch: PageBatch) -> None:
         """Keep the digest current: every chunk the batch touched is hashed now, those it covered
-        whole from what it knows (still in the CPU cache), the others through the mapping.
+        whole from what it knows (still in the CPU cache), the others through the mapping; but
+        those of a pre-copy round's last batch (a Sync is next) only after SyncAck went out.
 
         Batch by batch, not once per round: in the final round the source is paused and the
         digest is in the downtime, and hashing each batch while the next one is on its way
@@ -383,7 +386,20 @@ class DestinationSession:
         hashed = self._sink.take()  # chunks hashed from the receive buffer as they arrived
         self._digest.invalidate_chunks(touched - hashed if hashed else touched)
         self._digest.refresh_known(batch.ranges, batch.zeros, hashed if hashed else None, merged)
-        self._digest.refresh(touched - pages.covered_chunks(merged))
+        partial = touched - pages.covered_chunks(merged)
+        if self.conn.next_frame_is(Sync):  # the round's last batch: answer the Sync first
+            self._after_sync = partial
+        else:
+            self._digest.refresh(partial)
+
+    def _digest_after_sync(self) -> None:
+        """Hash the chunks of the round's last batch now that SyncAck is out: beside the source's
+        harvest and decision, not inside the round it waits for (docs/PERFORMANCE.md, section 15).
+        The final round ends without a Sync: its batches are all hashed as they arrive."""
+        assert self._digest is not None
+        if self._after_sync:
+            self._digest.refresh(self._after_sync)
+            self._after_sync = set()
 
     def _on_round_end(self, msg: RoundEnd) -> None:
         assert self.info is not None

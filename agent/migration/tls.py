@@ -31,6 +31,7 @@ from agent import tls
 from agent.migration.common import MigrationError
 from agent.migration.transport import IO_TIMEOUT_S, Connection, ConnectionClosed
 from proto.errors import ErrorCode
+from proto.messages import Message
 
 # Pieces shorter than this are gathered before sending; a gathered buffer goes out at this size.
 COALESCE = 256 * 1024
@@ -43,6 +44,10 @@ class TLSConnection(Connection):
                  io_timeout: float = IO_TIMEOUT_S) -> None:
         sock.settimeout(io_timeout)
         super().__init__(sock, guest_size)
+
+    def next_frame_is(self, cls: type[Message]) -> bool:
+        """Never known ahead: a TLS record cannot be peeked at decrypted."""
+        return False
 
     def _sendmsg_all(self, bufs: list[memoryview | bytes]) -> int:
         total = 0

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from proto.codec import decode_body, encode, message_class
-from proto.errors import ErrorCode, RemoteProtocolError
+from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, parse_header
 from proto.limits import MAX_PAYLOAD_SIZE
 from proto.messages import Message, PageBatch
@@ -229,7 +229,7 @@ class Connection:
     """Proto frames over one blocking socket; counts the bytes it moves.
 
     agent/migration/tls.py's TLSConnection overrides ``_sendmsg_all``, ``_recv_scatter``,
-    ``_recv_exact`` and ``shutdown`` (an SSLSocket has no sendmsg/recvmsg_into): keep their
+    ``_recv_exact``, ``next_frame_is`` and ``shutdown`` (an SSLSocket has no sendmsg/recvmsg_into): keep their
     signatures, or change both classes together.
     """
 
@@ -296,6 +296,18 @@ class Connection:
             else:
                 self._recv_scatter(ram, targets)
         return msg
+
+    def next_frame_is(self, cls: type[Message]) -> bool:
+        """True when the next frame's header has arrived already and announces a ``cls``.
+
+        A peek: it neither waits nor consumes, and any doubt (less than a header buffered, a
+        bad header) is False; the next ``recv`` reads and checks the frame as always.
+        """
+        try:
+            head = self.sock.recv(HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return len(head) == HEADER_SIZE and message_class(parse_header(head)) is cls
+        except (OSError, ProtocolError):
+            return False
 
     def _recv_pieces(self, sink: PageSink, targets: list[tuple[int, int]]) -> None:
         """Receive a batch payload piece by piece into one buffer, ``pwrite`` each piece to the
