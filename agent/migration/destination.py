@@ -385,8 +385,9 @@ class DestinationSession:
         touched = pages.chunks_of(merged)
         hashed = self._sink.take()  # chunks hashed from the receive buffer as they arrived
         self._digest.invalidate_chunks(touched - hashed if hashed else touched)
-        self._digest.refresh_known(batch.ranges, batch.zeros, hashed if hashed else None, merged)
-        partial = touched - pages.covered_chunks(merged)
+        covered = pages.covered_chunks(merged)
+        self._digest.refresh_known(batch.ranges, batch.zeros, hashed if hashed else None, covered)
+        partial = touched - covered
         if self.conn.next_frame_is(Sync):  # the round's last batch: answer the Sync first
             self._after_sync = partial
         else:

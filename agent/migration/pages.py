@@ -361,24 +361,25 @@ class RamDigest:
             self._store(idx, mine or None)
 
     def refresh_known(self, data: Sequence[Range], zeros: Sequence[Range],
-                      hashed: set[int] | None = None, merged: Sequence[Range] | None = None) -> None:
+                      hashed: set[int] | None = None, covered: set[int] | None = None) -> None:
         """Hash the chunks that ``data`` and ``zeros`` together cover whole, from what the caller
         knows: ``data`` are bytes present in the memfd, ``zeros`` read as zeros. No system call,
         so it is cheap right after a batch crossed the socket and its bytes are in the CPU cache.
         ``hashed``: the chunks lying wholly inside one data range, already hashed by
         ``hash_piece`` as they arrived (else they are hashed here, through the mapping).
-        ``merged``: ``merge_ranges`` of ``data`` and ``zeros``, if the caller has it already."""
+        ``covered``: ``covered_chunks`` of ``data`` and ``zeros`` merged, if the caller has it."""
         self._note(zeros, False)  # punched: may hold holes now
         self._note(data, True)
         direct = self._hash_inside(data) if hashed is None else hashed
-        if zeros or len(data) > 1:
-            covered = covered_chunks(merge_ranges([*data, *zeros]) if merged is None else merged) - direct
-        else:
-            covered = set()
-        if not covered:
+        if not zeros and len(data) <= 1:
+            return  # one data range alone: the chunks it covers whole are those of ``direct``
+        if covered is None:
+            covered = covered_chunks(merge_ranges([*data, *zeros]))
+        todo = covered - direct
+        if not todo:
             return
         by_chunk = _by_chunk(data)
-        for idx in covered:
+        for idx in todo:
             self._store(idx, by_chunk.get(idx))
 
     def _hash_inside(self, data: Sequence[Range]) -> set[int]:
