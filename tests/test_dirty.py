@@ -603,6 +603,46 @@ def test_hot_blocks_off_reports_dense_blocks_page_exact(hot_blocks: bool) -> Non
 
 @needs_async
 @pytest.mark.timeout(60)
+def test_hot_blocks_switched_off_are_cooled_by_the_next_harvest_and_stay_off() -> None:
+    """``hot_blocks`` switched off between harvests (the migration source does so before it throttles):
+    the next harvest scans the live hot block, reporting it whole one last time (un-protected, it reads
+    as written) and counting it in whole_bytes; from then on every harvest is page-exact, and a block
+    written densely again does not turn hot."""
+    npages = 3 * 512
+    writer = WriterProc(npages * P)
+    ram = mmap.mmap(writer.memfd, writer.size)
+    try:
+        writer.call("write", pages=list(range(npages)), value=1)
+        t = track_async(writer, ram, hot_blocks=True)
+        tracker = t.tracker
+        assert isinstance(tracker, uffd_async.UffdAsyncTracker)
+        try:
+            writer.call("write", pages=list(range(512)), value=2)
+            assert tracker.harvest() == [(0, B)]
+            assert (tracker.hot_bytes, tracker.whole_bytes) == (B, B)
+            writer.call("write", pages=[3, 700], value=3)
+            assert tracker.harvest() == [(0, B), (700 * P, 701 * P)]  # hot: whole, without a scan
+            assert tracker.whole_bytes == B
+            tracker.hot_blocks = False
+            writer.call("write", pages=[5, 701], value=4)
+            assert tracker.harvest() == [(0, B), (701 * P, 702 * P)]  # the cooling scan
+            assert (tracker.hot_bytes, tracker.whole_bytes) == (0, B)
+            writer.call("write", pages=[*range(512), 1000], value=5)  # dense again
+            assert tracker.harvest() == [(0, B), (1000 * P, 1001 * P)]
+            assert (tracker.hot_bytes, tracker.whole_bytes) == (0, 0)
+            writer.call("write", pages=[3], value=6)
+            assert tracker.harvest() == [(3 * P, 4 * P)]  # block 0 protected: page-exact
+            assert tracker.harvest() == []
+            assert ram[3 * P : 3 * P + 8] == (6).to_bytes(8, "little")
+        finally:
+            t.close()
+    finally:
+        writer.close()
+        ram.close()
+
+
+@needs_async
+@pytest.mark.timeout(60)
 def test_hot_block_with_never_touched_pages() -> None:
     """A hot block of an unpopulated guest: un-protecting it drops the pte markers of its 64
     never-touched pages. It is reported whole every round, even rounds that write nothing

@@ -103,6 +103,8 @@ def new_ram(size: int = SIZE) -> tuple[int, mmap.mmap]:
 
 class FakeTracker:
     name = "fake-tracker"
+    hot_blocks = False
+    whole_bytes = 0
 
     def __init__(self, dirty: list[list[tuple[int, int]]]) -> None:
         self.dirty = dirty
@@ -369,6 +371,50 @@ def test_non_convergence_aborts_and_lifts_the_throttle(bridge: LoopBridge, scrip
     assert info.status is Status.FAILED and info.error is not None and "did not converge" in info.error
     assert ("throttle", 0) in vm.calls and "pause" not in vm.calls
     assert info.throttle == 0 and len(info.rounds) == 4
+
+
+class HotFakeTracker(FakeTracker):
+    """Hot blocks as the session sees them: while live, each harvest reports 1 MiB whole (whole_bytes);
+    the first harvest after ``hot_blocks`` is switched off cools them, reporting them whole once more."""
+
+    def __init__(self, dirty: list[list[tuple[int, int]]], calls: list[Any]) -> None:
+        super().__init__(dirty)
+        self.calls, self.hot_blocks, self.whole_bytes, self._live = calls, True, 0, True
+
+    def harvest(self) -> list[tuple[int, int]]:
+        out = super().harvest()
+        self.whole_bytes = MiB if self._live else 0
+        self._live = self._live and self.hot_blocks
+        self.calls.append(("harvest", self.whole_bytes))
+        return out
+
+
+@dataclass
+class HotFakeVM(FakeVM):
+    async def track_start(self, hot_blocks: bool = False) -> FakeTracker:
+        self.calls.append(("track_start", hot_blocks))
+        self.tracker = HotFakeTracker(self.dirty, self.calls)
+        return self.tracker
+
+
+def test_auto_converge_turns_hot_blocks_off_before_it_throttles(bridge: LoopBridge, scripted: Any) -> None:
+    """A guest that never converges, hot blocks on: where the first throttle was due, the session
+    switches hot blocks off instead, and throttles only once a harvest reports nothing whole."""
+    dest = scripted()
+    vm, vms = HotFakeVM(dirty=[[(0, MiB)] for _ in range(10)]), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms, max_downtime_ms=0.001, max_rounds=7, auto_converge=True,
+                         hot_blocks=True)
+    assert info.status is Status.FAILED and info.error is not None and "did not converge" in info.error
+    tracker = vm.tracker
+    assert isinstance(tracker, HotFakeTracker) and tracker.hot_blocks is False
+    harvests = [i for i, c in enumerate(vm.calls) if isinstance(c, tuple) and c[0] == "harvest"]
+    throttles = [i for i, c in enumerate(vm.calls) if isinstance(c, tuple) and c[0] == "throttle" and c[1]]
+    whole = [vm.calls[i][1] for i in harvests]
+    # After round 0 no throttle is due (its dirty rate says nothing); after round 1 it would be: hot
+    # blocks off; round 2's harvest cools them (whole once more); round 3's is page-exact: throttle.
+    assert whole == [MiB, MiB, MiB, 0, 0, 0, 0], vm.calls
+    assert throttles and throttles[0] > harvests[3], vm.calls
+    assert vm.calls[throttles[0]] == ("throttle", 20)
 
 
 def test_cancel_before_commit_resumes_and_reports_cancelled(bridge: LoopBridge, scripted: Any) -> None:

@@ -25,12 +25,13 @@ GBPS = 1e9
 
 def fig(remaining: int, prev: int | None = None, *, earlier: tuple[int, ...] | None = None, rounds: int = 3,
         bw: float = GBPS, dirty: float = 0.0, throttle: int = 0, started: float = 0.0, hash_s: float = 0.0,
-        fixed_s: float = 0.0) -> Figures:
+        fixed_s: float = 0.0, whole: int = 0) -> Figures:
     """Figures after a round; ``prev`` alone stands for a history of one earlier remainder."""
     if earlier is None:
         earlier = () if prev is None else (prev,)
     return Figures(rounds=rounds, remaining_bytes=remaining, earlier_remaining=earlier, bandwidth=bw,
-                   dirty_rate=dirty, throttle=throttle, started=started, hash_s=hash_s, fixed_s=fixed_s)
+                   dirty_rate=dirty, throttle=throttle, started=started, hash_s=hash_s, fixed_s=fixed_s,
+                   whole_bytes=whole)
 
 
 def test_nothing_dirty_switches_over() -> None:
@@ -185,6 +186,39 @@ def test_throttle_saturates_then_continues_until_cap() -> None:
     assert d.action is Action.CONTINUE
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=GBPS, throttle=THROTTLE_MAX, rounds=10), lim, now=1.0)
     assert d.action is Action.ABORT
+
+
+def test_hot_blocks_go_off_before_the_first_throttle_and_then_throttling_starts() -> None:
+    """Whole hot blocks keep the remainder up whatever the throttle: where auto-converge would throttle,
+    the policy first asks for them off (as often as a harvest still reports some whole: the one that
+    cools them does), and throttles once the remainder is measured page-exact."""
+    lim = Limits(auto_converge=True)
+    d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS, whole=64 * MiB), lim, now=1.0)
+    assert d.action is Action.HOT_BLOCKS_OFF and d.throttle == 0 and "hot blocks" in d.reason
+    d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS, throttle=30, whole=2 * MiB), lim, now=1.0)
+    assert d.action is Action.HOT_BLOCKS_OFF
+    d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS, whole=0), lim, now=1.0)
+    assert d.action is Action.THROTTLE_UP and d.throttle == THROTTLE_INITIAL
+
+
+def test_hot_blocks_change_nothing_when_no_throttle_is_due() -> None:
+    """Whole blocks alone change no decision: a fitting remainder, no auto-converge, a slow dirty rate,
+    the throttle at its maximum, an exhausted budget all decide as without them."""
+    cases = [
+        (dict(remaining=10 * MiB, earlier=(10 * MiB, 10 * MiB, 10 * MiB), dirty=GBPS), Limits(auto_converge=True)),
+        (dict(remaining=1000 * MiB, earlier=(1000 * MiB,), dirty=GBPS), Limits()),
+        (dict(remaining=1000 * MiB, earlier=(1000 * MiB,), dirty=0.1 * GBPS), Limits(auto_converge=True)),
+        (dict(remaining=1000 * MiB, earlier=(1000 * MiB,), dirty=GBPS, throttle=THROTTLE_MAX),
+         Limits(auto_converge=True)),
+        (dict(remaining=1000 * MiB, earlier=(1000 * MiB,), dirty=GBPS, rounds=30), Limits(auto_converge=True)),
+    ]
+    actions = []
+    for kw, lim in cases:
+        remaining = kw.pop("remaining")
+        with_whole = decide(fig(remaining, whole=64 * MiB, **kw), lim, now=1.0)  # type: ignore[arg-type]
+        assert with_whole == decide(fig(remaining, **kw), lim, now=1.0)  # type: ignore[arg-type]
+        actions.append(with_whole.action)
+    assert actions == [Action.SWITCH_OVER, Action.CONTINUE, Action.CONTINUE, Action.CONTINUE, Action.ABORT]
 
 
 def test_unmeasured_bandwidth_never_fits() -> None:

@@ -230,7 +230,7 @@ class SourceSession:
         # The harvest is the last step before the decision: the dirty set the policy judges is the
         # one a switch-over sends, not that plus what the guest wrote while we hashed.
         dirty = self._harvest()
-        assert self._digest is not None
+        assert self._digest is not None and self._tracker is not None
         dirty_chunks = pages.chunks_of(dirty)  # (once: three uses, ~0.15 ms per 1000 ranges each)
         self._digest.invalidate(dirty, dirty_chunks)
         self._stable = pages.chunks_of(ranges) - dirty_chunks
@@ -239,7 +239,8 @@ class SourceSession:
         self._end_round(stat, dirty_bytes, elapsed)
         fig = Figures(rounds=len(self.info.rounds), remaining_bytes=dirty_bytes, earlier_remaining=earlier,
                       bandwidth=self._bandwidth(), dirty_rate=dirty_bytes / elapsed, throttle=self._throttle,
-                      started=self.info.started, hash_s=self._hash_time(dirty_chunks), fixed_s=FIXED_DOWNTIME_S)
+                      started=self.info.started, hash_s=self._hash_time(dirty_chunks), fixed_s=FIXED_DOWNTIME_S,
+                      whole_bytes=self._tracker.whole_bytes)
         decision = decide(fig, limits, time.monotonic())
         self.info.expected_downtime_s = decision.expected_downtime_s
         return dirty, dirty_bytes, decision
@@ -247,6 +248,12 @@ class SourceSession:
     def _act(self, d: Decision) -> bool:
         """Carry out a policy decision; True when pre-copy is over (switch over now)."""
         if d.action is Action.CONTINUE:
+            return False
+        if d.action is Action.HOT_BLOCKS_OFF:
+            assert self._tracker is not None
+            if self._tracker.hot_blocks:  # (asked again while the next harvest cools them: nothing to do)
+                self._tracker.hot_blocks = False
+                self.log.info("hot blocks off", vm=self.vm.name, reason=d.reason)
             return False
         if d.action is Action.THROTTLE_UP:
             self.bridge.call(self.vm.throttle(d.throttle))

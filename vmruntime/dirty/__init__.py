@@ -50,6 +50,12 @@ class DirtyTracker(Protocol):
     """One tracked VM, agent side."""
 
     name: str
+    # uffd-wp-async's hot blocks (see .uffd_async): whether dense 2 MiB blocks may be left
+    # un-protected and reported whole, settable between harvests (switching it off makes the next
+    # harvest re-protect them, reporting them whole one last time); and the bytes the last harvest
+    # reported whole that way, whether or not the guest wrote them. The other backends keep False and 0.
+    hot_blocks: bool
+    whole_bytes: int
 
     def start(self) -> None:
         """Arm: from now on every guest write is recorded."""

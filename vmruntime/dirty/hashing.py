@@ -42,6 +42,8 @@ class HashTracker:
     """Dirty tracker for one VM by content hashing of its guest RAM mapping."""
 
     name = HASH
+    hot_blocks = False  # uffd-wp-async only (DirtyTracker): ignored here
+    whole_bytes = 0
 
     def __init__(
         self, *, ram: mmap.mmap, length: int, memfd: int | None = None, stride: int = DEFAULT_STRIDE

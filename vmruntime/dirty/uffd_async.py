@@ -37,7 +37,10 @@ HOT_ROUNDS-th harvest scans hot blocks like any other (reporting what they
 hold, re-protecting it), so the next round measures afresh which are hot.
 Un-protecting can never lose a write: an un-protected page reads as written
 to PAGEMAP_SCAN, and a block stops being reported whole only through such a
-scan.
+scan. ``hot_blocks`` may be switched off between harvests (the migration
+source does when auto-converge is about to throttle, see
+agent/migration/policy.py): the next harvest then scans the hot blocks like a
+cooling one (reporting them whole one last time) and none turns hot again.
 
 Cost of a harvest (1 GiB, one page in four written, 65536 ranges): the
 kernel's part (walk, re-protect, TLB flushes) is a few ms and cannot be cut
@@ -95,6 +98,7 @@ class UffdAsyncTracker:
         self.pid = pid
         self.hot_blocks = hot_blocks
         self.hot_bytes = 0  # bytes the last harvest left un-protected (hot blocks)
+        self.whole_bytes = 0  # bytes the last harvest reported whole for hot blocks (live or cooled)
         self._hot_age = 0  # harvests since the last all-protected round
         self._hot: list[tuple[int, int]] = []  # guest ranges left un-protected (whole hot blocks)
         self.uffd = os.dup(uffd)
@@ -130,7 +134,7 @@ class UffdAsyncTracker:
         if self._pagemap is None:
             self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         _uapi.uffd_writeprotect(self.uffd, self.addr, self.length, protect=True)
-        self.hot_bytes, self._hot_age, self._hot = 0, 0, []
+        self.hot_bytes, self.whole_bytes, self._hot_age, self._hot = 0, 0, 0, []
 
     def harvest(self) -> list[tuple[int, int]]:
         """Guest ranges written since start()/the last harvest; they are re-protected atomically."""
@@ -140,12 +144,16 @@ class UffdAsyncTracker:
         # concatenation); turned into guest offsets once, at the end.
         starts, ends = array("Q"), array("Q")
         self.kernel_seconds = 0.0
-        cooling = self._hot_age + 1 >= HOT_ROUNDS  # re-protect the hot blocks this time
+        # Re-protect the hot blocks this time: every HOT_ROUNDS-th harvest, or the first after
+        # hot_blocks was switched off with blocks still un-protected.
+        cooling = self._hot_age + 1 >= HOT_ROUNDS if self.hot_blocks else bool(self._hot)
         hot = self._hot
         if self.hot_blocks and not cooling:
             hot = self._find_hot()
         self._walk(hot, starts, ends, self._arg, protect_hot=cooling)
-        if self.hot_blocks:
+        # A cooling scan reads un-protected pages as written: those blocks come out whole as well.
+        self.whole_bytes = sum(hi - lo for lo, hi in hot)
+        if self.hot_blocks or cooling:
             self._arm_hot(hot, cooling)
         if not starts:
             return []

@@ -49,6 +49,8 @@ class UffdSyncTracker:
     """
 
     name = UFFD_WP_SYNC
+    hot_blocks = False  # uffd-wp-async only (DirtyTracker): ignored here
+    whole_bytes = 0
 
     def __init__(self, *, pid: int, uffd: int, addr: int, length: int) -> None:
         self.pid = pid
