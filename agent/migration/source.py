@@ -413,6 +413,10 @@ class SourceSession:
         self._paused = True  # set first: a pause that fails half-way is undone by a resume all the same
         state = self._pause()
         t = self._lap("pause", t)
+        assert self._tracker is not None
+        # No round follows to send blocks whole in: spare the downtime hot blocks' search for dense
+        # blocks (a scan of all guest RAM). Blocks still hot are reported whole by this harvest.
+        self._tracker.hot_blocks = False
         last = self._harvest()
         digest = self._digest_meanwhile(last)
         final = merge_ranges(pending + last)
