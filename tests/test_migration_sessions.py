@@ -397,24 +397,20 @@ class HotFakeVM(FakeVM):
         return self.tracker
 
 
-def test_auto_converge_turns_hot_blocks_off_before_it_throttles(bridge: LoopBridge, scripted: Any) -> None:
-    """A guest that never converges, hot blocks on: where the first throttle was due, the session
-    switches hot blocks off instead, and throttles only once a harvest reports nothing whole."""
+def test_auto_converge_turns_hot_blocks_off_with_its_first_throttle(bridge: LoopBridge, scripted: Any) -> None:
+    """A guest that never converges, hot blocks on: the first throttle step also switches hot blocks off;
+    the next harvest cools them (whole once more), the ones after are page-exact."""
     dest = scripted()
     vm, vms = HotFakeVM(dirty=[[(0, MiB)] for _ in range(10)]), FakeSourceVMs()
-    _, info = run_source(bridge, dest, vm, vms, max_downtime_ms=0.001, max_rounds=7, auto_converge=True,
+    _, info = run_source(bridge, dest, vm, vms, max_downtime_ms=0.001, max_rounds=6, auto_converge=True,
                          hot_blocks=True)
     assert info.status is Status.FAILED and info.error is not None and "did not converge" in info.error
     tracker = vm.tracker
     assert isinstance(tracker, HotFakeTracker) and tracker.hot_blocks is False
-    harvests = [i for i, c in enumerate(vm.calls) if isinstance(c, tuple) and c[0] == "harvest"]
-    throttles = [i for i, c in enumerate(vm.calls) if isinstance(c, tuple) and c[0] == "throttle" and c[1]]
-    whole = [vm.calls[i][1] for i in harvests]
-    # After round 0 no throttle is due (its dirty rate says nothing); after round 1 it would be: hot
-    # blocks off; round 2's harvest cools them (whole once more); round 3's is page-exact: throttle.
-    assert whole == [MiB, MiB, MiB, 0, 0, 0, 0], vm.calls
-    assert throttles and throttles[0] > harvests[3], vm.calls
-    assert vm.calls[throttles[0]] == ("throttle", 20)
+    steps = [c for c in vm.calls if isinstance(c, tuple) and c[0] in ("harvest", "throttle")]
+    # After round 0 no throttle is due (its dirty rate says nothing); after round 1 it is.
+    assert steps[:6] == [("harvest", MiB), ("harvest", MiB), ("throttle", 20),
+                         ("harvest", MiB), ("throttle", 30), ("harvest", 0)], vm.calls
 
 
 def test_cancel_before_commit_resumes_and_reports_cancelled(bridge: LoopBridge, scripted: Any) -> None:

@@ -188,17 +188,17 @@ def test_throttle_saturates_then_continues_until_cap() -> None:
     assert d.action is Action.ABORT
 
 
-def test_hot_blocks_go_off_before_the_first_throttle_and_then_throttling_starts() -> None:
-    """Whole hot blocks keep the remainder up whatever the throttle: where auto-converge would throttle,
-    the policy first asks for them off (as often as a harvest still reports some whole: the one that
-    cools them does), and throttles once the remainder is measured page-exact."""
+def test_hot_blocks_go_off_with_a_throttle_step() -> None:
+    """Whole hot blocks keep the remainder up whatever the throttle: each throttle step taken while a
+    harvest still reports some whole (the one that cools them does too) asks for them off."""
     lim = Limits(auto_converge=True)
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS, whole=64 * MiB), lim, now=1.0)
-    assert d.action is Action.HOT_BLOCKS_OFF and d.throttle == 0 and "hot blocks" in d.reason
+    assert d.action is Action.THROTTLE_UP and d.throttle == THROTTLE_INITIAL and d.hot_blocks_off
+    assert "hot blocks off" in d.reason
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS, throttle=30, whole=2 * MiB), lim, now=1.0)
-    assert d.action is Action.HOT_BLOCKS_OFF
+    assert d.action is Action.THROTTLE_UP and d.throttle == 40 and d.hot_blocks_off
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS, whole=0), lim, now=1.0)
-    assert d.action is Action.THROTTLE_UP and d.throttle == THROTTLE_INITIAL
+    assert d.action is Action.THROTTLE_UP and not d.hot_blocks_off and "hot" not in d.reason
 
 
 def test_hot_blocks_change_nothing_when_no_throttle_is_due() -> None:
@@ -217,6 +217,7 @@ def test_hot_blocks_change_nothing_when_no_throttle_is_due() -> None:
         remaining = kw.pop("remaining")
         with_whole = decide(fig(remaining, whole=64 * MiB, **kw), lim, now=1.0)  # type: ignore[arg-type]
         assert with_whole == decide(fig(remaining, **kw), lim, now=1.0)  # type: ignore[arg-type]
+        assert not with_whole.hot_blocks_off
         actions.append(with_whole.action)
     assert actions == [Action.SWITCH_OVER, Action.CONTINUE, Action.CONTINUE, Action.CONTINUE, Action.ABORT]
 

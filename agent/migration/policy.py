@@ -13,10 +13,10 @@ meaningful new lows, and switch over when the remainder is as small as it is
 going to get: no new low for PATIENCE rounds, and this round at its low (a
 round-to-round spike is not the moment to pause). When it does not fit,
 auto-converge throttles the vCPU in growing steps (QEMU's cpu-throttle:
-initial 20 %, increment 10 %, max 99 %), after first turning hot blocks off
-(whole blocks would keep the remainder up whatever the throttle); when the
-round cap or the time limit is reached, the operator's choice decides between
-abort and force.
+initial 20 %, increment 10 %, max 99 %), turning hot blocks off with the
+first step (whole blocks would keep the remainder up whatever the throttle);
+when the round cap or the time limit is reached, the operator's choice decides
+between abort and force.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ class Action(enum.Enum):
     CONTINUE = "continue"  # send the current dirty set as another round
     SWITCH_OVER = "switch-over"  # pause the vCPU and send the remainder
     THROTTLE_UP = "throttle-up"  # raise the vCPU throttle, then continue
-    HOT_BLOCKS_OFF = "hot-blocks-off"  # stop sending hot blocks whole (protect them again), then continue
     ABORT = "abort"  # give up: the VM keeps running on the source
     FORCE = "force"  # switch over although the remainder exceeds the bound
 
@@ -100,6 +99,7 @@ class Decision:
     action: Action
     reason: str
     throttle: int = 0  # the new throttle percent for THROTTLE_UP
+    hot_blocks_off: bool = False  # with THROTTLE_UP: stop sending hot blocks whole from the next harvest on
     expected_downtime_s: float = 0.0
 
 
@@ -183,14 +183,14 @@ def _decide_not_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> De
         why = f"did not converge: {budget}, expected downtime {exp * 1000:.0f} ms > {lim.max_downtime_s * 1000:.0f} ms"
         return Decision(action, why, expected_downtime_s=exp)
     if lim.auto_converge and _outrun(fig) and fig.throttle < THROTTLE_MAX:
-        if fig.whole_bytes > 0:
-            # Whole hot blocks are a floor under the remainder that no throttle lowers (a block is
-            # reported whole however little the slowed guest writes there): measure page-exact first.
-            return Decision(Action.HOT_BLOCKS_OFF, "dirty rate outruns bandwidth: hot blocks off before throttling",
-                            expected_downtime_s=exp)
         new = next_throttle(fig.throttle)
-        return Decision(Action.THROTTLE_UP, f"dirty rate outruns bandwidth: throttle {new}%",
-                        throttle=new, expected_downtime_s=exp)
+        # Whole hot blocks are a floor under the remainder that no throttle lowers (a block is
+        # reported whole however little the slowed guest writes there): off with them. Not first
+        # and throttle later: each round of waiting resends a dense working set (1.5x the bytes).
+        off = fig.whole_bytes > 0
+        return Decision(Action.THROTTLE_UP, f"dirty rate outruns bandwidth: throttle {new}%"
+                        + (", hot blocks off" if off else ""),
+                        throttle=new, expected_downtime_s=exp, hot_blocks_off=off)
     return Decision(Action.CONTINUE, "remainder exceeds the bound", expected_downtime_s=exp)
 
 

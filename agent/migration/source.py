@@ -249,16 +249,14 @@ class SourceSession:
         """Carry out a policy decision; True when pre-copy is over (switch over now)."""
         if d.action is Action.CONTINUE:
             return False
-        if d.action is Action.HOT_BLOCKS_OFF:
-            assert self._tracker is not None
-            if self._tracker.hot_blocks:  # (asked again while the next harvest cools them: nothing to do)
-                self._tracker.hot_blocks = False
-                self.log.info("hot blocks off", vm=self.vm.name, reason=d.reason)
-            return False
         if d.action is Action.THROTTLE_UP:
             self.bridge.call(self.vm.throttle(d.throttle))
             self._throttle = self.info.throttle = d.throttle
-            self.log.info("auto-converge", vm=self.vm.name, throttle=d.throttle)
+            assert self._tracker is not None
+            hot_off = d.hot_blocks_off and self._tracker.hot_blocks
+            if hot_off:  # the next harvest protects them again (reporting them whole once more)
+                self._tracker.hot_blocks = False
+            self.log.info("auto-converge", vm=self.vm.name, throttle=d.throttle, hot_blocks_off=hot_off)
             return False
         if d.action is Action.ABORT:
             raise MigrationError(ErrorCode.MIGRATION_FAILED, d.reason)

@@ -38,9 +38,10 @@ hold, re-protecting it), so the next round measures afresh which are hot.
 Un-protecting can never lose a write: an un-protected page reads as written
 to PAGEMAP_SCAN, and a block stops being reported whole only through such a
 scan. ``hot_blocks`` may be switched off between harvests (the migration
-source does when auto-converge is about to throttle, see
-agent/migration/policy.py): the next harvest then scans the hot blocks like a
-cooling one (reporting them whole one last time) and none turns hot again.
+source does so with auto-converge's first throttle step, and before its final
+harvest; see agent/migration/policy.py): the next harvest then scans the hot
+blocks like a cooling one (reporting them whole one last time) and none turns
+hot again.
 
 Cost of a harvest (1 GiB, one page in four written, 65536 ranges): the
 kernel's part (walk, re-protect, TLB flushes) is a few ms and cannot be cut
