@@ -24,7 +24,9 @@ for several guests:
   while migrate-status says ``active``) against the second before the
   migration; and bytes sent / guest size, rounds, downtime and total time
   from migrate-status. Both agents and the VM compete for the 2 cores there:
-  the wall ratio measures that too, the per-CPU ratio less so.
+  the wall ratio measures that too, the per-CPU ratio less so. A full run
+  then migrates the dense guests (AUTO_CONVERGE_GUESTS) the same way with
+  auto-converge, whose first throttle step turns hot blocks off.
 
 The moderate guest is bench_downtime's: memstress over 64 MiB at 25 % of
 the bandwidth measured in this run (round 0 of a paused random-filled guest).
@@ -60,6 +62,9 @@ from vmruntime.programs import load_program
 
 TARGET = 0.90  # guest speed tracked / untracked: "slowdown <= 10 %"
 BYTES_BOUND = 1.3  # hot blocks worth turning on by default if they cost at most this many times the bytes
+# Guests migrated once more with auto-converge in a full run: the dense ones, where hot blocks and the
+# throttle meet (auto-converge turns hot blocks off with its first step, agent/migration/policy.py).
+AUTO_CONVERGE_GUESTS = ("seq 256 MiB", "random 128 MiB")
 MODERATE_SHARE = 0.25  # the moderate guest dirties this share of the measured bandwidth (bench_downtime's)
 FALLBACK_RATE = 48_000  # pages/s if the bandwidth probe fails (25 % of ~760 MiB/s, docs/BENCHMARKS.md)
 WARMUP_S = 0.6  # a fresh guest first faults its working set in; not part of any window
@@ -308,25 +313,31 @@ def verdicts(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]]) -> list
             lines.append(f"- Slowdown <= 10 % during real migrations (per CPU second), {label}: "
                          + (f"**held** for all {len(got)} guests." if not bad else
                             f"**not held** for {len(bad)} of {len(got)} guests ({', '.join(bad)})."))
+    lines += bytes_verdict(migs, "")
+    return lines
+
+
+def bytes_verdict(migs: list[tuple[Guest, list[MigRun]]], label: str) -> list[str]:
+    """Whether hot blocks cost at most BYTES_BOUND times the bytes sent without them (medians)."""
     costs = []
     for g, runs in migs:
         off = _med([r.info["ram"]["transferred"] for r in runs if not r.hot and _ok(r)])
         on = _med([r.info["ram"]["transferred"] for r in runs if r.hot and _ok(r)])
         if off == off and on == on:
             costs.append((g.name, on / off))
-    if costs:
-        worst = max(costs, key=lambda c: c[1])
-        lines.append(f"- Hot blocks' bytes cost <= {BYTES_BOUND}x the bytes without: "
-                     + ("**held**" if worst[1] <= BYTES_BOUND else "**not held**")
-                     + f" (worst {worst[0]}: {worst[1]:.2f}x).")
-    return lines
+    if not costs:
+        return []
+    worst = max(costs, key=lambda c: c[1])
+    return [f"- Hot blocks' bytes cost <= {BYTES_BOUND}x the bytes without{label}: "
+            + ("**held**" if worst[1] <= BYTES_BOUND else "**not held**")
+            + f" (worst {worst[0]}: {worst[1]:.2f}x)."]
 
 
 # ---- main -------------------------------------------------------------------------------------------------
 
 def markdown(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]], rate: int, bw: float | None,
              intervals: list[float], seconds: float, reps: int, auto_converge: bool = False,
-             rate_given: bool = False) -> str:
+             rate_given: bool = False, ac_migs: list[tuple[Guest, list[MigRun]]] | None = None) -> str:
     bw_text = ("a rate given with --rate" if rate_given else f"{bw / MiB:.0f} MiB/s measured in this run" if bw
                else f"the bandwidth probe failed, {FALLBACK_RATE} pages/s assumed")
     la = os.getloadavg()
@@ -364,12 +375,24 @@ def markdown(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]], rate: i
                            mig_rows(migs), "llrrrrrrrrrr"),
             *failure_lines(migs),
         ]
-    out += ["", "Verdicts:", "", *verdicts(armed, migs), "",
+    if ac_migs:
+        out += [
+            "",
+            "**The same with `auto-converge`**, for the dense guests (its first throttle step also turns hot "
+            "blocks off: whole blocks would keep the remainder up whatever the throttle).",
+            "",
+            markdown_table(["guest", "hot blocks", "runs", "failed", "during/before wall", "during/before CPU",
+                            "sent / guest", "sent vs off", "rounds", "downtime ms", "total ms", "load"],
+                           mig_rows(ac_migs), "llrrrrrrrrrr"),
+            *failure_lines(ac_migs),
+        ]
+    out += ["", "Verdicts:", "", *verdicts(armed, migs), *bytes_verdict(ac_migs or [], " (auto-converge)"), "",
             f"Load average at the end: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (2 cores, shared)."]
     return "\n".join(out)
 
 
-def as_json(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]]) -> dict[str, Any]:
+def as_json(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]],
+            ac_migs: list[tuple[Guest, list[MigRun]]] | None = None) -> dict[str, Any]:
     def s(x: Sample) -> dict[str, Any]:
         return {"ips": x.ips, "cpu": x.cpu, "instructions": x.instructions, "harvests": x.harvests,
                 "pages": x.pages, "seconds": x.seconds}
@@ -378,12 +401,17 @@ def as_json(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]]) -> dict[
         "armed": [{"guest": a.guest.name, "load": a.load, "windows": {
             f"{r * 1e3:.0f}": {"plain": [s(x) for x in a.plain[r]], "off": [s(x) for x in a.off[r]],
                                "on": [s(x) for x in a.on[r]]} for r in a.plain}} for a in armed],
-        "migrations": [{"guest": g.name, "runs": [
-            {"hot": r.hot, "status": r.info["status"], "transferred": r.info["ram"]["transferred"],
-             "rounds": len(r.info["rounds"]), "downtime": r.info["downtime"], "total": r.info["total-time"],
-             "before": r.before_ips, "during": r.during_ips, "before_cpu": r.before_cpu_ips,
-             "during_cpu": r.during_cpu_ips, "load": r.load} for r in runs]} for g, runs in migs],
+        "migrations": mig_json(migs),
+        "migrations_auto_converge": mig_json(ac_migs or []),
     }
+
+
+def mig_json(migs: list[tuple[Guest, list[MigRun]]]) -> list[dict[str, Any]]:
+    return [{"guest": g.name, "runs": [
+        {"hot": r.hot, "status": r.info["status"], "transferred": r.info["ram"]["transferred"],
+         "rounds": len(r.info["rounds"]), "downtime": r.info["downtime"], "total": r.info["total-time"],
+         "before": r.before_ips, "during": r.during_ips, "before_cpu": r.before_cpu_ips,
+         "during_cpu": r.during_cpu_ips, "load": r.load} for r in runs]} for g, runs in migs]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -397,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-migrate", action="store_true", help="skip the migrations (c)")
     ap.add_argument("--no-armed", action="store_true", help="skip the in-process windows (a)/(b)")
     ap.add_argument("--guests", help="only the guests whose name contains one of these comma-separated words")
-    ap.add_argument("--auto-converge", action="store_true", help="migrate with auto-converge (both modes)")
+    ap.add_argument("--auto-converge", action="store_true",
+                    help="migrate with auto-converge only (default: without, then the dense guests with it too)")
     ap.add_argument("--json", action="store_true", help="print raw figures as JSON")
     ap.add_argument("--save", type=Path, help="also write the raw figures as JSON to this file")
     a = ap.parse_args(argv)
@@ -412,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     key = make_key(tmp)
     armed: list[Armed] = []
     migs: list[tuple[Guest, list[MigRun]]] = []
+    ac_migs: list[tuple[Guest, list[MigRun]]] = []
     bw: float | None = None
     # The agents' logs (printed when they stop) go to stderr: stdout is the report.
     with (contextlib.ExitStack() as cleanup, contextlib.redirect_stdout(sys.stderr),
@@ -436,12 +466,16 @@ def main(argv: list[str] | None = None) -> None:
             for g in gs:
                 migs.append((g, measure_migrations(ag, bg, g, mig_reps, a.auto_converge)))
                 print(f"migrations: {g.name} done", file=sys.stderr)
+            for g in ([] if a.auto_converge or a.quick else gs):
+                if g.name in AUTO_CONVERGE_GUESTS:
+                    ac_migs.append((g, measure_migrations(ag, bg, g, mig_reps, auto_converge=True)))
+                    print(f"migrations with auto-converge: {g.name} done", file=sys.stderr)
     if a.save:
-        a.save.write_text(json.dumps(as_json(armed, migs), indent=1))
+        a.save.write_text(json.dumps(as_json(armed, migs, ac_migs), indent=1))
     if a.json:
-        print(json.dumps(as_json(armed, migs), indent=1))
+        print(json.dumps(as_json(armed, migs, ac_migs), indent=1))
         return
-    print(markdown(armed, migs, rate, bw, intervals, seconds, reps, a.auto_converge, a.rate is not None))
+    print(markdown(armed, migs, rate, bw, intervals, seconds, reps, a.auto_converge, a.rate is not None, ac_migs))
 
 
 if __name__ == "__main__":
