@@ -380,12 +380,14 @@ class HotFakeTracker(FakeTracker):
     def __init__(self, dirty: list[list[tuple[int, int]]], calls: list[Any]) -> None:
         super().__init__(dirty)
         self.calls, self.hot_blocks, self.whole_bytes, self._live = calls, True, 0, True
+        self.searched: list[bool] = []
 
     def harvest(self) -> list[tuple[int, int]]:
         out = super().harvest()
         self.whole_bytes = MiB if self._live else 0
         self._live = self._live and self.hot_blocks
         self.calls.append(("harvest", self.whole_bytes))
+        self.searched.append(self.hot_blocks)  # whether this harvest looked for new dense blocks
         return out
 
 
@@ -411,6 +413,19 @@ def test_auto_converge_turns_hot_blocks_off_with_its_first_throttle(bridge: Loop
     # After round 0 no throttle is due (its dirty rate says nothing); after round 1 it is.
     assert steps[:6] == [("harvest", MiB), ("harvest", MiB), ("throttle", 20),
                          ("harvest", MiB), ("throttle", 30), ("harvest", 0)], vm.calls
+
+
+def test_the_final_harvest_does_not_search_for_hot_blocks(bridge: LoopBridge, scripted: Any) -> None:
+    """Hot blocks on: pre-copy harvests look for dense blocks; the one after the pause does not (no
+    round follows to send them whole in, and the search scans all guest RAM inside the downtime)."""
+    dest = scripted()
+    vm, vms = HotFakeVM(dirty=[[(0, 2 * P)], [(4096, 2 * P)]]), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms, hot_blocks=True)
+    assert info.status is Status.COMPLETED, info.error
+    tracker = vm.tracker
+    assert isinstance(tracker, HotFakeTracker) and len(tracker.searched) == len(info.rounds) >= 2
+    assert tracker.searched[-1] is False and all(tracker.searched[:-1]), tracker.searched
+    assert dest.ram[:] == vm.ram[:]
 
 
 def test_cancel_before_commit_resumes_and_reports_cancelled(bridge: LoopBridge, scripted: Any) -> None:
