@@ -370,10 +370,7 @@ def markdown(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]], rate: i
             "agents compete with the VM for the 2 cores) and per CPU second of the VM process. Sent = "
             "ram.transferred; \"vs off\" = median sent with hot blocks over median sent without.",
             "",
-            markdown_table(["guest", "hot blocks", "runs", "failed", "during/before wall", "during/before CPU",
-                            "sent / guest", "sent vs off", "rounds", "downtime ms", "total ms", "load"],
-                           mig_rows(migs), "llrrrrrrrrrr"),
-            *failure_lines(migs),
+            *mig_table(migs),
         ]
     if ac_migs:
         out += [
@@ -381,14 +378,19 @@ def markdown(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]], rate: i
             "**The same with `auto-converge`**, for the dense guests (its first throttle step also turns hot "
             "blocks off: whole blocks would keep the remainder up whatever the throttle).",
             "",
-            markdown_table(["guest", "hot blocks", "runs", "failed", "during/before wall", "during/before CPU",
-                            "sent / guest", "sent vs off", "rounds", "downtime ms", "total ms", "load"],
-                           mig_rows(ac_migs), "llrrrrrrrrrr"),
-            *failure_lines(ac_migs),
+            *mig_table(ac_migs),
         ]
     out += ["", "Verdicts:", "", *verdicts(armed, migs), *bytes_verdict(ac_migs or [], " (auto-converge)"), "",
             f"Load average at the end: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (2 cores, shared)."]
     return "\n".join(out)
+
+
+def mig_table(migs: list[tuple[Guest, list[MigRun]]]) -> list[str]:
+    """The migrations' table, and why any of them failed."""
+    return [markdown_table(["guest", "hot blocks", "runs", "failed", "during/before wall", "during/before CPU",
+                            "sent / guest", "sent vs off", "rounds", "downtime ms", "total ms", "load"],
+                           mig_rows(migs), "llrrrrrrrrrr"),
+            *failure_lines(migs)]
 
 
 def as_json(armed: list[Armed], migs: list[tuple[Guest, list[MigRun]]],

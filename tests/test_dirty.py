@@ -14,6 +14,7 @@ opt-in hot blocks reports a superset (whole dense 2 MiB blocks): tested at the e
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import os
@@ -520,6 +521,25 @@ def track_async(writer: WriterProc, ram: mmap.mmap, hot_blocks: bool) -> Tracked
     return Tracked(writer, tracker, ram, uffd)
 
 
+@contextlib.contextmanager
+def populated_hot_tracker(npages: int) -> Iterator[tuple[WriterProc, mmap.mmap, uffd_async.UffdAsyncTracker]]:
+    """A writer of ``npages`` pages, every one written (value 1) before uffd-wp-async with hot blocks
+    is armed over it: (the writer, the agent's mapping, the tracker)."""
+    writer = WriterProc(npages * P)
+    ram = mmap.mmap(writer.memfd, writer.size)
+    try:
+        writer.call("write", pages=list(range(npages)), value=1)
+        t = track_async(writer, ram, hot_blocks=True)
+        try:
+            assert isinstance(t.tracker, uffd_async.UffdAsyncTracker)
+            yield writer, ram, t.tracker
+        finally:
+            t.close()
+    finally:
+        writer.close()
+        ram.close()
+
+
 def test_dense_runs_finds_blocks_written_at_hot_density() -> None:
     """The block-density helper on virtual addresses: 3 whole blocks and a short tail block.
 
@@ -604,41 +624,29 @@ def test_hot_blocks_off_reports_dense_blocks_page_exact(hot_blocks: bool) -> Non
 @needs_async
 @pytest.mark.timeout(60)
 def test_hot_blocks_switched_off_are_cooled_by_the_next_harvest_and_stay_off() -> None:
-    """``hot_blocks`` switched off between harvests (the migration source does so before it throttles):
-    the next harvest scans the live hot block, reporting it whole one last time (un-protected, it reads
-    as written) and counting it in whole_bytes; from then on every harvest is page-exact, and a block
-    written densely again does not turn hot."""
-    npages = 3 * 512
-    writer = WriterProc(npages * P)
-    ram = mmap.mmap(writer.memfd, writer.size)
-    try:
-        writer.call("write", pages=list(range(npages)), value=1)
-        t = track_async(writer, ram, hot_blocks=True)
-        tracker = t.tracker
-        assert isinstance(tracker, uffd_async.UffdAsyncTracker)
-        try:
-            writer.call("write", pages=list(range(512)), value=2)
-            assert tracker.harvest() == [(0, B)]
-            assert (tracker.hot_bytes, tracker.whole_bytes) == (B, B)
-            writer.call("write", pages=[3, 700], value=3)
-            assert tracker.harvest() == [(0, B), (700 * P, 701 * P)]  # hot: whole, without a scan
-            assert tracker.whole_bytes == B
-            tracker.hot_blocks = False
-            writer.call("write", pages=[5, 701], value=4)
-            assert tracker.harvest() == [(0, B), (701 * P, 702 * P)]  # the cooling scan
-            assert (tracker.hot_bytes, tracker.whole_bytes) == (0, B)
-            writer.call("write", pages=[*range(512), 1000], value=5)  # dense again
-            assert tracker.harvest() == [(0, B), (1000 * P, 1001 * P)]
-            assert (tracker.hot_bytes, tracker.whole_bytes) == (0, 0)
-            writer.call("write", pages=[3], value=6)
-            assert tracker.harvest() == [(3 * P, 4 * P)]  # block 0 protected: page-exact
-            assert tracker.harvest() == []
-            assert ram[3 * P : 3 * P + 8] == (6).to_bytes(8, "little")
-        finally:
-            t.close()
-    finally:
-        writer.close()
-        ram.close()
+    """``hot_blocks`` switched off between harvests (the migration source does so with auto-converge's
+    first throttle step, and before its final harvest): the next harvest scans the live hot block,
+    reporting it whole one last time (un-protected, it reads as written) and counting it in
+    whole_bytes; from then on every harvest is page-exact, and a block written densely again does not
+    turn hot."""
+    with populated_hot_tracker(3 * 512) as (writer, ram, tracker):
+        writer.call("write", pages=list(range(512)), value=2)
+        assert tracker.harvest() == [(0, B)]
+        assert (tracker.hot_bytes, tracker.whole_bytes) == (B, B)
+        writer.call("write", pages=[3, 700], value=3)
+        assert tracker.harvest() == [(0, B), (700 * P, 701 * P)]  # hot: whole, without a scan
+        assert tracker.whole_bytes == B
+        tracker.hot_blocks = False
+        writer.call("write", pages=[5, 701], value=4)
+        assert tracker.harvest() == [(0, B), (701 * P, 702 * P)]  # the cooling scan
+        assert (tracker.hot_bytes, tracker.whole_bytes) == (0, B)
+        writer.call("write", pages=[*range(512), 1000], value=5)  # dense again
+        assert tracker.harvest() == [(0, B), (1000 * P, 1001 * P)]
+        assert (tracker.hot_bytes, tracker.whole_bytes) == (0, 0)
+        writer.call("write", pages=[3], value=6)
+        assert tracker.harvest() == [(3 * P, 4 * P)]  # block 0 protected: page-exact
+        assert tracker.harvest() == []
+        assert ram[3 * P : 3 * P + 8] == (6).to_bytes(8, "little")
 
 
 @needs_async
@@ -688,29 +696,17 @@ def test_hot_block_dropped_by_a_scattered_round_is_reported_whole() -> None:
     round, reported whole (un-protected, it reads as written) and re-protected, and the next
     round is page-exact."""
     npages = 3 * 512
-    writer = WriterProc(npages * P)
-    ram = mmap.mmap(writer.memfd, writer.size)
-    try:
-        writer.call("write", pages=list(range(npages)), value=1)
-        t = track_async(writer, ram, hot_blocks=True)
-        tracker = t.tracker
-        assert isinstance(tracker, uffd_async.UffdAsyncTracker)
-        try:
-            writer.call("write", pages=list(range(512)), value=2)
-            assert tracker.harvest() == [(0, B)]
-            assert tracker.hot_bytes == B
-            scattered = list(range(512, npages, 2))  # every other page of blocks 1 and 2: 50%, not hot
-            writer.call("write", pages=[*scattered, 3], value=3)
-            assert tracker.harvest() == pages_to_ranges([*range(512), *scattered])
-            assert tracker.hot_bytes == 0
-            writer.call("write", pages=[3, 513], value=4)
-            assert tracker.harvest() == [(3 * P, 4 * P), (513 * P, 514 * P)]
-            assert tracker.harvest() == []
-        finally:
-            t.close()
-    finally:
-        writer.close()
-        ram.close()
+    with populated_hot_tracker(npages) as (writer, _, tracker):
+        writer.call("write", pages=list(range(512)), value=2)
+        assert tracker.harvest() == [(0, B)]
+        assert tracker.hot_bytes == B
+        scattered = list(range(512, npages, 2))  # every other page of blocks 1 and 2: 50%, not hot
+        writer.call("write", pages=[*scattered, 3], value=3)
+        assert tracker.harvest() == pages_to_ranges([*range(512), *scattered])
+        assert tracker.hot_bytes == 0
+        writer.call("write", pages=[3, 513], value=4)
+        assert tracker.harvest() == [(3 * P, 4 * P), (513 * P, 514 * P)]
+        assert tracker.harvest() == []
 
 
 @needs_async
