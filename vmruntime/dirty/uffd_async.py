@@ -30,9 +30,10 @@ asks with MigrationParams.hot_blocks, ``ferry migrate --hot-blocks``): measured
 by bench/bench_slowdown.py, it speeds a flat-out guest up clearly with the
 tracker alone (harvest every 200 ms), little in migrations of a few rounds
 (it acts from the second round on), and its whole hot blocks set a floor
-under the reported dirty set, so a guest whose working set exceeds what the
-max downtime lets through no longer converges by rounds shrinking (2.3x the
-bytes with auto-converge). Every
+under the reported dirty set, so the remainder stops shrinking later and
+higher (1.5x the bytes for some guests: why they are not the default,
+docs/PERFORMANCE.md section 16; with auto-converge, which turns them off at
+its first throttle step, 1.1-1.33x, where it was 2.38x before that). Every
 HOT_ROUNDS-th harvest scans hot blocks like any other (reporting what they
 hold, re-protecting it), so the next round measures afresh which are hot.
 Un-protecting can never lose a write: an un-protected page reads as written
