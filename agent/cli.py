@@ -137,6 +137,10 @@ def _add_migrate_commands(sub: Any) -> None:
     m.add_argument("--hot-blocks", action="store_true",
                    help="send densely written 2 MiB blocks whole instead of write-protecting them every round "
                         "(uffd-wp-async: fewer guest write faults, more bytes)")
+    m.add_argument("--commit-ahead", action="store_true",
+                   help="send COMMIT right behind the RAM digest, not after the destination's READY: one "
+                        "round trip less downtime on long paths; the VM stays paused (in doubt) if the "
+                        "destination dies while it checks the digest")
     m.add_argument("--migration-address", metavar="HOST:PORT",
                    help="send the memory stream here instead of the destination's advertised migration address")
     m.add_argument("--in-doubt-timeout", type=_positive_float, metavar="S",
@@ -315,6 +319,8 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
         params["force"] = True
     if ns.hot_blocks:
         params["hot-blocks"] = True
+    if ns.commit_ahead:
+        params["commit-ahead"] = True
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -21,6 +21,10 @@ autotuning (before) and with the buffer transport.connect() sizes from the hands
 Runs are interleaved (one of each path, then again) so drifting load on the two shared cores hits
 every path alike; medians. Target (issue 5): throughput at 50 ms >= 50 % of loopback.
 
+Then the switch-over's round trips: a small running guest migrated over the direct and proxy paths
+with and without ``commit-ahead`` (COMMIT right behind the digest instead of after READY: one round
+trip less in the downtime, docs/protocol.md), alternately, downtime and its verify + commit parts.
+
     .venv/bin/python -m bench.bench_distance            # 1 GiB guest, 3 runs per path
     .venv/bin/python -m bench.bench_distance --quick    # 256 MiB guest, 1 run per path (a smoke test)
 """
@@ -47,6 +51,8 @@ from bench.common import describe_machine, format_size, markdown_table, median, 
 FINAL = ("completed", "failed", "cancelled")
 VM = "bench-distance"
 MAX_FAILURES = 3
+AHEAD_VM = "bench-ahead"  # the small running guest of the commit-ahead comparison
+AHEAD_RUNS = 7  # migrations per path and mode (2 in --quick)
 DEFAULT_SEND_BUFFER = 32 << 20  # the big buffer compared when the agents run with autotuning
 
 
@@ -75,6 +81,16 @@ class Series:
         self.total_ms.append(total)
         self.setup_ms.append(setup)
         self.downtime_ms.append(float(info["downtime"]))
+
+
+@dataclass
+class AheadSeries:
+    """Downtime over one path, COMMIT after READY (False) and right behind the digest (True)."""
+
+    label: str
+    downtime_ms: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+    switch_ms: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})  # verify + commit
+    failed: int = 0
 
 
 # --- processes: proxies, the link, agents -------------------------------------------------------
@@ -294,8 +310,10 @@ class Run:
         return True
 
 
-def measure(size: int, runs: int, rtts: list[float], use_link: bool) -> tuple[list[Series], str]:
-    """Every path ``runs`` times (completed migrations), interleaved, with its reference."""
+def measure(size: int, runs: int, rtts: list[float], use_link: bool,
+            ahead_runs: int) -> tuple[list[Series], list[AheadSeries], str]:
+    """Every path ``runs`` times (completed migrations), interleaved, with its reference; then
+    the commit-ahead comparison, ``ahead_runs`` per path and mode."""
     from agent.migration import transport
     from bench.baseline_copy import filled_memfd, send_once
     from bench.bench_migrate import fill_guest
@@ -361,9 +379,42 @@ def measure(size: int, runs: int, rtts: list[float], use_link: bool) -> tuple[li
                             break
                 load.append(os.getloadavg()[0])
         agents[run.where].call("vm-destroy", name=VM)
+        ahead = measure_commit_ahead(agents, relays, rtts, ahead_runs)
     shutil.rmtree(tmp, ignore_errors=True)  # state dirs, logs, key, the namespace wrapper
     load_text = f"{min(load):.2f}-{max(load):.2f}" if load else "?"
-    return [direct, *proxied, *linked], load_text
+    return [direct, *proxied, *linked], ahead, load_text
+
+
+def measure_commit_ahead(agents: dict[str, Any], relays: dict[tuple[str, float], str], rtts: list[float],
+                         runs: int) -> list[AheadSeries]:
+    """A running 64 MiB counter guest between A and C, each path, COMMIT after READY and ahead of
+    it alternately (the order flipped every run), ``runs`` completed migrations each."""
+    paths: list[tuple[AheadSeries, float | None]] = [(AheadSeries("direct (loopback)"), None)]
+    paths += [(AheadSeries(f"proxy {r:g} ms"), r) for r in rtts]
+    where = "A"
+    agents[where].call("vm-create", name=AHEAD_VM, program="counter", mem="64M", args={"every": "4096"})
+    for i in range(runs):
+        for s, rtt in paths:
+            for ahead in ((False, True) if i % 2 == 0 else (True, False)):
+                for _ in range(MAX_FAILURES + 1):
+                    to = "C" if where == "A" else "A"
+                    args: dict[str, Any] = {"name": AHEAD_VM, "to": agents[to].control,
+                                            "params": {"commit-ahead": ahead}}
+                    if rtt is not None:
+                        args["migration"] = relays[(to, rtt)]
+                    agents[where].call("migrate", **args)
+                    while (info := agents[where].call("migrate-status", name=AHEAD_VM))["status"] not in FINAL:
+                        time.sleep(0.01)
+                    if info["status"] == "completed":
+                        where = to
+                        parts = info["downtime-breakdown"]
+                        s.downtime_ms[ahead].append(float(info["downtime"]))
+                        s.switch_ms[ahead].append(float(parts.get("verify", 0)) + float(parts.get("commit", 0)))
+                        break
+                    s.failed += 1
+                    print(f"{s.label}: migration {info['status']}: {info.get('error-desc')}", file=sys.stderr)
+    agents[where].call("vm-destroy", name=AHEAD_VM)
+    return [s for s, _ in paths]
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -433,11 +484,31 @@ def markdown(series: list[Series], size: int, runs: int, load: str) -> str:
         "one round trip (Sync/SyncAck: the source harvests once the destination applied the round, so nothing "
         "is in flight at the pause), and the other round trips are in setup (TCP connect, hello, auth, "
         "MigrateStart/Accept: four) and in the switch-over (Digest/Ready, Commit/Resumed: two, in the "
-        "downtime). The destination's receive buffer is sized from the handshake round trip as the send "
+        "downtime; one with commit ahead, below). The destination's receive buffer is sized from the "
+        "handshake round trip as the send "
         f"buffer is (at most {RECV_BUFFER >> 20} MiB; FERRY_MIGRATION_RCVBUF). The proxy's hops are loopback "
         "connections, so only the link shows TCP's window at work.",
     ]
     return "\n".join(out)
+
+
+def ahead_markdown(series: list[AheadSeries], runs: int) -> str:
+    rows = []
+    for s in series:
+        off, on = s.downtime_ms[False], s.downtime_ms[True]
+        saved = f"{median(off) - median(on):.1f}" if off and on else "-"
+        rows.append([s.label, f"{len(off)} / {len(on)}", s.failed, _med(off, ".1f"), _med(on, ".1f"), saved,
+                     _med(s.switch_ms[False], ".1f"), _med(s.switch_ms[True], ".1f")])
+    return "\n".join([
+        "**Commit ahead** (`ferry migrate --commit-ahead`): a running 64 MiB counter guest, migrated back and "
+        f"forth, COMMIT after READY (off) and right behind the digest (on) alternately; medians of {runs} "
+        "completed migrations each. \"switch\" = the downtime's verify + commit parts (digest sent until "
+        "RESUMED). Ahead, the source is in doubt from the digest on: a destination that dies while it checks "
+        "the digest leaves the VM paused for an in-doubt query (docs/protocol.md).",
+        "",
+        markdown_table(["path", "runs off / on", "failed", "downtime off ms", "downtime on ms", "saved ms",
+                        "switch off ms", "switch on ms"], rows, "lrrrrrrr"),
+    ])
 
 
 def _sysctl_max(name: str) -> str:
@@ -453,6 +524,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default=None, help="guest RAM (bytes or with M/G suffix); default 1G, 256M quick")
     ap.add_argument("--runs", type=int, default=None, help="completed migrations per path (default 3, 1 quick)")
     ap.add_argument("--rtts", default="0,10,50", help="round trips, ms, comma-separated")
+    ap.add_argument("--ahead-runs", type=int, default=None,
+                    help=f"migrations per path and mode of the commit-ahead comparison (default {AHEAD_RUNS}, 2 quick)")
     ap.add_argument("--no-link", action="store_true", help="skip the delayed link (needs root and ip netns)")
     ap.add_argument("--link-receiver", metavar="HOST", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -466,8 +539,11 @@ def main(argv: list[str] | None = None) -> None:
         ["ip", "netns", "list"], capture_output=True).returncode == 0
     rtts = [float(x) for x in a.rtts.split(",") if x.strip()]
     runs = a.runs or (1 if a.quick else 3)
-    series, load = measure(size, runs, rtts, use_link)
+    ahead_runs = a.ahead_runs or (2 if a.quick else AHEAD_RUNS)
+    series, ahead, load = measure(size, runs, rtts, use_link, ahead_runs)
     print(markdown(series, size, runs, load))
+    print()
+    print(ahead_markdown(ahead, ahead_runs))
     if not use_link:
         print("\nThe delayed link was skipped (it needs root and `ip netns`).")
 

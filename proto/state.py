@@ -22,6 +22,10 @@ The exchange (DESIGN.md, "A migration, step by step" and "Ownership rules")::
       Commit ------------------------------->  (source now in doubt)
       <------------------------------------- Resumed  | InDoubtAnswer(False): start failed
 
+    commit ahead (MigrationParams.commit_ahead), one round trip less in the downtime:
+      Digest Commit ------------------------>  check RAM digest (Commit waits in the buffer)
+      <------------------------------------- Ready Resumed  | Abort: digest refused, discarded
+
     in doubt, on a new connection:
       InDoubtQuery ------------------------->
       <------------------------------------- InDoubtAnswer(resumed)
@@ -29,7 +33,9 @@ The exchange (DESIGN.md, "A migration, step by step" and "Ownership rules")::
 Abort (either way) is legal in every state before COMMIT. Two crossing
 Aborts are fine. A destination Abort that crosses the source's Commit (the
 destination gave up in READY before COMMIT arrived) is accepted by the
-source: the destination discarded its copy, so the source may resume.
+source: the destination discarded its copy, so the source may resume. So is
+one answering a Commit sent ahead (the digest did not check out): the
+destination reads COMMIT only in READY, after the digest held.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class SourceState(Enum):
     STATE_SENT = "state-sent"  # VM paused, CPU/device state sent; the digest comes next
     AWAITING_READY = "awaiting-ready"  # digest sent; awaiting READY
     READY = "ready"  # destination ready; COMMIT may be sent (or Abort)
+    COMMIT_AHEAD = "commit-ahead"  # COMMIT sent behind the digest: in doubt, awaiting READY then RESUMED
     COMMITTED = "committed"  # COMMIT sent: in doubt until RESUMED (keep the VM paused)
     QUERYING = "querying"  # in doubt, new connection: InDoubtQuery sent, awaiting the answer
     DONE = "done"  # RESUMED received: the destination owns the VM
@@ -133,6 +140,11 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.STATE_SENT, Digest, SEND): _S.AWAITING_READY,
     (_S.AWAITING_READY, Ready, RECV): _S.READY,
     (_S.READY, Commit, SEND): _S.COMMITTED,
+    # Commit ahead: the destination reads COMMIT only once it sent READY, so it never acts on it
+    # unless the digest held; an Abort (digest refused) means it never will.
+    (_S.AWAITING_READY, Commit, SEND): _S.COMMIT_AHEAD,
+    (_S.COMMIT_AHEAD, Ready, RECV): _S.COMMITTED,
+    (_S.COMMIT_AHEAD, Abort, RECV): _S.ABORTED,
     (_S.COMMITTED, Resumed, RECV): _S.DONE,
     (_S.COMMITTED, InDoubtAnswer, RECV): _S.RESOLVED,  # the destination failed to start: not resumed
     (_S.COMMITTED, Abort, RECV): _S.ABORTED,  # the destination aborted before it saw COMMIT
@@ -220,7 +232,7 @@ class SourceMachine(_Machine):
     @property
     def in_doubt(self) -> bool:
         """COMMIT sent and no answer yet: keep the VM paused, never resume it blindly."""
-        return self.state in (SourceState.COMMITTED, SourceState.QUERYING)
+        return self.state in (SourceState.COMMIT_AHEAD, SourceState.COMMITTED, SourceState.QUERYING)
 
 
 class DestinationMachine(_Machine):

@@ -69,10 +69,15 @@ def test_migrate_params_are_what_the_engine_accepts() -> None:
     from agent.migration.info import MigrationParams
 
     ns = cli.build_parser().parse_args(["migrate", "c1", "--to", "b:1", "--max-downtime", "50",
-                                        "--bandwidth", "1G", "--auto-converge", "--max-rounds", "3"])
+                                        "--bandwidth", "1G", "--auto-converge", "--max-rounds", "3",
+                                        "--hot-blocks", "--commit-ahead"])
     params = MigrationParams.from_dict(cli.migrate_params(ns))
     assert (params.max_downtime_ms, params.bandwidth, params.auto_converge, params.max_rounds) == (50, 1 << 30,
                                                                                                   True, 3)
+    assert params.hot_blocks and params.commit_ahead
+    assert MigrationParams.from_dict(params.to_dict()) == params
+    plain = MigrationParams.from_dict(cli.migrate_params(cli.build_parser().parse_args(["migrate", "c1", "--to", "b:1"])))
+    assert not plain.hot_blocks and not plain.commit_ahead
 
 
 def test_progress_line_shows_round_transfer_rates_and_expected_downtime() -> None:

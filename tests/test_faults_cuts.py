@@ -149,16 +149,26 @@ CUTS = [
 ]
 
 
-@pytest.mark.parametrize("rule, owner", CUTS)
+# With commit ahead (COMMIT right behind the digest) the points where it differs. A cut before
+# Ready is left out: whether COMMIT reached the destination before the cut is a race there.
+CUTS_AHEAD = [
+    pytest.param(Rule(C2S, Digest, CUT), "src", id="ahead-before-Digest"),
+    pytest.param(Rule(C2S, Commit, CUT), "src", id="ahead-before-Commit"),  # in doubt: the query says no
+    pytest.param(Rule(S2C, Resumed, CUT), "dst", id="ahead-Resumed-lost"),
+]
+
+
+@pytest.mark.parametrize("rule, owner, ahead", [pytest.param(*p.values, False, id=p.id) for p in CUTS]
+                         + [pytest.param(*p.values, True, id=p.id) for p in CUTS_AHEAD])
 def test_a_cut_at_every_point_leaves_exactly_one_running_copy(pair: tuple[AgentProc, AgentProc], rule: Rule,
-                                                              owner: str) -> None:
+                                                              owner: str, ahead: bool) -> None:
     a, b = pair
     busy(a, "m")
     with FaultProxy(migration_target(b)) as proxy:
         proxy.add(rule)
         # max-downtime 1 ms: a memstress guest does not converge, so round 1 is a pre-copy round;
         # force switches over after 3 rounds.
-        migrate_via(a, b, proxy, "m", **{"max-downtime": 1, "max-rounds": 3, "force": True})
+        migrate_via(a, b, proxy, "m", **{"max-downtime": 1, "max-rounds": 3, "force": True, "commit-ahead": ahead})
         out = finished(a, "m")
         assert rule.fired.is_set(), f"the cut never happened; frames seen: {proxy.types(C2S)} / {proxy.types(S2C)}"
     if owner == "src":

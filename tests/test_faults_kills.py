@@ -110,6 +110,23 @@ def test_destination_killed_in_the_commit_window_leaves_the_vm_paused_until_the_
     only_on(c, a, "m")
 
 
+def test_commit_ahead_destination_killed_at_the_digest_leaves_the_vm_paused_in_doubt(
+        trio: tuple[AgentProc, AgentProc, AgentProc]) -> None:
+    # The price of commit ahead: the same kill point as "before-Digest" above, where the source
+    # resumes at once, leaves it in doubt (COMMIT went out behind the digest), never resumed blindly.
+    a, b, _ = trio
+    busy(a, "m")
+    with FaultProxy(migration_target(b)) as proxy:
+        rule = proxy.add(kill_rule(C2S, Digest, "before", b))
+        migrate_via(a, b, proxy, "m", **{"commit-ahead": True})  # in-doubt-timeout 2 s
+        out = finished(a, "m")
+        assert rule.fired.is_set()
+    assert out["status"] == "failed" and "in doubt" in out["error-desc"], out
+    assert a.call("vm-info", name="m")["state"] == "paused"
+    assert "resumed here" in a.cli("migrate-resolve", "m", "--resume-here").stdout
+    runs_on(a, "m")
+
+
 @pytest.mark.parametrize("direction, msg, when", PRE_COMMIT)
 def test_source_killed_before_commit_makes_the_destination_discard(
         trio: tuple[AgentProc, AgentProc, AgentProc], direction: str, msg: type, when: str) -> None:

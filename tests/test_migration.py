@@ -200,6 +200,7 @@ def test_verify_migrated_mid_run_ends_with_the_unmigrated_digest(
     ("2000", {}),
     ("20000", {}),
     ("0", {"auto-converge": True, "max-downtime": 50}),
+    ("20000", {"commit-ahead": True}),
 ])
 def test_memstress_migrates_at_several_dirty_rates(pair: tuple[AgentProc, AgentProc], rate: str,
                                                    extra: dict[str, Any]) -> None:

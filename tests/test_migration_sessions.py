@@ -33,8 +33,9 @@ from agent.migration.common import (
 )
 from agent.migration.destination import DestinationSession, Outcomes
 from agent.migration.info import MigrationInfo, MigrationParams, Status
-from agent.migration.source import SourceSession
+from agent.migration.source import FIXED_DOWNTIME_S, SourceSession
 from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
+from proto.auth import ServerHandshake
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
     Abort,
@@ -189,13 +190,19 @@ class ScriptedDestination:
     """A destination listener that behaves as told: on_digest / on_commit / on_query."""
 
     def __init__(self, on_digest: str = "ready", on_commit: str = "resumed", on_query: bool | None = True,
-                 refuse: tuple[str, str] | None = None, size: int = SIZE, sync_delay: float = 0.0) -> None:
+                 refuse: tuple[str, str] | None = None, size: int = SIZE, sync_delay: float = 0.0,
+                 wait_for_commit: float = 0.0, handshake_delay: float = 0.0) -> None:
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.address = self.lsock.getsockname()[:2]
         self.on_digest, self.on_commit, self.on_query, self.refuse = on_digest, on_commit, on_query, refuse
         self.size = size
         self.sync_delay = sync_delay  # seconds before each SyncAck (a destination still applying pages)
         self.acked_at: list[float] = []  # time.monotonic() of each SyncAck sent
+        # Seconds to wait, on the Digest, for a COMMIT behind it before answering (commit ahead);
+        # commit_behind_digest says whether one came.
+        self.wait_for_commit = wait_for_commit
+        self.commit_behind_digest: bool | None = None
+        self.handshake_delay = handshake_delay  # seconds before each handshake answer: a long path's round trip
         self.fd, self.ram = new_ram(size)
         self.got: list[Any] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -216,7 +223,14 @@ class ScriptedDestination:
                 conn.close()
 
     def _one(self, conn: Connection) -> None:
-        server_handshake(conn, KEY, "D")
+        if self.handshake_delay:
+            hs = ServerHandshake(KEY, "D")
+            for _ in range(2):  # Hello -> HelloReply, Auth -> AuthOk, each answered late
+                answer = hs.receive(conn.recv())
+                time.sleep(self.handshake_delay)
+                conn.send(answer)
+        else:
+            server_handshake(conn, KEY, "D")
         while True:
             msg = conn.recv(memoryview(self.ram))
             self.got.append(msg)
@@ -229,7 +243,17 @@ class ScriptedDestination:
                 self.acked_at.append(time.monotonic())
                 conn.send(SyncAck(msg.round))
             elif isinstance(msg, Digest):
-                conn.send(Ready() if self.on_digest == "ready" else Abort(ErrorCode.DIGEST_MISMATCH, "bad digest"))
+                if self.wait_for_commit:
+                    deadline = time.monotonic() + self.wait_for_commit
+                    while not conn.next_frame_is(Commit) and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    self.commit_behind_digest = conn.next_frame_is(Commit)
+                if self.on_digest == "vanish":
+                    return  # the connection drops with the digest unanswered
+                if self.on_digest != "ready":
+                    conn.send(Abort(ErrorCode.DIGEST_MISMATCH, "bad digest"))
+                    return  # like a real destination: it never reads what follows
+                conn.send(Ready())
             elif isinstance(msg, Commit):
                 if self.on_commit == "resumed":
                     conn.send(Resumed())
@@ -352,6 +376,68 @@ def test_digest_mismatch_before_commit_resumes_the_vm(bridge: LoopBridge, script
     assert vm.calls == ["track_start", "pause", "paused-by-lane", "track_stop", "resume", "lane-closed"]
     assert not any(isinstance(m, Commit) for m in dest.got)
     assert_digest_thread_gone()
+
+
+def test_commit_ahead_sends_commit_behind_the_digest_and_completes(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(wait_for_commit=5.0)
+    vm, vms = FakeVM(dirty=[[(0, 2 * P)], [(3 * MiB, 3 * MiB + P)]]), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms, commit_ahead=True)
+    assert info.status is Status.COMPLETED, info.error
+    assert dest.commit_behind_digest is True, "the source waited for READY before COMMIT"
+    assert vm.calls == ["track_start", "pause", "paused-by-lane", "commit_sent", "track_stop", "lane-closed"]
+    assert vms.removed == ["v"] and dest.ram[:] == vm.ram[:]
+    assert {"verify", "commit"} <= set(info.breakdown)
+    assert_digest_thread_gone()
+
+
+def test_without_commit_ahead_commit_waits_for_ready(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(wait_for_commit=0.3)
+    _, info = run_source(bridge, dest, FakeVM(), FakeSourceVMs())
+    assert info.status is Status.COMPLETED, info.error
+    assert dest.commit_behind_digest is False
+
+
+def test_commit_ahead_refused_digest_resumes_the_vm(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(on_digest="abort", wait_for_commit=5.0)
+    vm, vms = FakeVM(), FakeSourceVMs()
+    _, info = run_source(bridge, dest, vm, vms, commit_ahead=True)
+    assert dest.commit_behind_digest is True
+    assert info.status is Status.FAILED and info.error_code == ErrorCode.DIGEST_MISMATCH, (info.error, info.error_code)
+    assert vm.calls == ["track_start", "pause", "paused-by-lane", "commit_sent", "track_stop", "resume", "lane-closed"]
+    assert vms.removed == [] and vm.state == "running"
+    assert_digest_thread_gone()
+
+
+@pytest.mark.parametrize("answer, status, resumed_here", [(True, Status.COMPLETED, False),
+                                                          (False, Status.FAILED, True),
+                                                          (None, Status.FAILED, False)])
+def test_commit_ahead_is_in_doubt_while_the_digest_is_checked(bridge: LoopBridge, scripted: Any,
+                                                               answer: bool | None, status: Status,
+                                                               resumed_here: bool) -> None:
+    # The destination drops the connection without answering the digest: COMMIT went out behind
+    # it, so the source may no longer resume on its own; only the destination's answer decides.
+    dest = scripted(on_digest="vanish", on_query=answer)
+    vm, vms = FakeVM(), FakeSourceVMs()
+    s, info = run_source(bridge, dest, vm, vms, commit_ahead=True)
+    assert info.status is status, info.error
+    assert any(isinstance(m, InDoubtQuery) for m in dest.got)
+    assert ("resume" in vm.calls) is resumed_here
+    assert vms.removed == (["v"] if answer else [])
+    assert s.in_doubt is (answer is None)
+    if answer is not True:  # (a VM handed over is removed here: its state no longer matters)
+        assert vm.state == ("running" if resumed_here else "paused")
+
+
+@pytest.mark.parametrize("ahead, round_trips", [(False, 2), (True, 1)])
+def test_the_policy_expects_the_switch_overs_round_trips(bridge: LoopBridge, scripted: Any, ahead: bool,
+                                                         round_trips: int) -> None:
+    # Each handshake message answered 0.1 s late: a path of >= 0.1 s round trip as the source sees
+    # it, and the switch-over waits for two of them (one with commit ahead).
+    dest = scripted(handshake_delay=0.1)
+    _, info = run_source(bridge, dest, FakeVM(), FakeSourceVMs(), commit_ahead=ahead)
+    assert info.status is Status.COMPLETED, info.error
+    assert info.expected_downtime_s is not None
+    assert FIXED_DOWNTIME_S + round_trips * 0.1 <= info.expected_downtime_s < FIXED_DOWNTIME_S + round_trips * 0.2
 
 
 def test_refusal_touches_nothing(bridge: LoopBridge, scripted: Any) -> None:

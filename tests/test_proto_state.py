@@ -185,3 +185,33 @@ def test_crossing_abort_after_commit_sent_means_source_may_resume() -> None:
     src = _reach("source", proto.SourceState.READY)
     src.send(SAMPLES[proto.Commit])
     assert src.receive(SAMPLES[proto.Abort]) is proto.SourceState.ABORTED
+
+
+def test_commit_ahead_is_read_after_ready_and_ends_in_lock_step() -> None:
+    """Commit right behind the Digest: the destination takes it from its buffer only once it sent
+    READY; the source is in doubt from the Commit on and ends DONE with the destination."""
+    src = _reach("source", proto.SourceState.STATE_SENT)
+    dst = _reach("destination", proto.DestinationState.STATE_RECEIVED)
+    src.send(SAMPLES[proto.Digest])
+    src.send(SAMPLES[proto.Commit])
+    assert src.state is proto.SourceState.COMMIT_AHEAD and src.in_doubt
+    assert not src.can_send(proto.Abort), "no Abort once COMMIT left"
+    dst.receive(SAMPLES[proto.Digest])
+    with pytest.raises(proto.RemoteProtocolError):  # a destination still checking cannot take it
+        dst.receive(SAMPLES[proto.Commit])
+    dst.send(proto.Ready())
+    dst.receive(SAMPLES[proto.Commit])
+    assert dst.may_start_vm
+    with pytest.raises(proto.RemoteProtocolError):  # RESUMED cannot overtake READY
+        src.receive(proto.Resumed())
+    src.receive(proto.Ready())
+    assert src.state is proto.SourceState.COMMITTED and src.in_doubt
+    dst.send(proto.Resumed())
+    src.receive(proto.Resumed())
+    assert src.state is proto.SourceState.DONE and dst.state is proto.DestinationState.DONE
+
+
+def test_commit_ahead_answered_by_abort_means_source_may_resume() -> None:
+    src = _reach("source", proto.SourceState.AWAITING_READY)
+    src.send(SAMPLES[proto.Commit])
+    assert src.receive(SAMPLES[proto.Abort]) is proto.SourceState.ABORTED and not src.in_doubt

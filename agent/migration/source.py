@@ -10,7 +10,10 @@ sending host and the ownership rules that bind it:
   abort or force;
 * stop-and-copy: pause, last harvest, final pages, CPU and device state,
   digest of guest RAM, then wait for READY;
-* commit: COMMIT, then RESUMED and the local copy is destroyed.
+* commit: COMMIT, then RESUMED and the local copy is destroyed. With
+  ``commit_ahead`` COMMIT goes right behind the digest instead of after READY
+  (one round trip less downtime; docs/protocol.md, "commit ahead"), and READY
+  (or an Abort: the digest did not check out) comes back before RESUMED.
 
 Before COMMIT every failure (and a cancel) ends with the VM running here
 again: tracking stopped, throttle lifted, vCPU resumed. After COMMIT and
@@ -39,6 +42,7 @@ from agent.migration.common import (
     client_handshake,
     describe,
     error_code,
+    timed_client_handshake,
 )
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.policy import Action, Decision, Figures, Limits, decide
@@ -80,8 +84,10 @@ DIGEST_WAIT_S = 60.0
 # FILL/COPY/HASH instruction can take a second): past this the migration fails, the VM resumes.
 PAUSE_TIMEOUT_S = 10.0
 # The downtime of an idle guest that is neither copy nor hashing: pause, final harvest, state,
-# READY, COMMIT to RESUMED (5-10 ms on these machines, docs/BENCHMARKS.md bench_downtime).
+# READY, COMMIT to RESUMED (5-10 ms on these machines, docs/BENCHMARKS.md bench_downtime), plus
+# the round trips the switch-over waits for on the path (SWITCH_ROUND_TRIPS; see _setup).
 FIXED_DOWNTIME_S = 0.010
+SWITCH_ROUND_TRIPS = {False: 2, True: 1}  # commit_ahead -> Digest..READY, COMMIT..RESUMED (or both at once)
 # RAM digest bytes/s assumed until a round measured faster (xxh3 of 64 KiB chunks: 4-16 GB/s here);
 # also the floor: a measurement under CPU contention must not make pre-copy look hopeless.
 HASH_RATE_GUESS = 2e9
@@ -126,6 +132,7 @@ class SourceSession:
         self._send_seconds = 0.0
         self._pause_t = 0.0
         self._hash_rate = HASH_RATE_GUESS  # RAM digest bytes/s: the fastest measured, for _hash_time
+        self._fixed_s = FIXED_DOWNTIME_S  # the policy's fixed downtime, path round trips added in _setup
         self._stable: set[int] = set()  # digest chunks sent last round and not dirtied since: hash next
         self._lane: vmctl.Lane | None = None  # this thread's own socket to the VM process
 
@@ -161,11 +168,13 @@ class SourceSession:
             self._setup()
             self.setup_done.set()
             pending = self._precopy()
-            self._stop_and_copy(pending)
+            digest_sent = self._stop_and_copy(pending)
+            if not self.params.commit_ahead:
+                self._await_ready(digest_sent)
         except BaseException as exc:  # every failure before COMMIT rolls back to a running VM
             self._roll_back(exc)
             return
-        self._commit()
+        self._commit(digest_sent)
 
     # -- setup ---------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -175,7 +184,11 @@ class SourceSession:
         with tls.refusals(self.dest):
             self.conn = self._connect(guest_size=vm.mem)
             self._check_cancel()
-            self.info.peer = client_handshake(self.conn, self.key, self.agent_name)
+            self.info.peer, rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
+        # rtt: a round trip of the path as the protocol sees it (a relay in between included, which
+        # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
+        # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 17).
+        self._fixed_s = FIXED_DOWNTIME_S + SWITCH_ROUND_TRIPS[self.params.commit_ahead] * rtt
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
@@ -239,7 +252,7 @@ class SourceSession:
         self._end_round(stat, dirty_bytes, elapsed)
         fig = Figures(rounds=len(self.info.rounds), remaining_bytes=dirty_bytes, earlier_remaining=earlier,
                       bandwidth=self._bandwidth(), dirty_rate=dirty_bytes / elapsed, throttle=self._throttle,
-                      started=self.info.started, hash_s=self._hash_time(dirty_chunks), fixed_s=FIXED_DOWNTIME_S,
+                      started=self.info.started, hash_s=self._hash_time(dirty_chunks), fixed_s=self._fixed_s,
                       whole_bytes=self._tracker.whole_bytes)
         decision = decide(fig, limits, time.monotonic())
         self.info.expected_downtime_s = decision.expected_downtime_s
@@ -403,8 +416,8 @@ class SourceSession:
                             dirty_pages=stat.dirty_pages, dirty_rate=rate))
 
     # -- stop-and-copy -------------------------------------------------------------------------------
-    def _stop_and_copy(self, pending: list[Range]) -> None:
-        """Pause, send the rest, the state and the digest; wait for READY."""
+    def _stop_and_copy(self, pending: list[Range]) -> float:
+        """Pause, send the rest, the state and the digest; returns when the digest went out."""
         info = self.info
         info.status = Status.DEVICE
         self._check_cancel()
@@ -425,11 +438,14 @@ class SourceSession:
         self._send(DeviceState({**state, RUN_STATE_KEY: "running" if self._was_running else "paused"}))
         t = self._lap("state", t)
         self._send(Digest(pages.DIGEST_ALGORITHM, digest.result()))
-        t = self._lap("digest", t)  # only what the final copy did not hide
+        return self._lap("digest", t)  # only what the final copy did not hide
+
+    def _await_ready(self, digest_sent: float) -> None:
+        """The destination's READY: guest RAM checked out there (COMMIT may follow)."""
         reply = self._recv()
         if not isinstance(reply, Ready):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
-        self._lap("verify", t)
+        self._lap("verify", digest_sent)
 
     def _pause(self) -> dict[str, Any]:
         """Stop the vCPU through this thread's lane (no event-loop round trip inside the downtime);
@@ -466,7 +482,10 @@ class SourceSession:
         return now
 
     # -- commit and the in-doubt window ------------------------------------------------------------
-    def _commit(self) -> None:
+    def _commit(self, digest_sent: float) -> None:
+        """Send COMMIT (after READY, or right behind the digest with commit_ahead) and settle who
+        owns the VM. With commit ahead the destination's READY arrives here, and an Abort in its
+        place (digest refused) means it never read COMMIT: the VM resumes here."""
         with self._lock:
             cancelled = self._cancel.is_set()
             self._committing = not cancelled
@@ -481,7 +500,12 @@ class SourceSession:
         try:
             self._send(Commit(self.migration_id))
             assert self.conn is not None
-            resumed = self._settle(self.conn.recv())
+            reply = self.conn.recv()
+            if isinstance(reply, Ready):  # only ever with commit ahead (the state machine checks)
+                self.machine.receive(reply)
+                t = self._lap("verify", digest_sent)
+                reply = self.conn.recv()
+            resumed = self._settle(reply)
         except (OSError, ProtocolError) as exc:
             self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
             resumed = self._resolve_in_doubt()
@@ -505,6 +529,7 @@ class SourceSession:
             return reply.resumed
         assert isinstance(reply, Abort)
         self.info.error = f"the destination aborted: {reply.reason}"
+        self.info.error_code = self.info.error_code or reply.code
         return False
 
     def _resolve_in_doubt(self) -> bool | None:
