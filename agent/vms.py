@@ -957,7 +957,8 @@ class VMManager:
         """COMMIT arrived: the VM is this host's now. Listed and recorded (as listening at
         ``socket_path``, which the restore that goes with the claim asks for) before anyone is told
         it runs here; the caller restores the VM process, then calls incoming_restored, or drops
-        the VM if the restore fails. Runs on the loop while the restore may already be under way."""
+        the VM if the restore fails. The restore waits for this: a VM process that runs is always
+        one a record names (agent/migration/destination.py, _start_vm)."""
         if self._incoming.get(inc.name) is not inc or inc.spawning is None or not inc.spawning.done():
             raise VMError(ErrorCode.BAD_REQUEST, f"no ready incoming reservation for {inc.name!r}")
         vm = inc.spawning.result()

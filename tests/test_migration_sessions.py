@@ -549,6 +549,7 @@ class FakeDestLane:
 
     def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         assert op == "restore"
+        self.vms.events.append("restore")
         if self.vms.fail_restore:
             raise ConnectionError("the VM process died")
         self.vms.started.append(fields["state"])
@@ -569,6 +570,8 @@ class FakeDestVMs:
         self.claimed: list[str] = []
         self.dropped: list[str] = []
         self.discarded: list[str] = []
+        self.events: list[str] = []  # "claim" and "restore", in the order they happened
+        self.claim_delay = 0.0  # seconds claim_incoming takes (a busy loop)
 
     def reserve_incoming(self, name: str, mem: int) -> Inc:
         if self.refuse is not None:
@@ -585,7 +588,9 @@ class FakeDestVMs:
 
     def claim_incoming(self, inc: Inc, state: dict[str, Any], paused: bool, socket_path: str | None,
                        migration_id: str | None = None) -> str:
+        time.sleep(self.claim_delay)
         self.claimed.append(inc.name)
+        self.events.append("claim")
         return inc.name
 
     def incoming_restored(self, vm: str, reply: dict[str, Any]) -> None:
@@ -659,6 +664,25 @@ def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram
     h.finish()
     assert vms.started == [{"version": 1}] and vms.discarded == []
     assert h.infos["v"].status is Status.COMPLETED and h.infos["v"].direction == "in"
+
+
+def test_destination_records_the_vm_before_its_process_runs(bridge: LoopBridge, source_ram: Any) -> None:
+    # A restored VM process outlives its agent: were it restored before the loop recorded it, an
+    # agent killed in between would leave a running VM that a restarted agent does not know, and
+    # its in-doubt answer "not resumed" would have the source resume a second copy. A slow loop
+    # (the record taking 0.3 s) must hold the restore back, not race it.
+    fd, ram = source_ram
+    vms = FakeDestVMs()
+    vms.claim_delay = 0.3
+    h = Harness(bridge, vms, Outcomes())
+    h.start()
+    h.send_ram(ram)
+    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
+    assert isinstance(h.src.recv(), Ready)
+    h.src.send(Commit("m1"))
+    assert isinstance(h.src.recv(), Resumed)
+    h.finish()
+    assert vms.events == ["claim", "restore"]
 
 
 def test_destination_digest_holds_for_scattered_batches_in_any_order(bridge: LoopBridge, source_ram: Any) -> None:

@@ -29,7 +29,6 @@ from typing import Any
 
 from agent.migration import pages
 from agent.migration.common import (
-    LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
     LoopBridge,
     describe,
@@ -468,19 +467,27 @@ class DestinationSession:
         return True
 
     def _start_vm(self) -> None:
-        """Restore and resume the VM on this thread's lane, while the loop lists and records it
-        (both done before RESUMED goes out)."""
+        """List and record the VM (on the loop), then restore and resume it on this thread's lane.
+
+        Recorded first: a restored VM process outlives this agent, as every VM does, so a VM
+        that runs here must already be one a restarted agent re-adopts and names in its in-doubt
+        answer. Restoring beside the record (to hide the loop's hop, ~0.1-1 ms) left a window in
+        which an agent killed between the two left a VM running that no record named; restarted,
+        the agent answered "not resumed" and the source resumed its copy too (found by
+        tests/test_faults_kills.py under CI load). Killed after the record and before the
+        restore, the VM process (not yet restored) exits with the agent and the record names a
+        process that is gone: "not resumed" is then the truth.
+        """
         assert self._state is not None and self._lane is not None
-        claim = self.bridge.submit(self.vms.claim_incoming, self._inc, self._state, self._start_paused,
-                                   self._listen_at, self._mid)
+        vm = self.bridge.run(self.vms.claim_incoming, self._inc, self._state, self._start_paused,
+                             self._listen_at, self._mid)
         try:
             reply = self._lane.request("restore", state=self._state, paused=self._start_paused,
                                        listen=self._listen_at, timeout=RESTORE_TIMEOUT_S)
         except BaseException:
-            with contextlib.suppress(Exception):  # a failed claim already left the VM unlisted
-                self.bridge.call(self.vms.drop_claimed(claim.result(LOOP_CALL_TIMEOUT_S)))
+            with contextlib.suppress(Exception):
+                self.bridge.call(self.vms.drop_claimed(vm))
             raise
-        vm = claim.result(LOOP_CALL_TIMEOUT_S)
         self.bridge.submit(self.vms.incoming_restored, vm, reply)
 
     def _tell_not_resumed(self) -> None:
