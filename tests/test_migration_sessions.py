@@ -440,6 +440,20 @@ def test_the_policy_expects_the_switch_overs_round_trips(bridge: LoopBridge, scr
     assert FIXED_DOWNTIME_S + round_trips * 0.1 <= info.expected_downtime_s < FIXED_DOWNTIME_S + round_trips * 0.2
 
 
+def test_the_bandwidth_leaves_the_sync_round_trip_out(bridge: LoopBridge, scripted: Any) -> None:
+    # A 0.1 s round trip (handshake and every SyncAck answered 0.1 s late): each round's time holds
+    # one, the bandwidth the policy predicts the final copy with must not (the fixed part has it).
+    dest = scripted(handshake_delay=0.1, sync_delay=0.1)
+    vm = FakeVM(dirty=[[(0, 2 * MiB)], [(3 * MiB, 3 * MiB + P)]])
+    _, info = run_source(bridge, dest, vm, FakeSourceVMs())
+    assert info.status is Status.COMPLETED, info.error
+    measured = [r for r in info.rounds[:-1] if r.bytes >= MiB]
+    assert measured and all(r.seconds >= 0.1 for r in measured)
+    assert all(0.1 <= r.sync_rtt <= r.seconds for r in measured)
+    r = measured[-1]
+    assert info.bandwidth > r.bytes / r.seconds * 1.2, (info.bandwidth, r.bytes / r.seconds)
+
+
 def test_refusal_touches_nothing(bridge: LoopBridge, scripted: Any) -> None:
     dest = scripted(refuse=(ErrorCode.VM_EXISTS, "a VM named 'v' already exists"))
     vm, vms = FakeVM(), FakeSourceVMs()

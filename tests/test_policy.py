@@ -130,6 +130,21 @@ def test_a_negligible_copy_switches_over_whatever_the_fixed_costs() -> None:
     assert d.expected_downtime_s == pytest.approx(256 * 1024 / GBPS + 0.01)
 
 
+def test_on_a_long_path_a_remainder_small_next_to_its_round_trips_is_negligible() -> None:
+    # 5 MiB at 1 GB/s: 5.2 ms to copy, still shrinking (20 -> 5 MiB). On loopback (10 ms fixed)
+    # another round pays; behind 100 ms of round trips it could save 5 % of the downtime, for at
+    # least a round trip of total time.
+    still_shrinking = (20 * MiB,)
+    near = decide(fig(5 * MiB, earlier=still_shrinking, fixed_s=0.01), Limits(max_downtime_s=0.3), now=1.0)
+    assert near.action is Action.CONTINUE
+    far = decide(fig(5 * MiB, earlier=still_shrinking, fixed_s=0.11), Limits(max_downtime_s=0.3), now=1.0)
+    assert far.action is Action.SWITCH_OVER and "negligible" in far.reason
+    assert far.expected_downtime_s == pytest.approx(5 * MiB / GBPS + 0.11)
+    # A remainder that takes longer than a tenth of them still gets its rounds.
+    big = decide(fig(20 * MiB, earlier=(80 * MiB,), fixed_s=0.11), Limits(max_downtime_s=0.3), now=1.0)
+    assert big.action is Action.CONTINUE
+
+
 def test_fitting_at_round_cap_switches_over() -> None:
     d = decide(fig(100 * MiB, 400 * MiB, rounds=5), Limits(max_rounds=5), now=1.0)
     assert d.action is Action.SWITCH_OVER

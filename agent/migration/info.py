@@ -110,6 +110,7 @@ class RoundStat:
     dirty_pages: int = 0  # pages the guest dirtied while this round ran
     final: bool = False  # the stop-and-copy pass (VM paused), always the last entry
     start: float = 0.0  # when the round began sending (received, on the destination), seconds into the migration
+    sync_rtt: float = 0.0  # of ``seconds``: the path's round trip in the wait for SyncAck (not bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),

@@ -11,8 +11,10 @@ The max downtime is a bound, not a target (DESIGN.md step 7): while the
 remainder fits the bound we keep iterating as long as rounds still set
 meaningful new lows, and switch over when the remainder is as small as it is
 going to get: no new low for PATIENCE rounds, and this round at its low (a
-round-to-round spike is not the moment to pause). When it does not fit,
-auto-converge throttles the vCPU in growing steps (QEMU's cpu-throttle:
+round-to-round spike is not the moment to pause), or at once when the
+remainder's copy is negligible: under 2 ms, or under a tenth of the fixed
+downtime no round removes (on a long path, the switch-over's round trips).
+When it does not fit, auto-converge throttles the vCPU in growing steps (QEMU's cpu-throttle:
 initial 20 %, increment 10 %, max 99 %), turning hot blocks off with the
 first step (whole blocks would keep the remainder up whatever the throttle);
 when the round cap or the time limit is reached, the operator's choice decides
@@ -48,6 +50,11 @@ THROTTLE_TRIGGER = 0.5
 
 # Below this expected downtime another round cannot be worth its cost.
 NEGLIGIBLE_DOWNTIME_S = 0.002
+# Nor when the remainder's copy is under this share of the fixed downtime no round can remove (the
+# switch-over's round trips): on a long path another round costs at least a round trip of total
+# time and resends what the guest wrote meanwhile, to save a few ms of a downtime of ~100
+# (docs/PERFORMANCE.md section 17). On loopback (fixed ~10 ms) NEGLIGIBLE_DOWNTIME_S decides.
+NEGLIGIBLE_SHARE = 0.1
 
 
 class Action(enum.Enum):
@@ -73,7 +80,8 @@ class Figures:
     started: float  # when the migration started (same clock as ``now``)
     # The downtime that is not copying, as the source expects it. hash_s: hashing the RAM digest
     # chunks the remainder touches, once on each side (the source's overlaps the copy, the
-    # destination's check follows it); fixed_s: pause, state, READY, COMMIT to RESUMED.
+    # destination's check follows it); fixed_s: pause, state, READY, COMMIT to RESUMED, with the
+    # path's round trips the switch-over waits for.
     hash_s: float = 0.0
     fixed_s: float = 0.0
     # Bytes of the remainder that hot blocks reported whole (un-protected 2 MiB blocks, uffd-wp-async):
@@ -147,7 +155,7 @@ def _out_of_budget(fig: Figures, lim: Limits, now: float) -> str | None:
 
 def _decide_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> Decision:
     """The remainder fits the bound: iterate only while that still pays."""
-    if copy_time(fig.remaining_bytes, fig.bandwidth) <= NEGLIGIBLE_DOWNTIME_S:
+    if copy_time(fig.remaining_bytes, fig.bandwidth) <= max(NEGLIGIBLE_DOWNTIME_S, NEGLIGIBLE_SHARE * fig.fixed_s):
         return Decision(Action.SWITCH_OVER, "remainder negligible", expected_downtime_s=exp)
     budget = _out_of_budget(fig, lim, now)
     if budget is not None:

@@ -133,6 +133,7 @@ class SourceSession:
         self._pause_t = 0.0
         self._hash_rate = HASH_RATE_GUESS  # RAM digest bytes/s: the fastest measured, for _hash_time
         self._fixed_s = FIXED_DOWNTIME_S  # the policy's fixed downtime, path round trips added in _setup
+        self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
         self._stable: set[int] = set()  # digest chunks sent last round and not dirtied since: hash next
         self._lane: vmctl.Lane | None = None  # this thread's own socket to the VM process
 
@@ -188,6 +189,7 @@ class SourceSession:
         # rtt: a round trip of the path as the protocol sees it (a relay in between included, which
         # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
         # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 17).
+        self._rtt = rtt
         self._fixed_s = FIXED_DOWNTIME_S + SWITCH_ROUND_TRIPS[self.params.commit_ahead] * rtt
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
@@ -312,8 +314,8 @@ class SourceSession:
         """
         overall = self._sent_bytes / self._send_seconds if self._send_seconds > 0 else 0.0
         for r in reversed(self.info.rounds):
-            if r.bytes >= MIN_MEASURED_BYTES and r.seconds > 0:
-                return min(overall, r.bytes / r.seconds)
+            if r.bytes >= MIN_MEASURED_BYTES and r.seconds - r.sync_rtt > 0:
+                return min(overall, r.bytes / (r.seconds - r.sync_rtt))
         return overall
 
     def _harvest(self) -> list[Range]:
@@ -363,7 +365,10 @@ class SourceSession:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected SyncAck({n}), got {reply!r}")
         waited = time.monotonic() - t
         stat.seconds += waited
-        self._send_seconds += waited
+        # The bandwidth counts the drain, not the round trip: that one is in the policy's fixed
+        # downtime already (on a 50 ms path it made a 4 MiB round look 80 MB/s).
+        stat.sync_rtt = min(waited, self._rtt)
+        self._send_seconds += waited - stat.sync_rtt
 
     def _check_deadline(self) -> None:
         """The time limit also holds inside a long round (a big guest on a capped link).
