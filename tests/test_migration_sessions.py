@@ -650,6 +650,14 @@ class Harness:
         self.src.send(RoundEnd(0, 1, 0, SIZE, 0.1, 0, 0.0))
         self.src.send(DeviceState({"version": 1}))
 
+    def to_commit(self, fd: int, ram: mmap.mmap) -> None:
+        """A whole migration of ``ram`` up to COMMIT (sent): what the destination does next is the test."""
+        self.start()
+        self.send_ram(ram)
+        self.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
+        assert isinstance(self.src.recv(), Ready)
+        self.src.send(Commit("m1"))
+
     def finish(self) -> None:
         self.src.close()
         self.thread.join(10)
@@ -689,11 +697,7 @@ def test_destination_records_the_vm_before_its_process_runs(bridge: LoopBridge, 
     vms = FakeDestVMs()
     vms.claim_delay = 0.3
     h = Harness(bridge, vms, Outcomes())
-    h.start()
-    h.send_ram(ram)
-    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
-    assert isinstance(h.src.recv(), Ready)
-    h.src.send(Commit("m1"))
+    h.to_commit(fd, ram)
     assert isinstance(h.src.recv(), Resumed)
     h.finish()
     assert vms.events == ["claim", "restore"]
@@ -733,11 +737,7 @@ def test_destination_whose_restore_fails_says_not_resumed(bridge: LoopBridge, so
     vms = FakeDestVMs()
     vms.fail_restore = True
     h = Harness(bridge, vms, Outcomes())
-    h.start()
-    h.send_ram(ram)
-    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
-    assert isinstance(h.src.recv(), Ready)
-    h.src.send(Commit("m1"))
+    h.to_commit(fd, ram)
     reply = h.src.recv()
     assert isinstance(reply, InDoubtAnswer) and reply.resumed is False  # the source may resume its copy
     h.finish()

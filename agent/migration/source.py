@@ -132,7 +132,6 @@ class SourceSession:
         self._send_seconds = 0.0
         self._pause_t = 0.0
         self._hash_rate = HASH_RATE_GUESS  # RAM digest bytes/s: the fastest measured, for _hash_time
-        self._fixed_s = FIXED_DOWNTIME_S  # the policy's fixed downtime, path round trips added in _setup
         self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
         self._stable: set[int] = set()  # digest chunks sent last round and not dirtied since: hash next
         self._lane: vmctl.Lane | None = None  # this thread's own socket to the VM process
@@ -185,12 +184,10 @@ class SourceSession:
         with tls.refusals(self.dest):
             self.conn = self._connect(guest_size=vm.mem)
             self._check_cancel()
-            self.info.peer, rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
-        # rtt: a round trip of the path as the protocol sees it (a relay in between included, which
-        # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
-        # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 17).
-        self._rtt = rtt
-        self._fixed_s = FIXED_DOWNTIME_S + SWITCH_ROUND_TRIPS[self.params.commit_ahead] * rtt
+            # A round trip of the path as the protocol sees it (a relay in between included, which
+            # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
+            # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 17).
+            self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
@@ -302,6 +299,11 @@ class SourceSession:
         """Seconds to hash the digest ``chunks`` the remainder touches (each side does, in the
         downtime), at the fastest rate measured so far."""
         return len(chunks) * pages.DIGEST_CHUNK / self._hash_rate
+
+    @property
+    def _fixed_s(self) -> float:
+        """The policy's fixed downtime: FIXED_DOWNTIME_S and the round trips the switch-over waits for."""
+        return FIXED_DOWNTIME_S + SWITCH_ROUND_TRIPS[self.params.commit_ahead] * self._rtt
 
     def _bandwidth(self) -> float:
         """The lower of: bytes/s over all rounds, and of the latest round that moved enough to measure.
