@@ -284,6 +284,18 @@ def _before_after(s: Series, addr: tuple[str, int], src: memoryview, big: int, i
 # --- the run ------------------------------------------------------------------------------------
 
 
+def migrate_once(src: Any, dst: Any, name: str, via: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    """Migrate ``name`` from ``src`` to ``dst`` (its memory stream through ``via`` if given) and
+    return the final MigrationInfo."""
+    args: dict[str, Any] = {"name": name, "to": dst.control, "params": params}
+    if via is not None:
+        args["migration"] = via
+    src.call("migrate", **args)
+    while (info := src.call("migrate-status", name=name))["status"] not in FINAL:
+        time.sleep(0.01)
+    return info
+
+
 class Run:
     """The agents, the guest, and where it is; one migration at a time."""
 
@@ -295,12 +307,7 @@ class Run:
     def migrate(self, to: str, via: str | None, series: Series) -> bool:
         src, dst = self.agents[self.where], self.agents[to]
         src.call("vm-pause", name=VM)
-        args: dict[str, Any] = {"name": VM, "to": dst.control, "params": {}}
-        if via is not None:
-            args["migration"] = via
-        src.call("migrate", **args)
-        while (info := src.call("migrate-status", name=VM))["status"] not in FINAL:
-            time.sleep(0.02)
+        info = migrate_once(src, dst, VM, via, {})
         if info["status"] != "completed":
             series.failed += 1
             print(f"{series.label}: migration {info['status']}: {info.get('error-desc')}", file=sys.stderr)
@@ -398,13 +405,8 @@ def measure_commit_ahead(agents: dict[str, Any], relays: dict[tuple[str, float],
             for ahead in ((False, True) if i % 2 == 0 else (True, False)):
                 for _ in range(MAX_FAILURES + 1):
                     to = "C" if where == "A" else "A"
-                    args: dict[str, Any] = {"name": AHEAD_VM, "to": agents[to].control,
-                                            "params": {"commit-ahead": ahead}}
-                    if rtt is not None:
-                        args["migration"] = relays[(to, rtt)]
-                    agents[where].call("migrate", **args)
-                    while (info := agents[where].call("migrate-status", name=AHEAD_VM))["status"] not in FINAL:
-                        time.sleep(0.01)
+                    via = None if rtt is None else relays[(to, rtt)]
+                    info = migrate_once(agents[where], agents[to], AHEAD_VM, via, {"commit-ahead": ahead})
                     if info["status"] == "completed":
                         where = to
                         parts = info["downtime-breakdown"]

@@ -85,7 +85,7 @@ DIGEST_WAIT_S = 60.0
 PAUSE_TIMEOUT_S = 10.0
 # The downtime of an idle guest that is neither copy nor hashing: pause, final harvest, state,
 # READY, COMMIT to RESUMED (5-10 ms on these machines, docs/BENCHMARKS.md bench_downtime), plus
-# the round trips the switch-over waits for on the path (SWITCH_ROUND_TRIPS; see _setup).
+# the round trips the switch-over waits for on the path (SWITCH_ROUND_TRIPS; see _fixed_s).
 FIXED_DOWNTIME_S = 0.010
 SWITCH_ROUND_TRIPS = {False: 2, True: 1}  # commit_ahead -> Digest..READY, COMMIT..RESUMED (or both at once)
 # RAM digest bytes/s assumed until a round measured faster (xxh3 of 64 KiB chunks: 4-16 GB/s here);
