@@ -1,6 +1,6 @@
 """Guest slowdown under dirty tracking: instructions/s untracked, armed, and during migrations, hot blocks off and on.
 
-Issue 5's target "guest slowdown with tracking armed <= 10 %". With the
+The target "guest slowdown with tracking armed <= 10 %". With the
 uffd-wp-async tracker, the first write to each page after a harvest costs the
 guest a write-protect fault (1.2-2 us of its CPU here, against ~170 ns for
 the store itself), so a guest rewriting a large working set pays that for
