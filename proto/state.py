@@ -7,7 +7,7 @@ send, ``receive(msg)`` one the peer sent. A message with no entry raises
 ``LocalProtocolError`` (send) or ``RemoteProtocolError`` (receive) naming
 the role, the state and the message.
 
-The exchange (docs/ARCHITECTURE.md, "A migration, step by step" and "Ownership rules")::
+The exchange (DESIGN.md, "A migration, step by step" and "Ownership rules")::
 
     source                               destination
       MigrateStart ------------------------> compatibility check
