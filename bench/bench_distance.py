@@ -1,6 +1,6 @@
 """Distance: the data-path migration at 0, 10 and 50 ms round trip, through a delaying proxy and a delayed link.
 
-Issue 5's distance scenario. The data-path guest (bench/fill_random.fasm over all its RAM, so every
+The distance scenario. The data-path guest (bench/fill_random.fasm over all its RAM, so every
 page is non-zero) is migrated paused (pure copy) between real agents:
 
 * **direct**: agent to agent on loopback, the baseline;
@@ -19,7 +19,7 @@ autotuning (before) and with the buffer transport.connect() sizes from the hands
 (after): what the socket change buys.
 
 Runs are interleaved (one of each path, then again) so drifting load on the two shared cores hits
-every path alike; medians. Target (issue 5): throughput at 50 ms >= 50 % of loopback.
+every path alike; medians. Target: throughput at 50 ms >= 50 % of loopback.
 
 Then the switch-over's round trips: a small running guest migrated over the direct and proxy paths
 with and without ``commit-ahead`` (COMMIT right behind the digest instead of after READY: one round
@@ -470,7 +470,7 @@ def markdown(series: list[Series], size: int, runs: int, load: str) -> str:
             f"{format_size(size)} of page batches from a filled memfd into a fresh one in another process, the "
             "receiver's answer; so it includes two round trips), with Linux autotuning of the send buffer "
             f"(capped at net.ipv4.tcp_wmem max = {_sysctl_max('net/ipv4/tcp_wmem')} bytes) and with the send "
-            "buffer `transport.connect()` now asks for (handshake round trip x 1 GiB/s, at most "
+            "buffer `transport.connect()` asks for (handshake round trip x 1 GiB/s, at most "
             f"{big} MiB, SO_SNDBUFFORCE; nothing is set when autotuning reaches that far, so the short paths "
             "compare like with like and show the noise), alternately, same run. The agents of this run had "
             f"FERRY_MIGRATION_SNDBUF={SEND_BUFFER} ({'autotuning' if not SEND_BUFFER else 'the sized buffer'}).",
@@ -480,7 +480,7 @@ def markdown(series: list[Series], size: int, runs: int, load: str) -> str:
             "",
         ]
     out += [
-        "Target (issue 5): ferry at 50 ms round trip >= 50 % of loopback (`vs direct`). The link is a userspace "
+        "Target: ferry at 50 ms round trip >= 50 % of loopback (`vs direct`). The link is a userspace "
         "TUN forwarder on the same two cores, so it costs throughput at 0 ms already: `vs 0 ms` is the path's "
         "delay alone. Page batches are never acknowledged, so a round streams; each pre-copy round ends with "
         "one round trip (Sync/SyncAck: the source harvests once the destination applied the round, so nothing "

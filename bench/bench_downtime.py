@@ -1,6 +1,6 @@
 """Downtime distribution: 20 migrations each of an idle guest and of memstress at 25% of bandwidth.
 
-Issue 5's downtime scenario, with two real agents on loopback: a 1 GiB
+The downtime scenario, with two real agents on loopback: a 1 GiB
 ``idle`` guest, and a 1 GiB guest running ``memstress`` over a 64 MiB
 working set at a quarter of the bandwidth ferry's data path measured in this
 same run (a random-filled guest migrated first, its round-0 bytes/second;

@@ -2,13 +2,13 @@
 
 Two parts, both measured in one run so ferry's figures read as ratios to baselines of the same moment:
 
-* **Data path** (issue 5): a guest whose every page is non-zero (bench/fill_random.fasm over all RAM
+* **Data path**: a guest whose every page is non-zero (bench/fill_random.fasm over all RAM
   above the code: incompressible-looking data, no zero page) migrated paused (pure copy: the source
   pauses it before each migration) and running (the filler idles after filling, so pre-copy sees
   one dense round), at 1 and 4 GiB. Its round-0 throughput is set against the raw Python copy of
   bench/baseline_copy.py (``sendall`` from a memfd, ``recv_into`` a fresh memfd, with and without
   ``MADV_HUGEPAGE``), one of each right before every migration, same size; target >= 90 %. The
-  other baselines the issue names run in the same loop, once per ferry migration, same size and
+  other baselines run in the same loop, once per ferry migration, same size and
   mode: iperf3 over loopback, and QEMU's pre-copy (bench/qemu_baseline.py: a guest whose RAM file
   was filled from /dev/urandom, driven over QMP, figures from ``query-migrate``), set against
   ferry's total time; target: at least as fast as QEMU. Each is reported as skipped, with the
@@ -17,8 +17,8 @@ Two parts, both measured in one run so ferry's figures read as ratios to baselin
   out with auto-converge): median total time, downtime, bytes, throughput and the downtime breakdown.
 
 ``--set-shmem-thp advise`` sets the host-wide ``shmem_enabled`` for the run and restores it after
-(opt-in, root): the agent advises huge pages on guest RAM, and this shows what the deployment step
-of docs/PERFORMANCE.md buys.
+(opt-in, root): the agent advises huge pages on guest RAM, and this shows what shared-memory huge pages
+buy (docs/PERFORMANCE.md section 2).
 
     .venv/bin/python -m bench.bench_migrate            # 1 and 4 GiB data path, 1 GiB cases, 3 runs each
     .venv/bin/python -m bench.bench_migrate --quick    # 1 GiB data path, 256 MiB cases, 1 run each
@@ -337,8 +337,8 @@ def _data_path_size(a: AgentProc, b: AgentProc, conn: socket.socket, raw_src: An
             raw, raw_huge = send_once(conn, raw_src, False).seconds, send_once(conn, raw_src, True).seconds
             iperf = side.iperf3_run(size)
             qemu = side.qemu_run(mode == "paused")
-            # A paused guest arrives paused: the running rows resume it first (until session 5 they did
-            # not, and measured the paused guest twice).
+            # A paused guest arrives paused: the running rows resume it first (without that they would
+            # measure the paused guest twice).
             state = src.call("vm-info", name="bench-dense")["state"]
             if mode == "paused" and state != "paused":
                 src.call("vm-pause", name="bench-dense")

@@ -1,6 +1,6 @@
 """Scaling and cost: sparse and fully written guests of 1-8 GiB, total time, CPU and memory per migration.
 
-Issue 5's *sparse guests*, *scaling* and *cost* scenarios, with two real agents on loopback
+The *sparse guests*, *scaling* and *cost* scenarios, with two real agents on loopback
 (tests/agents.py) migrating real VMs through the control API, back and forth:
 
 * **Sparse**: 1, 4 and 8 GiB guests that wrote 64 MiB (bench/fill_random.fasm's fill with ``ws=64M``, then an

@@ -1,9 +1,9 @@
 """Guest slowdown under dirty tracking: instructions/s untracked, armed, and during migrations, hot blocks off and on.
 
-Issue 5's target "guest slowdown with tracking armed <= 10 %". With the
+The target "guest slowdown with tracking armed <= 10 %". With the
 uffd-wp-async tracker, the first write to each page after a harvest costs the
-guest a write-protect fault (1.2-2 us of its CPU here, against ~170 ns for
-the store itself), so a guest rewriting a large working set pays that for
+guest a write-protect fault, many times the cost of the store itself
+(docs/PERFORMANCE.md section 5), so a guest rewriting a large working set pays that for
 every page every round. Hot blocks (``MigrationParams.hot_blocks``, ``ferry
 migrate --hot-blocks``) leave 2 MiB blocks written at >= 75 % in a round
 un-protected and send them whole instead. This module measures both ways,

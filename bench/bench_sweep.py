@@ -1,6 +1,6 @@
 """Dirty-rate sweep: memstress at 1% to 200% of the measured bandwidth, and one migration round by round.
 
-Issue 5's dirty-rate scenario, with two real agents on loopback. This module
+The dirty-rate scenario, with two real agents on loopback. This module
 owns the sweep, its Markdown, docs/sweep.png and docs/rounds.png.
 
 1. **Sweep.** The bandwidth of ferry's data path is measured first in this

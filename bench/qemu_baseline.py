@@ -1,11 +1,11 @@
 """QEMU pre-copy baseline: QEMU's own live migration of a guest with non-zero RAM, over loopback TCP.
 
-This module owns the QEMU baseline of the data-path scenario (issue 5): a
+This module owns the QEMU baseline of the data-path scenario: a
 minimal QMP client (JSON lines over a unix socket), the QEMU command lines,
 and the migration driver; bench/bench_migrate.py interleaves it with ferry's
 migrations, and ``__main__`` prints a small Markdown table on its own.
 
-How one run goes, as the issue prescribes:
+How one run goes:
 
 - guest RAM is a ``memory-backend-file`` (``share=on``) on tmpfs, filled from
   /dev/urandom before the source starts, so no page is zero (QEMU sends zero

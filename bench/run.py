@@ -5,8 +5,8 @@ module that exists (the raw copy baseline first, so ferry's figures can be
 read as ratios to a baseline of the same run), each in its own subprocess
 under a time limit, and writes: a header with the machine, the date and the
 load average before and after; a summary table; then one section per bench
-with its Markdown output verbatim; docs/PERFORMANCE.md (hand-written: what each optimisation
-bought) goes in after the summary. A bench that fails or overruns its limit
+with its Markdown output verbatim; docs/PERFORMANCE.md (hand-written, by topic: what limits
+each phase, what was tried and kept) goes in after the summary. A bench that fails or overruns its limit
 gets a section saying so, with whatever it printed and the tail of its
 stderr: the runner itself never fails because a bench did.
 
@@ -41,7 +41,7 @@ from bench.common import (
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
-# Hand-written: what each optimisation bought, before/after. Included in the report, never generated.
+# Hand-written, by topic: what limits each phase, what was tried and kept. Included in the report, never generated.
 NARRATIVE = ROOT / "docs" / "PERFORMANCE.md"
 # The order of the report: the baseline first, then bottom-up through ferry's parts to whole migrations.
 KNOWN = ("baseline_copy", "bench_interp", "bench_pause", "bench_dirty", "bench_slowdown", "bench_proto",

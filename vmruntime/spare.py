@@ -1,7 +1,7 @@
 """A VM process started ahead of need: the agent's spare for the next incoming migration.
 
-Starting a VM process costs 0.1-0.15 s here, nearly all of it a fresh
-interpreter importing the machine, and an incoming migration waits for it
+Starting a VM process takes a fresh interpreter importing the machine
+(docs/PERFORMANCE.md section 11), and an incoming migration waits for it
 before it accepts (it would be downtime at COMMIT otherwise). A spare pays
 that before any migration asks: started with ``spare_argv``, it imports
 vmruntime.vmproc (and through it the machine and dirty tracking), then

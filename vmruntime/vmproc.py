@@ -9,8 +9,7 @@ track-start, track-stop, listen, attach, lane, stop.
 ``lane`` hands the controller one end of a private socketpair: requests sent
 on it are answered on it, so a migration's session thread pauses or restores
 the vCPU directly, without a round trip through the agent's event loop
-(which costs 0.3 ms at the median and several ms in the tail on a busy host,
-all of it inside the downtime).
+(a hop that would sit inside the downtime; docs/PERFORMANCE.md section 8).
 
 A VM process can outlive its parent (the agent restarting): ``listen`` makes
 it listen on a unix SOCK_SEQPACKET socket (mode 0600) and keep the guest
@@ -528,10 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     # attaches after our parent is gone gets a copy of it (op attach).
     os.set_inheritable(args.ram_fd, False)
     ctl = socket.socket(fileno=args.ctl_fd)
-    # Importing the machine costs tens of milliseconds. Pay it now, before the
-    # first request: a destination agent spawns this process ahead of time and
-    # its `restore` is inside the migration's downtime.
-    # The same for dirty tracking, which a migration's track-start would import in its setup (7-40 ms).
+    # Import the machine now, before the first request: a destination agent spawns this process
+    # ahead of time and its `restore` is inside the migration's downtime. The same for dirty
+    # tracking, which a migration's track-start would otherwise import during its setup
+    # (docs/PERFORMANCE.md section 11).
     import vmruntime.dirty  # noqa: F401
     import vmruntime.machine  # noqa: F401
     return VMProcess(ram, ctl, args.on_eof, args.ram_fd).serve()

@@ -15,7 +15,7 @@ Only the VM process's page tables are protected: writes the agent makes
 through its own mapping of the memfd never show up.
 
 Hot blocks (opt-in, ``hot_blocks=True``): each first write to a page after
-a harvest costs the guest a write-protect fault (1.2-2 us of its CPU here),
+a harvest costs the guest a write-protect fault (docs/PERFORMANCE.md section 5),
 so a guest rewriting a large working set pays that for every page every
 round. With hot blocks on, a 2 MiB block of which at least HOT_DENSITY of the
 pages were written in one round (found by a first scan that re-protects
@@ -26,14 +26,14 @@ then reports a superset of the written pages: up to 1/HOT_DENSITY times the
 written bytes in the round a block turns hot, and the whole block (2 MiB,
 however little was written) in each of the up to HOT_ROUNDS harvests until it
 is scanned again, the final copy's included. Off by default (a migration
-asks with MigrationParams.hot_blocks, ``ferry migrate --hot-blocks``): measured
-by bench/bench_slowdown.py, it speeds a flat-out guest up clearly with the
-tracker alone (harvest every 200 ms), little in migrations of a few rounds
-(it acts from the second round on), and its whole hot blocks set a floor
-under the reported dirty set, so the remainder stops shrinking later and
-higher (1.5x the bytes for some guests: why they are not the default,
-docs/PERFORMANCE.md section 16; with auto-converge, which turns them off at
-its first throttle step, 1.1-1.33x, where it was 2.38x before that). Every
+asks with MigrationParams.hot_blocks, ``ferry migrate --hot-blocks``): it
+speeds a flat-out guest up clearly with the tracker alone, little in
+migrations of a few rounds (it acts from the second round on), and its whole
+hot blocks set a floor under the reported dirty set, so the remainder stops
+shrinking later and higher and more bytes are sent: why they are not the
+default (bench/bench_slowdown.py measures both; docs/PERFORMANCE.md section 5).
+Auto-converge turns them off at its first throttle step, since whole blocks
+would keep the remainder up whatever the throttle. Every
 HOT_ROUNDS-th harvest scans hot blocks like any other (reporting what they
 hold, re-protecting it), so the next round measures afresh which are hot.
 Un-protecting can never lose a write: an un-protected page reads as written
@@ -71,10 +71,10 @@ from .names import UFFD_WP_ASYNC
 # walks its whole chunk and we never need walk_end. Why not trust walk_end:
 # on this kernel (6.18) it is set only when the kernel's internal buffer fills
 # mid-walk, and when a later pass of the same call finishes the walk it stays
-# stale, short of regions that call did report. Restarting there re-walked
-# pages already reported, the output went out of order, and the seam merge
-# (which assumes sorted input) dropped a region: pages re-protected but never
-# reported, lost writes (found by tests/test_migration_tracking.py).
+# stale, short of regions that call did report. Restarting there would re-walk
+# pages already reported and put the output out of order, and the seam merge
+# (which assumes sorted input) would drop a region: pages re-protected but never
+# reported, lost writes (tests/test_migration_tracking.py checks for them).
 # 64 MiB chunks: larger ones (a bigger vector) measured no faster, the
 # per-call cost being small next to the per-page walk.
 _VEC_LEN = 16384
