@@ -7,6 +7,7 @@ migrations completed, refused and cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import urllib.error
 import urllib.request
@@ -17,11 +18,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import metrics
 from agent.metrics import (
     CONTENT_TYPE,
     DOWNTIME_BUCKETS,
     Family,
     Histogram,
+    MetricsServer,
     MigrationStats,
     escape_label,
     format_value,
@@ -130,6 +133,40 @@ def test_live_gauges_only_for_migrations_in_progress() -> None:
     assert not any(name == "ferry_migration_dirty_pages_rate" and ("vm", "v") in labels
                    for name, labels in samples)
     assert live_bytes == {"out": 77, "in": 5}
+
+
+# -- the HTTP endpoint in process ----------------------------------------------------------------------
+async def _http(address: tuple[str, int], request: bytes) -> bytes:
+    """The whole answer to ``request`` (the server closes after one)."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_each_scrape_collects_afresh_and_a_silent_client_gets_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.05)  # the wait for a request head
+    scrapes: list[int] = []
+
+    def collect() -> str:
+        scrapes.append(1)
+        return f"ferry_test_scrapes {len(scrapes)}\n"
+
+    server = MetricsServer(collect)
+    address = await server.start("127.0.0.1", 0)
+    try:
+        first = await _http(address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\nferry_test_scrapes 1\n")
+        assert f"Content-Type: {CONTENT_TYPE}".encode() in first
+        assert (await _http(address, b"")).startswith(b"HTTP/1.1 408 ")  # connected, said nothing
+        again = await _http(address, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n")  # the query is ignored
+        assert again.endswith(b"ferry_test_scrapes 2\n")
+    finally:
+        await server.close()
+    assert len(scrapes) == 2  # the silent client cost no collection
 
 
 # -- real agents -------------------------------------------------------------------------------------
