@@ -339,6 +339,20 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
         time.sleep(interval)
 
 
+FINAL_STATUSES = ("completed", "failed", "cancelled")  # of migrate-status: nothing changes after these
+
+
+def finished(agent: AgentProc, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    """migrate-status of ``name`` on ``agent`` once its migration has ended (a FINAL_STATUSES one)."""
+
+    def done() -> dict[str, Any] | None:
+        info: dict[str, Any] = agent.call("migrate-status", name=name)
+        return info if info["status"] in FINAL_STATUSES else None
+
+    result: dict[str, Any] = wait_for(done, timeout=timeout, what=f"migration of {name} to end")
+    return result
+
+
 def digest_line(console: bytes) -> bytes:
     """The one `digest <hex>` line a `verify` guest prints before it halts."""
     lines = [ln for ln in console.splitlines() if ln.startswith(b"digest ")]

@@ -1,7 +1,7 @@
 """Shared pytest fixtures: real VM processes over real memfds, cleaned up after each test.
 
-Other parts append their fixtures at the end of this file, each under a
-comment naming its part.
+Helpers that start agents or inject faults are plain modules (tests/agents.py, tests/faults.py):
+import them.
 """
 
 from __future__ import annotations

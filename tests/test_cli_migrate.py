@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import AgentProc, agent_pair, free_port, make_key, start_agent, wait_for
+from tests.agents import FINAL_STATUSES, AgentProc, agent_pair, free_port, make_key, start_agent, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -159,4 +159,4 @@ def test_sigterm_on_the_destination_mid_migration(tmp_path: Path) -> None:
 
 def _final_status(agent: AgentProc, name: str) -> str | None:
     status = str(agent.call("migrate-status", name=name)["status"])
-    return status if status in ("completed", "failed", "cancelled") else None
+    return status if status in FINAL_STATUSES else None

@@ -27,7 +27,15 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
-from tests.agents import AgentProc, digest_line, make_key, start_agent, unmigrated_verify_digest, wait_for
+from tests.agents import (
+    AgentProc,
+    digest_line,
+    finished,
+    make_key,
+    start_agent,
+    unmigrated_verify_digest,
+    wait_for,
+)
 from tests.faults import (
     AFTER,
     C2S,
@@ -44,7 +52,6 @@ from tests.faults import (
 
 pytestmark = pytest.mark.timeout(120)
 
-FINAL = ("completed", "failed", "cancelled")
 VERIFY_ARGS = {"ws": "2M", "steps": "1500000"}
 
 
@@ -89,14 +96,6 @@ def only_on(owner: AgentProc, other: AgentProc, name: str) -> None:
     assert name in names(owner)
     assert name not in names(other)
     runs_on(owner, name)
-
-
-def finished(agent: AgentProc, name: str, timeout: float = 60.0) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        info = agent.call("migrate-status", name=name)
-        return info if info["status"] in FINAL else None
-    result: dict[str, Any] = wait_for(done, timeout=timeout, what=f"migration of {name} to end")
-    return result
 
 
 def migrate_via(src: AgentProc, dst: AgentProc, proxy: FaultProxy, name: str, **params: Any) -> None:

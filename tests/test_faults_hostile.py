@@ -43,9 +43,9 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, finished, make_key, start_agent, wait_for
 from tests.faults import fd_count, migration_target
-from tests.test_faults_cuts import busy, finished, names, only_on, runs_on
+from tests.test_faults_cuts import busy, names, only_on, runs_on
 from vmruntime import isa
 
 pytestmark = pytest.mark.timeout(120)

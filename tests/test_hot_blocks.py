@@ -20,7 +20,7 @@ import pytest
 
 from agent import cli
 from agent.migration.info import MigrationParams, Status
-from tests.agents import AgentProc, agent_pair, digest_line, unmigrated_verify_digest, wait_for
+from tests.agents import AgentProc, agent_pair, digest_line, finished, unmigrated_verify_digest, wait_for
 from tests.test_migration_sessions import (  # the source session's doubles and their fixtures
     FakeSourceVMs,
     FakeVM,
@@ -37,7 +37,6 @@ from vmruntime.programs import load_program
 
 needs_async = pytest.mark.skipif("uffd-wp-async" not in dirty.available_backends(),
                                  reason="uffd-wp-async unavailable")
-FINAL = ("completed", "failed", "cancelled")
 # A few seconds of guest time over 8 MiB (4 hot-block candidates): the migration lands mid-run,
 # and each round's random word updates cover every page of the working set (dense: hot).
 VERIFY_ARGS = {"ws": "8M", "steps": "6000000"}
@@ -124,15 +123,6 @@ def _empty(request: pytest.FixtureRequest) -> Iterator[None]:
             agent.destroy_all_vms()
 
 
-def _finished(agent: AgentProc, name: str) -> dict[str, object]:
-    def done() -> dict[str, object] | None:
-        info: dict[str, object] = agent.call("migrate-status", name=name)
-        return info if info["status"] in FINAL else None
-
-    result: dict[str, object] = wait_for(done, timeout=60, interval=0.05, what=f"migration of {name}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
     with unmigrated_verify_digest(VERIFY_MEM, VERIFY_ARGS) as result:
@@ -149,9 +139,9 @@ def test_verify_migrated_with_hot_blocks_ends_with_the_unmigrated_digest(
     wait_for(lambda: a.call("vm-info", name="hv")["instructions"] > 100_000, what="verify under way")
     # A low max-downtime keeps it iterating a few rounds, so hot blocks are sent whole in later rounds.
     a.call("migrate", name="hv", to=b.control, params={"hot-blocks": True, "max-downtime": 20, "force": True})
-    out = _finished(a, "hv")
+    out = finished(a, "hv")
     assert out["status"] == "completed", out
-    assert out["params"]["hot-blocks"] is True  # type: ignore[index]
+    assert out["params"]["hot-blocks"] is True
     wait_for(lambda: b.call("vm-info", name="hv")["state"] == "halted", timeout=100, what="verify to halt")
     console = b.cli("vm", "console", "hv").stdout.encode()
     # The digest line was printed on B, so the run ended there: migrated mid-run, RAM and registers intact.
@@ -170,7 +160,7 @@ def test_memstress_flat_out_migrates_with_hot_blocks(pair: tuple[AgentProc, Agen
     wait_for(lambda: a.call("vm-info", name="hm")["instructions"] > 100_000, what="memstress under way")
     for src, dst in ((a, b), (b, a)):
         src.call("migrate", name="hm", to=dst.control, params={"hot-blocks": True, "auto-converge": True})
-        out = _finished(src, "hm")
+        out = finished(src, "hm")
         assert out["status"] == "completed", out
         assert out["dirty-tracker"] == "uffd-wp-async"
         first = dst.call("vm-info", name="hm")["instructions"]

@@ -18,6 +18,7 @@ import pytest
 from tests.agents import (
     AgentProc,
     digest_line,
+    finished,
     free_port,
     make_key,
     start_agent,
@@ -28,7 +29,6 @@ from vmruntime import dirty
 
 pytestmark = pytest.mark.timeout(120)
 
-FINAL = ("completed", "failed", "cancelled")
 
 
 def _start_pair(tmp: Path) -> tuple[AgentProc, AgentProc]:
@@ -90,15 +90,6 @@ def executing(agent: AgentProc, name: str) -> None:
 def start_migration(src: AgentProc, name: str, dst: AgentProc, **params: Any) -> dict[str, Any]:
     info: dict[str, Any] = src.call("migrate", name=name, to=dst.control, params=params)
     return info
-
-
-def finished(agent: AgentProc, name: str, timeout: float = 60.0) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        info = agent.call("migrate-status", name=name)
-        return info if info["status"] in FINAL else None
-
-    result: dict[str, Any] = wait_for(done, timeout=timeout, interval=0.05, what=f"migration of {name} to end")
-    return result
 
 
 def moved(src: AgentProc, dst: AgentProc, name: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the performance work of issue 5 on the data path and the downtime (unit level, real memfds).
+"""The fast paths of the data path and the downtime keep their results (unit level, real memfds).
 
 * The RAM digest keeps its definition (xxh3-128 of each 64 KiB chunk, folded by one xxh3-128 over
   the chunk digests in order) whatever shortcut computed it: the digest buffer, the set of chunks
