@@ -32,7 +32,7 @@ from agent.metrics import (
     render,
 )
 from agent.migration.info import MigrationInfo, Status
-from tests.agents import AgentProc, free_port, make_key, start_agent, wait_for
+from tests.agents import AgentProc, agent_pair, free_port, make_key, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -180,20 +180,11 @@ def scrape(address: str) -> tuple[Samples, dict[str, str]]:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc, str, str]]:
     """Agents A and B with metrics endpoints (B takes at most 96M of guests)."""
-    tmp = tmp_path_factory.mktemp("metrics")
-    key = make_key(tmp)
     ma, mb = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    a = start_agent(tmp, "A", key, metrics=ma)
-    try:
-        b = start_agent(tmp, "B", key, metrics=mb, max_mem="96M")
-    except BaseException:
-        a.stop()
-        raise
-    a.cli_in_process = b.cli_in_process = True
-    yield a, b, ma, mb
-    for agent in (a, b):
-        assert agent.stop() == 0
-        assert agent.leaked == []
+    pairs = agent_pair(tmp_path_factory.mktemp("metrics"), a={"metrics": ma}, b={"metrics": mb, "max_mem": "96M"},
+                       cli_in_process=True)
+    for a, b in pairs:  # agent_pair yields once; the loop's end runs its teardown
+        yield a, b, ma, mb
 
 
 def _counted(address: str, direction: str, outcome: str, n: int) -> Any:

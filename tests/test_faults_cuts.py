@@ -29,10 +29,11 @@ from proto.messages import (
 )
 from tests.agents import (
     AgentProc,
+    agent_pair,
     digest_line,
     finished,
-    make_key,
-    start_agent,
+    names,
+    runs_on,
     unmigrated_verify_digest,
     wait_for,
 )
@@ -57,13 +58,7 @@ VERIFY_ARGS = {"ws": "2M", "steps": "1500000"}
 
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
-    tmp = tmp_path_factory.mktemp("faults")
-    key = make_key(tmp)
-    a, b = start_agent(tmp, "A", key), start_agent(tmp, "B", key)
-    yield a, b
-    for agent in (a, b):
-        agent.stop()
-        assert agent.returncode == 0 and agent.leaked == [], (agent.name, agent.returncode, agent.leaked)
+    yield from agent_pair(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture
@@ -78,17 +73,6 @@ def pair(agents: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, Agent
     # Nothing leaks: the agents' descriptors come back to where they were (sessions close theirs).
     wait_for(lambda: (fd_count(a.proc.pid), fd_count(b.proc.pid)) <= fds, timeout=10,
              what=f"agent descriptors back to {fds}")
-
-
-def names(agent: AgentProc) -> list[str]:
-    return [v["name"] for v in agent.call("vm-list")["vms"]]
-
-
-def runs_on(agent: AgentProc, name: str) -> None:
-    first = agent.call("vm-info", name=name)
-    assert first["state"] == "running", first
-    wait_for(lambda: agent.call("vm-info", name=name)["instructions"] > first["instructions"],
-             what=f"{name} executing on {agent.name}")
 
 
 def only_on(owner: AgentProc, other: AgentProc, name: str) -> None:
