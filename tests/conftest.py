@@ -6,6 +6,8 @@ import them.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections.abc import Callable, Iterator
 
@@ -18,6 +20,7 @@ MiB = 1 << 20
 
 SpawnVM = Callable[..., VMHandle]
 MakeMemfd = Callable[[int], int]
+MapGuestRam = Callable[[int], tuple[int, mmap.mmap]]
 
 
 @pytest.fixture
@@ -52,4 +55,22 @@ def make_memfd() -> Iterator[MakeMemfd]:
 
     yield make
     for fd in fds:
+        os.close(fd)
+
+
+@pytest.fixture
+def guest_ram() -> Iterator[MapGuestRam]:
+    """Factory: ``guest_ram(size)`` is (memfd, shared mapping) of new guest RAM; both closed at teardown."""
+    made: list[tuple[int, mmap.mmap]] = []
+
+    def make(size: int) -> tuple[int, mmap.mmap]:
+        fd = guestram.create_memfd(size)
+        mm = guestram.map_shared(fd, size)
+        made.append((fd, mm))
+        return fd, mm
+
+    yield make
+    for fd, mm in made:
+        with contextlib.suppress(BufferError):  # a digest's view of the mapping may outlive the test body
+            mm.close()
         os.close(fd)
