@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from vmruntime import guestram
-from vmruntime.control import VMHandle
+from vmruntime import dirty, guestram
+from vmruntime.control import TrackInfo, VMHandle
 
 MiB = 1 << 20
 
@@ -74,3 +74,24 @@ def guest_ram() -> Iterator[MapGuestRam]:
         with contextlib.suppress(BufferError):  # a digest's view of the mapping may outlive the test body
             mm.close()
         os.close(fd)
+
+
+@contextlib.contextmanager
+def tracking(vm: VMHandle, backend: str, *,
+             hot_blocks: bool = False) -> Iterator[tuple[TrackInfo, dirty.DirtyTracker, mmap.mmap]]:
+    """The agent's side of dirty tracking of ``vm``'s guest RAM, as a migration source sets it up:
+    track-start, a mapping of guest RAM, a started tracker. Yields (track-start's info, the tracker,
+    the mapping); all of it is undone on leaving."""
+    info = vm.track_start(backend)
+    ram = mmap.mmap(vm.ram_fd, vm.ram_size)
+    tracker = dirty.make_tracker(backend, pid=vm.pid, uffd=info.uffd, addr=info.addr, length=info.length,
+                                 ram=ram, memfd=vm.ram_fd, hot_blocks=hot_blocks)
+    try:
+        tracker.start()
+        yield info, tracker, ram
+    finally:
+        tracker.stop()
+        if info.uffd is not None:
+            os.close(info.uffd)
+        vm.track_stop()
+        ram.close()

@@ -10,8 +10,6 @@ tests/test_dirty.py.
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 from agent import cli
 from agent.migration.info import MigrationParams, Status
 from tests.agents import AgentProc, agent_pair, digest_line, finished, unmigrated_verify_digest, wait_for
+from tests.conftest import tracking
 from tests.test_migration_sessions import (  # the source session's doubles and their fixtures
     FakeSourceVMs,
     FakeVM,
@@ -86,12 +85,7 @@ def test_verify_guest_turns_blocks_hot() -> None:
     image, args = load_program("verify", {**VERIFY_ARGS, "steps": "100000000"})
     with VMHandle.spawn(VERIFY_MEM, name="hot-verify") as vm:
         vm.boot(image, args)
-        info = vm.track_start("uffd-wp-async")
-        ram = mmap.mmap(vm.ram_fd, vm.ram_size)
-        tracker = dirty.make_tracker("uffd-wp-async", pid=vm.pid, uffd=info.uffd, addr=info.addr,
-                                     length=info.length, ram=ram, hot_blocks=True)
-        try:
-            tracker.start()
+        with tracking(vm, "uffd-wp-async", hot_blocks=True) as (_, tracker, _ram):
             assert isinstance(tracker, uffd_async.UffdAsyncTracker)
             hot = 0
             for _ in range(uffd_async.HOT_ROUNDS - 1):  # never reaching the re-checking harvest
@@ -99,11 +93,6 @@ def test_verify_guest_turns_blocks_hot() -> None:
                 tracker.harvest()
                 hot = max(hot, tracker.hot_bytes)
             assert hot >= 2 * uffd_async.HOT_BLOCK, hot
-        finally:
-            tracker.stop()
-            if info.uffd is not None:
-                os.close(info.uffd)
-            ram.close()
         vm.stop()
 
 
