@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -213,10 +214,7 @@ async def cmd_vm_create(client: ControlClient, ns: argparse.Namespace) -> int:
                             "paused": ns.paused}
     if ns.dirty_tracker:
         args["dirty-tracker"] = ns.dirty_tracker
-    if _is_file(ns.program):
-        # Ship the source: the agent may be on another host and cannot read our files.
-        args["program"] = os.path.abspath(ns.program)
-        args["program-source"] = Path(ns.program).read_text()
+    args.update(await asyncio.to_thread(_local_program, ns.program))
     info = await client.call("vm-create", args)
     if ns.json:
         _print_json(info)
@@ -226,8 +224,12 @@ async def cmd_vm_create(client: ControlClient, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _is_file(program: str) -> bool:
-    return ("/" in program or program.endswith((".fasm", ".asm", ".s"))) and os.path.isfile(program)
+def _local_program(program: str) -> dict[str, str]:
+    """The vm-create fields for a program that names a local assembly file: its path and its source,
+    shipped because the agent may be on another host and cannot read our files. {} for a shipped name."""
+    if not (("/" in program or program.endswith((".fasm", ".asm", ".s"))) and os.path.isfile(program)):
+        return {}
+    return {"program": os.path.abspath(program), "program-source": Path(program).read_text()}
 
 
 async def cmd_vm_list(client: ControlClient, ns: argparse.Namespace) -> int:
@@ -290,7 +292,7 @@ async def cmd_vm_destroy(client: ControlClient, ns: argparse.Namespace) -> int:
 
 async def cmd_vm_wait(client: ControlClient, ns: argparse.Namespace) -> int:
     info = await client.call("vm-wait", {"name": ns.name, "state": ns.state, "timeout": ns.timeout},
-                             timeout=ns.timeout + 10)
+                             reply_within=ns.timeout + 10)
     print(f"VM {ns.name} is {info['state']}")
     return EXIT_OK
 
@@ -412,7 +414,7 @@ async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:
         args["migration"] = ns.migration_address
     if ns.in_doubt_timeout is not None:
         args["in-doubt-timeout"] = ns.in_doubt_timeout
-    info = await client.call("migrate", args, timeout=60.0)
+    info = await client.call("migrate", args, reply_within=60.0)
     if ns.detach:
         _print_json(info) if ns.json else print(f"migration of {ns.name} to {ns.to} started")
         return EXIT_OK
@@ -436,7 +438,7 @@ async def _cancel_on_interrupt(client: ControlClient, name: str) -> None:
     """Ctrl-C during `ferry migrate` cancels the migration, so the VM stays on the source."""
     print(f"\nferry: interrupted, cancelling the migration of {name}", file=sys.stderr)
     try:
-        await client.call("migrate-cancel", {"name": name}, timeout=10.0)
+        await client.call("migrate-cancel", {"name": name}, reply_within=10.0)
     except (ClientError, OSError, TimeoutError):
         pass
 
@@ -465,9 +467,8 @@ async def cmd_migrate_cancel(client: ControlClient, ns: argparse.Namespace) -> i
 
 
 # -- entry --------------------------------------------------------------------------------------------
-async def _run_remote(ns: argparse.Namespace) -> int:
-    key = load_key(ns.key_file)  # the unix socket authenticates with the key too
-    client = await connect(ns.agent, key, tls=tls.client_context(ns.tls_dir))
+async def _run_remote(ns: argparse.Namespace, key: bytes, tls_context: ssl.SSLContext | None) -> int:
+    client = await connect(ns.agent, key, tls=tls_context)
     try:
         command: Command = ns.run
         return await command(client, ns)
@@ -492,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "certs":
         return certs.run_command(ns)
     try:
-        return asyncio.run(_run_remote(ns))
+        # The key and TLS files are read before the loop runs; the unix socket needs the key too.
+        key = load_key(ns.key_file)
+        return asyncio.run(_run_remote(ns, key, tls.client_context(ns.tls_dir)))
     except ClientError as e:
         error(f"{e.message} ({e.code})")
     except ConfigError as e:

@@ -56,13 +56,19 @@ class ControlClient:
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
 
-    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float = CALL_TIMEOUT) -> Any:
-        """Run one operation on the agent and return its result; ClientError when it fails."""
+    async def call(self, op: str, args: dict[str, Any] | None = None, *,
+                   reply_within: float = CALL_TIMEOUT) -> Any:
+        """Run one operation on the agent and return its result; ClientError when it fails.
+
+        ``reply_within`` (seconds) bounds the wait for the reply; an operation that waits on purpose
+        (vm-wait, migrate) passes a longer one, which a caller's ``asyncio.timeout`` could not do.
+        """
         async with self._lock:
             rid = next(self._ids)
             try:
                 await wire.write_message(self._writer, Request(rid, op, dict(args or {})), self.version)
-                reply = await wire.expect(self._reader, timeout)
+                async with asyncio.timeout(reply_within):
+                    reply = await wire.expect(self._reader)
             except ProtocolError as e:
                 raise ClientError(e.code, e.message) from e
             return _result(rid, reply)
@@ -97,13 +103,18 @@ async def _open(address: str, tls: ssl.SSLContext | None) -> tuple[asyncio.Strea
 
 
 async def connect(address: str, key: bytes | None, *, name: str = "ferry-cli", role: str = "cli",
-                  timeout: float = CONNECT_TIMEOUT, tls: ssl.SSLContext | None = None) -> ControlClient:
+                  tls: ssl.SSLContext | None = None) -> ControlClient:
     """Connect and authenticate with the cluster key; ClientError(auth-failed) on a wrong key,
-    or on a TLS failure (either side's certificate refused, or no TLS on the agent)."""
+    or on a TLS failure (either side's certificate refused, or no TLS on the agent).
+
+    Opening the connection is bounded by CONNECT_TIMEOUT, each handshake message by
+    wire.HANDSHAKE_TIMEOUT; a caller wanting less wraps the call in ``asyncio.timeout``.
+    """
     if key is None:
         raise ClientError(ErrorCode.AUTH_FAILED, "no cluster key: pass --key-file or set FERRY_KEY_FILE")
     try:
-        reader, writer = await asyncio.wait_for(_open(address, tls), timeout)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await _open(address, tls)
     except ssl.SSLError as e:
         raise ClientError(ErrorCode.AUTH_FAILED, f"TLS with {address} failed: {tlsdir.describe_error(e)}") from e
     try:
@@ -138,12 +149,11 @@ def _closed_hint(e: ProtocolError, address: str, tls: ssl.SSLContext | None) -> 
 
 
 async def call_once(address: str, key: bytes, op: str, args: dict[str, Any] | None = None, *,
-                    name: str = "ferry-cli", role: str = "cli", timeout: float = CALL_TIMEOUT,
-                    tls: ssl.SSLContext | None = None) -> Any:
-    """Connect, run one operation, close."""
+                    name: str = "ferry-cli", role: str = "cli", tls: ssl.SSLContext | None = None) -> Any:
+    """Connect, run one operation (its reply within CALL_TIMEOUT), close."""
     client = await connect(address, key, name=name, role=role, tls=tls)
     try:
-        return await client.call(op, args, timeout=timeout)
+        return await client.call(op, args)
     finally:
         await client.close()
 

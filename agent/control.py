@@ -55,9 +55,7 @@ class ControlServer:
 
     async def start_unix(self, path: Path) -> None:
         """Listen on a unix socket, readable only by this user (it is as powerful as the key)."""
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_socket():
-                path.unlink()  # left by an agent that did not exit cleanly
+        await asyncio.to_thread(_remove_stale_socket, path)
         old_umask = os.umask(0o177)
         try:
             server = await asyncio.start_unix_server(self._accept, str(path))
@@ -102,7 +100,8 @@ class ControlServer:
             return
         self.log.debug("control connection", peer=peer, client=client, role=role)
         while True:
-            msg = await wire.read_message(reader, IDLE_TIMEOUT)
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                msg = await wire.read_message(reader)
             if msg is None:
                 return
             if not isinstance(msg, Request):
@@ -134,6 +133,13 @@ class ControlServer:
             return ErrorResponse(req.id, ErrorCode.INTERNAL, f"{req.op} failed inside the agent: {e!r}")
         self.log.debug("control request", op=req.op, ms=round((time.monotonic() - started) * 1000, 3))
         return Response(req.id, result)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by an agent that did not exit cleanly (never a regular file)."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
 
 
 def _peer_label(writer: asyncio.StreamWriter) -> str:

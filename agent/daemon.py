@@ -85,7 +85,7 @@ class Agent:
         try:
             result = await asyncio.wait_for(call_once(address, self.config.key, "agent-info", name=self.config.name,
                                                       tls=self.tls.client if self.tls is not None else None,
-                                                      role="agent", timeout=PEER_TIMEOUT), PEER_TIMEOUT)
+                                                      role="agent"), PEER_TIMEOUT)
         except ClientError as e:  # e.g. auth-failed: the destination has another cluster key
             raise OpError(e.code, f"destination agent {address}: {e.message}") from e
         return dict(result)

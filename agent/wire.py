@@ -9,7 +9,6 @@ proto.auth's handshake on either side. Both the control server (agent/control.py
 from __future__ import annotations
 
 import asyncio
-from typing import TypeVar
 
 from proto import auth
 from proto.codec import check_header, decode_body, encode
@@ -21,37 +20,39 @@ from proto.messages import ErrorResponse, Message
 HANDSHAKE_TIMEOUT = 10.0  # seconds for each handshake message; a silent peer is dropped
 WRITE_TIMEOUT = 30.0  # seconds a peer may leave our frames unread
 
-M = TypeVar("M", bound=Message)
-
-
-async def read_message(reader: asyncio.StreamReader, timeout: float | None,
-                       max_body: int = MAX_BODY_SIZE) -> Message | None:
+async def read_message(reader: asyncio.StreamReader, max_body: int = MAX_BODY_SIZE) -> Message | None:
     """The next message, or None when the peer closed cleanly between frames.
 
     Before authentication the caller passes ``max_body=MAX_HANDSHAKE_BODY``, so an
     unauthenticated peer cannot make us buffer or decode more than a handshake needs.
+    No deadline of its own: the caller bounds the wait with ``asyncio.timeout``.
     """
     try:
-        head = await asyncio.wait_for(reader.readexactly(HEADER_SIZE), timeout)
+        head = await reader.readexactly(HEADER_SIZE)
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise RemoteProtocolError("connection closed inside a frame header") from e
     header = check_header(parse_header(head, SUPPORTED_VERSIONS, max_payload=0, max_body=max_body))
     try:
-        body = await asyncio.wait_for(reader.readexactly(header.body_len), timeout)
+        body = await reader.readexactly(header.body_len)
     except asyncio.IncompleteReadError as e:
         raise RemoteProtocolError("connection closed inside a frame body") from e
     return decode_body(header, body)
 
 
-async def expect(reader: asyncio.StreamReader, timeout: float | None,
-                 max_body: int = MAX_BODY_SIZE) -> Message:
+async def expect(reader: asyncio.StreamReader, max_body: int = MAX_BODY_SIZE) -> Message:
     """The next message; a closed connection is a protocol error here."""
-    msg = await read_message(reader, timeout, max_body)
+    msg = await read_message(reader, max_body)
     if msg is None:
         raise RemoteProtocolError("connection closed by the peer")
     return msg
+
+
+async def _handshake_message(reader: asyncio.StreamReader) -> Message:
+    """The peer's next handshake message, within HANDSHAKE_TIMEOUT and the handshake's size limit."""
+    async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+        return await expect(reader, MAX_HANDSHAKE_BODY)
 
 
 async def write_message(writer: asyncio.StreamWriter, msg: Message, version: int = CURRENT_VERSION) -> None:
@@ -66,13 +67,13 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     hs = auth.ClientHandshake(key, name, role)
     await write_message(writer, hs.hello())
     try:
-        reply = hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY))
+        reply = hs.receive(await _handshake_message(reader))
     except ProtocolError as e:  # e.g. the server's MAC is wrong: say why, so its log shows it too
         await _tell(writer, auth.error_response(e))
         raise
     if reply is not None:
         await write_message(writer, reply)
-        hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY))
+        hs.receive(await _handshake_message(reader))
     if not hs.done or hs.version is None:
         raise RemoteProtocolError("handshake did not complete", ErrorCode.AUTH_FAILED)
     return hs.version, hs.peer_name or "?"
@@ -83,8 +84,8 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     """Authenticate a client; returns (version, client name, client role). Tells the peer why it failed."""
     hs = auth.ServerHandshake(key, name)
     try:
-        await write_message(writer, hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY)))
-        await write_message(writer, hs.receive(await expect(reader, HANDSHAKE_TIMEOUT, MAX_HANDSHAKE_BODY)))
+        await write_message(writer, hs.receive(await _handshake_message(reader)))
+        await write_message(writer, hs.receive(await _handshake_message(reader)))
     except ProtocolError as e:
         await _tell(writer, auth.error_response(e))
         raise

@@ -303,20 +303,23 @@ def start_agent(tmp_path: Path, name: str, key_path: Path, **extra_flags: Any) -
     return agent
 
 
-def agent_pair(tmp_path: Path, **b_flags: Any) -> Iterator[tuple[AgentProc, AgentProc]]:
-    """Agents A and B sharing one key (B with ``b_flags``), for a fixture to ``yield from``; both
-    must stop cleanly and leave no process behind."""
+def agent_pair(tmp_path: Path, *, a: dict[str, Any] | None = None, b: dict[str, Any] | None = None,
+               cli_in_process: bool = False, check_exit: bool = True) -> Iterator[tuple[AgentProc, AgentProc]]:
+    """Agents A and B sharing one key, started with the flags ``a`` and ``b``, for a fixture to
+    ``yield from``. Afterwards both are stopped and must leave no process behind, and exit 0 unless
+    ``check_exit`` is off (for a test that kills one)."""
     key = make_key(tmp_path)
-    a = start_agent(tmp_path, "A", key)
+    first = start_agent(tmp_path, "A", key, **(a or {}))
     try:
-        b = start_agent(tmp_path, "B", key, **b_flags)
+        second = start_agent(tmp_path, "B", key, **(b or {}))
     except BaseException:
-        a.stop()
+        first.stop()
         raise
-    yield a, b
-    for agent in (a, b):
-        assert agent.stop() == 0
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    first.cli_in_process = second.cli_in_process = cli_in_process
+    yield first, second
+    stopped = {agent.name: (agent.stop(), agent.leaked) for agent in (first, second)}  # both, then judge
+    assert all(leaked == [] for _, leaked in stopped.values()), f"(exit code, processes left behind): {stopped}"
+    assert not check_exit or all(code == 0 for code, _ in stopped.values()), f"(exit code, leaked): {stopped}"
 
 
 def _is_spare_command(pid: int) -> bool:
@@ -337,6 +340,33 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def names(agent: AgentProc) -> list[str]:
+    """The names of the VMs on ``agent``, as vm-list gives them."""
+    return [v["name"] for v in agent.call("vm-list")["vms"]]
+
+
+def runs_on(agent: AgentProc, name: str) -> None:
+    """The VM is running on ``agent`` and its instruction counter moves."""
+    first = agent.call("vm-info", name=name)
+    assert first["state"] == "running", first
+    wait_for(lambda: agent.call("vm-info", name=name)["instructions"] > first["instructions"],
+             what=f"{name} executing on {agent.name}")
+
+
+FINAL_STATUSES = ("completed", "failed", "cancelled")  # of migrate-status: nothing changes after these
+
+
+def finished(agent: AgentProc, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    """migrate-status of ``name`` on ``agent`` once its migration has ended (a FINAL_STATUSES one)."""
+
+    def done() -> dict[str, Any] | None:
+        info: dict[str, Any] = agent.call("migrate-status", name=name)
+        return info if info["status"] in FINAL_STATUSES else None
+
+    result: dict[str, Any] = wait_for(done, timeout=timeout, what=f"migration of {name} to end")
+    return result
 
 
 def digest_line(console: bytes) -> bytes:

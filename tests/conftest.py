@@ -1,23 +1,26 @@
 """Shared pytest fixtures: real VM processes over real memfds, cleaned up after each test.
 
-Other parts append their fixtures at the end of this file, each under a
-comment naming its part.
+Helpers that start agents or inject faults are plain modules (tests/agents.py, tests/faults.py):
+import them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from vmruntime import guestram
-from vmruntime.control import VMHandle
+from vmruntime import dirty, guestram
+from vmruntime.control import TrackInfo, VMHandle
 
 MiB = 1 << 20
 
 SpawnVM = Callable[..., VMHandle]
 MakeMemfd = Callable[[int], int]
+MapGuestRam = Callable[[int], tuple[int, mmap.mmap]]
 
 
 @pytest.fixture
@@ -53,3 +56,42 @@ def make_memfd() -> Iterator[MakeMemfd]:
     yield make
     for fd in fds:
         os.close(fd)
+
+
+@pytest.fixture
+def guest_ram() -> Iterator[MapGuestRam]:
+    """Factory: ``guest_ram(size)`` is (memfd, shared mapping) of new guest RAM; both closed at teardown."""
+    made: list[tuple[int, mmap.mmap]] = []
+
+    def make(size: int) -> tuple[int, mmap.mmap]:
+        fd = guestram.create_memfd(size)
+        mm = guestram.map_shared(fd, size)
+        made.append((fd, mm))
+        return fd, mm
+
+    yield make
+    for fd, mm in made:
+        with contextlib.suppress(BufferError):  # a digest's view of the mapping may outlive the test body
+            mm.close()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def tracking(vm: VMHandle, backend: str, *,
+             hot_blocks: bool = False) -> Iterator[tuple[TrackInfo, dirty.DirtyTracker, mmap.mmap]]:
+    """The agent's side of dirty tracking of ``vm``'s guest RAM, as a migration source sets it up:
+    track-start, a mapping of guest RAM, a started tracker. Yields (track-start's info, the tracker,
+    the mapping); all of it is undone on leaving."""
+    info = vm.track_start(backend)
+    ram = mmap.mmap(vm.ram_fd, vm.ram_size)
+    tracker = dirty.make_tracker(backend, pid=vm.pid, uffd=info.uffd, addr=info.addr, length=info.length,
+                                 ram=ram, memfd=vm.ram_fd, hot_blocks=hot_blocks)
+    try:
+        tracker.start()
+        yield info, tracker, ram
+    finally:
+        tracker.stop()
+        if info.uffd is not None:
+            os.close(info.uffd)
+        vm.track_stop()
+        ram.close()

@@ -50,6 +50,17 @@ def test_data_directives() -> None:
     assert img.code == want
 
 
+def test_quoted_text_hides_comment_and_operand_characters() -> None:
+    """';', '#' and ',' inside quotes are text, and an escaped quote does not end the string; outside
+    quotes they start a comment or separate operands again."""
+    img = assemble('''
+       .ascii "a;b # c, d" ; a comment
+       .ascii "\\"; not a comment\\"" # a comment
+       .byte ';', ',', '\\'', '#', (1 + 1) ; five operands
+    ''')
+    assert img.code == b'a;b # c, d' + b'"; not a comment"' + b";,'#" + bytes([2])
+
+
 def test_memory_operands() -> None:
     img = assemble("ld64 r1, [r2]\nst8 r3, [sp + 16]\nld32 r4, [r5 - 4]")
     assert isa.decode(img.code, 0) == isa.Insn(Op.LD64, 1, 2, 0, 0, 8)

@@ -8,14 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import AgentProc, agent_pair, free_port, make_key, start_agent, wait_for
+from tests.agents import (
+    FINAL_STATUSES,
+    AgentProc,
+    agent_pair,
+    free_port,
+    make_key,
+    names,
+    runs_on,
+    start_agent,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
 def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
     """Two agents for the module (B accepts at most 96M of guests)."""
     tmp = tmp_path_factory.mktemp("pair")
-    yield from agent_pair(tmp, max_mem="96M")
+    yield from agent_pair(tmp, b={"max_mem": "96M"})
 
 
 @pytest.fixture
@@ -28,15 +38,6 @@ def pair(shared_pair: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, 
         agent.destroy_all_vms()
 
 
-def _names(agent: AgentProc) -> list[str]:
-    return [v["name"] for v in agent.call("vm-list")["vms"]]
-
-
-def _executing(agent: AgentProc, name: str) -> bool:
-    first = agent.call("vm-info", name=name)["instructions"]
-    return bool(wait_for(lambda: agent.call("vm-info", name=name)["instructions"] > first, what=f"{name} runs"))
-
-
 def test_migrate_there_and_back(pair: tuple[AgentProc, AgentProc]) -> None:
     a, b = pair
     a.cli("vm", "create", "c1", "--program", "counter", "--mem", "64M")
@@ -44,10 +45,10 @@ def test_migrate_there_and_back(pair: tuple[AgentProc, AgentProc]) -> None:
     out = a.cli("migrate", "c1", "--to", b.control, json=True).json
     assert out["status"] == "completed" and out["vm"] == "c1"
     assert out["ram"]["total"] == 64 << 20 and out["downtime"] >= 0
-    assert _names(a) == [] and _names(b) == ["c1"]
+    assert names(a) == [] and names(b) == ["c1"]
     info = b.call("vm-info", name="c1")
     assert info["state"] == "running" and info["host"] == "B" and info["instructions"] >= before
-    assert _executing(b, "c1")
+    runs_on(b, "c1")
     assert a.call("migrate-status", name="c1")["direction"] == "out"
     assert b.cli("migrate-status", "c1", json=True).json["direction"] == "in"
 
@@ -55,8 +56,8 @@ def test_migrate_there_and_back(pair: tuple[AgentProc, AgentProc]) -> None:
     b.cli_in_process = False
     r = b.cli("migrate", "c1", "--to", a.control, "--max-downtime", "50")
     assert "completed" in r.stdout and "round" in r.stdout and "dirty tracking:" in r.stdout
-    assert _names(b) == [] and _names(a) == ["c1"]
-    assert _executing(a, "c1")
+    assert names(b) == [] and names(a) == ["c1"]
+    runs_on(a, "c1")
     text = a.cli("migrate-status", "c1").stdout
     assert "migration of c1 from" in text and "completed" in text
 
@@ -70,9 +71,9 @@ def test_refused_migration_fails_and_the_vm_stays(pair: tuple[AgentProc, AgentPr
     assert "memory" in outcome
     if r.stdout.strip():  # refused after it started: the final MigrationInfo says so
         assert json.loads(r.stdout)["status"] == "failed"
-    assert _names(a) == ["big"] and _names(b) == []
+    assert names(a) == ["big"] and names(b) == []
     assert a.call("vm-info", name="big")["state"] == "running"
-    assert _executing(a, "big")
+    runs_on(a, "big")
 
 
 def test_bad_destinations_are_refused_before_anything_starts(pair: tuple[AgentProc, AgentProc]) -> None:
@@ -96,7 +97,7 @@ def test_a_destination_with_another_key_is_refused(pair: tuple[AgentProc, AgentP
         a.cli("vm", "create", "k1", "--program", "idle", "--mem", "4M")
         r = a.cli("migrate", "k1", "--to", stranger.control, check=False)
         assert r.returncode == 1 and "(auth-failed)" in r.stderr and stranger.control in r.stderr
-        assert _names(a) == ["k1"] and stranger.call("vm-list")["vms"] == []
+        assert names(a) == ["k1"] and stranger.call("vm-list")["vms"] == []
     finally:
         assert stranger.stop() == 0
 
@@ -113,9 +114,9 @@ def test_cancel_leaves_the_vm_running_on_the_source(pair: tuple[AgentProc, Agent
     a.cli("migrate-cancel", "m1")
     status = a.cli("migrate-status", "m1", json=True).json
     assert status["status"] == "cancelled"
-    assert _names(a) == ["m1"] and _names(b) == []
+    assert names(a) == ["m1"] and names(b) == []
     assert a.call("vm-info", name="m1")["state"] == "running"
-    assert _executing(a, "m1")
+    runs_on(a, "m1")
 
 
 def test_sigterm_on_the_source_mid_migration(tmp_path: Path) -> None:
@@ -129,7 +130,7 @@ def test_sigterm_on_the_source_mid_migration(tmp_path: Path) -> None:
         assert a.leaked == []
         assert "agent stopped" in a.log()
         assert wait_for(lambda: _final_status(b, "m1"), what="the destination to discard its copy") == "failed"
-        assert _names(b) == []
+        assert names(b) == []
         b.cli("vm", "create", "m1", "--program", "idle", "--mem", "64M")  # the name and memory are free again
     finally:
         a.stop()
@@ -149,8 +150,8 @@ def test_sigterm_on_the_destination_mid_migration(tmp_path: Path) -> None:
         assert b.leaked == []  # the idle VM process of the incoming VM went with it
         final = wait_for(lambda: _final_status(a, "m1"), what="the source to notice")
         assert final == "failed"
-        assert _names(a) == ["m1"] and a.call("vm-info", name="m1")["state"] == "running"
-        assert _executing(a, "m1")
+        assert names(a) == ["m1"] and a.call("vm-info", name="m1")["state"] == "running"
+        runs_on(a, "m1")
     finally:
         b.stop()
         assert a.stop() == 0
@@ -159,4 +160,4 @@ def test_sigterm_on_the_destination_mid_migration(tmp_path: Path) -> None:
 
 def _final_status(agent: AgentProc, name: str) -> str | None:
     status = str(agent.call("migrate-status", name=name)["status"])
-    return status if status in ("completed", "failed", "cancelled") else None
+    return status if status in FINAL_STATUSES else None

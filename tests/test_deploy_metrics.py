@@ -7,6 +7,7 @@ migrations completed, refused and cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import urllib.error
 import urllib.request
@@ -17,11 +18,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import metrics
 from agent.metrics import (
     CONTENT_TYPE,
     DOWNTIME_BUCKETS,
     Family,
     Histogram,
+    MetricsServer,
     MigrationStats,
     escape_label,
     format_value,
@@ -29,7 +32,7 @@ from agent.metrics import (
     render,
 )
 from agent.migration.info import MigrationInfo, Status
-from tests.agents import AgentProc, free_port, make_key, start_agent, wait_for
+from tests.agents import AgentProc, agent_pair, free_port, make_key, wait_for
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -132,6 +135,40 @@ def test_live_gauges_only_for_migrations_in_progress() -> None:
     assert live_bytes == {"out": 77, "in": 5}
 
 
+# -- the HTTP endpoint in process ----------------------------------------------------------------------
+async def _http(address: tuple[str, int], request: bytes) -> bytes:
+    """The whole answer to ``request`` (the server closes after one)."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_each_scrape_collects_afresh_and_a_silent_client_gets_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.05)  # the wait for a request head
+    scrapes: list[int] = []
+
+    def collect() -> str:
+        scrapes.append(1)
+        return f"ferry_test_scrapes {len(scrapes)}\n"
+
+    server = MetricsServer(collect)
+    address = await server.start("127.0.0.1", 0)
+    try:
+        first = await _http(address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"\r\n\r\nferry_test_scrapes 1\n")
+        assert f"Content-Type: {CONTENT_TYPE}".encode() in first
+        assert (await _http(address, b"")).startswith(b"HTTP/1.1 408 ")  # connected, said nothing
+        again = await _http(address, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n")  # the query is ignored
+        assert again.endswith(b"ferry_test_scrapes 2\n")
+    finally:
+        await server.close()
+    assert len(scrapes) == 2  # the silent client cost no collection
+
+
 # -- real agents -------------------------------------------------------------------------------------
 def scrape(address: str) -> tuple[Samples, dict[str, str]]:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
@@ -143,20 +180,11 @@ def scrape(address: str) -> tuple[Samples, dict[str, str]]:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc, str, str]]:
     """Agents A and B with metrics endpoints (B takes at most 96M of guests)."""
-    tmp = tmp_path_factory.mktemp("metrics")
-    key = make_key(tmp)
     ma, mb = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    a = start_agent(tmp, "A", key, metrics=ma)
-    try:
-        b = start_agent(tmp, "B", key, metrics=mb, max_mem="96M")
-    except BaseException:
-        a.stop()
-        raise
-    a.cli_in_process = b.cli_in_process = True
-    yield a, b, ma, mb
-    for agent in (a, b):
-        assert agent.stop() == 0
-        assert agent.leaked == []
+    pairs = agent_pair(tmp_path_factory.mktemp("metrics"), a={"metrics": ma}, b={"metrics": mb, "max_mem": "96M"},
+                       cli_in_process=True)
+    for a, b in pairs:  # agent_pair yields once; the loop's end runs its teardown
+        yield a, b, ma, mb
 
 
 def _counted(address: str, direction: str, outcome: str, n: int) -> Any:

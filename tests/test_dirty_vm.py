@@ -8,13 +8,11 @@ guest RAM, bit for bit: the pre-copy loop of a migration in miniature.
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
 
 import pytest
 
-from tests.conftest import SpawnVM
+from tests.conftest import SpawnVM, tracking
 from vmruntime import dirty
 from vmruntime.programs import load_program
 
@@ -27,14 +25,8 @@ def test_precopy_copy_equals_guest_ram(spawn_vm: SpawnVM, backend: str) -> None:
     vm = spawn_vm(ram_size=4 * MiB)
     image, args = load_program("memstress", {"ws": "2M", "pattern": "random", "values": "random"})
     vm.boot(image, args, paused=True)
-    info = vm.track_start(backend)
-    assert info.backend == backend and info.length == 4 * MiB
-    ram = mmap.mmap(vm.ram_fd, vm.ram_size)
-    tracker = dirty.make_tracker(
-        backend, pid=vm.pid, uffd=info.uffd, addr=info.addr, length=info.length, ram=ram, memfd=vm.ram_fd
-    )
-    try:
-        tracker.start()
+    with tracking(vm, backend) as (info, tracker, ram):
+        assert info.backend == backend and info.length == 4 * MiB
         copy = bytearray(vm.ram_size)  # round 0: the written extents
         for s, e in dirty.written_extents(vm.ram_fd, vm.ram_size):
             copy[s:e] = ram[s:e]
@@ -52,9 +44,3 @@ def test_precopy_copy_equals_guest_ram(spawn_vm: SpawnVM, backend: str) -> None:
             copy[s:e] = ram[s:e]
         assert rounds == 5, "the guest kept writing, so every round found dirty pages"
         assert bytes(copy) == ram[:]
-    finally:
-        tracker.stop()
-        if info.uffd is not None:
-            os.close(info.uffd)
-        vm.track_stop()
-        ram.close()

@@ -27,7 +27,16 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
-from tests.agents import AgentProc, digest_line, make_key, start_agent, unmigrated_verify_digest, wait_for
+from tests.agents import (
+    AgentProc,
+    agent_pair,
+    digest_line,
+    finished,
+    names,
+    runs_on,
+    unmigrated_verify_digest,
+    wait_for,
+)
 from tests.faults import (
     AFTER,
     C2S,
@@ -44,19 +53,12 @@ from tests.faults import (
 
 pytestmark = pytest.mark.timeout(120)
 
-FINAL = ("completed", "failed", "cancelled")
 VERIFY_ARGS = {"ws": "2M", "steps": "1500000"}
 
 
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
-    tmp = tmp_path_factory.mktemp("faults")
-    key = make_key(tmp)
-    a, b = start_agent(tmp, "A", key), start_agent(tmp, "B", key)
-    yield a, b
-    for agent in (a, b):
-        agent.stop()
-        assert agent.returncode == 0 and agent.leaked == [], (agent.name, agent.returncode, agent.leaked)
+    yield from agent_pair(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture
@@ -73,30 +75,11 @@ def pair(agents: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, Agent
              what=f"agent descriptors back to {fds}")
 
 
-def names(agent: AgentProc) -> list[str]:
-    return [v["name"] for v in agent.call("vm-list")["vms"]]
-
-
-def runs_on(agent: AgentProc, name: str) -> None:
-    first = agent.call("vm-info", name=name)
-    assert first["state"] == "running", first
-    wait_for(lambda: agent.call("vm-info", name=name)["instructions"] > first["instructions"],
-             what=f"{name} executing on {agent.name}")
-
-
 def only_on(owner: AgentProc, other: AgentProc, name: str) -> None:
     """Exactly one copy: on ``owner``, running; none on ``other``."""
     assert name in names(owner)
     assert name not in names(other)
     runs_on(owner, name)
-
-
-def finished(agent: AgentProc, name: str, timeout: float = 60.0) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        info = agent.call("migrate-status", name=name)
-        return info if info["status"] in FINAL else None
-    result: dict[str, Any] = wait_for(done, timeout=timeout, what=f"migration of {name} to end")
-    return result
 
 
 def migrate_via(src: AgentProc, dst: AgentProc, proxy: FaultProxy, name: str, **params: Any) -> None:

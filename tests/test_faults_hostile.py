@@ -43,9 +43,9 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, agent_pair, finished, names, runs_on, wait_for
 from tests.faults import fd_count, migration_target
-from tests.test_faults_cuts import busy, finished, names, only_on, runs_on
+from tests.test_faults_cuts import busy, only_on
 from vmruntime import isa
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,14 +55,7 @@ GUEST = 1 << 20
 
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    key = make_key(tmp)
-    a, b = start_agent(tmp, "A", key), start_agent(tmp, "B", key)
-    a.cli_in_process = b.cli_in_process = True
-    yield a, b
-    for agent in (a, b):
-        agent.stop()
-        assert agent.returncode == 0 and agent.leaked == [], (agent.name, agent.returncode, agent.leaked)
+    yield from agent_pair(tmp_path_factory.mktemp("hostile"), cli_in_process=True)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proto.messages import Commit, DeviceState, Digest, MigrateStart, PageBatch, Ready, Resumed
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, finished, make_key, names, runs_on, start_agent, wait_for
 from tests.faults import (
     AFTER,
     C2S,
@@ -29,7 +29,7 @@ from tests.faults import (
     migration_target,
     wait_status,
 )
-from tests.test_faults_cuts import busy, finished, migrate_via, names, only_on, runs_on
+from tests.test_faults_cuts import busy, migrate_via, only_on
 
 pytestmark = pytest.mark.timeout(120)
 

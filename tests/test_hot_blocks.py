@@ -10,8 +10,6 @@ tests/test_dirty.py.
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +18,8 @@ import pytest
 
 from agent import cli
 from agent.migration.info import MigrationParams, Status
-from tests.agents import AgentProc, agent_pair, digest_line, unmigrated_verify_digest, wait_for
+from tests.agents import AgentProc, agent_pair, digest_line, finished, unmigrated_verify_digest, wait_for
+from tests.conftest import tracking
 from tests.test_migration_sessions import (  # the source session's doubles and their fixtures
     FakeSourceVMs,
     FakeVM,
@@ -37,7 +36,6 @@ from vmruntime.programs import load_program
 
 needs_async = pytest.mark.skipif("uffd-wp-async" not in dirty.available_backends(),
                                  reason="uffd-wp-async unavailable")
-FINAL = ("completed", "failed", "cancelled")
 # A few seconds of guest time over 8 MiB (4 hot-block candidates): the migration lands mid-run,
 # and each round's random word updates cover every page of the working set (dense: hot).
 VERIFY_ARGS = {"ws": "8M", "steps": "6000000"}
@@ -87,12 +85,7 @@ def test_verify_guest_turns_blocks_hot() -> None:
     image, args = load_program("verify", {**VERIFY_ARGS, "steps": "100000000"})
     with VMHandle.spawn(VERIFY_MEM, name="hot-verify") as vm:
         vm.boot(image, args)
-        info = vm.track_start("uffd-wp-async")
-        ram = mmap.mmap(vm.ram_fd, vm.ram_size)
-        tracker = dirty.make_tracker("uffd-wp-async", pid=vm.pid, uffd=info.uffd, addr=info.addr,
-                                     length=info.length, ram=ram, hot_blocks=True)
-        try:
-            tracker.start()
+        with tracking(vm, "uffd-wp-async", hot_blocks=True) as (_, tracker, _ram):
             assert isinstance(tracker, uffd_async.UffdAsyncTracker)
             hot = 0
             for _ in range(uffd_async.HOT_ROUNDS - 1):  # never reaching the re-checking harvest
@@ -100,11 +93,6 @@ def test_verify_guest_turns_blocks_hot() -> None:
                 tracker.harvest()
                 hot = max(hot, tracker.hot_bytes)
             assert hot >= 2 * uffd_async.HOT_BLOCK, hot
-        finally:
-            tracker.stop()
-            if info.uffd is not None:
-                os.close(info.uffd)
-            ram.close()
         vm.stop()
 
 
@@ -124,15 +112,6 @@ def _empty(request: pytest.FixtureRequest) -> Iterator[None]:
             agent.destroy_all_vms()
 
 
-def _finished(agent: AgentProc, name: str) -> dict[str, object]:
-    def done() -> dict[str, object] | None:
-        info: dict[str, object] = agent.call("migrate-status", name=name)
-        return info if info["status"] in FINAL else None
-
-    result: dict[str, object] = wait_for(done, timeout=60, interval=0.05, what=f"migration of {name}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
     with unmigrated_verify_digest(VERIFY_MEM, VERIFY_ARGS) as result:
@@ -149,9 +128,9 @@ def test_verify_migrated_with_hot_blocks_ends_with_the_unmigrated_digest(
     wait_for(lambda: a.call("vm-info", name="hv")["instructions"] > 100_000, what="verify under way")
     # A low max-downtime keeps it iterating a few rounds, so hot blocks are sent whole in later rounds.
     a.call("migrate", name="hv", to=b.control, params={"hot-blocks": True, "max-downtime": 20, "force": True})
-    out = _finished(a, "hv")
+    out = finished(a, "hv")
     assert out["status"] == "completed", out
-    assert out["params"]["hot-blocks"] is True  # type: ignore[index]
+    assert out["params"]["hot-blocks"] is True
     wait_for(lambda: b.call("vm-info", name="hv")["state"] == "halted", timeout=100, what="verify to halt")
     console = b.cli("vm", "console", "hv").stdout.encode()
     # The digest line was printed on B, so the run ended there: migrated mid-run, RAM and registers intact.
@@ -170,7 +149,7 @@ def test_memstress_flat_out_migrates_with_hot_blocks(pair: tuple[AgentProc, Agen
     wait_for(lambda: a.call("vm-info", name="hm")["instructions"] > 100_000, what="memstress under way")
     for src, dst in ((a, b), (b, a)):
         src.call("migrate", name="hm", to=dst.control, params={"hot-blocks": True, "auto-converge": True})
-        out = _finished(src, "hm")
+        out = finished(src, "hm")
         assert out["status"] == "completed", out
         assert out["dirty-tracker"] == "uffd-wp-async"
         first = dst.call("vm-info", name="hm")["instructions"]

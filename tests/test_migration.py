@@ -17,9 +17,13 @@ import pytest
 
 from tests.agents import (
     AgentProc,
+    agent_pair,
     digest_line,
+    finished,
     free_port,
     make_key,
+    names,
+    runs_on,
     start_agent,
     unmigrated_verify_digest,
     wait_for,
@@ -28,27 +32,11 @@ from vmruntime import dirty
 
 pytestmark = pytest.mark.timeout(120)
 
-FINAL = ("completed", "failed", "cancelled")
-
-
-def _start_pair(tmp: Path) -> tuple[AgentProc, AgentProc]:
-    key = make_key(tmp)
-    return start_agent(tmp, "A", key), start_agent(tmp, "B", key)
-
-
-def _stop_pair(agents: tuple[AgentProc, AgentProc]) -> None:
-    for agent in agents:
-        agent.stop()
-        assert agent.returncode == 0, f"agent {agent.name} exited with {agent.returncode}"
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
-
 
 @pytest.fixture(scope="module")
 def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
     """Two agents shared by the tests that leave them healthy (starting agents costs seconds)."""
-    agents = _start_pair(tmp_path_factory.mktemp("agents"))
-    yield agents
-    _stop_pair(agents)
+    yield from agent_pair(tmp_path_factory.mktemp("agents"))
 
 
 @pytest.fixture
@@ -63,11 +51,7 @@ def pair(shared_pair: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, 
 @pytest.fixture
 def own_pair(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc]]:
     """Two agents for a test that stops one of them (stop() again is a no-op)."""
-    agents = _start_pair(tmp_path)
-    yield agents
-    for agent in agents:
-        agent.stop()
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    yield from agent_pair(tmp_path, check_exit=False)
 
 
 def create(agent: AgentProc, name: str, program: str, mem: str = "32M", **args: str) -> dict[str, Any]:
@@ -75,50 +59,29 @@ def create(agent: AgentProc, name: str, program: str, mem: str = "32M", **args: 
     return info
 
 
-def names(agent: AgentProc) -> list[str]:
-    return [v["name"] for v in agent.call("vm-list")["vms"]]
-
-
-def executing(agent: AgentProc, name: str) -> None:
-    """The VM is running on ``agent`` and its instruction counter moves."""
-    first = agent.call("vm-info", name=name)
-    assert first["state"] == "running", first
-    wait_for(lambda: agent.call("vm-info", name=name)["instructions"] > first["instructions"],
-             what=f"{name} executing on {agent.name}")
-
-
 def start_migration(src: AgentProc, name: str, dst: AgentProc, **params: Any) -> dict[str, Any]:
     info: dict[str, Any] = src.call("migrate", name=name, to=dst.control, params=params)
     return info
-
-
-def finished(agent: AgentProc, name: str, timeout: float = 60.0) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        info = agent.call("migrate-status", name=name)
-        return info if info["status"] in FINAL else None
-
-    result: dict[str, Any] = wait_for(done, timeout=timeout, interval=0.05, what=f"migration of {name} to end")
-    return result
 
 
 def moved(src: AgentProc, dst: AgentProc, name: str) -> None:
     """Ownership after a completed migration: only on the destination, running there."""
     assert name not in names(src)
     assert name in names(dst)
-    executing(dst, name)
+    runs_on(dst, name)
 
 
 def stayed(src: AgentProc, dst: AgentProc, name: str) -> None:
     """Ownership after a failed or cancelled migration: only on the source, running, not migrating."""
     assert name in names(src)
     assert name not in names(dst)
-    executing(src, name)
+    runs_on(src, name)
 
 
 def test_counter_migrates_there_and_back_through_the_cli(pair: tuple[AgentProc, AgentProc]) -> None:
     a, b = pair
     create(a, "c1", "counter", every="4096")
-    executing(a, "c1")
+    runs_on(a, "c1")
     before = a.call("vm-info", name="c1")["instructions"]
     out = a.cli("migrate", "c1", "--to", b.control, json=True).json
     assert out["status"] == "completed", out
@@ -142,7 +105,7 @@ def test_a_paused_vm_stays_paused_on_the_destination(pair: tuple[AgentProc, Agen
     """The run state migrates with the VM (QEMU's runstate): paused there, and it resumes on request."""
     a, b = pair
     create(a, "p1", "counter", every="4096")
-    executing(a, "p1")
+    runs_on(a, "p1")
     a.call("vm-pause", name="p1")
     frozen = a.call("vm-info", name="p1")["instructions"]
     start_migration(a, "p1", b)
@@ -151,14 +114,14 @@ def test_a_paused_vm_stays_paused_on_the_destination(pair: tuple[AgentProc, Agen
     info = b.call("vm-info", name="p1")
     assert info["state"] == "paused" and info["instructions"] == frozen, info
     b.call("vm-resume", name="p1")
-    executing(b, "p1")
+    runs_on(b, "p1")
     b.call("vm-destroy", name="p1")
 
 
 def test_idle_guest_sends_only_what_it_touched(pair: tuple[AgentProc, AgentProc]) -> None:
     a, b = pair
     create(a, "i1", "idle", mem="1G")
-    executing(a, "i1")
+    runs_on(a, "i1")
     start_migration(a, "i1", b)
     out = finished(a, "i1")
     assert out["status"] == "completed", out
@@ -275,7 +238,7 @@ def test_destination_killed_mid_migration_leaves_the_vm_on_the_source(own_pair: 
     assert out["status"] == "failed", out
     assert out["error-desc"]
     assert "k1" in names(a)
-    executing(a, "k1")
+    runs_on(a, "k1")
 
 
 def test_destination_stopping_mid_migration_leaves_the_vm_on_the_source(
@@ -286,7 +249,7 @@ def test_destination_stopping_mid_migration_leaves_the_vm_on_the_source(
     out = finished(a, "t1")
     assert out["status"] == "failed", out
     assert names(a) == ["t1"]
-    executing(a, "t1")
+    runs_on(a, "t1")
 
 
 def test_source_stopping_mid_migration_discards_the_copy_on_the_destination(
@@ -318,7 +281,7 @@ def test_refusals_are_clear_and_leave_the_vm_untouched(pair: tuple[AgentProc, Ag
 
         assert sorted(names(a)) == ["big", "r1"] and names(b) == ["r1"]
         assert names(small) == [] and names(stranger) == []
-        executing(a, "r1")
+        runs_on(a, "r1")
         assert a.call("vm-info", name="big")["state"] == "running"
         assert b.call("vm-info", name="r1")["mem"] == 16 << 20
         assert a.call("migrate-status", name="r1")["status"] == "failed"

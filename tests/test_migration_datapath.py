@@ -23,28 +23,11 @@ from agent.migration.transport import RECV_PIECE, Connection, GuestRamFull, Rate
 from proto.codec import encode
 from proto.errors import ErrorCode, RemoteProtocolError
 from proto.messages import PageBatch, Ready, Sync
-from vmruntime import guestram
+from tests.conftest import MapGuestRam
 from vmruntime.dirty import merge_ranges
 
 P = 4096
 MiB = 1 << 20
-
-
-@pytest.fixture
-def guest() -> Iterator[Any]:
-    """A factory of (memfd, mapping) pairs, all closed at teardown."""
-    made: list[tuple[int, mmap.mmap]] = []
-
-    def make(size: int = 4 * MiB) -> tuple[int, mmap.mmap]:
-        fd = guestram.create_memfd(size)
-        mm = guestram.map_shared(fd, size)
-        made.append((fd, mm))
-        return fd, mm
-
-    yield make
-    for fd, mm in made:
-        mm.close()
-        os.close(fd)
 
 
 def covered(ranges: list[tuple[int, int]]) -> set[int]:
@@ -111,10 +94,10 @@ def test_planned_batches_are_valid_and_cover_exactly_the_input(
 # -- the RAM digest ----------------------------------------------------------------------------------
 
 
-def test_digest_depends_on_content_not_on_holes(guest: Any) -> None:
+def test_digest_depends_on_content_not_on_holes(guest_ram: MapGuestRam) -> None:
     size = 4 * MiB
-    fd1, m1 = guest(size)
-    fd2, m2 = guest(size)
+    fd1, m1 = guest_ram(size)
+    fd2, m2 = guest_ram(size)
     m1[MiB:MiB + 5] = b"hello"
     m2[MiB:MiB + 5] = b"hello"
     m2[3 * MiB:3 * MiB + 3 * P] = bytes(3 * P)  # written zeros: data extents, same content
@@ -123,17 +106,17 @@ def test_digest_depends_on_content_not_on_holes(guest: Any) -> None:
     assert pages.ram_digest(fd1, memoryview(m1), size) != pages.ram_digest(fd2, memoryview(m2), size)
 
 
-def test_digest_reads_no_hole(guest: Any) -> None:
+def test_digest_reads_no_hole(guest_ram: MapGuestRam) -> None:
     size = 64 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[10 * MiB] = 7
     pages.ram_digest(fd, memoryview(mm), size)
     assert pages.data_pieces(fd, 0, size) == [(10 * MiB, 10 * MiB + P)]  # hashing allocated nothing
 
 
-def test_incremental_digest_follows_invalidations(guest: Any) -> None:
+def test_incremental_digest_follows_invalidations(guest_ram: MapGuestRam) -> None:
     size = 2 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[0:MiB] = os.urandom(MiB)
     d = pages.RamDigest(fd, memoryview(mm), size)
     d.refresh(range(d.nchunks))
@@ -220,10 +203,10 @@ def test_the_next_frame_can_be_peeked_at_without_waiting_or_consuming(link: tupl
     assert not b.next_frame_is(Sync)
 
 
-def test_pages_land_in_guest_ram_at_their_offsets(guest: Any, link: tuple[Connection, Connection]) -> None:
+def test_pages_land_in_guest_ram_at_their_offsets(guest_ram: MapGuestRam, link: tuple[Connection, Connection]) -> None:
     size = 8 * MiB
-    _, src = guest(size)
-    dfd, dst = guest(size)
+    _, src = guest_ram(size)
+    dfd, dst = guest_ram(size)
     src[:] = os.urandom(size)
     dst[2 * MiB:3 * MiB] = b"\x55" * MiB
     sender, receiver = link
@@ -249,10 +232,10 @@ def test_pages_land_in_guest_ram_at_their_offsets(guest: Any, link: tuple[Connec
     assert wire == receiver.received - len(encode(Ready())) == sender.sent - len(encode(Ready()))
 
 
-def test_scattered_pages_beyond_one_iovec_array(guest: Any, link: tuple[Connection, Connection]) -> None:
+def test_scattered_pages_beyond_one_iovec_array(guest_ram: MapGuestRam, link: tuple[Connection, Connection]) -> None:
     size = 16 * MiB
-    _, src = guest(size)
-    _, dst = guest(size)
+    _, src = guest_ram(size)
+    _, dst = guest_ram(size)
     src[:] = os.urandom(size)
     ranges = [(p * P, (p + 1) * P) for p in range(0, 4000, 2)]  # 2000 single pages: two iovec arrays
     sender, receiver = link
@@ -279,10 +262,10 @@ class RecordingSink:
         self.pieces.append((offset, bytes(data)))
 
 
-def test_large_ranges_go_through_the_buffer_into_the_memfd(guest: Any, link: tuple[Connection, Connection]) -> None:
+def test_large_ranges_go_through_the_buffer_into_the_memfd(guest_ram: MapGuestRam, link: tuple[Connection, Connection]) -> None:
     size = 8 * MiB
-    _, src = guest(size)
-    dfd, dst = guest(size)
+    _, src = guest_ram(size)
+    dfd, dst = guest_ram(size)
     src[:] = os.urandom(size)
     sender, receiver = link
     receiver.guest_size = size
@@ -306,10 +289,10 @@ def test_large_ranges_go_through_the_buffer_into_the_memfd(guest: Any, link: tup
         assert data == src[off:off + len(data)]
 
 
-def test_scattered_pages_skip_the_buffer(guest: Any, link: tuple[Connection, Connection]) -> None:
+def test_scattered_pages_skip_the_buffer(guest_ram: MapGuestRam, link: tuple[Connection, Connection]) -> None:
     size = 4 * MiB
-    _, src = guest(size)
-    dfd, dst = guest(size)
+    _, src = guest_ram(size)
+    dfd, dst = guest_ram(size)
     src[:] = os.urandom(size)
     sender, receiver = link
     receiver.guest_size = size
@@ -324,13 +307,13 @@ def test_scattered_pages_skip_the_buffer(guest: Any, link: tuple[Connection, Con
         assert dst[a:b] == src[a:b]
 
 
-def test_a_full_memfd_is_an_error_not_a_crash(guest: Any, link: tuple[Connection, Connection],
+def test_a_full_memfd_is_an_error_not_a_crash(guest_ram: MapGuestRam, link: tuple[Connection, Connection],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # A write through the mapping into a memfd that cannot grow takes SIGBUS; pwrite returns
     # ENOSPC instead (tmpfs limit, memory cgroup), which must become a clear error.
     size = 2 * MiB
-    _, src = guest(size)
-    dfd, dst = guest(size)
+    _, src = guest_ram(size)
+    dfd, dst = guest_ram(size)
     src[:] = os.urandom(size)
     real_pwrite = os.pwrite
 
@@ -362,9 +345,9 @@ def test_a_full_memfd_is_an_error_not_a_crash(guest: Any, link: tuple[Connection
 
 
 def test_a_range_outside_the_guest_is_refused_before_any_byte_lands(
-        guest: Any, link: tuple[Connection, Connection]) -> None:
+        guest_ram: MapGuestRam, link: tuple[Connection, Connection]) -> None:
     size = 1 * MiB
-    _, dst = guest(size)
+    _, dst = guest_ram(size)
     sender, receiver = link
     receiver.guest_size = size
     # The sender's encoder does not know the guest size: only the receiver can refuse this range.
@@ -442,9 +425,9 @@ def test_info_uses_query_migrate_names_in_milliseconds() -> None:
     assert d["rounds"][0]["pages"] == 13 and d["downtime-breakdown"]["pause"] == 2.0
 
 
-def test_digest_from_known_content_matches_a_fresh_one(guest: Any) -> None:
+def test_digest_from_known_content_matches_a_fresh_one(guest_ram: MapGuestRam) -> None:
     size = 2 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     c = pages.DIGEST_CHUNK
     mm[0:c + P] = os.urandom(c + P)  # data: chunk 0 whole, one page of chunk 1
     d = pages.RamDigest(fd, memoryview(mm), size)
@@ -455,9 +438,9 @@ def test_digest_from_known_content_matches_a_fresh_one(guest: Any) -> None:
     assert d.hexdigest() == pages.ram_digest(fd, memoryview(mm), size)
 
 
-def test_assumed_holes_stay_right_as_long_as_writes_are_invalidated(guest: Any) -> None:
+def test_assumed_holes_stay_right_as_long_as_writes_are_invalidated(guest_ram: MapGuestRam) -> None:
     size = 8 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[MiB:MiB + 3] = b"abc"
     d = pages.RamDigest(fd, memoryview(mm), size)
     d.assume_holes_except([(MiB, MiB + P)])  # the written extents when tracking was armed
@@ -485,13 +468,13 @@ def _pages_believed_data(d: pages.RamDigest) -> set[int]:
     return out | {idx * per + bit for idx, mask in d._data.items() for bit in range(per) if mask >> bit & 1}
 
 
-def test_known_data_digest_equals_a_walked_one_and_walks_nothing(guest: Any, monkeypatch: Any) -> None:
+def test_known_data_digest_equals_a_walked_one_and_walks_nothing(guest_ram: MapGuestRam, monkeypatch: Any) -> None:
     """Once told where the data is, the digest follows writes, punches and received pieces
     without asking the memfd (no SEEK_DATA/SEEK_HOLE walk: data_pieces is never called), and
     always equals a digest from scratch that walks the memfd."""
     rng = random.Random(11)
     size = 24 * pages.DIGEST_CHUNK - 5 * P  # a short last chunk too
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     npages = size // P
     ram = memoryview(mm)
     for p in rng.sample(range(npages), npages // 5):  # written in part, like a warming working set

@@ -9,13 +9,11 @@ A page missing here is a page a migration would lose (its RAM digest then fails 
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
 
 import pytest
 
-from tests.conftest import SpawnVM
+from tests.conftest import SpawnVM, tracking
 from vmruntime import dirty
 from vmruntime.programs import load_program
 
@@ -40,26 +38,17 @@ def _precopy_once(spawn_vm: SpawnVM, backend: str) -> list[int]:
     image, args = load_program("memstress", {"ws": "16M", "rate": "0", "pattern": "random", "values": "random"})
     vm.boot(image, args)
     time.sleep(0.2)  # let it touch much of its working set first
-    info = vm.track_start(backend)
-    ram = mmap.mmap(vm.ram_fd, vm.ram_size)
-    tracker = dirty.make_tracker(backend, pid=vm.pid, uffd=info.uffd, addr=info.addr, length=info.length,
-                                 ram=ram, memfd=vm.ram_fd)
     try:
-        tracker.start()
-        copy = bytearray(vm.ram_size)
-        todo = dirty.written_extents(vm.ram_fd, vm.ram_size)
-        for _ in range(5):
-            for s, e in todo:
+        with tracking(vm, backend) as (_, tracker, ram):
+            copy = bytearray(vm.ram_size)
+            todo = dirty.written_extents(vm.ram_fd, vm.ram_size)
+            for _ in range(5):
+                for s, e in todo:
+                    copy[s:e] = ram[s:e]
+                todo = dirty.merge_ranges(tracker.harvest())
+            vm.pause()
+            for s, e in dirty.merge_ranges(todo + tracker.harvest()):
                 copy[s:e] = ram[s:e]
-            todo = dirty.merge_ranges(tracker.harvest())
-        vm.pause()
-        for s, e in dirty.merge_ranges(todo + tracker.harvest()):
-            copy[s:e] = ram[s:e]
-        return [p for p in range(vm.ram_size // P) if copy[p * P:(p + 1) * P] != ram[p * P:(p + 1) * P]]
+            return [p for p in range(vm.ram_size // P) if copy[p * P:(p + 1) * P] != ram[p * P:(p + 1) * P]]
     finally:
-        tracker.stop()
-        if info.uffd is not None:
-            os.close(info.uffd)
-        vm.track_stop()
-        ram.close()
         vm.stop()

@@ -1,4 +1,4 @@
-"""Tests of the performance work of issue 5 on the data path and the downtime (unit level, real memfds).
+"""The fast paths of the data path and the downtime keep their results (unit level, real memfds).
 
 * The RAM digest keeps its definition (xxh3-128 of each 64 KiB chunk, folded by one xxh3-128 over
   the chunk digests in order) whatever shortcut computed it: the digest buffer, the set of chunks
@@ -11,17 +11,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-from collections.abc import Iterator
-from typing import Any
 
-import pytest
 import xxhash
 
 from agent.migration import pages
-from vmruntime import guestram
+from tests.conftest import MapGuestRam
 
 P = 4096
 C = pages.DIGEST_CHUNK
@@ -35,31 +31,14 @@ def reference_digest(mm: mmap.mmap, size: int) -> str:
     return xxhash.xxh3_128_hexdigest(digests)
 
 
-@pytest.fixture
-def guest() -> Iterator[Any]:
-    made: list[tuple[int, mmap.mmap]] = []
-
-    def make(size: int) -> tuple[int, mmap.mmap]:
-        fd = guestram.create_memfd(size)
-        mm = guestram.map_shared(fd, size)
-        made.append((fd, mm))
-        return fd, mm
-
-    yield make
-    for fd, mm in made:
-        with contextlib.suppress(BufferError):  # a digest's view may outlive the test body
-            mm.close()
-        os.close(fd)
-
-
 def holes(fd: int, size: int) -> int:
     """Bytes of the memfd that are holes."""
     return size - sum(b - a for a, b in pages.data_pieces(fd, 0, size))
 
 
-def test_dense_guest_digest_matches_the_definition(guest: Any) -> None:
+def test_dense_guest_digest_matches_the_definition(guest_ram: MapGuestRam) -> None:
     size = 4 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[:] = os.urandom(size)
     d = pages.RamDigest(fd, memoryview(mm), size)
     for off in range(0, size, MiB):  # as batches arrive: chunks inside one data range, tight loop
@@ -67,9 +46,9 @@ def test_dense_guest_digest_matches_the_definition(guest: Any) -> None:
     assert d.hexdigest() == reference_digest(mm, size)
 
 
-def test_short_last_chunk_and_holes_match_the_definition(guest: Any) -> None:
+def test_short_last_chunk_and_holes_match_the_definition(guest_ram: MapGuestRam) -> None:
     size = 3 * C + 2 * P  # the last chunk is two pages long
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[C + 5] = 7
     mm[size - 1] = 9
     d = pages.RamDigest(fd, memoryview(mm), size)
@@ -77,9 +56,9 @@ def test_short_last_chunk_and_holes_match_the_definition(guest: Any) -> None:
     assert d.hexdigest() == reference_digest(mm, size)
 
 
-def test_assume_holes_keeps_what_was_already_hashed_in_the_kept_chunks(guest: Any) -> None:
+def test_assume_holes_keeps_what_was_already_hashed_in_the_kept_chunks(guest_ram: MapGuestRam) -> None:
     size = 2 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[0:C] = os.urandom(C)
     d = pages.RamDigest(fd, memoryview(mm), size)
     d.refresh_known([(0, C)], [])  # chunk 0 hashed from what arrived
@@ -87,9 +66,9 @@ def test_assume_holes_keeps_what_was_already_hashed_in_the_kept_chunks(guest: An
     assert d.hexdigest() == reference_digest(mm, size)
 
 
-def test_scattered_rewrites_of_a_dense_guest_are_rehashed(guest: Any) -> None:
+def test_scattered_rewrites_of_a_dense_guest_are_rehashed(guest_ram: MapGuestRam) -> None:
     size = 4 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[:] = os.urandom(size)
     d = pages.RamDigest(fd, memoryview(mm), size)
     assert d.hexdigest() == reference_digest(mm, size)  # every chunk now known to hold no hole
@@ -100,9 +79,9 @@ def test_scattered_rewrites_of_a_dense_guest_are_rehashed(guest: Any) -> None:
     assert d.hexdigest() == reference_digest(mm, size)
 
 
-def test_punched_zeros_in_a_full_chunk_are_hashed_without_filling_the_holes(guest: Any) -> None:
+def test_punched_zeros_in_a_full_chunk_are_hashed_without_filling_the_holes(guest_ram: MapGuestRam) -> None:
     size = 1 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[:] = os.urandom(size)
     ram = memoryview(mm)
     d = pages.RamDigest(fd, ram, size)
@@ -121,9 +100,9 @@ def test_punched_zeros_in_a_full_chunk_are_hashed_without_filling_the_holes(gues
     ram.release()
 
 
-def test_mixed_batch_of_data_and_zero_ranges_matches_the_definition(guest: Any) -> None:
+def test_mixed_batch_of_data_and_zero_ranges_matches_the_definition(guest_ram: MapGuestRam) -> None:
     size = 2 * MiB
-    fd, mm = guest(size)
+    fd, mm = guest_ram(size)
     mm[0:C // 2] = os.urandom(C // 2)
     mm[2 * C:4 * C] = os.urandom(2 * C)
     d = pages.RamDigest(fd, memoryview(mm), size)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import SPARE_NAME, AgentProc, make_key, start_agent, wait_for
+from tests.agents import SPARE_NAME, AgentProc, finished, make_key, start_agent, wait_for
 from vmruntime import control, guestram, spare, vmproc
 from vmruntime.asm import assemble
 
@@ -90,14 +90,14 @@ def test_an_incoming_vm_runs_in_the_agents_spare_and_a_new_spare_follows(pair: t
     (before,) = b.spare_pids()
     a.call("vm-create", name="m", program="counter", mem=str(16 * MiB))
     a.call("migrate", name="m", to=b.control)
-    wait_for(lambda: a.call("migrate-status", name="m")["status"] == "completed", timeout=60, what="the migration")
+    assert finished(a, "m")["status"] == "completed"
     assert b.call("vm-info", name="m")["pid"] == before  # the spare became the VM's process
     assert comm(before) == vmproc.PROCESS_NAME
     wait_for(lambda: len(b.spare_pids()) == 1 and b.spare_pids() != [before], timeout=15, what="B's next spare")
     # The way back: A's spare, unused so far, takes the VM.
     (a_spare,) = a.spare_pids()
     b.call("migrate", name="m", to=a.control)
-    wait_for(lambda: b.call("migrate-status", name="m")["status"] == "completed", timeout=60, what="the way back")
+    assert finished(b, "m")["status"] == "completed"  # the way back
     assert a.call("vm-info", name="m")["pid"] == a_spare
 
 
@@ -130,8 +130,7 @@ def test_an_agent_with_spare_vm_off_keeps_none_and_still_takes_migrations(tmp_pa
         wait_for(lambda: len(a.spare_pids()) == 1, timeout=15, what="A's spare (the default: on)")
         a.call("vm-create", name="v", program="counter", mem=str(16 * MiB))
         a.call("migrate", name="v", to=b.control)
-        wait_for(lambda: a.call("migrate-status", name="v")["status"] == "completed", timeout=60,
-                 what="the migration")
+        assert finished(a, "v")["status"] == "completed"
         assert b.call("vm-info", name="v")["state"] == "running"
         time.sleep(1.0)  # past the delay after which an agent that keeps one starts its next spare
         assert len(b.group_processes(spare=True)) == 2  # the agent and v's process: no spare, not even starting

@@ -41,7 +41,7 @@ def test_the_kernel_measures_the_handshake_round_trip(listener: socket.socket) -
     with client, server:
         for sock in (client, server):
             rtt = transport.handshake_rtt(sock)
-            assert rtt is not None and 0 <= rtt < 0.5  # loopback: microseconds, unless the host stalls
+            assert rtt is not None and rtt >= 0  # no upper bound: a loaded host may stall the handshake
 
 
 def test_a_short_path_keeps_autotuning(listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:

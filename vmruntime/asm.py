@@ -128,8 +128,10 @@ def _include(ln: _Line, filename: str, depth: int) -> Iterator[_Line]:
     yield from _expand(text, path, depth + 1)
 
 
-def _strip_comment(text: str) -> str:
-    """Text before a ';' or '#' that is not inside a quoted string."""
+def _unquoted(text: str) -> Iterator[tuple[int, str]]:
+    """(index, character) of each character of ``text`` outside its quoted strings ('...' or "...",
+    backslash escapes inside); the quotes themselves are not yielded either. Comments and operand
+    commas are both found through it, so one quoting rule holds for both."""
     quote, escaped = None, False
     for i, ch in enumerate(text):
         if quote:
@@ -141,7 +143,14 @@ def _strip_comment(text: str) -> str:
                 quote = None
         elif ch in "\"'":
             quote = ch
-        elif ch in ";#":
+        else:
+            yield i, ch
+
+
+def _strip_comment(text: str) -> str:
+    """Text before a ';' or '#' that is not inside a quoted string."""
+    for i, ch in _unquoted(text):
+        if ch in ";#":
             return text[:i]
     return text
 
@@ -331,28 +340,16 @@ def _split_operands(rest: str) -> list[str]:
     """Split at top-level commas (not inside quotes, brackets or parentheses)."""
     if not rest.strip():
         return []
-    out, cur = [], ""
-    quote, escaped, depth = None, False, 0
-    for ch in rest:
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "([":
+    out, start, depth = [], 0, 0
+    for i, ch in _unquoted(rest):
+        if ch in "([":
             depth += 1
         elif ch in ")]":
             depth -= 1
         elif ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-            continue
-        cur += ch
-    out.append(cur.strip())
+            out.append(rest[start:i].strip())
+            start = i + 1
+    out.append(rest[start:].strip())
     if any(not o for o in out):
         raise _Located("empty operand")
     return out
