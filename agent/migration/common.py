@@ -133,6 +133,6 @@ def server_handshake(conn: Connection, key: bytes, name: str) -> str:
 def tell(conn: Connection, msg: ErrorResponse) -> None:
     """Best effort: the peer may already be gone."""
     try:
-        conn.send(msg)
+        conn.send_error(msg)
     except (OSError, ProtocolError):
         pass

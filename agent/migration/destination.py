@@ -224,6 +224,7 @@ class DestinationSession:
         timer.start()
         try:
             self._peer = server_handshake(self.conn, self.key, self.agent_name)  # tells the peer itself
+            self.conn.start(self.machine)
             first = self._first()
         except Exception as e:
             if self._too_late:  # the deadline shut the socket: say so, not "peer closed"
@@ -522,12 +523,10 @@ class DestinationSession:
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _send(self, msg: Message) -> None:
-        self.machine.send(msg)
         self.conn.send(msg)
 
     def _recv(self, ram: memoryview | None = None, sink: _DigestingSink | None = None) -> Message:
         msg = self.conn.recv(ram, sink)
-        self.machine.receive(msg)
         if isinstance(msg, Abort):
             raise Aborted(f"the source aborted: {msg.reason}")
         return msg

@@ -7,7 +7,7 @@ and reads no clock: the caller passes the figures and ``now`` (like Cloud
 Hypervisor's ``is_precopy_converged``), so tests build any scenario with
 fixed numbers.
 
-The max downtime is a bound, not a target (DESIGN.md step 7): while the
+The max downtime is a bound, not a target (docs/cli.md): while the
 remainder fits the bound we keep iterating as long as rounds still set
 meaningful new lows, and switch over when the remainder is as small as it is
 going to get: no new low for PATIENCE rounds, and this round at its low (a

@@ -59,7 +59,6 @@ from proto.messages import (
     MigrateAccept,
     MigrateRefuse,
     MigrateStart,
-    PageBatch,
     Ready,
     Resumed,
     RoundEnd,
@@ -188,6 +187,7 @@ class SourceSession:
             # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
             # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 17).
             self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
+        self.conn.start(self.machine)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
@@ -394,7 +394,6 @@ class SourceSession:
 
     def _send_batch(self, batch: pages.Batch, stat: RoundStat) -> None:
         assert self._ram is not None and self.conn is not None
-        self.machine.send(PageBatch((), ()))  # the state machine only looks at the type
         wire = self.conn.send_pages(self._ram, batch.ranges, batch.zeros)
         data_pages = batch.data_bytes // PAGE_SIZE
         zero_pages = batch.zero_bytes // PAGE_SIZE
@@ -509,7 +508,6 @@ class SourceSession:
             assert self.conn is not None
             reply = self.conn.recv()
             if isinstance(reply, Ready):  # only ever with commit ahead (the state machine checks)
-                self.machine.receive(reply)
                 t = self._lap("verify", digest_sent)
                 reply = self.conn.recv()
             resumed = self._settle(reply)
@@ -528,7 +526,6 @@ class SourceSession:
 
     def _settle(self, reply: Message) -> bool:
         """What the destination's answer to COMMIT means: True resumed there, False not (never will)."""
-        self.machine.receive(reply)
         if isinstance(reply, Resumed):
             return True
         if isinstance(reply, InDoubtAnswer):
@@ -555,12 +552,9 @@ class SourceSession:
         conn = self._connect()  # a TLS failure stays an OSError here: the in-doubt loop retries it
         try:
             client_handshake(conn, self.key, self.agent_name)
-            machine = SourceMachine()
-            query = InDoubtQuery(self.vm.name, self.migration_id)
-            machine.send(query)
-            conn.send(query)
+            conn.start(SourceMachine())
+            conn.send(InDoubtQuery(self.vm.name, self.migration_id))
             answer = conn.recv()
-            machine.receive(answer)
             assert isinstance(answer, InDoubtAnswer)
             return answer.resumed
         finally:
@@ -686,13 +680,11 @@ class SourceSession:
 
     def _send(self, msg: Message) -> None:
         assert self.conn is not None
-        self.machine.send(msg)
         self.conn.send(msg)
 
     def _recv(self) -> Message:
         assert self.conn is not None
         msg = self.conn.recv()
-        self.machine.receive(msg)
         if isinstance(msg, Abort):
             raise MigrationError(msg.code, f"the destination aborted: {msg.reason}")
         return msg

@@ -50,11 +50,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from proto.codec import decode_body, encode, message_class
+from proto.channel import Channel, Machine
+from proto.codec import message_class
 from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, parse_header
-from proto.limits import MAX_PAYLOAD_SIZE
-from proto.messages import Message, PageBatch
+from proto.messages import ErrorResponse, Message, PageBatch
 
 T = TypeVar("T")
 
@@ -228,6 +228,11 @@ _TCPI_RTT_OFFSET = 8 + 15 * 4
 class Connection:
     """Proto frames over one blocking socket; counts the bytes it moves.
 
+    Every frame goes through ``channel`` (proto.channel): once a session has
+    called ``start(machine)`` after the handshake, ``send`` and ``recv`` also
+    check and step the role's state machine, and an out-of-order message is
+    refused by its header, before its body or payload is read.
+
     agent/migration/tls.py's TLSConnection overrides ``_sendmsg_all``, ``_recv_scatter``,
     ``_recv_exact``, ``next_frame_is`` and ``shutdown`` (an SSLSocket has no sendmsg/recvmsg_into): keep their
     signatures, or change both classes together.
@@ -235,24 +240,43 @@ class Connection:
 
     def __init__(self, sock: socket.socket, guest_size: int | None = None) -> None:
         self.sock = sock
-        self.guest_size = guest_size
+        self.channel = Channel(guest_size=guest_size)
         self.sent = 0
         self.received = 0
         self._hdr = bytearray(HEADER_SIZE)
         self._piece_buf: memoryview | None = None  # the receive buffer of _recv_pieces, made on first use
         self._closed = False
 
+    @property
+    def guest_size(self) -> int | None:
+        """The guest RAM size page ranges are checked against (None: not agreed yet)."""
+        return self.channel.guest_size
+
+    @guest_size.setter
+    def guest_size(self, size: int | None) -> None:
+        self.channel.guest_size = size
+
+    def start(self, machine: Machine) -> None:
+        """From now on every message sent or received steps ``machine`` (call after the handshake)."""
+        self.channel.start(machine)
+
     # -- sending ---------------------------------------------------------------------------------
     def send(self, msg: Message) -> None:
         """Send one message without payload."""
-        frame = encode(msg)
+        frame = self.channel.send(msg)
+        self._io(self.sock.sendall, frame)
+        self.sent += len(frame)
+
+    def send_error(self, msg: ErrorResponse) -> None:
+        """Tell the peer why we give up the connection, whatever the state (nothing may follow)."""
+        frame = self.channel.send_error(msg)
         self._io(self.sock.sendall, frame)
         self.sent += len(frame)
 
     def send_pages(self, ram: memoryview, ranges: Sequence[tuple[int, int]],
                    zeros: Sequence[tuple[int, int]] = ()) -> int:
         """Send one page batch: frame, then each data range straight from guest RAM. Returns wire bytes."""
-        frame = encode(PageBatch(tuple(ranges), tuple(zeros)))
+        frame = self.channel.send(PageBatch(tuple(ranges), tuple(zeros)))
         bufs: list[memoryview | bytes] = [frame]
         bufs.extend(ram[a:b] for a, b in ranges)
         try:
@@ -280,13 +304,13 @@ class Connection:
     # -- receiving -------------------------------------------------------------------------------
     def recv(self, ram: memoryview | None = None, sink: PageSink | None = None) -> Message:
         """Receive one message; a page batch's payload goes into guest RAM: ``ram`` (the
-        mapping), or through ``sink`` (the memfd behind it) when its ranges are large."""
+        mapping), or through ``sink`` (the memfd behind it) when its ranges are large.
+        Without ``ram`` a frame that carries page data is refused by its header."""
         self._recv_exact(memoryview(self._hdr))
-        header = parse_header(self._hdr, max_payload=MAX_PAYLOAD_SIZE if ram is not None else 0)
-        message_class(header)
+        header = self.channel.receive_header(self._hdr, max_payload=None if ram is not None else 0)
         body = bytearray(header.body_len)
         self._recv_exact(memoryview(body))
-        msg = decode_body(header, body, self.guest_size)
+        msg = self.channel.receive_body(header, body)
         if isinstance(msg, PageBatch) and msg.ranges:
             if ram is None:
                 raise RemoteProtocolError("page data on a connection that takes none")
