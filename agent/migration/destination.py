@@ -37,6 +37,7 @@ from agent.migration.common import (
     tell,
 )
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.seams import IncomingHost, IncomingRAM, Lane, LogLike
 from agent.migration.transport import Connection, GuestRamFull
 from proto.auth import error_response
 from proto.errors import ErrorCode, ProtocolError
@@ -59,7 +60,6 @@ from proto.messages import (
     SyncAck,
 )
 from proto.state import DestinationMachine
-from vmruntime import control as vmctl
 from vmruntime import isa
 from vmruntime.dirty import merge_ranges
 
@@ -159,8 +159,8 @@ class Outcomes:
 class DestinationSession:
     """One accepted migration connection."""
 
-    def __init__(self, *, conn: Connection, vms: Any, key: bytes, agent_name: str, bridge: LoopBridge,
-                 outcomes: Outcomes, infos: dict[str, MigrationInfo], log: Any,
+    def __init__(self, *, conn: Connection, vms: IncomingHost[Any, Any], key: bytes, agent_name: str,
+                 bridge: LoopBridge, outcomes: Outcomes, infos: dict[str, MigrationInfo], log: LogLike,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.conn = conn
         self._on_authenticated: Callable[[], None] | None = None  # the listener's unauthenticated list
@@ -178,7 +178,7 @@ class DestinationSession:
         self.fenced = False
         self.committing = False
         self.settled = threading.Event()
-        self._inc: Any = None
+        self._inc: IncomingRAM | None = None
         self._ram: memoryview | None = None
         self._digest: pages.RamDigest | None = None
         self._sink: _DigestingSink | None = None  # the memfd large ranges are written to
@@ -189,7 +189,7 @@ class DestinationSession:
         self._round = RoundStat()
         self._mid = ""
         self._peer = "?"
-        self._lane: vmctl.Lane | None = None  # this thread's own socket to the incoming VM's process
+        self._lane: Lane | None = None  # this thread's own socket to the incoming VM's process
         self._listen_at: str | None = None  # where that process will listen once restored
 
     def on_authenticated(self, callback: Callable[[], None]) -> None:
@@ -307,13 +307,15 @@ class DestinationSession:
 
     def _accept(self, start: MigrateStart) -> None:
         """RAM is reserved: get ready to receive into it and tell the source to go."""
+        inc = self._inc
+        assert inc is not None
         self.conn.guest_size = start.mem_size
-        self._ram = memoryview(self._inc.ram)
+        self._ram = memoryview(inc.ram)
         # Before the wait for the VM process, not after: the digest's set-up (a few ms for a big
         # guest) then runs while that process starts, instead of adding to the setup time.
-        self._digest = pages.RamDigest(self._inc.memfd, self._ram, start.mem_size)
+        self._digest = pages.RamDigest(inc.memfd, self._ram, start.mem_size)
         self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
-        self._sink = _DigestingSink(self._inc.memfd, self._digest)
+        self._sink = _DigestingSink(inc.memfd, self._digest)
         self._await_vm_process()
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
@@ -355,6 +357,7 @@ class DestinationSession:
     def _on_pages(self, batch: PageBatch) -> None:
         assert self._ram is not None and self.info is not None and self._digest is not None
         if batch.zeros:
+            assert self._inc is not None
             pages.punch_zeros(self._inc.memfd, self._ram, batch.zeros)
         self._digest_batch(batch)
         data = pages.total_bytes(batch.ranges)

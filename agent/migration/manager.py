@@ -19,6 +19,7 @@ from typing import Any
 from agent.migration.common import LoopBridge, MigrationError
 from agent.migration.destination import DestinationSession, Outcomes
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
+from agent.migration.seams import LogLike, ManagedVM, VMHost
 from agent.migration.source import IN_DOUBT_TIMEOUT_S, SourceSession
 from agent.migration.tls import server_connection
 from agent.migration.transport import Connection, accepted
@@ -40,7 +41,7 @@ MAX_UNAUTHENTICATED = 32
 class MigrationManager:
     """Outgoing and incoming migrations of one agent (CONTRACTS.md)."""
 
-    def __init__(self, *, agent_name: str, key: bytes, vms: Any, log: Any,
+    def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSContexts | None = None) -> None:
         self.agent_name = agent_name
         self.tls = tls  # agent.tls.TLSContexts: mutual TLS on the listener and outgoing connections
@@ -162,7 +163,7 @@ class MigrationManager:
             raise MigrationError(_setup_code(info), info.error or f"migration of {vm_name} {info.status.value}")
         return info.to_dict()
 
-    def _check_can_start(self, vm_name: str, vm: Any) -> None:
+    def _check_can_start(self, vm_name: str, vm: ManagedVM) -> None:
         if not self._accepting:
             raise MigrationError(ErrorCode.BUSY, f"agent {self.agent_name} is shutting down")
         if vm_name in self._outgoing:

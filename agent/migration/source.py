@@ -46,6 +46,7 @@ from agent.migration.common import (
 )
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.policy import Action, Decision, Figures, Limits, decide
+from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.transport import Connection, RateLimiter, connect
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
@@ -95,8 +96,8 @@ HASH_RATE_GUESS = 2e9
 class SourceSession:
     """One outgoing migration of one VM."""
 
-    def __init__(self, *, vm: Any, vms: Any, dest: tuple[str, int], params: MigrationParams, key: bytes,
-                 agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: Any,
+    def __init__(self, *, vm: MigratingVM, vms: SourceHost, dest: tuple[str, int], params: MigrationParams,
+                 key: bytes, agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> None:
         self.vm = vm
         self.vms = vms
@@ -133,7 +134,7 @@ class SourceSession:
         self._hash_rate = HASH_RATE_GUESS  # RAM digest bytes/s: the fastest measured, for _hash_time
         self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
         self._stable: set[int] = set()  # digest chunks sent last round and not dirtied since: hash next
-        self._lane: vmctl.Lane | None = None  # this thread's own socket to the VM process
+        self._lane: Lane | None = None  # this thread's own socket to the VM process
 
     # -- control from other threads ----------------------------------------------------------------
     def cancel(self) -> bool:
@@ -179,7 +180,7 @@ class SourceSession:
     def _setup(self) -> None:
         vm = self.vm
         self._was_running = vm.state not in ("paused",)
-        self.bridge.run(setattr, vm, "state", "migrating")
+        self.bridge.call(vm.begin_migration())
         with tls.refusals(self.dest):
             self.conn = self._connect(guest_size=vm.mem)
             self._check_cancel()
@@ -502,7 +503,7 @@ class SourceSession:
         resumed: bool | None
         # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
         # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
-        self.bridge.run(self.vm.mark_commit_sent)
+        self.bridge.call(self.vm.mark_commit_sent())
         try:
             self._send(Commit(self.migration_id))
             assert self.conn is not None
@@ -613,7 +614,7 @@ class SourceSession:
         """Nobody can say whether the destination runs the VM: keep it paused, tell the operator."""
         self.in_doubt = True
         self._release_ram()
-        self.bridge.run(setattr, self.vm, "state", "paused")
+        self.bridge.call(self.vm.end_migration("paused"))
         self.info.finish(Status.FAILED, (
             f"in doubt: COMMIT sent but no answer from {self.dest[0]}:{self.dest[1]} within "
             f"{self.in_doubt_timeout:g} s; the VM stays paused here. Check the destination, then resolve it: "
@@ -658,7 +659,7 @@ class SourceSession:
             steps.append(vm.resume())
             self._paused = False
         errors = [self._quiet_call(s) for s in steps]
-        self.bridge.run(setattr, vm, "state", "running" if self._was_running else "paused")
+        self.bridge.call(vm.end_migration("running" if self._was_running else "paused"))
         for err in errors:
             if err:
                 self.log.error("restoring the VM after a failed migration", vm=vm.name, error=err)
