@@ -43,6 +43,7 @@ from agent.migration.common import (
     Cancelled,
     LoopBridge,
     MigrationError,
+    Signal,
     client_handshake,
     describe,
     error_code,
@@ -108,8 +109,8 @@ class SourceSession:
         self.migration_id = secrets.token_hex(8)
         self.machine = SourceMachine()
         self.conn: Connection | None = None
-        self.setup_done = threading.Event()  # set when setup succeeded or the session ended
-        self.done = threading.Event()
+        self.setup_done = Signal()  # set when setup succeeded or the session ended
+        self.done = Signal()
         self.in_doubt = False  # ended in doubt: the VM is paused here until an operator resolves it
         self._cancel = threading.Event()
         self._lock = threading.Lock()  # orders cancel() against sending COMMIT
@@ -452,10 +453,11 @@ class SourceSession:
         self.info.finish(Status.FAILED, self.info.error or "the destination did not resume the VM")
         self.log.warning("migration failed after commit; VM resumed here", vm=self.vm.name, error=self.info.error)
 
-    def ask_once(self) -> bool | None:
+    def ask_once(self, deadline_s: float | None = None) -> bool | None:
         """One more in-doubt query (for the operator's migrate-resolve): the destination's answer,
-        or None when it cannot be reached. A "no" fences the migration there for good."""
-        return self._asker.ask_once()
+        or None when it cannot be reached (within ``deadline_s``). A "no" fences the migration
+        there for good."""
+        return self._asker.ask_once(deadline_s)
 
     def _stay_in_doubt(self) -> None:
         """Nobody can say whether the destination runs the VM: keep it paused, tell the operator."""
