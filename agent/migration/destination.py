@@ -1,7 +1,7 @@
 """The destination side: one accepted migration connection, run in its own thread.
 
-This module owns the receiving half of DESIGN.md's steps and its ownership
-rules:
+This module owns the receiving half of a migration (docs/protocol.md, "The
+exchange") and the ownership rules that bind it (docs/RELIABILITY.md):
 
 * authenticate the peer; the first message is either MigrateStart (a
   migration) or InDoubtQuery (a source in doubt asking about an earlier one);
@@ -71,7 +71,7 @@ MAX_OUTCOMES = 4096
 # timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
 # session (and its thread) forever; an honest peer needs a few round trips.
 HANDSHAKE_TIMEOUT_S = 10.0
-# Restoring the CPU state takes a millisecond; past this the VM process is stuck: not resumed here.
+# Restoring the CPU state is quick; past this the VM process is stuck: not resumed here.
 RESTORE_TIMEOUT_S = 10.0
 
 
@@ -311,7 +311,7 @@ class DestinationSession:
         assert inc is not None
         self.conn.guest_size = start.mem_size
         self._ram = memoryview(inc.ram)
-        # Before the wait for the VM process, not after: the digest's set-up (a few ms for a big
+        # Before the wait for the VM process, not after: the digest's set-up (it grows with the
         # guest) then runs while that process starts, instead of adding to the setup time.
         self._digest = pages.RamDigest(inc.memfd, self._ram, start.mem_size)
         self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
@@ -320,7 +320,7 @@ class DestinationSession:
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
                                   params=_params_of(start))
-        self.infos[start.vm_name] = self.info
+        self.bridge.run(self.infos.__setitem__, start.vm_name, self.info)  # the manager's dict: the loop's
         self._send(MigrateAccept(start.migration_id))
         self.info.setup_s = time.monotonic() - self.info.started
         self.log.info("incoming migration accepted", vm=start.vm_name, peer=self._peer, mem=start.mem_size)
@@ -328,9 +328,9 @@ class DestinationSession:
     def _await_vm_process(self) -> None:
         """Hold the accept until the VM process for the reservation is up, and open a lane to it.
 
-        Starting a Python process takes 0.1-0.4 s here; a small guest migrates
-        faster than that, and whatever is left of the start at COMMIT is
-        downtime. Waiting now moves it into the setup time instead. The lane is
+        Starting a Python process takes longer than a small guest takes to
+        migrate (docs/PERFORMANCE.md section 1), and whatever is left of the
+        start at COMMIT is downtime. Waiting now moves it into the setup time instead. The lane is
         this thread's own socket to that process: the restore at COMMIT goes
         over it, with no round trip through the agent's event loop.
         """
@@ -379,8 +379,8 @@ class DestinationSession:
 
         Batch by batch, not once per round: in the final round the source is paused and the
         digest is in the downtime, and hashing each batch while the next one is on its way
-        leaves only the last batch's chunks for after the final copy (memstress: verify p50
-        5.4-7.7 -> 2.7-4.2 ms; docs/PERFORMANCE.md, section 14). The same chunks cost no more:
+        leaves only the last batch's chunks for after the final copy (docs/PERFORMANCE.md
+        section 14). The same chunks cost no more:
         batches go in address order, so only a chunk a batch boundary cuts is hashed twice.
         """
         assert self._digest is not None and self._sink is not None
@@ -475,10 +475,10 @@ class DestinationSession:
 
         Recorded first: a restored VM process outlives this agent, as every VM does, so a VM
         that runs here must already be one a restarted agent re-adopts and names in its in-doubt
-        answer. Restoring beside the record (to hide the loop's hop, ~0.1-1 ms) left a window in
-        which an agent killed between the two left a VM running that no record named; restarted,
-        the agent answered "not resumed" and the source resumed its copy too (found by
-        tests/test_faults_kills.py under CI load). Killed after the record and before the
+        answer. Restoring beside the record (to hide the loop's hop) would leave a window in
+        which an agent killed between the two leaves a VM running that no record names;
+        restarted, the agent would answer "not resumed" and the source resume its copy too
+        (tests/test_faults_kills.py). Killed after the record and before the
         restore, the VM process (not yet restored) exits with the agent and the record names a
         process that is gone: "not resumed" is then the truth.
         """

@@ -12,7 +12,7 @@ is written for speed:
   0, dense guests) go through one reused ``RECV_PIECE`` buffer and ``pwrite``
   into the memfd: a fresh shared mapping costs a page fault, an allocation
   and a zeroing per 4 KiB written through it, a ``pwrite`` of whole pages
-  neither the fault nor the zeroing (1.33x faster receiving here), and the
+  neither the fault nor the zeroing (docs/PERFORMANCE.md section 6), and the
   receiver hashes each piece for the RAM digest while it is in the CPU cache.
   A full memfd (tmpfs limit, memory cgroup) is an error (``GuestRamFull``)
   rather than the SIGBUS a write through the mapping would take. Scattered
@@ -27,13 +27,13 @@ is written for speed:
   guest RAM) sizes its send buffer for a long path: a TCP sender keeps at
   most its send buffer unacknowledged, so the buffer caps throughput at
   buffer / round trip, and Linux autotuning stops at ``net.ipv4.tcp_wmem``
-  max (4 MiB by default: 80 MiB/s at 50 ms). The round trip measured by the
+  max (a few MiB by default: too little for a long path). The round trip measured by the
   TCP handshake times ``PATH_RATE`` gives the buffer wanted (at most
   ``SEND_BUFFER``); a short path (loopback, a LAN) keeps autotuning, which a
   fixed buffer would turn off. The accepting side (the destination) does the
   same for its receive buffer (``accepted``): the window it advertises is
   about its receive buffer, and autotuning stops at ``net.ipv4.tcp_rmem``
-  max (32 MiB here: a ~16 MiB window, 0.33 GB/s at 50 ms). A bigger window
+  max (docs/PERFORMANCE.md section 10). A bigger window
   means more bytes in flight when the source pauses; the source's Sync at
   every round end drains them before the pause, so they cost no downtime.
 """
@@ -81,7 +81,7 @@ PATH_RATE = 1 << 30
 # The receive buffer's size, and the guest-address grid pieces are cut on: a multiple of the RAM
 # digest's chunk (agent/migration/pages.DIGEST_CHUNK), so a chunk inside a range is inside one
 # piece and hashed from it; small enough to stay in the L2 cache between the copy and the hash.
-# 128 KiB to 2 MiB measured alike (docs/PERFORMANCE.md, section 6).
+# Its size within a wide range measured alike (docs/PERFORMANCE.md section 6).
 RECV_PIECE = 512 * 1024
 # Ranges at least this long on average make a batch go through the buffer. Below, the pages are
 # scattered (later rounds) and mostly already allocated: recvmsg_into the mapping saves a pwrite
