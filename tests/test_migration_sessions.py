@@ -31,8 +31,9 @@ from agent.migration.common import (
     client_handshake,
     server_handshake,
 )
-from agent.migration.destination import DestinationSession, Outcomes
+from agent.migration.destination import DestinationSession
 from agent.migration.info import MigrationInfo, MigrationParams, Status
+from agent.migration.outcomes import Outcomes
 from agent.migration.seams import IncomingHost, Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source import FIXED_DOWNTIME_S, SourceSession
 from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
@@ -649,7 +650,7 @@ if TYPE_CHECKING:
 class Harness:
     """One DestinationSession thread and the connected source end of its socket."""
 
-    def __init__(self, bridge: LoopBridge, vms: FakeDestVMs, outcomes: Outcomes) -> None:
+    def __init__(self, bridge: LoopBridge, vms: FakeDestVMs, outcomes: Outcomes[DestinationSession]) -> None:
         lsock = socket.create_server(("127.0.0.1", 0))
         self.src = Connection(connect(lsock.getsockname()[:2]))
         server, _ = lsock.accept()
@@ -832,7 +833,7 @@ def test_destination_refuses_before_touching_anything(bridge: LoopBridge) -> Non
 
 def test_in_doubt_answer_fences_a_late_commit(bridge: LoopBridge, source_ram: Any) -> None:
     fd, ram = source_ram
-    vms, outcomes = FakeDestVMs(), Outcomes()
+    vms, outcomes = FakeDestVMs(), Outcomes[DestinationSession]()
     h = Harness(bridge, vms, outcomes)
     h.start("m7")
     h.send_ram(ram)

@@ -13,10 +13,11 @@ exchange") and the ownership rules that bind it (docs/RELIABILITY.md):
   answer READY;
 * start the VM only on COMMIT, then answer RESUMED.
 
-Any failure before COMMIT discards the reserved copy. ``Outcomes`` records
-what became of every migration this host saw, so an in-doubt query gets a
-true answer; answering "not resumed" fences the migration first, so a COMMIT
-still in flight can never start the VM afterwards.
+Any failure before COMMIT discards the reserved copy. ``Outcomes``
+(outcomes.py) records what became of every migration this host saw, so an
+in-doubt query gets a true answer; answering "not resumed" fences the
+migration first, so a COMMIT still in flight can never start the VM
+afterwards.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from agent.migration.common import (
     tell,
 )
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.outcomes import Outcomes
 from agent.migration.seams import IncomingHost, IncomingRAM, Lane, LogLike
 from agent.migration.transport import Connection, GuestRamFull
 from proto.auth import error_response
@@ -63,10 +65,6 @@ from proto.state import DestinationMachine
 from vmruntime import isa
 from vmruntime.dirty import merge_ranges
 
-# How long an in-doubt query waits for a COMMIT that is being carried out.
-OUTCOME_WAIT_S = 30.0
-# Outcomes remembered for in-doubt queries (oldest forgotten first).
-MAX_OUTCOMES = 4096
 # Whole time an unauthenticated peer gets for the handshake and its first message. The kernel
 # timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
 # session (and its thread) forever; an honest peer needs a few round trips.
@@ -88,80 +86,12 @@ class Aborted(Exception):
     """The migration ended before COMMIT; the reserved copy is discarded."""
 
 
-class Outcomes:
-    """Who owns each migration's VM, as far as this host knows; thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._done: dict[str, bool] = {}
-        self._live: dict[str, DestinationSession] = {}
-
-    def register(self, mid: str, session: DestinationSession) -> bool:
-        """Track a new migration; False if that id was already settled (a replay: refuse)."""
-        with self._lock:
-            if mid in self._done or mid in self._live:
-                return False
-            self._live[mid] = session
-            return True
-
-    def begin_commit(self, mid: str) -> bool:
-        """COMMIT arrived: True if the VM may start, False if an in-doubt answer fenced it off."""
-        with self._lock:
-            session = self._live.get(mid)
-            if session is None or session.fenced:
-                return False
-            session.committing = True
-            return True
-
-    def settle(self, mid: str, resumed: bool) -> None:
-        with self._lock:
-            session = self._live.pop(mid, None)
-            self._done[mid] = resumed
-            while len(self._done) > MAX_OUTCOMES:
-                del self._done[next(iter(self._done))]
-        if session is not None:
-            session.settled.set()
-
-    def answer(self, mid: str, runs_here: Callable[[], bool] = lambda: False) -> bool | None:
-        """Did migration ``mid`` resume here? Fences it when not; None if still undecided after a wait.
-
-        ``runs_here`` is asked about a migration this run of the agent never saw: True when a VM it
-        re-adopted from the previous run arrived by that migration (it committed, then the agent died)."""
-        with self._lock:
-            if mid in self._done:
-                return self._done[mid]
-            session = self._live.get(mid)
-            if session is not None and not session.committing:
-                self._done[mid] = False  # not committed: it never will be
-                session.fence()
-                return False
-        if session is None:
-            here = runs_here()
-            with self._lock:
-                return self._done.setdefault(mid, here)  # never seen: it committed before a restart, or never
-        session.settled.wait(OUTCOME_WAIT_S)
-        with self._lock:
-            return self._done.get(mid)
-
-    def fence(self, session: DestinationSession) -> bool:
-        """Stop ``session`` from ever starting its VM, unless COMMIT is already being carried out."""
-        with self._lock:
-            if session.committing:
-                return False
-            session.fence()
-            return True
-
-    def live(self) -> list[DestinationSession]:
-        with self._lock:
-            return list(self._live.values())
-
-
 class DestinationSession:
     """One accepted migration connection."""
 
     def __init__(self, *, conn: Connection, vms: IncomingHost[Any, Any], key: bytes, agent_name: str,
-                 bridge: LoopBridge, outcomes: Outcomes, infos: dict[str, MigrationInfo], log: LogLike,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+                 bridge: LoopBridge, outcomes: Outcomes[DestinationSession], infos: dict[str, MigrationInfo],
+                 log: LogLike, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.conn = conn
         self._on_authenticated: Callable[[], None] | None = None  # the listener's unauthenticated list
         self._handshake_timeout = handshake_timeout

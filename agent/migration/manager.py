@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.migration.common import LoopBridge, MigrationError, Signal
-from agent.migration.destination import DestinationSession, Outcomes
+from agent.migration.destination import DestinationSession
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
+from agent.migration.outcomes import Outcomes
 from agent.migration.seams import LogLike, ManagedVM, VMHost
 from agent.migration.source import SourceSession
 from agent.migration.tls import server_connection
@@ -72,7 +73,7 @@ class MigrationManager:
         self.address: tuple[str, int] | None = None  # the listener's bound address, once serving
         self._infos: dict[str, MigrationInfo] = {}  # vm name -> current or last migration, in or out
         self._outgoing: dict[str, _Outgoing] = {}
-        self._outcomes = Outcomes()
+        self._outcomes: Outcomes[DestinationSession] = Outcomes()
         self._threads: set[Signal] = set()  # one per session thread still running: set when it ends
         self._serve_task: asyncio.Task[Any] | None = None
         self._accepting = True

@@ -27,15 +27,16 @@ is written for speed:
   guest RAM) sizes its send buffer for a long path: a TCP sender keeps at
   most its send buffer unacknowledged, so the buffer caps throughput at
   buffer / round trip, and Linux autotuning stops at ``net.ipv4.tcp_wmem``
-  max (a few MiB by default: too little for a long path). The round trip measured by the
-  TCP handshake times ``PATH_RATE`` gives the buffer wanted (at most
-  ``SEND_BUFFER``); a short path (loopback, a LAN) keeps autotuning, which a
-  fixed buffer would turn off. The accepting side (the destination) does the
-  same for its receive buffer (``accepted``): the window it advertises is
-  about its receive buffer, and autotuning stops at ``net.ipv4.tcp_rmem``
-  max (docs/PERFORMANCE.md section 10). A bigger window
-  means more bytes in flight when the source pauses; the source's Sync at
-  every round end drains them before the pause, so they cost no downtime.
+  max (a few MiB by default: too little for a long path). The round trip
+  measured by the TCP handshake times ``PATH_RATE`` gives the buffer wanted
+  (at most ``SEND_BUFFER``); a short path (loopback, a LAN) keeps
+  autotuning, which a fixed buffer would turn off. The accepting side (the
+  destination) does the same for its receive buffer (``accepted``): the
+  window it advertises is about its receive buffer, and autotuning stops at
+  ``net.ipv4.tcp_rmem`` max (docs/PERFORMANCE.md section 10). A bigger
+  window means more bytes in flight when the source pauses; the source's
+  Sync at every round end drains them before the pause, so they cost no
+  downtime.
 """
 
 from __future__ import annotations
