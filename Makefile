@@ -16,7 +16,7 @@ venv: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent vmruntime proto tests bench
-	$(BIN)/mypy agent vmruntime proto
+	$(BIN)/mypy agent vmruntime proto tests/test_migration_sessions.py
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q tests

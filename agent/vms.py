@@ -354,7 +354,15 @@ class VM:
             if self.on_record is not None:
                 self.on_record(self)
 
-    def mark_commit_sent(self) -> None:
+    async def begin_migration(self) -> None:
+        """An outgoing migration of this VM starts (state "migrating", phase precopy recorded)."""
+        self.state = "migrating"
+
+    async def end_migration(self, run_state: str) -> None:
+        """The migration is over and the VM stays here, ``run_state`` (running | paused)."""
+        self.state = run_state
+
+    async def mark_commit_sent(self) -> None:
         """The source is about to send COMMIT: from here a restarted agent must treat the VM as in doubt."""
         self._note_phase("commit-sent")
 

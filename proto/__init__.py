@@ -11,9 +11,11 @@ CLI own the connections; this package owns what travels on them.
 - ``proto.codec``    encode / parse_header + decode_body / buffered Decoder
 - ``proto.auth``     challenge-response handshake over the cluster key
 - ``proto.state``    source and destination migration state machines
+- ``proto.channel``  one end of a connection: the codec and the role's state machine together
 """
 
 from proto.auth import ClientHandshake, HandshakeState, ServerHandshake, error_response, new_nonce
+from proto.channel import Channel
 from proto.codec import (
     CLOSED,
     NEED_DATA,
@@ -83,7 +85,7 @@ from proto.state import (
 )
 
 __all__ = [
-    "ClientHandshake", "HandshakeState", "ServerHandshake", "error_response", "new_nonce",
+    "Channel", "ClientHandshake", "HandshakeState", "ServerHandshake", "error_response", "new_nonce",
     "DESTINATION_TRANSITIONS", "SOURCE_TRANSITIONS", "DestinationMachine", "DestinationState", "Direction",
     "SourceMachine", "SourceState",
     "CLOSED", "NEED_DATA", "Decoder", "Sentinel", "check_header", "decode_body", "encode", "encode_full",

@@ -7,7 +7,7 @@ send, ``receive(msg)`` one the peer sent. A message with no entry raises
 ``LocalProtocolError`` (send) or ``RemoteProtocolError`` (receive) naming
 the role, the state and the message.
 
-The exchange (DESIGN.md, "A migration, step by step" and "Ownership rules")::
+The exchange (docs/protocol.md, "The exchange" and "State machines")::
 
     source                               destination
       MigrateStart ------------------------> compatibility check
@@ -200,6 +200,10 @@ class _Machine:
     def can_send(self, cls: type[Message]) -> bool:
         """Whether a message of type ``cls`` may be sent now."""
         return (self.state, cls, SEND) in self.table
+
+    def can_receive(self, cls: type[Message]) -> bool:
+        """Whether a message of type ``cls`` may arrive now (the data path asks before reading a body)."""
+        return (self.state, cls, RECV) in self.table
 
     def _step(self, msg: Message, direction: Direction, error: type[ProtocolError]) -> Enum:
         nxt = self.table.get((self.state, type(msg), direction))

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,8 +31,10 @@ from agent.migration.common import (
     client_handshake,
     server_handshake,
 )
-from agent.migration.destination import DestinationSession, Outcomes
+from agent.migration.destination import DestinationSession
 from agent.migration.info import MigrationInfo, MigrationParams, Status
+from agent.migration.outcomes import Outcomes
+from agent.migration.seams import IncomingHost, Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source import FIXED_DOWNTIME_S, SourceSession
 from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
 from proto.auth import ServerHandshake
@@ -55,6 +57,7 @@ from proto.messages import (
     SyncAck,
 )
 from vmruntime import guestram, isa
+from vmruntime.dirty import DirtyTracker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -160,7 +163,13 @@ class FakeVM:
     async def track_stop(self) -> None:
         self.calls.append("track_stop")
 
-    def mark_commit_sent(self) -> None:
+    async def begin_migration(self) -> None:
+        self.state = "migrating"
+
+    async def end_migration(self, run_state: str) -> None:
+        self.state = run_state
+
+    async def mark_commit_sent(self) -> None:
         self.calls.append("commit_sent")
 
 
@@ -434,10 +443,12 @@ def test_the_policy_expects_the_switch_overs_round_trips(bridge: LoopBridge, scr
     # Each handshake message answered 0.1 s late: a path of >= 0.1 s round trip as the source sees
     # it, and the switch-over waits for two of them (one with commit ahead).
     dest = scripted(handshake_delay=0.1)
-    _, info = run_source(bridge, dest, FakeVM(), FakeSourceVMs(), commit_ahead=ahead)
+    s, info = run_source(bridge, dest, FakeVM(), FakeSourceVMs(), commit_ahead=ahead)
     assert info.status is Status.COMPLETED, info.error
-    assert info.expected_downtime_s is not None
-    assert FIXED_DOWNTIME_S + round_trips * 0.1 <= info.expected_downtime_s < FIXED_DOWNTIME_S + round_trips * 0.2
+    assert s._rtt >= 0.1, "the handshake did not measure the path's round trip"
+    # The count of round trips, not a timing: the policy's fixed part holds that many measured ones.
+    assert s._fixed_s == pytest.approx(FIXED_DOWNTIME_S + round_trips * s._rtt)
+    assert info.expected_downtime_s is not None and info.expected_downtime_s >= s._fixed_s
 
 
 def test_the_bandwidth_leaves_the_sync_round_trip_out(bridge: LoopBridge, scripted: Any) -> None:
@@ -620,10 +631,26 @@ class FakeDestVMs:
         self.discarded.append(inc.name)
 
 
+# mypy checks each fake against the seam it stands in for (`make lint` runs mypy on this module):
+# a fake that lacks a method the sessions call, or has it with another signature, fails the lint.
+if TYPE_CHECKING:
+    def _fakes_fit_their_seams(vm: FakeVM, hot: HotFakeVM, source_vms: FakeSourceVMs, lane: FakeLane,
+                               tracker: FakeTracker, dest_vms: FakeDestVMs, dest_lane: FakeDestLane,
+                               log: Log) -> None:
+        _vm: MigratingVM = vm
+        _hot: MigratingVM = hot
+        _source_host: SourceHost = source_vms
+        _lane: Lane = lane
+        _tracker: DirtyTracker = tracker
+        _incoming_host: IncomingHost[Inc, str] = dest_vms
+        _dest_lane: Lane = dest_lane
+        _log: LogLike = log
+
+
 class Harness:
     """One DestinationSession thread and the connected source end of its socket."""
 
-    def __init__(self, bridge: LoopBridge, vms: FakeDestVMs, outcomes: Outcomes) -> None:
+    def __init__(self, bridge: LoopBridge, vms: FakeDestVMs, outcomes: Outcomes[DestinationSession]) -> None:
         lsock = socket.create_server(("127.0.0.1", 0))
         self.src = Connection(connect(lsock.getsockname()[:2]))
         server, _ = lsock.accept()
@@ -796,16 +823,17 @@ def test_destination_refuses_before_touching_anything(bridge: LoopBridge) -> Non
     reply = h.start()
     assert isinstance(reply, MigrateRefuse) and reply.code == ErrorCode.INSUFFICIENT_MEMORY
     h.finish()
-    h2 = Harness(bridge, FakeDestVMs(), Outcomes())
+    vms2 = FakeDestVMs()
+    h2 = Harness(bridge, vms2, Outcomes())
     reply = h2.start(isa_version=isa.ISA_VERSION + 1)
     assert isinstance(reply, MigrateRefuse) and reply.code == ErrorCode.INCOMPATIBLE
     h2.finish()
-    assert h2.session.vms.reserved == []
+    assert vms2.reserved == []
 
 
 def test_in_doubt_answer_fences_a_late_commit(bridge: LoopBridge, source_ram: Any) -> None:
     fd, ram = source_ram
-    vms, outcomes = FakeDestVMs(), Outcomes()
+    vms, outcomes = FakeDestVMs(), Outcomes[DestinationSession]()
     h = Harness(bridge, vms, outcomes)
     h.start("m7")
     h.send_ram(ram)

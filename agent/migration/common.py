@@ -3,13 +3,16 @@
 Sessions run in their own threads (the data path blocks in the kernel with
 the GIL released); the VM manager lives on the agent's asyncio loop. The
 ``LoopBridge`` is the one way a session reaches it: run a coroutine or a
-plain function on the loop and wait for the result, with a timeout.
+plain function on the loop and wait for the result, with a timeout. The way
+back is a ``Signal``: a session thread sets it, the loop awaits it without
+parking a worker thread (docs/ARCHITECTURE.md, threads and the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -98,6 +101,44 @@ async def _as_coro(aw: Awaitable[T]) -> T:
     return await aw
 
 
+class Signal:
+    """A one-shot event that any thread sets and the event loop (or another thread) waits for.
+
+    The loop's waiters are woken through ``loop.call_soon_threadsafe``
+    (``asyncio.wrap_future``), so awaiting it holds no executor worker, as a
+    ``threading.Event.wait`` sent to a thread would.
+    """
+
+    def __init__(self) -> None:
+        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def set(self) -> None:
+        """Set it (idempotent, from any thread)."""
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self._done.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._done.done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block this thread (never the loop's) until set or ``timeout``; True when set."""
+        try:
+            self._done.result(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def until_set(self, seconds: float) -> bool:
+        """On the loop: wait until set, for at most ``seconds``; True when set."""
+        try:
+            async with asyncio.timeout(seconds):
+                # shield: the timeout cancels the wait, never the future a thread will set
+                await asyncio.shield(asyncio.wrap_future(self._done))
+        except TimeoutError:
+            return False
+        return True
+
+
 def client_handshake(conn: Connection, key: bytes, name: str) -> str:
     """Authenticate to the destination's migration listener; returns the peer's name."""
     return timed_client_handshake(conn, key, name)[0]
@@ -133,6 +174,6 @@ def server_handshake(conn: Connection, key: bytes, name: str) -> str:
 def tell(conn: Connection, msg: ErrorResponse) -> None:
     """Best effort: the peer may already be gone."""
     try:
-        conn.send(msg)
+        conn.send_error(msg)
     except (OSError, ProtocolError):
         pass

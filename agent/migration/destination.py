@@ -1,7 +1,7 @@
 """The destination side: one accepted migration connection, run in its own thread.
 
-This module owns the receiving half of DESIGN.md's steps and its ownership
-rules:
+This module owns the receiving half of a migration (docs/protocol.md, "The
+exchange") and the ownership rules that bind it (docs/RELIABILITY.md):
 
 * authenticate the peer; the first message is either MigrateStart (a
   migration) or InDoubtQuery (a source in doubt asking about an earlier one);
@@ -13,10 +13,11 @@ rules:
   answer READY;
 * start the VM only on COMMIT, then answer RESUMED.
 
-Any failure before COMMIT discards the reserved copy. ``Outcomes`` records
-what became of every migration this host saw, so an in-doubt query gets a
-true answer; answering "not resumed" fences the migration first, so a COMMIT
-still in flight can never start the VM afterwards.
+Any failure before COMMIT discards the reserved copy. ``Outcomes``
+(outcomes.py) records what became of every migration this host saw, so an
+in-doubt query gets a true answer; answering "not resumed" fences the
+migration first, so a COMMIT still in flight can never start the VM
+afterwards.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from agent.migration.common import (
     tell,
 )
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.outcomes import Outcomes
+from agent.migration.seams import IncomingHost, IncomingRAM, Lane, LogLike
 from agent.migration.transport import Connection, GuestRamFull
 from proto.auth import error_response
 from proto.errors import ErrorCode, ProtocolError
@@ -59,19 +62,14 @@ from proto.messages import (
     SyncAck,
 )
 from proto.state import DestinationMachine
-from vmruntime import control as vmctl
 from vmruntime import isa
 from vmruntime.dirty import merge_ranges
 
-# How long an in-doubt query waits for a COMMIT that is being carried out.
-OUTCOME_WAIT_S = 30.0
-# Outcomes remembered for in-doubt queries (oldest forgotten first).
-MAX_OUTCOMES = 4096
 # Whole time an unauthenticated peer gets for the handshake and its first message. The kernel
 # timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
 # session (and its thread) forever; an honest peer needs a few round trips.
 HANDSHAKE_TIMEOUT_S = 10.0
-# Restoring the CPU state takes a millisecond; past this the VM process is stuck: not resumed here.
+# Restoring the CPU state is quick; past this the VM process is stuck: not resumed here.
 RESTORE_TIMEOUT_S = 10.0
 
 
@@ -88,80 +86,12 @@ class Aborted(Exception):
     """The migration ended before COMMIT; the reserved copy is discarded."""
 
 
-class Outcomes:
-    """Who owns each migration's VM, as far as this host knows; thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._done: dict[str, bool] = {}
-        self._live: dict[str, DestinationSession] = {}
-
-    def register(self, mid: str, session: DestinationSession) -> bool:
-        """Track a new migration; False if that id was already settled (a replay: refuse)."""
-        with self._lock:
-            if mid in self._done or mid in self._live:
-                return False
-            self._live[mid] = session
-            return True
-
-    def begin_commit(self, mid: str) -> bool:
-        """COMMIT arrived: True if the VM may start, False if an in-doubt answer fenced it off."""
-        with self._lock:
-            session = self._live.get(mid)
-            if session is None or session.fenced:
-                return False
-            session.committing = True
-            return True
-
-    def settle(self, mid: str, resumed: bool) -> None:
-        with self._lock:
-            session = self._live.pop(mid, None)
-            self._done[mid] = resumed
-            while len(self._done) > MAX_OUTCOMES:
-                del self._done[next(iter(self._done))]
-        if session is not None:
-            session.settled.set()
-
-    def answer(self, mid: str, runs_here: Callable[[], bool] = lambda: False) -> bool | None:
-        """Did migration ``mid`` resume here? Fences it when not; None if still undecided after a wait.
-
-        ``runs_here`` is asked about a migration this run of the agent never saw: True when a VM it
-        re-adopted from the previous run arrived by that migration (it committed, then the agent died)."""
-        with self._lock:
-            if mid in self._done:
-                return self._done[mid]
-            session = self._live.get(mid)
-            if session is not None and not session.committing:
-                self._done[mid] = False  # not committed: it never will be
-                session.fence()
-                return False
-        if session is None:
-            here = runs_here()
-            with self._lock:
-                return self._done.setdefault(mid, here)  # never seen: it committed before a restart, or never
-        session.settled.wait(OUTCOME_WAIT_S)
-        with self._lock:
-            return self._done.get(mid)
-
-    def fence(self, session: DestinationSession) -> bool:
-        """Stop ``session`` from ever starting its VM, unless COMMIT is already being carried out."""
-        with self._lock:
-            if session.committing:
-                return False
-            session.fence()
-            return True
-
-    def live(self) -> list[DestinationSession]:
-        with self._lock:
-            return list(self._live.values())
-
-
 class DestinationSession:
     """One accepted migration connection."""
 
-    def __init__(self, *, conn: Connection, vms: Any, key: bytes, agent_name: str, bridge: LoopBridge,
-                 outcomes: Outcomes, infos: dict[str, MigrationInfo], log: Any,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+    def __init__(self, *, conn: Connection, vms: IncomingHost[Any, Any], key: bytes, agent_name: str,
+                 bridge: LoopBridge, outcomes: Outcomes[DestinationSession], infos: dict[str, MigrationInfo],
+                 log: LogLike, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
         self.conn = conn
         self._on_authenticated: Callable[[], None] | None = None  # the listener's unauthenticated list
         self._handshake_timeout = handshake_timeout
@@ -178,7 +108,7 @@ class DestinationSession:
         self.fenced = False
         self.committing = False
         self.settled = threading.Event()
-        self._inc: Any = None
+        self._inc: IncomingRAM | None = None
         self._ram: memoryview | None = None
         self._digest: pages.RamDigest | None = None
         self._sink: _DigestingSink | None = None  # the memfd large ranges are written to
@@ -189,7 +119,7 @@ class DestinationSession:
         self._round = RoundStat()
         self._mid = ""
         self._peer = "?"
-        self._lane: vmctl.Lane | None = None  # this thread's own socket to the incoming VM's process
+        self._lane: Lane | None = None  # this thread's own socket to the incoming VM's process
         self._listen_at: str | None = None  # where that process will listen once restored
 
     def on_authenticated(self, callback: Callable[[], None]) -> None:
@@ -224,6 +154,7 @@ class DestinationSession:
         timer.start()
         try:
             self._peer = server_handshake(self.conn, self.key, self.agent_name)  # tells the peer itself
+            self.conn.start(self.machine)
             first = self._first()
         except Exception as e:
             if self._too_late:  # the deadline shut the socket: say so, not "peer closed"
@@ -306,18 +237,20 @@ class DestinationSession:
 
     def _accept(self, start: MigrateStart) -> None:
         """RAM is reserved: get ready to receive into it and tell the source to go."""
+        inc = self._inc
+        assert inc is not None
         self.conn.guest_size = start.mem_size
-        self._ram = memoryview(self._inc.ram)
-        # Before the wait for the VM process, not after: the digest's set-up (a few ms for a big
+        self._ram = memoryview(inc.ram)
+        # Before the wait for the VM process, not after: the digest's set-up (it grows with the
         # guest) then runs while that process starts, instead of adding to the setup time.
-        self._digest = pages.RamDigest(self._inc.memfd, self._ram, start.mem_size)
+        self._digest = pages.RamDigest(inc.memfd, self._ram, start.mem_size)
         self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
-        self._sink = _DigestingSink(self._inc.memfd, self._digest)
+        self._sink = _DigestingSink(inc.memfd, self._digest)
         self._await_vm_process()
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
                                   params=_params_of(start))
-        self.infos[start.vm_name] = self.info
+        self.bridge.run(self.infos.__setitem__, start.vm_name, self.info)  # the manager's dict: the loop's
         self._send(MigrateAccept(start.migration_id))
         self.info.setup_s = time.monotonic() - self.info.started
         self.log.info("incoming migration accepted", vm=start.vm_name, peer=self._peer, mem=start.mem_size)
@@ -325,9 +258,9 @@ class DestinationSession:
     def _await_vm_process(self) -> None:
         """Hold the accept until the VM process for the reservation is up, and open a lane to it.
 
-        Starting a Python process takes 0.1-0.4 s here; a small guest migrates
-        faster than that, and whatever is left of the start at COMMIT is
-        downtime. Waiting now moves it into the setup time instead. The lane is
+        Starting a Python process takes longer than a small guest takes to
+        migrate (docs/PERFORMANCE.md section 1), and whatever is left of the
+        start at COMMIT is downtime. Waiting now moves it into the setup time instead. The lane is
         this thread's own socket to that process: the restore at COMMIT goes
         over it, with no round trip through the agent's event loop.
         """
@@ -354,6 +287,7 @@ class DestinationSession:
     def _on_pages(self, batch: PageBatch) -> None:
         assert self._ram is not None and self.info is not None and self._digest is not None
         if batch.zeros:
+            assert self._inc is not None
             pages.punch_zeros(self._inc.memfd, self._ram, batch.zeros)
         self._digest_batch(batch)
         data = pages.total_bytes(batch.ranges)
@@ -375,8 +309,8 @@ class DestinationSession:
 
         Batch by batch, not once per round: in the final round the source is paused and the
         digest is in the downtime, and hashing each batch while the next one is on its way
-        leaves only the last batch's chunks for after the final copy (memstress: verify p50
-        5.4-7.7 -> 2.7-4.2 ms; docs/PERFORMANCE.md, section 14). The same chunks cost no more:
+        leaves only the last batch's chunks for after the final copy (docs/PERFORMANCE.md
+        section 14). The same chunks cost no more:
         batches go in address order, so only a chunk a batch boundary cuts is hashed twice.
         """
         assert self._digest is not None and self._sink is not None
@@ -471,10 +405,10 @@ class DestinationSession:
 
         Recorded first: a restored VM process outlives this agent, as every VM does, so a VM
         that runs here must already be one a restarted agent re-adopts and names in its in-doubt
-        answer. Restoring beside the record (to hide the loop's hop, ~0.1-1 ms) left a window in
-        which an agent killed between the two left a VM running that no record named; restarted,
-        the agent answered "not resumed" and the source resumed its copy too (found by
-        tests/test_faults_kills.py under CI load). Killed after the record and before the
+        answer. Restoring beside the record (to hide the loop's hop) would leave a window in
+        which an agent killed between the two leaves a VM running that no record names;
+        restarted, the agent would answer "not resumed" and the source resume its copy too
+        (tests/test_faults_kills.py). Killed after the record and before the
         restore, the VM process (not yet restored) exits with the agent and the record names a
         process that is gone: "not resumed" is then the truth.
         """
@@ -522,12 +456,10 @@ class DestinationSession:
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _send(self, msg: Message) -> None:
-        self.machine.send(msg)
         self.conn.send(msg)
 
     def _recv(self, ram: memoryview | None = None, sink: _DigestingSink | None = None) -> Message:
         msg = self.conn.recv(ram, sink)
-        self.machine.receive(msg)
         if isinstance(msg, Abort):
             raise Aborted(f"the source aborted: {msg.reason}")
         return msg

@@ -11,15 +11,20 @@ a ``LoopBridge``. Several migrations run at once (A to B while B to A).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from agent.migration.common import LoopBridge, MigrationError
-from agent.migration.destination import DestinationSession, Outcomes
+from agent.migration.common import LoopBridge, MigrationError, Signal
+from agent.migration.destination import DestinationSession
+from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
-from agent.migration.source import IN_DOUBT_TIMEOUT_S, SourceSession
+from agent.migration.outcomes import Outcomes
+from agent.migration.seams import LogLike, ManagedVM, VMHost
+from agent.migration.source import SourceSession
 from agent.migration.tls import server_connection
 from agent.migration.transport import Connection, accepted
 from agent.tls import TLSContexts
@@ -30,6 +35,9 @@ from proto.errors import ErrorCode
 SETUP_WAIT_S = 15.0
 # How long cancel() waits for the session to put the VM back.
 CANCEL_WAIT_S = 30.0
+# How long the operator's migrate-resolve waits for the destination's in-doubt answer: an honest
+# destination answers within a few round trips; past this it counts as unreachable.
+RESOLVE_ASK_S = 10.0
 LISTEN_BACKLOG = 64
 # Most peers at once that have not finished the handshake. Past it, each new connection drops
 # the oldest unauthenticated one: an honest source authenticates within milliseconds, so a burst
@@ -37,10 +45,24 @@ LISTEN_BACKLOG = 64
 MAX_UNAUTHENTICATED = 32
 
 
-class MigrationManager:
-    """Outgoing and incoming migrations of one agent (CONTRACTS.md)."""
+@dataclass
+class _Outgoing:
+    """An outgoing migration's session, and the loop future its end resolves."""
 
-    def __init__(self, *, agent_name: str, key: bytes, vms: Any, log: Any,
+    session: SourceSession
+    over: asyncio.Future[None]
+
+
+class MigrationManager:
+    """Outgoing and incoming migrations of one agent (docs/CONTRACTS.md).
+
+    The dicts below are the loop's: session threads change them only through
+    callbacks they schedule on the loop (``_on_loop``), and the loop awaits
+    the threads through ``Signal``s and futures, never parking an executor
+    worker on them.
+    """
+
+    def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSContexts | None = None) -> None:
         self.agent_name = agent_name
         self.tls = tls  # agent.tls.TLSContexts: mutual TLS on the listener and outgoing connections
@@ -50,9 +72,9 @@ class MigrationManager:
         self.in_doubt_timeout = in_doubt_timeout
         self.address: tuple[str, int] | None = None  # the listener's bound address, once serving
         self._infos: dict[str, MigrationInfo] = {}  # vm name -> current or last migration, in or out
-        self._outgoing: dict[str, SourceSession] = {}
-        self._outcomes = Outcomes()
-        self._threads: set[threading.Thread] = set()
+        self._outgoing: dict[str, _Outgoing] = {}
+        self._outcomes: Outcomes[DestinationSession] = Outcomes()
+        self._threads: set[Signal] = set()  # one per session thread still running: set when it ends
         self._serve_task: asyncio.Task[Any] | None = None
         self._accepting = True
         # Called with each MigrationInfo once its session ended (in the session's thread): metrics.
@@ -122,19 +144,20 @@ class MigrationManager:
         with self._pending_lock:
             self._pending.pop(key, None)
 
-    def _start_thread(self, target: Any, name: str) -> threading.Thread:
-        t = threading.Thread(target=self._tracked(target), name=name, daemon=True)
-        self._threads.add(t)
-        t.start()
-        return t
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        """Run ``target`` in a new session thread (called on the loop); shutdown waits for it."""
+        loop = asyncio.get_running_loop()
+        ended = Signal()
+        self._threads.add(ended)
 
-    def _tracked(self, target: Any) -> Any:
         def run() -> None:
             try:
                 target()
             finally:
-                self._threads.discard(threading.current_thread())
-        return run
+                ended.set()
+                _on_loop(loop, self._threads.discard, ended)
+
+        threading.Thread(target=run, name=name, daemon=True).start()
 
     # -- outgoing --------------------------------------------------------------------------------------
     async def migrate(self, vm_name: str, dest_migration: tuple[str, int], params: MigrationParams,
@@ -153,16 +176,18 @@ class MigrationManager:
                                 agent_name=self.agent_name, bridge=LoopBridge(asyncio.get_running_loop()),
                                 info=info, log=self.log, tls=None if self.tls is None else self.tls.client,
                                 in_doubt_timeout=self.in_doubt_timeout if in_doubt_timeout is None else in_doubt_timeout)
+        loop = asyncio.get_running_loop()
+        out = _Outgoing(session, loop.create_future())
         self._infos[vm_name] = info
-        self._outgoing[vm_name] = session
+        self._outgoing[vm_name] = out
         self.log.info("migration starting", vm=vm_name, to=info.peer, params=params.to_dict())
-        self._start_thread(lambda: self._run_outgoing(session), "ferry-migration-out")
-        await asyncio.to_thread(session.setup_done.wait, SETUP_WAIT_S)
+        self._start_thread(lambda: self._run_outgoing(out, loop), "ferry-migration-out")
+        await session.setup_done.until_set(SETUP_WAIT_S)
         if info.status in (Status.FAILED, Status.CANCELLED) and not info.rounds:
             raise MigrationError(_setup_code(info), info.error or f"migration of {vm_name} {info.status.value}")
         return info.to_dict()
 
-    def _check_can_start(self, vm_name: str, vm: Any) -> None:
+    def _check_can_start(self, vm_name: str, vm: ManagedVM) -> None:
         if not self._accepting:
             raise MigrationError(ErrorCode.BUSY, f"agent {self.agent_name} is shutting down")
         if vm_name in self._outgoing:
@@ -170,14 +195,22 @@ class MigrationManager:
         if vm.state == "migrating":
             raise MigrationError(ErrorCode.BUSY, f"VM {vm_name!r} is busy with a migration")
 
-    def _run_outgoing(self, session: SourceSession) -> None:
+    def _run_outgoing(self, out: _Outgoing, loop: asyncio.AbstractEventLoop) -> None:
+        """The session thread's body: the session, then its end told to the loop and the hook."""
         try:
-            session.run()
+            out.session.run()
         finally:
-            self._outgoing.pop(session.vm.name, None)
-            if session.in_doubt:
-                self._in_doubt[session.vm.name] = session
-            self._finished(session.info)
+            _on_loop(loop, self._outgoing_over, out)
+            self._finished(out.session.info)
+
+    def _outgoing_over(self, out: _Outgoing) -> None:
+        """On the loop, once an outgoing session ended: forget it, or keep it for the operator."""
+        session = out.session
+        self._outgoing.pop(session.vm.name, None)
+        if session.in_doubt:
+            self._in_doubt[session.vm.name] = session
+        if not out.over.done():
+            out.over.set_result(None)
 
     async def resolve(self, vm_name: str, resume_here: bool) -> str:
         """The operator settles a migration that ended in doubt (the VM paused here).
@@ -194,7 +227,8 @@ class MigrationManager:
             del self._in_doubt[vm_name]  # destroyed by hand meanwhile: nothing left to resolve here
             raise MigrationError(ErrorCode.NO_SUCH_VM, f"VM {vm_name!r} is no longer on {self.agent_name}")
         vm = self.vms.get(vm_name)
-        answer = await asyncio.to_thread(session.ask_once)
+        # A blocking exchange on a new connection: in a worker thread, for a bounded time.
+        answer = await asyncio.to_thread(session.ask_once, RESOLVE_ASK_S)
         if resume_here and answer is True:
             raise MigrationError(ErrorCode.BUSY, f"the destination runs VM {vm_name!r}: destroy the copy here "
                                  "instead (--resumed-on-destination)")
@@ -228,13 +262,15 @@ class MigrationManager:
         After COMMIT a cancel cannot apply (the destination may already run
         the VM); the migration then completes or resolves as in doubt.
         """
-        session = self._outgoing.get(vm_name)
-        if session is None:
+        out = self._outgoing.get(vm_name)
+        if out is None:
             self._cancel_incoming(vm_name)
             return
-        if not session.cancel():
+        if not out.session.cancel():
             self.log.info("cancel ignored: COMMIT already sent", vm=vm_name)
-        await asyncio.to_thread(session.done.wait, CANCEL_WAIT_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await asyncio.shield(out.over)
 
     def _cancel_incoming(self, vm_name: str) -> None:
         """Cancel on the destination: drop the incoming copy (before COMMIT); the source resumes the VM."""
@@ -252,13 +288,19 @@ class MigrationManager:
         self._accepting = False
         if self._serve_task is not None:
             self._serve_task.cancel()
-        for session in list(self._outgoing.values()):
-            session.cancel()
+        for out in list(self._outgoing.values()):
+            out.session.cancel()
         for incoming in self._outcomes.live():
             self._outcomes.fence(incoming)
-        for t in list(self._threads):
-            await asyncio.to_thread(t.join, CANCEL_WAIT_S)
+        for ended in list(self._threads):
+            await ended.until_set(CANCEL_WAIT_S)
         self.log.info("migration engine stopped")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """From a session thread: run ``fn(*args)`` on the loop (skipped once the loop is closed)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _setup_code(info: MigrationInfo) -> str:

@@ -7,7 +7,7 @@ and reads no clock: the caller passes the figures and ``now`` (like Cloud
 Hypervisor's ``is_precopy_converged``), so tests build any scenario with
 fixed numbers.
 
-The max downtime is a bound, not a target (DESIGN.md step 7): while the
+The max downtime is a bound, not a target (docs/cli.md): while the
 remainder fits the bound we keep iterating as long as rounds still set
 meaningful new lows, and switch over when the remainder is as small as it is
 going to get: no new low for PATIENCE rounds, and this round at its low (a
@@ -34,8 +34,8 @@ THROTTLE_MAX = 99
 # A round sets a meaningful new low when its remainder is below this fraction
 # of the lowest remainder before it. A guest that keeps dirtying settles near
 # an equilibrium (its dirty rate times a round's fixed costs, over what the
-# rounds' per-page cost leaves), approached by cuts of 10-40 % per round that
-# the host's noise hides one round in three (docs/PERFORMANCE.md, section 12):
+# rounds' per-page cost leaves), approached by cuts per round that the host's
+# noise often hides (docs/PERFORMANCE.md section 12):
 # comparing with the lowest so far, with patience, rather than each round with
 # the one before, keeps a noisy round from ending pre-copy early.
 NEW_LOW_RATIO = 0.9
@@ -52,8 +52,8 @@ THROTTLE_TRIGGER = 0.5
 NEGLIGIBLE_DOWNTIME_S = 0.002
 # Nor when the remainder's copy is under this share of the fixed downtime no round can remove (the
 # switch-over's round trips): on a long path another round costs at least a round trip of total
-# time and resends what the guest wrote meanwhile, to save a few ms of a downtime of ~100
-# (docs/PERFORMANCE.md section 17). On loopback (fixed ~10 ms) NEGLIGIBLE_DOWNTIME_S decides.
+# time and resends what the guest wrote meanwhile, to save a small share of the downtime
+# (docs/PERFORMANCE.md section 17). On a short path NEGLIGIBLE_DOWNTIME_S decides.
 NEGLIGIBLE_SHARE = 0.1
 
 

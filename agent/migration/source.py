@@ -1,7 +1,8 @@
 """The source side of one outgoing migration, run in its own thread.
 
-This module owns the steps of DESIGN.md "A migration, step by step" on the
-sending host and the ownership rules that bind it:
+This module owns the sequence of a migration on the sending host
+(docs/protocol.md, "The exchange") and the ownership rules that bind it
+(docs/RELIABILITY.md):
 
 * setup: connect, authenticate, propose (MigrateStart), accept or refusal;
 * pre-copy: arm dirty tracking, round 0 sends the written extents of the
@@ -21,16 +22,19 @@ before RESUMED the session is in doubt: the VM stays paused while it asks
 the destination (on new connections, for a bounded time) whether it resumed;
 it resumes locally only when the destination answers that it did not and
 never will.
+
+What is not the sequence lives beside it: the RAM digest and its thread
+(source_digest), the round figures and the policy's inputs (rounds), the
+in-doubt queries (in_doubt).
 """
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import ssl
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Coroutine
 from typing import Any
 
 from agent.migration import pages, tls
@@ -39,13 +43,18 @@ from agent.migration.common import (
     Cancelled,
     LoopBridge,
     MigrationError,
+    Signal,
     client_handshake,
     describe,
     error_code,
     timed_client_handshake,
 )
+from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
-from agent.migration.policy import Action, Decision, Figures, Limits, decide
+from agent.migration.policy import Action, Decision, Limits, decide
+from agent.migration.rounds import RoundBook
+from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
+from agent.migration.source_digest import SourceDigest
 from agent.migration.transport import Connection, RateLimiter, connect
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
@@ -54,15 +63,12 @@ from proto.messages import (
     DeviceState,
     Digest,
     InDoubtAnswer,
-    InDoubtQuery,
     Message,
     MigrateAccept,
     MigrateRefuse,
     MigrateStart,
-    PageBatch,
     Ready,
     Resumed,
-    RoundEnd,
     Sync,
     SyncAck,
 )
@@ -73,31 +79,21 @@ from vmruntime.dirty import DirtyTracker, merge_ranges, written_extents
 
 Range = tuple[int, int]
 
-# How long the source, in doubt after COMMIT, keeps asking the destination.
-IN_DOUBT_TIMEOUT_S = 60.0
-IN_DOUBT_RETRY_S = 0.5
-# A round must move this much before its bandwidth is trusted for the next estimate.
-MIN_MEASURED_BYTES = 1 << 20
-# Upper bound on waiting for the digest thread when a migration fails mid-way.
-DIGEST_WAIT_S = 60.0
-# A VM process answers a pause at its next instruction boundary (a slice is ~0.5 ms; one huge
-# FILL/COPY/HASH instruction can take a second): past this the migration fails, the VM resumes.
+# A VM process answers a pause at its next instruction boundary (one huge FILL/COPY/HASH
+# instruction can take a second): past this the migration fails, the VM resumes.
 PAUSE_TIMEOUT_S = 10.0
 # The downtime of an idle guest that is neither copy nor hashing: pause, final harvest, state,
-# READY, COMMIT to RESUMED (5-10 ms on these machines, docs/BENCHMARKS.md bench_downtime), plus
-# the round trips the switch-over waits for on the path (SWITCH_ROUND_TRIPS; see _fixed_s).
+# READY, COMMIT to RESUMED (docs/BENCHMARKS.md, bench_downtime), plus the round trips the
+# switch-over waits for on the path (SWITCH_ROUND_TRIPS; see _fixed_s).
 FIXED_DOWNTIME_S = 0.010
 SWITCH_ROUND_TRIPS = {False: 2, True: 1}  # commit_ahead -> Digest..READY, COMMIT..RESUMED (or both at once)
-# RAM digest bytes/s assumed until a round measured faster (xxh3 of 64 KiB chunks: 4-16 GB/s here);
-# also the floor: a measurement under CPU contention must not make pre-copy look hopeless.
-HASH_RATE_GUESS = 2e9
 
 
 class SourceSession:
     """One outgoing migration of one VM."""
 
-    def __init__(self, *, vm: Any, vms: Any, dest: tuple[str, int], params: MigrationParams, key: bytes,
-                 agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: Any,
+    def __init__(self, *, vm: MigratingVM, vms: SourceHost, dest: tuple[str, int], params: MigrationParams,
+                 key: bytes, agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> None:
         self.vm = vm
         self.vms = vms
@@ -113,28 +109,25 @@ class SourceSession:
         self.migration_id = secrets.token_hex(8)
         self.machine = SourceMachine()
         self.conn: Connection | None = None
-        self.setup_done = threading.Event()  # set when setup succeeded or the session ended
-        self.done = threading.Event()
+        self.setup_done = Signal()  # set when setup succeeded or the session ended
+        self.done = Signal()
         self.in_doubt = False  # ended in doubt: the VM is paused here until an operator resolves it
         self._cancel = threading.Event()
         self._lock = threading.Lock()  # orders cancel() against sending COMMIT
         self._committing = False
         self._tracker: DirtyTracker | None = None
         self._ram: memoryview | None = None
-        self._digest: pages.RamDigest | None = None
-        self._digest_future: Future[str] | None = None
-        self._digest_pool: ThreadPoolExecutor | None = None  # its thread started ahead: see _precopy
+        self._digest: SourceDigest | None = None
+        self._book = RoundBook(info)
+        self._asker = InDoubtAsker(connect=self._connect, handshake=self._handshake, vm_name=vm.name,
+                                   migration_id=self.migration_id, log=log)
         self._was_running = True
         self._paused = False
         self._throttle = 0
         self._limiter = RateLimiter(params.bandwidth, self._cancel) if params.bandwidth else None
-        self._sent_bytes = 0
-        self._send_seconds = 0.0
         self._pause_t = 0.0
-        self._hash_rate = HASH_RATE_GUESS  # RAM digest bytes/s: the fastest measured, for _hash_time
         self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
-        self._stable: set[int] = set()  # digest chunks sent last round and not dirtied since: hash next
-        self._lane: vmctl.Lane | None = None  # this thread's own socket to the VM process
+        self._lane: Lane | None = None  # this thread's own socket to the VM process
 
     # -- control from other threads ----------------------------------------------------------------
     def cancel(self) -> bool:
@@ -180,7 +173,7 @@ class SourceSession:
     def _setup(self) -> None:
         vm = self.vm
         self._was_running = vm.state not in ("paused",)
-        self.bridge.run(setattr, vm, "state", "migrating")
+        self.bridge.call(vm.begin_migration())
         with tls.refusals(self.dest):
             self.conn = self._connect(guest_size=vm.mem)
             self._check_cancel()
@@ -188,6 +181,7 @@ class SourceSession:
             # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
             # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 17).
             self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
+        self.conn.start(self.machine)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
@@ -215,14 +209,10 @@ class SourceSession:
         self._lane = self.bridge.call(vm.open_lane())
         self.info.dirty_tracker = self._tracker.name
         self._ram = memoryview(vm.ram)
-        self._digest = pages.RamDigest(vm.memfd, self._ram, vm.mem)
+        self._digest = SourceDigest(vm.memfd, self._ram, vm.mem)
         self._tracker.start()  # armed before round 0 reads anything: no write escapes
         pending = written_extents(vm.memfd, vm.mem)
-        self._digest.assume_holes_except(pending)  # a hole written from now on shows up in a harvest
-        # The thread that finishes the digest during the final copy, started now: Thread.start
-        # waits until the new thread runs, 1-3 ms of the downtime on a busy host (profiled).
-        self._digest_pool = ThreadPoolExecutor(1, thread_name_prefix="ferry-digest")
-        self._digest_pool.submit(lambda: None)
+        self._digest.start(pending)  # its thread started now, ahead of the downtime
         limits = Limits(self.params.max_downtime_ms / 1000, self.params.max_rounds, self.params.timeout_s,
                         self.params.auto_converge, self.params.force)
         remainders: list[int] = []  # the dirty bytes after each round, for the policy
@@ -236,23 +226,21 @@ class SourceSession:
                    limits: Limits) -> tuple[list[Range], int, Decision]:
         """Send ``ranges`` as one round, harvest, ask the policy."""
         t0 = time.monotonic()
-        self._digest_stable()
+        assert self._digest is not None and self._tracker is not None
+        self._digest.hash_stable()
         stat = self._send_ranges(ranges)
         self._sync(stat)
         # The harvest is the last step before the decision: the dirty set the policy judges is the
         # one a switch-over sends, not that plus what the guest wrote while we hashed.
         dirty = self._harvest()
-        assert self._digest is not None and self._tracker is not None
-        dirty_chunks = pages.chunks_of(dirty)  # (once: three uses, ~0.15 ms per 1000 ranges each)
-        self._digest.invalidate(dirty, dirty_chunks)
-        self._stable = pages.chunks_of(ranges) - dirty_chunks
+        dirty_chunks = pages.chunks_of(dirty)  # computed once: the digest and the policy both use it
+        self._digest.after_round(ranges, dirty, dirty_chunks)
         elapsed = max(time.monotonic() - t0, 1e-6)
         dirty_bytes = pages.total_bytes(dirty)
-        self._end_round(stat, dirty_bytes, elapsed)
-        fig = Figures(rounds=len(self.info.rounds), remaining_bytes=dirty_bytes, earlier_remaining=earlier,
-                      bandwidth=self._bandwidth(), dirty_rate=dirty_bytes / elapsed, throttle=self._throttle,
-                      started=self.info.started, hash_s=self._hash_time(dirty_chunks), fixed_s=self._fixed_s,
-                      whole_bytes=self._tracker.whole_bytes)
+        self._send(self._book.end(stat, dirty_bytes, elapsed))
+        fig = self._book.figures(dirty_bytes=dirty_bytes, earlier=earlier, elapsed=elapsed, throttle=self._throttle,
+                                 hash_s=self._digest.hash_time(dirty_chunks), fixed_s=self._fixed_s,
+                                 whole_bytes=self._tracker.whole_bytes)
         decision = decide(fig, limits, time.monotonic())
         self.info.expected_downtime_s = decision.expected_downtime_s
         return dirty, dirty_bytes, decision
@@ -275,67 +263,25 @@ class SourceSession:
         self.info.summary = d.reason if d.action is Action.SWITCH_OVER else f"forced switch-over: {d.reason}"
         return True
 
-    def _digest_stable(self) -> None:
-        """Hash the chunks the previous round sent and the guest then left alone (likely to stay so),
-        those the batches did not hash whole already.
-
-        Done at the start of the next round, not right after the harvest: when the policy switches
-        over instead, the digest thread hashes them during the final copy, and the time between
-        the harvest and the pause stays short. A chunk the guest writes meanwhile shows up in this
-        round's harvest, which invalidates it again. Timed: the rate predicts the hashing in the
-        downtime (see _hash_time).
-        """
-        assert self._digest is not None
-        stable, self._stable = self._stable, set()
-        t = time.monotonic()
-        hashed = self._digest.refresh_missing(stable) * pages.DIGEST_CHUNK
-        seconds = time.monotonic() - t
-        # A thread preempted mid-measure (a busy host) only ever looks slower than the hashing is:
-        # the fastest sample of a meaningful size is the estimate, never below the guess.
-        if hashed >= MIN_MEASURED_BYTES and seconds > 0:
-            self._hash_rate = max(self._hash_rate, hashed / seconds)
-
-    def _hash_time(self, chunks: set[int]) -> float:
-        """Seconds to hash the digest ``chunks`` the remainder touches (each side does, in the
-        downtime), at the fastest rate measured so far."""
-        return len(chunks) * pages.DIGEST_CHUNK / self._hash_rate
-
     @property
     def _fixed_s(self) -> float:
         """The policy's fixed downtime: FIXED_DOWNTIME_S and the round trips the switch-over waits for."""
         return FIXED_DOWNTIME_S + SWITCH_ROUND_TRIPS[self.params.commit_ahead] * self._rtt
 
-    def _bandwidth(self) -> float:
-        """The lower of: bytes/s over all rounds, and of the latest round that moved enough to measure.
-
-        The latest round predicts the next best (a dirty set of scattered pages
-        goes much slower than round 0's long ranges, and the final copy is such
-        a set), but a round that fits in the socket buffers looks faster than
-        the link: the overall figure caps it. A round of a few pages is all
-        fixed costs, so it does not count.
-        """
-        overall = self._sent_bytes / self._send_seconds if self._send_seconds > 0 else 0.0
-        for r in reversed(self.info.rounds):
-            if r.bytes >= MIN_MEASURED_BYTES and r.seconds - r.sync_rtt > 0:
-                return min(overall, r.bytes / (r.seconds - r.sync_rtt))
-        return overall
-
     def _harvest(self) -> list[Range]:
         assert self._tracker is not None
         ranges = self._tracker.harvest()
         self.info.dirty_sync_count += 1
-        # The contract says sorted and merged, and the trackers build it so (uffd-wp-async stopped
-        # trusting PAGEMAP_SCAN's walk_end, which once returned regions out of order on 6.18). A page
-        # batch must be sorted: checked here all the same, in C loops for sorted input (~0.12 us a
-        # range; docs/PERFORMANCE.md section 16), normalised at O(n log n) if it ever is not.
+        # The contract says sorted and merged, and the trackers build it so; but a kernel walk may
+        # report regions out of order, and a page batch must be sorted: checked here all the same,
+        # cheap for sorted input (docs/PERFORMANCE.md section 16), normalised if it ever is not.
         return merge_ranges(ranges)
 
     def _send_ranges(self, ranges: list[Range], final: bool = False) -> RoundStat:
         """Send one round's ranges in page batches; zero grains go without payload."""
-        assert self._ram is not None and self.conn is not None
+        assert self._ram is not None and self._digest is not None
         t0 = time.monotonic()
-        stat = RoundStat(start=t0 - self.info.started)
-        self.info.remaining = pages.total_bytes(ranges)
+        stat = self._book.begin(ranges, t0)
         for batch in pages.plan_batches(self._ram, ranges):
             self._check_cancel()
             if not final:
@@ -344,20 +290,18 @@ class SourceSession:
                 self._limiter.take(batch.data_bytes)
             self._send_batch(batch, stat)
             if not final:  # (in the final round the digest thread owns the RamDigest)
-                self._hash_hot(batch)
-        stat.seconds = time.monotonic() - t0
-        self._sent_bytes += stat.bytes
-        self._send_seconds += stat.seconds
+                self._digest.hash_hot(batch)
+        self._book.sent(stat, time.monotonic() - t0)
         return stat
 
     def _sync(self, stat: RoundStat) -> None:
         """Wait until the destination applied every page of the round (Sync, SyncAck).
 
         Without it, what sits in the socket buffers and the path (up to both
-        buffers, tens of MiB on a long path) is drained after the pause, in
-        the downtime, where the policy does not see it. Waiting here costs a
-        round trip of idle pipe per round and makes the round's time, and so
-        the bandwidth the policy predicts with, what the destination took.
+        buffers: much on a long path) is drained after the pause, in the
+        downtime, where the policy does not see it. Waiting here costs a round
+        trip of idle pipe per round and makes the round's time, and so the
+        bandwidth the policy predicts with, what the destination took.
         """
         t = time.monotonic()
         n = len(self.info.rounds)
@@ -365,12 +309,7 @@ class SourceSession:
         reply = self._recv()
         if not isinstance(reply, SyncAck) or reply.round != n:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected SyncAck({n}), got {reply!r}")
-        waited = time.monotonic() - t
-        stat.seconds += waited
-        # The bandwidth counts the drain, not the round trip: that one is in the policy's fixed
-        # downtime already (on a 50 ms path it made a 4 MiB round look 80 MB/s).
-        stat.sync_rtt = min(waited, self._rtt)
-        self._send_seconds += waited - stat.sync_rtt
+        self._book.synced(stat, time.monotonic() - t, self._rtt)
 
     def _check_deadline(self) -> None:
         """The time limit also holds inside a long round (a big guest on a capped link).
@@ -383,44 +322,10 @@ class SourceSession:
             raise MigrationError(ErrorCode.TIMEOUT, f"did not converge: time limit reached ({limit:g} s) "
                                  f"in round {len(self.info.rounds)}")
 
-    def _hash_hot(self, batch: pages.Batch) -> None:
-        """Hash the chunks this batch covered whole while they are still in the CPU cache.
-
-        Valid even though the guest runs: a write after this point shows up in
-        this round's harvest, which invalidates the chunk again.
-        """
-        assert self._digest is not None
-        self._digest.refresh_known(batch.ranges, batch.zeros)
-
     def _send_batch(self, batch: pages.Batch, stat: RoundStat) -> None:
         assert self._ram is not None and self.conn is not None
-        self.machine.send(PageBatch((), ()))  # the state machine only looks at the type
         wire = self.conn.send_pages(self._ram, batch.ranges, batch.zeros)
-        data_pages = batch.data_bytes // PAGE_SIZE
-        zero_pages = batch.zero_bytes // PAGE_SIZE
-        stat.pages += data_pages + zero_pages
-        stat.zero_pages += zero_pages
-        stat.bytes += wire
-        info = self.info
-        info.transferred += wire
-        info.normal += data_pages
-        info.duplicate += zero_pages
-        info.remaining = max(0, info.remaining - batch.data_bytes - batch.zero_bytes)
-
-    def _end_round(self, stat: RoundStat, dirty_bytes: int, elapsed: float, final: bool = False) -> None:
-        """Record the round and tell the destination its figures."""
-        stat.dirty_pages = dirty_bytes // PAGE_SIZE
-        stat.final = final
-        info = self.info
-        info.rounds.append(stat)
-        info.remaining = dirty_bytes
-        info.bandwidth = self._bandwidth()
-        rate = stat.dirty_pages / elapsed
-        if not final:  # the paused guest dirties nothing: keep the last measured rate on display
-            info.dirty_pages_rate = rate
-        self._send(RoundEnd(round=len(info.rounds) - 1, pages=stat.pages - stat.zero_pages,
-                            zero_pages=stat.zero_pages, bytes_sent=stat.bytes, seconds=stat.seconds,
-                            dirty_pages=stat.dirty_pages, dirty_rate=rate))
+        self._book.count_batch(stat, batch, wire)
 
     # -- stop-and-copy -------------------------------------------------------------------------------
     def _stop_and_copy(self, pending: list[Range]) -> float:
@@ -431,28 +336,29 @@ class SourceSession:
         self._pause_t = t = time.monotonic()
         self._paused = True  # set first: a pause that fails half-way is undone by a resume all the same
         state = self._pause()
-        t = self._lap("pause", t)
+        t = self._book.lap("pause", t)
         assert self._tracker is not None
         # No round follows to send blocks whole in: spare the downtime hot blocks' search for dense
         # blocks (a scan of all guest RAM). Blocks still hot are reported whole by this harvest.
         self._tracker.hot_blocks = False
         last = self._harvest()
-        digest = self._digest_meanwhile(last)
+        assert self._digest is not None
+        digest = self._digest.finish_meanwhile(last)  # in its thread, while the final pages go out
         final = merge_ranges(pending + last)
         stat = self._send_ranges(final, final=True)
-        self._end_round(stat, 0, max(time.monotonic() - t, 1e-6), final=True)
-        t = self._lap("final-copy", t)
+        self._send(self._book.end(stat, 0, max(time.monotonic() - t, 1e-6), final=True))
+        t = self._book.lap("final-copy", t)
         self._send(DeviceState({**state, RUN_STATE_KEY: "running" if self._was_running else "paused"}))
-        t = self._lap("state", t)
+        t = self._book.lap("state", t)
         self._send(Digest(pages.DIGEST_ALGORITHM, digest.result()))
-        return self._lap("digest", t)  # only what the final copy did not hide
+        return self._book.lap("digest", t)  # only what the final copy did not hide
 
     def _await_ready(self, digest_sent: float) -> None:
         """The destination's READY: guest RAM checked out there (COMMIT may follow)."""
         reply = self._recv()
         if not isinstance(reply, Ready):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
-        self._lap("verify", digest_sent)
+        self._book.lap("verify", digest_sent)
 
     def _pause(self) -> dict[str, Any]:
         """Stop the vCPU through this thread's lane (no event-loop round trip inside the downtime);
@@ -465,28 +371,6 @@ class SourceSession:
         state: dict[str, Any] = reply.get("state", {})
         self.bridge.submit(self.vm.paused_by_lane, state)
         return state
-
-    def _digest_meanwhile(self, last: list[Range]) -> Future[str]:
-        """Finish the RAM digest in a helper thread while the final pages go out.
-
-        Guest RAM cannot change while the VM is paused. xxhash keeps the GIL
-        for inputs of a 64 KiB chunk (it lets go only for much larger ones), so
-        the thread hashes while the sender waits in the kernel (sendmsg), not
-        beside it: the overlap is partial. Hashing after the copy instead, the
-        two ends' hashing overlapped and the downtime came out the same
-        (docs/PERFORMANCE.md, section 11).
-        """
-        assert self._digest is not None
-        digest = self._digest
-        digest.invalidate(last)
-        assert self._digest_pool is not None
-        self._digest_future = fut = self._digest_pool.submit(digest.hexdigest)
-        return fut
-
-    def _lap(self, part: str, since: float) -> float:
-        now = time.monotonic()
-        self.info.breakdown[part] = now - since
-        return now
 
     # -- commit and the in-doubt window ------------------------------------------------------------
     def _commit(self, digest_sent: float) -> None:
@@ -503,14 +387,13 @@ class SourceSession:
         resumed: bool | None
         # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
         # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
-        self.bridge.run(self.vm.mark_commit_sent)
+        self.bridge.call(self.vm.mark_commit_sent())
         try:
             self._send(Commit(self.migration_id))
             assert self.conn is not None
             reply = self.conn.recv()
             if isinstance(reply, Ready):  # only ever with commit ahead (the state machine checks)
-                self.machine.receive(reply)
-                t = self._lap("verify", digest_sent)
+                t = self._book.lap("verify", digest_sent)
                 reply = self.conn.recv()
             resumed = self._settle(reply)
         except (OSError, ProtocolError) as exc:
@@ -519,7 +402,7 @@ class SourceSession:
             if resumed is None:
                 self._stay_in_doubt()
                 return
-        self._lap("commit", t)
+        self._book.lap("commit", t)
         self._close()
         if resumed:
             self._complete()
@@ -528,7 +411,6 @@ class SourceSession:
 
     def _settle(self, reply: Message) -> bool:
         """What the destination's answer to COMMIT means: True resumed there, False not (never will)."""
-        self.machine.receive(reply)
         if isinstance(reply, Resumed):
             return True
         if isinstance(reply, InDoubtAnswer):
@@ -542,29 +424,7 @@ class SourceSession:
     def _resolve_in_doubt(self) -> bool | None:
         """Ask the destination on new connections whether it resumed; None if it never answers."""
         self._close()
-        deadline = time.monotonic() + self.in_doubt_timeout
-        while time.monotonic() < deadline:
-            try:
-                return self._query_once()
-            except (OSError, ProtocolError) as exc:
-                self.log.info("in-doubt query failed, retrying", vm=self.vm.name, error=describe(exc))
-                time.sleep(IN_DOUBT_RETRY_S)
-        return None
-
-    def _query_once(self) -> bool:
-        conn = self._connect()  # a TLS failure stays an OSError here: the in-doubt loop retries it
-        try:
-            client_handshake(conn, self.key, self.agent_name)
-            machine = SourceMachine()
-            query = InDoubtQuery(self.vm.name, self.migration_id)
-            machine.send(query)
-            conn.send(query)
-            answer = conn.recv()
-            machine.receive(answer)
-            assert isinstance(answer, InDoubtAnswer)
-            return answer.resumed
-        finally:
-            conn.close()
+        return self._asker.resolve(self.in_doubt_timeout)
 
     def _complete(self) -> None:
         info = self.info
@@ -580,25 +440,12 @@ class SourceSession:
             self.bridge.call(self.vms.remove_migrated(self.vm.name))
         except Exception as exc:  # the VM runs on the destination whatever happens to our copy
             self.log.error("removing the migrated VM failed", vm=self.vm.name, error=describe(exc))
-        self._note_downtime()
+        self._book.note_downtime(self.params.max_downtime_ms)
         # The migration is over when the destination runs the VM (QEMU's total-time ends there too):
-        # stopping our copy and freeing its RAM (0.1-0.3 s per GiB) come after, outside total-time.
+        # stopping our copy and freeing its RAM come after, outside total-time.
         info.finish(Status.COMPLETED, at=resumed_at)
         self.log.info("migration completed", vm=self.vm.name, peer=info.peer,
                       downtime_ms=round(info.downtime_s * 1000, 1), rounds=len(info.rounds))
-
-    def _note_downtime(self) -> None:
-        """Never exceed the bound silently: the summary says by how much and where the time went."""
-        info = self.info
-        assert info.downtime_s is not None
-        if info.throttle:
-            info.summary += f"; auto-converge throttled the vCPU to {info.throttle}%"
-        actual, bound = info.downtime_s * 1000, self.params.max_downtime_ms
-        if actual <= bound:
-            return
-        part, seconds = max(info.breakdown.items(), key=lambda kv: kv[1], default=("?", 0.0))
-        info.summary += (f"; downtime {actual:.0f} ms exceeded the {bound:g} ms bound "
-                         f"(largest part: {part} {seconds * 1000:.0f} ms)")
 
     def _resume_after_commit(self) -> None:
         """The destination said it did not resume and never will: the VM is ours again."""
@@ -606,20 +453,17 @@ class SourceSession:
         self.info.finish(Status.FAILED, self.info.error or "the destination did not resume the VM")
         self.log.warning("migration failed after commit; VM resumed here", vm=self.vm.name, error=self.info.error)
 
-    def ask_once(self) -> bool | None:
+    def ask_once(self, deadline_s: float | None = None) -> bool | None:
         """One more in-doubt query (for the operator's migrate-resolve): the destination's answer,
-        or None when it cannot be reached. A "no" fences the migration there for good."""
-        try:
-            return self._query_once()
-        except (OSError, ProtocolError) as exc:
-            self.log.info("in-doubt query failed", vm=self.vm.name, error=describe(exc))
-            return None
+        or None when it cannot be reached (within ``deadline_s``). A "no" fences the migration
+        there for good."""
+        return self._asker.ask_once(deadline_s)
 
     def _stay_in_doubt(self) -> None:
         """Nobody can say whether the destination runs the VM: keep it paused, tell the operator."""
         self.in_doubt = True
         self._release_ram()
-        self.bridge.run(setattr, self.vm, "state", "paused")
+        self.bridge.call(self.vm.end_migration("paused"))
         self.info.finish(Status.FAILED, (
             f"in doubt: COMMIT sent but no answer from {self.dest[0]}:{self.dest[1]} within "
             f"{self.in_doubt_timeout:g} s; the VM stays paused here. Check the destination, then resolve it: "
@@ -653,7 +497,8 @@ class SourceSession:
     def _restore_vm(self) -> None:
         """Tracking off, throttle lifted, vCPU resumed (if it ran before), state back to normal."""
         self._release_ram()
-        vm, steps = self.vm, []
+        vm = self.vm
+        steps: list[Coroutine[Any, Any, None]] = []
         if self._tracker is not None:
             steps.append(vm.track_stop())
             self._tracker = None
@@ -664,12 +509,12 @@ class SourceSession:
             steps.append(vm.resume())
             self._paused = False
         errors = [self._quiet_call(s) for s in steps]
-        self.bridge.run(setattr, vm, "state", "running" if self._was_running else "paused")
+        self.bridge.call(vm.end_migration("running" if self._was_running else "paused"))
         for err in errors:
             if err:
                 self.log.error("restoring the VM after a failed migration", vm=vm.name, error=err)
 
-    def _quiet_call(self, coro: Any) -> str | None:
+    def _quiet_call(self, coro: Coroutine[Any, Any, None]) -> str | None:
         try:
             self.bridge.call(coro)
         except Exception as exc:
@@ -684,28 +529,23 @@ class SourceSession:
             return Connection(sock, guest_size=guest_size)
         return tls.client_connection(sock, self.tls, self.dest[0], guest_size)
 
+    def _handshake(self, conn: Connection) -> str:
+        return client_handshake(conn, self.key, self.agent_name)
+
     def _send(self, msg: Message) -> None:
         assert self.conn is not None
-        self.machine.send(msg)
         self.conn.send(msg)
 
     def _recv(self) -> Message:
         assert self.conn is not None
         msg = self.conn.recv()
-        self.machine.receive(msg)
         if isinstance(msg, Abort):
             raise MigrationError(msg.code, f"the destination aborted: {msg.reason}")
         return msg
 
     def _release_ram(self) -> None:
-        if self._digest_future is not None:
-            # The digest thread reads guest RAM through our view: let it finish first.
-            with contextlib.suppress(Exception):
-                self._digest_future.result(DIGEST_WAIT_S)
-            self._digest_future = None
-        if self._digest_pool is not None:
-            self._digest_pool.shutdown(wait=False)
-            self._digest_pool = None
+        if self._digest is not None:
+            self._digest.release()  # its thread reads guest RAM through our view: it finishes first
         self._digest = None
         if self._ram is not None:
             self._ram.release()

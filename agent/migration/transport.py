@@ -12,7 +12,7 @@ is written for speed:
   0, dense guests) go through one reused ``RECV_PIECE`` buffer and ``pwrite``
   into the memfd: a fresh shared mapping costs a page fault, an allocation
   and a zeroing per 4 KiB written through it, a ``pwrite`` of whole pages
-  neither the fault nor the zeroing (1.33x faster receiving here), and the
+  neither the fault nor the zeroing (docs/PERFORMANCE.md section 6), and the
   receiver hashes each piece for the RAM digest while it is in the CPU cache.
   A full memfd (tmpfs limit, memory cgroup) is an error (``GuestRamFull``)
   rather than the SIGBUS a write through the mapping would take. Scattered
@@ -27,15 +27,16 @@ is written for speed:
   guest RAM) sizes its send buffer for a long path: a TCP sender keeps at
   most its send buffer unacknowledged, so the buffer caps throughput at
   buffer / round trip, and Linux autotuning stops at ``net.ipv4.tcp_wmem``
-  max (4 MiB by default: 80 MiB/s at 50 ms). The round trip measured by the
-  TCP handshake times ``PATH_RATE`` gives the buffer wanted (at most
-  ``SEND_BUFFER``); a short path (loopback, a LAN) keeps autotuning, which a
-  fixed buffer would turn off. The accepting side (the destination) does the
-  same for its receive buffer (``accepted``): the window it advertises is
-  about its receive buffer, and autotuning stops at ``net.ipv4.tcp_rmem``
-  max (32 MiB here: a ~16 MiB window, 0.33 GB/s at 50 ms). A bigger window
-  means more bytes in flight when the source pauses; the source's Sync at
-  every round end drains them before the pause, so they cost no downtime.
+  max (a few MiB by default: too little for a long path). The round trip
+  measured by the TCP handshake times ``PATH_RATE`` gives the buffer wanted
+  (at most ``SEND_BUFFER``); a short path (loopback, a LAN) keeps
+  autotuning, which a fixed buffer would turn off. The accepting side (the
+  destination) does the same for its receive buffer (``accepted``): the
+  window it advertises is about its receive buffer, and autotuning stops at
+  ``net.ipv4.tcp_rmem`` max (docs/PERFORMANCE.md section 10). A bigger
+  window means more bytes in flight when the source pauses; the source's
+  Sync at every round end drains them before the pause, so they cost no
+  downtime.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from proto.codec import decode_body, encode, message_class
+from proto.channel import Channel, Machine
+from proto.codec import message_class
 from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, parse_header
-from proto.limits import MAX_PAYLOAD_SIZE
-from proto.messages import Message, PageBatch
+from proto.messages import ErrorResponse, Message, PageBatch
 
 T = TypeVar("T")
 
@@ -81,7 +82,7 @@ PATH_RATE = 1 << 30
 # The receive buffer's size, and the guest-address grid pieces are cut on: a multiple of the RAM
 # digest's chunk (agent/migration/pages.DIGEST_CHUNK), so a chunk inside a range is inside one
 # piece and hashed from it; small enough to stay in the L2 cache between the copy and the hash.
-# 128 KiB to 2 MiB measured alike (docs/PERFORMANCE.md, section 6).
+# Its size within a wide range measured alike (docs/PERFORMANCE.md section 6).
 RECV_PIECE = 512 * 1024
 # Ranges at least this long on average make a batch go through the buffer. Below, the pages are
 # scattered (later rounds) and mostly already allocated: recvmsg_into the mapping saves a pwrite
@@ -228,6 +229,11 @@ _TCPI_RTT_OFFSET = 8 + 15 * 4
 class Connection:
     """Proto frames over one blocking socket; counts the bytes it moves.
 
+    Every frame goes through ``channel`` (proto.channel): once a session has
+    called ``start(machine)`` after the handshake, ``send`` and ``recv`` also
+    check and step the role's state machine, and an out-of-order message is
+    refused by its header, before its body or payload is read.
+
     agent/migration/tls.py's TLSConnection overrides ``_sendmsg_all``, ``_recv_scatter``,
     ``_recv_exact``, ``next_frame_is`` and ``shutdown`` (an SSLSocket has no sendmsg/recvmsg_into): keep their
     signatures, or change both classes together.
@@ -235,24 +241,43 @@ class Connection:
 
     def __init__(self, sock: socket.socket, guest_size: int | None = None) -> None:
         self.sock = sock
-        self.guest_size = guest_size
+        self.channel = Channel(guest_size=guest_size)
         self.sent = 0
         self.received = 0
         self._hdr = bytearray(HEADER_SIZE)
         self._piece_buf: memoryview | None = None  # the receive buffer of _recv_pieces, made on first use
         self._closed = False
 
+    @property
+    def guest_size(self) -> int | None:
+        """The guest RAM size page ranges are checked against (None: not agreed yet)."""
+        return self.channel.guest_size
+
+    @guest_size.setter
+    def guest_size(self, size: int | None) -> None:
+        self.channel.guest_size = size
+
+    def start(self, machine: Machine) -> None:
+        """From now on every message sent or received steps ``machine`` (call after the handshake)."""
+        self.channel.start(machine)
+
     # -- sending ---------------------------------------------------------------------------------
     def send(self, msg: Message) -> None:
         """Send one message without payload."""
-        frame = encode(msg)
+        frame = self.channel.send(msg)
+        self._io(self.sock.sendall, frame)
+        self.sent += len(frame)
+
+    def send_error(self, msg: ErrorResponse) -> None:
+        """Tell the peer why we give up the connection, whatever the state (nothing may follow)."""
+        frame = self.channel.send_error(msg)
         self._io(self.sock.sendall, frame)
         self.sent += len(frame)
 
     def send_pages(self, ram: memoryview, ranges: Sequence[tuple[int, int]],
                    zeros: Sequence[tuple[int, int]] = ()) -> int:
         """Send one page batch: frame, then each data range straight from guest RAM. Returns wire bytes."""
-        frame = encode(PageBatch(tuple(ranges), tuple(zeros)))
+        frame = self.channel.send(PageBatch(tuple(ranges), tuple(zeros)))
         bufs: list[memoryview | bytes] = [frame]
         bufs.extend(ram[a:b] for a, b in ranges)
         try:
@@ -280,13 +305,13 @@ class Connection:
     # -- receiving -------------------------------------------------------------------------------
     def recv(self, ram: memoryview | None = None, sink: PageSink | None = None) -> Message:
         """Receive one message; a page batch's payload goes into guest RAM: ``ram`` (the
-        mapping), or through ``sink`` (the memfd behind it) when its ranges are large."""
+        mapping), or through ``sink`` (the memfd behind it) when its ranges are large.
+        Without ``ram`` a frame that carries page data is refused by its header."""
         self._recv_exact(memoryview(self._hdr))
-        header = parse_header(self._hdr, max_payload=MAX_PAYLOAD_SIZE if ram is not None else 0)
-        message_class(header)
+        header = self.channel.receive_header(self._hdr, max_payload=None if ram is not None else 0)
         body = bytearray(header.body_len)
         self._recv_exact(memoryview(body))
-        msg = decode_body(header, body, self.guest_size)
+        msg = self.channel.receive_body(header, body)
         if isinstance(msg, PageBatch) and msg.ranges:
             if ram is None:
                 raise RemoteProtocolError("page data on a connection that takes none")

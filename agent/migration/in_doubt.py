@@ -1,0 +1,88 @@
+"""Asking the destination whether it resumed a VM, when COMMIT went out and no answer came back.
+
+After COMMIT the source may no longer resume the VM on its own: the
+destination may be running it. Only the destination's word settles it,
+asked on a new connection (InDoubtQuery, InDoubtAnswer; docs/protocol.md):
+repeatedly for a bounded time when the COMMIT's own answer is lost, and once
+more when the operator resolves a migration that stayed in doubt. A "not
+resumed" answer fences the migration on the destination for good, so the
+answer is final either way. This module owns that exchange, apart from the
+session it belongs to; connecting and authenticating are the session's,
+passed in.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from agent.migration.common import describe
+from agent.migration.seams import LogLike
+from agent.migration.transport import Connection
+from proto.errors import ProtocolError
+from proto.messages import InDoubtAnswer, InDoubtQuery
+from proto.state import SourceMachine
+
+# How long the source, in doubt after COMMIT, keeps asking the destination.
+IN_DOUBT_TIMEOUT_S = 60.0
+IN_DOUBT_RETRY_S = 0.5
+
+
+class InDoubtAsker:
+    """The in-doubt queries of one migration (``migration_id``, of VM ``vm_name``).
+
+    ``connect`` opens a new connection to the destination's migration
+    listener, ``handshake`` authenticates it (both raise OSError or
+    ProtocolError, as the exchange itself does).
+    """
+
+    def __init__(self, *, connect: Callable[[], Connection], handshake: Callable[[Connection], object],
+                 vm_name: str, migration_id: str, log: LogLike) -> None:
+        self._connect = connect
+        self._handshake = handshake
+        self.vm_name = vm_name
+        self.migration_id = migration_id
+        self.log = log
+
+    def ask(self, deadline_s: float | None = None) -> bool:
+        """One query: whether the destination resumed the VM. Raises OSError or ProtocolError
+        when it cannot say; past ``deadline_s`` (the whole exchange) the connection is shut and
+        the wait ends with an OSError."""
+        conn = self._connect()  # a TLS failure stays an OSError here: the in-doubt loop retries it
+        timer = None
+        if deadline_s is not None:
+            timer = threading.Timer(deadline_s, conn.shutdown)
+            timer.daemon = True
+            timer.start()
+        try:
+            self._handshake(conn)
+            conn.start(SourceMachine())
+            conn.send(InDoubtQuery(self.vm_name, self.migration_id))
+            answer = conn.recv()
+            assert isinstance(answer, InDoubtAnswer)  # the state machine admits nothing else
+            return answer.resumed
+        finally:
+            if timer is not None:
+                timer.cancel()
+            conn.close()
+
+    def ask_once(self, deadline_s: float | None = None) -> bool | None:
+        """One query (the operator's migrate-resolve): the destination's answer, or None when it
+        cannot be reached (within ``deadline_s``)."""
+        try:
+            return self.ask(deadline_s)
+        except (OSError, ProtocolError) as exc:
+            self.log.info("in-doubt query failed", vm=self.vm_name, error=describe(exc))
+            return None
+
+    def resolve(self, timeout: float) -> bool | None:
+        """Ask until the destination answers or ``timeout`` seconds passed (then None)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return self.ask()
+            except (OSError, ProtocolError) as exc:
+                self.log.info("in-doubt query failed, retrying", vm=self.vm_name, error=describe(exc))
+                time.sleep(IN_DOUBT_RETRY_S)
+        return None
