@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -49,14 +49,6 @@ def test_settle_action(phase: str | None, run_before: str | None, paused: bool) 
 
 
 # -- the rules applied to real VM processes ---------------------------------------------------------------
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A short state dir: a VM process's attach socket path must fit in 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ferry-adopt-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 class Runs:
     """Successive VM managers over one state dir, as successive runs of an agent; with their logs."""
 
@@ -74,13 +66,15 @@ class Runs:
 
 
 @pytest.fixture
-async def runs(state_dir: Path) -> AsyncIterator[Runs]:
-    r = Runs(state_dir)
+async def runs() -> AsyncIterator[Runs]:
+    # A short state dir: a VM process's attach socket path must fit in 107 bytes.
+    r = Runs(Path(tempfile.mkdtemp(prefix="ferry-adopt-", dir="/tmp")))
     yield r
     for vms in r.managers:  # the last run's VMs are stopped, not left running
         for vm in vms.list():
             await vms.drop(vm)
         await vms.shutdown()
+    shutil.rmtree(r.state_dir, ignore_errors=True)
 
 
 async def _cut(runs: Runs, *, ran: bool, paused: bool, commit_sent: bool = False, throttle: int = 0) -> VMManager:

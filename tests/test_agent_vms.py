@@ -234,17 +234,22 @@ def _record(state_dir: Path, name: str) -> dict[str, Any]:
     return dict(json.loads((state_dir / "vms" / f"{name}.json").read_text()))
 
 
-async def test_the_migration_phases_are_on_disk_when_the_calls_return(make_vms: MakeVMs, state_dir: Path) -> None:
+def _records(state_dir: Path, before_write: Callable[[dict[str, Any]], None]) -> VMRecords:
+    """VMRecords whose every write first calls ``before_write(record)``, in the writing thread."""
     records = VMRecords(state_dir)
-    writers: list[threading.Thread] = []
     write = records.write
 
-    def spy(record: dict[str, Any]) -> None:
-        writers.append(threading.current_thread())
+    def spied(record: dict[str, Any]) -> None:
+        before_write(record)
         write(record)
 
-    records.write = spy  # type: ignore[method-assign]
-    vms = make_vms(records=records)
+    records.write = spied  # type: ignore[method-assign]
+    return records
+
+
+async def test_the_migration_phases_are_on_disk_when_the_calls_return(make_vms: MakeVMs, state_dir: Path) -> None:
+    writers: list[threading.Thread] = []
+    vms = make_vms(records=_records(state_dir, lambda record: writers.append(threading.current_thread())))
     vm = await vms.create("r", "counter", 4 * MiB, {})
     rec = _record(state_dir, "r")
     assert (rec["origin"], rec["migration-phase"], rec["socket"]) == ("created", None, vm.socket_path)
@@ -262,16 +267,11 @@ async def test_the_migration_phases_are_on_disk_when_the_calls_return(make_vms: 
 
 
 async def test_record_writes_of_a_vm_land_in_the_order_asked(make_vms: MakeVMs, state_dir: Path) -> None:
-    records = VMRecords(state_dir)
-    write = records.write
-
-    def slow_first(record: dict[str, Any]) -> None:
+    def slow_precopy(record: dict[str, Any]) -> None:
         if record["migration-phase"] == "precopy":
             threading.Event().wait(0.2)  # a slow disk: the next write is asked meanwhile
-        write(record)
 
-    records.write = slow_first  # type: ignore[method-assign]
-    vms = make_vms(records=records)
+    vms = make_vms(records=_records(state_dir, slow_precopy))
     vm = await vms.create("o", "counter", 4 * MiB, {})
     begun = asyncio.ensure_future(vm.begin_migration())
     await asyncio.sleep(0)

@@ -228,22 +228,28 @@ class VM:
         return tracker
 
     async def track_stop(self) -> None:
+        uffd = await self._untrack()
+        try:
+            if self.connected:
+                await self.channel.request("track-stop")
+        finally:
+            _close_quietly(uffd)
+
+    async def _untrack(self) -> int | None:
+        """Forget the dirty tracker and disarm it (best effort) in a worker thread: un-protecting
+        guest RAM and joining a tracker's thread must not hold up the loop. Returns the uffd, still
+        open: closing it unregisters guest RAM from write-protect tracking."""
         tracker, uffd = self._tracker, self._uffd
         self._tracker = self._uffd = None
         if tracker is not None:
-            await _stop_tracker(tracker)
-        try:
-            if self._channel is not None and not self._channel.closed:
-                await self.channel.request("track-stop")
-        finally:
-            if uffd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(uffd)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(tracker.stop)
+        return uffd
 
     # -- the rest, for the control API -------------------------------------------------------------
     async def refresh(self) -> None:
         """Update instructions, throttle and run state from the VM process (no-op once it is gone)."""
-        if self._channel is None or self._channel.closed:
+        if not self.connected:
             return
         reply, _ = await self.channel.request("status", timeout_s=5.0)
         self.instructions = int(reply.get("instructions", self.instructions))
@@ -296,13 +302,7 @@ class VM:
         """Leave the VM process running without us: tracking off, channel closed, our mapping released.
         A process listening on its socket runs on and waits for the next agent (agent/vms/adopt.py)."""
         self._stopping = True
-        tracker, uffd = self._tracker, self._uffd
-        self._tracker = self._uffd = None
-        if tracker is not None:
-            await _stop_tracker(tracker)
-        if uffd is not None:
-            with contextlib.suppress(OSError):
-                os.close(uffd)  # unregisters guest RAM from the migration's write-protect tracking
+        _close_quietly(await self._untrack())
         self.channel.close()
         await self.release_ram()
 
@@ -311,11 +311,10 @@ class VM:
         await release_guest_ram(self.memfd, self.ram)
 
 
-async def _stop_tracker(tracker: dirty.DirtyTracker) -> None:
-    """Disarm a dirty tracker (best effort) in a worker thread: un-protecting guest RAM and joining
-    a tracker's thread must not hold up the loop."""
-    with contextlib.suppress(Exception):
-        await asyncio.to_thread(tracker.stop)
+def _close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 async def written(saved: concurrent.futures.Future[None] | None) -> None:
