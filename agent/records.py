@@ -9,7 +9,7 @@ still the one recorded (pid and start time), or reports it lost and removes its 
 Records are written atomically (temp file + rename). The VM manager, on the event loop, never
 touches the files itself: it hands each write or removal to `in_order`, which runs them one after
 the other in one worker thread (a later record of a VM never lands before an earlier one, and the
-loop never waits on the disk; docs/ARCHITECTURE.md).
+loop does no file I/O; docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

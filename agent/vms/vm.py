@@ -1,8 +1,10 @@
 """One VM on this host: its VM process, its state, and the surface the migration engine drives.
 
 A `VM` lives on the agent's event loop (docs/ARCHITECTURE.md): migration sessions reach it only
-through the loop bridge. Nothing a VM does here blocks the loop: requests go over its non-blocking
-channel, and its record is written by the records' worker thread (agent/records.py), in order.
+through the loop bridge. Requests go over its non-blocking channel; its record is written by the
+records' worker thread (agent/records.py), in order, and the async methods that change it return
+once it is on disk without holding up the loop. (The `state` setter, their synchronous form, waits
+on the loop: it is for callers outside a migration's downtime.)
 """
 
 from __future__ import annotations
