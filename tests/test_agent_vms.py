@@ -21,7 +21,7 @@ import pytest
 
 from agent.logs import Log
 from agent.records import VMRecords
-from agent.vms import VM, ConsoleBuffer, NoSuchVM, VMError, VMManager
+from agent.vms import VM, ConsoleBuffer, NoSuchVM, VMError, VMManager, ram
 
 MiB = 1 << 20
 MakeVMs = Callable[..., VMManager]
@@ -279,3 +279,32 @@ async def test_record_writes_of_a_vm_land_in_the_order_asked(make_vms: MakeVMs, 
     assert begun.done()
     assert _record(state_dir, "o")["migration-phase"] == "commit-sent"
     await vm.end_migration("running")
+
+
+# -- nothing that blocks on the loop's thread ---------------------------------------------------------
+async def test_trackers_are_stopped_and_guest_ram_released_off_the_loop(
+        vms: VMManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: dict[str, threading.Thread] = {}
+    close = ram.close_guest_ram
+
+    def spied_close(fd: int, mapping: Any) -> None:
+        threads.setdefault("release", threading.current_thread())
+        close(fd, mapping)
+
+    monkeypatch.setattr(ram, "close_guest_ram", spied_close)
+    vm = await vms.create("t", "idle", 4 * MiB, {})
+    tracker = await vm.track_start()
+    stop = tracker.stop
+
+    def spied_stop() -> None:
+        threads["stop"] = threading.current_thread()
+        stop()
+
+    tracker.stop = spied_stop  # type: ignore[method-assign]
+    await vm.track_stop()
+    inc = vms.reserve_incoming("u", 4 * MiB)
+    vms.discard_incoming(inc)
+    await vms.incoming.released()
+    await vms.destroy("t")
+    assert set(threads) == {"stop", "release"}
+    assert threading.main_thread() not in threads.values()
