@@ -5,7 +5,7 @@ migration engine and the control API, listen (control TCP + unix socket, migrati
 and on SIGTERM or SIGINT shut down in order: refuse new work, let the migration engine cancel or
 finish what runs (it keeps a VM that is in doubt paused rather than running it twice), close the
 control API, let go of the VMs (their processes run on, as QEMU guests outlive libvirtd; `vm destroy`
-stops a VM), exit 0. On start it re-adopts the VMs a previous run left running (agent/vms.py,
+stops a VM), exit 0. On start it re-adopts the VMs a previous run left running (agent/vms/adopt.py,
 docs/RELIABILITY.md "Agent restarts"). Under systemd (`Type=notify`) it says READY=1 once every
 listener is up, sends watchdog keep-alives while it runs and STOPPING=1 when it begins to shut down
 (agent/sdnotify.py); `--metrics` adds a Prometheus endpoint (agent/metrics.py); `--check-config`
@@ -124,13 +124,19 @@ class Agent:
             self.log.info("vms re-adopted from the previous agent run", count=adopted)
 
     async def _start_migration_listener(self) -> None:
-        self._migration_task = asyncio.create_task(self.migrations.serve(*self.config.migration))
-        self._migration_task.add_done_callback(self._listener_done)
-        await asyncio.sleep(0.05)  # let serve() bind now, so a bind error surfaces before "agent started"
-        if self._migration_task.done() and not self._migration_task.cancelled():
-            error = self._migration_task.exception()
-            if error is not None:
-                raise error
+        """Start the migration listener and return once it is bound; a bind error is raised here,
+        before "agent started"."""
+        task = asyncio.create_task(self.migrations.serve(*self.config.migration))
+        self._migration_task = task
+        task.add_done_callback(self._listener_done)
+        # serve() binds before its first await (MigrationManager.serve): after one turn of the loop
+        # the task has run that far, so it is bound (its address set) or it has failed.
+        await asyncio.sleep(0)
+        error = task.exception() if task.done() and not task.cancelled() else None
+        if error is not None:
+            raise error
+        if self.migrations.address is None:
+            raise RuntimeError("the migration listener did not bind in its first step")
 
     def _listener_done(self, task: asyncio.Task[None]) -> None:
         """serve() may return once bound or run forever; only its failure stops the agent."""

@@ -20,6 +20,7 @@ The transport (agent/control.py) feeds it decoded Requests; the operations are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import os
 import re
@@ -159,7 +160,8 @@ class ControlOps:
         mem = parse_size(args.get("mem", "64M"))
         boot_args = {str(k): str(v) for k, v in dict(args.get("args") or {}).items()}
         source = args.get("program-source")
-        path = self._store_program(name, program, source) if source is not None else program
+        # The program file is read and written in a worker thread: nothing that blocks runs on the loop.
+        path = await asyncio.to_thread(self._store_program, name, program, source) if source is not None else program
         vm = await self.vms.create(name, path, mem, boot_args, dirty_tracker=args.get("dirty-tracker"),
                                    paused=bool(args.get("paused", False)))
         vm.program = program
@@ -190,17 +192,16 @@ class ControlOps:
         return vm.info()
 
     async def vm_pause(self, args: dict[str, Any]) -> dict[str, Any]:
-        vm = self._idle_vm(_str(args, "name"), "pause")
-        async with vm.lock:
-            await vm.pause()
-        vm.log.info("vm paused")
-        return vm.info()
+        return await self._pause_or_resume(args, "pause", "vm paused")
 
     async def vm_resume(self, args: dict[str, Any]) -> dict[str, Any]:
-        vm = self._idle_vm(_str(args, "name"), "resume")
+        return await self._pause_or_resume(args, "resume", "vm resumed")
+
+    async def _pause_or_resume(self, args: dict[str, Any], verb: str, done: str) -> dict[str, Any]:
+        vm = self._idle_vm(_str(args, "name"), verb)
         async with vm.lock:
-            await vm.resume()
-        vm.log.info("vm resumed")
+            await (vm.pause() if verb == "pause" else vm.resume())
+        vm.log.info(done)
         return vm.info()
 
     def _idle_vm(self, name: str, verb: str) -> VM:
@@ -346,8 +347,8 @@ async def _refresh_quietly(vm: VM) -> None:
         pass
 
 
-async def _wait_changed(vm: VM, timeout: float) -> None:
-    try:
-        await asyncio.wait_for(vm.changed.wait(), timeout)
-    except TimeoutError:
-        pass
+async def _wait_changed(vm: VM, seconds: float) -> None:
+    """Until the VM's state changes, or `seconds` have passed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await vm.changed.wait()

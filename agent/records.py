@@ -6,16 +6,23 @@ here (created or arrived by migration), rewrites it when its migration phase cha
 when the VM stops here (destroyed, migrated away). VM processes outlive their agent, so the records
 survive an agent stop or crash: the next agent run reads them and re-adopts each VM whose process is
 still the one recorded (pid and start time), or reports it lost and removes its record.
-Records are written atomically (temp file + rename).
+Records are written atomically (temp file + rename). The VM manager, on the event loop, never
+touches the files itself: it hands each write or removal to `in_order`, which runs them one after
+the other in one worker thread (a later record of a VM never lands before an earlier one, and the
+loop does no file I/O; docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class VMRecords:
@@ -23,6 +30,12 @@ class VMRecords:
 
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "vms"
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-records")
+
+    def in_order(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Run ``fn(*args)`` (a write or removal of records) in the records' worker thread, after
+        everything submitted before it; the future has its result or exception."""
+        return self._worker.submit(fn, *args)
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.json"

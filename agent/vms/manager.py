@@ -1,0 +1,253 @@
+"""The VM manager: the VMs of this host by name, their capacity, and their creation and end.
+
+`VMManager` is the one object the agent daemon, the control API and the migration engine hold
+(docs/CONTRACTS.md lists the surface the engine uses). It owns the table of VMs and the memory
+accounting; the rest is done by helpers holding a reference to it: `Recorder` (agent/vms/recording.py:
+attach sockets and records), `SpareKeeper` (agent/vms/spare.py), `IncomingVMs`
+(agent/vms/incoming.py) and `Adopter` (agent/vms/adopt.py), whose public steps the manager offers
+as thin delegates under the names the engine and the daemon call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import sys
+from typing import Any
+
+from agent.logs import Log
+from agent.records import VMRecords
+from agent.vms.adopt import Adopter
+from agent.vms.errors import NoSuchVM, VMError, check_name
+from agent.vms.incoming import Incoming, IncomingVMs
+from agent.vms.process import VMProcess, kill_quietly
+from agent.vms.ram import PAGE_SIZE, create_guest_ram, release_guest_ram
+from agent.vms.recording import Recorder
+from agent.vms.spare import SpareKeeper
+from agent.vms.vm import VM, written
+from proto.errors import ErrorCode
+from vmruntime import control as vmctl
+from vmruntime import dirty
+from vmruntime.asm import AsmError
+from vmruntime.programs import load_program
+
+# An incoming VM process waits idle while pages arrive, then restores inside the migration's downtime.
+# vmproc imports the machine lazily on restore; this entry imports it up front instead and then runs
+# vmproc's main() with the same arguments as `python -m vmruntime.vmproc`.
+_PRELOAD_VMPROC = "import sys, vmruntime.machine, vmruntime.vmproc; sys.exit(vmruntime.vmproc.main(sys.argv[1:]))"
+
+
+class VMManager:
+    """The VMs of this host and the guest memory reserved for incoming migrations."""
+
+    def __init__(self, *, agent_name: str, max_mem: int, dirty_tracker: str = "auto", log: Log | None = None,
+                 records: VMRecords | None = None, spare: bool = False) -> None:
+        """``spare``: keep one VM process started ahead of need for incoming migrations
+        (keep_spare(); the agent daemon does, library users and unit tests need not)."""
+        self.agent_name = agent_name
+        self.records = records
+        self.max_mem = max_mem
+        self.dirty_tracker = dirty_tracker
+        self.log = log or Log(agent=agent_name)
+        self.listed: dict[str, VM] = {}  # the VMs of this host, by name
+        self._creating: dict[str, int] = {}  # names being created -> mem, so two creates cannot race
+        self.accepting = True  # False once the agent is shutting down
+        self.recorder = Recorder(records, lambda vm: self.listed.get(vm.name) is vm)
+        self.spare = SpareKeeper(enabled=spare, accepting=lambda: self.accepting, log=self.log)
+        self.incoming = IncomingVMs(self)
+        self.adopter = Adopter(self)
+
+    # -- lookup and capacity -----------------------------------------------------------------------
+    def get(self, name: str) -> VM:
+        vm = self.listed.get(name)
+        if vm is None:
+            raise NoSuchVM(name, self.agent_name)
+        return vm
+
+    def list(self) -> list[VM]:
+        return sorted(self.listed.values(), key=lambda vm: vm.name)
+
+    def free_memory(self) -> int:
+        used = sum(vm.mem for vm in self.listed.values()) + sum(i.mem for i in self.incoming.reserved.values())
+        return max(0, self.max_mem - used - sum(self._creating.values()))
+
+    def claim(self, name: str, mem: int) -> None:
+        """Check the name and capacity for a new VM (created or incoming); raises VMError."""
+        if not self.accepting:
+            raise VMError(ErrorCode.BUSY, f"agent {self.agent_name} is shutting down")
+        check_name(name)
+        if name in self.listed or name in self.incoming.reserved or name in self._creating:
+            raise VMError(ErrorCode.VM_EXISTS, f"a VM named {name!r} already exists on agent {self.agent_name}")
+        if mem <= 0 or mem % PAGE_SIZE:
+            raise VMError(ErrorCode.BAD_REQUEST, f"guest memory must be a positive multiple of {PAGE_SIZE}, not {mem}")
+        if mem > self.free_memory():
+            raise VMError(ErrorCode.INSUFFICIENT_MEMORY, f"not enough memory on agent {self.agent_name}: "
+                                                         f"{mem} bytes asked, {self.free_memory()} free")
+
+    def backend(self, preferred: str | None) -> str:
+        """The dirty-tracking backend a VM gets: `preferred`, else the agent's, as this kernel allows."""
+        try:
+            return dirty.choose_backend(preferred or self.dirty_tracker)
+        except ValueError as e:
+            raise VMError(ErrorCode.BAD_REQUEST, str(e)) from e
+
+    # -- create ------------------------------------------------------------------------------------
+    async def create(self, name: str, program: str, mem: int, args: dict[str, str],
+                     dirty_tracker: str | None = None, paused: bool = False) -> VM:
+        """Create guest RAM, spawn the VM process, boot the program; the VM runs when this returns."""
+        self.claim(name, mem)
+        self._creating[name] = mem
+        try:
+            try:
+                image, boot_args = load_program(program, args)
+            except (ValueError, OSError, AsmError) as e:
+                raise VMError(ErrorCode.BAD_REQUEST, f"program {program!r}: {e}") from e
+            backend = self.backend(dirty_tracker)
+            fd, ram = create_guest_ram(name, mem)
+            try:
+                vm = await self.spawn(name, mem, fd, ram, backend, program)
+            except BaseException:
+                await release_guest_ram(fd, ram)
+                raise
+        finally:
+            del self._creating[name]
+        return await self._boot(vm, image, boot_args, paused)
+
+    async def _boot(self, vm: VM, image: Any, boot_args: dict[str, int], paused: bool) -> VM:
+        self.listed[vm.name] = vm
+        try:
+            await vm.channel.request("boot", image=vmctl.image_fields(image), args=boot_args, paused=paused)
+        except BaseException:
+            await self.drop(vm)
+            raise
+        vm._set_run("paused" if paused else "running")
+        await self.recorder.make_detachable(vm)
+        await written(self.recorder.record(vm, "created"))
+        vm.log.info("vm created", mem=vm.mem, program=vm.program, pid=vm.pid, dirty_tracker=vm.dirty_backend)
+        return vm
+
+    async def spawn(self, name: str, mem: int, fd: int, ram: mmap.mmap, backend: str, program: str,
+                    preload: bool = False) -> VM:
+        """A VM process over guest RAM `fd` (`preload`: an incoming VM's, the spare if there is one)."""
+        parent, child = vmctl.socketpair()
+        try:
+            # on-eof "exit": a VM process whose agent died exits rather than running on unmanaged.
+            proc: VMProcess | None = self.spare.take(fd, mem, child) if preload else None
+            if proc is None:
+                argv = vmctl.vmproc_argv(fd, mem, child.fileno(), on_eof="exit")
+                if preload:
+                    argv = [sys.executable, "-c", _PRELOAD_VMPROC, *argv[3:]]
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, pass_fds=(fd, child.fileno()), stdin=asyncio.subprocess.DEVNULL)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()  # the child has its copy; ours would keep the socket open after the child dies
+        vm = VM(name=name, mem=mem, memfd=fd, ram=ram, pid=proc.pid, dirty_backend=backend, program=program,
+                host=self.agent_name, process=proc, log=self.log.bind(vm=name))
+        vm.connect(parent)
+        if preload:
+            # An incoming VM's process is ready only once it answers: a fresh interpreter's start-up
+            # and imports would otherwise be spent inside the downtime by the restore at COMMIT
+            # (docs/PERFORMANCE.md section 1).
+            try:
+                await vm.channel.request("status")
+            except BaseException:
+                kill_quietly(proc)
+                vm.channel.close()
+                raise
+        return vm
+
+    def keep_spare(self) -> None:
+        """Start a spare VM process unless one is there or starting (needs the running loop)."""
+        self.spare.keep()
+
+    # -- destroy -----------------------------------------------------------------------------------
+    async def destroy(self, name: str) -> None:
+        vm = self.get(name)
+        if vm.migrating:
+            raise VMError(ErrorCode.BUSY, f"VM {name!r} is migrating; cancel the migration first")
+        await self.drop(vm)
+        vm.log.info("vm destroyed")
+
+    async def remove_migrated(self, name: str) -> None:
+        """Source side after commit: the VM runs elsewhere now; stop its process and free its RAM."""
+        vm = self.get(name)
+        vm.migrating = False
+        await self.drop(vm)
+        vm.log.info("vm removed after migration")
+
+    async def drop(self, vm: VM) -> None:
+        """Stop the process and free the memory of a VM, and forget it (its record too)."""
+        try:
+            await vm.stop_process()
+        finally:
+            if self.listed.get(vm.name) is vm:
+                del self.listed[vm.name]
+                await self.recorder.forget(vm.name)
+            await vm.release_ram()
+
+    # -- re-adoption after an agent restart (agent/vms/adopt.py) ------------------------------------
+    async def adopt_previous(self) -> int:
+        """Take over the VMs a previous run of this agent left running; returns how many."""
+        return await self.adopter.adopt_previous()
+
+    async def adopt(self, rec: dict[str, Any]) -> VM:
+        """Re-attach the VM process of one record (AdoptError, VMError, OSError... if it cannot be)."""
+        return await self.adopter.adopt(rec)
+
+    # -- incoming migrations (agent/vms/incoming.py; docs/CONTRACTS.md) -------------------------------
+    def reserve_incoming(self, name: str, mem: int) -> Incoming:
+        return self.incoming.reserve(name, mem)
+
+    async def prepare_incoming(self, inc: Incoming) -> None:
+        await self.incoming.prepare(inc)
+
+    async def start_incoming(self, inc: Incoming, state: dict[str, Any], dirty_backend: str | None,
+                             paused: bool = False, migration_id: str | None = None) -> VM:
+        return await self.incoming.start(inc, state, dirty_backend, paused, migration_id)
+
+    async def incoming_lane(self, inc: Incoming) -> vmctl.Lane:
+        return await self.incoming.lane(inc)
+
+    def incoming_socket_path(self, inc: Incoming) -> str | None:
+        return self.incoming.socket_path(inc)
+
+    def claim_incoming(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
+                       migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
+        return self.incoming.claim(inc, state, paused, socket_path, migration_id, dirty_backend)
+
+    def incoming_restored(self, vm: VM, reply: dict[str, Any]) -> None:
+        self.incoming.restored(vm, reply)
+
+    async def drop_claimed(self, vm: VM) -> None:
+        await self.incoming.drop_claimed(vm)
+
+    def arrived_by(self, name: str, migration_id: str) -> bool:
+        return self.incoming.arrived_by(name, migration_id)
+
+    def discard_incoming(self, inc: Incoming) -> None:
+        self.incoming.discard(inc)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """The agent is exiting: VMs that can outlive it run on (the next agent run re-adopts them),
+        any other VM process is stopped; all of this agent's guest RAM mappings are released."""
+        self.accepting = False
+        for vm in list(self.listed.values()):
+            if vm.socket_path is not None and vm.connected:
+                await self._leave_running(vm)
+                continue
+            with contextlib.suppress(Exception):
+                await self.drop(vm)
+            vm.log.info("vm stopped at agent shutdown")
+        await self.incoming.shutdown()
+        await self.spare.shutdown()
+
+    async def _leave_running(self, vm: VM) -> None:
+        """Let go of a VM without stopping it: its process keeps running and listening; its record stays."""
+        del self.listed[vm.name]  # first: nothing rewrites its record from here on
+        await vm.let_go()
+        vm.log.info("vm left running at agent shutdown", pid=vm.pid, state=vm.state)
