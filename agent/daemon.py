@@ -126,17 +126,10 @@ class Agent:
     async def _start_migration_listener(self) -> None:
         """Start the migration listener and return once it is bound; a bind error is raised here,
         before "agent started"."""
-        task = asyncio.create_task(self.migrations.serve(*self.config.migration))
+        self.migrations.bind(*self.config.migration)
+        task = asyncio.create_task(self.migrations.serve())
         self._migration_task = task
         task.add_done_callback(self._listener_done)
-        # serve() binds before its first await (MigrationManager.serve): after one turn of the loop
-        # the task has run that far, so it is bound (its address set) or it has failed.
-        await asyncio.sleep(0)
-        error = task.exception() if task.done() and not task.cancelled() else None
-        if error is not None:
-            raise error
-        if self.migrations.address is None:
-            raise RuntimeError("the migration listener did not bind in its first step")
 
     def _listener_done(self, task: asyncio.Task[None]) -> None:
         """serve() may return once bound or run forever; only its failure stops the agent."""

@@ -143,7 +143,7 @@ async def incoming_starts(n: int, prespawn: bool) -> list[float]:
 
 async def _one_incoming(vms: VMManager, name: str, ram: object, state: dict[str, object], prespawn: bool) -> float:
     inc = vms.reserve_incoming(name, 64 << 20)
-    if not prespawn and inc.spawning is not None:  # measure the old way: spawn at commit time
+    if not prespawn and inc.spawning is not None:  # no process prepared: spawn at commit time
         spawned = await inc.spawning
         spawned.process.kill()
         await spawned.process.wait()

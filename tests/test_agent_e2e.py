@@ -231,6 +231,7 @@ def test_an_address_in_use_or_a_bad_config_makes_the_agent_exit_non_zero(tmp_pat
         argv[argv.index("--migration") + 1] = f"127.0.0.1:{busy.getsockname()[1]}"
         r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and 'msg="cannot listen"' in r.stderr
+        assert 'msg="agent started"' not in r.stderr  # the bind error comes before the agent says it runs
     r = subprocess.run([sys.executable, "-m", "agent.daemon", "--key-file", str(tmp_path / "missing.key")],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and r.stderr.startswith("ferry-agent: error: cannot read key file")

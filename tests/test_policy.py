@@ -56,7 +56,7 @@ def test_fitting_and_stalled_switches_over() -> None:
 
 
 def test_one_stalled_round_is_not_yet_the_end() -> None:
-    # The old rule (each round against the one before, 25 % or stop) ended here; on a busy host a
+    # A rule comparing each round with the one before (25 % or stop) would end here; on a busy host a
     # round in three cuts less than that while the remainder still has far to fall.
     d = decide(fig(100 * MiB, 110 * MiB), Limits(max_downtime_s=0.3), now=1.0)
     assert d.action is Action.CONTINUE and "still shrinks" in d.reason
@@ -76,8 +76,8 @@ def test_a_spike_above_the_low_waits_for_a_round_at_the_low() -> None:
 
 def test_a_measured_memstress_history_is_not_cut_short_by_one_noisy_round() -> None:
     # Remainders (pages) of a 1 GiB memstress guest at 25 % of the bandwidth over 64 MiB, measured
-    # with switching disabled (docs/PERFORMANCE.md, section 12). The old rule switched after the
-    # second (3528 >= 0.75 x 3578), just before the remainder halved.
+    # with switching disabled (docs/PERFORMANCE.md, section 10). A rule that compared each round with
+    # the one before would switch after the second (3528 >= 0.75 x 3578), just before the remainder halved.
     history = [3578, 3528, 3599, 1757, 1800, 1620, 1571, 1359, 1307, 1190, 1873]
     lim = Limits(max_downtime_s=0.3)
     for n in range(1, len(history)):

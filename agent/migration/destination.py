@@ -259,7 +259,7 @@ class DestinationSession:
         """Hold the accept until the VM process for the reservation is up, and open a lane to it.
 
         Starting a Python process takes longer than a small guest takes to
-        migrate (docs/PERFORMANCE.md section 1), and whatever is left of the
+        migrate (docs/PERFORMANCE.md section 11), and whatever is left of the
         start at COMMIT is downtime. Waiting now moves it into the setup time instead. The lane is
         this thread's own socket to that process: the restore at COMMIT goes
         over it, with no round trip through the agent's event loop.
@@ -310,7 +310,7 @@ class DestinationSession:
         Batch by batch, not once per round: in the final round the source is paused and the
         digest is in the downtime, and hashing each batch while the next one is on its way
         leaves only the last batch's chunks for after the final copy (docs/PERFORMANCE.md
-        section 14). The same chunks cost no more:
+        section 7). The same chunks cost no more:
         batches go in address order, so only a chunk a batch boundary cuts is hashed twice.
         """
         assert self._digest is not None and self._sink is not None
@@ -328,7 +328,7 @@ class DestinationSession:
 
     def _digest_after_sync(self) -> None:
         """Hash the chunks of the round's last batch now that SyncAck is out: beside the source's
-        harvest and decision, not inside the round it waits for (docs/PERFORMANCE.md, section 15).
+        harvest and decision, not inside the round it waits for (docs/PERFORMANCE.md, section 7).
         The final round ends without a Sync: its batches are all hashed as they arrive."""
         assert self._digest is not None
         if self._after_sync:

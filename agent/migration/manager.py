@@ -71,6 +71,7 @@ class MigrationManager:
         self.log = log
         self.in_doubt_timeout = in_doubt_timeout
         self.address: tuple[str, int] | None = None  # the listener's bound address, once serving
+        self._lsock: socket.socket | None = None  # bound by bind(), not yet accepting
         self._infos: dict[str, MigrationInfo] = {}  # vm name -> current or last migration, in or out
         self._outgoing: dict[str, _Outgoing] = {}
         self._outcomes: Outcomes[DestinationSession] = Outcomes()
@@ -84,14 +85,27 @@ class MigrationManager:
         self._pending_lock = threading.Lock()
 
     # -- the listener ----------------------------------------------------------------------------------
-    async def serve(self, host: str, port: int) -> None:
-        """Listen for migrations on (host, port) and accept until cancelled or shut down."""
-        loop = asyncio.get_running_loop()
+    def bind(self, host: str, port: int) -> tuple[str, int]:
+        """Bind the migration listener on (host, port) and return its address; a bind error is
+        raised here, so the agent can report it before it says it started."""
         lsock = socket.create_server((host, port), backlog=LISTEN_BACKLOG, reuse_port=False)
         lsock.setblocking(False)
-        self._serve_task = asyncio.current_task()
+        self._lsock = lsock
         self.address = lsock.getsockname()[:2]
         self.log.info("migration listener ready", address=f"{self.address[0]}:{self.address[1]}")
+        return self.address
+
+    async def serve(self, host: str | None = None, port: int | None = None) -> None:
+        """Accept migrations until cancelled or shut down, on the listener bind() made (or bind
+        (host, port) first)."""
+        if self._lsock is None:
+            if host is None or port is None:
+                raise ValueError("serve() needs host and port unless bind() was called")
+            self.bind(host, port)
+        lsock, self._lsock = self._lsock, None
+        assert lsock is not None
+        loop = asyncio.get_running_loop()
+        self._serve_task = asyncio.current_task()
         bridge = LoopBridge(loop)
         try:
             while self._accepting:
@@ -288,6 +302,9 @@ class MigrationManager:
         self._accepting = False
         if self._serve_task is not None:
             self._serve_task.cancel()
+        if self._lsock is not None:  # bound, and shut down before serve() took it over
+            self._lsock.close()
+            self._lsock = None
         for out in list(self._outgoing.values()):
             out.session.cancel()
         for incoming in self._outcomes.live():

@@ -210,7 +210,7 @@ class RamDigest:
         # known without asking the memfd: _data has a bit mask of them (bit p: page p of the
         # chunk) for chunks partly written, a chunk in neither _full nor _data is all hole. A
         # working set written in part has thousands of extents, and walking them with
-        # SEEK_DATA/SEEK_HOLE is costly inside the downtime (docs/PERFORMANCE.md section 13).
+        # SEEK_DATA/SEEK_HOLE is costly inside the downtime (docs/PERFORMANCE.md section 6).
         # So every write must be passed in before the chunk is hashed (as every write must
         # invalidate it anyway): a page taken for a hole is hashed as zeros unread. The other
         # way round costs only memory: a hole taken for data (say, a punch that fell back to
@@ -278,7 +278,7 @@ class RamDigest:
                 # Written inside a chunk that is all data already: nothing changes. The common case
                 # of later rounds (scattered pages of a written working set), met per range on both
                 # ends every round: this test is much cheaper than the mask arithmetic below
-                # (docs/PERFORMANCE.md section 14).
+                # (docs/PERFORMANCE.md section 6).
                 continue
             first, last = max(0, first), min(n - 1, last)
             if last - first > 1:  # the chunks in between are covered whole: set operations in C

@@ -35,7 +35,7 @@ THROTTLE_MAX = 99
 # of the lowest remainder before it. A guest that keeps dirtying settles near
 # an equilibrium (its dirty rate times a round's fixed costs, over what the
 # rounds' per-page cost leaves), approached by cuts per round that the host's
-# noise often hides (docs/PERFORMANCE.md section 12):
+# noise often hides (docs/PERFORMANCE.md section 10):
 # comparing with the lowest so far, with patience, rather than each round with
 # the one before, keeps a noisy round from ending pre-copy early.
 NEW_LOW_RATIO = 0.9
@@ -53,7 +53,7 @@ NEGLIGIBLE_DOWNTIME_S = 0.002
 # Nor when the remainder's copy is under this share of the fixed downtime no round can remove (the
 # switch-over's round trips): on a long path another round costs at least a round trip of total
 # time and resends what the guest wrote meanwhile, to save a small share of the downtime
-# (docs/PERFORMANCE.md section 17). On a short path NEGLIGIBLE_DOWNTIME_S decides.
+# (docs/PERFORMANCE.md section 10). On a short path NEGLIGIBLE_DOWNTIME_S decides.
 NEGLIGIBLE_SHARE = 0.1
 
 

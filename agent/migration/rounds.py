@@ -62,7 +62,7 @@ class RoundBook:
         The round's time includes the wait, the bandwidth only the drain, not
         the round trip (``rtt``): the policy's fixed downtime has that already,
         and counting it here makes a small round on a long path look slow
-        (docs/PERFORMANCE.md section 17).
+        (docs/PERFORMANCE.md section 10).
         """
         stat.seconds += waited
         stat.sync_rtt = min(waited, rtt)

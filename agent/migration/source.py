@@ -179,7 +179,7 @@ class SourceSession:
             self._check_cancel()
             # A round trip of the path as the protocol sees it (a relay in between included, which
             # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
-            # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 17).
+            # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 10).
             self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
         self.conn.start(self.machine)
         self._propose()
@@ -274,7 +274,7 @@ class SourceSession:
         self.info.dirty_sync_count += 1
         # The contract says sorted and merged, and the trackers build it so; but a kernel walk may
         # report regions out of order, and a page batch must be sorted: checked here all the same,
-        # cheap for sorted input (docs/PERFORMANCE.md section 16), normalised if it ever is not.
+        # cheap for sorted input (docs/PERFORMANCE.md section 4), normalised if it ever is not.
         return merge_ranges(ranges)
 
     def _send_ranges(self, ranges: list[Range], final: bool = False) -> RoundStat:

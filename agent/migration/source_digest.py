@@ -55,7 +55,7 @@ class SourceDigest:
         Called once dirty tracking is armed: a hole written from then on shows
         up in a harvest. The thread starts now, not at the final copy: starting
         a thread waits until it runs, time the downtime would pay on a busy
-        host (docs/PERFORMANCE.md section 12).
+        host (docs/PERFORMANCE.md section 7).
         """
         self._ram_digest.assume_holes_except(extents)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ferry-digest")
@@ -108,7 +108,7 @@ class SourceDigest:
         much larger ones), so the thread hashes while the sender waits in the
         kernel (sendmsg), not beside it: the overlap is partial. Hashing after
         the copy instead, the two ends' hashing overlapped and the downtime came
-        out the same (docs/PERFORMANCE.md section 11).
+        out the same (docs/PERFORMANCE.md section 7).
         """
         digest = self._ram_digest
         digest.invalidate(last)

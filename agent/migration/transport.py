@@ -12,7 +12,7 @@ is written for speed:
   0, dense guests) go through one reused ``RECV_PIECE`` buffer and ``pwrite``
   into the memfd: a fresh shared mapping costs a page fault, an allocation
   and a zeroing per 4 KiB written through it, a ``pwrite`` of whole pages
-  neither the fault nor the zeroing (docs/PERFORMANCE.md section 6), and the
+  neither the fault nor the zeroing (docs/PERFORMANCE.md section 2), and the
   receiver hashes each piece for the RAM digest while it is in the CPU cache.
   A full memfd (tmpfs limit, memory cgroup) is an error (``GuestRamFull``)
   rather than the SIGBUS a write through the mapping would take. Scattered
@@ -33,7 +33,7 @@ is written for speed:
   autotuning, which a fixed buffer would turn off. The accepting side (the
   destination) does the same for its receive buffer (``accepted``): the
   window it advertises is about its receive buffer, and autotuning stops at
-  ``net.ipv4.tcp_rmem`` max (docs/PERFORMANCE.md section 10). A bigger
+  ``net.ipv4.tcp_rmem`` max (docs/PERFORMANCE.md section 3). A bigger
   window means more bytes in flight when the source pauses; the source's
   Sync at every round end drains them before the pause, so they cost no
   downtime.
@@ -82,7 +82,7 @@ PATH_RATE = 1 << 30
 # The receive buffer's size, and the guest-address grid pieces are cut on: a multiple of the RAM
 # digest's chunk (agent/migration/pages.DIGEST_CHUNK), so a chunk inside a range is inside one
 # piece and hashed from it; small enough to stay in the L2 cache between the copy and the hash.
-# Its size within a wide range measured alike (docs/PERFORMANCE.md section 6).
+# Its size within a wide range measured alike (docs/PERFORMANCE.md section 2).
 RECV_PIECE = 512 * 1024
 # Ranges at least this long on average make a batch go through the buffer. Below, the pages are
 # scattered (later rounds) and mostly already allocated: recvmsg_into the mapping saves a pwrite

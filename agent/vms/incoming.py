@@ -38,7 +38,7 @@ class Incoming:
     memfd: int
     ram: mmap.mmap
     # The VM process, spawned while pages arrive: a Python process's start-up would otherwise land
-    # in the migration's downtime (docs/PERFORMANCE.md section 1).
+    # in the migration's downtime (docs/PERFORMANCE.md section 11).
     spawning: asyncio.Task[VM] | None = field(default=None, repr=False)
 
 

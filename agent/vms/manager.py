@@ -151,7 +151,7 @@ class VMManager:
         if preload:
             # An incoming VM's process is ready only once it answers: a fresh interpreter's start-up
             # and imports would otherwise be spent inside the downtime by the restore at COMMIT
-            # (docs/PERFORMANCE.md section 1).
+            # (docs/PERFORMANCE.md section 11).
             try:
                 await vm.channel.request("status")
             except BaseException:

@@ -2,7 +2,7 @@
 
 Creating it touches nothing (the memory is committed as the guest or a migration writes it);
 releasing it is what costs: unmapping returns every page to the kernel, which takes time in
-proportion to what was written (docs/PERFORMANCE.md section 5), so it never runs on the event
+proportion to what was written (docs/PERFORMANCE.md section 11), so it never runs on the event
 loop (docs/ARCHITECTURE.md: nothing that blocks runs on the loop).
 """
 

@@ -1,7 +1,7 @@
 """The spare VM process: one started ahead of need, the next incoming VM's process (vmruntime/spare.py).
 
 An incoming VM's process must be up before the migration's downtime; a fresh interpreter takes long
-to start and import the machine (docs/PERFORMANCE.md section 9). The spare has done that already
+to start and import the machine (docs/PERFORMANCE.md section 11). The spare has done that already
 and waits on its hand-over socket for guest RAM and a control socket.
 """
 
@@ -88,7 +88,7 @@ class SpareKeeper:
     def keep_later(self) -> None:
         """Start the next spare once the incoming VM that took the last one is settled: not at once,
         because a new interpreter's start-up would compete for the CPU with the migration's rounds
-        and its downtime on a small host (docs/PERFORMANCE.md section 9)."""
+        and its downtime on a small host (docs/PERFORMANCE.md section 11)."""
         with contextlib.suppress(RuntimeError):  # no running loop: no spare
             asyncio.get_running_loop().call_later(SPARE_DELAY_S, self.keep)
 
