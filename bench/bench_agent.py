@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -78,6 +79,10 @@ class Agent:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(15)
+        # VM processes outlive their agent (docs/RELIABILITY.md, "Agent restarts") and would hold the
+        # runner's stdout open; they are in the agent's process group, which the bench ends whole.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 async def _timed(n: int, once: Callable[[], Awaitable[object]]) -> list[float]:
