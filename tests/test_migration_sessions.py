@@ -596,7 +596,7 @@ class FakeDestVMs:
         self.dropped: list[str] = []
         self.discarded: list[str] = []
         self.events: list[str] = []  # "claim" and "restore", in the order they happened
-        self.claim_delay = 0.0  # seconds claim_incoming takes (a busy loop)
+        self.claim_delay = 0.0  # seconds claim_incoming takes (a slow record write)
 
     def reserve_incoming(self, name: str, mem: int) -> Inc:
         if self.refuse is not None:
@@ -611,9 +611,9 @@ class FakeDestVMs:
     def incoming_socket_path(self, inc: Inc) -> str | None:
         return None
 
-    def claim_incoming(self, inc: Inc, state: dict[str, Any], paused: bool, socket_path: str | None,
-                       migration_id: str | None = None) -> str:
-        time.sleep(self.claim_delay)
+    async def claim_incoming(self, inc: Inc, state: dict[str, Any], paused: bool, socket_path: str | None,
+                             migration_id: str | None = None) -> str:
+        await asyncio.sleep(self.claim_delay)
         self.claimed.append(inc.name)
         self.events.append("claim")
         return inc.name
@@ -718,8 +718,8 @@ def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram
 def test_destination_records_the_vm_before_its_process_runs(bridge: LoopBridge, source_ram: Any) -> None:
     # A restored VM process outlives its agent: were it restored before the loop recorded it, an
     # agent killed in between would leave a running VM that a restarted agent does not know, and
-    # its in-doubt answer "not resumed" would have the source resume a second copy. A slow loop
-    # (the record taking 0.3 s) must hold the restore back, not race it.
+    # its in-doubt answer "not resumed" would have the source resume a second copy. A slow record
+    # write (0.3 s) must hold the restore back, not race it.
     fd, ram = source_ram
     vms = FakeDestVMs()
     vms.claim_delay = 0.3

@@ -130,9 +130,10 @@ class IncomingHost(Protocol[InT, ClaimT]):
 
     def incoming_socket_path(self, inc: InT) -> str | None: ...
 
-    def claim_incoming(self, inc: InT, state: dict[str, Any], paused: bool, socket_path: str | None,
-                       migration_id: str | None = None) -> ClaimT:
-        """List and record the incoming VM, before its process is restored."""
+    async def claim_incoming(self, inc: InT, state: dict[str, Any], paused: bool, socket_path: str | None,
+                             migration_id: str | None = None) -> ClaimT:
+        """List and record the incoming VM; returns once the record is on disk, before its process
+        is restored."""
 
     def incoming_restored(self, vm: ClaimT, reply: dict[str, Any]) -> None: ...
 

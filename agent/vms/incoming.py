@@ -80,7 +80,7 @@ class IncomingVMs:
             raise VMError(ErrorCode.BAD_REQUEST, f"no incoming reservation for {inc.name!r}")
         await self.prepare(inc)
         path = self.socket_path(inc)
-        vm = self.claim(inc, state, paused, path, migration_id, dirty_backend)
+        vm = await self.claim(inc, state, paused, path, migration_id, dirty_backend)
         try:
             reply, _ = await vm.channel.request("restore", state=state, paused=paused, listen=path)
         except BaseException:
@@ -100,8 +100,8 @@ class IncomingVMs:
         assert inc.spawning is not None and inc.spawning.done()
         return self.manager.recorder.socket_path(inc.spawning.result())
 
-    def claim(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
-              migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
+    async def claim(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
+                    migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
         """COMMIT arrived: the VM is this host's now. Listed and recorded (as listening at
         ``socket_path``, which the restore that goes with the claim asks for) before anyone is told
         it runs here; the caller restores the VM process, then calls restored, or drops the VM if
@@ -121,9 +121,9 @@ class IncomingVMs:
             m.recorder.listening(vm, socket_path)
         saved = m.recorder.record(vm, "migration")
         if saved is not None:
-            # Waited for here, on the loop: the caller restores the process as soon as this
-            # returns, and the record must be on disk by then.
-            saved.result()
+            # The caller restores the process as soon as this returns: the record must be on disk
+            # by then. Awaited, so the loop runs on while the records' thread writes it.
+            await asyncio.wrap_future(saved)
         vm.log.info("vm started from migration", mem=vm.mem, pid=vm.pid, dirty_tracker=vm.dirty_backend)
         return vm
 

@@ -215,9 +215,9 @@ class VMManager:
     def incoming_socket_path(self, inc: Incoming) -> str | None:
         return self.incoming.socket_path(inc)
 
-    def claim_incoming(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
-                       migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
-        return self.incoming.claim(inc, state, paused, socket_path, migration_id, dirty_backend)
+    async def claim_incoming(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
+                             migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
+        return await self.incoming.claim(inc, state, paused, socket_path, migration_id, dirty_backend)
 
     def incoming_restored(self, vm: VM, reply: dict[str, Any]) -> None:
         self.incoming.restored(vm, reply)
