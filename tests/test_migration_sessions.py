@@ -585,7 +585,7 @@ class FakeDestLane:
 
 
 class FakeDestVMs:
-    """The destination's VM-manager API (agent/vms.py VMManager's incoming side) over plain RAM."""
+    """The destination's VM-manager API (agent.vms.VMManager's incoming side) over plain RAM."""
 
     def __init__(self, refuse: Exception | None = None) -> None:
         self.refuse = refuse

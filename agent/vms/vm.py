@@ -82,14 +82,6 @@ class VM:
             return "migrating"
         return self._run
 
-    @state.setter
-    def state(self, value: str) -> None:
-        """`begin_migration()` for "migrating", `end_migration(value)` for any other state, waiting
-        for the record on the calling thread (the loop): the migration engine uses the async forms."""
-        saved = self._begin() if value == "migrating" else self._end(value)
-        if saved is not None:
-            saved.result()
-
     async def begin_migration(self) -> None:
         """A migration owns the VM now (operators' pause/resume/destroy are refused); recorded as
         phase "precopy" with the run state to restore, returning once that record is on disk."""
