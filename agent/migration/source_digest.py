@@ -30,7 +30,7 @@ Range = tuple[int, int]
 # Upper bound on waiting for the digest thread when a migration fails mid-way.
 DIGEST_WAIT_S = 60.0
 # RAM digest bytes/s assumed until a round measured faster: below what xxh3 of 64 KiB chunks does on
-# a current CPU. Also the floor: a measurement under CPU contention must not make pre-copy look hopeless.
+# a current CPU (docs/PERFORMANCE.md section 6). Also the floor: a measurement under CPU contention must not make pre-copy look hopeless.
 HASH_RATE_GUESS = 2e9
 
 
