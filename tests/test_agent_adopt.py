@@ -9,6 +9,7 @@ over the same state dir re-adopts it and must leave it in the state the rules sa
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import tempfile
@@ -87,7 +88,7 @@ async def _cut(runs: Runs, *, ran: bool, paused: bool, commit_sent: bool = False
     if paused and ran:
         await vm.pause()  # the stop-and-copy pause
     if commit_sent:
-        await vm.mark_commit_sent()
+        await asyncio.wrap_future(vm.mark_commit_sent())
     await first.shutdown()  # the VM process runs on, listening; its record stays
     second = runs.start()
     assert await second.adopt_previous() == 1

@@ -10,6 +10,7 @@ resumed" fences a COMMIT that arrives later.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import mmap
@@ -37,6 +38,7 @@ from agent.migration.outcomes import Outcomes
 from agent.migration.seams import IncomingHost, Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source import FIXED_DOWNTIME_S, SourceSession
 from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
+from agent.vms.vm import on_disk
 from proto.auth import ServerHandshake
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
@@ -169,8 +171,9 @@ class FakeVM:
     async def end_migration(self, run_state: str) -> None:
         self.state = run_state
 
-    async def mark_commit_sent(self) -> None:
+    def mark_commit_sent(self) -> concurrent.futures.Future[None]:
         self.calls.append("commit_sent")
+        return on_disk(None)
 
 
 class FakeLane:
@@ -611,12 +614,17 @@ class FakeDestVMs:
     def incoming_socket_path(self, inc: Inc) -> str | None:
         return None
 
-    async def claim_incoming(self, inc: Inc, state: dict[str, Any], paused: bool, socket_path: str | None,
-                             migration_id: str | None = None) -> str:
-        await asyncio.sleep(self.claim_delay)
+    def claim_incoming(self, inc: Inc, state: dict[str, Any], paused: bool,
+                       socket_path: str | None, migration_id: str | None = None) -> tuple[str, concurrent.futures.Future[None]]:
         self.claimed.append(inc.name)
-        self.events.append("claim")
-        return inc.name
+        recorded: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def on_disk() -> None:
+            self.events.append("claim")
+            recorded.set_result(None)
+
+        threading.Timer(self.claim_delay, on_disk).start()  # the record's write, in another thread
+        return inc.name, recorded
 
     def incoming_restored(self, vm: str, reply: dict[str, Any]) -> None:
         pass

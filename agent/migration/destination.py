@@ -30,6 +30,7 @@ from typing import Any
 
 from agent.migration import pages
 from agent.migration.common import (
+    LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
     LoopBridge,
     describe,
@@ -413,8 +414,9 @@ class DestinationSession:
         process that is gone: "not resumed" is then the truth.
         """
         assert self._state is not None and self._lane is not None
-        vm = self.bridge.call(self.vms.claim_incoming(self._inc, self._state, self._start_paused,
-                                                      self._listen_at, self._mid))
+        vm, recorded = self.bridge.run(self.vms.claim_incoming, self._inc, self._state, self._start_paused,
+                                       self._listen_at, self._mid)
+        recorded.result(LOOP_CALL_TIMEOUT_S)
         try:
             reply = self._lane.request("restore", state=self._state, paused=self._start_paused,
                                        listen=self._listen_at, timeout=RESTORE_TIMEOUT_S)

@@ -14,6 +14,7 @@ the session thread that opened or started them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import mmap
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
@@ -69,8 +70,9 @@ class MigratingVM(Protocol):
     async def end_migration(self, run_state: str) -> None:
         """The migration is over and the VM stays here, ``run_state`` (running | paused)."""
 
-    async def mark_commit_sent(self) -> None:
-        """COMMIT is about to go: recorded on disk (in doubt after a restart) before this returns."""
+    def mark_commit_sent(self) -> concurrent.futures.Future[None]:
+        """COMMIT is about to go: record it (in doubt after a restart); the future is done once the
+        record is on disk, and COMMIT leaves only after that."""
 
     async def track_start(self, hot_blocks: bool = False) -> DirtyTracker: ...
 
@@ -130,10 +132,10 @@ class IncomingHost(Protocol[InT, ClaimT]):
 
     def incoming_socket_path(self, inc: InT) -> str | None: ...
 
-    async def claim_incoming(self, inc: InT, state: dict[str, Any], paused: bool, socket_path: str | None,
-                             migration_id: str | None = None) -> ClaimT:
-        """List and record the incoming VM; returns once the record is on disk, before its process
-        is restored."""
+    def claim_incoming(self, inc: InT, state: dict[str, Any], paused: bool, socket_path: str | None,
+                       migration_id: str | None = None) -> tuple[ClaimT, concurrent.futures.Future[None]]:
+        """List and record the incoming VM; the future is done once the record is on disk, and its
+        process is restored only after that."""
 
     def incoming_restored(self, vm: ClaimT, reply: dict[str, Any]) -> None: ...
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from agent.migration import pages, tls
 from agent.migration.common import (
+    LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
     Cancelled,
     LoopBridge,
@@ -387,7 +388,7 @@ class SourceSession:
         resumed: bool | None
         # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
         # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
-        self.bridge.call(self.vm.mark_commit_sent())
+        self.bridge.run(self.vm.mark_commit_sent).result(LOOP_CALL_TIMEOUT_S)
         try:
             self._send(Commit(self.migration_id))
             assert self.conn is not None

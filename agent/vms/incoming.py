@@ -11,6 +11,7 @@ is restored), restored / drop_claimed after the restore, or discard if the migra
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import mmap
 from collections.abc import Coroutine
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.vms.errors import VMError
 from agent.vms.ram import close_guest_ram, create_guest_ram, release_guest_ram
-from agent.vms.vm import VM
+from agent.vms.vm import VM, on_disk, written
 from proto.errors import ErrorCode
 from vmruntime import control as vmctl
 
@@ -80,7 +81,8 @@ class IncomingVMs:
             raise VMError(ErrorCode.BAD_REQUEST, f"no incoming reservation for {inc.name!r}")
         await self.prepare(inc)
         path = self.socket_path(inc)
-        vm = await self.claim(inc, state, paused, path, migration_id, dirty_backend)
+        vm, saved = self.claim(inc, state, paused, path, migration_id, dirty_backend)
+        await written(saved)
         try:
             reply, _ = await vm.channel.request("restore", state=state, paused=paused, listen=path)
         except BaseException:
@@ -100,13 +102,14 @@ class IncomingVMs:
         assert inc.spawning is not None and inc.spawning.done()
         return self.manager.recorder.socket_path(inc.spawning.result())
 
-    async def claim(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
-                    migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
+    def claim(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
+              migration_id: str | None = None,
+              dirty_backend: str | None = None) -> tuple[VM, concurrent.futures.Future[None]]:
         """COMMIT arrived: the VM is this host's now. Listed and recorded (as listening at
         ``socket_path``, which the restore that goes with the claim asks for) before anyone is told
-        it runs here; the caller restores the VM process, then calls restored, or drops the VM if
-        the restore fails. The restore waits for this: a VM process that runs is always one a
-        record names (agent/migration/destination.py, _start_vm)."""
+        it runs here; the caller restores the VM process once the returned future says the record
+        is on disk, then calls restored, or drops the VM if the restore fails: a VM process that
+        runs is always one a record names (agent/migration/destination.py, _start_vm)."""
         m = self.manager
         if self.reserved.get(inc.name) is not inc or inc.spawning is None or not inc.spawning.done():
             raise VMError(ErrorCode.BAD_REQUEST, f"no ready incoming reservation for {inc.name!r}")
@@ -119,13 +122,11 @@ class IncomingVMs:
         vm.arrived_by = migration_id
         if socket_path is not None:
             m.recorder.listening(vm, socket_path)
-        saved = m.recorder.record(vm, "migration")
-        if saved is not None:
-            # The caller restores the process as soon as this returns: the record must be on disk
-            # by then. Awaited, so the loop runs on while the records' thread writes it.
-            await asyncio.wrap_future(saved)
+        # Not waited for here: the loop runs on while the records' thread writes it, and the caller
+        # (a session thread) waits for the future before it restores the process.
+        saved = on_disk(m.recorder.record(vm, "migration"))
         vm.log.info("vm started from migration", mem=vm.mem, pid=vm.pid, dirty_tracker=vm.dirty_backend)
-        return vm
+        return vm, saved
 
     def restored(self, vm: VM, reply: dict[str, Any]) -> None:
         """The restore's reply: a VM process that could not listen exits with this agent; say so."""

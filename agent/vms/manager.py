@@ -11,6 +11,7 @@ as thin delegates under the names the engine and the daemon call.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import mmap
 import sys
@@ -215,9 +216,10 @@ class VMManager:
     def incoming_socket_path(self, inc: Incoming) -> str | None:
         return self.incoming.socket_path(inc)
 
-    async def claim_incoming(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
-                             migration_id: str | None = None, dirty_backend: str | None = None) -> VM:
-        return await self.incoming.claim(inc, state, paused, socket_path, migration_id, dirty_backend)
+    def claim_incoming(self, inc: Incoming, state: dict[str, Any], paused: bool, socket_path: str | None,
+                       migration_id: str | None = None,
+                       dirty_backend: str | None = None) -> tuple[VM, concurrent.futures.Future[None]]:
+        return self.incoming.claim(inc, state, paused, socket_path, migration_id, dirty_backend)
 
     def incoming_restored(self, vm: VM, reply: dict[str, Any]) -> None:
         self.incoming.restored(vm, reply)

@@ -92,10 +92,12 @@ class VM:
         halted or faulted meanwhile. Returns once the record (no phase) is on disk."""
         await written(self._end(run_state))
 
-    async def mark_commit_sent(self) -> None:
+    def mark_commit_sent(self) -> concurrent.futures.Future[None]:
         """The source is about to send COMMIT: from here a restarted agent must treat the VM as in
-        doubt. Returns only once that record is on disk: it must exist before COMMIT leaves."""
-        await written(self._note_phase("commit-sent"))
+        doubt. Called on the loop, which does not wait: the future is done once that record is on
+        disk, and the session thread waits for it before COMMIT leaves (one hop fewer inside the
+        downtime than the loop awaiting the write and then waking the thread)."""
+        return on_disk(self._note_phase("commit-sent"))
 
     def _begin(self) -> concurrent.futures.Future[None] | None:
         self.migrating = True
@@ -309,6 +311,15 @@ def _close_quietly(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def on_disk(saved: concurrent.futures.Future[None] | None) -> concurrent.futures.Future[None]:
+    """A record write's future, or one already done when nothing is recorded (no state dir)."""
+    if saved is not None:
+        return saved
+    done: concurrent.futures.Future[None] = concurrent.futures.Future()
+    done.set_result(None)
+    return done
 
 
 async def written(saved: concurrent.futures.Future[None] | None) -> None:
