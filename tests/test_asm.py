@@ -61,6 +61,11 @@ def test_quoted_text_hides_comment_and_operand_characters() -> None:
     assert img.code == b'a;b # c, d' + b'"; not a comment"' + b";,'#" + bytes([2])
 
 
+def test_a_string_directive_takes_one_string() -> None:
+    with pytest.raises(AsmError, match="expected one string literal"):
+        assemble('.ascii "a", "#"')
+
+
 def test_memory_operands() -> None:
     img = assemble("ld64 r1, [r2]\nst8 r3, [sp + 16]\nld32 r4, [r5 - 4]")
     assert isa.decode(img.code, 0) == isa.Insn(Op.LD64, 1, 2, 0, 0, 8)

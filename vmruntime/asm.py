@@ -363,7 +363,9 @@ def _string(text: str) -> bytes:
         value = ast.literal_eval(text)
     except (SyntaxError, ValueError) as exc:
         raise _Located(f"bad string literal: {exc}") from None
-    return str(value).encode("utf-8")
+    if not isinstance(value, str):  # e.g. `"a", "b"` reads as a tuple
+        raise _Located(f"expected one string literal, got {text!r}")
+    return value.encode("utf-8")
 
 
 # ---- expressions ----------------------------------------------------------------------------
