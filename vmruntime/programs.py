@@ -62,10 +62,8 @@ def parse_ipv4(text: str) -> int:
     if len(parts) == 4 and all(p.isdigit() and int(p) <= 255 for p in parts):
         a, b, c, d = (int(p) for p in parts)
         return a << 24 | b << 16 | c << 8 | d
-    if len(parts) == 1:
-        value = parse_count(text)
-        if value <= 0xFFFFFFFF:
-            return value
+    if len(parts) == 1 and parts[0].isdigit() and int(parts[0]) <= 0xFFFFFFFF:
+        return int(parts[0])
     raise ValueError(f"bad IPv4 address {text!r}: expected a.b.c.d or a 32-bit integer")
 
 
