@@ -120,6 +120,20 @@ def test_frame_ends_a_wait() -> None:
     assert m.nic_take_tx() == [frame(64)]
 
 
+@pytest.mark.parametrize("engine", ["fast", "ref"])
+def test_a_wait_with_frames_pending_does_not_sleep(engine: str) -> None:
+    # A guest that found its ring empty, then waits: a frame that arrived in between (here: one it
+    # never consumes) must not sleep until the deadline, whichever interpreter runs it.
+    m = boot(SINK)
+    run = m.run if engine == "fast" else RefInterpreter(m).run
+    settle(m, run)
+    assert m.wait_until_ns is not None  # nothing pending: it sleeps
+    assert m.nic_deliver(frame(64))
+    for _ in range(3):  # each pass runs the guest into its WAIT again, which completes at once
+        assert run(1000) > 0
+        assert m.wait_until_ns is None and m.wait_seconds() == 0.0
+
+
 def test_full_ring_drops_and_counts() -> None:
     m = boot(SINK)
     settle(m)

@@ -80,12 +80,16 @@ def port(bridge: str) -> Iterator[socket.socket]:
         s.close()
 
 
+ECHO_WAITING_AN_HOUR = ECHO.replace("li r10, 1000000000\n", "li r10, 3600000000000\n", 1)
+assert ECHO_WAITING_AN_HOUR != ECHO
+
+
 def _frame(tag: bytes) -> bytes:
     return (b"\xff" * 6 + TEST_MAC + ETHERTYPE + b"ferry-tap " + tag).ljust(60, b"\0")
 
 
-def _echo(port: socket.socket, tag: bytes, timeout: float = 5.0) -> float:
-    """Send a frame, wait for it to come back from the guest; the round trip in seconds."""
+def _echo(port: socket.socket, tag: bytes, timeout: float = 5.0) -> None:
+    """Send a frame (again every 0.5 s) until it comes back from the guest; fail after ``timeout``."""
     want = _frame(tag)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,7 +102,7 @@ def _echo(port: socket.socket, tag: bytes, timeout: float = 5.0) -> float:
             except TimeoutError:
                 continue
             if addr[2] != PACKET_OUTGOING and data == want:
-                return time.monotonic() - t0
+                return
     raise AssertionError(f"no echo of {tag!r} within {timeout} s")
 
 
@@ -118,11 +122,13 @@ def _gone(ifname: str, timeout: float = 5.0) -> bool:
 def test_echo_guest_on_a_bridge(spawn_vm: SpawnVM, bridge: str, port: socket.socket) -> None:
     tapname = _name("fyt")
     vm = spawn_vm(RAM)
-    vm.boot(assemble(ECHO), {}, nic=_nic(tapname, bridge))
+    # The guest idles in WAITs of an hour of virtual time: only a frame ending the wait gets an echo
+    # back before _echo gives up.
+    vm.boot(assemble(ECHO_WAITING_AN_HOUR), {}, nic=_nic(tapname, bridge))
     assert os.path.realpath(f"/sys/class/net/{tapname}/master").endswith("/" + bridge)
-    assert _echo(port, b"one") < 5
-    # the guest idles in a WAIT of a virtual second: a frame must end it at once, not at the deadline
-    assert min(_echo(port, b"again %d" % i) for i in range(3)) < 0.5
+    _echo(port, b"one")
+    for i in range(3):
+        _echo(port, b"again %d" % i)
     nic = vm.status()["nic"]
     assert nic["tap"] == tapname and nic["bridge"] == bridge and nic["mac"] == MAC and nic["link"] is True
     assert nic["rx-packets"] >= 4 and nic["tx-packets"] >= 4 and nic["tx-dropped"] == 0
@@ -135,7 +141,7 @@ def test_echo_guest_on_a_bridge(spawn_vm: SpawnVM, bridge: str, port: socket.soc
     assert vm.status()["nic"]["link"] is False
     vm.resume()
     assert vm.status()["nic"]["link"] is True
-    assert _echo(port, b"after resume") < 5
+    _echo(port, b"after resume")
     assert vm.stop() == 0
     assert _gone(tapname), "the TAP outlived its VM process"
 
@@ -169,7 +175,7 @@ def test_restore_keeps_the_nic_and_checks_its_mac(spawn_vm: SpawnVM, make_memfd:
     tapname = _name("fyt")
     first = spawn_vm(RAM, ram_fd=fd)
     first.boot(assemble(ECHO), {}, nic=_nic(tapname, bridge))
-    assert _echo(port, b"before") < 5
+    _echo(port, b"before")
     state = first.pause()
     assert state["devices"]["nic"]["rx_packets"] >= 1
     assert first.stop() == 0 and _gone(tapname)
@@ -178,7 +184,7 @@ def test_restore_keeps_the_nic_and_checks_its_mac(spawn_vm: SpawnVM, make_memfd:
         second.restore(state, nic=_nic(tapname, bridge, "52:54:00:00:00:09"))
     assert not _exists(tapname)
     second.restore(state, nic=_nic(tapname, bridge))
-    assert _echo(port, b"after restore") < 5
+    _echo(port, b"after restore")
     assert second.status()["nic"]["rx-packets"] > state["devices"]["nic"]["rx_packets"]
 
 

@@ -85,7 +85,7 @@ class RefInterpreter:
             pc, m.status, done = h.pc, "halted", done + 1
         except Waiting as w:
             R[R_IC] += 1
-            pc, m.wait_until_ns, done = w.pc, w.deadline, done + 1
+            pc, m.wait_until_ns, done = w.pc, m.wait_deadline(w.deadline), done + 1
         except GuestFault as f:
             pc, m.status, m.fault_reason = f.pc, "faulted", f.reason
         m.pc = pc

@@ -158,7 +158,7 @@ class Machine:
         try:
             self.pc = self._loop(R, start + budget)
         except Waiting as w:
-            self.pc, self.wait_until_ns = w.pc, w.deadline
+            self.pc, self.wait_until_ns = w.pc, self.wait_deadline(w.deadline)
         except Halted as h:
             self.pc, self.status = h.pc, "halted"
         except GuestFault as f:
@@ -179,6 +179,15 @@ class Machine:
         finally:
             self.pc = pc  # the start of the last block entered, for an internal-error report
         return pc
+
+    def wait_deadline(self, deadline: int) -> int | None:
+        """The deadline a WAIT sleeps until, or None: a WAIT does not sleep while the NIC's RX ring
+        holds frames the guest has not consumed, as a pending interrupt would wake a CPU at once. A
+        guest that checked its ring, then found a frame delivered between two run() slices before
+        its WAIT, would otherwise sleep on a frame until the deadline."""
+        if self._nic is not None and self._nic.rx_pending():
+            return None
+        return deadline
 
     def waiting(self) -> bool:
         """True while a WAIT's deadline is ahead; clears a deadline the clock has reached."""

@@ -155,6 +155,10 @@ class NicDevice:
 
     # ---- host side ----
 
+    def rx_pending(self) -> bool:
+        """Frames in the RX ring the guest has not consumed yet, with receive enabled."""
+        return bool(self.ctrl & CTRL_ENABLED) and self.rx_head != self.rx_tail
+
     def deliver(self, frame: bytes) -> bool:
         """Write one received frame into the next RX slot; False (and counted) when dropped."""
         n = len(frame)
