@@ -34,6 +34,9 @@ PREDEFINED: dict[str, int] = {
     "BOOT_RAM_SIZE": isa.BOOT_ADDR + isa.BOOT_OFF_RAM_SIZE,
     "BOOT_NARGS": isa.BOOT_ADDR + isa.BOOT_OFF_NARGS,
     "ISA_VERSION": isa.ISA_VERSION,
+    **isa.NIC_REGS,
+    "NIC_SLOT": isa.NIC_SLOT,
+    "NIC_MTU_FRAME": isa.NIC_MTU_FRAME,
 }
 
 
@@ -273,7 +276,10 @@ def _enc_regs(op: Op, ops: list[str], symbols: dict[str, int]) -> bytes:
 
 
 def _enc_ri(op: Op, ops: list[str], symbols: dict[str, int]) -> bytes:
-    return isa.encode(op, _reg(ops[0]), imm=_imm32(_eval(ops[1], symbols)))
+    imm = _imm32(_eval(ops[1], symbols))
+    if op in (Op.NICR, Op.NICW) and not 0 <= imm <= 15:
+        raise _Located(f"NIC register {imm} out of range 0..15")
+    return isa.encode(op, _reg(ops[0]), imm=imm)
 
 
 def _enc_rri(op: Op, ops: list[str], symbols: dict[str, int]) -> bytes:

@@ -345,11 +345,17 @@ class VMHandle:
             else:
                 return msg, fds
 
-    def boot(self, image: Any, args: Mapping[str, int], *, paused: bool = False) -> None:
-        self.request("boot", image=image_fields(image), args=dict(args), paused=paused)
+    def boot(self, image: Any, args: Mapping[str, int], *, paused: bool = False,
+             nic: Mapping[str, str] | None = None) -> None:
+        """nic: {"tap", "bridge", "mac"} gives the VM a NIC on a new TAP attached to that bridge."""
+        extra: dict[str, Any] = {} if nic is None else {"nic": dict(nic)}
+        self.request("boot", image=image_fields(image), args=dict(args), paused=paused, **extra)
 
-    def restore(self, state: Mapping[str, Any], *, paused: bool = False) -> None:
-        self.request("restore", state=dict(state), paused=paused)
+    def restore(self, state: Mapping[str, Any], *, paused: bool = False,
+                nic: Mapping[str, str] | None = None) -> None:
+        """nic: as for boot; its MAC must be the saved state's."""
+        extra: dict[str, Any] = {} if nic is None else {"nic": dict(nic)}
+        self.request("restore", state=dict(state), paused=paused, **extra)
 
     def pause(self) -> dict[str, Any]:
         """Stop the vCPU at an instruction boundary; return its CPU and device state."""

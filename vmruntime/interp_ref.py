@@ -23,6 +23,7 @@ from vmruntime.interp import (
     fill,
     hash_range,
     mem_fault,
+    nic_fault,
     range_fault,
 )
 from vmruntime.isa import Op
@@ -63,6 +64,7 @@ class RefInterpreter:
         self.ram = machine._ram
         self.console = comp.ns["CON"]
         self.clock = comp.ns["CLK"]
+        self.nic_read, self.nic_write = comp.ns["NICR"], comp.ns["NICW"]
         self.decoded: dict[int, tuple[Handler, int, int, int, int]] = {}
         self.handlers = self._handler_table()
 
@@ -281,4 +283,17 @@ class RefInterpreter:
         deadline = self.m._R[a]
         if self.clock() < deadline:
             raise Waiting(pc + 8, deadline)
+        return pc + 8
+
+    def _nicr(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
+        value = self.nic_read(imm)
+        if isinstance(value, str):
+            raise nic_fault(pc, "nicr", value)
+        self.m._R[a] = value
+        return pc + 8
+
+    def _nicw(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
+        reason = self.nic_write(imm, self.m._R[a])
+        if reason is not None:
+            raise nic_fault(pc, "nicw", reason)
         return pc + 8

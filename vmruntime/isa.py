@@ -19,9 +19,12 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-ISA_VERSION = 1
+# Version 2 is version 1 plus the NIC instructions: images and saved states of
+# every accepted version run here (a version 1 state has no NIC).
+ISA_VERSION = 2
+ACCEPTED_ISA_VERSIONS = (1, 2)
 # "wait" (the WAIT instruction) came after the first release: a destination without it refuses the VM.
-ISA_FEATURES: frozenset[str] = frozenset({"base", "fill", "copy", "clock", "hash", "console", "wait"})
+ISA_FEATURES: frozenset[str] = frozenset({"base", "fill", "copy", "clock", "hash", "console", "wait", "nic"})
 PAGE_SIZE = 4096
 
 NUM_REGS = 16
@@ -50,6 +53,15 @@ BOOT_OFF_ARGS = 32  # nargs entries of (16-byte NUL-padded name, u64 value)
 BOOT_ARG_ENTRY = 24
 BOOT_ARG_NAME = 16
 BOOT_MAX_ARGS = 12  # r1..r12 carry argument values
+
+# The NIC device (vmruntime/nic.py): register numbers for nicr/nicw, the ring slot size, the largest frame.
+NIC_REGS: dict[str, int] = {
+    "NIC_STATUS": 0, "NIC_MAC": 1, "NIC_RX_BASE": 2, "NIC_RX_SLOTS": 3, "NIC_RX_HEAD": 4, "NIC_RX_TAIL": 5,
+    "NIC_TX_BASE": 6, "NIC_TX_SLOTS": 7, "NIC_TX_HEAD": 8, "NIC_TX_TAIL": 9, "NIC_RX_PACKETS": 10,
+    "NIC_TX_PACKETS": 11, "NIC_RX_DROPPED": 12, "NIC_TX_DROPPED": 13, "NIC_CTRL": 14,
+}
+NIC_SLOT = 2048  # bytes per ring slot: u16 length, then the frame
+NIC_MTU_FRAME = 1514  # the largest Ethernet frame without FCS
 
 
 class Op(IntEnum):
@@ -109,6 +121,8 @@ class Op(IntEnum):
     RDINSN = 0x72  # rd = instructions executed before this one
     CLOCK = 0x73  # rd = clock device, virtual nanoseconds
     WAIT = 0x74  # rs: yield the vCPU until the clock device reads >= rs (virtual ns)
+    NICR = 0x75  # rd, imm: rd = NIC register imm
+    NICW = 0x76  # ra, imm: NIC register imm = ra
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +140,7 @@ _FORMS: dict[str, tuple[Op, ...]] = {
     "rr": (Op.MOV, Op.CMP, Op.OUTS),
     "rrr": (Op.ADD, Op.SUB, Op.MUL, Op.DIVU, Op.REMU, Op.AND, Op.OR, Op.XOR, Op.SHL, Op.SHR,
             Op.SAR, Op.FILL, Op.COPY, Op.HASH),
-    "ri": (Op.MOVI, Op.CMPI),
+    "ri": (Op.MOVI, Op.CMPI, Op.NICR, Op.NICW),
     "rri": (Op.ADDI, Op.MULI, Op.ANDI, Op.ORI, Op.XORI, Op.SHLI, Op.SHRI, Op.SARI),
     "rl": (Op.LI,),
     "mem": (Op.LD8, Op.LD16, Op.LD32, Op.LD64, Op.ST8, Op.ST16, Op.ST32, Op.ST64),

@@ -2,7 +2,8 @@
 
 Owns the machine's lifecycle and state: boot (image and boot block into RAM),
 run(budget) to an instruction boundary, the faulted/halted states, the
-console and clock devices, the WAIT state (a deadline on the clock device
+console and clock devices, the optional NIC (its model is vmruntime/nic.py;
+the machine wires it to the instructions and to the WAIT state), the WAIT state (a deadline on the clock device
 before which the vCPU does nothing), and save_state()/restore() as a
 versioned, msgpack-able dict.  Execution itself is the block compiler's
 (interp.py).  A guest error never raises out of run(): the machine becomes
@@ -30,11 +31,13 @@ from vmruntime.interp import (
     Waiting,
     make_namespace,
 )
+from vmruntime.nic import NicDevice, no_nic_read, no_nic_write
 
-# Version 2 added devices.clock.wait_until_ns (the WAIT instruction); version 1
-# states (no guest could be waiting then) are still accepted.
-STATE_VERSION = 2
-ACCEPTED_STATE_VERSIONS = (1, 2)
+# Version 2 added devices.clock.wait_until_ns (the WAIT instruction), version 3
+# devices.nic (present only on a machine with a NIC); older states are still
+# accepted (no guest could be waiting in 1, none has a NIC before 3).
+STATE_VERSION = 3
+ACCEPTED_STATE_VERSIONS = (1, 2, 3)
 # The longest a host is told to sleep before calling run() again: a deadline
 # far ahead is re-checked now and then (cheaply) rather than slept on whole.
 MAX_WAIT_SECONDS = 1.0
@@ -63,7 +66,8 @@ class ClockDevice:
 class Machine:
     """One toy VM's CPU and devices; see docs/isa.md."""
 
-    def __init__(self, ram: mmap.mmap, code_range: tuple[int, int], clock: ClockDevice) -> None:
+    def __init__(self, ram: mmap.mmap, code_range: tuple[int, int], clock: ClockDevice,
+                 nic: NicDevice | None = None) -> None:
         self._ram = ram
         self._size = len(ram)
         self._R: list[int] = [0] * REGFILE_LEN
@@ -76,7 +80,11 @@ class Machine:
         self._console = bytearray()
         self._clock = clock
         start, end = code_range
-        ns = make_namespace(self._console, clock.read)
+        self._nic = nic
+        if nic is None:
+            ns = make_namespace(self._console, clock.read, no_nic_read, no_nic_write)
+        else:
+            ns = make_namespace(self._console, clock.read, nic.read, nic.write)
         self._compiler = BlockCompiler(bytes(ram[start:end]), start, self._size, ns)
         self._blocks: dict[int, BlockFn] = {}
 
@@ -84,14 +92,18 @@ class Machine:
 
     @classmethod
     def boot(cls, ram: mmap.mmap, image: Image, args: Mapping[str, int],
-             clock_ns: Callable[[], int]) -> Machine:
-        """Write image and boot block into ram; the machine starts at image.entry."""
+             clock_ns: Callable[[], int], nic_mac: int | None = None) -> Machine:
+        """Write image and boot block into ram; the machine starts at image.entry.
+
+        nic_mac (a 48-bit integer, first octet most significant) gives the machine a NIC.
+        """
         _check_image(image, len(ram))
         packed = _pack_args(args)
         end = image.load_addr + len(image.code)
+        nic = None if nic_mac is None else NicDevice(ram, end, nic_mac)
         ram[image.load_addr:end] = image.code
         _write_boot_block(ram, packed)
-        m = cls(ram, (image.load_addr, end), ClockDevice(clock_ns))
+        m = cls(ram, (image.load_addr, end), ClockDevice(clock_ns), nic)
         m._R[0] = isa.BOOT_ADDR
         for i, (_, value) in enumerate(packed, start=1):
             m._R[i] = value
@@ -105,7 +117,9 @@ class Machine:
         _check_state(state, len(ram))
         code = state["code"]
         clock = ClockDevice(clock_ns, state["devices"]["clock"]["now_ns"])
-        m = cls(ram, (code[0], code[1]), clock)
+        saved_nic = state["devices"].get("nic")
+        nic = None if saved_nic is None else NicDevice.restore(ram, code[1], saved_nic)
+        m = cls(ram, (code[0], code[1]), clock, nic)
         m._R[:isa.NUM_REGS] = list(state["regs"])
         m._R[R_FA], m._R[R_FB] = state["cmp"]
         m._R[R_IC] = state["instructions"]
@@ -207,11 +221,49 @@ class Machine:
     def clock_now(self) -> int:
         return self._clock.read()
 
+    @property
+    def nic_mac(self) -> int | None:
+        """The NIC's MAC, or None on a machine without a NIC."""
+        return None if self._nic is None else self._nic.mac
+
+    def nic_deliver(self, frame: bytes) -> bool:
+        """Receive one frame from the host into the RX ring; False when dropped (or no NIC).
+
+        A delivered frame ends a WAIT: the guest gets to handle it on the next run().
+        """
+        if self._nic is None or not self._nic.deliver(frame):
+            return False
+        self.wait_until_ns = None
+        return True
+
+    def nic_take_tx(self) -> list[bytes]:
+        """The frames the guest queued since the last call, oldest first."""
+        return [] if self._nic is None else self._nic.take_tx()
+
+    def nic_tx_failed(self, count: int = 1) -> None:
+        """The host could not send count frames it took: counted as TX_DROPPED."""
+        if self._nic is not None:
+            self._nic.tx_failed(count)
+
+    def nic_set_link(self, up: bool) -> None:
+        if self._nic is not None:
+            self._nic.link = up
+
+    def nic_info(self) -> dict[str, Any]:
+        """mac, link and the four counters; {} on a machine without a NIC."""
+        return {} if self._nic is None else self._nic.info()
+
     # ---- state ----
 
     def save_state(self) -> dict[str, Any]:
         """CPU and device state at the current instruction boundary; msgpack-able."""
         R = self._R
+        devices: dict[str, Any] = {
+            "console": {"pending": bytes(self._console)},
+            "clock": {**self._clock.save(), "wait_until_ns": self.wait_until_ns},
+        }
+        if self._nic is not None:
+            devices["nic"] = self._nic.save()
         return {
             "version": STATE_VERSION,
             "isa_version": isa.ISA_VERSION,
@@ -224,15 +276,12 @@ class Machine:
             "instructions": R[R_IC],
             "status": self.status,
             "fault_reason": self.fault_reason,
-            "devices": {
-                "console": {"pending": bytes(self._console)},
-                "clock": {**self._clock.save(), "wait_until_ns": self.wait_until_ns},
-            },
+            "devices": devices,
         }
 
 
 def _check_image(image: Image, ram_size: int) -> None:
-    if image.isa_version != isa.ISA_VERSION:
+    if image.isa_version not in isa.ACCEPTED_ISA_VERSIONS:
         raise ValueError(f"image is for ISA version {image.isa_version}, this machine runs {isa.ISA_VERSION}")
     if image.load_addr != isa.CODE_ADDR or len(image.code) > isa.CODE_LIMIT:
         raise ValueError(f"image must load at {isa.CODE_ADDR:#x} and fit in {isa.CODE_LIMIT} bytes")
@@ -277,7 +326,7 @@ def _check_state(state: Mapping[str, Any], ram_size: int) -> None:
     if state.get("version") not in ACCEPTED_STATE_VERSIONS:
         raise ValueError(f"machine state version {state.get('version')!r}, expected one of "
                          f"{', '.join(map(str, ACCEPTED_STATE_VERSIONS))}")
-    if state.get("isa_version") != isa.ISA_VERSION:
+    if state.get("isa_version") not in isa.ACCEPTED_ISA_VERSIONS:
         raise ValueError(f"machine state is for ISA version {state.get('isa_version')!r}")
     if state.get("ram_size") != ram_size:
         raise ValueError(f"state was saved with {state.get('ram_size')} bytes of RAM, mapping has {ram_size}")
@@ -295,6 +344,9 @@ def _check_state(state: Mapping[str, Any], ram_size: int) -> None:
     if not (_is_u64(state.get("pc")) and _is_u64(state.get("instructions"))):
         raise ValueError("state's pc or instruction counter is malformed")
     _check_devices(state.get("devices"), state["version"])
+    if "nic" in state["devices"] and (state["version"] < 3 or state["isa_version"] < 2):
+        raise ValueError("a machine state before version 3 or ISA version 2 cannot carry a NIC")
+    # The NIC's own fields are checked by NicDevice.restore, before anything is built.
 
 
 def _check_devices(devices: object, version: int) -> None:

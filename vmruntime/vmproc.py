@@ -27,7 +27,11 @@ between slices the control socket is polled without waiting, so a pause
 request is served at the next instruction boundary. While paused, halted or
 faulted, the loop blocks on the socket; while the guest WAITs (idle and paced
 guests), it blocks on the socket until the deadline (Machine.wait_seconds()),
-so such a guest does not spin a host core. Throttling sleeps after each slice
+so such a guest does not spin a host core. A VM with a NIC has a TAP
+(vmruntime/tap.py): received frames go into the machine before each slice and
+queued ones out after it, and the wait after a slice also wakes on the TAP,
+so a frame ends a guest's WAIT at once; paused, the TAP is not read and the
+guest sees its link down. Throttling sleeps after each slice
 so the vCPU gets the asked share of wall time; the sleep is a wait on the
 socket, so requests are still answered at once.
 
@@ -47,12 +51,14 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmruntime import control, guestram
 
 if TYPE_CHECKING:
     from vmruntime.machine import Machine
+    from vmruntime.tap import HostNic
 
 # Wall time one slice should take: short enough that a pause waits little
 # for the slice in progress, long enough that polling costs little.
@@ -81,6 +87,7 @@ class VMProcess:
         self.backlog = bytearray()  # console output while detached (bounded)
         self.backlog_dropped = 0
         self.machine: Machine | None = None
+        self.nic: HostNic | None = None  # the TAP of a VM with a NIC
         self.paused = False
         self.throttle = 0
         self.budget = FIRST_BUDGET
@@ -103,9 +110,12 @@ class VMProcess:
                 self._wait_control(self.next_run - now)
                 continue
             self._run_slice()
-            # A guest WAIT: sleep on the socket (requests still served at once) until its deadline.
-            self._wait_control(self.machine.wait_seconds() if self.machine is not None else 0.0)
+            # A guest WAIT: sleep on the socket (requests still served at once) until its deadline
+            # or, with a NIC, until a frame arrives.
+            self._wait_control(self.machine.wait_seconds() if self.machine is not None else 0.0, nic=True)
         self._close_listener()
+        if self.nic is not None:
+            self.nic.close()  # the TAP goes with it
         return 0
 
     def _close_listener(self) -> None:
@@ -124,9 +134,13 @@ class VMProcess:
         machine = self.machine
         assert machine is not None
         before = machine.instructions
+        if self.nic is not None:
+            self.nic.receive(machine)
         t0 = time.perf_counter()
         machine.run(self.budget)  # never raises: a guest error (or an interpreter bug) faults the machine
         elapsed = time.perf_counter() - t0
+        if self.nic is not None:
+            self.nic.send(machine)
         self._tune_budget(machine.instructions - before, elapsed)
         if self.throttle:
             self.next_run = time.monotonic() + elapsed * self.throttle / (100 - self.throttle)
@@ -145,16 +159,20 @@ class VMProcess:
 
     # -- control socket --
 
-    def _wait_control(self, timeout: float | None) -> None:
-        """Serve every waiting request; wait up to ``timeout`` seconds (None: forever) for the first."""
+    def _wait_control(self, timeout: float | None, nic: bool = False) -> None:
+        """Serve every waiting request; wait up to ``timeout`` seconds (None: forever) for the first.
+
+        nic: a frame on the TAP ends the wait too (the next slice takes it in).
+        """
         watched = self.ctl if self.ctl is not None else self.listener
-        if watched is None and not self.lanes:
+        tap: list[Any] = [self.nic] if nic and self.nic is not None and self._vcpu_runnable() else []
+        if watched is None and not self.lanes and not tap:
             self._sleep_detached(timeout)
             return
-        socks = [*self.lanes] if watched is None else [watched, *self.lanes]
+        socks = [*self.lanes, *tap] if watched is None else [watched, *self.lanes, *tap]
         ready, _, _ = select.select(socks, [], [], timeout)
         for lane in ready:
-            if lane is not watched:
+            if lane in self.lanes:
                 self._serve_lane(lane)
         if watched is None or watched not in ready:
             return
@@ -315,7 +333,7 @@ class VMProcess:
         self._require_fresh()
         image = Image(**msg["image"])
         args = {str(k): int(v) for k, v in dict(msg.get("args") or {}).items()}
-        self.machine = Machine.boot(self.ram, image, args, self.clock.now_ns)
+        self._start_machine(msg, lambda mac: Machine.boot(self.ram, image, args, self.clock.now_ns, mac))
         self._started(bool(msg.get("paused", False)))
         return {}, ()
 
@@ -323,7 +341,7 @@ class VMProcess:
         from vmruntime.machine import Machine
 
         self._require_fresh()
-        self.machine = Machine.restore(self.ram, msg["state"], self.clock.now_ns)
+        self._start_machine(msg, lambda mac: Machine.restore(self.ram, msg["state"], self.clock.now_ns))
         reply: dict[str, Any] = {}
         if msg.get("listen"):
             # The incoming VM becomes detachable in the same step (a migration's commit waits on this
@@ -336,6 +354,26 @@ class VMProcess:
                 reply["listen-error"] = str(exc)
         self._started(bool(msg.get("paused", False)))
         return reply, ()
+
+    def _start_machine(self, msg: dict[str, Any], build: Callable[[int | None], Machine]) -> None:
+        """Open the TAP a ``nic`` field asks for, then build the machine (given the NIC's MAC).
+
+        A refusal on either side leaves neither: no TAP without a machine, no machine without its TAP.
+        """
+        nic = None
+        if msg.get("nic") is not None:
+            from vmruntime.tap import HostNic
+
+            nic = HostNic.open(msg["nic"])
+        try:
+            machine = build(None if nic is None else nic.mac)
+            if nic is not None:
+                nic.check_machine(machine)
+        except BaseException:
+            if nic is not None:
+                nic.close()
+            raise
+        self.machine, self.nic = machine, nic
 
     def _require_fresh(self) -> None:
         if self.machine is not None:
@@ -363,6 +401,8 @@ class VMProcess:
             self.clock.set_paused(paused)
         self.paused = paused
         self.next_run = 0.0
+        if self.machine is not None:  # paused, the TAP is not read: the guest sees its link down
+            self.machine.nic_set_link(self.nic is not None and not paused)
 
     def op_throttle(self, msg: dict[str, Any]) -> Reply:
         percent = msg.get("percent")
@@ -373,7 +413,9 @@ class VMProcess:
         return {}, ()
 
     def op_status(self, msg: dict[str, Any]) -> Reply:
+        nic = {} if self.nic is None else {"nic": self.nic.status(self.machine)}
         return {
+            **nic,
             "status": self.status_name(),
             "instructions": self.machine.instructions if self.machine is not None else 0,
             "fault_reason": self.fault_reason(),

@@ -503,7 +503,7 @@ def _check_compatible(start: MigrateStart) -> None:
     """Refuse what this host cannot run, before anything is touched."""
     if start.page_size != PAGE_SIZE:
         raise Refused(ErrorCode.INCOMPATIBLE, f"page size {start.page_size}, this host uses {PAGE_SIZE}")
-    if start.isa_version != isa.ISA_VERSION:
+    if start.isa_version not in isa.ACCEPTED_ISA_VERSIONS:  # newer than ours, or unknown
         raise Refused(ErrorCode.INCOMPATIBLE, f"ISA version {start.isa_version}, this host runs {isa.ISA_VERSION}")
     missing = set(start.isa_features) - set(isa.ISA_FEATURES)
     if missing:
