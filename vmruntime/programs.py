@@ -1,6 +1,6 @@
 """Guest programs shipped with ferry, runnable by name, and their arguments.
 
-Owns the program names scripts rely on (idle, counter, memstress, verify),
+Owns the program names scripts rely on (idle, counter, memstress, verify, netd),
 the arguments each accepts with their defaults, and the parsing of argument
 text (sizes such as 64M or 1G, integers, enumerations) into the integer
 boot arguments Machine.boot passes to the guest (sorted by name into r1,
@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 from vmruntime.asm import Image, assemble
 
-PROGRAMS: tuple[str, ...] = ("idle", "counter", "memstress", "verify")
+PROGRAMS: tuple[str, ...] = ("idle", "counter", "memstress", "verify", "netd")
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _U64_MAX = (1 << 64) - 1
 MAX_WAIT_MS = 3_600_000  # counter wait=: an hour between bursts
 MAX_RATE = 1_000_000_000  # memstress rate=: pages per second (far beyond what the interpreter reaches)
+MAX_KV = 16 << 20  # netd kv=: the table is scanned linearly for every request
 
 
 def parse_size(text: str) -> int:
@@ -55,6 +56,24 @@ def _choice(*names: str) -> Callable[[str], int]:
     return parse
 
 
+def parse_ipv4(text: str) -> int:
+    """An IPv4 address as a u32 (a.b.c.d -> a<<24|b<<16|c<<8|d), from dotted text or the integer."""
+    parts = str(text).strip().split(".")
+    if len(parts) == 4 and all(p.isdigit() and int(p) <= 255 for p in parts):
+        a, b, c, d = (int(p) for p in parts)
+        return a << 24 | b << 16 | c << 8 | d
+    if len(parts) == 1 and parts[0].isdigit() and int(parts[0]) <= 0xFFFFFFFF:
+        return int(parts[0])
+    raise ValueError(f"bad IPv4 address {text!r}: expected a.b.c.d or a 32-bit integer")
+
+
+def _prefix(text: str) -> int:
+    value = parse_count(text)
+    if value > 32:
+        raise ValueError("must be at most 32")
+    return value
+
+
 def _positive(text: str) -> int:
     value = parse_count(text)
     if value == 0:
@@ -72,10 +91,19 @@ def _at_most(limit: int) -> Callable[[str], int]:
     return parse
 
 
+def _size_at_most(limit: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = parse_size(text)
+        if value > limit:
+            raise ValueError(f"must be at most {limit}")
+        return value
+    return parse
+
+
 @dataclass(frozen=True)
 class _Arg:
     parse: Callable[[str], int]
-    default: str
+    default: str | None  # None: the argument is required
     help: str
 
 
@@ -96,13 +124,24 @@ _ARGS: dict[str, dict[str, _Arg]] = {
         "ws": _Arg(parse_size, "1M", "working-set bytes (clamped to RAM above DATA_ADDR)"),
         "steps": _Arg(parse_count, "100000", "LCG steps before the digest"),
     },
+    "netd": {
+        "ip": _Arg(parse_ipv4, None, "its IPv4 address, a.b.c.d"),
+        "prefix": _Arg(_prefix, "24", "its network prefix length"),
+        "kv": _Arg(_size_at_most(MAX_KV), "64K", "bytes of RAM for the key-value table (clamped to RAM)"),
+    },
 }
 
 
 def program_help(name: str) -> str:
     """One line per accepted argument of a shipped program."""
     spec = _ARGS[name]
-    return "; ".join(f"{k}= ({a.help}, default {a.default})" for k, a in spec.items()) or "no arguments"
+    return "; ".join(f"{k}= ({a.help}, " + ("required)" if a.default is None else f"default {a.default})")
+                     for k, a in spec.items()) or "no arguments"
+
+
+def program_arguments(name: str) -> tuple[str, ...]:
+    """The argument names a shipped program accepts (so a caller passes only those)."""
+    return tuple(_ARGS[name])
 
 
 def parse_args(name: str, args: Mapping[str, str]) -> dict[str, int]:
@@ -115,6 +154,8 @@ def parse_args(name: str, args: Mapping[str, str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for key, arg in spec.items():
         text = args.get(key, arg.default)
+        if text is None:
+            raise ValueError(f"program {name!r} needs {key}=: {arg.help}")
         try:
             out[key] = arg.parse(text)
         except ValueError as exc:
