@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -285,6 +286,23 @@ def _wait_gone(path: str, timeout: float = 10.0) -> bool:
     return True
 
 
+def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _broadcast_on(ifname: str) -> None:
+    """Send one broadcast Ethernet frame out of ``ifname`` (a bridge floods it to its ports)."""
+    frame = b"\xff" * 6 + bytes.fromhex("020000000001") + b"\x88\xb5" + b"ferry-nic-test".ljust(46, b"\0")
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((ifname, 0))
+        s.send(frame)
+
+
 def test_vm_with_a_nic_end_to_end(tmp_path: Path, bridge: str) -> None:
     key = make_key(tmp_path)
     name = f"n{PID}"
@@ -300,6 +318,10 @@ def test_vm_with_a_nic_end_to_end(tmp_path: Path, bridge: str) -> None:
         assert os.path.exists(f"/sys/class/net/{bridge}/brif/{tap}"), "the VM's TAP is not on the bridge"
         text = a.cli("vm", "info", name).stdout
         assert f"tap {tap}" in text and f"bridge {bridge}" in text
+        # a frame the bridge floods to the TAP reaches the device; idle sets no RX ring, so it is
+        # dropped there, and the counter shows in vm info (read from the VM process's status)
+        _broadcast_on(bridge)
+        assert _wait_for(lambda: a.cli("vm", "info", name, json=True).json["nics"][0]["rx-dropped"] >= 1)
         # a second VM may not take its MAC; one on a missing bridge is refused before it starts
         dup = a.cli("vm", "create", "d1", "--program", "idle", "--nic", f"bridge={bridge},mac={nic['mac']}",
                     check=False)
@@ -320,3 +342,29 @@ def test_vm_with_a_nic_end_to_end(tmp_path: Path, bridge: str) -> None:
             assert os.path.exists(f"/sys/class/net/{bridge}/brif/{tap}")
             a2.cli("vm", "destroy", name)
             assert _wait_gone(f"/sys/class/net/{tap}"), "vm destroy left the TAP behind"
+
+
+def test_the_nic_ip_reaches_netd_as_its_address(tmp_path: Path, bridge: str) -> None:
+    """`--nic ...,ip=` is netd's `ip` and `prefix`: it answers UDP echo at that address over the bridge."""
+    net = f"10.123.{PID % 250}"
+    subprocess.run(["ip", "addr", "add", f"{net}.1/24", "dev", bridge], check=True, capture_output=True)
+    key = make_key(tmp_path)
+    name = f"e{PID}"
+    with start_agent(tmp_path, "A", key) as a:
+        a.cli("vm", "create", name, "--program", "netd", "--mem", "4M", "--nic", f"bridge={bridge},ip={net}.2/24")
+        [nic] = a.cli("vm", "info", name, json=True).json["nics"]
+        assert nic["ip"] == f"{net}.2/24"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((f"{net}.1", 0))
+            s.settimeout(1.0)
+            reply = b""
+            for _ in range(10):  # the first datagram may wait on ARP
+                s.sendto(b"hello ferry", (f"{net}.2", 7))
+                try:
+                    reply = s.recv(2048)
+                    break
+                except TimeoutError:
+                    continue
+        assert reply == b"hello ferry"
+        info = a.cli("vm", "info", name, json=True).json["nics"][0]
+        assert info["rx-packets"] >= 2 and info["tx-packets"] >= 2  # ARP and UDP, both ways
