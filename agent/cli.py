@@ -33,6 +33,7 @@ from agent.config import (
     load_key,
     parse_size,
 )
+from agent.nics import NicError, parse_nic_text
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -59,6 +60,23 @@ def _keyvalue(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _nic(text: str) -> dict[str, str]:
+    try:
+        return parse_nic_text(text)
+    except NicError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+class _OneNic(argparse.Action):
+    """--nic at most once: one NIC per VM for now, and a second one silently dropped would mislead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice: a VM has at most one NIC")
+        setattr(namespace, self.dest, values)
 
 
 def _positive_float(text: str) -> float:
@@ -92,13 +110,16 @@ def _add_vm_commands(sub: Any) -> None:
         dest="vm_command", metavar="VMCOMMAND", required=True)
     c = vm.add_parser("create", help="create and boot a VM")
     c.add_argument("name", metavar="NAME")
-    c.add_argument("--program", required=True, help="shipped program name (idle, counter, memstress, verify) "
+    c.add_argument("--program", required=True, help="shipped program name (idle, counter, memstress, verify, netd) "
                                                     "or an assembly file")
     c.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE", help="guest RAM, e.g. 256M (default 64M)")
     c.add_argument("--arg", type=_keyvalue, action="append", default=[], metavar="KEY=VALUE",
                    help="boot argument for the program (repeatable)")
     c.add_argument("--dirty-tracker", metavar="BACKEND", help="auto, uffd-wp-async, uffd-wp-sync or hash")
     c.add_argument("--paused", action="store_true", help="create the VM paused")
+    c.add_argument("--nic", type=_nic, action=_OneNic, metavar="bridge=BR[,mac=MAC][,ip=A.B.C.D/NN]",
+                   help="give the VM a NIC, its TAP plugged into the host bridge BR (at most one); the MAC "
+                        "is generated when not given; ip and prefix reach the guest as boot arguments")
     c.add_argument("--json", action="store_true", help="print the new VM's info as JSON")
     c.set_defaults(run=cmd_vm_create)
     ls = vm.add_parser("list", help="list the agent's VMs")
@@ -204,8 +225,18 @@ def _vm_table(vms: list[dict[str, Any]]) -> str:
 
 
 def _vm_details(info: dict[str, Any]) -> str:
-    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in info.items() if v is not None]
+    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in info.items()
+             if v is not None and k != "nics"]
+    for nic in info.get("nics") or []:
+        lines.append(f"{'nic:':<15} {nic_line(nic)}")
     return "\n".join(lines)
+
+
+def nic_line(nic: dict[str, Any]) -> str:
+    """One NIC of `vm info`: where it is plugged, its addresses and counters."""
+    return (f"mac {nic.get('mac')} ip {nic.get('ip') or '-'} bridge {nic.get('bridge')} tap {nic.get('tap')} "
+            f"rx-packets {nic.get('rx-packets', 0)} tx-packets {nic.get('tx-packets', 0)} "
+            f"rx-dropped {nic.get('rx-dropped', 0)}")
 
 
 # -- VM commands --------------------------------------------------------------------------------------
@@ -214,6 +245,8 @@ async def cmd_vm_create(client: ControlClient, ns: argparse.Namespace) -> int:
                             "paused": ns.paused}
     if ns.dirty_tracker:
         args["dirty-tracker"] = ns.dirty_tracker
+    if ns.nic is not None:
+        args["nic"] = ns.nic
     args.update(await asyncio.to_thread(_local_program, ns.program))
     info = await client.call("vm-create", args)
     if ns.json:

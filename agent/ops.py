@@ -5,13 +5,15 @@ returns the result of one Request or raises `OpError` with a stable code (proto.
 The transport (agent/control.py) feeds it decoded Requests; the operations are
 
   agent-info                                   name, version, addresses, free memory, dirty backends
-  vm-create  name program mem [args] [program-source] [dirty-tracker] [paused]
+  vm-create  name program mem [args] [program-source] [dirty-tracker] [paused] [nic]
+                                               `nic`: {bridge, [mac], [ip]} (agent/nics.py)
   vm-list, vm-info name, vm-pause name, vm-resume name, vm-destroy name
   vm-console name [offset]                     buffered console bytes from an offset
   vm-wait    name state [timeout]              returns when the VM reaches the state
   migrate    name to [params] [migration] [in-doubt-timeout]
                                                `to` is the destination's control address; `migration`
-                                               overrides the migration address it advertises
+                                               overrides the migration address it advertises; a VM
+                                               with a NIC is refused (incompatible)
   migrate-status name, migrate-cancel name     routed to the migration engine
   migrate-resolve name action                  settle a migration that ended in doubt (action:
                                                resume-here | resumed-on-destination)
@@ -33,6 +35,7 @@ from typing import Any, Protocol
 from agent.config import format_hostport, parse_hostport, parse_size
 from agent.logs import Log
 from agent.migration.info import MigrationParams
+from agent.migration.manager import nic_refusal
 from agent.vms import VM, VMError, VMManager
 from proto.errors import ErrorCode, ProtocolError
 from proto.limits import SUPPORTED_VERSIONS
@@ -162,8 +165,11 @@ class ControlOps:
         source = args.get("program-source")
         # The program file is read and written in a worker thread: nothing that blocks runs on the loop.
         path = await asyncio.to_thread(self._store_program, name, program, source) if source is not None else program
+        nic = args.get("nic")
+        if nic is not None and not isinstance(nic, dict):
+            raise OpError(ErrorCode.BAD_REQUEST, "nic must be a map: bridge, and optionally mac and ip")
         vm = await self.vms.create(name, path, mem, boot_args, dirty_tracker=args.get("dirty-tracker"),
-                                   paused=bool(args.get("paused", False)))
+                                   paused=bool(args.get("paused", False)), nic=nic)
         vm.program = program
         return vm.info()
 
@@ -247,8 +253,11 @@ class ControlOps:
     # -- migrations ----------------------------------------------------------------------------------
     async def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")
-        if self.vms.get(name).lock.locked():  # a clear no-such-vm (or busy) before any network traffic
+        vm = self.vms.get(name)  # a clear no-such-vm, busy or incompatible before any network traffic
+        if vm.lock.locked():
             raise OpError(ErrorCode.BUSY, f"VM {name!r} is busy (being paused, resumed or destroyed)")
+        if vm.nic is not None:
+            raise OpError(ErrorCode.INCOMPATIBLE, nic_refusal(name))
         params = MigrationParams.from_dict(dict(args.get("params") or {}))
         in_doubt = _in_doubt_timeout(args)
         dest = await self._destination(_str(args, "to"))

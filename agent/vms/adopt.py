@@ -5,8 +5,9 @@ anyone, the agent reads every record in `<state-dir>/vms/` and for each one:
 
 - checks that the recorded process is still the one recorded (pid and start time), connects to its
   socket, checks the peer's pid (SO_PEERCRED), sends `attach` (reply: run state, instructions,
-  throttle, the console output kept meanwhile, and the guest RAM memfd, which must hold the recorded
-  size), and lists the VM again. A record that fails any of this is logged "vm lost with the previous
+  throttle, NIC counters, the console output kept meanwhile, and the guest RAM memfd, which must hold
+  the recorded size), and lists the VM again, with the NIC its record names (the VM process kept
+  its TAP open all along). A record that fails any of this is logged "vm lost with the previous
   agent run" with the reason and removed.
 - settles a migration the previous run was in the middle of, by the recorded phase
   (`settle_action`, the ownership rules of docs/RELIABILITY.md):
@@ -38,6 +39,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent.nics import NicConfig
 from agent.records import process_start_time
 from agent.vms.errors import VMError, check_name
 from agent.vms.ram import release_guest_ram
@@ -161,7 +163,8 @@ class Adopter:
                     process=AdoptedProcess(pid), log=m.log.bind(vm=name), socket_path=str(rec["socket"]),
                     pid_start=int(rec["pid-start"]), origin=str(rec.get("origin", "created")),
                     started=float(rec.get("started") or time.time()),
-                    arrived_by=str(rec["arrived-by"]) if rec.get("arrived-by") else None)
+                    arrived_by=str(rec["arrived-by"]) if rec.get("arrived-by") else None,
+                    nic=NicConfig.from_record(rec["nic"]) if rec.get("nic") else None)
         except BaseException:
             sock.close()
             await release_guest_ram(memfd, ram)
@@ -180,6 +183,7 @@ class Adopter:
         """Take the run state from the attach reply, then apply settle_action's outcome."""
         vm.instructions = int(reply.get("instructions", 0))
         vm.fault_reason = reply.get("fault_reason")
+        vm.note_nic_status(reply)
         status = str(reply.get("status"))
         vm._set_run(status if status in ("halted", "faulted") else "paused" if reply.get("paused") else "running")
         action = settle_action(phase, run_before, vm.state == "paused")

@@ -15,8 +15,10 @@ import concurrent.futures
 import contextlib
 import mmap
 import sys
+from collections.abc import Mapping
 from typing import Any
 
+from agent import nics
 from agent.logs import Log
 from agent.records import VMRecords
 from agent.vms.adopt import Adopter
@@ -53,6 +55,7 @@ class VMManager:
         self.log = log or Log(agent=agent_name)
         self.listed: dict[str, VM] = {}  # the VMs of this host, by name
         self._creating: dict[str, int] = {}  # names being created -> mem, so two creates cannot race
+        self._creating_nics: dict[str, nics.NicConfig] = {}  # the NICs of those, once checked
         self.accepting = True  # False once the agent is shutting down
         self.recorder = Recorder(records, lambda vm: self.listed.get(vm.name) is vm)
         self.spare = SpareKeeper(enabled=spare, accepting=lambda: self.accepting, log=self.log)
@@ -95,13 +98,17 @@ class VMManager:
 
     # -- create ------------------------------------------------------------------------------------
     async def create(self, name: str, program: str, mem: int, args: dict[str, str],
-                     dirty_tracker: str | None = None, paused: bool = False) -> VM:
-        """Create guest RAM, spawn the VM process, boot the program; the VM runs when this returns."""
+                     dirty_tracker: str | None = None, paused: bool = False,
+                     nic: Mapping[str, Any] | None = None) -> VM:
+        """Create guest RAM, spawn the VM process, boot the program; the VM runs when this returns.
+
+        ``nic``: the control API's `nic` map (agent/nics.py), checked before any process starts."""
         self.claim(name, mem)
         self._creating[name] = mem
         try:
+            config = await self._nic_for(name, nic) if nic is not None else None
             try:
-                image, boot_args = load_program(program, args)
+                image, boot_args = load_program(program, nics.boot_args(program, args, config))
             except (ValueError, OSError, AsmError) as e:
                 raise VMError(ErrorCode.BAD_REQUEST, f"program {program!r}: {e}") from e
             backend = self.backend(dirty_tracker)
@@ -111,14 +118,36 @@ class VMManager:
             except BaseException:
                 await release_guest_ram(fd, ram)
                 raise
+            vm.nic = config
         finally:
             del self._creating[name]
+            self._creating_nics.pop(name, None)
         return await self._boot(vm, image, boot_args, paused)
+
+    async def _nic_for(self, name: str, request: Mapping[str, Any]) -> nics.NicConfig:
+        """The NIC of a VM being created: checked, unique among this agent's VMs (kept in
+        `_creating_nics` until the VM is listed, so two creates cannot take one MAC), and its
+        bridge there and its TAP name free on this host (asked off the loop: /sys is a file system)."""
+        try:
+            config = nics.make_config(self.agent_name, name, request)
+        except nics.NicError as e:
+            raise VMError(ErrorCode.BAD_REQUEST, str(e)) from e
+        taken = {n: vm.nic for n, vm in self.listed.items() if vm.nic is not None}
+        reason = nics.clash(config, {**taken, **self._creating_nics})
+        if reason is not None:
+            raise VMError(ErrorCode.BAD_REQUEST, f"cannot give VM {name!r} a NIC: {reason} on agent {self.agent_name}")
+        self._creating_nics[name] = config
+        reason = await asyncio.to_thread(nics.host_refusal, config)
+        if reason is not None:
+            raise VMError(ErrorCode.BAD_REQUEST, f"cannot give VM {name!r} a NIC: {reason}")
+        return config
 
     async def _boot(self, vm: VM, image: Any, boot_args: dict[str, int], paused: bool) -> VM:
         self.listed[vm.name] = vm
+        fields: dict[str, Any] = {} if vm.nic is None else {"nic": vm.nic.boot_field()}
         try:
-            await vm.channel.request("boot", image=vmctl.image_fields(image), args=boot_args, paused=paused)
+            await vm.channel.request("boot", image=vmctl.image_fields(image), args=boot_args, paused=paused,
+                                     **fields)
         except BaseException:
             await self.drop(vm)
             raise

@@ -79,6 +79,7 @@ class Recorder:
             **vm.info(), "origin": vm.origin, "started": vm.started, "socket": vm.socket_path,
             "pid-start": vm.pid_start, "migration-phase": vm.migration_phase,
             "run-before-migration": vm.run_before, "arrived-by": vm.arrived_by,
+            "nic": None if vm.nic is None else vm.nic.to_record(),
         }
         return self.records.in_order(self._write, vm, record)
 

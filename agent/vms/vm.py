@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.logs import Log
+from agent.nics import NicConfig
 from agent.vms.channel import ConsoleBuffer, VMChannel
 from agent.vms.errors import VMError
 from agent.vms.process import STOP_GRACE, VMProcess, kill_quietly, reap
@@ -73,6 +74,10 @@ class VM:
     origin: str = "created"
     started: float = field(default_factory=time.time)
     on_record: RecordHook | None = field(default=None, repr=False)
+    # The VM's NIC (agent/nics.py), None without one, and the `nic` field of the VM process's
+    # last status or attach reply (its counters).
+    nic: NicConfig | None = None
+    nic_status: dict[str, Any] | None = None
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -251,11 +256,17 @@ class VM:
         self.instructions = int(reply.get("instructions", self.instructions))
         self.throttle_percent = int(reply.get("throttle", self.throttle_percent))
         self.fault_reason = reply.get("fault_reason") or self.fault_reason
+        self.note_nic_status(reply)
         status = str(reply.get("status", self._run))
         if status in ("halted", "faulted"):
             self._set_run(status)
         elif not self.migrating:
             self._set_run("paused" if reply.get("paused") else "running")
+
+    def note_nic_status(self, reply: dict[str, Any]) -> None:
+        """Keep the NIC counters of a status or attach reply (its `nic` field, when it has one)."""
+        if isinstance(reply.get("nic"), dict):
+            self.nic_status = dict(reply["nic"])
 
     def info(self) -> dict[str, Any]:
         """The VM's public description (the JSON of `ferry vm info`)."""
@@ -271,6 +282,7 @@ class VM:
             "throttle": self.throttle_percent,
             "fault-reason": self.fault_reason,
             "console-bytes": self.console.total,
+            "nics": [] if self.nic is None else [self.nic.info(self.nic_status)],
         }
 
     # -- endings ------------------------------------------------------------------------------------
