@@ -396,3 +396,11 @@ def unmigrated_verify_digest(mem: int, args: dict[str, str]) -> Iterator[Callabl
         yield result
     finally:
         t.join()
+
+
+def run_ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """iproute2's `ip ARGS` (namespaces, veths, bridges of the network tests); fails the test on error."""
+    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and r.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)} failed: {r.stderr.strip()}")
+    return r

@@ -24,19 +24,12 @@ from typing import Any
 
 import pytest
 
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, make_key, run_ip, start_agent, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.213.7"
 GUEST_IP = f"{SUBNET}.10"
 CLIENT_IP = f"{SUBNET}.2"
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ip {' '.join(args)} failed: {r.stderr.strip()}")
-    return r
 
 
 def _unavailable() -> str | None:
@@ -70,20 +63,20 @@ class Lan:
 def lan() -> Iterator[Lan]:
     tag = f"{os.getpid() % 100000}{os.urandom(1).hex()}"
     bridge, ns, veth = f"fyb{tag}", f"fyc{tag}", f"fyv{tag}"
-    _ip("link", "add", bridge, "type", "bridge")
+    run_ip("link", "add", bridge, "type", "bridge")
     try:
-        _ip("link", "set", bridge, "up")
-        _ip("netns", "add", ns)
-        _ip("link", "add", f"{veth}a", "type", "veth", "peer", "name", f"{veth}b")
-        _ip("link", "set", f"{veth}a", "master", bridge, "up")
-        _ip("link", "set", f"{veth}b", "netns", ns)
-        _ip("-n", ns, "addr", "add", f"{CLIENT_IP}/24", "dev", f"{veth}b")
-        _ip("-n", ns, "link", "set", f"{veth}b", "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
+        run_ip("link", "set", bridge, "up")
+        run_ip("netns", "add", ns)
+        run_ip("link", "add", f"{veth}a", "type", "veth", "peer", "name", f"{veth}b")
+        run_ip("link", "set", f"{veth}a", "master", bridge, "up")
+        run_ip("link", "set", f"{veth}b", "netns", ns)
+        run_ip("-n", ns, "addr", "add", f"{CLIENT_IP}/24", "dev", f"{veth}b")
+        run_ip("-n", ns, "link", "set", f"{veth}b", "up")
+        run_ip("-n", ns, "link", "set", "lo", "up")
         yield Lan(bridge, ns)
     finally:
-        _ip("netns", "del", ns, check=False)  # takes the veth pair with it
-        _ip("link", "del", bridge, check=False)
+        run_ip("netns", "del", ns, check=False)  # takes the veth pair with it
+        run_ip("link", "del", bridge, check=False)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.netclient import checksum  # the Internet checksum: 0 over a block that carries a right one
 from tests.test_machine import FakeClock
 from vmruntime import isa
 from vmruntime.machine import Machine
@@ -34,16 +35,6 @@ KV_ENTRY = 8 + 32 + 256
 
 
 # ---- frames ----
-
-
-def checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of data: 0 over a block that carries a right one."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:

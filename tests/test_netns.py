@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agents import make_key, wait_for
+from tests.agents import make_key, run_ip, wait_for
 from vmruntime.runlocal import run_local
 
 BIN = Path(sys.executable).parent  # this virtualenv's ferry and ferry-agent entry points
@@ -47,13 +47,6 @@ CONTROL_PORT, MIGRATION_PORT, METRICS_PORT = 7700, 7701, 9701
 CMD_TIMEOUT = 120.0
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ip {' '.join(args)} failed: {r.stderr.strip()}")
-    return r
-
-
 def _netns_unavailable() -> str | None:
     """Why this machine cannot run the test, or None."""
     if shutil.which("ip") is None:
@@ -61,10 +54,10 @@ def _netns_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "creating network namespaces needs root"
     probe = f"ferry-probe-{os.getpid()}-{os.urandom(3).hex()}"
-    r = _ip("netns", "add", probe, check=False)
+    r = run_ip("netns", "add", probe, check=False)
     if r.returncode != 0:
         return f"`ip netns add` does not work here: {r.stderr.strip()}"
-    _ip("netns", "del", probe, check=False)
+    run_ip("netns", "del", probe, check=False)
     return None
 
 
@@ -158,25 +151,25 @@ def hosts(tmp_path: Path) -> Iterator[tuple[Host, Host]]:
     created: list[str] = []
     try:
         for h in (a, b):
-            _ip("netns", "add", h.ns)
+            run_ip("netns", "add", h.ns)
             created.append(h.ns)
         _wire(a, b, f"fa{tok}", f"fb{tok}")  # interface names: at most 15 characters
         yield a, b
     finally:
         codes = [h.stop() for h in (a, b)]
         for ns in created:
-            _ip("netns", "del", ns, check=False)
+            run_ip("netns", "del", ns, check=False)
         print(f"agent exit codes: {codes}")
 
 
 def _wire(a: Host, b: Host, veth_a: str, veth_b: str) -> None:
     """The veth pair, created with its ends already inside the namespaces: the host never sees it."""
-    _ip("link", "add", veth_a, "netns", a.ns, "type", "veth", "peer", "name", veth_b, "netns", b.ns)
+    run_ip("link", "add", veth_a, "netns", a.ns, "type", "veth", "peer", "name", veth_b, "netns", b.ns)
     for h, dev in ((a, veth_a), (b, veth_b)):
-        _ip("-n", h.ns, "addr", "add", f"{h.control_ip}/24", "dev", dev)
-        _ip("-n", h.ns, "addr", "add", f"{h.migration_ip}/24", "dev", dev)
-        _ip("-n", h.ns, "link", "set", dev, "up")
-        _ip("-n", h.ns, "link", "set", "lo", "up")
+        run_ip("-n", h.ns, "addr", "add", f"{h.control_ip}/24", "dev", dev)
+        run_ip("-n", h.ns, "addr", "add", f"{h.migration_ip}/24", "dev", dev)
+        run_ip("-n", h.ns, "link", "set", dev, "up")
+        run_ip("-n", h.ns, "link", "set", "lo", "up")
 
 
 class NotifyReceiver:

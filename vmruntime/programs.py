@@ -81,19 +81,10 @@ def _positive(text: str) -> int:
     return value
 
 
-def _at_most(limit: int) -> Callable[[str], int]:
-    """A count no larger than limit: the guest's arithmetic on it must not wrap."""
+def _at_most(limit: int, parse_value: Callable[[str], int] = parse_count) -> Callable[[str], int]:
+    """A count (or size) no larger than limit: the guest's arithmetic on it must not wrap."""
     def parse(text: str) -> int:
-        value = parse_count(text)
-        if value > limit:
-            raise ValueError(f"must be at most {limit}")
-        return value
-    return parse
-
-
-def _size_at_most(limit: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = parse_size(text)
+        value = parse_value(text)
         if value > limit:
             raise ValueError(f"must be at most {limit}")
         return value
@@ -127,7 +118,7 @@ _ARGS: dict[str, dict[str, _Arg]] = {
     "netd": {
         "ip": _Arg(parse_ipv4, None, "its IPv4 address, a.b.c.d"),
         "prefix": _Arg(_prefix, "24", "its network prefix length"),
-        "kv": _Arg(_size_at_most(MAX_KV), "64K", "bytes of RAM for the key-value table (clamped to RAM)"),
+        "kv": _Arg(_at_most(MAX_KV, parse_size), "64K", "bytes of RAM for the key-value table (clamped to RAM)"),
     },
 }
 
