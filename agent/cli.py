@@ -143,6 +143,39 @@ def _add_vm_commands(sub: Any) -> None:
     w.add_argument("--state", required=True, choices=VM_STATES)
     w.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S", help="seconds (default 30)")
     w.set_defaults(run=cmd_vm_wait)
+    a = vm.add_parser("announce", help="re-send the VM's RARP and gratuitous ARP rounds on its TAP")
+    a.add_argument("name", metavar="NAME")
+    _add_announce_flags(a)
+    a.set_defaults(run=cmd_vm_announce)
+
+
+def _add_announce_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--announce-rounds", type=_nonnegative_int, metavar="N",
+                   help="RARP/gratuitous ARP rounds after the switch-over (default 5; 0: none)")
+    for flag, default, text in (("initial", 50, "the wait before the first round"),
+                                ("max", 550, "the longest wait between rounds"),
+                                ("step", 100, "how much each wait grows")):
+        p.add_argument(f"--announce-{flag}", type=_nonnegative_float, metavar="MS", help=f"{text} (default {default})")
+
+
+def _announce_params(ns: argparse.Namespace) -> dict[str, Any]:
+    params = {"announce-rounds": ns.announce_rounds, "announce-initial": ns.announce_initial,
+              "announce-max": ns.announce_max, "announce-step": ns.announce_step}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _add_migrate_commands(sub: Any) -> None:
@@ -167,6 +200,9 @@ def _add_migrate_commands(sub: Any) -> None:
                    help="send the memory stream here instead of the destination's advertised migration address")
     m.add_argument("--in-doubt-timeout", type=_positive_float, metavar="S",
                    help="after COMMIT, how long to keep asking a silent destination (default 60)")
+    m.add_argument("--nic-map", action="append", metavar="SRC_BR=DST_BR",
+                   help="plug the VM's NIC into bridge DST_BR on the destination (repeatable)")
+    _add_announce_flags(m)
     m.add_argument("--json", action="store_true", help="print the final MigrationInfo as JSON, no progress")
     m.add_argument("--detach", action="store_true", help="start the migration and return at once")
     m.set_defaults(run=cmd_migrate)
@@ -323,6 +359,12 @@ async def cmd_vm_destroy(client: ControlClient, ns: argparse.Namespace) -> int:
     return await _vm_verb(client, "vm-destroy", ns.name, "destroyed")
 
 
+async def cmd_vm_announce(client: ControlClient, ns: argparse.Namespace) -> int:
+    result = await client.call("vm-announce", {"name": ns.name, "params": _announce_params(ns)}, reply_within=60.0)
+    print(f"VM {ns.name} announced: {result['rounds']} round(s) from {result['mac']}")
+    return EXIT_OK
+
+
 async def cmd_vm_wait(client: ControlClient, ns: argparse.Namespace) -> int:
     info = await client.call("vm-wait", {"name": ns.name, "state": ns.state, "timeout": ns.timeout},
                              reply_within=ns.timeout + 10)
@@ -356,6 +398,9 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
         params["hot-blocks"] = True
     if ns.commit_ahead:
         params["commit-ahead"] = True
+    if ns.nic_map:
+        params["nic-map"] = list(ns.nic_map)
+    params.update(_announce_params(ns))
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -393,6 +438,8 @@ def summary_text(info: dict[str, Any]) -> str:
     breakdown = info.get("downtime-breakdown") or {}
     if breakdown:
         lines.append("  downtime breakdown: " + ", ".join(f"{k} {v} ms" for k, v in breakdown.items()))
+    if info.get("rx-dropped-at-switchover") is not None:
+        lines.append(f"  frames left unread on the source's TAP at switch-over: {info['rx-dropped-at-switchover']}")
     if info.get("summary"):
         lines.append(f"  {info['summary']}")
     if info.get("error-desc"):

@@ -13,7 +13,9 @@ The transport (agent/control.py) feeds it decoded Requests; the operations are
   migrate    name to [params] [migration] [in-doubt-timeout]
                                                `to` is the destination's control address; `migration`
                                                overrides the migration address it advertises; a VM
-                                               with a NIC is refused (incompatible)
+                                               with a NIC takes it along (params nic-map, announce-*)
+  vm-announce name [params]                    re-send the VM's RARP/gratuitous ARP rounds (params:
+                                               announce-rounds, -initial, -max, -step)
   migrate-status name, migrate-cancel name     routed to the migration engine
   migrate-resolve name action                  settle a migration that ended in doubt (action:
                                                resume-here | resumed-on-destination)
@@ -35,7 +37,6 @@ from typing import Any, Protocol
 from agent.config import format_hostport, parse_hostport, parse_size
 from agent.logs import Log
 from agent.migration.info import MigrationParams
-from agent.migration.manager import nic_refusal
 from agent.vms import VM, VMError, VMManager
 from proto.errors import ErrorCode, ProtocolError
 from proto.limits import SUPPORTED_VERSIONS
@@ -114,6 +115,7 @@ class ControlOps:
             "vm-destroy": self.vm_destroy,
             "vm-console": self.vm_console,
             "vm-wait": self.vm_wait,
+            "vm-announce": self.vm_announce,
             "migrate": self.migrate,
             "migrate-status": self.migrate_status,
             "migrate-cancel": self.migrate_cancel,
@@ -250,14 +252,24 @@ class ControlOps:
                 raise OpError(ErrorCode.TIMEOUT, f"VM {name!r} is {vm.state}, not {wanted}, after {timeout:g} s")
             await _wait_changed(vm, min(left, 0.2))  # also polls: the instruction-driven states need status
 
+    async def vm_announce(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        vm = self.vms.get(name)
+        if vm.nic is None:
+            raise OpError(ErrorCode.BAD_REQUEST, f"VM {name!r} has no NIC to announce")
+        try:
+            schedule = MigrationParams.from_dict(dict(args.get("params") or {})).announce()
+        except (ValueError, TypeError) as e:
+            raise OpError(ErrorCode.BAD_REQUEST, str(e)) from None
+        rounds = await self.vms.announce(vm, schedule)
+        return {"name": name, "mac": vm.nic.mac, "rounds": rounds}
+
     # -- migrations ----------------------------------------------------------------------------------
     async def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")
         vm = self.vms.get(name)  # a clear no-such-vm, busy or incompatible before any network traffic
         if vm.lock.locked():
             raise OpError(ErrorCode.BUSY, f"VM {name!r} is busy (being paused, resumed or destroyed)")
-        if vm.nic is not None:
-            raise OpError(ErrorCode.INCOMPATIBLE, nic_refusal(name))
         params = MigrationParams.from_dict(dict(args.get("params") or {}))
         in_doubt = _in_doubt_timeout(args)
         dest = await self._destination(_str(args, "to"))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.netlan import Lan, make_lan
 from vmruntime import dirty, guestram
 from vmruntime.control import TrackInfo, VMHandle
 
@@ -21,6 +22,14 @@ MiB = 1 << 20
 SpawnVM = Callable[..., VMHandle]
 MakeMemfd = Callable[[int], int]
 MapGuestRam = Callable[[int], tuple[int, mmap.mmap]]
+
+
+@pytest.fixture
+def lan() -> Iterator[Lan]:
+    """A host bridge and a client namespace on it (tests/netlan.py); the test module skips
+    without root, `ip` or /dev/net/tun (tests.netlan.net_unavailable)."""
+    with make_lan() as net:
+        yield net
 
 
 @pytest.fixture

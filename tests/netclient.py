@@ -7,6 +7,11 @@ there resolves the guest's IP with ARP, which the guest answers. It prints one J
 
     python -m tests.netclient ping ADDR [--count N] [--timeout S]
     python -m tests.netclient udp ADDR PORT MESSAGE [MESSAGE ...] [--timeout S]
+    python -m tests.netclient capture IFACE ETHERTYPE [--count N] [--timeout S]
+
+`capture` prints "ready" once its AF_PACKET socket is bound, then, after N frames of that
+ethertype (or the timeout), one JSON line: each frame's Ethernet source and, for ARP/RARP, its
+opcode and sender/target hardware and protocol addresses.
 """
 
 from __future__ import annotations
@@ -83,6 +88,30 @@ def udp(addr: str, port: int, messages: list[str], timeout: float) -> dict[str, 
     return {"replies": replies}
 
 
+def _mac(b: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def capture(ifname: str, ethertype: int, count: int, timeout: float) -> dict[str, Any]:
+    frames: list[dict[str, Any]] = []
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype)) as s:
+        s.bind((ifname, ethertype))
+        print("ready", flush=True)
+        deadline = time.monotonic() + timeout
+        while len(frames) < count and (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                frame = s.recv(2048)
+            except TimeoutError:
+                break
+            info: dict[str, Any] = {"dst": _mac(frame[0:6]), "src": _mac(frame[6:12]), "len": len(frame)}
+            if len(frame) >= 42:
+                op, sha, spa, tha, tpa = struct.unpack("!6xH6s4s6s4s", frame[14:42])
+                info.update(op=op, sha=_mac(sha), spa=socket.inet_ntoa(spa), tha=_mac(tha), tpa=socket.inet_ntoa(tpa))
+            frames.append(info)
+    return {"frames": frames}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.netclient", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,8 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("port", type=int)
     u.add_argument("messages", nargs="+")
     u.add_argument("--timeout", type=float, default=2.0)
+    c = sub.add_parser("capture", help="frames of one ethertype on an interface (AF_PACKET)")
+    c.add_argument("ifname")
+    c.add_argument("ethertype", type=lambda t: int(t, 0))
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--timeout", type=float, default=30.0)
     a = ap.parse_args(argv)
-    result = ping(a.addr, a.count, a.timeout) if a.cmd == "ping" else udp(a.addr, a.port, a.messages, a.timeout)
+    if a.cmd == "capture":
+        result = capture(a.ifname, a.ethertype, a.count, a.timeout)
+    elif a.cmd == "ping":
+        result = ping(a.addr, a.count, a.timeout)
+    else:
+        result = udp(a.addr, a.port, a.messages, a.timeout)
     print(json.dumps(result))
     return 0
 

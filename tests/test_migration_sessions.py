@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from agent.announce import Schedule
 from agent.migration import pages, transport
 from agent.migration.common import (
     RUN_STATE_KEY,
@@ -38,6 +39,7 @@ from agent.migration.outcomes import Outcomes
 from agent.migration.seams import IncomingHost, Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source import FIXED_DOWNTIME_S, SourceSession
 from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
+from agent.nics import NicConfig
 from agent.vms.vm import on_disk
 from proto.auth import ServerHandshake
 from proto.errors import ErrorCode, ProtocolError
@@ -133,6 +135,7 @@ class FakeVM:
     mem: int = SIZE
     state: str = "running"
     dirty_backend: str = "fake-tracker"
+    nic: NicConfig | None = None
     calls: list[Any] = field(default_factory=list)
     dirty: list[list[tuple[int, int]]] = field(default_factory=list)
 
@@ -567,6 +570,10 @@ class Inc:
     mem: int
     memfd: int
     ram: mmap.mmap
+    nic: NicConfig | None = None
+
+    def restore_fields(self) -> dict[str, Any]:
+        return {}
 
 
 class FakeDestLane:
@@ -601,7 +608,7 @@ class FakeDestVMs:
         self.events: list[str] = []  # "claim" and "restore", in the order they happened
         self.claim_delay = 0.0  # seconds claim_incoming takes (a slow record write)
 
-    def reserve_incoming(self, name: str, mem: int) -> Inc:
+    def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None) -> Inc:
         if self.refuse is not None:
             raise self.refuse
         fd, ram = new_ram(mem)
@@ -628,6 +635,9 @@ class FakeDestVMs:
 
     def incoming_restored(self, vm: str, reply: dict[str, Any]) -> None:
         pass
+
+    def announce_incoming(self, vm: str, schedule: Schedule) -> None:
+        self.events.append("announce")
 
     async def drop_claimed(self, vm: str) -> None:
         self.dropped.append(vm)

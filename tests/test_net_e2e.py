@@ -5,78 +5,22 @@ it by a veth pair, with an address in the VM's subnet. The agent creates the VM 
 process opens a TAP on the bridge, and the client talks to the guest as to any host on the LAN: the
 kernel there resolves the guest's IP by ARP (which netd answers), pings it and sends it UDP. All
 traffic stays between the client namespace and the VM's TAP; the namespace, the veth, the bridge and
-every process are removed whatever the outcome.
+every process are removed whatever the outcome (tests/netlan.py, the `lan` fixture).
 
 Needs root, `ip` and /dev/net/tun; elsewhere the test is skipped with the reason.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.agents import AgentProc, make_key, run_ip, start_agent, wait_for
+from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.netlan import GUEST_IP, Lan, net_unavailable
 
-ROOT = Path(__file__).resolve().parent.parent
-SUBNET = "10.213.7"
-GUEST_IP = f"{SUBNET}.10"
-CLIENT_IP = f"{SUBNET}.2"
-
-
-def _unavailable() -> str | None:
-    if shutil.which("ip") is None:
-        return "iproute2's `ip` is not installed"
-    if os.geteuid() != 0:
-        return "bridges, TAP devices and network namespaces need root"
-    if not os.path.exists("/dev/net/tun"):
-        return "/dev/net/tun is missing"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
-
-
-@dataclass
-class Lan:
-    bridge: str
-    client_ns: str
-
-    def client(self, *args: str) -> dict[str, Any]:
-        """Run tests/netclient.py in the client namespace; its one JSON line."""
-        r = subprocess.run(["ip", "netns", "exec", self.client_ns, sys.executable, "-m", "tests.netclient", *args],
-                           capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert r.returncode == 0, f"netclient {' '.join(args)} failed: {r.stderr.strip()}"
-        result: dict[str, Any] = json.loads(r.stdout)
-        return result
-
-
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    tag = f"{os.getpid() % 100000}{os.urandom(1).hex()}"
-    bridge, ns, veth = f"fyb{tag}", f"fyc{tag}", f"fyv{tag}"
-    run_ip("link", "add", bridge, "type", "bridge")
-    try:
-        run_ip("link", "set", bridge, "up")
-        run_ip("netns", "add", ns)
-        run_ip("link", "add", f"{veth}a", "type", "veth", "peer", "name", f"{veth}b")
-        run_ip("link", "set", f"{veth}a", "master", bridge, "up")
-        run_ip("link", "set", f"{veth}b", "netns", ns)
-        run_ip("-n", ns, "addr", "add", f"{CLIENT_IP}/24", "dev", f"{veth}b")
-        run_ip("-n", ns, "link", "set", f"{veth}b", "up")
-        run_ip("-n", ns, "link", "set", "lo", "up")
-        yield Lan(bridge, ns)
-    finally:
-        run_ip("netns", "del", ns, check=False)  # takes the veth pair with it
-        run_ip("link", "del", bridge, check=False)
+pytestmark = pytest.mark.skipif(net_unavailable() is not None, reason=net_unavailable() or "")
 
 
 @pytest.fixture

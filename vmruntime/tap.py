@@ -166,6 +166,29 @@ class HostNic:
         if failed:
             machine.nic_tx_failed(failed)
 
+    def inject(self, frames: list[bytes]) -> int:
+        """Write frames into the TAP as if the guest sent them (the agent's announce after a
+        migration); how many went out. A full queue drops, never blocks."""
+        sent = 0
+        for frame in frames:
+            try:
+                os.write(self.fd, bytes(frame))
+                sent += 1
+            except OSError:
+                pass
+        return sent
+
+    def drain(self) -> int:
+        """Read and drop every frame waiting in the TAP (a paused VM leaving this host); how many."""
+        n = 0
+        while True:
+            try:
+                if not os.read(self.fd, _READ_SIZE):
+                    return n
+            except OSError:  # EAGAIN: empty; or the TAP is gone
+                return n
+            n += 1
+
     def status(self, machine: Machine | None) -> dict[str, Any]:
         fields: dict[str, Any] = {"tap": self.tap, "bridge": self.bridge, "mac": mac_text(self.mac)}
         info = machine.nic_info() if machine is not None else {}

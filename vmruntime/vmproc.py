@@ -404,6 +404,17 @@ class VMProcess:
         if self.machine is not None:  # paused, the TAP is not read: the guest sees its link down
             self.machine.nic_set_link(self.nic is not None and not paused)
 
+    def op_nic_send(self, msg: dict[str, Any]) -> Reply:
+        return {"sent": self._require_nic().inject(list(msg.get("frames") or []))}, ()
+
+    def op_nic_drain(self, msg: dict[str, Any]) -> Reply:
+        return {"drained": self._require_nic().drain()}, ()
+
+    def _require_nic(self) -> HostNic:
+        if self.nic is None:
+            raise RuntimeError("this VM has no NIC")
+        return self.nic
+
     def op_throttle(self, msg: dict[str, Any]) -> Reply:
         percent = msg.get("percent")
         if not isinstance(percent, int) or isinstance(percent, bool) or not 0 <= percent <= 99:
@@ -505,6 +516,8 @@ _HANDLERS = {
     "attach": VMProcess.op_attach,
     "stop": VMProcess.op_stop,
     "lane": VMProcess.op_lane,
+    "nic-send": VMProcess.op_nic_send,
+    "nic-drain": VMProcess.op_nic_drain,
 }
 
 

@@ -6,12 +6,14 @@ exchange") and the ownership rules that bind it (docs/RELIABILITY.md):
 * authenticate the peer; the first message is either MigrateStart (a
   migration) or InDoubtQuery (a source in doubt asking about an earlier one);
 * compatibility check before anything is touched (ISA version and features,
-  page size, memory against free capacity, the VM name): a refusal is a
-  MigrateRefuse with a stable code;
+  page size, memory against free capacity, the VM name, the VM's NIC: its
+  bridge here, its MAC unused): a refusal is a MigrateRefuse with a stable code;
 * reserve guest RAM, receive page batches straight into it (zero ranges
   become holes), the CPU and device state, then check the RAM digest and
   answer READY;
-* start the VM only on COMMIT, then answer RESUMED.
+* start the VM only on COMMIT (its NIC on a TAP of this host), then answer
+  RESUMED, and only then announce the guest's MAC on the network
+  (agent/announce.py), as a task of the loop that RESUMED never waits for.
 
 Any failure before COMMIT discards the reserved copy. ``Outcomes``
 (outcomes.py) records what became of every migration this host saw, so an
@@ -23,12 +25,13 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.migration import pages
+from agent.migration import nic_move, pages
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -42,6 +45,7 @@ from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, Roun
 from agent.migration.outcomes import Outcomes
 from agent.migration.seams import IncomingHost, IncomingRAM, Lane, LogLike
 from agent.migration.transport import Connection, GuestRamFull
+from agent.nics import NicConfig, NicError
 from proto.auth import error_response
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
@@ -122,6 +126,7 @@ class DestinationSession:
         self._peer = "?"
         self._lane: Lane | None = None  # this thread's own socket to the incoming VM's process
         self._listen_at: str | None = None  # where that process will listen once restored
+        self._vm: Any = None  # the claimed VM, once COMMIT started it here
 
     def on_authenticated(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when the peer has authenticated or the session ended."""
@@ -228,10 +233,11 @@ class DestinationSession:
     def _check_and_reserve(self, start: MigrateStart) -> None:
         """The compatibility check and the reservation; Refused when either fails, nothing held."""
         _check_compatible(start)
+        nic = _incoming_nic(start)  # reads /sys: here, in the session thread
         if not self.outcomes.register(start.migration_id, self):
             raise Refused(ErrorCode.BAD_REQUEST, f"migration {start.migration_id} was already seen here")
         try:
-            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size)
+            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size, nic)
         except Exception as exc:
             self.outcomes.settle(start.migration_id, False)
             raise Refused(error_code(exc), describe(exc)) from exc
@@ -399,7 +405,17 @@ class DestinationSession:
         except (OSError, ProtocolError) as exc:
             # The VM runs here; the source learns it from an in-doubt query.
             self.log.warning("RESUMED not delivered; the source will ask", vm=self.info.vm, error=describe(exc))
+        self._announce()
         return True
+
+    def _announce(self) -> None:
+        """Tell the network where the guest is now (a task on the loop; nothing waits for it)."""
+        assert self.info is not None
+        schedule = self.info.params.announce()
+        if self._vm is None or self._inc is None or self._inc.nic is None or not schedule.rounds:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: no announce
+            self.bridge.submit(self.vms.announce_incoming, self._vm, schedule)
 
     def _start_vm(self) -> None:
         """List and record the VM (on the loop), then restore and resume it on this thread's lane.
@@ -413,18 +429,20 @@ class DestinationSession:
         restore, the VM process (not yet restored) exits with the agent and the record names a
         process that is gone: "not resumed" is then the truth.
         """
-        assert self._state is not None and self._lane is not None
+        assert self._state is not None and self._lane is not None and self._inc is not None
         vm, recorded = self.bridge.run(self.vms.claim_incoming, self._inc, self._state, self._start_paused,
                                        self._listen_at, self._mid)
         recorded.result(LOOP_CALL_TIMEOUT_S)
         try:
             reply = self._lane.request("restore", state=self._state, paused=self._start_paused,
-                                       listen=self._listen_at, timeout=RESTORE_TIMEOUT_S)
+                                       listen=self._listen_at, timeout=RESTORE_TIMEOUT_S,
+                                       **self._inc.restore_fields())
         except BaseException:
             with contextlib.suppress(Exception):
                 self.bridge.call(self.vms.drop_claimed(vm))
             raise
         self.bridge.submit(self.vms.incoming_restored, vm, reply)
+        self._vm = vm
 
     def _tell_not_resumed(self) -> None:
         try:
@@ -494,9 +512,25 @@ class _DigestingSink:
 def _params_of(start: MigrateStart) -> MigrationParams:
     """The source's parameters, for the record (informational: the source enforces them)."""
     try:
-        return MigrationParams.from_dict(start.params)
+        return MigrationParams.from_dict({k: v for k, v in start.params.items() if k != nic_move.PARAMS_KEY})
     except (ValueError, TypeError):
         return MigrationParams()
+
+
+def _incoming_nic(start: MigrateStart) -> NicConfig | None:
+    """The NIC the source proposes, on this host's bridge and a free TAP name; Refused (incompatible)
+    when this host cannot plug it in. Reads /sys: for the session thread."""
+    try:
+        got = nic_move.proposed(start.params, _params_of(start).nic_map)
+        if got is None:
+            return None
+        nic, source_bridge = got
+        why = nic_move.host_refusal(nic, source_bridge)
+        if why is not None:
+            raise Refused(ErrorCode.INCOMPATIBLE, why)
+        return dataclasses.replace(nic, tap=nic_move.free_tap(start.vm_name))
+    except NicError as e:
+        raise Refused(ErrorCode.INCOMPATIBLE, f"the VM's NIC: {e}") from None
 
 
 def _check_compatible(start: MigrateStart) -> None:

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.announce import Schedule
+from agent.nics import NicError
+
 PAGE_SIZE = 4096
 
 
@@ -52,6 +55,14 @@ class MigrationParams:
     # Send COMMIT right behind the digest instead of after READY: one round trip less downtime,
     # in doubt from the digest on (docs/protocol.md, "commit ahead").
     commit_ahead: bool = False
+    # The destination's announce after switch-over (agent/announce.py; QEMU's announce-self
+    # defaults): rounds (0: off), the first gap, the cap, the step between gaps, milliseconds.
+    announce_rounds: int = 5
+    announce_initial_ms: float = 50.0
+    announce_max_ms: float = 550.0
+    announce_step_ms: float = 100.0
+    # Source bridge -> destination bridge for the VM's NIC (--nic-map SRC_BR=DST_BR).
+    nic_map: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
@@ -62,6 +73,11 @@ class MigrationParams:
             raise ValueError("max-rounds must be at least 1")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("timeout must be positive (seconds)")
+        self.announce()  # its own checks
+
+    def announce(self) -> Schedule:
+        """The announce rounds these params ask for."""
+        return Schedule(self.announce_rounds, self.announce_initial_ms, self.announce_max_ms, self.announce_step_ms)
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> MigrationParams:
@@ -79,6 +95,11 @@ class MigrationParams:
             force=bool(norm.get("force", False)),
             hot_blocks=bool(norm.get("hot-blocks", False)),
             commit_ahead=bool(norm.get("commit-ahead", False)),
+            announce_rounds=int(norm.get("announce-rounds", 5)),
+            announce_initial_ms=float(norm.get("announce-initial", 50.0)),
+            announce_max_ms=float(norm.get("announce-max", 550.0)),
+            announce_step_ms=float(norm.get("announce-step", 100.0)),
+            nic_map=_nic_map(norm.get("nic-map")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,11 +113,26 @@ class MigrationParams:
             "force": self.force,
             "hot-blocks": self.hot_blocks,
             "commit-ahead": self.commit_ahead,
+            "announce-rounds": self.announce_rounds,
+            "announce-initial": self.announce_initial_ms,
+            "announce-max": self.announce_max_ms,
+            "announce-step": self.announce_step_ms,
+            "nic-map": dict(self.nic_map),
         }
 
 
 _PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
-                         "hot-blocks", "commit-ahead"})
+                         "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
+                         "announce-step", "nic-map"})
+
+
+def _nic_map(raw: object) -> dict[str, str]:
+    from agent.migration.nic_move import parse_nic_map
+
+    try:
+        return parse_nic_map(raw)
+    except NicError as e:
+        raise ValueError(str(e)) from None
 
 
 @dataclass(slots=True)
@@ -151,6 +187,9 @@ class MigrationInfo:
     error: str | None = None
     error_code: str | None = None  # stable proto ErrorCode value of the failure
     summary: str = ""
+    # A VM with a NIC, on the source: frames that reached its TAP after the pause and were never
+    # read (left in the TAP's queue or dropped by it); None without a NIC or before the end.
+    rx_dropped_at_switchover: int | None = None
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -186,6 +225,8 @@ class MigrationInfo:
             "params": self.params.to_dict(),
             "summary": self.summary,
         }
+        if self.rx_dropped_at_switchover is not None:
+            d["rx-dropped-at-switchover"] = self.rx_dropped_at_switchover
         if self.error is not None:
             d["error-desc"] = self.error
         if self.error_code is not None:

@@ -208,10 +208,6 @@ class MigrationManager:
             raise MigrationError(ErrorCode.BUSY, f"VM {vm_name!r} is already migrating")
         if vm.state == "migrating":
             raise MigrationError(ErrorCode.BUSY, f"VM {vm_name!r} is busy with a migration")
-        # The destination could not plug the NIC in, nor tell the network where the guest went:
-        # refused before anything moves, the VM runs on here (docs/cli.md "ferry migrate").
-        if getattr(vm, "nic", None) is not None:
-            raise MigrationError(ErrorCode.INCOMPATIBLE, nic_refusal(vm_name))
 
     def _run_outgoing(self, out: _Outgoing, loop: asyncio.AbstractEventLoop) -> None:
         """The session thread's body: the session, then its end told to the loop and the hook."""
@@ -316,11 +312,6 @@ class MigrationManager:
         for ended in list(self._threads):
             await ended.until_set(CANCEL_WAIT_S)
         self.log.info("migration engine stopped")
-
-
-def nic_refusal(vm_name: str) -> str:
-    """Why a VM with a NIC does not migrate (the same words from the control API and the engine)."""
-    return f"VM {vm_name} has a NIC; migrating NICs needs announce support"
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:

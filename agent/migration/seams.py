@@ -19,6 +19,8 @@ import mmap
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
+from agent.announce import Schedule
+from agent.nics import NicConfig
 from vmruntime.dirty import DirtyTracker
 
 
@@ -51,6 +53,9 @@ class MigratingVM(Protocol):
 
     @property
     def mem(self) -> int: ...
+
+    @property
+    def nic(self) -> NicConfig | None: ...
 
     @property
     def memfd(self) -> int: ...
@@ -113,6 +118,12 @@ class IncomingRAM(Protocol):
     @property
     def ram(self) -> mmap.mmap: ...
 
+    @property
+    def nic(self) -> NicConfig | None: ...
+
+    def restore_fields(self) -> dict[str, Any]:
+        """The extra fields of the restore request (the VM's `nic`)."""
+
 
 InT = TypeVar("InT", bound=IncomingRAM)
 ClaimT = TypeVar("ClaimT")  # the VM claim_incoming lists: opaque to the session, handed back as is
@@ -125,7 +136,8 @@ class IncomingHost(Protocol[InT, ClaimT]):
     only hands back to the manager that made them.
     """
 
-    def reserve_incoming(self, name: str, mem: int) -> InT: ...
+    def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None) -> InT:
+        """Take the name and RAM for an arriving VM (and its NIC: refused if its MAC is in use)."""
 
     async def incoming_lane(self, inc: InT) -> Lane:
         """A lane to the VM process for the reservation (waits until that process is up)."""
@@ -138,6 +150,9 @@ class IncomingHost(Protocol[InT, ClaimT]):
         process is restored only after that."""
 
     def incoming_restored(self, vm: ClaimT, reply: dict[str, Any]) -> None: ...
+
+    def announce_incoming(self, vm: ClaimT, schedule: Schedule) -> None:
+        """Start announcing a resumed VM's MAC on the network (a task; returns at once)."""
 
     async def drop_claimed(self, vm: ClaimT) -> None: ...
 

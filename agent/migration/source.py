@@ -37,7 +37,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from agent.migration import pages, tls
+from agent.migration import nic_move, pages, tls
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -129,6 +129,7 @@ class SourceSession:
         self._pause_t = 0.0
         self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
         self._lane: Lane | None = None  # this thread's own socket to the VM process
+        self._tap_dropped: int | None = None  # the TAP's tx_dropped at the pause (a VM with a NIC)
 
     # -- control from other threads ----------------------------------------------------------------
     def cancel(self) -> bool:
@@ -193,7 +194,7 @@ class SourceSession:
         start = MigrateStart(
             migration_id=self.migration_id, vm_name=vm.name, mem_size=vm.mem, page_size=PAGE_SIZE,
             isa_version=isa.ISA_VERSION, isa_features=tuple(sorted(isa.ISA_FEATURES)),
-            dirty_tracker=vm.dirty_backend, params=self.params.to_dict(),
+            dirty_tracker=vm.dirty_backend, params=self._proposed_params(),
         )
         self._send(start)
         reply = self._recv()
@@ -201,6 +202,13 @@ class SourceSession:
             raise MigrationError(reply.code, f"destination {self.info.peer} refused: {reply.reason}")
         if not isinstance(reply, MigrateAccept):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"unexpected {type(reply).__name__}")
+
+    def _proposed_params(self) -> dict[str, Any]:
+        """The params, and the VM's NIC under their ``nic`` key (agent/migration/nic_move.py)."""
+        params = self.params.to_dict()
+        if self.vm.nic is not None:
+            params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
+        return params
 
     # -- pre-copy ------------------------------------------------------------------------------------
     def _precopy(self) -> list[Range]:
@@ -371,6 +379,8 @@ class SourceSession:
             raise MigrationError(ErrorCode.INTERNAL, f"pausing the VM failed: {exc}") from exc
         state: dict[str, Any] = reply.get("state", {})
         self.bridge.submit(self.vm.paused_by_lane, state)
+        if self.vm.nic is not None:  # paused, its TAP is not read: frames pile up or drop from here
+            self._tap_dropped = nic_move.tap_dropped(self.vm.nic.tap)
         return state
 
     # -- commit and the in-doubt window ------------------------------------------------------------
@@ -433,6 +443,7 @@ class SourceSession:
         info.downtime_s = resumed_at - self._pause_t
         info.remaining = 0
         self._release_ram()
+        self._count_switchover_drops()
         try:
             self.bridge.call(self.vm.track_stop())
         except Exception as exc:  # the VM process is about to go anyway
@@ -447,6 +458,19 @@ class SourceSession:
         info.finish(Status.COMPLETED, at=resumed_at)
         self.log.info("migration completed", vm=self.vm.name, peer=info.peer,
                       downtime_ms=round(info.downtime_s * 1000, 1), rounds=len(info.rounds))
+
+    def _count_switchover_drops(self) -> None:
+        """Frames that reached the source's TAP after the pause: the ones still queued (read and
+        dropped now, the VM goes) and the ones the full queue dropped (docs/cli.md)."""
+        if self.vm.nic is None or self._lane is None or self._tap_dropped is None:
+            return
+        try:
+            drained = int(self._lane.request("nic-drain", timeout=PAUSE_TIMEOUT_S).get("drained", 0))
+        except (vmctl.VMError, vmctl.VMGone, OSError) as exc:
+            self.log.warning("counting the frames left at switch-over failed", vm=self.vm.name, error=describe(exc))
+            return
+        dropped = nic_move.tap_dropped(self.vm.nic.tap)
+        self.info.rx_dropped_at_switchover = drained + max(0, (dropped or 0) - self._tap_dropped)
 
     def _resume_after_commit(self) -> None:
         """The destination said it did not resume and never will: the VM is ours again."""

@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agent.nics import NicConfig
 from agent.vms.errors import VMError
 from agent.vms.ram import close_guest_ram, create_guest_ram, release_guest_ram
 from agent.vms.vm import VM, on_disk, written
@@ -41,6 +42,11 @@ class Incoming:
     # The VM process, spawned while pages arrive: a Python process's start-up would otherwise land
     # in the migration's downtime (docs/PERFORMANCE.md section 11).
     spawning: asyncio.Task[VM] | None = field(default=None, repr=False)
+    nic: NicConfig | None = None  # the arriving VM's NIC, on this host's bridge and TAP
+
+    def restore_fields(self) -> dict[str, Any]:
+        """The `nic` field of the restore request, when the VM has a NIC."""
+        return {} if self.nic is None else {"nic": self.nic.boot_field()}
 
 
 class IncomingVMs:
@@ -51,17 +57,30 @@ class IncomingVMs:
         self.reserved: dict[str, Incoming] = {}
         self._releasing: set[asyncio.Task[None]] = set()  # discarded reservations' RAM being unmapped
 
-    def reserve(self, name: str, mem: int) -> Incoming:
-        """Take the name and create guest RAM for an arriving VM; its VM process starts idle, nothing runs."""
+    def reserve(self, name: str, mem: int, nic: NicConfig | None = None) -> Incoming:
+        """Take the name and create guest RAM for an arriving VM; its VM process starts idle, nothing runs.
+        A NIC whose MAC or TAP name another VM here uses is refused (incompatible)."""
         m = self.manager
+        if nic is not None:
+            self._check_nic(nic)
         m.claim(name, mem)
         fd, ram = create_guest_ram(name, mem)
-        inc = Incoming(name=name, mem=mem, memfd=fd, ram=ram)
+        inc = Incoming(name=name, mem=mem, memfd=fd, ram=ram, nic=nic)
         self.reserved[name] = inc
         with contextlib.suppress(RuntimeError):  # no running loop (a synchronous caller): spawn at start
             inc.spawning = asyncio.get_running_loop().create_task(self._spawn(inc))
         m.log.info("incoming reserved", vm=name, mem=mem)
         return inc
+
+    def _check_nic(self, nic: NicConfig) -> None:
+        others = {n: vm.nic for n, vm in self.manager.listed.items() if vm.nic is not None}
+        others.update({n: inc.nic for n, inc in self.reserved.items() if inc.nic is not None})
+        for name, other in sorted(others.items()):
+            if other.mac == nic.mac:
+                raise VMError(ErrorCode.INCOMPATIBLE,
+                              f"incompatible MAC address on the destination: VM {name} uses {nic.mac}")
+            if other.tap == nic.tap:
+                raise VMError(ErrorCode.INCOMPATIBLE, f"TAP name {nic.tap} is already used by VM {name}")
 
     def _spawn(self, inc: Incoming) -> Coroutine[Any, Any, VM]:
         m = self.manager
@@ -84,7 +103,8 @@ class IncomingVMs:
         vm, saved = self.claim(inc, state, paused, path, migration_id, dirty_backend)
         await written(saved)
         try:
-            reply, _ = await vm.channel.request("restore", state=state, paused=paused, listen=path)
+            reply, _ = await vm.channel.request("restore", state=state, paused=paused, listen=path,
+                                                **inc.restore_fields())
         except BaseException:
             await self.manager.drop(vm)
             raise
@@ -120,6 +140,7 @@ class IncomingVMs:
         vm.instructions = int(state.get("instructions", 0))
         vm._set_run("paused" if paused else "running")
         vm.arrived_by = migration_id
+        vm.nic = inc.nic
         if socket_path is not None:
             m.recorder.listening(vm, socket_path)
         # Not waited for here: the loop runs on while the records' thread writes it, and the caller

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent import nics
+from agent.announce import Schedule, announce_frames, send_rounds
 from agent.logs import Log
 from agent.records import VMRecords
 from agent.vms.adopt import Adopter
@@ -61,6 +62,7 @@ class VMManager:
         self.spare = SpareKeeper(enabled=spare, accepting=lambda: self.accepting, log=self.log)
         self.incoming = IncomingVMs(self)
         self.adopter = Adopter(self)
+        self._announcing: set[asyncio.Task[int]] = set()  # announces after a migration, running
 
     # -- lookup and capacity -----------------------------------------------------------------------
     def get(self, name: str) -> VM:
@@ -229,8 +231,8 @@ class VMManager:
         return await self.adopter.adopt(rec)
 
     # -- incoming migrations (agent/vms/incoming.py; docs/CONTRACTS.md) -------------------------------
-    def reserve_incoming(self, name: str, mem: int) -> Incoming:
-        return self.incoming.reserve(name, mem)
+    def reserve_incoming(self, name: str, mem: int, nic: nics.NicConfig | None = None) -> Incoming:
+        return self.incoming.reserve(name, mem, nic)
 
     async def prepare_incoming(self, inc: Incoming) -> None:
         await self.incoming.prepare(inc)
@@ -262,11 +264,41 @@ class VMManager:
     def discard_incoming(self, inc: Incoming) -> None:
         self.incoming.discard(inc)
 
+    # -- telling the network where a VM is (agent/announce.py) ---------------------------------------
+    async def announce(self, vm: VM, schedule: Schedule) -> int:
+        """Send the VM's RARP (and gratuitous ARP) rounds through its VM process onto its TAP;
+        the rounds sent. Sleeps between rounds, never blocks the loop."""
+        if vm.nic is None:
+            return 0
+        nic = vm.nic
+
+        async def send(frames: list[bytes]) -> None:
+            await vm.channel.request("nic-send", frames=frames)
+
+        rounds = await send_rounds(send, announce_frames(nic.mac, nic.ip), schedule)
+        vm.log.info("vm announced", mac=nic.mac, tap=nic.tap, rounds=rounds)
+        return rounds
+
+    def announce_incoming(self, vm: VM, schedule: Schedule) -> None:
+        """Start announcing a VM that just arrived by migration; returns at once (RESUMED is sent)."""
+        task = asyncio.get_running_loop().create_task(self._announce_quietly(vm, schedule))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce_quietly(self, vm: VM, schedule: Schedule) -> int:
+        try:
+            return await self.announce(vm, schedule)
+        except Exception as e:  # the VM went meanwhile (destroyed, migrated on): nothing to announce
+            vm.log.warning("vm announce failed", error=str(e))
+            return 0
+
     # -- shutdown ----------------------------------------------------------------------------------
     async def shutdown(self) -> None:
         """The agent is exiting: VMs that can outlive it run on (the next agent run re-adopts them),
         any other VM process is stopped; all of this agent's guest RAM mappings are released."""
         self.accepting = False
+        for task in list(self._announcing):
+            task.cancel()
         for vm in list(self.listed.values()):
             if vm.socket_path is not None and vm.connected:
                 await self._leave_running(vm)

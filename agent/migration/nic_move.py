@@ -1,0 +1,92 @@
+"""A VM's NIC across a migration: what the source proposes, what the destination checks and uses.
+
+The source sends the NIC (bridge, mac, ip) in MigrateStart's ``params`` under the key ``nic``
+(docs/protocol.md): a destination that does not know it ignores it. The destination applies the
+operator's ``--nic-map`` (source bridge -> destination bridge), refuses a bridge it does not have
+before any page moves, and picks a TAP name free on this host: with both agents on one host the
+source's TAP still exists while the VM moves, so the destination's gets a suffix.
+
+`host_refusal` and `free_tap` read /sys: blocking, for the session thread, never the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from agent import nics
+from agent.nics import NicConfig, NicError
+
+PARAMS_KEY = "nic"  # the key in MigrateStart.params
+SYS_NET = "/sys/class/net"
+
+
+def proposal(nic: NicConfig) -> dict[str, Any]:
+    """What travels: where the source plugs it, its MAC, the guest's IP. Not the TAP: a host's own."""
+    return {"bridge": nic.bridge, "mac": nic.mac, "ip": nic.ip}
+
+
+def proposed(params: Mapping[str, Any], nic_map: Mapping[str, str]) -> tuple[NicConfig, str] | None:
+    """The NIC a MigrateStart proposes, on the destination's bridge (``nic_map`` applied), and the
+    source's bridge; None without a NIC. NicError when malformed. The TAP is left empty: free_tap."""
+    raw = params.get(PARAMS_KEY)
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise NicError("the proposed NIC is not a map")
+    fields = nics.nic_request({k: v for k, v in raw.items() if v is not None})
+    source_bridge = fields["bridge"]
+    bridge = nics.check_ifname(str(nic_map.get(source_bridge, source_bridge)), "bridge")
+    if "mac" not in fields:
+        raise NicError("the proposed NIC has no MAC")
+    return NicConfig(bridge=bridge, mac=fields["mac"], tap="", ip=fields.get("ip")), source_bridge
+
+
+def host_refusal(nic: NicConfig, source_bridge: str, sys_net: str = SYS_NET) -> str | None:
+    """Why this host cannot plug ``nic`` in (its bridge missing), or None."""
+    if os.path.exists(os.path.join(sys_net, nic.bridge, "bridge")):
+        return None
+    what = "is not a bridge" if os.path.exists(os.path.join(sys_net, nic.bridge)) else "does not exist"
+    mapped = f" (mapped from {source_bridge} by --nic-map)" if nic.bridge != source_bridge else ""
+    hint = "" if mapped else " (map it to one of this host's bridges with --nic-map SRC_BR=DST_BR)"
+    return f"bridge {nic.bridge}{mapped} {what} on the destination{hint}"
+
+
+def free_tap(vm_name: str, taken: Collection[str] = (), sys_net: str = SYS_NET) -> str:
+    """The VM's TAP name (agent/nics.tap_name), or that name with a suffix ``-N`` when an
+    interface of that name exists on this host or ``taken`` holds it."""
+    base = nics.tap_name(vm_name)
+    for i in range(100):
+        suffix = "" if i == 0 else f"-{i}"
+        name = base[:nics.IFNAMSIZ - len(suffix)] + suffix
+        if name not in taken and not os.path.exists(os.path.join(sys_net, name)):
+            return name
+    raise NicError(f"no free TAP name for VM {vm_name} on this host")
+
+
+def parse_nic_map(raw: object) -> dict[str, str]:
+    """--nic-map values: a map {SRC_BR: DST_BR} or a list of "SRC_BR=DST_BR"; NicError if malformed."""
+    if raw is None:
+        return {}
+    items: list[tuple[str, str]] = []
+    if isinstance(raw, Mapping):
+        items = [(str(k), str(v)) for k, v in raw.items()]
+    elif isinstance(raw, list | tuple):
+        for text in raw:
+            src, sep, dst = str(text).partition("=")
+            if not sep:
+                raise NicError(f"bad --nic-map {text!r}: expected SRC_BR=DST_BR")
+            items.append((src.strip(), dst.strip()))
+    else:
+        raise NicError("nic-map must be SRC_BR=DST_BR items")
+    return {nics.check_ifname(s, "bridge"): nics.check_ifname(d, "bridge") for s, d in items}
+
+
+def tap_dropped(tap: str, sys_net: str = SYS_NET) -> int | None:
+    """Frames the kernel dropped on their way into the TAP (its queue full): its tx_dropped."""
+    try:
+        with open(os.path.join(sys_net, tap, "statistics", "tx_dropped")) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
