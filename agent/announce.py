@@ -48,8 +48,11 @@ class Schedule:
             raise ValueError("announce delays must not be negative (milliseconds)")
 
     def gaps_s(self) -> list[float]:
-        """The wait before each round, in seconds: initial, initial + step, ... each capped at max."""
-        return [min(self.initial_ms + self.step_ms * i, self.max_ms) / 1000 for i in range(self.rounds)]
+        """The wait before each round, in seconds. As QEMU's announce timer: the first round at once
+        (the sooner the bridges learn, the fewer frames go to the old port), then initial,
+        initial + step, initial + 2 step, ... each capped at max."""
+        waits = [min(self.initial_ms + self.step_ms * i, self.max_ms) / 1000 for i in range(max(self.rounds - 1, 0))]
+        return [0.0, *waits] if self.rounds else []
 
 
 def _mac_bytes(mac: str) -> bytes:

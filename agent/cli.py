@@ -152,7 +152,7 @@ def _add_vm_commands(sub: Any) -> None:
 def _add_announce_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--announce-rounds", type=_nonnegative_int, metavar="N",
                    help="RARP/gratuitous ARP rounds after the switch-over (default 5; 0: none)")
-    for flag, default, text in (("initial", 50, "the wait before the first round"),
+    for flag, default, text in (("initial", 50, "the wait after the first round, sent at once"),
                                 ("max", 550, "the longest wait between rounds"),
                                 ("step", 100, "how much each wait grows")):
         p.add_argument(f"--announce-{flag}", type=_nonnegative_float, metavar="MS", help=f"{text} (default {default})")

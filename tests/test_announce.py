@@ -44,8 +44,10 @@ def test_a_round_has_the_garp_only_when_the_guest_has_an_ip() -> None:
 
 
 def test_schedule_defaults_are_qemus_and_the_gaps_are_capped() -> None:
-    assert announce.Schedule().gaps_s() == pytest.approx([0.05, 0.15, 0.25, 0.35, 0.45])
-    assert announce.Schedule(rounds=8).gaps_s()[-3:] == pytest.approx([0.55, 0.55, 0.55])
+    # QEMU's net/announce.c: the first round at once, then initial + k * step, capped at max
+    assert announce.Schedule().gaps_s() == pytest.approx([0, 0.05, 0.15, 0.25, 0.35])
+    assert announce.Schedule(rounds=9).gaps_s()[-4:] == pytest.approx([0.45, 0.55, 0.55, 0.55])
+    assert announce.Schedule(rounds=1).gaps_s() == [0]
     assert announce.Schedule(rounds=0).gaps_s() == []
     assert announce.Schedule(rounds=3, initial_ms=0, step_ms=0).gaps_s() == [0, 0, 0]
     with pytest.raises(ValueError):

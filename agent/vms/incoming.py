@@ -73,9 +73,7 @@ class IncomingVMs:
         return inc
 
     def _check_nic(self, nic: NicConfig) -> None:
-        others = {n: vm.nic for n, vm in self.manager.listed.items() if vm.nic is not None}
-        others.update({n: inc.nic for n, inc in self.reserved.items() if inc.nic is not None})
-        for name, other in sorted(others.items()):
+        for name, other in sorted(self.manager.nics_in_use().items()):
             if other.mac == nic.mac:
                 raise VMError(ErrorCode.INCOMPATIBLE,
                               f"incompatible MAC address on the destination: VM {name} uses {nic.mac}")

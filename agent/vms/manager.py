@@ -126,6 +126,13 @@ class VMManager:
             self._creating_nics.pop(name, None)
         return await self._boot(vm, image, boot_args, paused)
 
+    def nics_in_use(self) -> dict[str, nics.NicConfig]:
+        """VM name -> NIC of every VM here: listed, being created, or arriving by migration."""
+        used = {n: vm.nic for n, vm in self.listed.items() if vm.nic is not None}
+        used.update({n: inc.nic for n, inc in self.incoming.reserved.items() if inc.nic is not None})
+        used.update(self._creating_nics)
+        return used
+
     async def _nic_for(self, name: str, request: Mapping[str, Any]) -> nics.NicConfig:
         """The NIC of a VM being created: checked, unique among this agent's VMs (kept in
         `_creating_nics` until the VM is listed, so two creates cannot take one MAC), and its
@@ -134,8 +141,7 @@ class VMManager:
             config = nics.make_config(self.agent_name, name, request)
         except nics.NicError as e:
             raise VMError(ErrorCode.BAD_REQUEST, str(e)) from e
-        taken = {n: vm.nic for n, vm in self.listed.items() if vm.nic is not None}
-        reason = nics.clash(config, {**taken, **self._creating_nics})
+        reason = nics.clash(config, self.nics_in_use())
         if reason is not None:
             raise VMError(ErrorCode.BAD_REQUEST, f"cannot give VM {name!r} a NIC: {reason} on agent {self.agent_name}")
         self._creating_nics[name] = config
