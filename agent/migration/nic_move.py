@@ -20,6 +20,7 @@ from agent.nics import NicConfig, NicError
 
 PARAMS_KEY = "nic"  # the key in MigrateStart.params
 SYS_NET = "/sys/class/net"
+TUN_PATH = "/dev/net/tun"
 
 
 def proposal(nic: NicConfig) -> dict[str, Any]:
@@ -44,7 +45,9 @@ def proposed(params: Mapping[str, Any], nic_map: Mapping[str, str]) -> tuple[Nic
 
 
 def host_refusal(nic: NicConfig, source_bridge: str, sys_net: str = SYS_NET) -> str | None:
-    """Why this host cannot plug ``nic`` in (its bridge missing), or None."""
+    """Why this host cannot plug ``nic`` in (no TAP devices, its bridge missing), or None."""
+    if not os.path.exists(TUN_PATH):
+        return f"no {TUN_PATH} on the destination: it cannot create the VM's TAP"
     if os.path.exists(os.path.join(sys_net, nic.bridge, "bridge")):
         return None
     what = "is not a bridge" if os.path.exists(os.path.join(sys_net, nic.bridge)) else "does not exist"
