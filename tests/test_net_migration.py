@@ -10,6 +10,7 @@ Needs root, `ip` and /dev/net/tun; elsewhere the tests are skipped with the reas
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,8 @@ def test_netd_migrates_keeps_its_values_and_is_announced(pair: tuple[AgentProc, 
     assert nic_b["bridge"] == lan.bridge and _on_bridge(lan.bridge, nic_b["tap"])
     assert nic_b["tap"] != tap_a  # A's TAP still existed while the VM moved: B's has a suffix
     assert f"tap {nic_b['tap']}" in b.cli("vm", "info", "n1").stdout
+    [rec] = [json.loads(p.read_text()) for p in (b.state_dir / "vms").glob("*.json")]
+    assert rec["nic"] == {"bridge": lan.bridge, "mac": mac, "tap": nic_b["tap"], "ip": f"{GUEST_IP}/24"}
     assert "n1" not in names(a)
     wait_for(lambda: not Path(f"/sys/class/net/{tap_a}").exists(), timeout=10, what="A's TAP removed")
 
