@@ -34,6 +34,8 @@ _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # no '/', ':' or blanks; also safe in a /sys path
 
 
+SYS_NET = "/sys/class/net"  # where the kernel lists this host's interfaces
+
 class NicError(ValueError):
     """A NIC setting that cannot be used; the message says which and why."""
 
@@ -206,11 +208,19 @@ def _declares(program: str, args: Mapping[str, str]) -> bool:
     return True
 
 
-def host_refusal(nic: NicConfig, sys_net: str = "/sys/class/net") -> str | None:
+def bridge_problem(bridge: str, sys_net: str = SYS_NET) -> str | None:
+    """"does not exist" or "is not a bridge" for an interface ``bridge`` of this host that is no
+    bridge, or None. Reads /sys: blocking, for a worker thread."""
+    if os.path.exists(os.path.join(sys_net, bridge, "bridge")):
+        return None
+    return "is not a bridge" if os.path.exists(os.path.join(sys_net, bridge)) else "does not exist"
+
+
+def host_refusal(nic: NicConfig, sys_net: str = SYS_NET) -> str | None:
     """Why this host cannot take ``nic`` now (its bridge missing, its TAP name in use), or None.
     Reads /sys: blocking, for a worker thread."""
-    if not os.path.exists(os.path.join(sys_net, nic.bridge, "bridge")):
-        what = "is not a bridge" if os.path.exists(os.path.join(sys_net, nic.bridge)) else "does not exist"
+    what = bridge_problem(nic.bridge, sys_net)
+    if what is not None:
         return f"bridge {nic.bridge} {what} on this host"
     if os.path.exists(os.path.join(sys_net, nic.tap)):
         return f"an interface named {nic.tap} (its TAP name) already exists on this host"

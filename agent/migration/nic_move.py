@@ -19,7 +19,6 @@ from agent import nics
 from agent.nics import NicConfig, NicError
 
 PARAMS_KEY = "nic"  # the key in MigrateStart.params
-SYS_NET = "/sys/class/net"
 TUN_PATH = "/dev/net/tun"
 
 
@@ -44,19 +43,19 @@ def proposed(params: Mapping[str, Any], nic_map: Mapping[str, str]) -> tuple[Nic
     return NicConfig(bridge=bridge, mac=fields["mac"], tap="", ip=fields.get("ip")), source_bridge
 
 
-def host_refusal(nic: NicConfig, source_bridge: str, sys_net: str = SYS_NET) -> str | None:
+def host_refusal(nic: NicConfig, source_bridge: str, sys_net: str = nics.SYS_NET) -> str | None:
     """Why this host cannot plug ``nic`` in (no TAP devices, its bridge missing), or None."""
     if not os.path.exists(TUN_PATH):
         return f"no {TUN_PATH} on the destination: it cannot create the VM's TAP"
-    if os.path.exists(os.path.join(sys_net, nic.bridge, "bridge")):
+    what = nics.bridge_problem(nic.bridge, sys_net)
+    if what is None:
         return None
-    what = "is not a bridge" if os.path.exists(os.path.join(sys_net, nic.bridge)) else "does not exist"
     mapped = f" (mapped from {source_bridge} by --nic-map)" if nic.bridge != source_bridge else ""
     hint = "" if mapped else " (map it to one of this host's bridges with --nic-map SRC_BR=DST_BR)"
     return f"bridge {nic.bridge}{mapped} {what} on the destination{hint}"
 
 
-def free_tap(vm_name: str, taken: Collection[str] = (), sys_net: str = SYS_NET) -> str:
+def free_tap(vm_name: str, taken: Collection[str] = (), sys_net: str = nics.SYS_NET) -> str:
     """The VM's TAP name (agent/nics.tap_name), or that name with a suffix ``-N`` when an
     interface of that name exists on this host or ``taken`` holds it."""
     base = nics.tap_name(vm_name)
@@ -86,7 +85,7 @@ def parse_nic_map(raw: object) -> dict[str, str]:
     return {nics.check_ifname(s, "bridge"): nics.check_ifname(d, "bridge") for s, d in items}
 
 
-def tap_dropped(tap: str, sys_net: str = SYS_NET) -> int | None:
+def tap_dropped(tap: str, sys_net: str = nics.SYS_NET) -> int | None:
     """Frames the kernel dropped on their way into the TAP (its queue full): its tx_dropped."""
     try:
         with open(os.path.join(sys_net, tap, "statistics", "tx_dropped")) as f:

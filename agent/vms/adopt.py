@@ -58,7 +58,7 @@ class AdoptError(Exception):
 
 
 class Settle(enum.Enum):
-    """What a re-adopted VM's recorded migration phase leads to (see the module's table)."""
+    """What becomes of a re-adopted VM, by its recorded migration phase (see the module's table)."""
 
     AS_FOUND = "as-found"
     RESUME = "resume"
