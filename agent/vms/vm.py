@@ -90,12 +90,21 @@ class VM:
     async def begin_migration(self) -> None:
         """A migration owns the VM now (operators' pause/resume/destroy are refused); recorded as
         phase "precopy" with the run state to restore, returning once that record is on disk."""
-        await written(self._begin())
+        self.migrating = True
+        self.run_before = self._run
+        saved = self._note_phase("precopy")
+        self._pulse()
+        await written(saved)
 
     async def end_migration(self, run_state: str) -> None:
         """The migration is over; the VM is `run_state` ("running" | "paused") again, unless it
         halted or faulted meanwhile. Returns once the record (no phase) is on disk."""
-        await written(self._end(run_state))
+        self.migrating = False
+        saved = self._note_phase(None)
+        if run_state in RUN_STATES:
+            self._set_run(run_state)  # a guest that halted meanwhile stays halted
+        self._pulse()
+        await written(saved)
 
     def mark_commit_sent(self) -> concurrent.futures.Future[None]:
         """The source is about to send COMMIT: from here a restarted agent must treat the VM as in
@@ -103,21 +112,6 @@ class VM:
         disk, and the session thread waits for it before COMMIT leaves (one hop fewer inside the
         downtime than the loop awaiting the write and then waking the thread)."""
         return on_disk(self._note_phase("commit-sent"))
-
-    def _begin(self) -> concurrent.futures.Future[None] | None:
-        self.migrating = True
-        self.run_before = self._run
-        saved = self._note_phase("precopy")
-        self._pulse()
-        return saved
-
-    def _end(self, run_state: str) -> concurrent.futures.Future[None] | None:
-        self.migrating = False
-        saved = self._note_phase(None)
-        if run_state in RUN_STATES:
-            self._set_run(run_state)  # a guest that halted meanwhile stays halted
-        self._pulse()
-        return saved
 
     def _set_run(self, value: str) -> None:
         if self._run in ("halted", "faulted") and value in ("running", "paused"):
