@@ -111,7 +111,6 @@ class SourceSession:
         self.machine = SourceMachine()
         self.conn: Connection | None = None
         self.setup_done = Signal()  # set when setup succeeded or the session ended
-        self.done = Signal()
         self.in_doubt = False  # ended in doubt: the VM is paused here until an operator resolves it
         self._cancel = threading.Event()
         self._lock = threading.Lock()  # orders cancel() against sending COMMIT
@@ -156,7 +155,6 @@ class SourceSession:
                 self._lane.close()
                 self._lane = None
             self.setup_done.set()
-            self.done.set()
 
     def _run(self) -> None:
         try:
