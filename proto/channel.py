@@ -48,7 +48,7 @@ class Channel:
 
     ``guest_size`` checks page ranges (set it once the guest size is agreed);
     ``versions``, ``max_payload`` and ``max_body`` are the codec's limits
-    (proto.codec.Decoder); all may be changed between frames.
+    (proto.codec.Decoder).
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class Channel:
             raise LocalProtocolError(f"channel already checks the order as {self._machine.role}")
         self._machine = machine
 
-    # -- limits, shared with the buffered decoder -------------------------------------------------
+    # -- the guest size page ranges are checked against, shared with the buffered decoder ---------
     @property
     def guest_size(self) -> int | None:
         return self._decoder.guest_size
@@ -84,30 +84,6 @@ class Channel:
     @guest_size.setter
     def guest_size(self, size: int | None) -> None:
         self._decoder.guest_size = size
-
-    @property
-    def versions(self) -> Collection[int]:
-        return self._decoder.versions
-
-    @versions.setter
-    def versions(self, versions: Collection[int]) -> None:
-        self._decoder.versions = versions
-
-    @property
-    def max_payload(self) -> int:
-        return self._decoder.max_payload
-
-    @max_payload.setter
-    def max_payload(self, limit: int) -> None:
-        self._decoder.max_payload = limit
-
-    @property
-    def max_body(self) -> int:
-        return self._decoder.max_body
-
-    @max_body.setter
-    def max_body(self, limit: int) -> None:
-        self._decoder.max_body = limit
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, msg: Message) -> bytes:
@@ -136,11 +112,6 @@ class Channel:
         return frame
 
     # -- receiving, buffered ---------------------------------------------------------------------
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet turned into messages."""
-        return self._decoder.buffered
-
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed the connection."""
         self._decoder.receive_data(data)
@@ -161,8 +132,9 @@ class Channel:
         channel's limit for this frame) or a message the machine does not
         expect in its current state.
         """
-        limit = self.max_payload if max_payload is None else min(max_payload, self.max_payload)
-        header = parse_header(raw, self.versions, limit, self.max_body)
+        d = self._decoder
+        limit = d.max_payload if max_payload is None else min(max_payload, d.max_payload)
+        header = parse_header(raw, d.versions, limit, d.max_body)
         cls = message_class(header)
         machine = self._machine
         if machine is not None and not machine.can_receive(cls):

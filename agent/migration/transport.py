@@ -264,13 +264,13 @@ class Connection:
     # -- sending ---------------------------------------------------------------------------------
     def send(self, msg: Message) -> None:
         """Send one message without payload."""
-        frame = self.channel.send(msg)
-        self._io(self.sock.sendall, frame)
-        self.sent += len(frame)
+        self._send_frame(self.channel.send(msg))
 
     def send_error(self, msg: ErrorResponse) -> None:
         """Tell the peer why we give up the connection, whatever the state (nothing may follow)."""
-        frame = self.channel.send_error(msg)
+        self._send_frame(self.channel.send_error(msg))
+
+    def _send_frame(self, frame: bytes) -> None:
         self._io(self.sock.sendall, frame)
         self.sent += len(frame)
 
