@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo bench clean
+.PHONY: venv test test-all lint unit demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ lint: $(STAMP)
 	$(BIN)/mypy agent vmruntime proto tests/test_migration_sessions.py
 
 test: $(STAMP) lint
+	$(BIN)/pytest -q -m "not slow" tests
+
+# The slow tests too (pyproject.toml's `slow` marker).
+test-all: $(STAMP) lint
 	$(BIN)/pytest -q tests
 
 demo: $(STAMP)

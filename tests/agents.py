@@ -103,20 +103,29 @@ def _flags(extra: dict[str, Any]) -> list[str]:
 class AgentProc:
     """One ferry-agent process started by start_agent()."""
 
-    def __init__(self, tmp_path: Path, name: str, key_path: Path, extra: dict[str, Any]) -> None:
+    def __init__(self, tmp_path: Path, name: str, key_path: Path, extra: dict[str, Any], *,
+                 netns: str | None = None, host: str = "127.0.0.1") -> None:
         self.name = name
         self.key_path = key_path
+        self.netns = netns
         self.state_dir = tmp_path / name
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp_path / f"{name}.log"
-        self.control = f"127.0.0.1:{free_port()}"
-        self.migration = f"127.0.0.1:{free_port()}"
+        # In another namespace every port of ``host`` is free; free_port() just picks a number.
+        self.control = f"{host}:{free_port()}"
+        self.migration = f"{host}:{free_port()}"
         self.argv = [sys.executable, "-m", "agent.daemon", "--name", name, "--control", self.control,
                      "--migration", self.migration, "--state-dir", str(self.state_dir),
                      "--key-file", str(key_path), *_flags(extra)]
+        if netns is not None:
+            # The test drives it through its unix socket: a path, reachable from every network
+            # namespace (its TCP address is only for the agents of the namespaces that route to it).
+            assert len(str(self.socket_path)) < 108, f"unix socket path too long: {self.socket_path}"
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the agent's lifetime)
+        # `ip netns exec` execs the agent: the pid below stays the agent's.
+        prefix = [] if netns is None else ["ip", "netns", "exec", netns]
         # Its own session: the agent and its VM processes form one process group we can account for.
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log_file,
+        self.proc = subprocess.Popen([*prefix, *self.argv], stdin=subprocess.DEVNULL, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.leaked: list[int] = []
         self.returncode: int | None = None
@@ -128,6 +137,12 @@ class AgentProc:
     def socket_path(self) -> Path:
         return self.state_dir / "control.sock"
 
+    @property
+    def address(self) -> str:
+        """Where this test process reaches the agent: its TCP control address, or its unix socket
+        when it runs in another network namespace."""
+        return self.control if self.netns is None else f"unix:{self.socket_path}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -137,7 +152,7 @@ class AgentProc:
     def cli(self, *args: str, check: bool = True, json: bool = False, timeout: float = CLI_TIMEOUT,
             key_path: Path | None = None) -> CliResult:
         """Run `ferry --agent <this agent> --key-file <key> ARGS [--json]`; .json holds the parsed output."""
-        argv = ["--agent", self.control, "--key-file", str(key_path or self.key_path), *args]
+        argv = ["--agent", self.address, "--key-file", str(key_path or self.key_path), *args]
         if json:
             argv.append("--json")
         if self.cli_in_process:
@@ -156,7 +171,7 @@ class AgentProc:
         from agent.client import call_sync
 
         key = self.key_path.read_bytes().strip()
-        return call_sync(self.control, key, op, {k.replace("_", "-"): v for k, v in args.items()})
+        return call_sync(self.address, key, op, {k.replace("_", "-"): v for k, v in args.items()})
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Poll vm-list until the agent answers; fail with its log if it exits or stays silent."""
@@ -289,12 +304,15 @@ class AgentProc:
         self.stop()
 
 
-def start_agent(tmp_path: Path, name: str, key_path: Path, **extra_flags: Any) -> AgentProc:
-    """Start a ferry-agent on free loopback ports and wait until it answers `vm list`.
+def start_agent(tmp_path: Path, name: str, key_path: Path, *, netns: str | None = None,
+                host: str = "127.0.0.1", **extra_flags: Any) -> AgentProc:
+    """Start a ferry-agent on free ports of ``host`` (loopback by default) and wait until it answers
+    `vm list`. With ``netns`` it runs in that network namespace (`ip netns exec`), its VMs too,
+    and the test reaches it through its unix socket (`AgentProc.address`).
 
     extra_flags become flags: max_mem="128M" -> --max-mem 128M.
     """
-    agent = AgentProc(tmp_path, name, key_path, extra_flags)
+    agent = AgentProc(tmp_path, name, key_path, extra_flags, netns=netns, host=host)
     try:
         agent.wait_ready()
     except BaseException:
