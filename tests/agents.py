@@ -14,6 +14,8 @@ agent: those named by the records in its state dir), kills what else is left of 
 group, and prints the agent's log, which pytest shows only when the test failed. `leaked` lists the
 processes the agent left behind that no record accounts for. `stop(keep_vms=True)` leaves the VMs
 running for a restarted agent on the same state dir (start_agent with the same name).
+`start_agent(..., netns=NS, host=IP)` runs the agent inside network namespace NS (tests/nettopo.py's
+hosts), listening on IP; the test then reaches it through its unix socket (`AgentProc.address`).
 """
 
 from __future__ import annotations
