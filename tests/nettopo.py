@@ -21,6 +21,7 @@ them their interfaces and bridges) whatever happens, also when its body raises.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,21 @@ class TwoHosts:
         out = run_ip("-n", ns, "-o", "-4", "addr", "show", "dev", dev).stdout
         return [line.split()[3].split("/")[0] for line in out.splitlines() if line.strip()]
 
+    def uplink_port(self, host: str) -> str:
+        """The switch's port toward host namespace ``host``."""
+        return {self.host_a: "upa", self.host_b: "upb"}[host]
+
+    def switch_port(self, mac: str) -> str | None:
+        """The switch port its bridge sends frames for ``mac`` to (the entry it learned from
+        the last frame ``mac`` sent), None when it has none (`uplink_port` names them)."""
+        r = subprocess.run(["bridge", "-n", self.switch, "fdb", "show", "br", SWITCH_BRIDGE],
+                           capture_output=True, text=True, timeout=30, check=True)
+        for line in r.stdout.splitlines():
+            words = line.split()
+            if words[:2] == [mac.lower(), "dev"] and "permanent" not in words:
+                return words[2]
+        return None
+
     def counters(self, ns: str, dev: str) -> tuple[int, int]:
         """(rx bytes, tx bytes) of ``dev`` in namespace ``ns`` (its sysfs, seen from inside)."""
         path = f"/sys/class/net/{dev}/statistics"
@@ -73,6 +89,8 @@ class TwoHosts:
 
 def net_unavailable() -> str | None:
     """Why the two-host topology cannot be built here (for a skip), or None."""
+    if shutil.which("bridge") is None:
+        return "iproute2's `bridge` is not installed"
     return lan_unavailable()
 
 
