@@ -11,7 +11,7 @@ the VM runs exactly once after each move. Without the announce (`--announce-roun
 keeps sending the guest's frames to the host it left (a Linux bridge keeps a learned entry up to
 300 s) until `ferry vm announce` on the destination tells it where the guest went.
 
-Needs root, `ip` and /dev/net/tun; elsewhere the tests are skipped with the reason. The figures
+Needs root, iproute2 (`ip`, `bridge`) and /dev/net/tun; elsewhere the tests are skipped with the reason. The figures
 of each run are printed (`pytest -s` shows them).
 """
 
@@ -40,7 +40,7 @@ VALUES = {"colour": "deep blue", "shape": "round", "size": "42"}
 GAP = 0.5  # s of undisturbed traffic before each migration
 SETTLE = 1.0  # s after a migration's end still counted as its own (late retries, the first answers)
 MIN_MIGRATION_BYTES = 64 << 10  # a 16 MiB guest's state cannot cross the migration veth in less
-DARK = 1.0  # s without a first-try answer: a blackout the announce avoids (with it: tens of ms)
+DARK = 1.0  # s without a first-try answer: far beyond a blackout with the announce
 FINAL = ("completed", "failed", "cancelled")
 
 Hosts = tuple[TwoHosts, AgentProc, AgentProc]
@@ -201,8 +201,8 @@ def test_two_hosts_no_announce(hosts: Hosts) -> None:
     is: the client is not answered until `ferry vm announce` on B moves the switch's entry.
 
     No request is in flight across the switch-over: a reply the guest owes for a request it got
-    on A goes out from B once it resumed and moves the switch's entry as the announce would (under
-    this load, in a few migrations out of a hundred), which would make the blackout luck."""
+    on A goes out from B once it resumed and moves the switch's entry as the announce would (now and
+    then under this load), which would make the blackout luck."""
     topo, a, b = hosts
     _check_on_migration_veth(topo, a, b)
     _start_netd(topo, a)
