@@ -196,6 +196,9 @@ def _add_migrate_commands(sub: Any) -> None:
                    help="send COMMIT right behind the RAM digest, not after the destination's READY: one "
                         "round trip less downtime on long paths; the VM stays paused (in doubt) if the "
                         "destination dies while it checks the digest")
+    m.add_argument("--no-code-hint", action="store_true",
+                   help="do not tell the destination which guest blocks to translate before the resume "
+                        "(to measure what that saves)")
     m.add_argument("--migration-address", metavar="HOST:PORT",
                    help="send the memory stream here instead of the destination's advertised migration address")
     m.add_argument("--in-doubt-timeout", type=_positive_float, metavar="S",
@@ -398,6 +401,8 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
         params["hot-blocks"] = True
     if ns.commit_ahead:
         params["commit-ahead"] = True
+    if ns.no_code_hint:
+        params["code-hint"] = False
     if ns.nic_map:
         params["nic-map"] = list(ns.nic_map)
     params.update(_announce_params(ns))

@@ -3,14 +3,15 @@
 Two agents on this host plug their VMs into one host bridge; a client namespace on it
 (tests/netlan.py) runs bench/net_client.py for the whole run: a UDP key-value request to the guest
 every millisecond (20 ms timeout, up to 3 retries) and an ICMP echo every 10 ms, each logged. The
-guest (`netd`, 16 MiB, one NIC) is migrated A->B->A while the client runs, with the announce (RARP
-and gratuitous ARP rounds, docs/cli.md) and then with ``--announce-rounds 0``. Per migration: the
+guest (`netd`, 16 MiB, one NIC) is migrated A->B->A while the client runs: by default (the code hint
+and the announce, docs/cli.md), alternating with ``--no-code-hint`` (the same run's baseline), and then
+with ``--announce-rounds 0``. Per migration: the
 downtime the source reports, the blackout the client saw (the first request whose first try went
 unanswered to the first answer on a first try after it), request latency (retries included) during
 the migration, requests whose first try was lost and those lost after every retry, pings lost.
 
-    .venv/bin/python -m bench.bench_net            # 10 migrations with the announce, 2 without
-    .venv/bin/python -m bench.bench_net --quick    # 4 and 1
+    .venv/bin/python -m bench.bench_net            # 10 default, 10 without the hint, 2 without the announce
+    .venv/bin/python -m bench.bench_net --quick    # 4, 4 and 1
     .venv/bin/python -m bench.bench_net --json     # the figures as one JSON object instead
 
 Needs root, `ip` and /dev/net/tun.
@@ -40,6 +41,13 @@ SETTLE = 1.0  # s after a migration's end still counted as its own (late retries
 GAP = 1.0  # s of undisturbed traffic between two migrations
 BLACKOUT_CAP = 10.0  # s: a blackout longer than this is reported as "> 10 s" (a stale bridge FDB entry lives 300 s)
 Req = Sequence[Any]  # [send, answer or None, retries], as bench/net_client.py logs it
+# How each migration is asked for: its params, and the heading of its table.
+MODES: dict[str, tuple[dict[str, Any], str]] = {
+    "default": ({}, "**Default** (the code hint and the announce):"),
+    "no-hint": ({"code-hint": False}, "**Without the code hint** (`--no-code-hint`, two by two with the default ones):"),
+    "no-announce": ({"announce-rounds": 0}, "**Without the announce** (`--announce-rounds 0`; the wait for the client "
+                                             f"to be answered again is capped at {BLACKOUT_CAP:g} s):"),
+}
 
 
 @dataclass
@@ -47,7 +55,7 @@ class Migration:
     """One migration as the agent reported it and the client saw it."""
 
     direction: str
-    announce: bool
+    mode: str  # one of MODES
     status: str
     migration_ms: float  # from the migrate request to the final status, as the bench saw it
     downtime_ms: float | None
@@ -122,9 +130,10 @@ def blackout_text(ms: float | None) -> str:
 class Client:
     """bench/net_client.py in the client namespace; `last()` is the newest first-try answer's send."""
 
-    def __init__(self, lan: Any, addr: str) -> None:
+    def __init__(self, lan: Any, addr: str, rate: float) -> None:
         root = Path(__file__).resolve().parent.parent
-        self.proc = subprocess.Popen(["ip", "netns", "exec", lan.client_ns, *module_argv("bench.net_client", [addr])],
+        argv = module_argv("bench.net_client", [addr, "--rate", str(rate)])
+        self.proc = subprocess.Popen(["ip", "netns", "exec", lan.client_ns, *argv],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
         self._last = 0.0
         self._result: dict[str, Any] | None = None
@@ -197,29 +206,38 @@ def setup() -> Iterator[tuple[Any, Any, Any]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(announced: int, silent: int) -> tuple[list[Migration], dict[str, Any]]:
+def plan(default: int, no_hint: int, no_announce: int) -> list[str]:
+    """The modes in run order: default and no-hint two by two (so each mode goes both ways, A->B and
+    B->A, as the migrations alternate direction), then no-announce."""
+    mixed: list[str] = []
+    while default > 0 or no_hint > 0:
+        take_d, take_n = min(2, default), min(2, no_hint)
+        mixed += ["default"] * take_d + ["no-hint"] * take_n
+        default, no_hint = default - take_d, no_hint - take_n
+    return mixed + ["no-announce"] * no_announce
+
+
+def measure(modes: list[str], rate: float = 1000.0) -> tuple[list[Migration], dict[str, Any]]:
     """The migrations, and the client's figures over the quiet gaps between them (for comparison)."""
     from tests.netlan import GUEST_IP
 
-    migrations: list[tuple[str, bool, dict[str, Any], float, float]] = []  # direction, announce, info, start, end
+    migrations: list[tuple[str, str, dict[str, Any], float, float]] = []  # direction, mode, info, start, end
     with contextlib.redirect_stdout(sys.stderr), setup() as (lan, a, b):
-        client = Client(lan, GUEST_IP)
+        client = Client(lan, GUEST_IP, rate)
         try:
             if not wait_answering(client, time.monotonic(), 10.0):
                 raise RuntimeError("netd does not answer the client")
             agents, where = {"A": a, "B": b}, "A"
-            plan = [True] * announced + [False] * silent
-            for announce in plan:
+            for mode in modes:
                 time.sleep(GAP)
                 to = "B" if where == "A" else "A"
-                params = {} if announce else {"announce-rounds": 0}
                 start = time.monotonic()
-                info = migrate(agents[where], agents[to], params)
+                info = migrate(agents[where], agents[to], MODES[mode][0])
                 end = time.monotonic()
-                migrations.append((f"{where}->{to}", announce, info, start, end))
+                migrations.append((f"{where}->{to}", mode, info, start, end))
                 if info["status"] == "completed":
                     where = to
-                if not announce:  # may stay dark until the bridge relearns: cap the wait
+                if mode == "no-announce":  # may stay dark until the bridge relearns: cap the wait
                     wait_answering(client, end, BLACKOUT_CAP)
                 time.sleep(SETTLE)
             time.sleep(0.2)
@@ -228,11 +246,11 @@ def measure(announced: int, silent: int) -> tuple[list[Migration], dict[str, Any
             client.kill()
         agents[where].cli("vm", "destroy", VM, check=False)
     quiet = [r for _, _, _, start, _ in migrations for r in log["requests"] if start - GAP + 0.1 <= r[0] < start]
-    return ([summarize(d, ann, info, start, end, log) for d, ann, info, start, end in migrations],
+    return ([summarize(d, mode, info, start, end, log) for d, mode, info, start, end in migrations],
             window_stats(quiet, float("-inf"), float("inf")))
 
 
-def summarize(direction: str, announce: bool, info: dict[str, Any], start: float, end: float,
+def summarize(direction: str, mode: str, info: dict[str, Any], start: float, end: float,
               log: dict[str, Any]) -> Migration:
     reqs, pings = log["requests"], log["pings"]
     stats = window_stats(reqs, start, end + SETTLE)
@@ -243,7 +261,7 @@ def summarize(direction: str, announce: bool, info: dict[str, Any], start: float
         out = None
     sent, lost = pings_in(pings, start, end + SETTLE)
     downtime = info.get("downtime")
-    return Migration(direction, announce, str(info["status"]), (end - start) * 1000,
+    return Migration(direction, mode, str(info["status"]), (end - start) * 1000,
                      None if downtime is None else float(downtime), None if dark is None else (dark - start) * 1000,
                      None if out is None else out * 1000, stats["requests"], lat["p50_ms"], lat["p99_ms"],
                      lat["max_ms"], stats["lost_first_try"], stats["lost_after_retries"], sent, lost)
@@ -253,35 +271,32 @@ def summarize(direction: str, announce: bool, info: dict[str, Any], start: float
 
 
 def markdown(migrations: list[Migration], quiet: dict[str, Any]) -> str:
-    def rows(announce: bool) -> list[list[object]]:
+    def rows(mode: str) -> list[list[object]]:
         return [[i + 1, m.direction, m.status, _ms(m.migration_ms, ".0f"), _ms(m.downtime_ms),
                  _ms(m.dark_from_ms, ".0f"), blackout_text(m.blackout_ms), m.requests,
                  _ms(m.p50_ms, ".2f"), _ms(m.p99_ms, ".2f"), _ms(m.max_ms, ".1f"), m.lost_first_try,
                  m.lost_after_retries, f"{m.pings_lost} / {m.pings}"]
-                for i, m in enumerate(x for x in migrations if x.announce == announce)]
+                for i, m in enumerate(x for x in migrations if x.mode == mode)]
 
-    head = ["#", "direction", "status", "migration ms", "downtime ms", "dark from ms", "blackout ms", "requests", "p50 ms", "p99 ms", "max ms",
-            "lost 1st try", "lost after retries", "pings lost"]
+    head = ["#", "direction", "status", "migration ms", "downtime ms", "dark from ms", "blackout ms", "requests",
+            "p50 ms", "p99 ms", "max ms", "lost 1st try", "lost after retries", "pings lost"]
     align = "lllrrrrrrrrrrr"
+    tables: list[str] = []
+    for mode, (_, heading) in MODES.items():
+        if any(m.mode == mode for m in migrations):
+            tables += [heading, "", markdown_table(head, rows(mode), align), ""]
     return "\n".join([
         "A `netd` guest (16 MiB, one NIC on a host bridge) migrated A->B->A between two agents on this host while "
         "a client in a network namespace on the bridge (bench/net_client.py) sends a UDP key-value request every "
         "1 ms (20 ms timeout, up to 3 retries) and an ICMP echo every 10 ms. `downtime` is what the source "
         "reports; `migration` runs from the migrate request to the final status; `dark from` is when the first "
-        "request whose first try went unanswered was sent, counted from the migrate request; `blackout` is what the client saw: from the first request whose first try went unanswered to "
-        "the answer of the first request answered on its first try after it (0: none went unanswered). Latency "
-        "(retries included) is over the requests sent during the migration; losses and pings over those sent "
-        f"from its start to {SETTLE:g} s after its end. Lost after retries should be 0 (reported, not asserted).",
+        "request whose first try went unanswered was sent, counted from the migrate request; `blackout` is what "
+        "the client saw: from the first request whose first try went unanswered to the answer of the first "
+        "request answered on its first try after it (0: none went unanswered). Latency (retries included) is "
+        "over the requests sent during the migration; losses and pings over those sent from its start to "
+        f"{SETTLE:g} s after its end. Lost after retries should be 0 (reported, not asserted).",
         "",
-        "**With the announce** (RARP + gratuitous ARP rounds from the destination, the default):",
-        "",
-        markdown_table(head, rows(True), align),
-        "",
-        f"**Without the announce** (`--announce-rounds 0`; the wait for the client to be answered again is "
-        f"capped at {BLACKOUT_CAP:g} s):",
-        "",
-        markdown_table(head, rows(False), align),
-        "",
+        *tables,
         f"Between migrations (the {GAP - 0.1:g} s before each, for comparison): {quiet['requests']} requests, "
         f"latency p50 {_ms(quiet['p50_ms'], '.2f')} ms, p99 {_ms(quiet['p99_ms'], '.2f')} ms, max "
         f"{_ms(quiet['max_ms'])} ms; first try lost {quiet['lost_first_try']}, lost after retries "
@@ -291,10 +306,13 @@ def markdown(migrations: list[Migration], quiet: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 migrations with the announce and 1 without")
-    ap.add_argument("--runs", type=int, default=None, help="migrations with the announce (default 10, 4 quick)")
+    ap.add_argument("--quick", action="store_true", help="4 default migrations, 4 without the hint, 1 without the announce")
+    ap.add_argument("--runs", type=int, default=None, help="default migrations (default 10, 4 quick)")
+    ap.add_argument("--no-hint-runs", type=int, default=None,
+                    help="migrations with --no-code-hint, alternating with the default ones (default: --runs)")
     ap.add_argument("--silent-runs", type=int, default=None,
                     help="migrations with --announce-rounds 0 (default 2, 1 quick)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="client KV requests per second (default 1000)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON instead of Markdown")
     a = ap.parse_args(argv)
     from tests.netlan import net_unavailable
@@ -303,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Skipped: {why}.")
         return
     runs = a.runs if a.runs is not None else (4 if a.quick else 10)
+    no_hint = a.no_hint_runs if a.no_hint_runs is not None else runs
     silent = a.silent_runs if a.silent_runs is not None else (1 if a.quick else 2)
-    migrations, quiet = measure(runs, silent)
+    migrations, quiet = measure(plan(runs, no_hint, silent), a.rate)
     if a.json:
         print(json.dumps({"migrations": [asdict(m) for m in migrations], "between": quiet}, indent=1))
     else:

@@ -63,6 +63,16 @@ class Channel:
         self._machine = machine
         self._decoder = Decoder(guest_size, versions, max_payload, max_body)
         self._gave_up = False  # an ErrorResponse went out: nothing may follow it
+        # Frames go out as the oldest version we accept until the handshake chose one, so an
+        # older peer can read our Hello (docs/protocol.md, "Versions").
+        self.version = min(versions)
+
+    def speak(self, version: int) -> None:
+        """The handshake chose ``version``: send it from now on, and accept only it."""
+        if version not in self._decoder.versions:
+            raise LocalProtocolError(f"protocol version {version} is not one this channel accepts")
+        self.version = version
+        self._decoder.versions = frozenset({version})
 
     # -- the machine -------------------------------------------------------------------------------
     @property
@@ -94,7 +104,7 @@ class Channel:
         """
         if self._gave_up:
             raise LocalProtocolError(f"cannot send {type(msg).__name__} after giving up the connection")
-        frame = encode(msg)
+        frame = encode(msg, self.version)
         if self._machine is not None:
             self._machine.send(msg)
         return frame
@@ -107,7 +117,7 @@ class Channel:
         """
         if self._gave_up:
             raise LocalProtocolError("the connection was given up already")
-        frame = encode(msg)
+        frame = encode(msg, self.version)
         self._gave_up = True
         return frame
 

@@ -45,6 +45,8 @@ def encode(msg: Message, version: int = CURRENT_VERSION) -> bytes:
     """Header + msgpack body of ``msg``; a page batch's payload is NOT included."""
     if version not in SUPPORTED_VERSIONS:
         raise LocalProtocolError(f"cannot encode protocol version {version} (we speak {sorted(SUPPORTED_VERSIONS)})")
+    if version < msg.SINCE:
+        raise LocalProtocolError(f"{type(msg).__name__} needs protocol version {msg.SINCE}, this connection speaks {version}")
     try:
         fields = to_fields(msg, version)  # first: the wire conversion checks page range structure
         msg.check()
@@ -78,6 +80,8 @@ def message_class(header: Header) -> type[Message]:
     cls = MESSAGE_TYPES.get(header.type)
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {header.type}")
+    if header.version < cls.SINCE:
+        raise RemoteProtocolError(f"{cls.__name__} in a protocol version {header.version} frame (it came in {cls.SINCE})")
     if header.payload_len and not cls.HAS_PAYLOAD:
         raise RemoteProtocolError(f"{cls.__name__} frame carries a payload of {header.payload_len} bytes")
     if header.body_len > cls.MAX_BODY:

@@ -10,10 +10,14 @@ from __future__ import annotations
 MAGIC = b"FRRY"
 
 #: The protocol version this code speaks natively.
-CURRENT_VERSION = 1
+CURRENT_VERSION = 2
 #: The oldest version accepted: current and previous (0 is "none").
 MIN_VERSION = max(1, CURRENT_VERSION - 1)
 SUPPORTED_VERSIONS: frozenset[int] = frozenset(range(MIN_VERSION, CURRENT_VERSION + 1))
+
+#: Most block PCs one CodeHint names, and most code bytes it carries.
+MAX_HINT_PCS = 4096
+MAX_HINT_CODE = 64 * 1024
 
 #: Guest page size; every page range is aligned to it.
 PAGE_SIZE = 4096

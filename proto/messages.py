@@ -25,6 +25,8 @@ from proto.limits import (
     MAX_BODY_SIZE,
     MAX_GUEST_SIZE,
     MAX_HANDSHAKE_BODY,
+    MAX_HINT_CODE,
+    MAX_HINT_PCS,
     MAX_NAME_LEN,
     MAX_RANGES,
     MAX_ZERO_RANGES,
@@ -47,6 +49,8 @@ class Message:
     HAS_PAYLOAD: ClassVar[bool] = False
     #: Largest body this message may have (checked from the header, before the body is read).
     MAX_BODY: ClassVar[int] = MAX_BODY_SIZE
+    #: First protocol version that has this message: never sent to, nor accepted from, older peers.
+    SINCE: ClassVar[int] = 1
 
     def check(self, guest_size: int | None = None) -> None:
         """Raise ``FieldError`` if the message breaks its rules (beyond field types)."""
@@ -78,6 +82,12 @@ def _to_str_tuple(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _to_int_tuple(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise FieldError("expected an array of integers")
+    return tuple(value)
+
+
 def _to_map(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise FieldError("expected a map with string keys")
@@ -96,6 +106,7 @@ _KINDS: dict[Any, tuple[_Converter, _Converter]] = {
     bool: (_identity, _expect(bool, "a boolean")),
     float: (_identity, _to_float),
     tuple[str, ...]: (lambda value: list(_to_str_tuple(value)), _to_str_tuple),
+    tuple[int, ...]: (lambda value: list(_to_int_tuple(value)), _to_int_tuple),
     dict[str, Any]: (_identity, _to_map),
     Any: (_identity, _identity),
     Ranges: (_ranges.to_wire, _ranges.from_wire),
@@ -476,9 +487,36 @@ class SyncAck(Message):
     round: int
 
 
+@register(47)
+@dataclass(frozen=True, slots=True)
+class CodeHint(Message):
+    """Source -> destination, before round 0: the guest's code (its region's bytes, from
+    ``code_start``) and the start PCs of the blocks the source's vCPU compiled, for the destination
+    to translate before it resumes the VM (docs/PERFORMANCE.md, "The guest network"). Advice
+    only: the destination uses what it translated only if its guest RAM ends up holding the same
+    code, and may ignore the hint."""
+
+    SINCE: ClassVar[int] = 2
+    MAX_BODY: ClassVar[int] = MAX_HINT_CODE + 5 * MAX_HINT_PCS + 256
+
+    code_start: int
+    code: bytes
+    pcs: tuple[int, ...]
+
+    def check(self, guest_size: int | None = None) -> None:
+        end = self.code_start + len(self.code)
+        if len(self.code) > MAX_HINT_CODE or end > (MAX_GUEST_SIZE if guest_size is None else guest_size):
+            raise FieldError(f"{len(self.code)} code bytes at {self.code_start} are not inside guest RAM "
+                             f"or exceed {MAX_HINT_CODE}")
+        if len(self.pcs) > MAX_HINT_PCS:
+            raise FieldError(f"{len(self.pcs)} PCs, at most {MAX_HINT_PCS}")
+        if not all(self.code_start <= pc < end for pc in self.pcs):
+            raise FieldError("a PC outside the code range")
+
+
 HANDSHAKE_MESSAGES = (Hello, HelloReply, Auth, AuthOk)
 CONTROL_MESSAGES = (Request, Response, ErrorResponse, Event)
 MIGRATION_MESSAGES = (
     MigrateStart, MigrateAccept, MigrateRefuse, PageBatch, RoundEnd, DeviceState, Digest,
-    Ready, Commit, Resumed, Abort, InDoubtQuery, InDoubtAnswer, Sync, SyncAck,
+    Ready, Commit, Resumed, Abort, InDoubtQuery, InDoubtAnswer, Sync, SyncAck, CodeHint,
 )  # fmt: skip

@@ -46,6 +46,7 @@ from enum import Enum
 from proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from proto.messages import (
     Abort,
+    CodeHint,
     Commit,
     DeviceState,
     Digest,
@@ -134,6 +135,7 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.PROPOSED, MigrateRefuse, RECV): _S.REFUSED,
     (_S.PRECOPY, PageBatch, SEND): _S.PRECOPY,
     (_S.PRECOPY, RoundEnd, SEND): _S.PRECOPY,
+    (_S.PRECOPY, CodeHint, SEND): _S.PRECOPY,
     (_S.PRECOPY, Sync, SEND): _S.SYNCING,
     (_S.SYNCING, SyncAck, RECV): _S.PRECOPY,
     (_S.PRECOPY, DeviceState, SEND): _S.STATE_SENT,
@@ -160,6 +162,7 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.CHECKING, MigrateRefuse, SEND): _D.REFUSED,
     (_D.RECEIVING, PageBatch, RECV): _D.RECEIVING,
     (_D.RECEIVING, RoundEnd, RECV): _D.RECEIVING,
+    (_D.RECEIVING, CodeHint, RECV): _D.RECEIVING,
     (_D.RECEIVING, Sync, RECV): _D.SYNC_ASKED,
     (_D.SYNC_ASKED, SyncAck, SEND): _D.RECEIVING,
     (_D.RECEIVING, DeviceState, RECV): _D.STATE_RECEIVED,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_net import blackout, blackout_text, first_failure, pings_in, window_stats
+from bench.bench_net import blackout, blackout_text, first_failure, pings_in, plan, window_stats
 
 # [send, answer or None, retries], as bench/net_client.py logs them, sorted by send
 LOG = [
@@ -51,3 +51,9 @@ def test_pings_in_a_window() -> None:
     pings = [[0.5, True], [1.0, True], [1.01, False], [1.02, False], [1.03, True], [3.0, False]]
     assert pings_in(pings, 1.0, 2.0) == (4, 2)
     assert pings_in(pings, 4.0, 5.0) == (0, 0)
+
+
+def test_plan_alternates_default_and_no_hint_two_by_two_then_no_announce() -> None:
+    assert plan(4, 4, 1) == ["default", "default", "no-hint", "no-hint"] * 2 + ["no-announce"]
+    assert plan(3, 1, 0) == ["default", "default", "no-hint", "default"]
+    assert plan(0, 0, 2) == ["no-announce", "no-announce"]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from agent.announce import Schedule
+from agent.code_cache import CodeCache, cache_key
 from agent.migration import pages, transport
 from agent.migration.common import (
     RUN_STATE_KEY,
@@ -43,8 +44,10 @@ from agent.nics import NicConfig
 from agent.vms.vm import on_disk
 from proto.auth import ServerHandshake
 from proto.errors import ErrorCode, ProtocolError
+from proto.limits import SUPPORTED_VERSIONS
 from proto.messages import (
     Abort,
+    CodeHint,
     Commit,
     DeviceState,
     Digest,
@@ -62,6 +65,7 @@ from proto.messages import (
 )
 from vmruntime import guestram, isa
 from vmruntime.dirty import DirtyTracker
+from vmruntime.interp import COMPILER_TAG
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -187,6 +191,9 @@ class FakeLane:
 
     def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         self.vm.calls.append(op)
+        if op == "blocks":  # one PC outside the code range, which the hint leaves out
+            return {"code": [0, 0x400], "pcs": [0x10, 0x3FC, 0x800], "tag": "tag-1",
+                    "translated": [[0x10, b"b1"], [0x3FC, b"b2"]]}
         return {"state": {"version": 1, "pc": 1234}} if op == "pause" else {}
 
     def close(self) -> None:
@@ -206,8 +213,10 @@ class ScriptedDestination:
 
     def __init__(self, on_digest: str = "ready", on_commit: str = "resumed", on_query: bool | None = True,
                  refuse: tuple[str, str] | None = None, size: int = SIZE, sync_delay: float = 0.0,
-                 wait_for_commit: float = 0.0, handshake_delay: float = 0.0) -> None:
+                 wait_for_commit: float = 0.0, handshake_delay: float = 0.0,
+                 versions: frozenset[int] | None = None) -> None:
         self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.versions = versions  # the protocol versions it speaks (None: this code's)
         self.address = self.lsock.getsockname()[:2]
         self.on_digest, self.on_commit, self.on_query, self.refuse = on_digest, on_commit, on_query, refuse
         self.size = size
@@ -238,12 +247,14 @@ class ScriptedDestination:
                 conn.close()
 
     def _one(self, conn: Connection) -> None:
-        if self.handshake_delay:
-            hs = ServerHandshake(KEY, "D")
+        if self.handshake_delay or self.versions is not None:
+            hs = ServerHandshake(KEY, "D", versions=SUPPORTED_VERSIONS if self.versions is None else self.versions)
             for _ in range(2):  # Hello -> HelloReply, Auth -> AuthOk, each answered late
                 answer = hs.receive(conn.recv())
                 time.sleep(self.handshake_delay)
                 conn.send(answer)
+            assert hs.version is not None
+            conn.channel.speak(hs.version)
         else:
             server_handshake(conn, KEY, "D")
         while True:
@@ -287,11 +298,11 @@ class ScriptedDestination:
 
 
 def run_source(bridge: LoopBridge, dest: ScriptedDestination, vm: FakeVM, vms: FakeSourceVMs,
-               **params: Any) -> tuple[SourceSession, MigrationInfo]:
+               code_cache: CodeCache | None = None, **params: Any) -> tuple[SourceSession, MigrationInfo]:
     p = MigrationParams(**params)
     info = MigrationInfo(vm=vm.name, direction="out", params=p, mem=vm.mem)
     s = SourceSession(vm=vm, vms=vms, dest=dest.address, params=p, key=KEY, agent_name="S", bridge=bridge,
-                      info=info, log=Log(), in_doubt_timeout=1.0)
+                      info=info, log=Log(), in_doubt_timeout=1.0, code_cache=code_cache)
     s.run()
     return s, info
 
@@ -315,11 +326,14 @@ def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: An
     _, info = run_source(bridge, dest, vm, vms)
     assert info.status is Status.COMPLETED, info.error
     # Paused once (on the lane, the manager told after), never resumed here.
-    assert vm.calls == ["track_start", "pause", "paused-by-lane", "commit_sent", "track_stop", "lane-closed"]
+    assert vm.calls == ["track_start", "blocks", "pause", "paused-by-lane", "commit_sent", "track_stop", "lane-closed"]
     assert vms.removed == ["v"]
     assert dest.ram[:] == vm.ram[:]
     kinds = [type(m).__name__ for m in dest.got]
     assert kinds[0] == "MigrateStart" and kinds[-4:] == ["RoundEnd", "DeviceState", "Digest", "Commit"]
+    # The code hint goes once, first, with the code's bytes, naming only PCs inside the code.
+    assert kinds.count("CodeHint") == 1 and kinds[:3] == ["MigrateStart", "CodeHint", "PageBatch"]
+    assert dest.got[1] == CodeHint(0, bytes(vm.ram[:0x400]), (0x10, 0x3FC))
     state = next(m for m in dest.got if isinstance(m, DeviceState))
     assert state.state == {"version": 1, "pc": 1234, RUN_STATE_KEY: "running"}  # the run state travels too
     digest = next(m for m in dest.got if isinstance(m, Digest))
@@ -388,7 +402,7 @@ def test_digest_mismatch_before_commit_resumes_the_vm(bridge: LoopBridge, script
     vm, vms = FakeVM(), FakeSourceVMs()
     _, info = run_source(bridge, dest, vm, vms)
     assert info.status is Status.FAILED and info.error_code == ErrorCode.DIGEST_MISMATCH
-    assert vm.calls == ["track_start", "pause", "paused-by-lane", "track_stop", "resume", "lane-closed"]
+    assert vm.calls == ["track_start", "blocks", "pause", "paused-by-lane", "track_stop", "resume", "lane-closed"]
     assert not any(isinstance(m, Commit) for m in dest.got)
     assert_digest_thread_gone()
 
@@ -399,7 +413,7 @@ def test_commit_ahead_sends_commit_behind_the_digest_and_completes(bridge: LoopB
     _, info = run_source(bridge, dest, vm, vms, commit_ahead=True)
     assert info.status is Status.COMPLETED, info.error
     assert dest.commit_behind_digest is True, "the source waited for READY before COMMIT"
-    assert vm.calls == ["track_start", "pause", "paused-by-lane", "commit_sent", "track_stop", "lane-closed"]
+    assert vm.calls == ["track_start", "blocks", "pause", "paused-by-lane", "commit_sent", "track_stop", "lane-closed"]
     assert vms.removed == ["v"] and dest.ram[:] == vm.ram[:]
     assert {"verify", "commit"} <= set(info.breakdown)
     assert_digest_thread_gone()
@@ -418,7 +432,7 @@ def test_commit_ahead_refused_digest_resumes_the_vm(bridge: LoopBridge, scripted
     _, info = run_source(bridge, dest, vm, vms, commit_ahead=True)
     assert dest.commit_behind_digest is True
     assert info.status is Status.FAILED and info.error_code == ErrorCode.DIGEST_MISMATCH, (info.error, info.error_code)
-    assert vm.calls == ["track_start", "pause", "paused-by-lane", "commit_sent", "track_stop", "resume", "lane-closed"]
+    assert vm.calls == ["track_start", "blocks", "pause", "paused-by-lane", "commit_sent", "track_stop", "resume", "lane-closed"]
     assert vms.removed == [] and vm.state == "running"
     assert_digest_thread_gone()
 
@@ -583,6 +597,9 @@ class FakeDestLane:
         self.vms = vms
 
     def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        if op == "warm":
+            self.vms.warmed.append(fields)
+            return {"queued": len(fields["pcs"])}
         assert op == "restore"
         self.vms.events.append("restore")
         if self.vms.fail_restore:
@@ -607,6 +624,7 @@ class FakeDestVMs:
         self.discarded: list[str] = []
         self.events: list[str] = []  # "claim" and "restore", in the order they happened
         self.claim_delay = 0.0  # seconds claim_incoming takes (a slow record write)
+        self.warmed: list[dict[str, Any]] = []  # the fields of each `warm` request (a code hint)
 
     def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None) -> Inc:
         if self.refuse is not None:
@@ -668,7 +686,8 @@ if TYPE_CHECKING:
 class Harness:
     """One DestinationSession thread and the connected source end of its socket."""
 
-    def __init__(self, bridge: LoopBridge, vms: FakeDestVMs, outcomes: Outcomes[DestinationSession]) -> None:
+    def __init__(self, bridge: LoopBridge, vms: FakeDestVMs, outcomes: Outcomes[DestinationSession],
+                 code_cache: CodeCache | None = None) -> None:
         lsock = socket.create_server(("127.0.0.1", 0))
         self.src = Connection(connect(lsock.getsockname()[:2]))
         server, _ = lsock.accept()
@@ -676,7 +695,7 @@ class Harness:
         self.infos: dict[str, MigrationInfo] = {}
         self.session = DestinationSession(conn=Connection(prepare_socket(server)), vms=vms, key=KEY,
                                           agent_name="D", bridge=bridge, outcomes=outcomes, infos=self.infos,
-                                          log=Log())
+                                          log=Log(), code_cache=code_cache)
         self.thread = threading.Thread(target=self.session.run, daemon=True)
         self.thread.start()
         client_handshake(self.src, KEY, "S")
@@ -731,6 +750,49 @@ def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram
     h.finish()
     assert vms.started == [{"version": 1}] and vms.discarded == []
     assert h.infos["v"].status is Status.COMPLETED and h.infos["v"].direction == "in"
+
+
+def test_destination_hands_a_code_hint_to_the_vm_process_with_this_hosts_translations(
+        bridge: LoopBridge, source_ram: Any) -> None:
+    fd, ram = source_ram
+    code = bytes(ram[:0x400])
+    cache = CodeCache()
+    cache.put(cache_key(COMPILER_TAG, 0, code, SIZE), [(0x10, b"t1"), (0x20, b"t2")])
+    cache.put(cache_key(COMPILER_TAG, 0, code[:-1] + b"!", SIZE), [(0x30, b"other code")])
+    vms = FakeDestVMs()
+    h = Harness(bridge, vms, Outcomes(), code_cache=cache)
+    assert isinstance(h.start(), MigrateAccept)
+    h.src.send(CodeHint(0, code, (0x10, 0x40)))
+    h.send_ram(ram)
+    h.src.send(Digest(pages.DIGEST_ALGORITHM, pages.ram_digest(fd, memoryview(ram), SIZE)))
+    assert isinstance(h.src.recv(), Ready)
+    h.src.send(Commit("m1"))
+    assert isinstance(h.src.recv(), Resumed)
+    h.finish()
+    (warm,) = vms.warmed
+    assert (warm["code-start"], warm["code"], warm["pcs"], warm["tag"]) == (0, code, [0x10, 0x40], COMPILER_TAG)
+    assert sorted(warm["translated"]) == [(0x10, b"t1"), (0x20, b"t2")]
+    assert h.infos["v"].status is Status.COMPLETED
+
+
+@pytest.mark.parametrize("hint", [True, False])
+def test_source_keeps_its_vm_processs_translations_for_later_incoming_vms(bridge: LoopBridge, scripted: Any,
+                                                                         hint: bool) -> None:
+    dest = scripted()
+    vm, cache = FakeVM(), CodeCache()
+    _, info = run_source(bridge, dest, vm, FakeSourceVMs(), code_cache=cache, code_hint=hint)
+    assert info.status is Status.COMPLETED, info.error
+    assert any(isinstance(m, CodeHint) for m in dest.got) is hint  # --no-code-hint: none sent
+    assert sorted(cache.get(cache_key("tag-1", 0, bytes(vm.ram[:0x400]), vm.mem))) == [(0x10, b"b1"), (0x3FC, b"b2")]
+
+
+def test_a_destination_speaking_version_1_gets_no_code_hint_and_the_migration_completes(
+        bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted(versions=frozenset({1}))
+    vm = FakeVM()
+    _, info = run_source(bridge, dest, vm, FakeSourceVMs(), code_cache=CodeCache())
+    assert info.status is Status.COMPLETED, info.error
+    assert not any(isinstance(m, CodeHint) for m in dest.got) and dest.ram[:] == vm.ram[:]
 
 
 def test_destination_records_the_vm_before_its_process_runs(bridge: LoopBridge, source_ram: Any) -> None:

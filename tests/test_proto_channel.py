@@ -156,3 +156,25 @@ def test_an_error_response_goes_out_in_any_state_and_ends_the_channel() -> None:
         src.next_event()  # a peer's ErrorResponse is no legal step either: the connection is over
     with pytest.raises(LocalProtocolError, match="after giving up"):
         dst.send(S[proto.MigrateAccept])
+
+
+def test_frames_go_out_as_the_oldest_version_until_the_handshake_chose_one() -> None:
+    a, b = Channel(), Channel()
+    assert proto.parse_header(a.send(proto.Ready())).version == proto.MIN_VERSION  # an old peer can read it
+    a.speak(2)
+    b.speak(2)
+    assert proto.parse_header(a.send(proto.Ready())).version == 2
+    assert deliver(a, b, S[proto.CodeHint]) == S[proto.CodeHint]
+    old = Channel()  # a peer that still sends version-1 frames: refused once we speak 2
+    b.receive_data(old.send(proto.Ready()))
+    with pytest.raises(RemoteProtocolError, match="unsupported protocol version 1"):
+        b.next_event()
+
+
+def test_a_message_newer_than_the_chosen_version_is_not_sent() -> None:
+    a = Channel()
+    a.speak(1)
+    with pytest.raises(LocalProtocolError, match="needs protocol version 2"):
+        a.send(S[proto.CodeHint])
+    with pytest.raises(LocalProtocolError, match="not one this channel accepts"):
+        Channel(versions={1}).speak(2)

@@ -158,7 +158,7 @@ def _mutated_header(offset: int, fmt: str, value: int, fix_crc: bool = True) -> 
     ("offset", "fmt", "value", "match"),
     [
         (4, ">B", 0, "unsupported protocol version 0"),
-        (4, ">B", 2, "unsupported protocol version 2"),
+        (4, ">B", proto.CURRENT_VERSION + 1, f"unsupported protocol version {proto.CURRENT_VERSION + 1}"),
         (5, ">B", 1, "reserved header flags"),
         (8, ">I", proto.MAX_BODY_SIZE + 1, "body of"),
         (12, ">Q", proto.MAX_PAYLOAD_SIZE + 1, "payload of"),
@@ -208,10 +208,42 @@ def test_body_checksum_and_length_checked() -> None:
 
 
 def test_narrowed_versions_after_negotiation() -> None:
-    frame = proto.encode(proto.Ready())
+    frame = proto.encode(proto.Ready(), version=1)
     assert proto.parse_header(frame, versions={1}).version == 1
     with pytest.raises(proto.RemoteProtocolError):
         proto.parse_header(frame, versions={2})
+
+
+def test_a_message_newer_than_the_connection_is_neither_sent_nor_accepted() -> None:
+    hint = SAMPLES[proto.CodeHint]
+    assert proto.CodeHint.SINCE == 2
+    with pytest.raises(proto.LocalProtocolError, match="needs protocol version 2"):
+        proto.encode(hint, version=1)
+    frame = bytearray(proto.encode(hint, version=2))
+    header, body, _ = split(bytes(frame))
+    assert proto.decode_body(header, body, guest_size=GUEST) == hint
+    frame[4] = 1  # the same frame claiming version 1
+    head = proto.parse_header(_fix_crc(frame[: proto.HEADER_SIZE]))
+    with pytest.raises(proto.RemoteProtocolError, match="CodeHint in a protocol version 1 frame"):
+        proto.check_header(head)
+
+
+@pytest.mark.parametrize(
+    ("hint", "match"),
+    [
+        ((0x100, b"\0" * 0x80, [0x180]), "outside the code range"),
+        ((0x100, b"\0" * 0x80, [0xFF]), "outside the code range"),
+        ((GUEST - 0x10, b"\0" * 0x20, []), "not inside guest RAM"),
+        ((0, b"\0" * (proto.MAX_HINT_CODE + 1), []), "exceed"),
+        ((0, b"\0" * 0x400, list(range(proto.MAX_HINT_PCS + 1))), "at most"),
+        ((0, "not bytes", []), "expected bytes"),
+    ],
+)
+def test_code_hint_rules(hint: tuple[int, object, list[int]], match: str) -> None:
+    body = msgpack.packb({"code_start": hint[0], "code": hint[1], "pcs": hint[2]}, use_bin_type=True)
+    header, raw, _ = split(frame_with(proto.CodeHint.TYPE, body, version=2))
+    with pytest.raises(proto.RemoteProtocolError, match=match):
+        proto.decode_body(header, raw, guest_size=GUEST)
 
 
 # --- field checks --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ SAMPLES: dict[type[Message], Message] = {
     proto.InDoubtAnswer: proto.InDoubtAnswer("mig-1", True),
     proto.Sync: proto.Sync(3),
     proto.SyncAck: proto.SyncAck(3),
+    proto.CodeHint: proto.CodeHint(0x100, bytes(range(256)) * 4, (0x110, 0x4FC, 0x180)),
 }
 
 
@@ -118,10 +119,21 @@ _OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
 }
 
 
+@st.composite
+def code_hints(draw: st.DrawFn) -> proto.CodeHint:
+    """A valid hint: PCs inside its code."""
+    start = draw(st.integers(0, 1 << 16))
+    code = draw(st.binary(max_size=256))
+    pcs = draw(st.lists(st.integers(start, start + len(code) - 1), max_size=20)) if code else []
+    return proto.CodeHint(start, code, tuple(pcs))
+
+
 def messages_of(cls: type[Message]) -> st.SearchStrategy[Message]:
     """Valid instances of ``cls`` built from its field annotations."""
     if cls is proto.PageBatch:
         return page_batches()
+    if cls is proto.CodeHint:
+        return code_hints()
     hints = get_type_hints(cls)
     kwargs = {
         f.name: _OVERRIDES.get((cls, f.name), _FIELD_STRATEGIES[hints[f.name]]) for f in fields(cls)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import MakeMemfd, SpawnVM
 from vmruntime import control, guestram, runlocal, vmproc
+from vmruntime.clock import PausableClock
 from vmruntime.control import ControlError, VMError, VMGone
 
 pytestmark = pytest.mark.timeout(60)
@@ -438,7 +439,7 @@ def test_run_local_ctrl_c_stops_the_vm_and_exits_130() -> None:
 def test_pausable_clock_hides_paused_time(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1_000]
     monkeypatch.setattr(vmproc.time, "monotonic_ns", lambda: now[0])
-    clock = vmproc.PausableClock()
+    clock = PausableClock()
     now[0] = 1_500
     assert clock.now_ns() == 1_500
     clock.set_paused(True)

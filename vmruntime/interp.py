@@ -22,16 +22,22 @@ each after writing back registers and an exact count.
 from __future__ import annotations
 
 import hashlib
+import marshal
 import mmap
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import CodeType, FunctionType
 from typing import Any
 
 from vmruntime import isa
 from vmruntime.isa import Op
 
 MAX_BLOCK = 64
+# Translated blocks travel between this host's VM processes as marshalled code (vmruntime/warmup.py):
+# only a process with the same tag (Python bytecode and block calling convention) may load them.
+COMPILER_TAG = f"{sys.implementation.cache_tag}-blocks-1"
 R_FA, R_FB, R_IC = 16, 17, 18
 REGFILE_LEN = 19
 _M = isa.MASK64
@@ -124,18 +130,28 @@ def make_namespace(console: bytearray, clock: Callable[[], int], nic_read: NicRe
 class BlockCompiler:
     """Compiles blocks of one machine's code region, for one RAM size."""
 
-    def __init__(self, code: bytes, code_start: int, ram_size: int, namespace: dict[str, Any]) -> None:
+    def __init__(self, code: bytes, code_start: int, ram_size: int, namespace: dict[str, Any],
+                 ready: Mapping[int, CodeType] | None = None) -> None:
+        """ready: blocks translated ahead from this same code region and RAM size (vmruntime/warmup.py)."""
         self.code = code
         self.code_start = code_start
         self.code_end = code_start + len(code)
         self.ram_size = ram_size
         self.ns = namespace
+        self._ready = dict(ready or {})
+
+    def translate(self, pc: int) -> CodeType:
+        """The block at pc as the code object of its function: the costly half of compile(), which
+        depends only on the code region and the RAM size, not on the machine's devices."""
+        src = _BlockWriter(self, pc, self._trace(pc)).source()
+        module = compile(src, f"<guest block {pc:#x}>", "exec")
+        return next(c for c in module.co_consts if isinstance(c, CodeType))
 
     def compile(self, pc: int) -> BlockFn:
-        src = _BlockWriter(self, pc, self._trace(pc)).source()
-        exec(compile(src, f"<guest block {pc:#x}>", "exec"), self.ns)
-        fn: BlockFn = self.ns.pop("block")
+        code = self._ready.pop(pc, None)
+        fn: BlockFn = FunctionType(code if code is not None else self.translate(pc), self.ns)
         return fn
+
 
     def _trace(self, start: int) -> _Trace:
         """Decode the block at start, following direct jumps and calls to code not yet in it."""
@@ -197,6 +213,21 @@ _CONDS = {
 _LOAD_EXPR = {1: "M[a]", 2: "U16(M, a)[0]", 4: "U32(M, a)[0]", 8: "U64(M, a)[0]"}
 _STORE_STMT = {1: "M[a] = {v} & 255", 2: "P16(M, a, {v} & 65535)", 4: "P32(M, a, {v} & 4294967295)",
                8: "P64(M, a, {v})"}
+
+
+def load_block(blob: object) -> CodeType | None:
+    """A block's code from marshal_block's output; None for anything that is not one."""
+    try:
+        code = marshal.loads(blob) if isinstance(blob, bytes) else None
+    except (EOFError, ValueError, TypeError):
+        return None
+    if not isinstance(code, CodeType) or code.co_name != "block" or code.co_argcount != 3 or code.co_freevars:
+        return None
+    return code
+
+
+def marshal_block(fn: BlockFn) -> bytes:
+    return marshal.dumps(fn.__code__)  # type: ignore[attr-defined]
 
 
 def _r(i: int) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Callable, Mapping
+from types import CodeType
 from typing import Any
 
 from vmruntime import isa
@@ -30,6 +31,7 @@ from vmruntime.interp import (
     Halted,
     Waiting,
     make_namespace,
+    marshal_block,
 )
 from vmruntime.nic import NicDevice, no_nic_read, no_nic_write
 
@@ -67,7 +69,7 @@ class Machine:
     """One toy VM's CPU and devices; see docs/isa.md."""
 
     def __init__(self, ram: mmap.mmap, code_range: tuple[int, int], clock: ClockDevice,
-                 nic: NicDevice | None = None) -> None:
+                 nic: NicDevice | None = None, ready: Mapping[int, CodeType] | None = None) -> None:
         self._ram = ram
         self._size = len(ram)
         self._R: list[int] = [0] * REGFILE_LEN
@@ -85,7 +87,7 @@ class Machine:
             ns = make_namespace(self._console, clock.read, no_nic_read, no_nic_write)
         else:
             ns = make_namespace(self._console, clock.read, nic.read, nic.write)
-        self._compiler = BlockCompiler(bytes(ram[start:end]), start, self._size, ns)
+        self._compiler = BlockCompiler(bytes(ram[start:end]), start, self._size, ns, ready)
         self._blocks: dict[int, BlockFn] = {}
 
     # ---- creation ----
@@ -112,14 +114,18 @@ class Machine:
         return m
 
     @classmethod
-    def restore(cls, ram: mmap.mmap, state: Mapping[str, Any], clock_ns: Callable[[], int]) -> Machine:
-        """Continue from save_state() output; ram already holds guest memory, code included."""
+    def restore(cls, ram: mmap.mmap, state: Mapping[str, Any], clock_ns: Callable[[], int],
+                ready: Mapping[int, CodeType] | None = None) -> Machine:
+        """Continue from save_state() output; ram already holds guest memory, code included.
+
+        ready: blocks translated ahead from this code region (vmruntime/warmup.py checks they are).
+        """
         _check_state(state, len(ram))
         code = state["code"]
         clock = ClockDevice(clock_ns, state["devices"]["clock"]["now_ns"])
         saved_nic = state["devices"].get("nic")
         nic = None if saved_nic is None else NicDevice.restore(ram, code[1], saved_nic)
-        m = cls(ram, (code[0], code[1]), clock, nic)
+        m = cls(ram, (code[0], code[1]), clock, nic, ready)
         m._R[:isa.NUM_REGS] = list(state["regs"])
         m._R[R_FA], m._R[R_FB] = state["cmp"]
         m._R[R_IC] = state["instructions"]
@@ -131,6 +137,27 @@ class Machine:
         return m
 
     # ---- running ----
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return self._code_range
+
+    def block_starts(self) -> list[int]:
+        """The start PCs of the blocks compiled so far, in the order they were first run: what a
+        migration's destination translates ahead of the resume (vmruntime/warmup.py)."""
+        return list(self._blocks)
+
+    def marshalled_blocks(self, max_bytes: int) -> list[tuple[int, bytes]]:
+        """(pc, marshalled code) of the compiled blocks, in first-run order, up to ``max_bytes``."""
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        for pc, fn in list(self._blocks.items()):
+            blob = marshal_block(fn)
+            total += len(blob)
+            if total > max_bytes:
+                break
+            out.append((pc, blob))
+        return out
 
     @property
     def instructions(self) -> int:

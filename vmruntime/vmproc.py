@@ -4,7 +4,7 @@ Started as ``python -m vmruntime.vmproc --ram-fd F --ram-size N --ctl-fd C``
 with the memfd of guest RAM and its end of the control socketpair inherited.
 This module owns the process's main loop and the handling of every control
 request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
-track-start, track-stop, listen, attach, lane, stop.
+track-start, track-stop, listen, attach, lane, stop, nic-send, nic-drain, blocks, warm.
 
 ``lane`` hands the controller one end of a private socketpair: requests sent
 on it are answered on it, so a migration's session thread pauses or restores
@@ -25,7 +25,8 @@ simple: the machine runs in slices of about half a millisecond
 (``Machine.run(budget)`` with the budget re-tuned after every slice), and
 between slices the control socket is polled without waiting, so a pause
 request is served at the next instruction boundary. While paused, halted or
-faulted, the loop blocks on the socket; while the guest WAITs (idle and paced
+faulted, the loop blocks on the socket (a process waiting for an incoming migration's restore
+translates the guest blocks a `warm` named between polls, vmruntime/warmup.py); while the guest WAITs (idle and paced
 guests), it blocks on the socket until the deadline (Machine.wait_seconds()),
 so such a guest does not spin a host core. A VM with a NIC has a TAP
 (vmruntime/tap.py): received frames go into the machine before each slice and
@@ -55,10 +56,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmruntime import control, guestram
+from vmruntime.clock import PausableClock
 
 if TYPE_CHECKING:
     from vmruntime.machine import Machine
     from vmruntime.tap import HostNic
+    from vmruntime.warmup import Warmup
 
 # Wall time one slice should take: short enough that a pause waits little
 # for the slice in progress, long enough that polling costs little.
@@ -96,6 +99,7 @@ class VMProcess:
         self.exiting = False
         self.tracking: str | None = None  # dirty-tracking backend registered, if any
         self.clock = PausableClock()
+        self.warmup: Warmup | None = None  # blocks translated ahead of an incoming restore
 
     # -- main loop --
 
@@ -103,7 +107,10 @@ class VMProcess:
         """Run until a stop request (or control EOF with on_eof="exit"); return the exit status."""
         while not self.exiting:
             if not self._vcpu_runnable():
-                self._wait_control(None)
+                warm = self.warmup if self.warmup is not None and self.warmup.pending else None
+                self._wait_control(0.0 if warm is not None else None)  # requests first: a restore ends it
+                if warm is not None and warm is self.warmup:
+                    warm.step(0.0)  # one block (under a millisecond) between two polls: all a restore waits
                 continue
             now = time.monotonic()
             if now < self.next_run:
@@ -341,8 +348,10 @@ class VMProcess:
         from vmruntime.machine import Machine
 
         self._require_fresh()
-        self._start_machine(msg, lambda mac: Machine.restore(self.ram, msg["state"], self.clock.now_ns))
-        reply: dict[str, Any] = {}
+        warm, self.warmup = self.warmup, None
+        ready = {} if warm is None else warm.take(self.ram, msg.get("state"))
+        self._start_machine(msg, lambda mac: Machine.restore(self.ram, msg["state"], self.clock.now_ns, ready))
+        reply: dict[str, Any] = {} if warm is None else warm.counts()
         if msg.get("listen"):
             # The incoming VM becomes detachable in the same step (a migration's commit waits on this
             # reply: one exchange, not two). Restored is restored: a failure to listen is reported,
@@ -354,6 +363,26 @@ class VMProcess:
                 reply["listen-error"] = str(exc)
         self._started(bool(msg.get("paused", False)))
         return reply, ()
+
+    def op_blocks(self, msg: dict[str, Any]) -> Reply:
+        """The compiled blocks: a migration's code hint (vmruntime/warmup.py, docs/CONTRACTS.md)."""
+        from vmruntime.interp import COMPILER_TAG
+        from vmruntime.warmup import MAX_HINT_BLOCKS, MAX_TRANSLATED_BYTES
+
+        machine = self._require_machine()
+        return {"code": list(machine.code_range), "pcs": machine.block_starts()[:MAX_HINT_BLOCKS],
+                "tag": COMPILER_TAG, "translated": machine.marshalled_blocks(MAX_TRANSLATED_BYTES)}, ()
+
+    def op_warm(self, msg: dict[str, Any]) -> Reply:
+        """Translate (or load) the blocks named, between requests, until the restore comes; the reply
+        comes at once. ``translated`` is used only with this process's ``tag`` (vmruntime/warmup.py)."""
+        from vmruntime.interp import COMPILER_TAG
+        from vmruntime.warmup import Warmup
+
+        self._require_fresh()
+        translated = msg.get("translated") if msg.get("tag") == COMPILER_TAG else None
+        self.warmup = Warmup(msg.get("code-start"), msg.get("code"), len(self.ram), msg.get("pcs"), translated)
+        return {"queued": self.warmup.pending}, ()
 
     def _start_machine(self, msg: dict[str, Any], build: Callable[[int | None], Machine]) -> None:
         """Open the TAP a ``nic`` field asks for, then build the machine (given the NIC's MAC).
@@ -518,32 +547,9 @@ _HANDLERS = {
     "lane": VMProcess.op_lane,
     "nic-send": VMProcess.op_nic_send,
     "nic-drain": VMProcess.op_nic_drain,
+    "blocks": VMProcess.op_blocks,
+    "warm": VMProcess.op_warm,
 }
-
-
-class PausableClock:
-    """Host monotonic time that stands still while the VM is paused.
-
-    The guest's clock device reads it, so time spent paused (a migration's
-    downtime included) is not seen by the guest, as with QEMU's virtual clock.
-    """
-
-    def __init__(self) -> None:
-        self._paused_total = 0
-        self._paused_at: int | None = None
-
-    def now_ns(self) -> int:
-        if self._paused_at is not None:
-            return self._paused_at - self._paused_total
-        return time.monotonic_ns() - self._paused_total
-
-    def set_paused(self, paused: bool) -> None:
-        now = time.monotonic_ns()
-        if paused and self._paused_at is None:
-            self._paused_at = now
-        elif not paused and self._paused_at is not None:
-            self._paused_total += now - self._paused_at
-            self._paused_at = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

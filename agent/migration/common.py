@@ -156,6 +156,8 @@ def timed_client_handshake(conn: Connection, key: bytes, name: str) -> tuple[str
     if auth is not None:
         conn.send(auth)
     hs.receive(conn.recv())
+    assert hs.version is not None  # set by the reply the handshake accepted
+    conn.channel.speak(hs.version)
     return hs.peer_name or "?", time.monotonic() - t
 
 
@@ -168,6 +170,8 @@ def server_handshake(conn: Connection, key: bytes, name: str) -> str:
     except ProtocolError as e:  # a bad frame or a failed MAC: say why before closing
         tell(conn, error_response(e))
         raise
+    assert hs.version is not None  # chosen on Hello
+    conn.channel.speak(hs.version)
     return hs.peer_name or "?"
 
 

@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.migration import nic_move, pages
+from agent.code_cache import CodeCache
+from agent.migration import code_hint, nic_move, pages
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -50,6 +51,7 @@ from proto.auth import error_response
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
     Abort,
+    CodeHint,
     Commit,
     DeviceState,
     Digest,
@@ -96,7 +98,8 @@ class DestinationSession:
 
     def __init__(self, *, conn: Connection, vms: IncomingHost[Any, Any], key: bytes, agent_name: str,
                  bridge: LoopBridge, outcomes: Outcomes[DestinationSession], infos: dict[str, MigrationInfo],
-                 log: LogLike, handshake_timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+                 log: LogLike, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+                 code_cache: CodeCache | None = None) -> None:
         self.conn = conn
         self._on_authenticated: Callable[[], None] | None = None  # the listener's unauthenticated list
         self._handshake_timeout = handshake_timeout
@@ -108,6 +111,7 @@ class DestinationSession:
         self.outcomes = outcomes
         self.infos = infos
         self.log = log
+        self.code_cache = code_cache  # this host's translated guest blocks (agent/code_cache.py)
         self.machine = DestinationMachine()
         self.info: MigrationInfo | None = None
         self.fenced = False
@@ -285,6 +289,9 @@ class DestinationSession:
                 self._digest_after_sync()
             elif isinstance(msg, RoundEnd):
                 self._on_round_end(msg)
+            elif isinstance(msg, CodeHint):
+                assert self._lane is not None and self.info is not None
+                code_hint.forward(self._lane, msg, self.info.mem, self.log, self.info.vm, self.code_cache)
             elif isinstance(msg, DeviceState):
                 self._on_state(msg)
             elif isinstance(msg, Digest):
@@ -443,6 +450,9 @@ class DestinationSession:
             raise
         self.bridge.submit(self.vms.incoming_restored, vm, reply)
         self._vm = vm
+        if self.info is not None and "code-blocks-warm" in reply:
+            self.info.code_blocks_warm = int(reply["code-blocks-warm"])
+            self.info.code_blocks_cold = int(reply.get("code-blocks-cold", 0))
 
     def _tell_not_resumed(self) -> None:
         try:
@@ -455,7 +465,8 @@ class DestinationSession:
         self.info.remaining = 0
         self.info.finish(Status.COMPLETED)
         self.log.info("incoming migration completed", vm=self.info.vm, peer=self._peer,
-                      rounds=len(self.info.rounds))
+                      rounds=len(self.info.rounds), code_blocks_warm=self.info.code_blocks_warm,
+                      code_blocks_cold=self.info.code_blocks_cold)
 
     def _discard(self, exc: BaseException) -> None:
         """Before COMMIT (or when the start failed): drop the reserved copy."""

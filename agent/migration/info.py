@@ -63,6 +63,8 @@ class MigrationParams:
     announce_step_ms: float = 100.0
     # Source bridge -> destination bridge for the VM's NIC (--nic-map SRC_BR=DST_BR).
     nic_map: dict[str, str] = field(default_factory=dict)
+    # Send the code hint (agent/migration/code_hint.py): off only to measure what it saves.
+    code_hint: bool = True
 
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
@@ -100,6 +102,7 @@ class MigrationParams:
             announce_max_ms=float(norm.get("announce-max", 550.0)),
             announce_step_ms=float(norm.get("announce-step", 100.0)),
             nic_map=_nic_map(norm.get("nic-map")),
+            code_hint=bool(norm.get("code-hint", True)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,12 +121,13 @@ class MigrationParams:
             "announce-max": self.announce_max_ms,
             "announce-step": self.announce_step_ms,
             "nic-map": dict(self.nic_map),
+            "code-hint": self.code_hint,
         }
 
 
 _PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
-                         "announce-step", "nic-map"})
+                         "announce-step", "nic-map", "code-hint"})
 
 
 def _nic_map(raw: object) -> dict[str, str]:
@@ -190,6 +194,11 @@ class MigrationInfo:
     # A VM with a NIC, on the source: frames that reached its TAP after the pause and were never
     # read (left in the TAP's queue or dropped by it); None without a NIC or before the end.
     rx_dropped_at_switchover: int | None = None
+    # The destination: guest blocks its VM process had translated from the source's code hint by
+    # the restore, and those named but not ready then (compiled on first run instead); None
+    # without a hint (vmruntime/warmup.py).
+    code_blocks_warm: int | None = None
+    code_blocks_cold: int | None = None
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -227,6 +236,8 @@ class MigrationInfo:
         }
         if self.rx_dropped_at_switchover is not None:
             d["rx-dropped-at-switchover"] = self.rx_dropped_at_switchover
+        if self.code_blocks_warm is not None:
+            d["code-blocks"] = {"warm": self.code_blocks_warm, "cold": self.code_blocks_cold}
         if self.error is not None:
             d["error-desc"] = self.error
         if self.error_code is not None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.code_cache import CodeCache
 from agent.migration.common import LoopBridge, MigrationError, Signal
 from agent.migration.destination import DestinationSession
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S
@@ -83,6 +84,7 @@ class MigrationManager:
         self._pending: dict[int, DestinationSession] = {}  # not yet authenticated, oldest first
         self._in_doubt: dict[str, SourceSession] = {}  # vm name -> migration that ended in doubt
         self._pending_lock = threading.Lock()
+        self.code_cache = CodeCache()  # guest blocks translated here, for later incoming VMs
 
     # -- the listener ----------------------------------------------------------------------------------
     def bind(self, host: str, port: int) -> tuple[str, int]:
@@ -121,7 +123,7 @@ class MigrationManager:
             return
         session = DestinationSession(conn=self._incoming_connection(sock), vms=self.vms, key=self.key,
                                      agent_name=self.agent_name, bridge=bridge, outcomes=self._outcomes,
-                                     infos=self._infos, log=self.log)
+                                     infos=self._infos, log=self.log, code_cache=self.code_cache)
         key = id(session)
         session.on_authenticated(lambda: self._authenticated(key))
         with self._pending_lock:
@@ -189,7 +191,8 @@ class MigrationManager:
         session = SourceSession(vm=vm, vms=self.vms, dest=dest_migration, params=params, key=self.key,
                                 agent_name=self.agent_name, bridge=LoopBridge(asyncio.get_running_loop()),
                                 info=info, log=self.log, tls=None if self.tls is None else self.tls.client,
-                                in_doubt_timeout=self.in_doubt_timeout if in_doubt_timeout is None else in_doubt_timeout)
+                                in_doubt_timeout=self.in_doubt_timeout if in_doubt_timeout is None else in_doubt_timeout,
+                                code_cache=self.code_cache)
         loop = asyncio.get_running_loop()
         out = _Outgoing(session, loop.create_future())
         self._infos[vm_name] = info

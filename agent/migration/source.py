@@ -37,7 +37,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from agent.migration import nic_move, pages, tls
+from agent.code_cache import CodeCache
+from agent.migration import code_hint, nic_move, pages, tls
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -95,7 +96,8 @@ class SourceSession:
 
     def __init__(self, *, vm: MigratingVM, vms: SourceHost, dest: tuple[str, int], params: MigrationParams,
                  key: bytes, agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: LogLike,
-                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> None:
+                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: ssl.SSLContext | None = None,
+                 code_cache: CodeCache | None = None) -> None:
         self.vm = vm
         self.vms = vms
         self.dest = dest
@@ -107,6 +109,7 @@ class SourceSession:
         self.log = log
         self.in_doubt_timeout = in_doubt_timeout
         self.tls = tls  # the client context of mutual TLS, or None for plaintext
+        self.code_cache = code_cache  # this host's translated guest blocks (agent/code_cache.py)
         self.migration_id = secrets.token_hex(8)
         self.machine = SourceMachine()
         self.conn: Connection | None = None
@@ -220,6 +223,10 @@ class SourceSession:
         self._tracker.start()  # armed before round 0 reads anything: no write escapes
         pending = written_extents(vm.memfd, vm.mem)
         self._digest.start(pending)  # its thread started now, ahead of the downtime
+        assert self.conn is not None
+        hint = code_hint.ask(self._lane, self._ram, self.code_cache)
+        if hint is not None and self.params.code_hint and self.conn.channel.version >= hint.SINCE:
+            self._send(hint)  # first: the destination translates while the pages arrive
         limits = Limits(self.params.max_downtime_ms / 1000, self.params.max_rounds, self.params.timeout_s,
                         self.params.auto_converge, self.params.force)
         remainders: list[int] = []  # the dirty bytes after each round, for the policy

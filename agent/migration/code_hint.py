@@ -1,0 +1,73 @@
+"""The code hint: the guest blocks the source compiled, translated on the destination ahead of the resume.
+
+A VM process compiles each guest block on its first run; a migrated guest starts on the
+destination with none, and its first answers to the network wait for that compilation, after
+the VM already runs again (docs/PERFORMANCE.md, "The guest network"). So as pre-copy starts
+the source asks its VM process which blocks it compiled (op ``blocks``) and sends them, with the
+code's bytes, as a ``CodeHint``; the destination hands them to its idle VM process (op
+``warm``), which translates them while the guest's RAM arrives (vmruntime/warmup.py), or loads
+the translations this host kept from an earlier VM with the same code (agent/code_cache.py).
+
+The hint is advice: a peer speaking protocol version 1 (it gets none), a VM process that cannot
+say, or one that refuses the hint, costs the migration nothing but the warm-up.
+"""
+
+from __future__ import annotations
+
+from agent.code_cache import CodeCache, cache_key
+from agent.migration.seams import Lane, LogLike
+from proto.limits import MAX_HINT_CODE, MAX_HINT_PCS
+from proto.messages import CodeHint
+from vmruntime.control import VMError
+from vmruntime.interp import COMPILER_TAG
+from vmruntime.warmup import MAX_TRANSLATED_BYTES
+
+HINT_TIMEOUT_S = 10.0  # a VM process answers between two slices; this only bounds a stuck one
+
+
+def ask(lane: Lane, ram: memoryview, cache: CodeCache | None = None) -> CodeHint | None:
+    """The hint from the source VM process behind ``lane`` and its guest RAM; None when there is
+    nothing to send. The translations the VM process reports go into ``cache`` (agent/code_cache.py)
+    whether or not the hint is sent. VMGone and OSError propagate: the VM process is gone."""
+    try:
+        reply = lane.request("blocks", timeout=HINT_TIMEOUT_S)
+    except VMError:  # no machine runs (nothing compiled), or a VM process without the op
+        return None
+    code, pcs = reply.get("code"), reply.get("pcs")
+    if not (isinstance(code, list) and len(code) == 2 and all(isinstance(v, int) for v in code)
+            and 0 <= code[0] <= code[1] <= min(len(ram), code[0] + MAX_HINT_CODE) and isinstance(pcs, list)):
+        return None
+    start, end = int(code[0]), int(code[1])
+    inside = tuple(pc for pc in pcs if isinstance(pc, int) and start <= pc < end)[:MAX_HINT_PCS]
+    if not inside:
+        return None
+    hint = CodeHint(start, bytes(ram[start:end]), inside)
+    tag, translated = reply.get("tag"), reply.get("translated")
+    if cache is not None and isinstance(tag, str) and isinstance(translated, list):
+        cache.put(cache_key(tag, start, hint.code, len(ram)),
+                  [(p[0], p[1]) for p in translated if isinstance(p, list) and len(p) == 2
+                   and isinstance(p[0], int) and isinstance(p[1], bytes)])
+    return hint
+
+
+def forward(lane: Lane, hint: CodeHint, ram_size: int, log: LogLike, vm: str, cache: CodeCache | None = None) -> None:
+    """Hand ``hint`` to the incoming VM process behind ``lane``, with the translations this host
+    keeps for that code; its reply comes at once (the translation runs in that process while it
+    waits for the restore). A refusal is logged only."""
+    translated = [] if cache is None else cache.get(cache_key(COMPILER_TAG, hint.code_start, hint.code, ram_size))
+    fields = {"code-start": hint.code_start, "code": hint.code, "pcs": list(hint.pcs), "tag": COMPILER_TAG,
+              "translated": _within(translated, MAX_TRANSLATED_BYTES)}
+    try:
+        lane.request("warm", timeout=HINT_TIMEOUT_S, **fields)
+    except VMError as exc:
+        log.warning("code hint not used", vm=vm, error=str(exc))
+
+
+def _within(blocks: list[tuple[int, bytes]], max_bytes: int) -> list[tuple[int, bytes]]:
+    out, total = [], 0
+    for pc, blob in blocks:
+        total += len(blob)
+        if total > max_bytes:
+            break
+        out.append((pc, blob))
+    return out
