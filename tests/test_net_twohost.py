@@ -36,6 +36,7 @@ from tests.nettopo import BRIDGE, MIG_IF, TwoHosts, net_unavailable, two_hosts
 pytestmark = pytest.mark.skipif(net_unavailable() is not None, reason=net_unavailable() or "")
 
 VM = "tw"
+RATE = 1000.0  # KV requests per second
 VALUES = {"colour": "deep blue", "shape": "round", "size": "42"}
 GAP = 0.5  # s of undisturbed traffic before each migration
 SETTLE = 1.0  # s after a migration's end still counted as its own (late retries, the first answers)
@@ -99,7 +100,7 @@ def _check_on_migration_veth(topo: TwoHosts, a: AgentProc, b: AgentProc) -> None
 @contextlib.contextmanager
 def _client(topo: TwoHosts, answering: bool = True) -> Iterator[Client]:
     """bench/net_client.py in the client namespace; with ``answering``, once the guest answers it."""
-    client = Client(topo.lan, GUEST_IP)
+    client = Client(topo.lan, GUEST_IP, RATE)
     try:
         if answering:
             assert wait_answering(client, time.monotonic(), 10.0), "netd does not answer the client"
