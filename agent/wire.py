@@ -14,7 +14,7 @@ from proto import auth
 from proto.codec import check_header, decode_body, encode
 from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, parse_header
-from proto.limits import CURRENT_VERSION, MAX_BODY_SIZE, MAX_HANDSHAKE_BODY, SUPPORTED_VERSIONS
+from proto.limits import CURRENT_VERSION, MAX_BODY_SIZE, MAX_HANDSHAKE_BODY, MIN_VERSION, SUPPORTED_VERSIONS
 from proto.messages import ErrorResponse, Message
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds for each handshake message; a silent peer is dropped
@@ -65,14 +65,16 @@ async def client_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
                            name: str, role: str) -> tuple[int, str]:
     """Authenticate to a server; returns (negotiated version, server name). ProtocolError on failure."""
     hs = auth.ClientHandshake(key, name, role)
-    await write_message(writer, hs.hello())
+    # The handshake goes in frames of the oldest version we speak, so an older peer can read it
+    # (docs/protocol.md, "Versions"); the caller speaks the negotiated one after it.
+    await write_message(writer, hs.hello(), MIN_VERSION)
     try:
         reply = hs.receive(await _handshake_message(reader))
     except ProtocolError as e:  # e.g. the server's MAC is wrong: say why, so its log shows it too
         await _tell(writer, auth.error_response(e))
         raise
     if reply is not None:
-        await write_message(writer, reply)
+        await write_message(writer, reply, MIN_VERSION)
         hs.receive(await _handshake_message(reader))
     if not hs.done or hs.version is None:
         raise RemoteProtocolError("handshake did not complete", ErrorCode.AUTH_FAILED)
@@ -84,8 +86,8 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     """Authenticate a client; returns (version, client name, client role). Tells the peer why it failed."""
     hs = auth.ServerHandshake(key, name)
     try:
-        await write_message(writer, hs.receive(await _handshake_message(reader)))
-        await write_message(writer, hs.receive(await _handshake_message(reader)))
+        await write_message(writer, hs.receive(await _handshake_message(reader)), MIN_VERSION)
+        await write_message(writer, hs.receive(await _handshake_message(reader)), MIN_VERSION)
     except ProtocolError as e:
         await _tell(writer, auth.error_response(e))
         raise
@@ -96,7 +98,7 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
 async def _tell(writer: asyncio.StreamWriter, msg: ErrorResponse) -> None:
     """Best effort: the peer may already be gone."""
     try:
-        await asyncio.wait_for(write_message(writer, msg), 1.0)
+        await asyncio.wait_for(write_message(writer, msg, MIN_VERSION), 1.0)
     except (TimeoutError, OSError, ProtocolError):
         pass
 

@@ -23,7 +23,7 @@ from agent.client import ClientError, call_once, connect
 from agent.control import ControlServer
 from agent.logs import Log
 from agent.ops import ControlOps, OpError
-from proto.codec import encode
+from proto.codec import decode_body, encode
 from proto.errors import ErrorCode, RemoteProtocolError
 from proto.frame import HEADER_SIZE
 from proto.limits import MAX_HANDSHAKE_BODY
@@ -236,3 +236,32 @@ async def test_read_message_refuses_a_body_over_the_limit_before_reading_it() ->
     async with asyncio.timeout(10):
         with pytest.raises(RemoteProtocolError):
             await wire.read_message(reader, MAX_HANDSHAKE_BODY)
+
+
+async def test_the_handshake_goes_in_oldest_version_frames_and_the_rest_in_the_negotiated_one() -> None:
+    from proto.auth import ServerHandshake
+    from proto.frame import parse_header
+    from proto.limits import CURRENT_VERSION, MIN_VERSION
+
+    key = b"k" * 32
+    versions: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hs = ServerHandshake(key, "srv")
+        for _ in range(2):
+            raw = await reader.readexactly(HEADER_SIZE)
+            header = parse_header(raw)
+            versions.append(header.version)
+            body = await reader.readexactly(header.body_len)
+            writer.write(encode(hs.receive(decode_body(header, body)), MIN_VERSION))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    reader, writer = await asyncio.open_connection(host, port)
+    version, name = await wire.client_handshake(reader, writer, key=key, name="cli", role="control")
+    assert versions == [MIN_VERSION, MIN_VERSION] and (version, name) == (CURRENT_VERSION, "srv")
+    writer.close()
+    server.close()
+    await server.wait_closed()

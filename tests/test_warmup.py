@@ -58,7 +58,7 @@ def warmed(m: Machine, pcs: list[int] | None = None) -> Warmup:
     start, end = m.code_range
     w = Warmup(start, bytes(m._ram[start:end]), len(m._ram), m.block_starts() if pcs is None else pcs)
     while w.pending:
-        w.step(0.0)
+        w.step()
     return w
 
 
@@ -105,7 +105,7 @@ def test_what_is_not_translated_by_the_restore_is_counted_cold() -> None:
     m = served_netd()
     start, end = m.code_range
     w = Warmup(start, bytes(m._ram[start:end]), len(m._ram), m.block_starts())
-    w.step(0.0)  # one block only
+    w.step()  # one block only
     ready = w.take(m._ram, m.save_state())
     assert len(ready) == 1 and w.counts()["code-blocks-cold"] == len(m.block_starts()) - 1
     assert w.pending == 0  # spent: nothing more is translated
@@ -189,7 +189,7 @@ def test_translated_blocks_are_loaded_not_translated(monkeypatch: pytest.MonkeyP
     compiles = CountingCompiles(monkeypatch)
     w = Warmup(start, bytes(m._ram[start:end]), len(m._ram), m.block_starts(), translated)
     while w.pending:
-        w.step(0.0)
+        w.step()
     dest = moved(m, w.take(m._ram, m.save_state()))
     assert kv(dest, b"GET k") == b"VALUE v\n"
     exchange(dest, ping(1, 3, b"z" * 8))
@@ -205,7 +205,7 @@ def test_what_is_not_a_block_among_the_translations_is_translated_instead(monkey
     compiles = CountingCompiles(monkeypatch)
     w = Warmup(start, bytes(m._ram[start:end]), len(m._ram), pcs, translated)
     while w.pending:
-        w.step(0.0)
+        w.step()
     assert compiles.count == 3
     assert len(w.take(m._ram, m.save_state())) == len(pcs)
 

@@ -152,7 +152,6 @@ class BlockCompiler:
         fn: BlockFn = FunctionType(code if code is not None else self.translate(pc), self.ns)
         return fn
 
-
     def _trace(self, start: int) -> _Trace:
         """Decode the block at start, following direct jumps and calls to code not yet in it."""
         trace = _Trace([], set(), start, None)

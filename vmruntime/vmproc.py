@@ -110,7 +110,7 @@ class VMProcess:
                 warm = self.warmup if self.warmup is not None and self.warmup.pending else None
                 self._wait_control(0.0 if warm is not None else None)  # requests first: a restore ends it
                 if warm is not None and warm is self.warmup:
-                    warm.step(0.0)  # one block (under a millisecond) between two polls: all a restore waits
+                    warm.step()  # one block between two polls
                 continue
             now = time.monotonic()
             if now < self.next_run:

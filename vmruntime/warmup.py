@@ -1,8 +1,9 @@
 """Translating a migrating guest's code blocks on the destination before it resumes.
 
-A VM process compiles each guest block on its first run (vmruntime/interp.py). After a migration the destination's process starts with none, so a guest's first answers there
-wait for tens of blocks to compile: the VM runs again but a network client still sees no answer
-(docs/PERFORMANCE.md, "The guest network"). The source therefore tells the destination which
+A VM process compiles each guest block on its first run (vmruntime/interp.py). After a migration
+the destination's process starts with none, so a guest's first answers there wait for tens of
+blocks to compile: the VM runs again but a network client still sees no answer (docs/PERFORMANCE.md,
+"The guest network"). The source therefore tells the destination which
 blocks its vCPU had compiled (the protocol's CodeHint, as pre-copy starts); the destination's
 VM process, idle until the restore, translates them between requests, and the restore hands the
 machine what is ready.
@@ -16,7 +17,6 @@ region is the same range and its RAM holds the same bytes as those they were tra
 from __future__ import annotations
 
 import mmap
-import time
 from collections import deque
 from types import CodeType
 
@@ -28,7 +28,7 @@ MAX_TRANSLATED_BYTES = 512 << 10  # marshalled blocks in one reply or request (a
 
 
 class Warmup:
-    """Blocks of one code region translated ahead, one at a time (``step``), for a later restore."""
+    """Blocks of one code region translated ahead, one per ``step``, for a later restore."""
 
     def __init__(self, code_start: object, code: object, ram_size: int, pcs: object,
                  translated: object = None) -> None:
@@ -49,7 +49,7 @@ class Warmup:
         wanted = (pc for pc in pcs if isinstance(pc, int) and not isinstance(pc, bool) and code_start <= pc < end)
         self._pending = deque(dict.fromkeys(wanted))  # in the hint's order, each once
         self._translated = _pairs(translated)
-        if self._translated:  # loading one is ~100x cheaper than translating it: those go first
+        if self._translated:  # loading a block costs a small part of translating it: those go first
             self._pending = deque(sorted(self._pending, key=lambda pc: pc not in self._translated))
         self.ready: dict[int, CodeType] = {}
         self._warm = self._cold = 0
@@ -58,21 +58,17 @@ class Warmup:
     def pending(self) -> int:
         return len(self._pending)
 
-    def step(self, seconds: float) -> int:
-        """Translate pending blocks for about ``seconds`` (at least one); how many were translated."""
-        deadline = time.perf_counter() + seconds
-        done = 0
-        while self._pending:
-            pc = self._pending.popleft()
-            code = load_block(self._translated.pop(pc, None))
-            try:
-                self.ready[pc] = code if code is not None else self._compiler.translate(pc)
-            except Exception:  # noqa: BLE001 - a block that fails here is compiled (or faults) when run
-                pass
-            done += 1
-            if time.perf_counter() >= deadline:
-                break
-        return done
+    def step(self) -> None:
+        """Translate (or load) the next pending block: one block is all a restore arriving meanwhile
+        waits for."""
+        if not self._pending:
+            return
+        pc = self._pending.popleft()
+        code = load_block(self._translated.pop(pc, None))
+        try:
+            self.ready[pc] = code if code is not None else self._compiler.translate(pc)
+        except Exception:  # noqa: BLE001 - a block that fails here is compiled (or faults) when run
+            pass
 
     def take(self, ram: mmap.mmap, state: object) -> dict[int, CodeType]:
         """The translated blocks if the code region a saved ``state`` names is the one they were
