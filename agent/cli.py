@@ -93,7 +93,8 @@ def _add_vm_commands(sub: Any) -> None:
         dest="vm_command", metavar="VMCOMMAND", required=True)
     c = vm.add_parser("create", help="create and boot a VM")
     c.add_argument("name", metavar="NAME")
-    c.add_argument("--program", required=True, help="shipped program name (idle, counter, memstress, verify, netd) "
+    c.add_argument("--program", required=True, help="shipped program name (idle, counter, memstress, verify, netd, "
+                                                    "diskstress, dbverify) "
                                                     "or an assembly file")
     c.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE", help="guest RAM, e.g. 256M (default 64M)")
     c.add_argument("--arg", type=_keyvalue, action="append", default=[], metavar="KEY=VALUE",
