@@ -128,16 +128,23 @@ class DirtyBlocks:
         """
         found = self._map.find
         out: list[tuple[int, int]] = []
+        add = out.append
         shift, blocks = self._shift, self.blocks
-        pos = found(1)
-        while pos >= 0 and (max_ranges is None or len(out) < max_ranges):
+        limit = blocks if max_ranges is None else max_ranges
+        first = pos = found(1)
+        end = 0
+        while pos >= 0 and len(out) < limit:
             end = found(0, pos)
             if end < 0:
                 end = blocks
-            self._map[pos:end] = bytes(end - pos)
-            start = pos << shift
-            out.append((start, min(end << shift, self.size) - start))
-            pos = found(1, end) if end < blocks else -1
+            add((pos << shift, (end - pos) << shift))
+            pos = found(1, end)
+        if out:
+            # One clear for the whole span: the gaps between the runs are clean already.
+            self._map[first:end] = bytes(end - first)
+            last_start, last_length = out[-1]
+            if last_start + last_length > self.size:
+                out[-1] = (last_start, self.size - last_start)
         return out
 
     def reset(self) -> None:
