@@ -71,8 +71,6 @@ class DiskConfig:
 
 def parse_disk_text(text: str) -> dict[str, Any]:
     """`PATH[,size=SIZE]` -> the control API's `disk` map (path as given, size in bytes)."""
-    from agent.config import parse_size  # agent.config is heavier than this module needs otherwise
-
     path, *items = text.split(",")
     if not path.strip():
         raise DiskError(f"bad --disk {text!r}: expected PATH[,size=SIZE]")
@@ -85,14 +83,15 @@ def parse_disk_text(text: str) -> dict[str, Any]:
         if key in fields:
             raise DiskError(f"bad --disk {text!r}: {key} given twice")
         try:
-            fields[key] = parse_size(value.strip())
+            fields[key] = _parse_size(value.strip())
         except ValueError as e:
             raise DiskError(f"bad --disk {text!r}: {e}") from e
     return disk_request(fields)
 
 
 def disk_request(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Check the control API's `disk` map ({path, [size]}); returns it normalised."""
+    """Check the control API's `disk` map ({path, [size]}, size in bytes or size text); returns it
+    normalised (size in bytes)."""
     unknown = sorted(set(fields) - {"path", *DISK_KEYS})
     if unknown:
         raise DiskError(f"unknown disk key(s) {', '.join(map(repr, unknown))} (keys: path, size)")
@@ -103,10 +102,16 @@ def disk_request(fields: Mapping[str, Any]) -> dict[str, Any]:
     size = fields.get("size")
     if size is not None:
         try:
-            out["size"] = check_size(size)
-        except ImageError as e:
+            out["size"] = check_size(_parse_size(size) if isinstance(size, str) else size)
+        except (ImageError, ValueError) as e:
             raise DiskError(str(e)) from e
     return out
+
+
+def _parse_size(text: str) -> int:
+    from agent.config import parse_size  # agent.config is heavier than this module needs otherwise
+
+    return parse_size(text)
 
 
 def allowed_dirs(state_dir: Path, disk_dirs: Sequence[Path] = ()) -> tuple[Path, ...]:

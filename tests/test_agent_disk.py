@@ -39,6 +39,7 @@ def test_disk_text_parses_to_the_control_api_map() -> None:
     assert disks.parse_disk_text("a.img") == {"path": "a.img"}
     assert disks.parse_disk_text("/d/a.img, size=1G") == {"path": "/d/a.img", "size": GiB}
     assert disks.parse_disk_text("a.img,size=4096") == {"path": "a.img", "size": 4096}
+    assert disks.disk_request({"path": "a.img", "size": "2G"}) == {"path": "a.img", "size": 2 * GiB}  # the API's
 
 
 @pytest.mark.parametrize(("text", "words"), [
