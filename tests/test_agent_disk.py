@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from agent.migration.info import MigrationParams
 from agent.ops import AgentIdentity, ControlOps, OpError
 from agent.records import VMRecords
 from agent.vms import VM, VMError, VMManager
+from tests.agents import make_key, start_agent
 from tests.test_vmproc_disk import WRITER
 
 MiB = 1 << 20
@@ -266,3 +268,56 @@ async def test_migrating_a_vm_with_a_disk_is_refused_before_anything_moves(make_
         await migrations.migrate("d1", ("127.0.0.1", 1), MigrationParams())
     assert vms.get("d1").state == "running" and migrations.info("d1") is None
     await migrations.shutdown()
+
+
+# -- end to end: real agents, the real CLI ----------------------------------------------------------------
+def test_vm_with_a_disk_end_to_end(tmp_path: Path) -> None:
+    key = make_key(tmp_path)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    with start_agent(tmp_path, "A", key, disk_dirs=str(extra)) as a, start_agent(tmp_path, "B", key) as b:
+        image = a.state_dir / "disks" / "db.img"
+        a.cli("vm", "create", "d1", "--program", "dbverify", "--mem", "4M", "--arg", "ws=256K", "--arg",
+              "steps=20000", "--disk", "db.img,size=1M")
+        assert _wait_for(lambda: a.cli("vm", "info", "d1", json=True).json["state"] == "halted")
+        info = a.cli("vm", "info", "d1", json=True).json
+        [disk] = info["disks"]
+        assert (disk["path"], disk["size"]) == (str(image), MiB) and disk["writes"] > 100 and disk["reads"] > 100
+        assert 0 < disk["allocated"] <= MiB and disk["dirty-blocks"] > 0
+        assert f"disk:           {image} size 1M" in a.cli("vm", "info", "d1").stdout
+        digest = a.cli("vm", "console", "d1").stdout
+        # the same guest run locally on a fresh image prints the same digest
+        local = a.cli("run", "dbverify", "--mem", "4M", "--arg", "ws=256K", "--arg", "steps=20000", "--disk",
+                      f"{tmp_path / 'ref.img'},size=1M")
+        assert local.stdout == digest and digest.startswith("digest ")
+        # refusals: outside the allowed directories, in use, missing without a size; nothing left behind
+        for disk_arg, words in ((f"{tmp_path / 'x.img'},size=1M", "outside the allowed directories"),
+                                ("db.img", "is in use by VM 'd1'"), ("none.img", "does not exist")):
+            r = a.cli("vm", "create", "d2", "--program", "idle", "--disk", disk_arg, check=False)
+            assert r.returncode == 1 and "(bad-request)" in r.stderr and words in r.stderr, r.stderr
+        assert not (tmp_path / "x.img").exists() and not (a.state_dir / "disks" / "none.img").exists()
+        a.cli("vm", "create", "d3", "--program", "diskstress", "--mem", "4M", "--arg", "rate=100",
+              "--disk", f"{extra / 'e.img'},size=4M")
+        # migrating a VM with a disk is refused before anything moves
+        mig = a.cli("migrate", "d3", "--to", b.control, check=False)
+        assert mig.returncode == 1 and "migrating a VM with a disk is not supported yet" in mig.stderr
+        assert b.cli("vm", "list", json=True).json == []
+        # a restarted agent re-adopts it with its disk; destroy keeps the image
+        assert a.stop(keep_vms=True) == 0
+        with start_agent(tmp_path, "A", key, disk_dirs=str(extra)) as a2:
+            again = a2.cli("vm", "info", "d3", json=True).json
+            assert again["state"] == "running" and again["disks"][0]["path"] == str(extra / "e.img")
+            assert _wait_for(lambda: a2.cli("vm", "info", "d3", json=True).json["disks"][0]["writes"] > 5)
+            for name in ("d1", "d3"):
+                a2.cli("vm", "destroy", name)
+            assert image.stat().st_size == MiB and (extra / "e.img").stat().st_size == 4 * MiB
+            a2.cli("vm", "create", "d4", "--program", "idle", "--disk", str(extra / "e.img"))  # unlocked
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
