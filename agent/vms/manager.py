@@ -157,8 +157,7 @@ class VMManager:
             raise VMError(ErrorCode.BAD_REQUEST, f"cannot give VM {name!r} a disk: {e}") from e
         reason = disks.clash(config.path, self.disks_in_use())  # again: another create may have taken it meanwhile
         if reason is not None:
-            if made:
-                await asyncio.to_thread(remove_created, config.path)
+            # Even an image this create made is left alone: the VM that took it meanwhile uses it now.
             raise VMError(ErrorCode.BAD_REQUEST, f"cannot give VM {name!r} a disk: {reason}")
         self._creating_disks[name] = config
         return config, config.path if made else None
