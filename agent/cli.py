@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent import certs, tls
+from agent.cli_devices import NIC_METAVAR, OnlyOnce, add_disk_flag, device_lines, nic_arg
 from agent.client import ClientError, ControlClient, connect
 from agent.config import (
     CONTROL_SOCKET_NAME,
@@ -33,7 +34,6 @@ from agent.config import (
     load_key,
     parse_size,
 )
-from agent.nics import NicError, parse_nic_text
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -60,23 +60,6 @@ def _keyvalue(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
-
-
-def _nic(text: str) -> dict[str, str]:
-    try:
-        return parse_nic_text(text)
-    except NicError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-
-
-class _OneNic(argparse.Action):
-    """--nic at most once: one NIC per VM for now, and a second one silently dropped would mislead."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if getattr(namespace, self.dest, None) is not None:
-            parser.error(f"{option_string} given twice: a VM has at most one NIC")
-        setattr(namespace, self.dest, values)
 
 
 def _positive_float(text: str) -> float:
@@ -110,16 +93,18 @@ def _add_vm_commands(sub: Any) -> None:
         dest="vm_command", metavar="VMCOMMAND", required=True)
     c = vm.add_parser("create", help="create and boot a VM")
     c.add_argument("name", metavar="NAME")
-    c.add_argument("--program", required=True, help="shipped program name (idle, counter, memstress, verify, netd) "
+    c.add_argument("--program", required=True, help="shipped program name (idle, counter, memstress, verify, netd, "
+                                                    "diskstress, dbverify) "
                                                     "or an assembly file")
     c.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE", help="guest RAM, e.g. 256M (default 64M)")
     c.add_argument("--arg", type=_keyvalue, action="append", default=[], metavar="KEY=VALUE",
                    help="boot argument for the program (repeatable)")
     c.add_argument("--dirty-tracker", metavar="BACKEND", help="auto, uffd-wp-async, uffd-wp-sync or hash")
     c.add_argument("--paused", action="store_true", help="create the VM paused")
-    c.add_argument("--nic", type=_nic, action=_OneNic, metavar="bridge=BR[,mac=MAC][,ip=A.B.C.D/NN]",
+    c.add_argument("--nic", type=nic_arg, action=OnlyOnce, metavar=NIC_METAVAR,
                    help="give the VM a NIC, its TAP plugged into the host bridge BR (at most one); the MAC "
                         "is generated when not given; ip and prefix reach the guest as boot arguments")
+    add_disk_flag(c)
     c.add_argument("--json", action="store_true", help="print the new VM's info as JSON")
     c.set_defaults(run=cmd_vm_create)
     ls = vm.add_parser("list", help="list the agent's VMs")
@@ -241,6 +226,7 @@ def _add_run_command(sub: Any) -> None:
     r.add_argument("--arg", type=_keyvalue, action="append", default=[], metavar="KEY=VALUE",
                    help="boot argument for the program (repeatable)")
     r.add_argument("--max-seconds", type=_positive_float, metavar="S", help="stop after S seconds (exit 124)")
+    add_disk_flag(r, local=True)
     r.set_defaults(run=None)
 
 
@@ -265,17 +251,8 @@ def _vm_table(vms: list[dict[str, Any]]) -> str:
 
 def _vm_details(info: dict[str, Any]) -> str:
     lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in info.items()
-             if v is not None and k != "nics"]
-    for nic in info.get("nics") or []:
-        lines.append(f"{'nic:':<15} {nic_line(nic)}")
-    return "\n".join(lines)
-
-
-def nic_line(nic: dict[str, Any]) -> str:
-    """One NIC of `vm info`: where it is plugged, its addresses and counters."""
-    return (f"mac {nic.get('mac')} ip {nic.get('ip') or '-'} bridge {nic.get('bridge')} tap {nic.get('tap')} "
-            f"rx-packets {nic.get('rx-packets', 0)} tx-packets {nic.get('tx-packets', 0)} "
-            f"rx-dropped {nic.get('rx-dropped', 0)}")
+             if v is not None and k not in ("nics", "disks")]
+    return "\n".join(lines + device_lines(info))
 
 
 # -- VM commands --------------------------------------------------------------------------------------
@@ -284,8 +261,9 @@ async def cmd_vm_create(client: ControlClient, ns: argparse.Namespace) -> int:
                             "paused": ns.paused}
     if ns.dirty_tracker:
         args["dirty-tracker"] = ns.dirty_tracker
-    if ns.nic is not None:
-        args["nic"] = ns.nic
+    for device in ("nic", "disk"):
+        if getattr(ns, device) is not None:
+            args[device] = getattr(ns, device)
     args.update(await asyncio.to_thread(_local_program, ns.program))
     info = await client.call("vm-create", args)
     if ns.json:
@@ -564,7 +542,8 @@ async def _run_remote(ns: argparse.Namespace, key: bytes, tls_context: ssl.SSLCo
 def _run_local(ns: argparse.Namespace) -> int:
     from vmruntime.runlocal import run_local
 
-    return run_local(ns.program, ns.mem, dict(ns.arg), sys.stdout.buffer, max_seconds=ns.max_seconds)
+    disk = None if ns.disk is None else (ns.disk["path"], ns.disk.get("size"))
+    return run_local(ns.program, ns.mem, dict(ns.arg), sys.stdout.buffer, max_seconds=ns.max_seconds, disk=disk)
 
 
 def error(message: str) -> None:

@@ -118,6 +118,8 @@ class AgentConfig:
     metrics: tuple[str, int] | None = None  # the Prometheus endpoint, off when None
     tls_dir: Path | None = None  # ca.pem, cert.pem, key.pem: mutual TLS on TCP (agent/tls.py); off when None
     spare_vm: bool = True  # keep a VM process started ahead of need for incoming migrations (vmruntime/spare.py)
+    # Directories besides STATE_DIR/disks where VM disk images may live (agent/disks.py).
+    disk_dirs: tuple[Path, ...] = ()
 
     @property
     def control_socket(self) -> Path:
@@ -140,12 +142,15 @@ _KEYS: dict[str, str] = {
                "TCP connections, in and out (default: off)",
     "spare-vm": "on: keep one idle VM process (ferry-spare, ~20 MiB) for the next incoming migration, which "
                 "then starts 0.1-0.15 s sooner; off: start one per incoming migration (default: on)",
+    "disk-dirs": "directories where VM disk images may live besides STATE_DIR/disks, ':'-separated "
+                 "(a TOML array of strings in the config file); absolute paths (default: none)",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
-             "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off"}
+             "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
+             "disk-dirs": "DIR[:DIR...]"}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
-_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "spare-vm": (str, bool)}
+_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "spare-vm": (str, bool), "disk-dirs": (str, list)}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -184,7 +189,8 @@ def _type_problems(path: str, data: dict[str, Any]) -> list[str]:
     for key, value in data.items():
         allowed = _TOML_TYPES.get(key, (str,))
         if key in _KEYS and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
-            names = " or ".join({str: "a string", int: "an integer", bool: "a boolean"}[t] for t in allowed)
+            names = " or ".join({str: "a string", int: "an integer", bool: "a boolean", list: "an array"}[t]
+                                for t in allowed)
             problems.append(f"config file {path!r}: {key} must be {names}, not {type(value).__name__} {value!r}")
     return problems
 
@@ -230,6 +236,22 @@ def _switch(values: dict[str, Any], key: str, default: bool) -> bool:
     if str(value).lower() not in _SWITCH:
         raise ConfigError(f"{key}: {value!r} is not on or off")
     return _SWITCH[str(value).lower()]
+
+
+def _disk_dirs(values: dict[str, Any]) -> tuple[Path, ...]:
+    """disk-dirs: ':'-separated absolute directories (or a TOML array of them)."""
+    raw = values.get("disk-dirs") or ()
+    items = raw.split(":") if isinstance(raw, str) else list(raw)
+    dirs = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"disk-dirs: {item!r} is not a directory path")
+        if item.strip() == "":
+            continue
+        if not os.path.isabs(item):
+            raise ConfigError(f"disk-dirs: {item!r} is not an absolute path")
+        dirs.append(Path(item))
+    return tuple(dirs)
 
 
 def _metrics(values: dict[str, Any]) -> tuple[str, int] | None:
@@ -288,6 +310,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "metrics": p.take(_metrics, values),
         "tls_dir": p.take(_tls_dir, values),
         "spare_vm": p.take(_switch, values, "spare-vm", True),
+        "disk_dirs": p.take(_disk_dirs, values),
     }
     p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
     if p.found:
@@ -300,6 +323,7 @@ def host_problems(config: AgentConfig) -> list[str]:
     that is not one of this host's (checked by binding port 0 on it, so a running agent's ports do not
     count as a problem)."""
     problems = _state_dir_problems(config.state_dir)
+    problems += [f"disk-dirs: {d} is not a directory" for d in config.disk_dirs if not d.is_dir()]
     for key, addr in (("control", config.control), ("migration", config.migration), ("metrics", config.metrics)):
         if addr is not None:
             problems += _bind_problems(key, addr[0])
@@ -344,6 +368,8 @@ def describe(config: AgentConfig) -> str:
         values["metrics"] = format_hostport(*config.metrics)
     if config.tls_dir is not None:
         values["tls-dir"] = str(config.tls_dir)
+    if config.disk_dirs:
+        values["disk-dirs"] = ":".join(map(str, config.disk_dirs))
     return "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items())
 
 

@@ -34,6 +34,7 @@ from agent.config import (
     host_problems,
 )
 from agent.control import ControlServer
+from agent.disks import DISKS_SUBDIR, allowed_dirs
 from agent.logs import Log
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.migration import MigrationManager
@@ -58,7 +59,8 @@ class Agent:
         self.records = VMRecords(config.state_dir)
         # spare: an idle VM process kept ready for the next incoming migration (vmruntime/spare.py).
         self.vms = VMManager(agent_name=config.name, max_mem=config.max_mem, dirty_tracker=config.dirty_tracker,
-                             log=log, records=self.records, spare=config.spare_vm)
+                             log=log, records=self.records, spare=config.spare_vm,
+                             disk_dirs=allowed_dirs(config.state_dir, config.disk_dirs))
         # Mutual TLS (--tls-dir) on every TCP connection in and out; None: plaintext (HMAC auth only).
         self.tls: TLSContexts | None = load_tls(config.tls_dir) if config.tls_dir is not None else None
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
@@ -93,6 +95,7 @@ class Agent:
     async def start(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.state_dir / DISKS_SUBDIR).mkdir(mode=0o700, exist_ok=True)
         await self._adopt_vms()
         control = await self.control.start_tcp(*cfg.control)
         try:

@@ -5,8 +5,9 @@ returns the result of one Request or raises `OpError` with a stable code (proto.
 The transport (agent/control.py) feeds it decoded Requests; the operations are
 
   agent-info                                   name, version, addresses, free memory, dirty backends
-  vm-create  name program mem [args] [program-source] [dirty-tracker] [paused] [nic]
+  vm-create  name program mem [args] [program-source] [dirty-tracker] [paused] [nic] [disk]
                                                `nic`: {bridge, [mac], [ip]} (agent/nics.py)
+                                               `disk`: {path, [size]} (agent/disks.py)
   vm-list, vm-info name, vm-pause name, vm-resume name, vm-destroy name
   vm-console name [offset]                     buffered console bytes from an offset
   vm-wait    name state [timeout]              returns when the VM reaches the state
@@ -170,8 +171,11 @@ class ControlOps:
         nic = args.get("nic")
         if nic is not None and not isinstance(nic, dict):
             raise OpError(ErrorCode.BAD_REQUEST, "nic must be a map: bridge, and optionally mac and ip")
+        disk = args.get("disk")
+        if disk is not None and not isinstance(disk, dict):
+            raise OpError(ErrorCode.BAD_REQUEST, "disk must be a map: path, and optionally size")
         vm = await self.vms.create(name, path, mem, boot_args, dirty_tracker=args.get("dirty-tracker"),
-                                   paused=bool(args.get("paused", False)), nic=nic)
+                                   paused=bool(args.get("paused", False)), nic=nic, disk=disk)
         vm.program = program
         return vm.info()
 
@@ -270,6 +274,9 @@ class ControlOps:
         vm = self.vms.get(name)  # a clear no-such-vm, busy or incompatible before any network traffic
         if vm.lock.locked():
             raise OpError(ErrorCode.BUSY, f"VM {name!r} is busy (being paused, resumed or destroyed)")
+        if vm.disk is not None:  # the engine refuses too; here before the destination is even asked
+            raise OpError(ErrorCode.BAD_REQUEST, f"VM {name!r} has a disk ({vm.disk.path}): migrating a VM "
+                                                 "with a disk is not supported yet")
         params = MigrationParams.from_dict(dict(args.get("params") or {}))
         in_doubt = _in_doubt_timeout(args)
         dest = await self._destination(_str(args, "to"))

@@ -238,9 +238,9 @@ def test_restore_in_place_without_msgpack() -> None:
 def test_state_is_versioned_and_checked() -> None:
     m = boot_asm("start: jmp start")
     state = m.save_state()
-    assert state["version"] == 3 and state["isa_version"] == isa.ISA_VERSION
+    assert state["version"] == 4 and state["isa_version"] == isa.ISA_VERSION
     assert state["devices"]["clock"]["wait_until_ns"] is None
-    bad_values: tuple[tuple[str, object], ...] = (("version", 4), ("version", 0), ("ram_size", RAM * 2), ("status", "exploded"), ("regs", [0] * 15),
+    bad_values: tuple[tuple[str, object], ...] = (("version", 5), ("version", 0), ("ram_size", RAM * 2), ("status", "exploded"), ("regs", [0] * 15),
                   ("regs", [-1] * 16), ("cmp", [0]), ("pc", "0"), ("instructions", -5), ("code", [0, 1 << 40]),
                   ("devices", {"console": {}}), ("devices", {"console": {"pending": "x"}, "clock": {"now_ns": 0}}),
                   ("devices", {"console": {"pending": b""}, "clock": {"now_ns": 0}}),  # v2 lacks the deadline

@@ -280,7 +280,7 @@ def test_save_restore_mid_traffic_keeps_rings_counters_and_pending_tx() -> None:
     m.wait_until_ns = None
     state = m.save_state()
     nic = state["devices"]["nic"]
-    assert state["version"] == 3 and state["isa_version"] == 2
+    assert state["version"] == 4 and state["isa_version"] == 3
     assert (nic["mac"], nic["rx_head"], nic["rx_tail"], nic["tx_head"], nic["rx_dropped"]) == (MAC, 4, 3, 3, 1)
     assert len(nic["pending_tx"]) == 3
     m2 = _roundtrip(m)
@@ -325,7 +325,7 @@ def test_older_states_and_images_still_load() -> None:
     v1 = Machine.boot(mmap.mmap(-1, RAM), Image(1, image.code, image.entry, image.load_addr), {}, FakeClock())
     assert v1.run(10_000) > 0 and v1.status == "halted"
     with pytest.raises(ValueError, match="ISA version"):
-        Machine.boot(mmap.mmap(-1, RAM), Image(3, image.code, image.entry, image.load_addr), {}, FakeClock())
+        Machine.boot(mmap.mmap(-1, RAM), Image(4, image.code, image.entry, image.load_addr), {}, FakeClock())
 
 
 def test_boot_refuses_a_bad_mac_before_touching_ram() -> None:
@@ -343,10 +343,10 @@ def test_assembler_knows_the_nic() -> None:
     assert isa.decode(image.code, 16).imm == 2048 + 1514
     with pytest.raises(AsmError, match="NIC register 16"):
         assemble("nicr r1, 16")
-    assert "nic" in isa.ISA_FEATURES and isa.ISA_VERSION == 2
+    assert "nic" in isa.ISA_FEATURES and isa.ISA_VERSION == 3
 
 
-def test_migration_destination_accepts_isa_1_and_2_only() -> None:
+def test_migration_destination_accepts_isa_1_to_3_only() -> None:
     from agent.migration.destination import Refused, _check_compatible
     from proto.messages import MigrateStart
 
@@ -356,6 +356,7 @@ def test_migration_destination_accepts_isa_1_and_2_only() -> None:
 
     _check_compatible(start(1))
     _check_compatible(start(2))
-    for version in (0, 3):
+    _check_compatible(start(3))
+    for version in (0, 4):
         with pytest.raises(Refused):
             _check_compatible(start(version))

@@ -29,7 +29,7 @@ def touched_pages(m: Machine, start: int, end: int) -> set[int]:
 
 
 def test_program_names() -> None:
-    assert PROGRAMS == ("idle", "counter", "memstress", "verify", "netd")
+    assert PROGRAMS == ("idle", "counter", "memstress", "verify", "netd", "diskstress", "dbverify")
 
 
 @pytest.mark.parametrize(("text", "value"), [("4096", 4096), ("64K", 64 << 10), ("64M", 64 << 20),

@@ -37,6 +37,10 @@ PREDEFINED: dict[str, int] = {
     **isa.NIC_REGS,
     "NIC_SLOT": isa.NIC_SLOT,
     "NIC_MTU_FRAME": isa.NIC_MTU_FRAME,
+    **isa.DISK_REGS,
+    **isa.DISK_CMDS,
+    "DISK_SECTOR_SIZE": isa.DISK_SECTOR_SIZE,
+    "DISK_MAX_COUNT": isa.DISK_MAX_COUNT,
 }
 
 
@@ -279,6 +283,8 @@ def _enc_ri(op: Op, ops: list[str], symbols: dict[str, int]) -> bytes:
     imm = _imm32(_eval(ops[1], symbols))
     if op in (Op.NICR, Op.NICW) and not 0 <= imm <= 15:
         raise _Located(f"NIC register {imm} out of range 0..15")
+    if op in (Op.DSKR, Op.DSKW) and not 0 <= imm <= 15:
+        raise _Located(f"disk register {imm} out of range 0..15")
     return isa.encode(op, _reg(ops[0]), imm=imm)
 
 

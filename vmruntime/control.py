@@ -233,6 +233,16 @@ def image_fields(image: Any) -> dict[str, Any]:
     return {k: getattr(image, k) for k in ("isa_version", "code", "entry", "load_addr")}
 
 
+def _devices(nic: Mapping[str, str] | None, disk: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The device fields of a boot or restore request."""
+    fields: dict[str, Any] = {}
+    if nic is not None:
+        fields["nic"] = dict(nic)
+    if disk is not None:
+        fields["disk"] = dict(disk)
+    return fields
+
+
 class Lane:
     """A blocking client of one lane of a VM process (op ``lane``), for one thread.
 
@@ -346,16 +356,15 @@ class VMHandle:
                 return msg, fds
 
     def boot(self, image: Any, args: Mapping[str, int], *, paused: bool = False,
-             nic: Mapping[str, str] | None = None) -> None:
-        """nic: {"tap", "bridge", "mac"} gives the VM a NIC on a new TAP attached to that bridge."""
-        extra: dict[str, Any] = {} if nic is None else {"nic": dict(nic)}
-        self.request("boot", image=image_fields(image), args=dict(args), paused=paused, **extra)
+             nic: Mapping[str, str] | None = None, disk: Mapping[str, Any] | None = None) -> None:
+        """nic: {"tap", "bridge", "mac"} gives the VM a NIC on a new TAP attached to that bridge;
+        disk: {"path", "size", ["block-size"]} a disk on that image (vmruntime/devices.py)."""
+        self.request("boot", image=image_fields(image), args=dict(args), paused=paused, **_devices(nic, disk))
 
     def restore(self, state: Mapping[str, Any], *, paused: bool = False,
-                nic: Mapping[str, str] | None = None) -> None:
-        """nic: as for boot; its MAC must be the saved state's."""
-        extra: dict[str, Any] = {} if nic is None else {"nic": dict(nic)}
-        self.request("restore", state=dict(state), paused=paused, **extra)
+                nic: Mapping[str, str] | None = None, disk: Mapping[str, Any] | None = None) -> None:
+        """nic, disk: as for boot; the NIC's MAC and the disk's size must be the saved state's."""
+        self.request("restore", state=dict(state), paused=paused, **_devices(nic, disk))
 
     def pause(self) -> dict[str, Any]:
         """Stop the vCPU at an instruction boundary; return its CPU and device state."""

@@ -106,24 +106,26 @@ def hash_range(ram: mmap.mmap, addr: int, length: int, regs: tuple[int, ...]) ->
     return int.from_bytes(h.digest(), "little")
 
 
-NicRead = Callable[[int], "int | str"]
-NicWrite = Callable[[int, int], "str | None"]
+# A device's register accessors (the NIC's, the disk's): a read returns the value or a fault
+# reason (a str), a write None or a fault reason.
+RegRead = Callable[[int], "int | str"]
+RegWrite = Callable[[int, int], "str | None"]
 
 
-def nic_fault(pc: int, op: str, reason: str) -> GuestFault:
+def device_fault(pc: int, op: str, reason: str) -> GuestFault:
     return GuestFault(pc, f"{op}: {reason} (pc={pc:#x})")
 
 
-def make_namespace(console: bytearray, clock: Callable[[], int], nic_read: NicRead,
-                   nic_write: NicWrite) -> dict[str, Any]:
-    """Globals the generated block functions see; nic_read/nic_write return a fault reason as a str."""
+def make_namespace(console: bytearray, clock: Callable[[], int], nic_read: RegRead, nic_write: RegWrite,
+                   disk_read: RegRead, disk_write: RegWrite) -> dict[str, Any]:
+    """Globals the generated block functions see; the device accessors return a fault reason as a str."""
     return {
         "U16": struct.Struct("<H").unpack_from, "U32": struct.Struct("<I").unpack_from,
         "U64": struct.Struct("<Q").unpack_from, "P16": struct.Struct("<H").pack_into,
         "P32": struct.Struct("<I").pack_into, "P64": struct.Struct("<Q").pack_into,
         "CON": console, "CLK": clock, "HASH": hash_range, "FILL": fill,
         "MF": mem_fault, "RF": range_fault, "GF": GuestFault, "Halted": Halted, "Waiting": Waiting,
-        "NICR": nic_read, "NICW": nic_write, "NF": nic_fault,
+        "NICR": nic_read, "NICW": nic_write, "DSKR": disk_read, "DSKW": disk_write, "NF": device_fault,
     }
 
 
@@ -353,8 +355,8 @@ class _BlockWriter:
             self._mem(k, pc, insn)
         elif op in (Op.FILL, Op.COPY, Op.HASH, Op.OUT, Op.OUTS, Op.RDINSN, Op.CLOCK, Op.WAIT):
             self._device(k, pc, insn)
-        elif op in (Op.NICR, Op.NICW):
-            self._nic(k, pc, insn)
+        elif op in _REG_DEVICES:
+            self._register(k, pc, insn)
         else:
             return self._control(k, pc, insn)
         return False
@@ -456,16 +458,18 @@ class _BlockWriter:
         self.emit(f"raise Waiting({pc + insn.size}, {deadline})")
         self.indent -= 1
 
-    def _nic(self, k: int, pc: int, insn: isa.Insn) -> None:
+    def _register(self, k: int, pc: int, insn: isa.Insn) -> None:
         # The device answers a fault with its reason (a str), never by raising, so the
         # registers are written back before GuestFault leaves the block.
-        if insn.op is Op.NICR:
-            self.emit(f"t = NICR({insn.imm})")
-            self.fault_if("t.__class__ is str", k, f"NF({pc}, 'nicr', t)")
+        name, reads = _REG_DEVICES[insn.op]
+        mnemonic = insn.op.name.lower()
+        if reads:
+            self.emit(f"t = {name}({insn.imm})")
+            self.fault_if("t.__class__ is str", k, f"NF({pc}, '{mnemonic}', t)")
             self.emit(f"{_r(insn.a)} = t")
         else:
-            self.emit(f"t = NICW({insn.imm}, {_r(insn.a)})")
-            self.fault_if("t is not None", k, f"NF({pc}, 'nicw', t)")
+            self.emit(f"t = {name}({insn.imm}, {_r(insn.a)})")
+            self.fault_if("t is not None", k, f"NF({pc}, '{mnemonic}', t)")
 
     def _control(self, k: int, pc: int, insn: isa.Insn) -> bool:
         op = insn.op
@@ -511,7 +515,10 @@ def _target(insn: isa.Insn) -> int | None:
     return None
 
 
-_WRITES_A = frozenset({Op.MOV, Op.MOVI, Op.LI, Op.POP, Op.HASH, Op.RDINSN, Op.CLOCK, Op.NICR}
+# Device register instructions: the namespace name of the accessor, and whether it reads.
+_REG_DEVICES: dict[Op, tuple[str, bool]] = {Op.NICR: ("NICR", True), Op.NICW: ("NICW", False),
+                                            Op.DSKR: ("DSKR", True), Op.DSKW: ("DSKW", False)}
+_WRITES_A = frozenset({Op.MOV, Op.MOVI, Op.LI, Op.POP, Op.HASH, Op.RDINSN, Op.CLOCK, Op.NICR, Op.DSKR}
                       | set(isa.LOADS) | set(_ALU3) | set(_ALUI) | {Op.DIVU, Op.REMU})
 _STACK_OPS = frozenset({Op.PUSH, Op.POP, Op.CALL, Op.RET})
 

@@ -20,10 +20,10 @@ from vmruntime.interp import (
     GuestFault,
     Halted,
     Waiting,
+    device_fault,
     fill,
     hash_range,
     mem_fault,
-    nic_fault,
     range_fault,
 )
 from vmruntime.isa import Op
@@ -65,6 +65,7 @@ class RefInterpreter:
         self.console = comp.ns["CON"]
         self.clock = comp.ns["CLK"]
         self.nic_read, self.nic_write = comp.ns["NICR"], comp.ns["NICW"]
+        self.disk_read, self.disk_write = comp.ns["DSKR"], comp.ns["DSKW"]
         self.decoded: dict[int, tuple[Handler, int, int, int, int]] = {}
         self.handlers = self._handler_table()
 
@@ -288,12 +289,25 @@ class RefInterpreter:
     def _nicr(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
         value = self.nic_read(imm)
         if isinstance(value, str):
-            raise nic_fault(pc, "nicr", value)
+            raise device_fault(pc, "nicr", value)
         self.m._R[a] = value
         return pc + 8
 
     def _nicw(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
         reason = self.nic_write(imm, self.m._R[a])
         if reason is not None:
-            raise nic_fault(pc, "nicw", reason)
+            raise device_fault(pc, "nicw", reason)
+        return pc + 8
+
+    def _dskr(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
+        value = self.disk_read(imm)
+        if isinstance(value, str):
+            raise device_fault(pc, "dskr", value)
+        self.m._R[a] = value
+        return pc + 8
+
+    def _dskw(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
+        reason = self.disk_write(imm, self.m._R[a])
+        if reason is not None:
+            raise device_fault(pc, "dskw", reason)
         return pc + 8

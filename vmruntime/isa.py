@@ -19,12 +19,14 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-# Version 2 is version 1 plus the NIC instructions: images and saved states of
-# every accepted version run here (a version 1 state has no NIC).
-ISA_VERSION = 2
-ACCEPTED_ISA_VERSIONS = (1, 2)
+# Version 2 is version 1 plus the NIC instructions, version 3 version 2 plus the disk instructions:
+# images and saved states of every accepted version run here (a version 1 state has no NIC, a
+# version 1 or 2 state no disk).
+ISA_VERSION = 3
+ACCEPTED_ISA_VERSIONS = (1, 2, 3)
 # "wait" (the WAIT instruction) came after the first release: a destination without it refuses the VM.
-ISA_FEATURES: frozenset[str] = frozenset({"base", "fill", "copy", "clock", "hash", "console", "wait", "nic"})
+ISA_FEATURES: frozenset[str] = frozenset({"base", "fill", "copy", "clock", "hash", "console", "wait", "nic",
+                                          "disk"})
 PAGE_SIZE = 4096
 
 NUM_REGS = 16
@@ -62,6 +64,17 @@ NIC_REGS: dict[str, int] = {
 }
 NIC_SLOT = 2048  # bytes per ring slot: u16 length, then the frame
 NIC_MTU_FRAME = 1514  # the largest Ethernet frame without FCS
+
+# The disk device (vmruntime/disk.py): register numbers for dskr/dskw, commands, the sector size,
+# the most sectors one request moves.
+DISK_REGS: dict[str, int] = {
+    "DISK_STATUS": 0, "DISK_SECTORS": 1, "DISK_SECTOR": 2, "DISK_COUNT": 3, "DISK_ADDR": 4, "DISK_CMD": 5,
+    "DISK_READS": 6, "DISK_WRITES": 7, "DISK_FLUSHES": 8, "DISK_ERRORS": 9, "DISK_SECTORS_READ": 10,
+    "DISK_SECTORS_WRITTEN": 11,
+}
+DISK_CMDS: dict[str, int] = {"DISK_READ": 1, "DISK_WRITE": 2, "DISK_FLUSH": 3}
+DISK_SECTOR_SIZE = 512
+DISK_MAX_COUNT = 2048  # 1 MiB per request
 
 
 class Op(IntEnum):
@@ -123,6 +136,8 @@ class Op(IntEnum):
     WAIT = 0x74  # rs: yield the vCPU until the clock device reads >= rs (virtual ns)
     NICR = 0x75  # rd, imm: rd = NIC register imm
     NICW = 0x76  # ra, imm: NIC register imm = ra
+    DSKR = 0x77  # rd, imm: rd = disk register imm
+    DSKW = 0x78  # ra, imm: disk register imm = ra (DISK_CMD runs a request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +155,7 @@ _FORMS: dict[str, tuple[Op, ...]] = {
     "rr": (Op.MOV, Op.CMP, Op.OUTS),
     "rrr": (Op.ADD, Op.SUB, Op.MUL, Op.DIVU, Op.REMU, Op.AND, Op.OR, Op.XOR, Op.SHL, Op.SHR,
             Op.SAR, Op.FILL, Op.COPY, Op.HASH),
-    "ri": (Op.MOVI, Op.CMPI, Op.NICR, Op.NICW),
+    "ri": (Op.MOVI, Op.CMPI, Op.NICR, Op.NICW, Op.DSKR, Op.DSKW),
     "rri": (Op.ADDI, Op.MULI, Op.ANDI, Op.ORI, Op.XORI, Op.SHLI, Op.SHRI, Op.SARI),
     "rl": (Op.LI,),
     "mem": (Op.LD8, Op.LD16, Op.LD32, Op.LD64, Op.ST8, Op.ST16, Op.ST32, Op.ST64),

@@ -3,7 +3,8 @@
 Owns the machine's lifecycle and state: boot (image and boot block into RAM),
 run(budget) to an instruction boundary, the faulted/halted states, the
 console and clock devices, the optional NIC (its model is vmruntime/nic.py;
-the machine wires it to the instructions and to the WAIT state), the WAIT state (a deadline on the clock device
+the machine wires it to the instructions and to the WAIT state), the optional
+disk (vmruntime/disk.py, over a backend the host gives), the WAIT state (a deadline on the clock device
 before which the vCPU does nothing), and save_state()/restore() as a
 versioned, msgpack-able dict.  Execution itself is the block compiler's
 (interp.py).  A guest error never raises out of run(): the machine becomes
@@ -20,6 +21,7 @@ from typing import Any
 
 from vmruntime import isa
 from vmruntime.asm import Image
+from vmruntime.disk import DEFAULT_BLOCK_SIZE, BlockBackend, DiskDevice, no_disk_read, no_disk_write
 from vmruntime.interp import (
     R_FA,
     R_FB,
@@ -36,10 +38,11 @@ from vmruntime.interp import (
 from vmruntime.nic import NicDevice, no_nic_read, no_nic_write
 
 # Version 2 added devices.clock.wait_until_ns (the WAIT instruction), version 3
-# devices.nic (present only on a machine with a NIC); older states are still
-# accepted (no guest could be waiting in 1, none has a NIC before 3).
-STATE_VERSION = 3
-ACCEPTED_STATE_VERSIONS = (1, 2, 3)
+# devices.nic (present only on a machine with a NIC), version 4 devices.disk (only
+# with a disk); older states are still accepted (no guest could be waiting in 1,
+# none has a NIC before 3 nor a disk before 4).
+STATE_VERSION = 4
+ACCEPTED_STATE_VERSIONS = (1, 2, 3, 4)
 # The longest a host is told to sleep before calling run() again: a deadline
 # far ahead is re-checked now and then (cheaply) rather than slept on whole.
 MAX_WAIT_SECONDS = 1.0
@@ -69,7 +72,8 @@ class Machine:
     """One toy VM's CPU and devices; see docs/isa.md."""
 
     def __init__(self, ram: mmap.mmap, code_range: tuple[int, int], clock: ClockDevice,
-                 nic: NicDevice | None = None, ready: Mapping[int, CodeType] | None = None) -> None:
+                 nic: NicDevice | None = None, ready: Mapping[int, CodeType] | None = None,
+                 disk: DiskDevice | None = None) -> None:
         self._ram = ram
         self._size = len(ram)
         self._R: list[int] = [0] * REGFILE_LEN
@@ -83,10 +87,11 @@ class Machine:
         self._clock = clock
         start, end = code_range
         self._nic = nic
-        if nic is None:
-            ns = make_namespace(self._console, clock.read, no_nic_read, no_nic_write)
-        else:
-            ns = make_namespace(self._console, clock.read, nic.read, nic.write)
+        self.disk = disk  # the host side (vmruntime/devices.py) harvests its dirty blocks and counters
+        ns = make_namespace(self._console, clock.read, no_nic_read if nic is None else nic.read,
+                            no_nic_write if nic is None else nic.write,
+                            no_disk_read if disk is None else disk.read,
+                            no_disk_write if disk is None else disk.write)
         self._compiler = BlockCompiler(bytes(ram[start:end]), start, self._size, ns, ready)
         self._blocks: dict[int, BlockFn] = {}
 
@@ -94,18 +99,21 @@ class Machine:
 
     @classmethod
     def boot(cls, ram: mmap.mmap, image: Image, args: Mapping[str, int],
-             clock_ns: Callable[[], int], nic_mac: int | None = None) -> Machine:
+             clock_ns: Callable[[], int], nic_mac: int | None = None,
+             disk: BlockBackend | None = None, disk_block: int = DEFAULT_BLOCK_SIZE) -> Machine:
         """Write image and boot block into ram; the machine starts at image.entry.
 
-        nic_mac (a 48-bit integer, first octet most significant) gives the machine a NIC.
+        nic_mac (a 48-bit integer, first octet most significant) gives the machine a NIC; disk
+        gives it a disk over that backend, its writes tracked in blocks of disk_block bytes.
         """
         _check_image(image, len(ram))
         packed = _pack_args(args)
         end = image.load_addr + len(image.code)
         nic = None if nic_mac is None else NicDevice(ram, end, nic_mac)
+        dev = None if disk is None else DiskDevice(ram, end, disk, disk_block)
         ram[image.load_addr:end] = image.code
         _write_boot_block(ram, packed)
-        m = cls(ram, (image.load_addr, end), ClockDevice(clock_ns), nic)
+        m = cls(ram, (image.load_addr, end), ClockDevice(clock_ns), nic, disk=dev)
         m._R[0] = isa.BOOT_ADDR
         for i, (_, value) in enumerate(packed, start=1):
             m._R[i] = value
@@ -115,17 +123,24 @@ class Machine:
 
     @classmethod
     def restore(cls, ram: mmap.mmap, state: Mapping[str, Any], clock_ns: Callable[[], int],
-                ready: Mapping[int, CodeType] | None = None) -> Machine:
+                ready: Mapping[int, CodeType] | None = None, disk: BlockBackend | None = None,
+                disk_block: int = DEFAULT_BLOCK_SIZE) -> Machine:
         """Continue from save_state() output; ram already holds guest memory, code included.
 
         ready: blocks translated ahead from this code region (vmruntime/warmup.py checks they are).
+        disk: the backend of the saved state's disk, given exactly when the state has one.
         """
         _check_state(state, len(ram))
         code = state["code"]
         clock = ClockDevice(clock_ns, state["devices"]["clock"]["now_ns"])
         saved_nic = state["devices"].get("nic")
         nic = None if saved_nic is None else NicDevice.restore(ram, code[1], saved_nic)
-        m = cls(ram, (code[0], code[1]), clock, nic, ready)
+        saved_disk = state["devices"].get("disk")
+        if (saved_disk is None) != (disk is None):
+            raise ValueError("the machine state has a disk and no image was given" if disk is None
+                             else "an image was given for a machine state without a disk")
+        dev = None if disk is None else DiskDevice.restore(ram, code[1], disk, saved_disk, disk_block)
+        m = cls(ram, (code[0], code[1]), clock, nic, ready, dev)
         m._R[:isa.NUM_REGS] = list(state["regs"])
         m._R[R_FA], m._R[R_FB] = state["cmp"]
         m._R[R_IC] = state["instructions"]
@@ -300,6 +315,8 @@ class Machine:
         }
         if self._nic is not None:
             devices["nic"] = self._nic.save()
+        if self.disk is not None:
+            devices["disk"] = self.disk.save()
         return {
             "version": STATE_VERSION,
             "isa_version": isa.ISA_VERSION,
@@ -382,7 +399,9 @@ def _check_state(state: Mapping[str, Any], ram_size: int) -> None:
     _check_devices(state.get("devices"), state["version"])
     if "nic" in state["devices"] and (state["version"] < 3 or state["isa_version"] < 2):
         raise ValueError("a machine state before version 3 or ISA version 2 cannot carry a NIC")
-    # The NIC's own fields are checked by NicDevice.restore, before anything is built.
+    if "disk" in state["devices"] and (state["version"] < 4 or state["isa_version"] < 3):
+        raise ValueError("a machine state before version 4 or ISA version 3 cannot carry a disk")
+    # The NIC's and the disk's own fields are checked by their restore(), before anything is built.
 
 
 def _check_devices(devices: object, version: int) -> None:

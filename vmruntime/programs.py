@@ -1,6 +1,7 @@
 """Guest programs shipped with ferry, runnable by name, and their arguments.
 
-Owns the program names scripts rely on (idle, counter, memstress, verify, netd),
+Owns the program names scripts rely on (idle, counter, memstress, verify, netd,
+diskstress, dbverify),
 the arguments each accepts with their defaults, and the parsing of argument
 text (sizes such as 64M or 1G, integers, enumerations) into the integer
 boot arguments Machine.boot passes to the guest (sorted by name into r1,
@@ -16,13 +17,14 @@ from dataclasses import dataclass
 
 from vmruntime.asm import Image, assemble
 
-PROGRAMS: tuple[str, ...] = ("idle", "counter", "memstress", "verify", "netd")
+PROGRAMS: tuple[str, ...] = ("idle", "counter", "memstress", "verify", "netd", "diskstress", "dbverify")
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "programs")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _U64_MAX = (1 << 64) - 1
 MAX_WAIT_MS = 3_600_000  # counter wait=: an hour between bursts
-MAX_RATE = 1_000_000_000  # memstress rate=: pages per second (far beyond what the interpreter reaches)
+MAX_RATE = 1_000_000_000  # memstress rate=: pages per second, diskstress rate=: blocks per second (far
+# beyond what the interpreter reaches)
 MAX_KV = 16 << 20  # netd kv=: the table is scanned linearly for every request
 
 
@@ -113,6 +115,16 @@ _ARGS: dict[str, dict[str, _Arg]] = {
     },
     "verify": {
         "ws": _Arg(parse_size, "1M", "working-set bytes (clamped to RAM above DATA_ADDR)"),
+        "steps": _Arg(parse_count, "100000", "LCG steps before the digest"),
+    },
+    "diskstress": {
+        "ws": _Arg(parse_size, "64M", "disk working-set bytes (clamped to the disk), written in 64 KiB blocks"),
+        "rate": _Arg(_at_most(MAX_RATE), "0", "blocks per second, 0 = as fast as possible"),
+        "pattern": _Arg(_choice("seq", "random"), "seq", "block order: seq|random"),
+    },
+    "dbverify": {
+        "ws": _Arg(parse_size, "1M", "working-set bytes of RAM (clamped to RAM above DATA_ADDR) and of the disk "
+                                     "(clamped to both)"),
         "steps": _Arg(parse_count, "100000", "LCG steps before the digest"),
     },
     "netd": {

@@ -1,7 +1,7 @@
 """``ferry run``: run one guest program in a local VM process, without an agent.
 
 This module owns the implementation behind ``ferry run PROGRAM [--mem SIZE]
-[--arg KEY=VALUE ...]``: load the program, start a VM process over a fresh
+[--arg KEY=VALUE ...] [--disk PATH[,size=SIZE]]``: load the program, start a VM process over a fresh
 memfd, boot it, copy its console to ``out`` as it arrives, and turn the way
 the guest ended into an exit status. The CLI (agent/cli.py) only parses the
 command line and calls :func:`run_local`.
@@ -9,11 +9,12 @@ command line and calls :func:`run_local`.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import BinaryIO
 
-from vmruntime.control import VMHandle
+from vmruntime.control import VMError, VMHandle
 
 EXIT_HALTED = 0     # the guest halted
 EXIT_FAULTED = 1    # the guest faulted; the reason goes to stderr
@@ -23,19 +24,40 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def run_local(program: str, mem: int, args: dict[str, str], out: BinaryIO,
-              max_seconds: float | None = None) -> int:  # fmt: skip
-    """Run ``program`` with ``mem`` bytes of guest RAM until it halts, faults or time runs out."""
+              max_seconds: float | None = None, disk: tuple[str, int | None] | None = None) -> int:
+    """Run ``program`` with ``mem`` bytes of guest RAM until it halts, faults or time runs out.
+
+    disk: (image path, size or None) gives the guest a disk on that image, created sparse at
+    that size when missing (and then removed if the guest cannot even boot on it); the image
+    is kept after the run, so a second run continues on the disk the first one wrote.
+    """
+    from vmruntime.diskimage import ImageError, prepare_image, remove_created
     from vmruntime.programs import load_program
 
+    created = None
     try:
         image, boot_args = load_program(program, args)
+        disk_field = None
+        if disk is not None:
+            path = os.path.abspath(disk[0])
+            size, made = prepare_image(path, disk[1])
+            created = path if made else None
+            disk_field = {"path": path, "size": size}
         vm = VMHandle.spawn(mem, name=f"ferry-run-{program}")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImageError) as e:
+        if created is not None:
+            remove_created(created)
         print(f"ferry run: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     with vm:
         try:
-            vm.boot(image, boot_args)
+            vm.boot(image, boot_args, disk=disk_field)
+        except VMError as e:
+            if created is not None:
+                remove_created(created)
+            print(f"ferry run: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        try:
             status = _follow(vm, out, max_seconds)
         except KeyboardInterrupt:
             status = EXIT_INTERRUPTED

@@ -4,7 +4,8 @@ Started as ``python -m vmruntime.vmproc --ram-fd F --ram-size N --ctl-fd C``
 with the memfd of guest RAM and its end of the control socketpair inherited.
 This module owns the process's main loop and the handling of every control
 request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
-track-start, track-stop, listen, attach, lane, stop, nic-send, nic-drain, blocks, warm.
+track-start, track-stop, listen, attach, lane, stop, blocks, warm; the devices' requests (nic-send,
+nic-drain, disk-dirty) and the opening of a VM's TAP and disk image are vmruntime/devices.py's.
 
 ``lane`` hands the controller one end of a private socketpair: requests sent
 on it are answered on it, so a migration's session thread pauses or restores
@@ -32,7 +33,8 @@ so such a guest does not spin a host core. A VM with a NIC has a TAP
 (vmruntime/tap.py): received frames go into the machine before each slice and
 queued ones out after it, and the wait after a slice also wakes on the TAP,
 so a frame ends a guest's WAIT at once; paused, the TAP is not read and the
-guest sees its link down. Throttling sleeps after each slice
+guest sees its link down. A VM with a disk holds its image open and locked
+for as long as the process lives. Throttling sleeps after each slice
 so the vCPU gets the asked share of wall time; the sleep is a wait on the
 socket, so requests are still answered at once.
 
@@ -52,15 +54,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmruntime import control, guestram
 from vmruntime.clock import PausableClock
+from vmruntime.devices import DEVICE_OPS, Build, HostDevices, start_machine
 
 if TYPE_CHECKING:
     from vmruntime.machine import Machine
-    from vmruntime.tap import HostNic
     from vmruntime.warmup import Warmup
 
 # Wall time one slice should take: short enough that a pause waits little
@@ -90,7 +91,7 @@ class VMProcess:
         self.backlog = bytearray()  # console output while detached (bounded)
         self.backlog_dropped = 0
         self.machine: Machine | None = None
-        self.nic: HostNic | None = None  # the TAP of a VM with a NIC
+        self.devices = HostDevices()  # the TAP and disk image of the machine's devices, when it has them
         self.paused = False
         self.throttle = 0
         self.budget = FIRST_BUDGET
@@ -121,8 +122,7 @@ class VMProcess:
             # or, with a NIC, until a frame arrives.
             self._wait_control(self.machine.wait_seconds() if self.machine is not None else 0.0, nic=True)
         self._close_listener()
-        if self.nic is not None:
-            self.nic.close()  # the TAP goes with it
+        self.devices.close()  # the TAP goes with it; the image is unlocked, never removed
         return 0
 
     def _close_listener(self) -> None:
@@ -141,13 +141,14 @@ class VMProcess:
         machine = self.machine
         assert machine is not None
         before = machine.instructions
-        if self.nic is not None:
-            self.nic.receive(machine)
+        nic = self.devices.nic
+        if nic is not None:
+            nic.receive(machine)
         t0 = time.perf_counter()
         machine.run(self.budget)  # never raises: a guest error (or an interpreter bug) faults the machine
         elapsed = time.perf_counter() - t0
-        if self.nic is not None:
-            self.nic.send(machine)
+        if nic is not None:
+            nic.send(machine)
         self._tune_budget(machine.instructions - before, elapsed)
         if self.throttle:
             self.next_run = time.monotonic() + elapsed * self.throttle / (100 - self.throttle)
@@ -172,7 +173,7 @@ class VMProcess:
         nic: a frame on the TAP ends the wait too (the next slice takes it in).
         """
         watched = self.ctl if self.ctl is not None else self.listener
-        tap: list[Any] = [self.nic] if nic and self.nic is not None and self._vcpu_runnable() else []
+        tap: list[Any] = [self.devices.nic] if nic and self.devices.nic is not None and self._vcpu_runnable() else []
         if watched is None and not self.lanes and not tap:
             self._sleep_detached(timeout)
             return
@@ -340,7 +341,8 @@ class VMProcess:
         self._require_fresh()
         image = Image(**msg["image"])
         args = {str(k): int(v) for k, v in dict(msg.get("args") or {}).items()}
-        self._start_machine(msg, lambda mac: Machine.boot(self.ram, image, args, self.clock.now_ns, mac))
+        self._start_machine(msg, lambda mac, disk, block: Machine.boot(self.ram, image, args, self.clock.now_ns, mac,
+                                                                       disk, block))
         self._started(bool(msg.get("paused", False)))
         return {}, ()
 
@@ -350,7 +352,8 @@ class VMProcess:
         self._require_fresh()
         warm, self.warmup = self.warmup, None
         ready = {} if warm is None else warm.take(self.ram, msg.get("state"))
-        self._start_machine(msg, lambda mac: Machine.restore(self.ram, msg["state"], self.clock.now_ns, ready))
+        self._start_machine(msg, lambda mac, disk, block: Machine.restore(self.ram, msg["state"], self.clock.now_ns,
+                                                                          ready, disk, block))
         reply: dict[str, Any] = {} if warm is None else warm.counts()
         if msg.get("listen"):
             # The incoming VM becomes detachable in the same step (a migration's commit waits on this
@@ -384,25 +387,9 @@ class VMProcess:
         self.warmup = Warmup(msg.get("code-start"), msg.get("code"), len(self.ram), msg.get("pcs"), translated)
         return {"queued": self.warmup.pending}, ()
 
-    def _start_machine(self, msg: dict[str, Any], build: Callable[[int | None], Machine]) -> None:
-        """Open the TAP a ``nic`` field asks for, then build the machine (given the NIC's MAC).
-
-        A refusal on either side leaves neither: no TAP without a machine, no machine without its TAP.
-        """
-        nic = None
-        if msg.get("nic") is not None:
-            from vmruntime.tap import HostNic
-
-            nic = HostNic.open(msg["nic"])
-        try:
-            machine = build(None if nic is None else nic.mac)
-            if nic is not None:
-                nic.check_machine(machine)
-        except BaseException:
-            if nic is not None:
-                nic.close()
-            raise
-        self.machine, self.nic = machine, nic
+    def _start_machine(self, msg: dict[str, Any], build: Build) -> None:
+        """The devices ``nic`` and ``disk`` ask for, then the machine over them: both or neither."""
+        self.machine, self.devices = start_machine(msg, build)
 
     def _require_fresh(self) -> None:
         if self.machine is not None:
@@ -431,18 +418,11 @@ class VMProcess:
         self.paused = paused
         self.next_run = 0.0
         if self.machine is not None:  # paused, the TAP is not read: the guest sees its link down
-            self.machine.nic_set_link(self.nic is not None and not paused)
+            self.machine.nic_set_link(self.devices.nic is not None and not paused)
 
-    def op_nic_send(self, msg: dict[str, Any]) -> Reply:
-        return {"sent": self._require_nic().inject(list(msg.get("frames") or []))}, ()
-
-    def op_nic_drain(self, msg: dict[str, Any]) -> Reply:
-        return {"drained": self._require_nic().drain()}, ()
-
-    def _require_nic(self) -> HostNic:
-        if self.nic is None:
-            raise RuntimeError("this VM has no NIC")
-        return self.nic
+    def op_device(self, msg: dict[str, Any]) -> Reply:
+        """A request for the devices' host side (vmruntime/devices.py): nic-send, nic-drain, disk-dirty."""
+        return DEVICE_OPS[msg["op"]](self.devices, self.machine, msg), ()
 
     def op_throttle(self, msg: dict[str, Any]) -> Reply:
         percent = msg.get("percent")
@@ -453,9 +433,8 @@ class VMProcess:
         return {}, ()
 
     def op_status(self, msg: dict[str, Any]) -> Reply:
-        nic = {} if self.nic is None else {"nic": self.nic.status(self.machine)}
         return {
-            **nic,
+            **self.devices.status(self.machine),
             "status": self.status_name(),
             "instructions": self.machine.instructions if self.machine is not None else 0,
             "fault_reason": self.fault_reason(),
@@ -545,8 +524,7 @@ _HANDLERS = {
     "attach": VMProcess.op_attach,
     "stop": VMProcess.op_stop,
     "lane": VMProcess.op_lane,
-    "nic-send": VMProcess.op_nic_send,
-    "nic-drain": VMProcess.op_nic_drain,
+    **{op: VMProcess.op_device for op in DEVICE_OPS},
     "blocks": VMProcess.op_blocks,
     "warm": VMProcess.op_warm,
 }

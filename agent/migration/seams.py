@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 from agent.announce import Schedule
+from agent.disks import DiskConfig
 from agent.nics import NicConfig
 from vmruntime.dirty import DirtyTracker
 
@@ -94,10 +95,14 @@ class MigratingVM(Protocol):
 
 
 class ManagedVM(MigratingVM, Protocol):
-    """A VM as the MigrationManager sees it: a MigratingVM with the lock of control-API operations."""
+    """A VM as the MigrationManager sees it: a MigratingVM with the lock of control-API operations
+    and its disk (the manager refuses to move a VM with a disk: disk migration is not built yet)."""
 
     @property
     def lock(self) -> asyncio.Lock: ...
+
+    @property
+    def disk(self) -> DiskConfig | None: ...
 
 
 class SourceHost(Protocol):

@@ -6,8 +6,8 @@ anyone, the agent reads every record in `<state-dir>/vms/` and for each one:
 - checks that the recorded process is still the one recorded (pid and start time), connects to its
   socket, checks the peer's pid (SO_PEERCRED), sends `attach` (reply: run state, instructions,
   throttle, NIC counters, the console output kept meanwhile, and the guest RAM memfd, which must hold
-  the recorded size), and lists the VM again, with the NIC its record names (the VM process kept
-  its TAP open all along). A record that fails any of this is logged "vm lost with the previous
+  the recorded size), and lists the VM again, with the NIC and disk its record names (the VM process
+  kept its TAP and its locked image open all along; one holding another image is not adopted). A record that fails any of this is logged "vm lost with the previous
   agent run" with the reason and removed.
 - settles a migration the previous run was in the middle of, by the recorded phase
   (`settle_action`, the ownership rules of docs/RELIABILITY.md):
@@ -39,6 +39,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent.disks import DiskConfig
 from agent.nics import NicConfig
 from agent.records import process_start_time
 from agent.vms.errors import VMError, check_name
@@ -164,7 +165,12 @@ class Adopter:
                     pid_start=int(rec["pid-start"]), origin=str(rec.get("origin", "created")),
                     started=float(rec.get("started") or time.time()),
                     arrived_by=str(rec["arrived-by"]) if rec.get("arrived-by") else None,
-                    nic=NicConfig.from_record(rec["nic"]) if rec.get("nic") else None)
+                    nic=NicConfig.from_record(rec["nic"]) if rec.get("nic") else None,
+                    disk=DiskConfig.from_record(rec["disk"]) if rec.get("disk") else None)
+            held = (reply.get("disk") or {}).get("path")
+            if held != (vm.disk.path if vm.disk is not None else None):
+                raise AdoptError(f"its VM process holds disk image {held}, its record names "
+                                 f"{vm.disk.path if vm.disk is not None else 'none'}")
         except BaseException:
             sock.close()
             await release_guest_ram(memfd, ram)
@@ -183,7 +189,7 @@ class Adopter:
         """Take the run state from the attach reply, then apply settle_action's outcome."""
         vm.instructions = int(reply.get("instructions", 0))
         vm.fault_reason = reply.get("fault_reason")
-        vm.note_nic_status(reply)
+        vm.note_device_status(reply)
         status = str(reply.get("status"))
         vm._set_run(status if status in ("halted", "faulted") else "paused" if reply.get("paused") else "running")
         action = settle_action(phase, run_before, vm.state == "paused")

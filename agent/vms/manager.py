@@ -15,10 +15,11 @@ import concurrent.futures
 import contextlib
 import mmap
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from agent import nics
+from agent import disks, nics
 from agent.announce import Schedule, announce_frames, send_rounds
 from agent.logs import Log
 from agent.records import VMRecords
@@ -34,6 +35,7 @@ from proto.errors import ErrorCode
 from vmruntime import control as vmctl
 from vmruntime import dirty
 from vmruntime.asm import AsmError
+from vmruntime.diskimage import remove_created
 from vmruntime.programs import load_program
 
 # An incoming VM process waits idle while pages arrive, then restores inside the migration's downtime.
@@ -46,9 +48,10 @@ class VMManager:
     """The VMs of this host and the guest memory reserved for incoming migrations."""
 
     def __init__(self, *, agent_name: str, max_mem: int, dirty_tracker: str = "auto", log: Log | None = None,
-                 records: VMRecords | None = None, spare: bool = False) -> None:
+                 records: VMRecords | None = None, spare: bool = False, disk_dirs: Sequence[Path] = ()) -> None:
         """``spare``: keep one VM process started ahead of need for incoming migrations
-        (keep_spare(); the agent daemon does, library users and unit tests need not)."""
+        (keep_spare(); the agent daemon does, library users and unit tests need not).
+        ``disk_dirs``: where disk images may live, the first for relative paths (agent/disks.py)."""
         self.agent_name = agent_name
         self.records = records
         self.max_mem = max_mem
@@ -57,6 +60,8 @@ class VMManager:
         self.listed: dict[str, VM] = {}  # the VMs of this host, by name
         self._creating: dict[str, int] = {}  # names being created -> mem, so two creates cannot race
         self._creating_nics: dict[str, nics.NicConfig] = {}  # the NICs of those, once checked
+        self._creating_disks: dict[str, disks.DiskConfig] = {}  # and their disks
+        self.disk_dirs = tuple(disk_dirs)
         self.accepting = True  # False once the agent is shutting down
         self.recorder = Recorder(records, lambda vm: self.listed.get(vm.name) is vm)
         self.spare = SpareKeeper(enabled=spare, accepting=lambda: self.accepting, log=self.log)
@@ -101,30 +106,61 @@ class VMManager:
     # -- create ------------------------------------------------------------------------------------
     async def create(self, name: str, program: str, mem: int, args: dict[str, str],
                      dirty_tracker: str | None = None, paused: bool = False,
-                     nic: Mapping[str, Any] | None = None) -> VM:
+                     nic: Mapping[str, Any] | None = None, disk: Mapping[str, Any] | None = None) -> VM:
         """Create guest RAM, spawn the VM process, boot the program; the VM runs when this returns.
 
-        ``nic``: the control API's `nic` map (agent/nics.py), checked before any process starts."""
+        ``nic``: the control API's `nic` map (agent/nics.py), ``disk`` its `disk` map (agent/disks.py),
+        both checked before any process starts. An image created here for a VM whose creation then
+        fails is removed: a failed create leaves no file that was not there before."""
         self.claim(name, mem)
         self._creating[name] = mem
+        created: str | None = None
         try:
-            config = await self._nic_for(name, nic) if nic is not None else None
             try:
-                image, boot_args = load_program(program, nics.boot_args(program, args, config))
-            except (ValueError, OSError, AsmError) as e:
-                raise VMError(ErrorCode.BAD_REQUEST, f"program {program!r}: {e}") from e
-            backend = self.backend(dirty_tracker)
-            fd, ram = create_guest_ram(name, mem)
-            try:
-                vm = await self.spawn(name, mem, fd, ram, backend, program)
-            except BaseException:
-                await release_guest_ram(fd, ram)
-                raise
-            vm.nic = config
-        finally:
-            del self._creating[name]
-            self._creating_nics.pop(name, None)
-        return await self._boot(vm, image, boot_args, paused)
+                config = await self._nic_for(name, nic) if nic is not None else None
+                try:
+                    image, boot_args = load_program(program, nics.boot_args(program, args, config))
+                except (ValueError, OSError, AsmError) as e:
+                    raise VMError(ErrorCode.BAD_REQUEST, f"program {program!r}: {e}") from e
+                backend = self.backend(dirty_tracker)
+                disk_config, created = await self._disk_for(name, disk) if disk is not None else (None, None)
+                fd, ram = create_guest_ram(name, mem)
+                try:
+                    vm = await self.spawn(name, mem, fd, ram, backend, program)
+                except BaseException:
+                    await release_guest_ram(fd, ram)
+                    raise
+                vm.nic, vm.disk = config, disk_config
+            finally:
+                del self._creating[name]
+                self._creating_nics.pop(name, None)
+                self._creating_disks.pop(name, None)
+            return await self._boot(vm, image, boot_args, paused)
+        except BaseException:
+            if created is not None:
+                await asyncio.to_thread(remove_created, created)
+            raise
+
+    def disks_in_use(self) -> dict[str, disks.DiskConfig]:
+        """VM name -> disk of every VM here: listed or being created."""
+        used = {n: vm.disk for n, vm in self.listed.items() if vm.disk is not None}
+        used.update(self._creating_disks)
+        return used
+
+    async def _disk_for(self, name: str, request: Mapping[str, Any]) -> tuple[disks.DiskConfig, str | None]:
+        """The disk of a VM being created and the image's path if it was created now: allowed, not
+        another VM's here (kept in `_creating_disks` until the VM is listed), the image created or
+        checked off the loop (a file system). The VM process's lock refuses any other user."""
+        try:
+            config, made = await asyncio.to_thread(disks.prepare, request, self.disk_dirs, self.disks_in_use())
+        except disks.DiskError as e:
+            raise VMError(ErrorCode.BAD_REQUEST, f"cannot give VM {name!r} a disk: {e}") from e
+        reason = disks.clash(config.path, self.disks_in_use())  # again: another create may have taken it meanwhile
+        if reason is not None:
+            # Even an image this create made is left alone: the VM that took it meanwhile uses it now.
+            raise VMError(ErrorCode.BAD_REQUEST, f"cannot give VM {name!r} a disk: {reason}")
+        self._creating_disks[name] = config
+        return config, config.path if made else None
 
     def nics_in_use(self) -> dict[str, nics.NicConfig]:
         """VM name -> NIC of every VM here: listed, being created, or arriving by migration."""
@@ -153,6 +189,8 @@ class VMManager:
     async def _boot(self, vm: VM, image: Any, boot_args: dict[str, int], paused: bool) -> VM:
         self.listed[vm.name] = vm
         fields: dict[str, Any] = {} if vm.nic is None else {"nic": vm.nic.boot_field()}
+        if vm.disk is not None:
+            fields["disk"] = vm.disk.boot_field()
         try:
             await vm.channel.request("boot", image=vmctl.image_fields(image), args=boot_args, paused=paused,
                                      **fields)

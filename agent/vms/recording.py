@@ -80,6 +80,7 @@ class Recorder:
             "pid-start": vm.pid_start, "migration-phase": vm.migration_phase,
             "run-before-migration": vm.run_before, "arrived-by": vm.arrived_by,
             "nic": None if vm.nic is None else vm.nic.to_record(),
+            "disk": None if vm.disk is None else vm.disk.to_record(),
         }
         return self.records.in_order(self._write, vm, record)
 

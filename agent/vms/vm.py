@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.disks import DiskConfig
 from agent.logs import Log
 from agent.nics import NicConfig
 from agent.vms.channel import ConsoleBuffer, VMChannel
@@ -78,6 +79,9 @@ class VM:
     # last status or attach reply (its counters).
     nic: NicConfig | None = None
     nic_status: dict[str, Any] | None = None
+    # The VM's disk (agent/disks.py), None without one, and the `disk` field of that last reply.
+    disk: DiskConfig | None = None
+    disk_status: dict[str, Any] | None = None
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -250,17 +254,19 @@ class VM:
         self.instructions = int(reply.get("instructions", self.instructions))
         self.throttle_percent = int(reply.get("throttle", self.throttle_percent))
         self.fault_reason = reply.get("fault_reason") or self.fault_reason
-        self.note_nic_status(reply)
+        self.note_device_status(reply)
         status = str(reply.get("status", self._run))
         if status in ("halted", "faulted"):
             self._set_run(status)
         elif not self.migrating:
             self._set_run("paused" if reply.get("paused") else "running")
 
-    def note_nic_status(self, reply: dict[str, Any]) -> None:
-        """Keep the NIC counters of a status or attach reply (its `nic` field, when it has one)."""
+    def note_device_status(self, reply: dict[str, Any]) -> None:
+        """Keep the device counters of a status or attach reply (its `nic` and `disk` fields, when there)."""
         if isinstance(reply.get("nic"), dict):
             self.nic_status = dict(reply["nic"])
+        if isinstance(reply.get("disk"), dict):
+            self.disk_status = dict(reply["disk"])
 
     def info(self) -> dict[str, Any]:
         """The VM's public description (the JSON of `ferry vm info`)."""
@@ -277,6 +283,7 @@ class VM:
             "fault-reason": self.fault_reason,
             "console-bytes": self.console.total,
             "nics": [] if self.nic is None else [self.nic.info(self.nic_status)],
+            "disks": [] if self.disk is None else [self.disk.info(self.disk_status)],
         }
 
     # -- endings ------------------------------------------------------------------------------------

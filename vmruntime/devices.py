@@ -1,0 +1,168 @@
+"""The host side of a VM's devices, in the VM process: its TAP and its disk image.
+
+Owns opening and closing what a VM's devices hold on the host, and the control
+requests that reach the devices rather than the vCPU (docs/CONTRACTS.md):
+
+- a ``boot`` or ``restore`` request's ``nic`` field ({tap, bridge, mac}) opens a TAP
+  (vmruntime/tap.py) and its ``disk`` field ({path, size, block-size}) opens and locks
+  the image (vmruntime/diskimage.py); `start_machine` then builds the machine over
+  them, and a refusal on any side leaves nothing open: no TAP or locked image without
+  a machine, no machine without its devices;
+- ``nic-send`` / ``nic-drain`` (the agent's announce, a paused VM leaving), and
+  ``disk-dirty``: the dirty blocks of the disk since the last harvest, reset as they
+  are returned (the disk's counterpart of RAM dirty tracking, for a disk migration's
+  rounds), or all forgotten (``clear``);
+- the devices' part of the ``status`` reply; closing everything when the process ends.
+
+The guest side of each device is the machine's (vmruntime/nic.py, vmruntime/disk.py);
+the VM process's loop (vmruntime/vmproc.py) decides when to call in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from vmruntime.disk import DEFAULT_BLOCK_SIZE, BlockBackend, DirtyBlocks
+from vmruntime.diskimage import ImageFile, allocated_bytes
+
+if TYPE_CHECKING:
+    from vmruntime.machine import Machine
+    from vmruntime.tap import HostNic
+
+# Ranges one disk-dirty reply carries at most (each a few bytes of msgpack: well under control.MAX_MSG).
+MAX_DIRTY_RANGES = 16384
+
+# build(nic MAC or None, disk backend or None, dirty block size) -> the machine
+Build = Callable[[int | None, BlockBackend | None, int], "Machine"]
+
+
+class HostDisk:
+    """One VM's open, locked image and the size of its dirty blocks."""
+
+    def __init__(self, image: ImageFile, block_size: int) -> None:
+        self.image = image
+        self.block_size = block_size
+
+    @classmethod
+    def open(cls, raw: object) -> HostDisk:
+        """From a request's ``disk`` field; ValueError / ImageError refuse the request."""
+        if not isinstance(raw, Mapping):
+            raise ValueError("disk must be a map {path, size, [block-size]}")
+        path, size = raw.get("path"), raw.get("size")
+        block = raw.get("block-size", DEFAULT_BLOCK_SIZE)
+        if not (isinstance(path, str) and os.path.isabs(path)):
+            raise ValueError(f"disk path {path!r} must be an absolute path")
+        if not isinstance(size, int) or not isinstance(block, int):
+            raise ValueError("disk size and block-size must be integers")
+        DirtyBlocks(1, block)  # refuses a bad block size before the image is locked
+        return cls(ImageFile.open(path, size), block)
+
+    def status(self, machine: Machine | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {"path": self.image.path, "size": self.image.size,
+                                  "allocated": allocated_bytes(os.fstat(self.image.fd))}
+        info = machine.disk.info() if machine is not None and machine.disk is not None else {}
+        for key in ("reads", "writes", "flushes", "errors", "dirty-blocks"):
+            fields[key] = info.get(key, 0)
+        fields["block-size"] = self.block_size
+        return fields
+
+    def close(self) -> None:
+        self.image.close()
+
+
+class HostDevices:
+    """What one VM process holds for its machine's devices; either may be absent."""
+
+    def __init__(self, nic: HostNic | None = None, disk: HostDisk | None = None) -> None:
+        self.nic = nic
+        self.disk = disk
+
+    @classmethod
+    def open(cls, msg: Mapping[str, Any]) -> HostDevices:
+        """The devices a boot or restore request asks for; all or none are open when this returns."""
+        devices = cls()
+        try:
+            if msg.get("nic") is not None:
+                from vmruntime.tap import HostNic
+
+                devices.nic = HostNic.open(msg["nic"])
+            if msg.get("disk") is not None:
+                devices.disk = HostDisk.open(msg["disk"])
+        except BaseException:
+            devices.close()
+            raise
+        return devices
+
+    def status(self, machine: Machine | None) -> dict[str, Any]:
+        """The devices' fields of a status reply: ``nic`` and ``disk``, each only when present."""
+        fields: dict[str, Any] = {}
+        if self.nic is not None:
+            fields["nic"] = self.nic.status(machine)
+        if self.disk is not None:
+            fields["disk"] = self.disk.status(machine)
+        return fields
+
+    def close(self) -> None:
+        """Close the TAP (the kernel removes it) and the image (which unlocks it; the file stays)."""
+        if self.nic is not None:
+            self.nic.close()
+        if self.disk is not None:
+            self.disk.close()
+
+
+def start_machine(msg: Mapping[str, Any], build: Build) -> tuple[Machine, HostDevices]:
+    """Open the devices a boot or restore request asks for, then build the machine over them.
+
+    A refusal on either side leaves neither: the devices are closed if the machine is refused
+    (or a restored machine does not match them).
+    """
+    devices = HostDevices.open(msg)
+    try:
+        disk = devices.disk
+        machine = build(None if devices.nic is None else devices.nic.mac,
+                        None if disk is None else disk.image, DEFAULT_BLOCK_SIZE if disk is None else disk.block_size)
+        if devices.nic is not None:
+            devices.nic.check_machine(machine)
+    except BaseException:
+        devices.close()
+        raise
+    return machine, devices
+
+
+# -- requests served by the devices: (devices, machine or None, request) -> reply fields --
+
+def _nic_send(devices: HostDevices, machine: Machine | None, msg: Mapping[str, Any]) -> dict[str, Any]:
+    return {"sent": _require_nic(devices).inject(list(msg.get("frames") or []))}
+
+
+def _nic_drain(devices: HostDevices, machine: Machine | None, msg: Mapping[str, Any]) -> dict[str, Any]:
+    return {"drained": _require_nic(devices).drain()}
+
+
+def _require_nic(devices: HostDevices) -> HostNic:
+    if devices.nic is None:
+        raise RuntimeError("this VM has no NIC")
+    return devices.nic
+
+
+def _disk_dirty(devices: HostDevices, machine: Machine | None, msg: Mapping[str, Any]) -> dict[str, Any]:
+    """The disk's dirty byte ranges since the last harvest, reset as returned (``more``: harvest
+    again); ``clear``: forget every mark instead (a migration's bulk pass copies the whole disk)."""
+    if machine is None or machine.disk is None:
+        raise RuntimeError("this VM has no disk")
+    dirty = machine.disk.dirty
+    if msg.get("clear"):
+        dirty.reset()
+        return {"block-size": dirty.block_size, "ranges": [], "more": False}
+    limit = msg.get("max-ranges", MAX_DIRTY_RANGES)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_DIRTY_RANGES:
+        raise ValueError(f"max-ranges must be an integer 1..{MAX_DIRTY_RANGES}, got {limit!r}")
+    ranges = dirty.harvest(limit)
+    more = len(ranges) == limit and dirty.count() > 0
+    return {"block-size": dirty.block_size, "ranges": [list(r) for r in ranges], "more": more}
+
+
+DeviceOp = Callable[[HostDevices, "Machine | None", Mapping[str, Any]], dict[str, Any]]
+DEVICE_OPS: dict[str, DeviceOp] = {"nic-send": _nic_send, "nic-drain": _nic_drain, "disk-dirty": _disk_dirty}
