@@ -482,9 +482,16 @@ class Sync(Message):
 @register(46)
 @dataclass(frozen=True, slots=True)
 class SyncAck(Message):
-    """Destination -> source: every page sent before Sync ``round`` is applied here."""
+    """Destination -> source: every page sent before Sync ``round`` is applied here. From version 2,
+    ``held_s``: how long the destination held this answer back while its VM process translated
+    the code hint's blocks (docs/protocol.md), which the source leaves out of its bandwidth."""
 
     round: int
+    held_s: float = since(2, 0.0)
+
+    def check(self, guest_size: int | None = None) -> None:
+        if not 0.0 <= self.held_s <= 3600.0:
+            raise FieldError(f"held_s {self.held_s} is not a duration in seconds")
 
 
 @register(47)

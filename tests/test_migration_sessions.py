@@ -26,7 +26,7 @@ import pytest
 
 from agent.announce import Schedule
 from agent.code_cache import CodeCache, cache_key
-from agent.migration import pages, transport
+from agent.migration import code_hint, pages, transport
 from agent.migration.common import (
     RUN_STATE_KEY,
     LoopBridge,
@@ -600,6 +600,9 @@ class FakeDestLane:
         if op == "warm":
             self.vms.warmed.append(fields)
             return {"queued": len(fields["pcs"])}
+        if op == "warm-status":  # the warm-up's progress, as scripted: each poll takes the next figure
+            self.vms.warm_polls += 1
+            return {"pending": self.vms.warm_pending.pop(0) if self.vms.warm_pending else self.vms.warm_stuck}
         assert op == "restore"
         self.vms.events.append("restore")
         if self.vms.fail_restore:
@@ -625,6 +628,9 @@ class FakeDestVMs:
         self.events: list[str] = []  # "claim" and "restore", in the order they happened
         self.claim_delay = 0.0  # seconds claim_incoming takes (a slow record write)
         self.warmed: list[dict[str, Any]] = []  # the fields of each `warm` request (a code hint)
+        self.warm_pending: list[int] = []  # what successive `warm-status` polls answer, then warm_stuck
+        self.warm_stuck = 0
+        self.warm_polls = 0
 
     def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None) -> Inc:
         if self.refuse is not None:
@@ -773,6 +779,30 @@ def test_destination_hands_a_code_hint_to_the_vm_process_with_this_hosts_transla
     assert (warm["code-start"], warm["code"], warm["pcs"], warm["tag"]) == (0, code, [0x10, 0x40], COMPILER_TAG)
     assert sorted(warm["translated"]) == [(0x10, b"t1"), (0x20, b"t2")]
     assert h.infos["v"].status is Status.COMPLETED
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_destination_holds_syncack_until_the_warm_up_is_done_and_only_once(
+        bridge: LoopBridge, source_ram: Any, monkeypatch: pytest.MonkeyPatch, stuck: bool) -> None:
+    monkeypatch.setattr(code_hint, "HOLD_MAX_S", 0.2)
+    fd, ram = source_ram
+    vms = FakeDestVMs()
+    vms.warm_pending, vms.warm_stuck = [5, 3, 1], (7 if stuck else 0)  # stuck: never done, given up at the cap
+    h = Harness(bridge, vms, Outcomes())
+    assert isinstance(h.start(), MigrateAccept)
+    h.src.send(CodeHint(0, bytes(ram[:0x400]), (0x10,)))
+    mv = memoryview(ram)
+    for b in pages.plan_batches(mv, [(0, SIZE)]):
+        h.src.send_pages(mv, b.ranges, b.zeros)
+    h.src.send(Sync(0))
+    first = h.src.recv()
+    assert isinstance(first, SyncAck) and first.round == 0 and first.held_s > 0
+    assert vms.warm_polls == 4 or (stuck and vms.warm_polls > 4)
+    polls = vms.warm_polls
+    h.src.send(RoundEnd(0, 1, 0, SIZE, 0.1, 0, 0.0))
+    h.src.send(Sync(1))  # a later round is not held, whatever the warm-up does
+    assert h.src.recv() == SyncAck(1, 0.0) and vms.warm_polls == polls
+    h.finish()
 
 
 @pytest.mark.parametrize("hint", [True, False])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.announce import ETH_P_RARP
-from tests.agents import AgentProc, agent_pair, names, run_ip, wait_for
+from tests.agents import AgentProc, agent_pair, names, run_ip, start_agent, wait_for
 from tests.netlan import GUEST_IP, Lan, net_unavailable
 
 pytestmark = pytest.mark.skipif(net_unavailable() is not None, reason=net_unavailable() or "")
@@ -61,6 +61,8 @@ def test_netd_migrates_keeps_its_values_and_is_announced(pair: tuple[AgentProc, 
     assert all(f["src"] == f["sha"] == f["tha"] == mac and f["op"] == 3 and f["dst"] == "ff:ff:ff:ff:ff:ff"
                for f in frames), frames
 
+    incoming = b.call("migrate-status", name="n1")
+    assert incoming["direction"] == "in" and sum(incoming["code-blocks"].values()) > 0  # the code hint came
     info = b.cli("vm", "info", "n1", json=True).json
     [nic_b] = info["nics"]
     assert info["state"] == "running" and nic_b["mac"] == mac and nic_b["ip"] == f"{GUEST_IP}/24"
@@ -83,10 +85,20 @@ def test_netd_migrates_keeps_its_values_and_is_announced(pair: tuple[AgentProc, 
     # and back, without announce this time (rounds 0)
     back = b.cli("migrate", "n1", "--to", a.control, "--announce-rounds", "0", json=True).json
     assert back["status"] == "completed", back
+    # A kept the blocks its VM process had translated when the VM left: loaded, not translated, now
+    assert a.call("migrate-status", name="n1")["code-blocks"]["warm"] > 0
     nic_back = a.cli("vm", "info", "n1", json=True).json["nics"][0]
     assert nic_back["mac"] == mac and _on_bridge(lan.bridge, nic_back["tap"])
     assert _kv(lan, "GET colour") == ["VALUE deep blue\n"]
-    a.cli("vm", "destroy", "n1")
+
+    # the agent restarts: it re-adopts the VM that came by migration, NIC and TAP with it
+    assert a.stop(keep_vms=True) == 0
+    with start_agent(a.state_dir.parent, "A", a.key_path) as a2:
+        again = a2.cli("vm", "info", "n1", json=True).json["nics"][0]
+        assert (again["mac"], again["tap"]) == (mac, nic_back["tap"]) and _on_bridge(lan.bridge, again["tap"])
+        assert _kv(lan, "GET shape") == ["VALUE round\n"]
+        a2.cli("vm", "destroy", "n1")
+        wait_for(lambda: not Path(f"/sys/class/net/{nic_back['tap']}").exists(), timeout=10, what="TAP removed")
 
 
 def test_the_destinations_nic_refusals_leave_the_vm_running_on_the_source(pair: tuple[AgentProc, AgentProc],

@@ -116,6 +116,7 @@ _OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
     (proto.Hello, "min_version"): st.just(1),
     (proto.Hello, "max_version"): st.integers(1, 5),
     (proto.MigrateStart, "mem_size"): st.integers(1, 1 << 20).map(lambda p: p * proto.PAGE_SIZE),
+    (proto.SyncAck, "held_s"): st.floats(0.0, 3600.0),
 }
 
 

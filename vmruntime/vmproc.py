@@ -4,7 +4,7 @@ Started as ``python -m vmruntime.vmproc --ram-fd F --ram-size N --ctl-fd C``
 with the memfd of guest RAM and its end of the control socketpair inherited.
 This module owns the process's main loop and the handling of every control
 request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
-track-start, track-stop, listen, attach, lane, stop, blocks, warm; the devices' requests (nic-send,
+track-start, track-stop, listen, attach, lane, stop, blocks, warm, warm-status; the devices' requests (nic-send,
 nic-drain, disk-dirty) and the opening of a VM's TAP and disk image are vmruntime/devices.py's.
 
 ``lane`` hands the controller one end of a private socketpair: requests sent
@@ -387,6 +387,10 @@ class VMProcess:
         self.warmup = Warmup(msg.get("code-start"), msg.get("code"), len(self.ram), msg.get("pcs"), translated)
         return {"queued": self.warmup.pending}, ()
 
+    def op_warm_status(self, msg: dict[str, Any]) -> Reply:
+        """Blocks of the warm-up still to translate (0 without one, or once restored)."""
+        return {"pending": 0 if self.warmup is None else self.warmup.pending}, ()
+
     def _start_machine(self, msg: dict[str, Any], build: Build) -> None:
         """The devices ``nic`` and ``disk`` ask for, then the machine over them: both or neither."""
         self.machine, self.devices = start_machine(msg, build)
@@ -527,6 +531,7 @@ _HANDLERS = {
     **{op: VMProcess.op_device for op in DEVICE_OPS},
     "blocks": VMProcess.op_blocks,
     "warm": VMProcess.op_warm,
+    "warm-status": VMProcess.op_warm_status,
 }
 
 

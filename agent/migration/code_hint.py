@@ -8,11 +8,18 @@ code's bytes, as a ``CodeHint``; the destination hands them to its idle VM proce
 ``warm``), which translates them while the guest's RAM arrives (vmruntime/warmup.py), or loads
 the translations this host kept from an earlier VM with the same code (agent/code_cache.py).
 
+A small guest's pre-copy can end before the translation does; so the destination holds its
+answer to a pre-copy round's Sync until the warm-up is done (at most HOLD_MAX_S from the hint on):
+the source does not pause the VM before the destination can run it at speed, and it leaves the
+hold (SyncAck's ``held_s``) out of its bandwidth estimate.
+
 The hint is advice: a peer speaking protocol version 1 (it gets none), a VM process that cannot
 say, or one that refuses the hint, costs the migration nothing but the warm-up.
 """
 
 from __future__ import annotations
+
+import time
 
 from agent.code_cache import CodeCache, cache_key
 from agent.migration.seams import Lane, LogLike
@@ -23,6 +30,11 @@ from vmruntime.interp import COMPILER_TAG
 from vmruntime.warmup import MAX_TRANSLATED_BYTES
 
 HINT_TIMEOUT_S = 10.0  # a VM process answers between two slices; this only bounds a stuck one
+# How long, from the hint on, the destination may hold SyncAck while its VM process translates:
+# the guest runs on at the source meanwhile, and a cold code region that takes longer than this
+# is compiled on its first run after the resume instead.
+HOLD_MAX_S = 0.5
+HOLD_POLL_S = 0.002
 
 
 def ask(lane: Lane, ram: memoryview, cache: CodeCache | None = None) -> CodeHint | None:
@@ -61,6 +73,23 @@ def forward(lane: Lane, hint: CodeHint, ram_size: int, log: LogLike, vm: str, ca
         lane.request("warm", timeout=HINT_TIMEOUT_S, **fields)
     except VMError as exc:
         log.warning("code hint not used", vm=vm, error=str(exc))
+
+
+def hold(lane: Lane, until: float) -> float:
+    """Wait until the VM process behind ``lane`` has no block left to translate, or ``until``
+    (time.monotonic()) passed; the seconds waited."""
+    t0 = time.monotonic()
+    waited = 0.0  # (none when the first look finds the warm-up over)
+    while True:
+        try:
+            pending = int(lane.request("warm-status", timeout=HINT_TIMEOUT_S).get("pending", 0))
+        except VMError:  # a VM process without the op: nothing to wait for
+            pending = 0
+        now = time.monotonic()
+        if pending == 0 or now >= until:
+            return waited
+        time.sleep(min(HOLD_POLL_S, until - now))
+        waited = time.monotonic() - t0
 
 
 def _within(blocks: list[tuple[int, bytes]], max_bytes: int) -> list[tuple[int, bytes]]:

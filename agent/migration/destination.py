@@ -131,6 +131,7 @@ class DestinationSession:
         self._lane: Lane | None = None  # this thread's own socket to the incoming VM's process
         self._listen_at: str | None = None  # where that process will listen once restored
         self._vm: Any = None  # the claimed VM, once COMMIT started it here
+        self._warm_until: float | None = None  # a code warm-up runs: hold SyncAck for it until then
 
     def on_authenticated(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when the peer has authenticated or the session ended."""
@@ -285,18 +286,27 @@ class DestinationSession:
             if isinstance(msg, PageBatch):
                 self._on_pages(msg)
             elif isinstance(msg, Sync):  # every page before it is applied: say so
-                self._send(SyncAck(msg.round))
+                self._send(SyncAck(msg.round, self._hold_for_warm_up()))
                 self._digest_after_sync()
             elif isinstance(msg, RoundEnd):
                 self._on_round_end(msg)
             elif isinstance(msg, CodeHint):
                 assert self._lane is not None and self.info is not None
                 code_hint.forward(self._lane, msg, self.info.mem, self.log, self.info.vm, self.code_cache)
+                self._warm_until = time.monotonic() + code_hint.HOLD_MAX_S
             elif isinstance(msg, DeviceState):
                 self._on_state(msg)
             elif isinstance(msg, Digest):
                 self._on_digest(msg)
                 return
+
+    def _hold_for_warm_up(self) -> float:
+        """Seconds SyncAck waited for the VM process's warm-up (agent/migration/code_hint.py)."""
+        if self._warm_until is None or self._lane is None:
+            return 0.0
+        held = code_hint.hold(self._lane, self._warm_until)
+        self._warm_until = None  # over, or given up on: later rounds are not held
+        return held
 
     def _on_pages(self, batch: PageBatch) -> None:
         assert self._ram is not None and self.info is not None and self._digest is not None

@@ -151,11 +151,15 @@ class RoundStat:
     final: bool = False  # the stop-and-copy pass (VM paused), always the last entry
     start: float = 0.0  # when the round began sending (received, on the destination), seconds into the migration
     sync_rtt: float = 0.0  # of ``seconds``: the path's round trip in the wait for SyncAck (not bandwidth)
+    held: float = 0.0  # of ``seconds``: the destination held SyncAck for its code warm-up (not bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),
-                "zero-pages": self.zero_pages, "dirty-pages": self.dirty_pages, "final": self.final,
-                "start": _ms(self.start)}
+        d = {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),
+             "zero-pages": self.zero_pages, "dirty-pages": self.dirty_pages, "final": self.final,
+             "start": _ms(self.start)}
+        if self.held:
+            d["warm-up-wait"] = _ms(self.held)
+        return d
 
 
 def _ms(seconds: float) -> int:

@@ -56,17 +56,19 @@ class RoundBook:
         self._sent_bytes += stat.bytes
         self._send_seconds += seconds
 
-    def synced(self, stat: RoundStat, waited: float, rtt: float) -> None:
-        """The destination acknowledged the round ``waited`` seconds after its Sync went out.
+    def synced(self, stat: RoundStat, waited: float, rtt: float, held: float = 0.0) -> None:
+        """The destination acknowledged the round ``waited`` seconds after its Sync went out, having
+        held the answer ``held`` seconds for its code warm-up (agent/migration/code_hint.py).
 
         The round's time includes the wait, the bandwidth only the drain, not
         the round trip (``rtt``): the policy's fixed downtime has that already,
         and counting it here makes a small round on a long path look slow
-        (docs/PERFORMANCE.md section 10).
+        (docs/PERFORMANCE.md section 10); nor the hold, which no page waited for.
         """
         stat.seconds += waited
-        stat.sync_rtt = min(waited, rtt)
-        self._send_seconds += waited - stat.sync_rtt
+        stat.held = min(max(held, 0.0), waited)
+        stat.sync_rtt = min(waited - stat.held, rtt)
+        self._send_seconds += waited - stat.held - stat.sync_rtt
 
     def bandwidth(self) -> float:
         """The lower of: bytes/s over all rounds, and of the latest round that moved enough to measure.
@@ -79,8 +81,9 @@ class RoundBook:
         """
         overall = self._sent_bytes / self._send_seconds if self._send_seconds > 0 else 0.0
         for r in reversed(self.info.rounds):
-            if r.bytes >= MIN_MEASURED_BYTES and r.seconds - r.sync_rtt > 0:
-                return min(overall, r.bytes / (r.seconds - r.sync_rtt))
+            drain = r.seconds - r.sync_rtt - r.held
+            if r.bytes >= MIN_MEASURED_BYTES and drain > 0:
+                return min(overall, r.bytes / drain)
         return overall
 
     def end(self, stat: RoundStat, dirty_bytes: int, elapsed: float, final: bool = False) -> RoundEnd:

@@ -323,7 +323,7 @@ class SourceSession:
         reply = self._recv()
         if not isinstance(reply, SyncAck) or reply.round != n:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected SyncAck({n}), got {reply!r}")
-        self._book.synced(stat, time.monotonic() - t, self._rtt)
+        self._book.synced(stat, time.monotonic() - t, self._rtt, reply.held_s)
 
     def _check_deadline(self) -> None:
         """The time limit also holds inside a long round (a big guest on a capped link).
