@@ -146,6 +146,32 @@ def test_echo_guest_on_a_bridge(spawn_vm: SpawnVM, bridge: str, port: socket.soc
     assert _gone(tapname), "the TAP outlived its VM process"
 
 
+def test_a_bridge_that_vanishes_under_a_running_vm_costs_it_only_its_network(spawn_vm: SpawnVM) -> None:
+    bridge, tapname = _name("fyv"), _name("fyt")
+    _ip("link", "add", bridge, "type", "bridge")
+    try:
+        _ip("link", "set", bridge, "up")
+        vm = spawn_vm(RAM)
+        vm.boot(assemble(ECHO), {}, nic=_nic(tapname, bridge))
+        _ip("link", "del", bridge)
+        assert _gone(bridge)
+        # the TAP stays, unplugged; the guest runs on and the VM process answers as before
+        assert _exists(tapname) and not os.path.exists(f"/sys/class/net/{tapname}/master")
+        before = vm.status()["instructions"]
+        deadline = time.monotonic() + 5
+        while vm.status()["instructions"] == before:
+            assert time.monotonic() < deadline, "the guest stopped when its bridge went"
+            time.sleep(0.02)
+        status = vm.status()
+        assert status["status"] == "running" and status["nic"]["bridge"] == bridge
+        vm.pause()
+        vm.resume()
+        assert vm.stop() == 0
+        assert _gone(tapname), "the TAP outlived its VM process"
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
 def test_missing_bridge_is_refused_and_leaves_nothing(spawn_vm: SpawnVM) -> None:
     tapname, missing = _name("fyt"), _name("fynobr")
     vm = spawn_vm(RAM)
