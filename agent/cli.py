@@ -190,6 +190,9 @@ def _add_migrate_commands(sub: Any) -> None:
                    help="after COMMIT, how long to keep asking a silent destination (default 60)")
     m.add_argument("--nic-map", action="append", metavar="SRC_BR=DST_BR",
                    help="plug the VM's NIC into bridge DST_BR on the destination (repeatable)")
+    m.add_argument("--disk-map", action="append", metavar="SRC=DST",
+                   help="the VM's disk image (or a directory of images) SRC is DST on the destination's "
+                        "shared storage (repeatable)")
     _add_announce_flags(m)
     m.add_argument("--json", action="store_true", help="print the final MigrationInfo as JSON, no progress")
     m.add_argument("--detach", action="store_true", help="start the migration and return at once")
@@ -383,6 +386,8 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
         params["code-hint"] = False
     if ns.nic_map:
         params["nic-map"] = list(ns.nic_map)
+    if ns.disk_map:
+        params["disk-map"] = list(ns.disk_map)
     params.update(_announce_params(ns))
     return {k: v for k, v in params.items() if v is not None}
 

@@ -274,9 +274,6 @@ class ControlOps:
         vm = self.vms.get(name)  # a clear no-such-vm, busy or incompatible before any network traffic
         if vm.lock.locked():
             raise OpError(ErrorCode.BUSY, f"VM {name!r} is busy (being paused, resumed or destroyed)")
-        if vm.disk is not None:  # the engine refuses too; here before the destination is even asked
-            raise OpError(ErrorCode.BAD_REQUEST, f"VM {name!r} has a disk ({vm.disk.path}): migrating a VM "
-                                                 "with a disk is not supported yet")
         params = MigrationParams.from_dict(dict(args.get("params") or {}))
         in_doubt = _in_doubt_timeout(args)
         dest = await self._destination(_str(args, "to"))

@@ -1,6 +1,6 @@
 """Tests of a VM's disk on the agent side: `--disk` parsing, allowed directories, the VM manager's
 create (sparse image, reuse, refusals, nothing left behind), `vm info`'s disks, destroy keeping the
-image, re-adoption after a restart, the disk-dirs setting, and the refusal to migrate a VM with a disk.
+image, re-adoption after a restart, the disk-dirs setting, and a migration on shared storage.
 
 The VM manager runs real VM processes over real image files in a temporary state dir.
 """
@@ -23,9 +23,6 @@ from agent import disks
 from agent.cli import _vm_details, build_parser
 from agent.config import ConfigError, describe, load_config
 from agent.logs import Log
-from agent.migration import MigrationManager
-from agent.migration.common import MigrationError
-from agent.migration.info import MigrationParams
 from agent.ops import AgentIdentity, ControlOps, OpError
 from agent.records import VMRecords
 from agent.vms import VM, VMError, VMManager
@@ -243,31 +240,20 @@ async def test_a_restarted_agent_readopts_the_vm_with_its_disk(make_vms: MakeVMs
         await make_vms("U").create("d2", "idle", 4 * MiB, {}, disk={"path": "d.img"})
 
 
-async def test_migrating_a_vm_with_a_disk_is_refused_before_anything_moves(make_vms: MakeVMs, tmp_path: Path,
-                                                                          writer: str) -> None:
+async def test_the_control_api_takes_a_disk_as_a_map(make_vms: MakeVMs, tmp_path: Path, writer: str) -> None:
     vms = make_vms()
-    asked: list[str] = []
 
     async def peer_info(address: str) -> dict[str, Any]:
-        asked.append(address)
-        return {"name": "B", "instance": "other", "migration": "127.0.0.1:1"}
+        raise AssertionError("no peer is asked")
 
     log = Log("debug", io.StringIO(), agent="T")
-    migrations = MigrationManager(agent_name="T", key=b"k" * 32, vms=vms, log=log)
     ops = ControlOps(identity=AgentIdentity("T", ("127.0.0.1", 7700), ("127.0.0.1", 7701), tmp_path), vms=vms,
-                     migrations=migrations, peer_info=peer_info, log=log)
+                     migrations=None, peer_info=peer_info, log=log)
     with pytest.raises(OpError, match="disk must be a map"):
         await ops.handle("vm-create", {"name": "x", "program": "idle", "mem": "4M", "disk": "a.img"})
     await ops.handle("vm-create", {"name": "d1", "program": writer, "mem": "4M", "args": {"n": "1"},
                                    "disk": {"path": "d.img", "size": MiB}})
-    with pytest.raises(OpError) as e:
-        await ops.handle("migrate", {"name": "d1", "to": "127.0.0.1:7"})
-    assert e.value.code == "bad-request" and "migrating a VM with a disk is not supported yet" in e.value.message
-    assert asked == []
-    with pytest.raises(MigrationError, match="not supported yet"):
-        await migrations.migrate("d1", ("127.0.0.1", 1), MigrationParams())
-    assert vms.get("d1").state == "running" and migrations.info("d1") is None
-    await migrations.shutdown()
+    assert vms.get("d1").disk is not None
 
 
 # -- end to end: real agents, the real CLI ----------------------------------------------------------------
@@ -298,10 +284,24 @@ def test_vm_with_a_disk_end_to_end(tmp_path: Path) -> None:
         assert not (tmp_path / "x.img").exists() and not (a.state_dir / "disks" / "none.img").exists()
         a.cli("vm", "create", "d3", "--program", "diskstress", "--mem", "4M", "--arg", "rate=100",
               "--disk", f"{extra / 'e.img'},size=4M")
-        # migrating a VM with a disk is refused before anything moves
+        # B does not see the image (not in its allowed directories): refused before anything moves
         mig = a.cli("migrate", "d3", "--to", b.control, check=False)
-        assert mig.returncode == 1 and "migrating a VM with a disk is not supported yet" in mig.stderr
+        assert mig.returncode == 1 and "outside the allowed directories" in mig.stderr, mig.stderr
         assert b.cli("vm", "list", json=True).json == []
+        assert a.cli("vm", "info", "d3", json=True).json["state"] == "running"
+        # C shares the directory (shared storage): the VM moves, its image's lock with it, and back
+        with start_agent(tmp_path, "C", key, disk_dirs=str(extra)) as c:
+            out = a.cli("migrate", "d3", "--to", c.control, json=True).json
+            assert out["status"] == "completed", out
+            moved = c.cli("vm", "info", "d3", json=True).json
+            assert moved["state"] == "running" and moved["disks"][0]["path"] == str(extra / "e.img")
+            writes = moved["disks"][0]["writes"]
+            assert _wait_for(lambda: c.cli("vm", "info", "d3", json=True).json["disks"][0]["writes"] > writes)
+            taken = a.cli("vm", "create", "d5", "--program", "idle", "--disk", str(extra / "e.img"), check=False)
+            assert taken.returncode == 1 and "in use by another VM" in taken.stderr  # C's process holds it
+            back = c.cli("migrate", "d3", "--to", a.control, json=True).json
+            assert back["status"] == "completed", back
+            assert c.cli("vm", "list", json=True).json == []
         # a restarted agent re-adopts it with its disk; destroy keeps the image
         assert a.stop(keep_vms=True) == 0
         with start_agent(tmp_path, "A", key, disk_dirs=str(extra)) as a2:

@@ -20,12 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from agent.announce import Schedule
 from agent.code_cache import CodeCache, cache_key
+from agent.disks import DiskConfig
 from agent.migration import code_hint, pages, transport
 from agent.migration.common import (
     RUN_STATE_KEY,
@@ -140,6 +142,7 @@ class FakeVM:
     state: str = "running"
     dirty_backend: str = "fake-tracker"
     nic: NicConfig | None = None
+    disk: DiskConfig | None = None
     calls: list[Any] = field(default_factory=list)
     dirty: list[list[tuple[int, int]]] = field(default_factory=list)
 
@@ -632,12 +635,16 @@ class FakeDestVMs:
         self.warm_stuck = 0
         self.warm_polls = 0
 
-    def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None) -> Inc:
+    def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None,
+                         disk: DiskConfig | None = None) -> Inc:
         if self.refuse is not None:
             raise self.refuse
         fd, ram = new_ram(mem)
         self.reserved.append(Inc(name, mem, fd, ram))
         return self.reserved[-1]
+
+    def allowed_disk_dirs(self) -> tuple[Path, ...]:
+        return ()
 
     async def incoming_lane(self, inc: Inc) -> FakeDestLane:
         return FakeDestLane(self)

@@ -140,6 +140,34 @@ def test_refused_images(spawn_vm: SpawnVM, tmp_path: Path) -> None:
         held.close()
 
 
+def test_a_pause_can_release_the_image_and_the_vm_takes_it_back_before_it_runs(spawn_vm: SpawnVM,
+                                                                               tmp_path: Path) -> None:
+    disk = image(tmp_path)
+    vm = boot_writer(spawn_vm, disk)
+    vm.request("pause", **{"release-disk": True})  # a VM leaving on shared storage
+    assert vm.status()["disk"]["released"] is True
+    other = ImageFile.open(str(disk["path"]), 4 * MiB)  # the destination's VM process could lock it now
+    try:
+        with pytest.raises(VMError, match="in use by another VM"):  # no resume on an image it does not own
+            vm.resume()
+        with pytest.raises(VMError, match="in use by another VM"):
+            vm.request("disk-reopen")
+        assert vm.status()["paused"] is True
+    finally:
+        other.close()
+    vm.request("disk-reopen")  # the migration did not happen: taken back, still paused
+    st = vm.status()
+    assert st["paused"] is True and st["disk"]["released"] is False
+    with pytest.raises(Exception, match="in use by another VM"):
+        ImageFile.open(str(disk["path"]), 4 * MiB)
+    vm.resume()
+    reply = vm.request("disk-dirty", clear=True)  # the device writes through the image taken back
+    assert reply["ranges"] == [] and vm.status()["disk"]["writes"] == 3
+    vm.request("pause", **{"release-disk": True})
+    vm.resume()  # resume takes it back by itself
+    assert vm.status()["disk"]["released"] is False
+
+
 def test_restore_continues_on_the_same_image(spawn_vm: SpawnVM, tmp_path: Path) -> None:
     disk = image(tmp_path)
     vm = boot_writer(spawn_vm, disk)

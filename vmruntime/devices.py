@@ -8,8 +8,8 @@ requests that reach the devices rather than the vCPU (docs/CONTRACTS.md):
   the image (vmruntime/diskimage.py); `start_machine` then builds the machine over
   them, and a refusal on any side leaves nothing open: no TAP or locked image without
   a machine, no machine without its devices;
-- ``nic-send`` / ``nic-drain`` (the agent's announce, a paused VM leaving), and
-  ``disk-dirty``: the dirty blocks of the disk since the last harvest, reset as they
+- ``nic-send`` / ``nic-drain`` (the agent's announce, a paused VM leaving),
+  ``disk-reopen`` (the image a pause released, taken back), and ``disk-dirty``: the dirty blocks of the disk since the last harvest, reset as they
   are returned (the disk's counterpart of RAM dirty tracking, for a disk migration's
   rounds), or all forgotten (``clear``);
 - the devices' part of the ``status`` reply; closing everything when the process ends.
@@ -39,11 +39,34 @@ Build = Callable[[int | None, BlockBackend | None, int], "Machine"]
 
 
 class HostDisk:
-    """One VM's open, locked image and the size of its dirty blocks."""
+    """One VM's open, locked image and the size of its dirty blocks.
+
+    A VM leaving on shared storage releases its image at the pause (flushed, closed, unlocked: the
+    destination locks it before it resumes the VM); one that stays after all takes it back
+    (``reopen``) before its vCPU runs again, and is refused if another holds it meanwhile.
+    """
 
     def __init__(self, image: ImageFile, block_size: int) -> None:
         self.image = image
         self.block_size = block_size
+        self.released = False
+
+    def release(self) -> None:
+        """Flush and close the image, which unlocks it (the vCPU is paused: nothing writes)."""
+        if not self.released:
+            self.image.flush()
+            self.image.close()
+            self.released = True
+
+    def reopen(self, machine: Machine | None) -> None:
+        """Open and lock the released image again, under the machine's disk device; ImageError if
+        it is locked by another (the VM must then not run: it would write an image it no longer owns)."""
+        if not self.released:
+            return
+        image = ImageFile.open(self.image.path, self.image.size)
+        self.image, self.released = image, False
+        if machine is not None and machine.disk is not None:
+            machine.disk.backend = image
 
     @classmethod
     def open(cls, raw: object) -> HostDisk:
@@ -60,8 +83,9 @@ class HostDisk:
         return cls(ImageFile.open(path, size), block)
 
     def status(self, machine: Machine | None) -> dict[str, Any]:
+        st = os.stat(self.image.path) if self.released else os.fstat(self.image.fd)
         fields: dict[str, Any] = {"path": self.image.path, "size": self.image.size,
-                                  "allocated": allocated_bytes(os.fstat(self.image.fd))}
+                                  "allocated": allocated_bytes(st), "released": self.released}
         info = machine.disk.info() if machine is not None and machine.disk is not None else {}
         for key in ("reads", "writes", "flushes", "errors", "dirty-blocks"):
             fields[key] = info.get(key, 0)
@@ -164,5 +188,14 @@ def _disk_dirty(devices: HostDevices, machine: Machine | None, msg: Mapping[str,
     return {"block-size": dirty.block_size, "ranges": [list(r) for r in ranges], "more": more}
 
 
+def _disk_reopen(devices: HostDevices, machine: Machine | None, msg: Mapping[str, Any]) -> dict[str, Any]:
+    """Take back an image released at a pause (a migration that did not happen); a no-op when held."""
+    if devices.disk is None:
+        raise RuntimeError("this VM has no disk")
+    devices.disk.reopen(machine)
+    return {}
+
+
 DeviceOp = Callable[[HostDevices, "Machine | None", Mapping[str, Any]], dict[str, Any]]
-DEVICE_OPS: dict[str, DeviceOp] = {"nic-send": _nic_send, "nic-drain": _nic_drain, "disk-dirty": _disk_dirty}
+DEVICE_OPS: dict[str, DeviceOp] = {"nic-send": _nic_send, "nic-drain": _nic_drain, "disk-dirty": _disk_dirty,
+                                   "disk-reopen": _disk_reopen}

@@ -23,13 +23,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 import struct
+import uuid
 
 from vmruntime import isa
 
 SECTOR = isa.DISK_SECTOR_SIZE
 MAX_SIZE = 1 << 50  # 1 PiB: a size beyond this is a typo, not a disk
+# The image's identity lives next to it (PATH + ID_SUFFIX, a UUID): a migration's destination tells
+# the source's image on shared storage from another file at the same path by it.
+ID_SUFFIX = ".ferry-id"
+_ID = re.compile(r"[0-9a-f]{32}")
 # struct flock on Linux (x86_64, aarch64): l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
 _FLOCK = struct.Struct("hhqqi4x")
 
@@ -98,11 +104,39 @@ def _create(path: str, size: int) -> bool:
 
 
 def remove_created(path: str) -> None:
-    """Remove an image this agent created for a VM whose creation failed (best effort)."""
+    """Remove an image this agent created for a VM whose creation failed, and its identity (best effort)."""
+    for name in (path, path + ID_SUFFIX):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
+def image_id(path: str, create: bool = False) -> str | None:
+    """The identity of image ``path`` (a UUID in PATH.ferry-id); None when it has none, unless
+    ``create``: then a new one is written (an image made before identities, or by another tool)."""
+    side = path + ID_SUFFIX
     try:
-        os.unlink(path)
+        with open(side) as f:
+            text = f.read().strip()
     except FileNotFoundError:
-        pass
+        if not create:
+            return None
+        try:
+            fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # another agent on the same shared directory wrote it meanwhile
+            return image_id(path)
+        except OSError as e:
+            raise ImageError(f"cannot write the identity of disk image {path}: {e.strerror or e}") from e
+        new = uuid.uuid4().hex
+        with os.fdopen(fd, "w") as f:
+            f.write(new + "\n")
+        return new
+    except OSError as e:
+        raise ImageError(f"cannot read the identity of disk image {path}: {e.strerror or e}") from e
+    if not _ID.fullmatch(text):
+        raise ImageError(f"the identity file {side} of disk image {path} is malformed")
+    return text
 
 
 def allocated_bytes(st: os.stat_result) -> int:

@@ -405,14 +405,20 @@ class VMProcess:
         self._announce_status()  # a restored machine may already be halted or faulted
 
     def op_pause(self, msg: dict[str, Any]) -> Reply:
+        """``release-disk``: also flush and unlock the image (a VM leaving on shared storage)."""
         machine = self._require_machine()
         self._set_paused(True)
         # Console bytes produced before the pause point reach the parent before the reply.
         self._flush_console()
-        return {"state": machine.save_state()}, ()
+        state = machine.save_state()
+        if msg.get("release-disk") and self.devices.disk is not None:
+            self.devices.disk.release()
+        return {"state": state}, ()
 
     def op_resume(self, msg: dict[str, Any]) -> Reply:
-        self._require_machine()
+        machine = self._require_machine()
+        if self.devices.disk is not None:  # an image a pause released is taken back first, or no resume
+            self.devices.disk.reopen(machine)
         self._set_paused(False)
         return {}, ()
 

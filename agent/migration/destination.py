@@ -28,11 +28,13 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, nic_move, pages
+from agent.disks import DiskConfig, DiskError
+from agent.migration import code_hint, disk_move, nic_move, pages
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -239,10 +241,11 @@ class DestinationSession:
         """The compatibility check and the reservation; Refused when either fails, nothing held."""
         _check_compatible(start)
         nic = _incoming_nic(start)  # reads /sys: here, in the session thread
+        disk = _incoming_disk(start, self.bridge.run(self.vms.allowed_disk_dirs))  # reads the image, here too
         if not self.outcomes.register(start.migration_id, self):
             raise Refused(ErrorCode.BAD_REQUEST, f"migration {start.migration_id} was already seen here")
         try:
-            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size, nic)
+            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size, nic, disk)
         except Exception as exc:
             self.outcomes.settle(start.migration_id, False)
             raise Refused(error_code(exc), describe(exc)) from exc
@@ -533,7 +536,8 @@ class _DigestingSink:
 def _params_of(start: MigrateStart) -> MigrationParams:
     """The source's parameters, for the record (informational: the source enforces them)."""
     try:
-        return MigrationParams.from_dict({k: v for k, v in start.params.items() if k != nic_move.PARAMS_KEY})
+        return MigrationParams.from_dict({k: v for k, v in start.params.items()
+                                          if k not in (nic_move.PARAMS_KEY, disk_move.PARAMS_KEY)})
     except (ValueError, TypeError):
         return MigrationParams()
 
@@ -552,6 +556,15 @@ def _incoming_nic(start: MigrateStart) -> NicConfig | None:
         return dataclasses.replace(nic, tap=nic_move.free_tap(start.vm_name))
     except NicError as e:
         raise Refused(ErrorCode.INCOMPATIBLE, f"the VM's NIC: {e}") from None
+
+
+def _incoming_disk(start: MigrateStart, allowed: Sequence[Path]) -> DiskConfig | None:
+    """The source's disk image as this host names it; Refused (incompatible) when this host does
+    not see the same image in its allowed directories (agent/migration/disk_move.py)."""
+    try:
+        return disk_move.incoming(start.params, _params_of(start).disk_map, allowed)
+    except DiskError as e:
+        raise Refused(ErrorCode.INCOMPATIBLE, f"the VM's disk: {e}") from None
 
 
 def _check_compatible(start: MigrateStart) -> None:

@@ -63,6 +63,8 @@ class MigrationParams:
     announce_step_ms: float = 100.0
     # Source bridge -> destination bridge for the VM's NIC (--nic-map SRC_BR=DST_BR).
     nic_map: dict[str, str] = field(default_factory=dict)
+    # Source image path (or directory) -> the destination's, for a disk on shared storage (--disk-map SRC=DST).
+    disk_map: dict[str, str] = field(default_factory=dict)
     # Send the code hint (agent/migration/code_hint.py): off only to measure what it saves.
     code_hint: bool = True
 
@@ -102,6 +104,7 @@ class MigrationParams:
             announce_max_ms=float(norm.get("announce-max", 550.0)),
             announce_step_ms=float(norm.get("announce-step", 100.0)),
             nic_map=_nic_map(norm.get("nic-map")),
+            disk_map=_disk_map(norm.get("disk-map")),
             code_hint=bool(norm.get("code-hint", True)),
         )
 
@@ -121,13 +124,14 @@ class MigrationParams:
             "announce-max": self.announce_max_ms,
             "announce-step": self.announce_step_ms,
             "nic-map": dict(self.nic_map),
+            "disk-map": dict(self.disk_map),
             "code-hint": self.code_hint,
         }
 
 
 _PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
-                         "announce-step", "nic-map", "code-hint"})
+                         "announce-step", "nic-map", "disk-map", "code-hint"})
 
 
 def _nic_map(raw: object) -> dict[str, str]:
@@ -136,6 +140,16 @@ def _nic_map(raw: object) -> dict[str, str]:
     try:
         return parse_nic_map(raw)
     except NicError as e:
+        raise ValueError(str(e)) from None
+
+
+def _disk_map(raw: object) -> dict[str, str]:
+    from agent.disks import DiskError
+    from agent.migration.disk_move import parse_disk_map
+
+    try:
+        return parse_disk_map(raw)
+    except DiskError as e:
         raise ValueError(str(e)) from None
 
 

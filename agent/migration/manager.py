@@ -211,9 +211,6 @@ class MigrationManager:
             raise MigrationError(ErrorCode.BUSY, f"VM {vm_name!r} is already migrating")
         if vm.state == "migrating":
             raise MigrationError(ErrorCode.BUSY, f"VM {vm_name!r} is busy with a migration")
-        if vm.disk is not None:
-            raise MigrationError(ErrorCode.BAD_REQUEST, f"VM {vm_name!r} has a disk ({vm.disk.path}): migrating "
-                                                        "a VM with a disk is not supported yet")
 
     def _run_outgoing(self, out: _Outgoing, loop: asyncio.AbstractEventLoop) -> None:
         """The session thread's body: the session, then its end told to the loop and the hook."""

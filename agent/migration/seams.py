@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import mmap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from agent.announce import Schedule
@@ -59,6 +60,9 @@ class MigratingVM(Protocol):
     def nic(self) -> NicConfig | None: ...
 
     @property
+    def disk(self) -> DiskConfig | None: ...
+
+    @property
     def memfd(self) -> int: ...
 
     @property
@@ -95,14 +99,10 @@ class MigratingVM(Protocol):
 
 
 class ManagedVM(MigratingVM, Protocol):
-    """A VM as the MigrationManager sees it: a MigratingVM with the lock of control-API operations
-    and its disk (the manager refuses to move a VM with a disk: disk migration is not built yet)."""
+    """A VM as the MigrationManager sees it: a MigratingVM with the lock of control-API operations."""
 
     @property
     def lock(self) -> asyncio.Lock: ...
-
-    @property
-    def disk(self) -> DiskConfig | None: ...
 
 
 class SourceHost(Protocol):
@@ -141,8 +141,13 @@ class IncomingHost(Protocol[InT, ClaimT]):
     only hands back to the manager that made them.
     """
 
-    def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None) -> InT:
-        """Take the name and RAM for an arriving VM (and its NIC: refused if its MAC is in use)."""
+    def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None,
+                         disk: DiskConfig | None = None) -> InT:
+        """Take the name and RAM for an arriving VM (and its NIC: refused if its MAC is in use; its
+        disk: refused if another VM here uses the image)."""
+
+    def allowed_disk_dirs(self) -> tuple[Path, ...]:
+        """Where this host's disk images may live (agent/disks.py)."""
 
     async def incoming_lane(self, inc: InT) -> Lane:
         """A lane to the VM process for the reservation (waits until that process is up)."""

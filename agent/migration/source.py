@@ -38,7 +38,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, nic_move, pages, tls
+from agent.migration import code_hint, disk_move, nic_move, pages, tls
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -209,6 +209,8 @@ class SourceSession:
         params = self.params.to_dict()
         if self.vm.nic is not None:
             params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
+        if self.vm.disk is not None:
+            params[disk_move.PARAMS_KEY] = disk_move.proposal(self.vm.disk)
         return params
 
     # -- pre-copy ------------------------------------------------------------------------------------
@@ -379,7 +381,9 @@ class SourceSession:
         the VM manager's bookkeeping follows on the loop, not waited for."""
         assert self._lane is not None
         try:
-            reply = self._lane.request("pause", timeout=PAUSE_TIMEOUT_S)
+            # A disk's image is released with the pause: the destination locks it to resume the VM.
+            release = {"release-disk": True} if self.vm.disk is not None else {}
+            reply = self._lane.request("pause", timeout=PAUSE_TIMEOUT_S, **release)
         except (vmctl.VMError, vmctl.VMGone) as exc:
             raise MigrationError(ErrorCode.INTERNAL, f"pausing the VM failed: {exc}") from exc
         state: dict[str, Any] = reply.get("state", {})
@@ -535,10 +539,13 @@ class SourceSession:
         if self._throttle:
             steps.append(vm.throttle(0))
             self._throttle = self.info.throttle = 0
+        errors = []
+        if self._paused and vm.disk is not None and self._lane is not None:
+            errors.append(disk_move.take_back(self._lane))  # a VM that stays paused keeps its image locked too
         if self._paused and self._was_running:
             steps.append(vm.resume())
             self._paused = False
-        errors = [self._quiet_call(s) for s in steps]
+        errors += [self._quiet_call(s) for s in steps]
         self.bridge.call(vm.end_migration("running" if self._was_running else "paused"))
         for err in errors:
             if err:

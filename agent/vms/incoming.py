@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agent.disks import DiskConfig, clash
 from agent.nics import NicConfig
 from agent.vms.errors import VMError
 from agent.vms.ram import close_guest_ram, create_guest_ram, release_guest_ram
@@ -43,10 +44,14 @@ class Incoming:
     # in the migration's downtime (docs/PERFORMANCE.md section 11).
     spawning: asyncio.Task[VM] | None = field(default=None, repr=False)
     nic: NicConfig | None = None  # the arriving VM's NIC, on this host's bridge and TAP
+    disk: DiskConfig | None = None  # the arriving VM's disk: its image on shared storage, as this host names it
 
     def restore_fields(self) -> dict[str, Any]:
-        """The `nic` field of the restore request, when the VM has a NIC."""
-        return {} if self.nic is None else {"nic": self.nic.boot_field()}
+        """The `nic` and `disk` fields of the restore request, for the devices the VM has."""
+        fields: dict[str, Any] = {} if self.nic is None else {"nic": self.nic.boot_field()}
+        if self.disk is not None:
+            fields["disk"] = self.disk.boot_field()
+        return fields
 
 
 class IncomingVMs:
@@ -57,15 +62,18 @@ class IncomingVMs:
         self.reserved: dict[str, Incoming] = {}
         self._releasing: set[asyncio.Task[None]] = set()  # discarded reservations' RAM being unmapped
 
-    def reserve(self, name: str, mem: int, nic: NicConfig | None = None) -> Incoming:
+    def reserve(self, name: str, mem: int, nic: NicConfig | None = None, disk: DiskConfig | None = None) -> Incoming:
         """Take the name and create guest RAM for an arriving VM; its VM process starts idle, nothing runs.
-        A NIC whose MAC or TAP name another VM here uses is refused (incompatible)."""
+        A NIC whose MAC or TAP name another VM here uses is refused (incompatible), and a disk
+        whose image another VM here uses."""
         m = self.manager
         if nic is not None:
             self._check_nic(nic)
+        if disk is not None and (reason := clash(disk.path, m.disks_in_use())) is not None:
+            raise VMError(ErrorCode.INCOMPATIBLE, f"{reason} on the destination")
         m.claim(name, mem)
         fd, ram = create_guest_ram(name, mem)
-        inc = Incoming(name=name, mem=mem, memfd=fd, ram=ram, nic=nic)
+        inc = Incoming(name=name, mem=mem, memfd=fd, ram=ram, nic=nic, disk=disk)
         self.reserved[name] = inc
         with contextlib.suppress(RuntimeError):  # no running loop (a synchronous caller): spawn at start
             inc.spawning = asyncio.get_running_loop().create_task(self._spawn(inc))
@@ -139,6 +147,7 @@ class IncomingVMs:
         vm._set_run("paused" if paused else "running")
         vm.arrived_by = migration_id
         vm.nic = inc.nic
+        vm.disk = inc.disk
         if socket_path is not None:
             m.recorder.listening(vm, socket_path)
         # Not waited for here: the loop runs on while the records' thread writes it, and the caller

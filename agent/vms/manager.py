@@ -275,8 +275,13 @@ class VMManager:
         return await self.adopter.adopt(rec)
 
     # -- incoming migrations (agent/vms/incoming.py; docs/CONTRACTS.md) -------------------------------
-    def reserve_incoming(self, name: str, mem: int, nic: nics.NicConfig | None = None) -> Incoming:
-        return self.incoming.reserve(name, mem, nic)
+    def reserve_incoming(self, name: str, mem: int, nic: nics.NicConfig | None = None,
+                         disk: disks.DiskConfig | None = None) -> Incoming:
+        return self.incoming.reserve(name, mem, nic, disk)
+
+    def allowed_disk_dirs(self) -> tuple[Path, ...]:
+        """Where this agent's disk images may live (agent/disks.py)."""
+        return self.disk_dirs
 
     async def prepare_incoming(self, inc: Incoming) -> None:
         await self.incoming.prepare(inc)
