@@ -14,7 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from agent.migration.transport import Connection
@@ -41,6 +41,22 @@ class MigrationError(VMError):
 
 class Cancelled(Exception):
     """The operator (or agent shutdown) cancelled the migration."""
+
+
+def map_items(raw: object, flag: str, form: str) -> list[tuple[str, str]]:
+    """A ``--x-map`` param's items: a map {SRC: DST} or a list of "SRC=DST" texts (``form`` names
+    them in errors); ValueError when it is neither, or an item has no "="."""
+    if isinstance(raw, Mapping):
+        return [(str(k), str(v)) for k, v in raw.items()]
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"{flag} must be {form} items")
+    items = []
+    for text in raw:
+        src, sep, dst = str(text).partition("=")
+        if not sep:
+            raise ValueError(f"bad --{flag} {text!r}: expected {form}")
+        items.append((src.strip(), dst.strip()))
+    return items
 
 
 def error_code(exc: BaseException) -> str:

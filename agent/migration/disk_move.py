@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.disks import DiskConfig, DiskError, resolve_path
-from agent.migration.common import MigrationError
+from agent.migration.common import MigrationError, map_items
 from agent.migration.seams import Lane
 from proto.errors import ErrorCode
 from vmruntime.control import VMError, VMGone
@@ -108,17 +108,10 @@ def parse_disk_map(raw: object) -> dict[str, str]:
     """--disk-map values: a map {SRC: DST} or a list of "SRC=DST" (absolute paths); DiskError if malformed."""
     if raw is None:
         return {}
-    items: list[tuple[str, str]] = []
-    if isinstance(raw, Mapping):
-        items = [(str(k), str(v)) for k, v in raw.items()]
-    elif isinstance(raw, list | tuple):
-        for text in raw:
-            src, sep, dst = str(text).partition("=")
-            if not sep:
-                raise DiskError(f"bad --disk-map {text!r}: expected SRC=DST")
-            items.append((src.strip(), dst.strip()))
-    else:
-        raise DiskError("disk-map must be SRC=DST items")
+    try:
+        items = map_items(raw, "disk-map", "SRC=DST")
+    except ValueError as e:
+        raise DiskError(str(e)) from None
     for src, dst in items:
         if not (os.path.isabs(src) and os.path.isabs(dst)):
             raise DiskError(f"bad --disk-map {src}={dst}: both must be absolute paths")

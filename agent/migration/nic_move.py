@@ -16,6 +16,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from agent import nics
+from agent.migration.common import map_items
 from agent.nics import NicConfig, NicError
 
 PARAMS_KEY = "nic"  # the key in MigrateStart.params
@@ -71,17 +72,10 @@ def parse_nic_map(raw: object) -> dict[str, str]:
     """--nic-map values: a map {SRC_BR: DST_BR} or a list of "SRC_BR=DST_BR"; NicError if malformed."""
     if raw is None:
         return {}
-    items: list[tuple[str, str]] = []
-    if isinstance(raw, Mapping):
-        items = [(str(k), str(v)) for k, v in raw.items()]
-    elif isinstance(raw, list | tuple):
-        for text in raw:
-            src, sep, dst = str(text).partition("=")
-            if not sep:
-                raise NicError(f"bad --nic-map {text!r}: expected SRC_BR=DST_BR")
-            items.append((src.strip(), dst.strip()))
-    else:
-        raise NicError("nic-map must be SRC_BR=DST_BR items")
+    try:
+        items = map_items(raw, "nic-map", "SRC_BR=DST_BR")
+    except ValueError as e:
+        raise NicError(str(e)) from None
     return {nics.check_ifname(s, "bridge"): nics.check_ifname(d, "bridge") for s, d in items}
 
 
