@@ -412,7 +412,11 @@ class VMProcess:
         self._flush_console()
         state = machine.save_state()
         if msg.get("release-disk") and self.devices.disk is not None:
-            self.devices.disk.release()
+            try:
+                self.devices.disk.release()
+            except OSError:  # the flush failed: the pause fails whole, the guest runs on with its image
+                self._set_paused(False)
+                raise
         return {"state": state}, ()
 
     def op_resume(self, msg: dict[str, Any]) -> Reply:
