@@ -287,27 +287,27 @@ class RefInterpreter:
         return pc + 8
 
     def _nicr(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
-        value = self.nic_read(imm)
-        if isinstance(value, str):
-            raise device_fault(pc, "nicr", value)
-        self.m._R[a] = value
-        return pc + 8
+        return self._device_read(self.nic_read, "nicr", a, imm, pc)
 
     def _nicw(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
-        reason = self.nic_write(imm, self.m._R[a])
-        if reason is not None:
-            raise device_fault(pc, "nicw", reason)
-        return pc + 8
+        return self._device_write(self.nic_write, "nicw", a, imm, pc)
 
     def _dskr(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
-        value = self.disk_read(imm)
+        return self._device_read(self.disk_read, "dskr", a, imm, pc)
+
+    def _dskw(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
+        return self._device_write(self.disk_write, "dskw", a, imm, pc)
+
+    def _device_read(self, read: Callable[[int], int | str], op: str, a: int, reg: int, pc: int) -> int:
+        """A register device's read: the value into ra, or the device's refusal as a fault."""
+        value = read(reg)
         if isinstance(value, str):
-            raise device_fault(pc, "dskr", value)
+            raise device_fault(pc, op, value)
         self.m._R[a] = value
         return pc + 8
 
-    def _dskw(self, a: int, b: int, c: int, imm: int, pc: int) -> int:
-        reason = self.disk_write(imm, self.m._R[a])
+    def _device_write(self, write: Callable[[int, int], str | None], op: str, a: int, reg: int, pc: int) -> int:
+        reason = write(reg, self.m._R[a])
         if reason is not None:
-            raise device_fault(pc, "dskw", reason)
+            raise device_fault(pc, op, reason)
         return pc + 8
