@@ -45,7 +45,9 @@ class Cancelled(Exception):
 
 def map_items(raw: object, flag: str, form: str) -> list[tuple[str, str]]:
     """A ``--x-map`` param's items: a map {SRC: DST} or a list of "SRC=DST" texts (``form`` names
-    them in errors); ValueError when it is neither, or an item has no "="."""
+    them in errors), none for None; ValueError when it is neither, or an item has no "="."""
+    if raw is None:
+        return []
     if isinstance(raw, Mapping):
         return [(str(k), str(v)) for k, v in raw.items()]
     if not isinstance(raw, list | tuple):

@@ -106,8 +106,6 @@ def incoming(params: Mapping[str, Any], disk_map: Mapping[str, str], allowed: Se
 
 def parse_disk_map(raw: object) -> dict[str, str]:
     """--disk-map values: a map {SRC: DST} or a list of "SRC=DST" (absolute paths); DiskError if malformed."""
-    if raw is None:
-        return {}
     try:
         items = map_items(raw, "disk-map", "SRC=DST")
     except ValueError as e:

@@ -70,8 +70,6 @@ def free_tap(vm_name: str, taken: Collection[str] = (), sys_net: str = nics.SYS_
 
 def parse_nic_map(raw: object) -> dict[str, str]:
     """--nic-map values: a map {SRC_BR: DST_BR} or a list of "SRC_BR=DST_BR"; NicError if malformed."""
-    if raw is None:
-        return {}
     try:
         items = map_items(raw, "nic-map", "SRC_BR=DST_BR")
     except ValueError as e:
