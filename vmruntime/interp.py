@@ -26,7 +26,7 @@ import marshal
 import mmap
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import CodeType, FunctionType
 from typing import Any
@@ -229,6 +229,26 @@ def load_block(blob: object) -> CodeType | None:
 
 def marshal_block(fn: BlockFn) -> bytes:
     return marshal.dumps(fn.__code__)  # type: ignore[attr-defined]
+
+
+def within_bytes(blocks: Iterable[tuple[int, bytes]], max_bytes: int) -> list[tuple[int, bytes]]:
+    """The leading (pc, marshalled code) pairs whose code adds up to at most ``max_bytes``."""
+    out: list[tuple[int, bytes]] = []
+    total = 0
+    for pc, blob in blocks:
+        total += len(blob)
+        if total > max_bytes:
+            break
+        out.append((pc, blob))
+    return out
+
+
+def translated_pairs(raw: object) -> dict[int, bytes]:
+    """[[pc, marshalled code], ...] as received (a control message) as a dict; whatever else is left out."""
+    if not isinstance(raw, list | tuple):
+        return {}
+    return {p[0]: p[1] for p in raw if isinstance(p, list | tuple) and len(p) == 2
+            and isinstance(p[0], int) and isinstance(p[1], bytes)}
 
 
 def _r(i: int) -> str:

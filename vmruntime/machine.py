@@ -34,6 +34,7 @@ from vmruntime.interp import (
     Waiting,
     make_namespace,
     marshal_block,
+    within_bytes,
 )
 from vmruntime.nic import NicDevice, no_nic_read, no_nic_write
 
@@ -164,15 +165,7 @@ class Machine:
 
     def marshalled_blocks(self, max_bytes: int) -> list[tuple[int, bytes]]:
         """(pc, marshalled code) of the compiled blocks, in first-run order, up to ``max_bytes``."""
-        out: list[tuple[int, bytes]] = []
-        total = 0
-        for pc, fn in list(self._blocks.items()):
-            blob = marshal_block(fn)
-            total += len(blob)
-            if total > max_bytes:
-                break
-            out.append((pc, blob))
-        return out
+        return within_bytes(((pc, marshal_block(fn)) for pc, fn in list(self._blocks.items())), max_bytes)
 
     @property
     def instructions(self) -> int:

@@ -21,7 +21,7 @@ from collections import deque
 from types import CodeType
 
 from vmruntime import isa
-from vmruntime.interp import BlockCompiler, load_block
+from vmruntime.interp import BlockCompiler, load_block, translated_pairs
 
 MAX_HINT_BLOCKS = 4096  # PCs one hint may name: far more than any guest program here compiles
 MAX_TRANSLATED_BYTES = 512 << 10  # marshalled blocks in one reply or request (a control message is 1 MiB)
@@ -48,7 +48,7 @@ class Warmup:
         self._compiler = BlockCompiler(code, code_start, ram_size, {})
         wanted = (pc for pc in pcs if isinstance(pc, int) and not isinstance(pc, bool) and code_start <= pc < end)
         self._pending = deque(dict.fromkeys(wanted))  # in the hint's order, each once
-        self._translated = _pairs(translated)
+        self._translated = translated_pairs(translated)
         if self._translated:  # loading a block costs a small part of translating it: those go first
             self._pending = deque(sorted(self._pending, key=lambda pc: pc not in self._translated))
         self.ready: dict[int, CodeType] = {}
@@ -86,11 +86,3 @@ class Warmup:
     def counts(self) -> dict[str, int]:
         """After ``take``: blocks handed over translated, and those named but not (compiled on first run)."""
         return {"code-blocks-warm": self._warm, "code-blocks-cold": self._cold}
-
-
-def _pairs(translated: object) -> dict[int, bytes]:
-    """[[pc, bytes], ...] as a dict; whatever else is ignored (the hint is advice)."""
-    if not isinstance(translated, list | tuple):
-        return {}
-    return {p[0]: p[1] for p in translated if isinstance(p, list | tuple) and len(p) == 2
-            and isinstance(p[0], int) and isinstance(p[1], bytes)}

@@ -26,7 +26,7 @@ from agent.migration.seams import Lane, LogLike
 from proto.limits import MAX_HINT_CODE, MAX_HINT_PCS
 from proto.messages import CodeHint
 from vmruntime.control import VMError
-from vmruntime.interp import COMPILER_TAG
+from vmruntime.interp import COMPILER_TAG, translated_pairs, within_bytes
 from vmruntime.warmup import MAX_TRANSLATED_BYTES
 
 HINT_TIMEOUT_S = 10.0  # a VM process answers between two slices; this only bounds a stuck one
@@ -55,10 +55,9 @@ def ask(lane: Lane, ram: memoryview, cache: CodeCache | None = None) -> CodeHint
         return None
     hint = CodeHint(start, bytes(ram[start:end]), inside)
     tag, translated = reply.get("tag"), reply.get("translated")
-    if cache is not None and isinstance(tag, str) and isinstance(translated, list):
-        cache.put(cache_key(tag, start, hint.code, len(ram)),
-                  [(p[0], p[1]) for p in translated if isinstance(p, list) and len(p) == 2
-                   and isinstance(p[0], int) and isinstance(p[1], bytes)])
+    pairs = translated_pairs(translated)
+    if cache is not None and isinstance(tag, str) and pairs:
+        cache.put(cache_key(tag, start, hint.code, len(ram)), list(pairs.items()))
     return hint
 
 
@@ -68,7 +67,7 @@ def forward(lane: Lane, hint: CodeHint, ram_size: int, log: LogLike, vm: str, ca
     waits for the restore). A refusal is logged only."""
     translated = [] if cache is None else cache.get(cache_key(COMPILER_TAG, hint.code_start, hint.code, ram_size))
     fields = {"code-start": hint.code_start, "code": hint.code, "pcs": list(hint.pcs), "tag": COMPILER_TAG,
-              "translated": _within(translated, MAX_TRANSLATED_BYTES)}
+              "translated": within_bytes(translated, MAX_TRANSLATED_BYTES)}
     try:
         lane.request("warm", timeout=HINT_TIMEOUT_S, **fields)
     except VMError as exc:
@@ -90,13 +89,3 @@ def hold(lane: Lane, until: float) -> float:
             return waited
         time.sleep(min(HOLD_POLL_S, until - now))
         waited = time.monotonic() - t0
-
-
-def _within(blocks: list[tuple[int, bytes]], max_bytes: int) -> list[tuple[int, bytes]]:
-    out, total = [], 0
-    for pc, blob in blocks:
-        total += len(blob)
-        if total > max_bytes:
-            break
-        out.append((pc, blob))
-    return out
