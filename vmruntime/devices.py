@@ -9,9 +9,10 @@ requests that reach the devices rather than the vCPU (docs/CONTRACTS.md):
   them, and a refusal on any side leaves nothing open: no TAP or locked image without
   a machine, no machine without its devices;
 - ``nic-send`` / ``nic-drain`` (the agent's announce, a paused VM leaving),
-  ``disk-reopen`` (the image a pause released, taken back), and ``disk-dirty``: the dirty blocks of the disk since the last harvest, reset as they
-  are returned (the disk's counterpart of RAM dirty tracking, for a disk migration's
-  rounds), or all forgotten (``clear``);
+  ``disk-reopen`` (the image a pause released, taken back), and ``disk-dirty``: the
+  dirty blocks of the disk since the last harvest, reset as they are returned (the
+  disk's counterpart of RAM dirty tracking, for a disk migration's rounds), or all
+  forgotten (``clear``);
 - the devices' part of the ``status`` reply; closing everything when the process ends.
 
 The guest side of each device is the machine's (vmruntime/nic.py, vmruntime/disk.py);

@@ -4,8 +4,9 @@ Started as ``python -m vmruntime.vmproc --ram-fd F --ram-size N --ctl-fd C``
 with the memfd of guest RAM and its end of the control socketpair inherited.
 This module owns the process's main loop and the handling of every control
 request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
-track-start, track-stop, listen, attach, lane, stop, blocks, warm, warm-status; the devices' requests (nic-send,
-nic-drain, disk-dirty) and the opening of a VM's TAP and disk image are vmruntime/devices.py's.
+track-start, track-stop, listen, attach, lane, stop, blocks, warm, warm-status;
+the devices' requests (nic-send, nic-drain, disk-reopen, disk-dirty) and the
+opening of a VM's TAP and disk image are vmruntime/devices.py's.
 
 ``lane`` hands the controller one end of a private socketpair: requests sent
 on it are answered on it, so a migration's session thread pauses or restores
@@ -26,8 +27,9 @@ simple: the machine runs in slices of about half a millisecond
 (``Machine.run(budget)`` with the budget re-tuned after every slice), and
 between slices the control socket is polled without waiting, so a pause
 request is served at the next instruction boundary. While paused, halted or
-faulted, the loop blocks on the socket (a process waiting for an incoming migration's restore
-translates the guest blocks a `warm` named between polls, vmruntime/warmup.py); while the guest WAITs (idle and paced
+faulted, the loop blocks on the socket (a process waiting for an incoming
+migration's restore translates the guest blocks a `warm` named between polls,
+vmruntime/warmup.py); while the guest WAITs (idle and paced
 guests), it blocks on the socket until the deadline (Machine.wait_seconds()),
 so such a guest does not spin a host core. A VM with a NIC has a TAP
 (vmruntime/tap.py): received frames go into the machine before each slice and
@@ -435,7 +437,7 @@ class VMProcess:
             self.machine.nic_set_link(self.devices.nic is not None and not paused)
 
     def op_device(self, msg: dict[str, Any]) -> Reply:
-        """A request for the devices' host side (vmruntime/devices.py): nic-send, nic-drain, disk-dirty."""
+        """A request for the devices' host side (vmruntime/devices.py, DEVICE_OPS)."""
         return DEVICE_OPS[msg["op"]](self.devices, self.machine, msg), ()
 
     def op_throttle(self, msg: dict[str, Any]) -> Reply:
