@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     NO_SUCH_VM = "no-such-vm"  # the named VM does not exist on this host
     VM_EXISTS = "vm-exists"  # a VM of that name already exists here
     INSUFFICIENT_MEMORY = "insufficient-memory"  # not enough free guest memory
+    INSUFFICIENT_STORAGE = "insufficient-storage"  # a disk image (or its copy) cannot be stored
     BAD_REQUEST = "bad-request"  # malformed or invalid request arguments
     AUTH_FAILED = "auth-failed"  # challenge-response authentication failed
     INCOMPATIBLE = "incompatible"  # ISA, features or page size do not match
