@@ -193,6 +193,11 @@ def _add_migrate_commands(sub: Any) -> None:
     m.add_argument("--disk-map", action="append", metavar="SRC=DST",
                    help="the VM's disk image (or a directory of images) SRC is DST on the destination's "
                         "shared storage (repeatable)")
+    m.add_argument("--copy-storage", action="store_true",
+                   help="copy the VM's disk image to the destination while the VM runs (no shared storage); "
+                        "the source image is removed once the VM runs there")
+    m.add_argument("--disk-dir", metavar="DIR",
+                   help="with --copy-storage: the destination directory for the image (default its STATE_DIR/disks)")
     _add_announce_flags(m)
     m.add_argument("--json", action="store_true", help="print the final MigrationInfo as JSON, no progress")
     m.add_argument("--detach", action="store_true", help="start the migration and return at once")
@@ -388,6 +393,9 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
         params["nic-map"] = list(ns.nic_map)
     if ns.disk_map:
         params["disk-map"] = list(ns.disk_map)
+    if ns.copy_storage:
+        params["copy-storage"] = True
+    params["disk-dir"] = ns.disk_dir
     params.update(_announce_params(ns))
     return {k: v for k, v in params.items() if v is not None}
 
@@ -408,6 +416,8 @@ def progress_line(info: dict[str, Any]) -> str:
             f"expected downtime {info.get('expected-downtime', 0)} ms")
     if info.get("cpu-throttle-percentage"):
         line += f"  throttle {info['cpu-throttle-percentage']}%"
+    if "disk" in info:
+        line += f"  disk {_mib(info['disk']['transferred'])} remaining {_mib(info['disk']['remaining'])}"
     return line
 
 
@@ -426,6 +436,8 @@ def summary_text(info: dict[str, Any]) -> str:
     breakdown = info.get("downtime-breakdown") or {}
     if breakdown:
         lines.append("  downtime breakdown: " + ", ".join(f"{k} {v} ms" for k, v in breakdown.items()))
+    if "disk" in info:
+        lines.append(f"  disk copied: {_mib(info['disk']['transferred'])} of data, {_mib(info['disk']['zero'])} as holes")
     if info.get("rx-dropped-at-switchover") is not None:
         lines.append(f"  frames left unread on the source's TAP at switch-over: {info['rx-dropped-at-switchover']}")
     if info.get("summary"):

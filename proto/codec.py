@@ -27,7 +27,7 @@ import msgpack
 from proto.errors import FieldError, LocalProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, Header, build_header, check_body_crc, parse_header
 from proto.limits import CURRENT_VERSION, MAX_BODY_SIZE, MAX_PAYLOAD_SIZE, SUPPORTED_VERSIONS
-from proto.messages import MESSAGE_TYPES, Message, PageBatch, from_fields, to_fields
+from proto.messages import MESSAGE_TYPES, Message, RangeBatch, from_fields, to_fields
 
 
 class Sentinel(Enum):
@@ -53,7 +53,7 @@ def encode(msg: Message, version: int = CURRENT_VERSION) -> bytes:
         body = msgpack.packb(fields, use_bin_type=True)
     except (FieldError, TypeError, ValueError, OverflowError) as exc:  # the last three: msgpack refused a value
         raise LocalProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from None
-    payload_len = msg.payload_len if isinstance(msg, PageBatch) else 0
+    payload_len = msg.payload_len if isinstance(msg, RangeBatch) else 0
     _check_encoded_sizes(msg, len(body), payload_len)
     return build_header(version, msg.TYPE, body, payload_len) + body
 
@@ -68,10 +68,10 @@ def _check_encoded_sizes(msg: Message, body_len: int, payload_len: int) -> None:
 def encode_full(msg: Message, version: int = CURRENT_VERSION) -> bytes:
     """The whole frame, payload included (a page batch's ``payload`` must match its ranges)."""
     frame = encode(msg, version)
-    if not isinstance(msg, PageBatch):
+    if not isinstance(msg, RangeBatch):
         return frame
     if len(msg.payload) != msg.payload_len:
-        raise LocalProtocolError(f"PageBatch payload is {len(msg.payload)} bytes, ranges need {msg.payload_len}")
+        raise LocalProtocolError(f"{type(msg).__name__} payload is {len(msg.payload)} bytes, ranges need {msg.payload_len}")
     return frame + msg.payload
 
 
@@ -105,8 +105,8 @@ def decode_body(header: Header, body: bytes | bytearray | memoryview, guest_size
     cls = message_class(header)
     check_body_crc(header, body)
     msg = from_fields_checked(cls, _unpack(body, cls), guest_size, header.version)
-    if isinstance(msg, PageBatch) and msg.payload_len != header.payload_len:
-        raise RemoteProtocolError(f"PageBatch ranges cover {msg.payload_len} bytes, header says {header.payload_len}")
+    if isinstance(msg, RangeBatch) and msg.payload_len != header.payload_len:
+        raise RemoteProtocolError(f"{cls.__name__} ranges cover {msg.payload_len} bytes, header says {header.payload_len}")
     return msg
 
 
@@ -187,8 +187,8 @@ class Decoder:
     def _take_frame(self, header: Header) -> Message:
         body_end = HEADER_SIZE + header.body_len
         msg = decode_body(header, bytes(self._buf[HEADER_SIZE:body_end]), self.guest_size)
-        if isinstance(msg, PageBatch):
-            msg = PageBatch(msg.ranges, msg.zeros, bytes(self._buf[body_end : header.frame_len]))
+        if isinstance(msg, RangeBatch):
+            msg = type(msg)(msg.ranges, msg.zeros, bytes(self._buf[body_end : header.frame_len]))
         del self._buf[: header.frame_len]
         self._header = None
         return msg

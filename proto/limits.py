@@ -10,9 +10,9 @@ from __future__ import annotations
 MAGIC = b"FRRY"
 
 #: The protocol version this code speaks natively.
-CURRENT_VERSION = 2
-#: The oldest version accepted: current and previous (0 is "none").
-MIN_VERSION = max(1, CURRENT_VERSION - 1)
+CURRENT_VERSION = 3
+#: The oldest version accepted (0 is "none"): a peer speaking it migrates what it can describe.
+MIN_VERSION = 1
 SUPPORTED_VERSIONS: frozenset[int] = frozenset(range(MIN_VERSION, CURRENT_VERSION + 1))
 
 #: Most block PCs one CodeHint names, and most code bytes it carries.
@@ -34,6 +34,8 @@ MAX_RANGES = 16384
 MAX_ZERO_RANGES = 16384
 #: Largest guest the protocol describes (used when the guest size is not known yet).
 MAX_GUEST_SIZE = 1 << 40
+#: Largest disk image a DiskBatch addresses.
+MAX_DISK_SIZE = 1 << 50
 #: Longest VM / agent name.
 MAX_NAME_LEN = 255
 #: Authentication nonce length (bytes); a peer's nonce must be exactly this long.

@@ -23,6 +23,7 @@ from proto.errors import FieldError
 from proto.limits import (
     CURRENT_VERSION,
     MAX_BODY_SIZE,
+    MAX_DISK_SIZE,
     MAX_GUEST_SIZE,
     MAX_HANDSHAKE_BODY,
     MAX_HINT_CODE,
@@ -347,14 +348,14 @@ class MigrateRefuse(Message):
     reason: str
 
 
-@register(35)
 @dataclass(frozen=True, slots=True, repr=False)
-class PageBatch(Message):
-    """Source -> destination: guest pages. ``ranges`` are followed by their bytes as raw payload,
-    in order; ``zeros`` are pages to zero, with no payload.
+class RangeBatch(Message):
+    """A batch of bytes at offsets: ``ranges`` are followed by their bytes as raw payload, in
+    order; ``zeros`` are ranges to zero, with no payload. The base of PageBatch (guest RAM) and
+    DiskBatch (a disk image): the frame's payload is the same, the address space differs.
 
-    Ranges are half-open ``(start, end)`` guest offsets, page aligned, sorted,
-    not overlapping (within and across the two lists). ``payload`` is filled
+    Ranges are half-open ``(start, end)`` offsets, page aligned, sorted, not
+    overlapping (within and across the two lists). ``payload`` is filled
     only by the buffered ``Decoder`` (or by a sender for ``encode_full``).
     """
 
@@ -364,10 +365,9 @@ class PageBatch(Message):
     zeros: Ranges = ()
     payload: bytes = field(default=b"", repr=False, compare=False, metadata={"wire": False})
 
-    def check(self, guest_size: int | None = None) -> None:
-        """Counts, guest bounds and data/zero disjointness. The per-list rules (aligned,
-        non-empty, ascending) are checked by the wire conversion, which always runs."""
-        size = MAX_GUEST_SIZE if guest_size is None else guest_size
+    def _check_within(self, size: int) -> None:
+        """Counts, bounds and data/zero disjointness. The per-list rules (aligned, non-empty,
+        ascending) are checked by the wire conversion, which always runs."""
         _ranges.check_bounds(self.ranges, MAX_RANGES, size)
         _ranges.check_bounds(self.zeros, MAX_ZERO_RANGES, size)
         _ranges.check_disjoint(self.ranges, self.zeros)
@@ -378,12 +378,34 @@ class PageBatch(Message):
         return _ranges.total_length(self.ranges)
 
     def payload_targets(self) -> list[tuple[int, int]]:
-        """Where the payload goes: ``(guest_offset, length)`` per data range, in payload order."""
+        """Where the payload goes: ``(offset, length)`` per data range, in payload order."""
         return _ranges.targets(self.ranges)
 
     def __repr__(self) -> str:
         # A batch may hold 16384 ranges: logs and error messages get a summary.
-        return f"PageBatch(ranges={_summary(self.ranges)}, zeros={_summary(self.zeros)})"
+        return f"{type(self).__name__}(ranges={_summary(self.ranges)}, zeros={_summary(self.zeros)})"
+
+
+@register(35)
+@dataclass(frozen=True, slots=True, repr=False)
+class PageBatch(RangeBatch):
+    """Source -> destination: guest pages; ranges are guest RAM offsets."""
+
+    def check(self, guest_size: int | None = None) -> None:
+        self._check_within(MAX_GUEST_SIZE if guest_size is None else guest_size)
+
+
+@register(48)
+@dataclass(frozen=True, slots=True, repr=False)
+class DiskBatch(RangeBatch):
+    """Source -> destination, when the disk is copied (version 3): bytes of the VM's disk image;
+    ranges are image offsets. The destination checks them against the disk's size before it
+    writes (the channel knows the guest's RAM size, not the disk's)."""
+
+    SINCE: ClassVar[int] = 3
+
+    def check(self, guest_size: int | None = None) -> None:
+        self._check_within(MAX_DISK_SIZE)
 
 
 def _summary(ranges: Ranges) -> str:
@@ -525,5 +547,5 @@ HANDSHAKE_MESSAGES = (Hello, HelloReply, Auth, AuthOk)
 CONTROL_MESSAGES = (Request, Response, ErrorResponse, Event)
 MIGRATION_MESSAGES = (
     MigrateStart, MigrateAccept, MigrateRefuse, PageBatch, RoundEnd, DeviceState, Digest,
-    Ready, Commit, Resumed, Abort, InDoubtQuery, InDoubtAnswer, Sync, SyncAck, CodeHint,
+    Ready, Commit, Resumed, Abort, InDoubtQuery, InDoubtAnswer, Sync, SyncAck, CodeHint, DiskBatch,
 )  # fmt: skip

@@ -12,10 +12,10 @@ The exchange (docs/protocol.md, "The exchange" and "State machines")::
     source                               destination
       MigrateStart ------------------------> compatibility check
       <------------- MigrateAccept | MigrateRefuse
-      PageBatch* Sync  (round 0..n) -------->
+      PageBatch* DiskBatch* Sync  (round 0..n) ->
       <------------------------------------- SyncAck   (all of the round applied)
       RoundEnd ----------------------------->
-      [pause] PageBatch* RoundEnd ---------->
+      [pause] PageBatch* DiskBatch* RoundEnd ->
       DeviceState -------------------------->
       Digest ------------------------------->  check RAM digest
       <------------------------------------- Ready
@@ -50,6 +50,7 @@ from proto.messages import (
     Commit,
     DeviceState,
     Digest,
+    DiskBatch,
     InDoubtAnswer,
     InDoubtQuery,
     Message,
@@ -134,6 +135,7 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.PROPOSED, MigrateAccept, RECV): _S.PRECOPY,
     (_S.PROPOSED, MigrateRefuse, RECV): _S.REFUSED,
     (_S.PRECOPY, PageBatch, SEND): _S.PRECOPY,
+    (_S.PRECOPY, DiskBatch, SEND): _S.PRECOPY,
     (_S.PRECOPY, RoundEnd, SEND): _S.PRECOPY,
     (_S.PRECOPY, CodeHint, SEND): _S.PRECOPY,
     (_S.PRECOPY, Sync, SEND): _S.SYNCING,
@@ -161,6 +163,7 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.CHECKING, MigrateAccept, SEND): _D.RECEIVING,
     (_D.CHECKING, MigrateRefuse, SEND): _D.REFUSED,
     (_D.RECEIVING, PageBatch, RECV): _D.RECEIVING,
+    (_D.RECEIVING, DiskBatch, RECV): _D.RECEIVING,
     (_D.RECEIVING, RoundEnd, RECV): _D.RECEIVING,
     (_D.RECEIVING, CodeHint, RECV): _D.RECEIVING,
     (_D.RECEIVING, Sync, RECV): _D.SYNC_ASKED,

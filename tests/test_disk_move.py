@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 
 from agent.disks import DiskConfig, DiskError
+from agent.disk_copy import DiskFull
 from agent.migration import disk_move
+from agent.migration.common import MigrationError
+from agent.migration.info import MigrationParams
 from vmruntime.diskimage import ID_SUFFIX, ImageError, image_id, prepare_image, remove_created
 
 MiB = 1 << 20
+SHARED = MigrationParams()
+COPY = MigrationParams(copy_storage=True)
 
 
 @pytest.fixture
@@ -40,21 +45,21 @@ def test_an_image_gets_one_identity_that_stays(shared: Path) -> None:
 
 def test_the_same_image_on_shared_storage_is_accepted(shared: Path) -> None:
     disk = image(shared / "a.img")
-    params = {"disk": disk_move.proposal(disk), "max-downtime": 300}
+    params = {"disk": disk_move.proposal(disk, SHARED, 3), "max-downtime": 300}
     got = disk_move.incoming(params, {}, [shared])
-    assert got == DiskConfig(path=str(shared / "a.img"), size=MiB)
+    assert got == (DiskConfig(path=str(shared / "a.img"), size=MiB), None)  # None: nothing to copy
     assert disk_move.incoming({}, {}, [shared]) is None  # no disk: nothing to check
 
 
 def test_disk_map_names_the_image_on_the_destination(tmp_path: Path, shared: Path) -> None:
     disk = image(shared / "a.img")
-    proposal = disk_move.proposal(disk)
+    proposal = disk_move.proposal(disk, SHARED, 3)
     elsewhere = tmp_path / "mnt"
     elsewhere.mkdir()
     (elsewhere / "a.img").symlink_to(shared / "a.img")  # the same file, another name (another mount here)
     (elsewhere / ("a.img" + ID_SUFFIX)).symlink_to(shared / ("a.img" + ID_SUFFIX))
     by_dir = disk_move.incoming({"disk": proposal}, {str(shared): str(elsewhere)}, [elsewhere, shared])
-    assert by_dir is not None and by_dir.path == str(shared / "a.img")  # resolved: the real file
+    assert by_dir is not None and by_dir[0].path == str(shared / "a.img")  # resolved: the real file
     assert disk_move.map_path(str(shared / "a.img"), {str(shared / "a.img"): "/x/b.img"}) == "/x/b.img"
     assert disk_move.map_path("/data/vm/a.img", {"/data": "/d1", "/data/vm": "/d2"}) == "/d2/a.img"
     assert disk_move.map_path("/database/a.img", {"/data": "/d1"}) == "/database/a.img"  # a prefix of words
@@ -71,7 +76,7 @@ def test_disk_map_names_the_image_on_the_destination(tmp_path: Path, shared: Pat
 def test_a_destination_that_does_not_see_the_source_image_refuses(tmp_path: Path, shared: Path, change: str,
                                                                   words: str) -> None:
     disk = image(shared / "a.img")
-    proposal = disk_move.proposal(disk)
+    proposal = disk_move.proposal(disk, SHARED, 3)
     allowed = [shared]
     if change == "missing":
         (shared / "a.img").unlink()
@@ -105,3 +110,62 @@ def test_disk_map_text() -> None:
     for bad in (["/a"], ["a=/b"], "x"):
         with pytest.raises(DiskError):
             disk_move.parse_disk_map(bad)
+
+
+def test_a_copy_goes_into_the_destination_directory_under_the_same_name(tmp_path: Path, shared: Path) -> None:
+    disk = image(shared / "a.img")
+    proposal = disk_move.proposal(disk, COPY, 3)
+    assert proposal["copy"] is True and proposal["allocated"] == 0  # sparse: nothing written yet
+    here = tmp_path / "here"
+    other = tmp_path / "other"
+    here.mkdir()
+    other.mkdir()
+    got = disk_move.incoming({"disk": proposal}, {}, [here, other])
+    assert got == (DiskConfig(path=str(here / "a.img"), size=MiB), image_id(disk.path))
+    into = disk_move.incoming({"disk": {**proposal, "dir": str(other)}}, {}, [here, other])
+    assert into is not None and into[0].path == str(other / "a.img")
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ("exists", "never replaces"),
+    ("outside", "outside the allowed directories"),
+    ("no-dir", "does not exist on the destination"),
+    ("odd-size", "whole number of 4096-byte pages"),
+    ("bad-dir", "not an absolute path"),
+])
+def test_a_copy_the_destination_cannot_take_is_refused(tmp_path: Path, shared: Path, change: str,
+                                                       words: str) -> None:
+    proposal = disk_move.proposal(image(shared / "a.img"), COPY, 3)
+    here = tmp_path / "here"
+    here.mkdir()
+    if change == "exists":
+        (here / "a.img").write_bytes(b"mine")
+    elif change == "outside":
+        proposal["dir"] = str(tmp_path)
+    elif change == "no-dir":
+        proposal["dir"] = str(here / "sub")
+    elif change == "odd-size":
+        proposal["size"] = MiB + 512
+    elif change == "bad-dir":
+        proposal["dir"] = "rel"
+    with pytest.raises(DiskError, match=words):
+        disk_move.incoming({"disk": proposal}, {}, [here])
+    if change == "exists":
+        assert (here / "a.img").read_bytes() == b"mine"
+
+
+def test_a_copy_larger_than_the_free_space_is_refused(tmp_path: Path, shared: Path) -> None:
+    proposal = disk_move.proposal(image(shared / "a.img"), COPY, 3)
+    proposal["allocated"] = 1 << 60
+    with pytest.raises(DiskFull, match="free"):
+        disk_move.incoming({"disk": proposal}, {}, [shared.parent])
+
+
+def test_the_source_refuses_a_copy_it_cannot_make(shared: Path) -> None:
+    with pytest.raises(MigrationError, match="has no disk"):
+        disk_move.proposal(None, COPY, 3)
+    with pytest.raises(MigrationError, match="protocol version 2"):
+        disk_move.proposal(image(shared / "a.img"), COPY, 2)
+    with pytest.raises(MigrationError, match="4096-byte pages"):
+        disk_move.proposal(image(shared / "b.img", MiB + 512), COPY, 3)
+    assert "copy" not in disk_move.proposal(image(shared / "c.img", MiB + 512), SHARED, 2)  # shared: any size

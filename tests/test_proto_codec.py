@@ -44,8 +44,8 @@ def test_round_trip_zero_copy_path(cls: type[Message]) -> None:
 @pytest.mark.parametrize("cls", list(SAMPLES), ids=lambda c: c.__name__)
 def test_round_trip_buffered_decoder_byte_by_byte(cls: type[Message]) -> None:
     msg = SAMPLES[cls]
-    if isinstance(msg, proto.PageBatch):
-        msg = proto.PageBatch(msg.ranges, msg.zeros, sample_payload(msg))
+    if isinstance(msg, proto.RangeBatch):
+        msg = type(msg)(msg.ranges, msg.zeros, sample_payload(msg))
     dec = proto.Decoder(guest_size=GUEST)
     for i, byte in enumerate(proto.encode_full(msg)):
         assert dec.next_event() is proto.NEED_DATA, f"event before byte {i}"

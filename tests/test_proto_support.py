@@ -40,10 +40,12 @@ SAMPLES: dict[type[Message], Message] = {
     proto.Sync: proto.Sync(3),
     proto.SyncAck: proto.SyncAck(3),
     proto.CodeHint: proto.CodeHint(0x100, bytes(range(256)) * 4, (0x110, 0x4FC, 0x180)),
+    # Image offsets beyond the guest's RAM: a disk's batch is bounded by the disk, not by GUEST.
+    proto.DiskBatch: proto.DiskBatch(((1 << 40, (1 << 40) + 8192),), ((0, 65536),)),
 }
 
 
-def sample_payload(batch: proto.PageBatch) -> bytes:
+def sample_payload(batch: proto.RangeBatch) -> bytes:
     """Distinct bytes for each payload position, so misplaced data is visible."""
     return bytes(i % 251 for i in range(batch.payload_len))
 
@@ -133,6 +135,8 @@ def messages_of(cls: type[Message]) -> st.SearchStrategy[Message]:
     """Valid instances of ``cls`` built from its field annotations."""
     if cls is proto.PageBatch:
         return page_batches()
+    if cls is proto.DiskBatch:
+        return page_batches().map(lambda b: proto.DiskBatch(b.ranges, b.zeros, b.payload))
     if cls is proto.CodeHint:
         return code_hints()
     hints = get_type_hints(cls)

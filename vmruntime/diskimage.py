@@ -139,6 +139,18 @@ def image_id(path: str, create: bool = False) -> str | None:
     return text
 
 
+def set_image_id(path: str, ident: str) -> None:
+    """Give image ``path`` the identity ``ident`` (a copy of the image that had it); ImageError
+    for a malformed identity or a file that cannot be written."""
+    if not _ID.fullmatch(ident):
+        raise ImageError(f"malformed disk image identity {ident!r}")
+    try:
+        with open(path + ID_SUFFIX, "w") as f:
+            f.write(ident + "\n")
+    except OSError as e:
+        raise ImageError(f"cannot write the identity of disk image {path}: {e.strerror or e}") from e
+
+
 def allocated_bytes(st: os.stat_result) -> int:
     return st.st_blocks * 512
 

@@ -11,6 +11,7 @@ exchange") and the ownership rules that bind it (docs/RELIABILITY.md):
 * reserve guest RAM, receive page batches straight into it (zero ranges
   become holes), the CPU and device state, then check the RAM digest and
   answer READY;
+* with --copy-storage, write the disk image's copy as it arrives (storage_copy);
 * start the VM only on COMMIT (its NIC on a TAP of this host), then answer
   RESUMED, and only then announce the guest's MAC on the network
   (agent/announce.py), as a task of the loop that RESUMED never waits for.
@@ -33,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.code_cache import CodeCache
+from agent.disk_copy import DiskFull
 from agent.disks import DiskConfig, DiskError
-from agent.migration import code_hint, disk_move, nic_move, pages
+from agent.migration import code_hint, disk_move, nic_move, pages, storage_copy
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -44,7 +46,7 @@ from agent.migration.common import (
     server_handshake,
     tell,
 )
-from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.info import PAGE_SIZE, DiskProgress, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.outcomes import Outcomes
 from agent.migration.seams import IncomingHost, IncomingRAM, Lane, LogLike
 from agent.migration.transport import Connection, GuestRamFull
@@ -57,6 +59,7 @@ from proto.messages import (
     Commit,
     DeviceState,
     Digest,
+    DiskBatch,
     InDoubtAnswer,
     InDoubtQuery,
     Message,
@@ -78,6 +81,9 @@ from vmruntime.dirty import merge_ranges
 # timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
 # session (and its thread) forever; an honest peer needs a few round trips.
 HANDSHAKE_TIMEOUT_S = 10.0
+# After an Abort sent while the source sends pages, how long to wait for it to read the Abort
+# and close (it checks between batches; through TLS, at its next Sync).
+ABORT_LINGER_S = 10.0
 # Restoring the CPU state is quick; past this the VM process is stuck: not resumed here.
 RESTORE_TIMEOUT_S = 10.0
 
@@ -122,7 +128,7 @@ class DestinationSession:
         self._inc: IncomingRAM | None = None
         self._ram: memoryview | None = None
         self._digest: pages.RamDigest | None = None
-        self._sink: _DigestingSink | None = None  # the memfd large ranges are written to
+        self._sink: pages.DigestingSink | None = None  # the memfd large ranges are written to
         self._after_sync: set[int] = set()  # chunks of a round's last batch: hashed after SyncAck
         self._state: dict[str, Any] | None = None
         self._start_paused = False  # the VM was paused on the source: it stays paused here
@@ -134,6 +140,8 @@ class DestinationSession:
         self._listen_at: str | None = None  # where that process will listen once restored
         self._vm: Any = None  # the claimed VM, once COMMIT started it here
         self._warm_until: float | None = None  # a code warm-up runs: hold SyncAck for it until then
+        self._disk_copy: tuple[DiskConfig, str] | None = None  # the disk to copy here, and its identity
+        self._copy: storage_copy.IncomingCopy | None = None  # that copy, once created (_accept)
 
     def on_authenticated(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when the peer has authenticated or the session ended."""
@@ -231,17 +239,22 @@ class DestinationSession:
         """A bad frame, an out-of-order message, a timeout: tell the source why (best effort)."""
         if self.fenced or isinstance(exc, Aborted) or not self.machine.can_send(Abort):
             return
-        if isinstance(exc, ProtocolError | TimeoutError | GuestRamFull):
+        if isinstance(exc, ProtocolError | TimeoutError | GuestRamFull | DiskFull):
             try:
                 self._send(Abort(error_code(exc), describe(exc)[:500]))
             except (OSError, ProtocolError):
-                pass
+                return
+            if isinstance(exc, GuestRamFull | DiskFull):  # the source is sending: let it read why
+                self.conn.linger(ABORT_LINGER_S)
 
     def _check_and_reserve(self, start: MigrateStart) -> None:
         """The compatibility check and the reservation; Refused when either fails, nothing held."""
         _check_compatible(start)
         nic = _incoming_nic(start)  # reads /sys: here, in the session thread
-        disk = _incoming_disk(start, self.bridge.run(self.vms.allowed_disk_dirs))  # reads the image, here too
+        got = _incoming_disk(start, self.bridge.run(self.vms.allowed_disk_dirs))  # reads the image, here too
+        disk = None if got is None else got[0]
+        if got is not None and got[1] is not None:
+            self._disk_copy = (got[0], got[1])
         if not self.outcomes.register(start.migration_id, self):
             raise Refused(ErrorCode.BAD_REQUEST, f"migration {start.migration_id} was already seen here")
         try:
@@ -260,11 +273,14 @@ class DestinationSession:
         # guest) then runs while that process starts, instead of adding to the setup time.
         self._digest = pages.RamDigest(inc.memfd, self._ram, start.mem_size)
         self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
-        self._sink = _DigestingSink(inc.memfd, self._digest)
+        self._sink = pages.DigestingSink(inc.memfd, self._digest)
         self._await_vm_process()
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
                                   params=_params_of(start))
+        if self._disk_copy is not None:  # created now: from here on a failure removes it (_discard)
+            self.info.disk = DiskProgress()
+            self._copy = storage_copy.IncomingCopy(*self._disk_copy, self.info.disk)
         self.bridge.run(self.infos.__setitem__, start.vm_name, self.info)  # the manager's dict: the loop's
         self._send(MigrateAccept(start.migration_id))
         self.info.setup_s = time.monotonic() - self.info.started
@@ -288,7 +304,12 @@ class DestinationSession:
             msg = self._recv(self._ram, self._sink)
             if isinstance(msg, PageBatch):
                 self._on_pages(msg)
-            elif isinstance(msg, Sync):  # every page before it is applied: say so
+            elif isinstance(msg, DiskBatch):
+                assert self._copy is not None  # (the transport refuses disk data without a copy)
+                self._copy.on_batch(msg)
+            elif isinstance(msg, Sync):  # every page before it is applied (and the disk's synced): say so
+                if self._copy is not None:
+                    self._copy.sync()
                 self._send(SyncAck(msg.round, self._hold_for_warm_up()))
                 self._digest_after_sync()
             elif isinstance(msg, RoundEnd):
@@ -334,12 +355,10 @@ class DestinationSession:
         whole from what it knows (still in the CPU cache), the others through the mapping; but
         those of a pre-copy round's last batch (a Sync is next) only after SyncAck went out.
 
-        Batch by batch, not once per round: in the final round the source is paused and the
-        digest is in the downtime, and hashing each batch while the next one is on its way
-        leaves only the last batch's chunks for after the final copy (docs/PERFORMANCE.md
-        section 7). The same chunks cost no more:
-        batches go in address order, so only a chunk a batch boundary cuts is hashed twice.
-        """
+        Batch by batch, not once per round: in the final round (the source paused) hashing each
+        batch while the next one is on its way leaves only the last batch's chunks for after the
+        final copy (docs/PERFORMANCE.md section 7), at no extra cost: batches go in address
+        order, so only a chunk a batch boundary cuts is hashed twice."""
         assert self._digest is not None and self._sink is not None
         merged = merge_ranges([*batch.ranges, *batch.zeros])
         touched = pages.chunks_of(merged)
@@ -392,6 +411,8 @@ class DestinationSession:
         if msg.value != self._ram_digest:
             self._abort(ErrorCode.DIGEST_MISMATCH,
                         f"guest RAM digest mismatch: source {msg.value}, destination {self._ram_digest}")
+        if self._copy is not None:  # READY promises the disk too: durable before it goes
+            self._copy.sync()
         self._send(Ready())
 
     def _abort(self, code: str, why: str) -> None:
@@ -411,6 +432,8 @@ class DestinationSession:
         self._release_ram()
         t = time.monotonic()
         try:
+            if self._copy is not None:
+                self._copy.install()  # under its name, which the restore locks
             self._start_vm()
         except Exception as exc:
             # The claim was dropped (or never made); the source may resume: we never will.
@@ -482,8 +505,10 @@ class DestinationSession:
                       code_blocks_cold=self.info.code_blocks_cold)
 
     def _discard(self, exc: BaseException) -> None:
-        """Before COMMIT (or when the start failed): drop the reserved copy."""
+        """Before COMMIT (or when the start failed): drop the reserved copy, and the disk's."""
         self._release_ram()
+        if self._copy is not None and self._vm is None:
+            self._copy.discard()
         if self._inc is not None and not self.committing:
             self.outcomes.settle(self._mid, False)
             try:
@@ -502,8 +527,8 @@ class DestinationSession:
     def _send(self, msg: Message) -> None:
         self.conn.send(msg)
 
-    def _recv(self, ram: memoryview | None = None, sink: _DigestingSink | None = None) -> Message:
-        msg = self.conn.recv(ram, sink)
+    def _recv(self, ram: memoryview | None = None, sink: pages.DigestingSink | None = None) -> Message:
+        msg = self.conn.recv(ram, sink, None if self._copy is None else self._copy.writer)
         if isinstance(msg, Abort):
             raise Aborted(f"the source aborted: {msg.reason}")
         return msg
@@ -513,24 +538,6 @@ class DestinationSession:
         if self._ram is not None:
             self._ram.release()
             self._ram = None
-
-
-class _DigestingSink:
-    """The receiving end of transport's piece path: the memfd, and the RAM digest fed from each
-    piece while it is in the cache. Collects the chunks it hashed for the batch being received."""
-
-    def __init__(self, fd: int, digest: pages.RamDigest) -> None:
-        self.fd = fd
-        self._digest = digest
-        self._hashed: set[int] = set()
-
-    def received(self, offset: int, data: memoryview) -> None:
-        self._hashed.update(self._digest.hash_piece(offset, data))
-
-    def take(self) -> set[int]:
-        """The chunks hashed since the last call (empty when the batch took the mapping path)."""
-        out, self._hashed = self._hashed, set()
-        return out
 
 
 def _params_of(start: MigrateStart) -> MigrationParams:
@@ -558,11 +565,14 @@ def _incoming_nic(start: MigrateStart) -> NicConfig | None:
         raise Refused(ErrorCode.INCOMPATIBLE, f"the VM's NIC: {e}") from None
 
 
-def _incoming_disk(start: MigrateStart, allowed: Sequence[Path]) -> DiskConfig | None:
-    """The source's disk image as this host names it; Refused (incompatible) when this host does
-    not see the same image in its allowed directories (agent/migration/disk_move.py)."""
+def _incoming_disk(start: MigrateStart, allowed: Sequence[Path]) -> tuple[DiskConfig, str | None] | None:
+    """The source's disk image as this host names it (or its copy here, and the identity the copy
+    takes); Refused when this host does not see the same image in its allowed directories, or
+    cannot take a copy (agent/migration/disk_move.py)."""
     try:
         return disk_move.incoming(start.params, _params_of(start).disk_map, allowed)
+    except DiskFull as e:
+        raise Refused(ErrorCode.INSUFFICIENT_STORAGE, f"the VM's disk: {e}") from None
     except DiskError as e:
         raise Refused(ErrorCode.INCOMPATIBLE, f"the VM's disk: {e}") from None
 

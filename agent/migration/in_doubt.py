@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 
 from agent.migration.common import describe
+from agent.migration.info import MigrationInfo
 from agent.migration.seams import LogLike
 from agent.migration.transport import Connection
 from proto.errors import ProtocolError
-from proto.messages import InDoubtAnswer, InDoubtQuery
+from proto.messages import Abort, InDoubtAnswer, InDoubtQuery, Message, Resumed
 from proto.state import SourceMachine
 
 # How long the source, in doubt after COMMIT, keeps asking the destination.
@@ -86,3 +87,17 @@ class InDoubtAsker:
                 self.log.info("in-doubt query failed, retrying", vm=self.vm_name, error=describe(exc))
                 time.sleep(IN_DOUBT_RETRY_S)
         return None
+
+
+def settle(reply: Message, info: MigrationInfo) -> bool:
+    """What the destination's answer to COMMIT (Resumed, InDoubtAnswer or Abort) means: True
+    resumed there, False not (and never will); why not goes into ``info``."""
+    if isinstance(reply, Resumed):
+        return True
+    if isinstance(reply, InDoubtAnswer):
+        info.error = "the destination could not start the VM"
+        return reply.resumed
+    assert isinstance(reply, Abort)
+    info.error = f"the destination aborted: {reply.reason}"
+    info.error_code = info.error_code or reply.code
+    return False

@@ -3,7 +3,7 @@
 This module owns the shape of a migration's report. ``MigrationInfo.to_dict``
 gives the JSON object the control API and ``ferry migrate --json`` return; it
 uses QEMU's query-migrate field names where they apply (status, total-time,
-setup-time, downtime, expected-downtime, cpu-throttle-percentage, ram.*) and
+setup-time, downtime, expected-downtime, cpu-throttle-percentage, ram.*, disk.*) and
 ferry's own for the rest (rounds, dirty-tracker, downtime-breakdown,
 error-desc, summary). Times are in milliseconds, like QEMU.
 
@@ -15,6 +15,7 @@ snapshot is always a usable view for a progress display.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,10 @@ class MigrationParams:
     disk_map: dict[str, str] = field(default_factory=dict)
     # Send the code hint (agent/migration/code_hint.py): off only to measure what it saves.
     code_hint: bool = True
+    # Copy the disk image to the destination (agent/migration/storage_copy.py), into disk_dir there
+    # (None: its STATE_DIR/disks), instead of expecting it on shared storage.
+    copy_storage: bool = False
+    disk_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
@@ -77,6 +82,8 @@ class MigrationParams:
             raise ValueError("max-rounds must be at least 1")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("timeout must be positive (seconds)")
+        if self.disk_dir is not None and not (self.copy_storage and os.path.isabs(self.disk_dir)):
+            raise ValueError("disk-dir must be an absolute directory on the destination, with copy-storage")
         self.announce()  # its own checks
 
     def announce(self) -> Schedule:
@@ -106,6 +113,8 @@ class MigrationParams:
             nic_map=_nic_map(norm.get("nic-map")),
             disk_map=_disk_map(norm.get("disk-map")),
             code_hint=bool(norm.get("code-hint", True)),
+            copy_storage=bool(norm.get("copy-storage", False)),
+            disk_dir=str(norm["disk-dir"]) if "disk-dir" in norm else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,12 +135,15 @@ class MigrationParams:
             "nic-map": dict(self.nic_map),
             "disk-map": dict(self.disk_map),
             "code-hint": self.code_hint,
+            "copy-storage": self.copy_storage,
+            "disk-dir": self.disk_dir,
         }
 
 
 _PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
-                         "announce-step", "nic-map", "disk-map", "code-hint"})
+                         "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
+                         "disk-dir"})
 
 
 def _nic_map(raw: object) -> dict[str, str]:
@@ -154,6 +166,22 @@ def _disk_map(raw: object) -> dict[str, str]:
 
 
 @dataclass(slots=True)
+class DiskProgress:
+    """The disk's part of a migration's figures (query-migrate's ``disk``): bytes of the image
+    found to copy (``total``: the data extents, then every dirty block added), sent with payload
+    (``transferred``), sent as holes (``zero``), and known dirty, not sent yet (``remaining``)."""
+
+    total: int = 0
+    transferred: int = 0
+    zero: int = 0
+    remaining: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"total": self.total, "transferred": self.transferred, "zero": self.zero,
+                "remaining": self.remaining}
+
+
+@dataclass(slots=True)
 class RoundStat:
     """One pre-copy round (or the final stop-and-copy pass)."""
 
@@ -166,6 +194,7 @@ class RoundStat:
     start: float = 0.0  # when the round began sending (received, on the destination), seconds into the migration
     sync_rtt: float = 0.0  # of ``seconds``: the path's round trip in the wait for SyncAck (not bandwidth)
     held: float = 0.0  # of ``seconds``: the destination held SyncAck for its code warm-up (not bandwidth)
+    disk_bytes: int = 0  # bytes of the disk image sent (--copy-storage), data and holes
 
     def to_dict(self) -> dict[str, Any]:
         d = {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),
@@ -173,6 +202,8 @@ class RoundStat:
              "start": _ms(self.start)}
         if self.held:
             d["warm-up-wait"] = _ms(self.held)
+        if self.disk_bytes:
+            d["disk-bytes"] = self.disk_bytes
         return d
 
 
@@ -217,6 +248,7 @@ class MigrationInfo:
     # without a hint (vmruntime/warmup.py).
     code_blocks_warm: int | None = None
     code_blocks_cold: int | None = None
+    disk: DiskProgress | None = None  # the disk's copy (--copy-storage); None when it is not copied
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -254,6 +286,8 @@ class MigrationInfo:
         }
         if self.rx_dropped_at_switchover is not None:
             d["rx-dropped-at-switchover"] = self.rx_dropped_at_switchover
+        if self.disk is not None:
+            d["disk"] = self.disk.to_dict()
         if self.code_blocks_warm is not None:
             d["code-blocks"] = {"warm": self.code_blocks_warm, "cold": self.code_blocks_cold}
         if self.error is not None:

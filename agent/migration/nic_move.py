@@ -17,7 +17,10 @@ from typing import Any
 
 from agent import nics
 from agent.migration.common import map_items
+from agent.migration.seams import Lane
 from agent.nics import NicConfig, NicError
+
+DRAIN_TIMEOUT_S = 10.0  # a paused VM process answers at once; this bounds a stuck one
 
 PARAMS_KEY = "nic"  # the key in MigrateStart.params
 TUN_PATH = "/dev/net/tun"
@@ -84,3 +87,11 @@ def tap_dropped(tap: str, sys_net: str = nics.SYS_NET) -> int | None:
             return int(f.read().strip() or 0)
     except (OSError, ValueError):
         return None
+
+
+def switchover_drops(lane: Lane, tap: str, dropped_at_pause: int) -> int:
+    """Frames that reached the source's TAP after the pause and were never read: those still queued
+    (read and dropped now: the VM goes) and those the full queue dropped (docs/cli.md).
+    Raises VMError, VMGone or OSError when the VM process does not answer."""
+    drained = int(lane.request("nic-drain", timeout=DRAIN_TIMEOUT_S).get("drained", 0))
+    return drained + max(0, (tap_dropped(tap) or 0) - dropped_at_pause)

@@ -19,7 +19,8 @@ per-range (not per-page) cost wherever the ranges are contiguous:
   whole are hashed right after they crossed the socket, still in the CPU
   cache, instead of in a second pass over DRAM.
 * ``punch_zeros`` zeroes ranges on the receiver by punching holes, which
-  frees the memory rather than writing zeros into it.
+  frees the memory rather than writing zeros into it; ``DigestingSink`` feeds
+  the receiver's digest from each received piece.
 """
 
 from __future__ import annotations
@@ -505,3 +506,21 @@ def punch_zeros(memfd: int, ram: memoryview, zeros: Iterable[Range]) -> None:
     for a, b in zeros:
         if _libc.fallocate(memfd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, a, b - a) != 0:
             ram[a:b] = bytes(b - a)  # no hole punching here (errno in ctypes): zero by hand
+
+
+class DigestingSink:
+    """The receiving end of transport's piece path: the memfd, and the RAM digest fed from each
+    piece while it is in the cache. Collects the chunks it hashed for the batch being received."""
+
+    def __init__(self, fd: int, digest: RamDigest) -> None:
+        self.fd = fd
+        self._digest = digest
+        self._hashed: set[int] = set()
+
+    def received(self, offset: int, data: memoryview) -> None:
+        self._hashed.update(self._digest.hash_piece(offset, data))
+
+    def take(self) -> set[int]:
+        """The chunks hashed since the last call (empty when the batch took the mapping path)."""
+        out, self._hashed = self._hashed, set()
+        return out

@@ -25,7 +25,7 @@ never will.
 
 What is not the sequence lives beside it: the RAM digest and its thread
 (source_digest), the round figures and the policy's inputs (rounds), the
-in-doubt queries (in_doubt).
+in-doubt queries (in_doubt), the disk's copy (storage_copy).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, disk_move, nic_move, pages, tls
+from agent.migration import code_hint, disk_move, nic_move, pages, storage_copy, tls
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -51,8 +51,8 @@ from agent.migration.common import (
     error_code,
     timed_client_handshake,
 )
-from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker
-from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker, settle
+from agent.migration.info import PAGE_SIZE, DiskProgress, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.policy import Action, Decision, Limits, decide
 from agent.migration.rounds import RoundBook
 from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
@@ -64,13 +64,11 @@ from proto.messages import (
     Commit,
     DeviceState,
     Digest,
-    InDoubtAnswer,
     Message,
     MigrateAccept,
     MigrateRefuse,
     MigrateStart,
     Ready,
-    Resumed,
     Sync,
     SyncAck,
 )
@@ -132,6 +130,7 @@ class SourceSession:
         self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
         self._lane: Lane | None = None  # this thread's own socket to the VM process
         self._tap_dropped: int | None = None  # the TAP's tx_dropped at the pause (a VM with a NIC)
+        self._copy: storage_copy.SourceCopy | None = None  # the disk's copy (--copy-storage)
 
     # -- control from other threads ----------------------------------------------------------------
     def cancel(self) -> bool:
@@ -154,6 +153,8 @@ class SourceSession:
         try:
             self._run()
         finally:
+            if self._copy is not None:
+                self._copy.close()
             if self._lane is not None:
                 self._lane.close()
                 self._lane = None
@@ -205,17 +206,18 @@ class SourceSession:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"unexpected {type(reply).__name__}")
 
     def _proposed_params(self) -> dict[str, Any]:
-        """The params, and the VM's NIC under their ``nic`` key (agent/migration/nic_move.py)."""
+        """The params, and the VM's NIC and disk under their own keys (nic_move, disk_move)."""
         params = self.params.to_dict()
         if self.vm.nic is not None:
             params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
-        if self.vm.disk is not None:
-            params[disk_move.PARAMS_KEY] = disk_move.proposal(self.vm.disk)
+        if self.vm.disk is not None or self.params.copy_storage:
+            assert self.conn is not None
+            params[disk_move.PARAMS_KEY] = disk_move.proposal(self.vm.disk, self.params, self.conn.channel.version)
         return params
 
     # -- pre-copy ------------------------------------------------------------------------------------
-    def _precopy(self) -> list[Range]:
-        """Rounds until the policy switches over; returns the dirty set still to send."""
+    def _precopy(self) -> tuple[list[Range], list[Range]]:
+        """Rounds until the policy switches over; returns the dirty sets (RAM, disk) still to send."""
         vm = self.vm
         self._tracker = self.bridge.call(vm.track_start(hot_blocks=self.params.hot_blocks))
         self._lane = self.bridge.call(vm.open_lane())
@@ -229,37 +231,44 @@ class SourceSession:
         hint = code_hint.ask(self._lane, self._ram, self.code_cache)
         if hint is not None and self.params.code_hint and self.conn.channel.version >= hint.SINCE:
             self._send(hint)  # first: the destination translates while the pages arrive
+        disk_pending: list[Range] = []
+        if self.params.copy_storage and vm.disk is not None:
+            self.info.disk = DiskProgress()
+            self._copy = storage_copy.SourceCopy(vm.disk, self._lane, self.info.disk)
+            disk_pending = self._copy.start()
         limits = Limits(self.params.max_downtime_ms / 1000, self.params.max_rounds, self.params.timeout_s,
                         self.params.auto_converge, self.params.force)
         remainders: list[int] = []  # the dirty bytes after each round, for the policy
         while True:
-            pending, dirty_bytes, decision = self._one_round(pending, tuple(remainders), limits)
+            pending, disk_pending, dirty_bytes, decision = self._one_round(pending, disk_pending, tuple(remainders),
+                                                                           limits)
             remainders.append(dirty_bytes)
             if self._act(decision):
-                return pending
+                return pending, disk_pending
 
-    def _one_round(self, ranges: list[Range], earlier: tuple[int, ...],
-                   limits: Limits) -> tuple[list[Range], int, Decision]:
-        """Send ``ranges`` as one round, harvest, ask the policy."""
+    def _one_round(self, ranges: list[Range], disk: list[Range], earlier: tuple[int, ...],
+                   limits: Limits) -> tuple[list[Range], list[Range], int, Decision]:
+        """Send ``ranges`` of RAM and ``disk`` of the image as one round, harvest, ask the policy."""
         t0 = time.monotonic()
         assert self._digest is not None and self._tracker is not None
         self._digest.hash_stable()
-        stat = self._send_ranges(ranges)
+        stat = self._send_ranges(ranges, disk)
         self._sync(stat)
         # The harvest is the last step before the decision: the dirty set the policy judges is the
         # one a switch-over sends, not that plus what the guest wrote while we hashed.
         dirty = self._harvest()
+        disk_dirty = self._copy.harvest() if self._copy is not None else []
         dirty_chunks = pages.chunks_of(dirty)  # computed once: the digest and the policy both use it
         self._digest.after_round(ranges, dirty, dirty_chunks)
         elapsed = max(time.monotonic() - t0, 1e-6)
-        dirty_bytes = pages.total_bytes(dirty)
+        dirty_bytes = pages.total_bytes(dirty) + pages.total_bytes(disk_dirty)  # the policy judges both
         self._send(self._book.end(stat, dirty_bytes, elapsed))
         fig = self._book.figures(dirty_bytes=dirty_bytes, earlier=earlier, elapsed=elapsed, throttle=self._throttle,
                                  hash_s=self._digest.hash_time(dirty_chunks), fixed_s=self._fixed_s,
                                  whole_bytes=self._tracker.whole_bytes)
         decision = decide(fig, limits, time.monotonic())
         self.info.expected_downtime_s = decision.expected_downtime_s
-        return dirty, dirty_bytes, decision
+        return dirty, disk_dirty, dirty_bytes, decision
 
     def _act(self, d: Decision) -> bool:
         """Carry out a policy decision; True when pre-copy is over (switch over now)."""
@@ -280,6 +289,11 @@ class SourceSession:
         return True
 
     @property
+    def _shares_disk(self) -> bool:
+        """The VM's image is on shared storage: its lock changes hands at the switch-over."""
+        return self.vm.disk is not None and not self.params.copy_storage
+
+    @property
     def _fixed_s(self) -> float:
         """The policy's fixed downtime: FIXED_DOWNTIME_S and the round trips the switch-over waits for."""
         return FIXED_DOWNTIME_S + SWITCH_ROUND_TRIPS[self.params.commit_ahead] * self._rtt
@@ -288,37 +302,42 @@ class SourceSession:
         assert self._tracker is not None
         ranges = self._tracker.harvest()
         self.info.dirty_sync_count += 1
-        # The contract says sorted and merged, and the trackers build it so; but a kernel walk may
-        # report regions out of order, and a page batch must be sorted: checked here all the same,
-        # cheap for sorted input (docs/PERFORMANCE.md section 4), normalised if it ever is not.
+        # Sorted and merged by contract, but a kernel walk may report regions out of order and a
+        # batch must be sorted: normalised here, cheap for sorted input (docs/PERFORMANCE.md section 4).
         return merge_ranges(ranges)
 
-    def _send_ranges(self, ranges: list[Range], final: bool = False) -> RoundStat:
-        """Send one round's ranges in page batches; zero grains go without payload."""
+    def _send_ranges(self, ranges: list[Range], disk: list[Range], final: bool = False) -> RoundStat:
+        """Send one round's ranges in page batches (zero grains go without payload), then the
+        disk's (--copy-storage)."""
         assert self._ram is not None and self._digest is not None
         t0 = time.monotonic()
         stat = self._book.begin(ranges, t0)
         for batch in pages.plan_batches(self._ram, ranges):
-            self._check_cancel()
-            if not final:
-                self._check_deadline()
+            self._before_batch(final)
             if self._limiter is not None:
                 self._limiter.take(batch.data_bytes)
             self._send_batch(batch, stat)
             if not final:  # (in the final round the digest thread owns the RamDigest)
                 self._digest.hash_hot(batch)
+        if self._copy is not None and disk:
+            assert self.conn is not None
+            self._copy.send(self.conn, disk, stat, self.info, self._limiter, lambda: self._before_batch(final))
         self._book.sent(stat, time.monotonic() - t0)
         return stat
 
-    def _sync(self, stat: RoundStat) -> None:
-        """Wait until the destination applied every page of the round (Sync, SyncAck).
+    def _before_batch(self, final: bool) -> None:
+        self._check_cancel()
+        if not final:
+            self._check_deadline()
+        assert self.conn is not None
+        if self.conn.next_frame_is(Abort):  # the destination gave up mid-round (its RAM or disk full)
+            self._recv()
 
-        Without it, what sits in the socket buffers and the path (up to both
-        buffers: much on a long path) is drained after the pause, in the
-        downtime, where the policy does not see it. Waiting here costs a round
-        trip of idle pipe per round and makes the round's time, and so the
-        bandwidth the policy predicts with, what the destination took.
-        """
+    def _sync(self, stat: RoundStat) -> None:
+        """Wait until the destination applied every page of the round (Sync, SyncAck): else what
+        sits in the buffers and the path drains after the pause, in the downtime, unseen by the
+        policy. It costs a round trip per round, and makes the round's time (so the bandwidth the
+        policy predicts with) what the destination took."""
         t = time.monotonic()
         n = len(self.info.rounds)
         self._send(Sync(n))
@@ -328,11 +347,9 @@ class SourceSession:
         self._book.synced(stat, time.monotonic() - t, self._rtt, reply.held_s)
 
     def _check_deadline(self) -> None:
-        """The time limit also holds inside a long round (a big guest on a capped link).
-
-        With ``force`` the round finishes and the policy then forces the
-        switch-over; otherwise the migration ends here, the VM running.
-        """
+        """The time limit also holds inside a long round (a big guest on a capped link). With
+        ``force`` the round finishes and the policy then forces the switch-over; else the migration
+        ends here, the VM running."""
         limit = self.params.timeout_s
         if limit is not None and not self.params.force and time.monotonic() - self.info.started >= limit:
             raise MigrationError(ErrorCode.TIMEOUT, f"did not converge: time limit reached ({limit:g} s) "
@@ -344,7 +361,7 @@ class SourceSession:
         self._book.count_batch(stat, batch, wire)
 
     # -- stop-and-copy -------------------------------------------------------------------------------
-    def _stop_and_copy(self, pending: list[Range]) -> float:
+    def _stop_and_copy(self, pending: tuple[list[Range], list[Range]]) -> float:
         """Pause, send the rest, the state and the digest; returns when the digest went out."""
         info = self.info
         info.status = Status.DEVICE
@@ -358,10 +375,11 @@ class SourceSession:
         # blocks (a scan of all guest RAM). Blocks still hot are reported whole by this harvest.
         self._tracker.hot_blocks = False
         last = self._harvest()
+        disk = merge_ranges(pending[1] + self._copy.harvest()) if self._copy is not None else []
         assert self._digest is not None
         digest = self._digest.finish_meanwhile(last)  # in its thread, while the final pages go out
-        final = merge_ranges(pending + last)
-        stat = self._send_ranges(final, final=True)
+        final = merge_ranges(pending[0] + last)
+        stat = self._send_ranges(final, disk, final=True)
         self._send(self._book.end(stat, 0, max(time.monotonic() - t, 1e-6), final=True))
         t = self._book.lap("final-copy", t)
         self._send(DeviceState({**state, RUN_STATE_KEY: "running" if self._was_running else "paused"}))
@@ -378,11 +396,11 @@ class SourceSession:
 
     def _pause(self) -> dict[str, Any]:
         """Stop the vCPU through this thread's lane (no event-loop round trip inside the downtime);
-        the VM manager's bookkeeping follows on the loop, not waited for."""
+        the VM manager's bookkeeping follows on the loop, not waited for. A shared disk's image is
+        released with the pause: the destination locks it to resume the VM."""
         assert self._lane is not None
         try:
-            # A disk's image is released with the pause: the destination locks it to resume the VM.
-            release = {"release-disk": True} if self.vm.disk is not None else {}
+            release = {"release-disk": True} if self._shares_disk else {}
             reply = self._lane.request("pause", timeout=PAUSE_TIMEOUT_S, **release)
         except (vmctl.VMError, vmctl.VMGone) as exc:
             raise MigrationError(ErrorCode.INTERNAL, f"pausing the VM failed: {exc}") from exc
@@ -415,7 +433,7 @@ class SourceSession:
             if isinstance(reply, Ready):  # only ever with commit ahead (the state machine checks)
                 t = self._book.lap("verify", digest_sent)
                 reply = self.conn.recv()
-            resumed = self._settle(reply)
+            resumed = settle(reply, self.info)
         except (OSError, ProtocolError) as exc:
             self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
             resumed = self._resolve_in_doubt()
@@ -428,18 +446,6 @@ class SourceSession:
             self._complete()
         else:
             self._resume_after_commit()
-
-    def _settle(self, reply: Message) -> bool:
-        """What the destination's answer to COMMIT means: True resumed there, False not (never will)."""
-        if isinstance(reply, Resumed):
-            return True
-        if isinstance(reply, InDoubtAnswer):
-            self.info.error = "the destination could not start the VM"
-            return reply.resumed
-        assert isinstance(reply, Abort)
-        self.info.error = f"the destination aborted: {reply.reason}"
-        self.info.error_code = self.info.error_code or reply.code
-        return False
 
     def _resolve_in_doubt(self) -> bool | None:
         """Ask the destination on new connections whether it resumed; None if it never answers."""
@@ -461,6 +467,10 @@ class SourceSession:
             self.bridge.call(self.vms.remove_migrated(self.vm.name))
         except Exception as exc:  # the VM runs on the destination whatever happens to our copy
             self.log.error("removing the migrated VM failed", vm=self.vm.name, error=describe(exc))
+        if self._copy is not None:  # the destination runs the VM on its copy of the image
+            why = storage_copy.remove_source(self._copy.disk.path)
+            if why is not None:
+                self.log.error("removing the copied disk image failed", vm=self.vm.name, error=why)
         self._book.note_downtime(self.params.max_downtime_ms)
         # The migration is over when the destination runs the VM (QEMU's total-time ends there too):
         # stopping our copy and freeing its RAM come after, outside total-time.
@@ -469,17 +479,14 @@ class SourceSession:
                       downtime_ms=round(info.downtime_s * 1000, 1), rounds=len(info.rounds))
 
     def _count_switchover_drops(self) -> None:
-        """Frames that reached the source's TAP after the pause: the ones still queued (read and
-        dropped now, the VM goes) and the ones the full queue dropped (docs/cli.md)."""
+        """Frames lost to the switch-over at the source's TAP (nic_move.switchover_drops)."""
         if self.vm.nic is None or self._lane is None or self._tap_dropped is None:
             return
         try:
-            drained = int(self._lane.request("nic-drain", timeout=PAUSE_TIMEOUT_S).get("drained", 0))
+            self.info.rx_dropped_at_switchover = nic_move.switchover_drops(self._lane, self.vm.nic.tap,
+                                                                           self._tap_dropped)
         except (vmctl.VMError, vmctl.VMGone, OSError) as exc:
             self.log.warning("counting the frames left at switch-over failed", vm=self.vm.name, error=describe(exc))
-            return
-        dropped = nic_move.tap_dropped(self.vm.nic.tap)
-        self.info.rx_dropped_at_switchover = drained + max(0, (dropped or 0) - self._tap_dropped)
 
     def _resume_after_commit(self) -> None:
         """The destination said it did not resume and never will: the VM is ours again."""
@@ -540,7 +547,7 @@ class SourceSession:
             steps.append(vm.throttle(0))
             self._throttle = self.info.throttle = 0
         errors = []
-        if self._paused and vm.disk is not None and self._lane is not None:
+        if self._paused and self._shares_disk and self._lane is not None:
             errors.append(disk_move.take_back(self._lane))  # a VM that stays paused keeps its image locked too
         if self._paused and self._was_running:
             steps.append(vm.resume())
@@ -586,7 +593,7 @@ class SourceSession:
         self._digest = None
         if self._ram is not None:
             self._ram.release()
-            self._ram = None
+        self._ram = None
 
     def _close(self) -> None:
         if self.conn is not None:

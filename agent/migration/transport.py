@@ -48,14 +48,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from proto.channel import Channel, Machine
 from proto.codec import message_class
 from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, parse_header
-from proto.messages import ErrorResponse, Message, PageBatch
+from proto.messages import DiskBatch, ErrorResponse, Message, PageBatch
 
 T = TypeVar("T")
 
@@ -97,6 +97,15 @@ class PageSink(Protocol):
 
     def received(self, offset: int, data: memoryview) -> None:
         """``data`` was just written at guest offset ``offset`` (a piece within one range)."""
+
+
+class DiskSink(Protocol):
+    """Where a DiskBatch's payload goes: the disk image's copy (agent/disk_copy.ImageWriter)."""
+
+    def check(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """ValueError for a range outside the disk (nothing is written then)."""
+
+    def write(self, offset: int, data: memoryview) -> None: ...
 
 
 class GuestRamFull(Exception):
@@ -289,6 +298,15 @@ class Connection:
         self.sent += total
         return total
 
+    def send_disk(self, ranges: Sequence[tuple[int, int]], zeros: Sequence[tuple[int, int]],
+                  pieces: Sequence[memoryview]) -> int:
+        """Send one batch of a disk image: frame, then each data range's bytes (``pieces``, in
+        order, as read from the image). Returns wire bytes."""
+        frame = self.channel.send(DiskBatch(tuple(ranges), tuple(zeros)))
+        total = self._sendmsg_all([frame, *pieces])
+        self.sent += total
+        return total
+
     def _sendmsg_all(self, bufs: list[memoryview | bytes]) -> int:
         """sendmsg every buffer, IOV_MAX at a time, resuming after partial sends."""
         total = 0
@@ -303,15 +321,20 @@ class Connection:
         return total
 
     # -- receiving -------------------------------------------------------------------------------
-    def recv(self, ram: memoryview | None = None, sink: PageSink | None = None) -> Message:
+    def recv(self, ram: memoryview | None = None, sink: PageSink | None = None,
+             disk: DiskSink | None = None) -> Message:
         """Receive one message; a page batch's payload goes into guest RAM: ``ram`` (the
-        mapping), or through ``sink`` (the memfd behind it) when its ranges are large.
-        Without ``ram`` a frame that carries page data is refused by its header."""
+        mapping), or through ``sink`` (the memfd behind it) when its ranges are large; a disk
+        batch's into ``disk``. Without either a frame that carries data is refused by its header."""
         self._recv_exact(memoryview(self._hdr))
-        header = self.channel.receive_header(self._hdr, max_payload=None if ram is not None else 0)
+        takes_data = ram is not None or disk is not None
+        header = self.channel.receive_header(self._hdr, max_payload=None if takes_data else 0)
         body = bytearray(header.body_len)
         self._recv_exact(memoryview(body))
         msg = self.channel.receive_body(header, body)
+        if isinstance(msg, DiskBatch):
+            self._recv_disk(msg, disk)
+            return msg
         if isinstance(msg, PageBatch) and msg.ranges:
             if ram is None:
                 raise RemoteProtocolError("page data on a connection that takes none")
@@ -350,6 +373,27 @@ class Connection:
                 _pwrite_all(sink.fd, piece, pos)
                 sink.received(pos, piece)
                 pos += n
+
+    def _recv_disk(self, msg: DiskBatch, disk: DiskSink | None) -> None:
+        """Check a disk batch's ranges against the disk, then write its payload piece by piece
+        (its zeros are the caller's: holes punched, not bytes received)."""
+        if disk is None:
+            raise RemoteProtocolError("disk data on a connection that copies no disk")
+        try:
+            disk.check(msg.ranges)
+            disk.check(msg.zeros)
+        except ValueError as e:
+            raise RemoteProtocolError(f"DiskBatch: {e}") from None
+        buf = self._piece_buf
+        if buf is None:
+            buf = self._piece_buf = memoryview(bytearray(RECV_PIECE))
+        for off, length in msg.payload_targets():
+            pos, end = off, off + length
+            while pos < end:
+                piece = buf[:min(end - pos, RECV_PIECE)]
+                self._recv_exact(piece)
+                disk.write(pos, piece)
+                pos += len(piece)
 
     def _recv_scatter(self, ram: memoryview, targets: list[tuple[int, int]]) -> None:
         """Receive a batch payload into its guest offsets: one ``recvmsg_into`` per IOV_MAX ranges,
@@ -392,6 +436,21 @@ class Connection:
             if self._closed:
                 raise ConnectionClosed("connection shut down") from e
             raise
+
+    def linger(self, seconds: float) -> None:
+        """After a last message sent in mid-stream (an Abort): stop sending, and read and drop what
+        the peer still sends until it closes, for at most ``seconds``. Closing with its data unread
+        would reset the connection, and a reset can reach the peer before it read that message."""
+        buf = bytearray(1 << 16)
+        deadline = time.monotonic() + seconds
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if self.sock.recv_into(buf) == 0:
+                    return
+        except OSError:  # the peer is gone, or took long: nothing more to do either way
+            pass
 
     def shutdown(self) -> None:
         """Wake every thread blocked on this connection; safe from any thread, idempotent."""

@@ -1,0 +1,161 @@
+"""A VM's disk copied across a migration (`ferry migrate --copy-storage`): both ends' parts.
+
+For hosts without shared storage (libvirt's --copy-storage-all, QEMU's block mirror), the image
+travels with the RAM, on the same connection and in the same rounds (docs/protocol.md, DiskBatch):
+
+- the source (`SourceCopy`) forgets the disk's dirty marks, then sends in round 0 the image's
+  data extents (holes stay holes) beside the RAM's written extents; every later round the
+  blocks the guest wrote meanwhile, harvested right after the RAM's; the last dirty blocks go
+  while the vCPU is paused, before the CPU state. The convergence policy judges RAM and disk
+  bytes together. The source image stays as it is: the VM keeps using it until the destination
+  resumes, and the source removes it only once the destination said RESUMED
+  (`remove_source`).
+- the destination (`IncomingCopy`) writes into a new image, ``PATH.ferry-partial`` beside the
+  final ``PATH`` (same file name, in ``--disk-dir`` or its STATE_DIR/disks), synced at every
+  Sync and at the end; at COMMIT it takes the final name (never replacing a file there) and the
+  VM process locks it as it restores the VM; it carries the source image's identity (the same
+  disk, whose source image goes once the VM runs here). Before that any failure removes the partial copy;
+  an ENOSPC fails the migration (`DiskFull`, insufficient-storage) and the VM keeps running on
+  the source. A partial copy left by a killed agent is replaced by the next attempt of the same
+  VM (the VM's name is reserved: no other attempt writes it meanwhile).
+
+Everything here blocks on files and sockets: for the session threads, never the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from agent import disk_copy
+from agent.disks import DiskConfig
+from agent.migration.info import DiskProgress, MigrationInfo, RoundStat
+from agent.migration.seams import Lane
+from agent.migration.transport import Connection, RateLimiter
+from proto.messages import DiskBatch
+from vmruntime.diskimage import ID_SUFFIX, set_image_id
+
+PARTIAL_SUFFIX = ".ferry-partial"
+Range = tuple[int, int]
+
+
+class SourceCopy:
+    """The source's side: reads its own image (the VM process keeps writing it) and sends it."""
+
+    def __init__(self, disk: DiskConfig, lane: Lane, progress: DiskProgress) -> None:
+        self.disk = disk
+        self.lane = lane
+        self.progress = progress
+        self._fd = -1
+        self._buf = bytearray(disk_copy.BATCH_BYTES)
+
+    def start(self) -> list[Range]:
+        """Forget the dirty marks, then open the image: its data extents are round 0's share.
+        In this order, a write between the two is in the extents or in the next harvest."""
+        disk_copy.clear_dirty(self.lane)
+        self._fd = os.open(self.disk.path, os.O_RDONLY | os.O_CLOEXEC)
+        extents = disk_copy.data_extents(self._fd, self.disk.size)
+        self.progress.total = self.progress.remaining = disk_copy.total_bytes(extents)
+        return extents
+
+    def harvest(self) -> list[Range]:
+        """The blocks the guest wrote since the last harvest: the next round's share."""
+        dirty = disk_copy.harvest(self.lane)
+        n = disk_copy.total_bytes(dirty)
+        self.progress.total += n
+        self.progress.remaining = n
+        return dirty
+
+    def send(self, conn: Connection, ranges: list[Range], stat: RoundStat, info: MigrationInfo,
+             limiter: RateLimiter | None, before_batch: Callable[[], None]) -> None:
+        """Send ``ranges`` of the image in DiskBatches, counted in the round and the migration."""
+        for batch in disk_copy.read_batches(self._fd, ranges, self._buf):
+            before_batch()
+            if limiter is not None:
+                limiter.take(batch.data_bytes)
+            wire = conn.send_disk(batch.ranges, batch.zeros, batch.pieces)
+            stat.bytes += wire
+            stat.disk_bytes += batch.data_bytes + batch.zero_bytes
+            info.transferred += wire
+            p = self.progress
+            p.transferred += batch.data_bytes
+            p.zero += batch.zero_bytes
+            p.remaining = max(0, p.remaining - batch.data_bytes - batch.zero_bytes)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def remove_source(path: str) -> str | None:
+    """Remove the source's image and its identity once the destination runs the VM on its copy;
+    why not, if that failed (the VM is gone from here either way)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"removing the source image {path}: {e.strerror or e}"
+    try:
+        os.unlink(path + ID_SUFFIX)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"removing the identity of {path}: {e.strerror or e}"
+    return None
+
+
+class IncomingCopy:
+    """The destination's side: the image copy being written, then installed under its name."""
+
+    def __init__(self, disk: DiskConfig, ident: str, progress: DiskProgress) -> None:
+        self.disk = disk
+        self.ident = ident  # the source image's identity: the copy is the same disk
+        self.progress = progress
+        self.partial = disk.path + PARTIAL_SUFFIX
+        self._installed = False
+        # O_TRUNC, not O_EXCL: a partial copy here is a dead attempt's (the name is reserved).
+        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, disk.size)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(self.partial)
+            raise disk_copy.DiskFull(f"cannot create the disk image copy {self.partial}: {e.strerror or e}") from e
+        self.writer = disk_copy.ImageWriter(fd, self.partial, disk.size)
+
+    def on_batch(self, batch: DiskBatch) -> None:
+        """The batch's payload is written (transport, through ``writer``): punch its zeros."""
+        self.writer.punch(batch.zeros)
+        data, zero = batch.payload_len, disk_copy.total_bytes(batch.zeros)
+        self.progress.transferred += data
+        self.progress.zero += zero
+        self.progress.total += data + zero
+
+    def sync(self) -> None:
+        """Make what arrived so far durable (at every Sync: the last one then has little to do)."""
+        self.writer.sync()
+
+    def install(self) -> None:
+        """At COMMIT: synced, under its final name (a file appearing there meanwhile is refused,
+        never replaced), the partial name gone."""
+        self.writer.sync()
+        os.link(self.partial, self.disk.path)
+        self._installed = True
+        os.unlink(self.partial)
+        set_image_id(self.disk.path, self.ident)
+
+    def close(self) -> None:
+        if self.writer.fd >= 0:
+            os.close(self.writer.fd)
+            self.writer.fd = -1
+
+    def discard(self) -> None:
+        """The VM does not run here: remove the copy, under whichever name it has."""
+        self.close()
+        for name in (self.partial, *((self.disk.path, self.disk.path + ID_SUFFIX) if self._installed else ())):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,122 @@
+"""agent/disk_copy.py: what a live copy of a disk image reads, harvests and writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import disk_copy
+from agent.disk_copy import ZERO_GRAIN, DiskFull, ImageWriter
+
+
+def _image(path: Path, size: int, writes: dict[int, bytes]) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, size)
+    for off, data in writes.items():
+        os.pwrite(fd, data, off)
+    return fd
+
+
+def test_data_extents_skip_holes_and_are_page_aligned(tmp_path: Path) -> None:
+    fd = _image(tmp_path / "a.img", 8 << 20, {0: b"x", (4 << 20) + 100: b"y" * 5000})
+    try:
+        extents = disk_copy.data_extents(fd, 8 << 20)
+    finally:
+        os.close(fd)
+    assert extents[0][0] == 0 and extents[-1][1] <= 8 << 20
+    assert all(a % 4096 == 0 and b % 4096 == 0 for a, b in extents)
+    covered = disk_copy.total_bytes(extents)
+    assert covered < 1 << 20  # the 8 MiB image's holes are not read
+    assert any(a <= (4 << 20) + 100 and (4 << 20) + 5100 <= b for a, b in extents)
+
+
+def test_read_batches_sets_whole_zero_grains_apart_and_keeps_the_bytes(tmp_path: Path) -> None:
+    g = ZERO_GRAIN
+    content = {0: b"a" * g, 2 * g: b"b" * 100, 5 * g - 10: b"c" * 10}
+    fd = _image(tmp_path / "a.img", 8 * g, content)
+    try:
+        batches = []
+        for batch in disk_copy.read_batches(fd, [(0, 6 * g)], bytearray(4 * g)):
+            batches.append((list(batch.ranges), list(batch.zeros), b"".join(bytes(p) for p in batch.pieces)))
+    finally:
+        os.close(fd)
+    ranges = [r for b in batches for r in b[0]]
+    zeros = [z for b in batches for z in b[1]]
+    assert disk_copy.total_bytes(ranges) + disk_copy.total_bytes(zeros) == 6 * g
+    assert (g, 2 * g) in zeros and (3 * g, 4 * g) in zeros and (5 * g, 6 * g) in zeros
+    data = {}
+    for rs, _, payload in batches:
+        pos = 0
+        for a, b in rs:
+            data[a] = payload[pos:pos + b - a]
+            pos += b - a
+        assert pos == len(payload)
+    assert data[0] == b"a" * g
+    assert data[2 * g] == b"b" * 100 + bytes(g - 100)
+    assert data[4 * g][-10:] == b"c" * 10
+    assert len(batches) == 2  # the 4-grain buffer cut the 6 grains in two
+
+
+def test_image_writer_writes_punches_and_refuses_what_lies_outside(tmp_path: Path) -> None:
+    fd = _image(tmp_path / "b.img", 4 * ZERO_GRAIN, {0: b"z" * (4 * ZERO_GRAIN)})
+    w = ImageWriter(fd, str(tmp_path / "b.img"), 4 * ZERO_GRAIN)
+    try:
+        w.write(10, memoryview(b"hello"))
+        w.punch([(ZERO_GRAIN, 3 * ZERO_GRAIN)])
+        w.sync()
+        assert os.pread(fd, 5, 10) == b"hello"
+        assert os.pread(fd, 2 * ZERO_GRAIN, ZERO_GRAIN) == bytes(2 * ZERO_GRAIN)
+        assert os.pread(fd, 1, 3 * ZERO_GRAIN) == b"z"
+        with pytest.raises(ValueError, match="outside the disk"):
+            w.check([(0, 4096), (3 * ZERO_GRAIN, 5 * ZERO_GRAIN)])
+    finally:
+        os.close(fd)
+
+
+def test_image_writer_turns_a_full_file_system_into_disk_full(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    fd = _image(tmp_path / "c.img", 4096, {})
+    try:
+        monkeypatch.setattr(disk_copy.os, "pwrite", full)
+        with pytest.raises(DiskFull, match="No space left on device") as got:
+            ImageWriter(fd, "c.img", 4096).write(0, memoryview(b"x"))
+        assert got.value.code == "insufficient-storage"
+    finally:
+        os.close(fd)
+
+
+class _Lane:
+    """A VM process answering disk-dirty in pages of at most two ranges (offset, length)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.left = list(ranges)
+        self.calls: list[dict[str, Any]] = []
+
+    def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        assert op == "disk-dirty"
+        self.calls.append(fields)
+        if fields.get("clear"):
+            self.left = []
+            return {"ranges": [], "more": False}
+        out, self.left = self.left[:2], self.left[2:]
+        return {"ranges": [list(r) for r in out], "more": bool(self.left)}
+
+
+def test_harvest_asks_again_while_more_and_merges() -> None:
+    lane = _Lane([(0, 65536), (65536, 65536), (1 << 20, 65536)])
+    assert disk_copy.harvest(lane) == [(0, 131072), (1 << 20, (1 << 20) + 65536)]
+    assert len(lane.calls) == 2
+    disk_copy.clear_dirty(lane)
+    assert disk_copy.harvest(lane) == []
+
+
+def test_check_copyable() -> None:
+    assert disk_copy.check_copyable(1 << 20) is None
+    assert "4096" in str(disk_copy.check_copyable(6144))
