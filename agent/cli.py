@@ -198,6 +198,9 @@ def _add_migrate_commands(sub: Any) -> None:
                         "the source image is removed once the VM runs there")
     m.add_argument("--disk-dir", metavar="DIR",
                    help="with --copy-storage: the destination directory for the image (default its STATE_DIR/disks)")
+    m.add_argument("--storage-mode", choices=("background", "write-blocking"),
+                   help="with --copy-storage: write-blocking makes a guest that writes its disk faster than the "
+                        "link wait for the copy (default background)")
     _add_announce_flags(m)
     m.add_argument("--json", action="store_true", help="print the final MigrationInfo as JSON, no progress")
     m.add_argument("--detach", action="store_true", help="start the migration and return at once")
@@ -396,6 +399,7 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.copy_storage:
         params["copy-storage"] = True
     params["disk-dir"] = ns.disk_dir
+    params["storage-mode"] = ns.storage_mode
     params.update(_announce_params(ns))
     return {k: v for k, v in params.items() if v is not None}
 

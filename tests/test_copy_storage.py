@@ -107,3 +107,22 @@ def test_a_copy_that_fills_the_destination_fails_cleanly(tmp_path: Path) -> None
             assert b.cli("vm", "list", json=True).json == []
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_write_blocking_moves_a_guest_that_writes_faster_than_the_link(two_hosts: tuple[AgentProc, AgentProc]) -> None:
+    """A guest writing its disk flat out over a capped link: background rounds never catch up;
+    write-blocking makes it write at the copy's pace, and the migration converges."""
+    a, b = two_hosts
+    a.cli("vm", "create", "w", "--program", "diskstress", "--mem", "4M", "--arg", "ws=16M", "--arg", "rate=0",
+          "--arg", "pattern=random", "--disk", "w.img,size=32M")
+    common = ("--copy-storage", "--bandwidth", "8M", "--max-rounds", "6", "--json")
+    free = a.cli("migrate", "w", "--to", b.control, *common, check=False)
+    info = json.loads(free.stdout)
+    assert free.returncode != 0 and "did not converge" in info["error-desc"], info
+    assert a.cli("vm", "info", "w", json=True).json["state"] == "running"
+    assert not (b.state_dir / "disks" / "w.img").exists()
+    held = a.cli("migrate", "w", "--to", b.control, *common, "--storage-mode", "write-blocking", check=False)
+    info = json.loads(held.stdout)
+    assert held.returncode == 0 and info["status"] == "completed", info
+    assert info["disk"]["dirty-cap"] > 0 and info["params"]["storage-mode"] == "write-blocking"
+    assert b.cli("vm", "info", "w", json=True).json["state"] == "running"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,49 @@ def test_harvest_asks_again_while_more_and_merges() -> None:
 def test_check_copyable() -> None:
     assert disk_copy.check_copyable(1 << 20) is None
     assert "4096" in str(disk_copy.check_copyable(6144))
+
+
+def test_the_write_blocking_cap_is_half_the_downtime_bound_at_the_bandwidth() -> None:
+    from agent.migration.storage_copy import dirty_cap_blocks
+
+    assert dirty_cap_blocks(100 << 20, 0.3, 65536) == int((100 << 20) * 0.15) // 65536
+    assert dirty_cap_blocks(1.0, 0.3, 65536) == 1  # never zero: zero lifts the cap
+
+
+def test_storage_mode_params() -> None:
+    from agent.migration.info import MigrationParams
+
+    p = MigrationParams.from_dict({"copy-storage": True, "storage-mode": "write-blocking"})
+    assert p.to_dict()["storage-mode"] == "write-blocking"
+    assert MigrationParams.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="copy-storage only"):
+        MigrationParams.from_dict({"storage-mode": "write-blocking"})
+    with pytest.raises(ValueError, match="storage-mode must be one of"):
+        MigrationParams.from_dict({"copy-storage": True, "storage-mode": "eager"})
+    with pytest.raises(ValueError, match="disk-dir"):
+        MigrationParams.from_dict({"disk-dir": "/x"})
+
+
+def test_slice_budget_shrinks_as_the_dirty_blocks_near_the_cap(tmp_path: Path) -> None:
+    from vmruntime.devices import CAP_INSNS_PER_BLOCK, HostDevices, HostDisk
+    from vmruntime.disk import DiskDevice, MemoryBackend
+    from vmruntime.diskimage import ImageFile, prepare_image
+
+    class _Machine:
+        disk = DiskDevice(mmap.mmap(-1, 1 << 20), 0, MemoryBackend(1 << 20))
+
+    prepare_image(str(tmp_path / "i.img"), 1 << 20)
+    devices = HostDevices(disk=HostDisk(ImageFile.open(str(tmp_path / "i.img"), 1 << 20), 65536))
+    m: Any = _Machine()
+    try:
+        assert devices.slice_budget(m, 5000) == 5000 and not devices.holds_vcpu(m)  # no cap
+        devices.disk.dirty_cap = 4  # type: ignore[union-attr]
+        assert devices.slice_budget(m, 5000) == 4 * CAP_INSNS_PER_BLOCK
+        m.disk.dirty.mark(0, 3 * 65536)
+        assert devices.slice_budget(m, 5000) == CAP_INSNS_PER_BLOCK and not devices.holds_vcpu(m)
+        m.disk.dirty.mark(3 * 65536, 65536)
+        assert devices.holds_vcpu(m)
+        devices.lane_closed()
+        assert not devices.holds_vcpu(m) and devices.slice_budget(m, 5000) == 5000
+    finally:
+        devices.close()

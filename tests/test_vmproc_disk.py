@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,61 @@ def test_run_local_with_a_disk(tmp_path: Path, capsys: pytest.CaptureFixture[str
     new = tmp_path / "new.img"
     assert runlocal.run_local(str(src), 4096, {"n": "1"}, io.BytesIO(), disk=(str(new), MiB)) == 2
     assert not new.exists() and re.search("minimum", capsys.readouterr().err)
+
+
+# Writes 64 KiB blocks 0..r1-1 round and round, forever (r2 counts the writes).
+LOOPER = """
+BLOCK = 65536
+start:
+    li r3, DATA_ADDR
+    dskw r3, DISK_ADDR
+    movi r4, BLOCK / DISK_SECTOR_SIZE
+    dskw r4, DISK_COUNT
+    movi r5, 0                  ; the block
+again:
+    muli r7, r5, BLOCK / DISK_SECTOR_SIZE
+    dskw r7, DISK_SECTOR
+    movi r8, DISK_WRITE
+    dskw r8, DISK_CMD
+    addi r2, r2, 1
+    addi r5, r5, 1
+    cmp r5, r1
+    bne again
+    movi r5, 0
+    jmp again
+"""
+
+
+def _moving(vm, seconds: float = 0.3) -> bool:  # type: ignore[no-untyped-def]
+    first = vm.status()["instructions"]
+    time.sleep(seconds)
+    return bool(vm.status()["instructions"] > first)
+
+
+def test_a_dirty_cap_stops_the_vcpu_until_a_harvest_and_goes_with_its_lane(spawn_vm: SpawnVM,
+                                                                          tmp_path: Path) -> None:
+    """Write-blocking's cap (agent/migration/storage_copy.py): with the cap's worth of blocks dirty
+    the vCPU waits; a harvest lets it run until the cap is reached again; the lane's end lifts it."""
+    vm = spawn_vm(4 * MiB)
+    vm.boot(assemble(LOOPER), {"n": 48}, disk=image(tmp_path))
+    assert _moving(vm)
+    _, fds = vm.request_fds("lane")
+    lane = vmctl.Lane(socket.socket(fileno=fds[0]))
+    assert lane.request("disk-dirty-cap", blocks=4)["blocks"] == 4
+    wait = time.monotonic() + 5
+    while vm.status()["disk"]["dirty-blocks"] < 4:
+        assert time.monotonic() < wait, "the guest did not write up to the cap"
+        time.sleep(0.02)
+    assert not _moving(vm)  # held: the cap's worth of blocks is dirty
+    assert vm.request("disk-dirty")["ranges"]  # a harvest takes them: the guest runs to the cap again
+    wait = time.monotonic() + 5
+    while vm.status()["disk"]["dirty-blocks"] < 4:
+        assert time.monotonic() < wait, "the guest did not run after the harvest"
+        time.sleep(0.02)
+    assert not _moving(vm)
+    with pytest.raises(VMError, match="non-negative"):
+        lane.request("disk-dirty-cap", blocks=-1)
+    lane.close()  # the copy's session ended: no cap outlives it
+    wait = time.monotonic() + 5
+    while not _moving(vm, 0.1):
+        assert time.monotonic() < wait, "the cap outlived its lane"

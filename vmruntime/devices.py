@@ -12,7 +12,8 @@ requests that reach the devices rather than the vCPU (docs/CONTRACTS.md):
   ``disk-reopen`` (the image a pause released, taken back), and ``disk-dirty``: the
   dirty blocks of the disk since the last harvest, reset as they are returned (the
   disk's counterpart of RAM dirty tracking, for a disk migration's rounds), or all
-  forgotten (``clear``);
+  forgotten (``clear``); ``disk-dirty-cap``: a write-blocking copy's cap on the dirty
+  blocks, which stops the vCPU (`holds_vcpu`) until a harvest takes them;
 - the devices' part of the ``status`` reply; closing everything when the process ends.
 
 The guest side of each device is the machine's (vmruntime/nic.py, vmruntime/disk.py);
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from vmruntime.machine import Machine
     from vmruntime.tap import HostNic
 
+# Under a dirty-block cap, a slice's budget per block of the cap still free: a guest writing a block
+# every this many instructions or more never passes the cap (diskstress writes one per ~18).
+CAP_INSNS_PER_BLOCK = 16
 # Ranges one disk-dirty reply carries at most (each a few bytes of msgpack: well under control.MAX_MSG).
 MAX_DIRTY_RANGES = 16384
 
@@ -51,6 +55,9 @@ class HostDisk:
         self.image = image
         self.block_size = block_size
         self.released = False
+        # Write-blocking copy (``disk-dirty-cap``): the vCPU waits while this many blocks or more
+        # are dirty, until a harvest takes them; 0: no cap.
+        self.dirty_cap = 0
 
     def release(self) -> None:
         """Flush and close the image, which unlocks it (the vCPU is paused: nothing writes)."""
@@ -119,6 +126,30 @@ class HostDevices:
             devices.close()
             raise
         return devices
+
+    def holds_vcpu(self, machine: Machine | None) -> bool:
+        """Whether the disk's dirty-block cap stops the vCPU: as many blocks dirty as the cap
+        allows, not yet harvested by the copy (the guest then writes at the copy's pace)."""
+        disk = self.disk
+        if disk is None or not disk.dirty_cap or machine is None or machine.disk is None:
+            return False
+        return machine.disk.dirty.count() >= disk.dirty_cap
+
+    def slice_budget(self, machine: Machine | None, budget: int) -> int:
+        """The instructions the next slice may run: ``budget``, but under a dirty-block cap at most
+        CAP_INSNS_PER_BLOCK per block still free. The cap is checked between slices, and a slice
+        runs about half a millisecond, time enough to write dozens of blocks past the cap: slices
+        shrink as the dirty blocks near it instead."""
+        disk = self.disk
+        if disk is None or not disk.dirty_cap or machine is None or machine.disk is None:
+            return budget
+        free = disk.dirty_cap - machine.disk.dirty.count()
+        return max(1, min(budget, free * CAP_INSNS_PER_BLOCK))
+
+    def lane_closed(self) -> None:
+        """A lane closed (the copy's session ended, or its agent died): no cap outlives it."""
+        if self.disk is not None:
+            self.disk.dirty_cap = 0
 
     def status(self, machine: Machine | None) -> dict[str, Any]:
         """The devices' fields of a status reply: ``nic`` and ``disk``, each only when present."""
@@ -189,6 +220,18 @@ def _disk_dirty(devices: HostDevices, machine: Machine | None, msg: Mapping[str,
     return {"block-size": dirty.block_size, "ranges": [list(r) for r in ranges], "more": more}
 
 
+def _disk_dirty_cap(devices: HostDevices, machine: Machine | None, msg: Mapping[str, Any]) -> dict[str, Any]:
+    """Cap the disk's dirty blocks (``blocks``; 0 lifts the cap) for a write-blocking copy. The cap
+    lasts until it is lifted or any lane closes (the copy holds one for as long as it runs)."""
+    if devices.disk is None or machine is None or machine.disk is None:
+        raise RuntimeError("this VM has no disk")
+    blocks = msg.get("blocks")
+    if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 0:
+        raise ValueError(f"blocks must be a non-negative integer, got {blocks!r}")
+    devices.disk.dirty_cap = blocks
+    return {"blocks": blocks, "dirty-blocks": machine.disk.dirty.count()}
+
+
 def _disk_reopen(devices: HostDevices, machine: Machine | None, msg: Mapping[str, Any]) -> dict[str, Any]:
     """Take back an image released at a pause (a migration that did not happen); a no-op when held."""
     if devices.disk is None:
@@ -199,4 +242,4 @@ def _disk_reopen(devices: HostDevices, machine: Machine | None, msg: Mapping[str
 
 DeviceOp = Callable[[HostDevices, "Machine | None", Mapping[str, Any]], dict[str, Any]]
 DEVICE_OPS: dict[str, DeviceOp] = {"nic-send": _nic_send, "nic-drain": _nic_drain, "disk-dirty": _disk_dirty,
-                                   "disk-reopen": _disk_reopen}
+                                   "disk-reopen": _disk_reopen, "disk-dirty-cap": _disk_dirty_cap}

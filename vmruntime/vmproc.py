@@ -137,7 +137,8 @@ class VMProcess:
                 os.unlink(self.listen_path)
 
     def _vcpu_runnable(self) -> bool:
-        return self.machine is not None and not self.paused and self.machine.status == "running"
+        return (self.machine is not None and not self.paused and self.machine.status == "running"
+                and not self.devices.holds_vcpu(self.machine))
 
     def _run_slice(self) -> None:
         machine = self.machine
@@ -147,7 +148,7 @@ class VMProcess:
         if nic is not None:
             nic.receive(machine)
         t0 = time.perf_counter()
-        machine.run(self.budget)  # never raises: a guest error (or an interpreter bug) faults the machine
+        machine.run(self.devices.slice_budget(machine, self.budget))  # a guest error faults the machine, never raises
         elapsed = time.perf_counter() - t0
         if nic is not None:
             nic.send(machine)
@@ -223,6 +224,7 @@ class VMProcess:
         if lane in self.lanes:
             self.lanes.remove(lane)
         lane.close()
+        self.devices.lane_closed()
 
     def _accept(self) -> None:
         """A new controller (a restarted agent) connects: it is ours until it closes its end."""

@@ -72,6 +72,9 @@ class MigrationParams:
     # (None: its STATE_DIR/disks), instead of expecting it on shared storage.
     copy_storage: bool = False
     disk_dir: str | None = None
+    # "background": the guest writes its disk freely, the rounds send what it wrote; "write-blocking":
+    # the guest's vCPU waits while the disk's unsent dirty blocks reach a cap (storage_copy.py).
+    storage_mode: str = "background"
 
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
@@ -84,6 +87,10 @@ class MigrationParams:
             raise ValueError("timeout must be positive (seconds)")
         if self.disk_dir is not None and not (self.copy_storage and os.path.isabs(self.disk_dir)):
             raise ValueError("disk-dir must be an absolute directory on the destination, with copy-storage")
+        if self.storage_mode not in STORAGE_MODES:
+            raise ValueError(f"storage-mode must be one of {', '.join(STORAGE_MODES)}, got {self.storage_mode!r}")
+        if self.storage_mode != "background" and not self.copy_storage:
+            raise ValueError("storage-mode applies to copy-storage only")
         self.announce()  # its own checks
 
     def announce(self) -> Schedule:
@@ -115,6 +122,7 @@ class MigrationParams:
             code_hint=bool(norm.get("code-hint", True)),
             copy_storage=bool(norm.get("copy-storage", False)),
             disk_dir=str(norm["disk-dir"]) if "disk-dir" in norm else None,
+            storage_mode=str(norm.get("storage-mode", "background")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,13 +145,15 @@ class MigrationParams:
             "code-hint": self.code_hint,
             "copy-storage": self.copy_storage,
             "disk-dir": self.disk_dir,
+            "storage-mode": self.storage_mode,
         }
 
 
 _PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
-                         "disk-dir"})
+                         "disk-dir", "storage-mode"})
+STORAGE_MODES = ("background", "write-blocking")
 
 
 def _nic_map(raw: object) -> dict[str, str]:
@@ -175,10 +185,13 @@ class DiskProgress:
     transferred: int = 0
     zero: int = 0
     remaining: int = 0
+    cap: int = 0  # write-blocking: the dirty bytes at which the guest's vCPU waits (0: none)
 
     def to_dict(self) -> dict[str, int]:
-        return {"total": self.total, "transferred": self.transferred, "zero": self.zero,
-                "remaining": self.remaining}
+        d = {"total": self.total, "transferred": self.transferred, "zero": self.zero, "remaining": self.remaining}
+        if self.cap:
+            d["dirty-cap"] = self.cap
+        return d
 
 
 @dataclass(slots=True)

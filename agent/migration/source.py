@@ -52,7 +52,7 @@ from agent.migration.common import (
     timed_client_handshake,
 )
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker, settle
-from agent.migration.info import PAGE_SIZE, DiskProgress, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.policy import Action, Decision, Limits, decide
 from agent.migration.rounds import RoundBook
 from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
@@ -233,8 +233,7 @@ class SourceSession:
             self._send(hint)  # first: the destination translates while the pages arrive
         disk_pending: list[Range] = []
         if self.params.copy_storage and vm.disk is not None:
-            self.info.disk = DiskProgress()
-            self._copy = storage_copy.SourceCopy(vm.disk, self._lane, self.info.disk)
+            self._copy = storage_copy.SourceCopy(vm.disk, self._lane, self.info)
             disk_pending = self._copy.start()
         limits = Limits(self.params.max_downtime_ms / 1000, self.params.max_rounds, self.params.timeout_s,
                         self.params.auto_converge, self.params.force)

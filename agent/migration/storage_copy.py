@@ -9,7 +9,11 @@ travels with the RAM, on the same connection and in the same rounds (docs/protoc
   while the vCPU is paused, before the CPU state. The convergence policy judges RAM and disk
   bytes together. The source image stays as it is: the VM keeps using it until the destination
   resumes, and the source removes it only once the destination said RESUMED
-  (`remove_source`).
+  (`remove_source`). In the write-blocking mode (for a guest that writes faster than the link)
+  each harvest also caps the disk's dirty blocks at what half the downtime bound carries: the
+  VM process stops the vCPU while that many are dirty and not yet harvested, so the guest writes
+  at the copy's pace and the last dirty set fits the downtime (QEMU's active mirror makes each
+  write wait for its copy; here the guest waits per cap). The cap goes with the session's lane.
 - the destination (`IncomingCopy`) writes into a new image, ``PATH.ferry-partial`` beside the
   final ``PATH`` (same file name, in ``--disk-dir`` or its STATE_DIR/disks), synced at every
   Sync and at the end; at COMMIT it takes the final name (never replacing a file there) and the
@@ -42,10 +46,11 @@ Range = tuple[int, int]
 class SourceCopy:
     """The source's side: reads its own image (the VM process keeps writing it) and sends it."""
 
-    def __init__(self, disk: DiskConfig, lane: Lane, progress: DiskProgress) -> None:
+    def __init__(self, disk: DiskConfig, lane: Lane, info: MigrationInfo) -> None:
         self.disk = disk
         self.lane = lane
-        self.progress = progress
+        self.info = info
+        self.progress = info.disk = DiskProgress()
         self._fd = -1
         self._buf = bytearray(disk_copy.BATCH_BYTES)
 
@@ -59,11 +64,17 @@ class SourceCopy:
         return extents
 
     def harvest(self) -> list[Range]:
-        """The blocks the guest wrote since the last harvest: the next round's share."""
+        """The blocks the guest wrote since the last harvest: the next round's share. Write-blocking
+        (re)sets the cap on the dirty blocks from the bandwidth measured so far."""
         dirty = disk_copy.harvest(self.lane)
         n = disk_copy.total_bytes(dirty)
         self.progress.total += n
         self.progress.remaining = n
+        if self.info.params.storage_mode == "write-blocking" and self.info.bandwidth > 0:
+            blocks = dirty_cap_blocks(self.info.bandwidth, self.info.params.max_downtime_ms / 1000,
+                                      self.disk.block_size)
+            self.lane.request("disk-dirty-cap", blocks=blocks, timeout=disk_copy.HARVEST_TIMEOUT_S)
+            self.progress.cap = blocks * self.disk.block_size
         return dirty
 
     def send(self, conn: Connection, ranges: list[Range], stat: RoundStat, info: MigrationInfo,
@@ -86,6 +97,12 @@ class SourceCopy:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def dirty_cap_blocks(bandwidth: float, max_downtime_s: float, block_size: int) -> int:
+    """Write-blocking's cap on the disk's dirty blocks: what half the downtime bound carries at
+    ``bandwidth`` (bytes/s), the other half left to the RAM, and at least one block."""
+    return max(1, int(bandwidth * max_downtime_s / 2) // block_size)
 
 
 def remove_source(path: str) -> str | None:
