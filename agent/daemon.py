@@ -38,6 +38,7 @@ from agent.disks import DISKS_SUBDIR, allowed_dirs
 from agent.logs import Log
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.migration import MigrationManager
+from agent.migration.storage_copy import remove_partials
 from agent.ops import AgentIdentity, ControlOps, Migrations, OpError, ferry_version
 from agent.records import VMRecords
 from agent.sdnotify import Notifier
@@ -96,6 +97,8 @@ class Agent:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         (cfg.state_dir / DISKS_SUBDIR).mkdir(mode=0o700, exist_ok=True)
+        for partial in await asyncio.to_thread(remove_partials, cfg.state_dir / DISKS_SUBDIR):
+            self.log.info("removed a disk image copy an interrupted migration left", path=partial)
         await self._adopt_vms()
         control = await self.control.start_tcp(*cfg.control)
         try:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agents import AgentProc, make_key, start_agent
+from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.faults import wait_status
 
 ARGS = ("--mem", "4M", "--arg", "ws=256K", "--arg", "steps=3000000")
 
@@ -126,3 +127,18 @@ def test_write_blocking_moves_a_guest_that_writes_faster_than_the_link(two_hosts
     assert held.returncode == 0 and info["status"] == "completed", info
     assert info["disk"]["dirty-cap"] > 0 and info["params"]["storage-mode"] == "write-blocking"
     assert b.cli("vm", "info", "w", json=True).json["state"] == "running"
+
+
+def test_a_cancelled_copy_leaves_the_source_image_and_no_copy(two_hosts: tuple[AgentProc, AgentProc]) -> None:
+    a, b = two_hosts
+    a.cli("vm", "create", "c", "--program", "diskstress", "--mem", "4M", "--arg", "ws=8M", "--arg", "rate=0",
+          "--disk", "c.img,size=16M")
+    a.cli("migrate", "c", "--to", b.control, "--copy-storage", "--bandwidth", "1M", "--detach")
+    wait_status(a, "c", lambda info: info["status"] == "active" and info.get("disk", {}).get("transferred", 0) > 0,
+                what="the copy under way")
+    a.cli("migrate-cancel", "c")
+    assert a.cli("migrate-status", "c", json=True).json["status"] == "cancelled"
+    assert a.cli("vm", "info", "c", json=True).json["state"] == "running"
+    assert (a.state_dir / "disks" / "c.img").exists()
+    wait_for(lambda: list((b.state_dir / "disks").iterdir()) == [], what="B to remove its partial copy")
+    assert b.cli("vm", "list", json=True).json == []

@@ -100,8 +100,16 @@ def test_destination_killed_before_commit_leaves_the_vm_on_its_image(
     assert out["status"] == "failed", out
     assert names(a) == ["d"]
     runs_on(a, "d")
-    # B died with its partial copy on its disk; nothing runs on it, and it never becomes an image.
+    # B died with its partial copy on its disk; nothing runs on it, it never becomes an image, and
+    # B removes it when it starts again.
     assert not (disks(b) / "d.img").exists()
+    assert [p.name for p in disks(b).iterdir()] == ["d.img.ferry-partial"]
+    again = start_agent(b.state_dir.parent, "B", b.state_dir.parent / "cluster.key")
+    try:
+        assert list(disks(again).iterdir()) == []
+        assert "removed a disk image copy an interrupted migration left" in again.log()
+    finally:
+        again.stop()
     a.call("migrate", name="d", to=c.control, params=COPY)
     assert finished(a, "d")["status"] == "completed"
     one_image(c, a, "d")

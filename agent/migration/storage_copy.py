@@ -20,8 +20,9 @@ travels with the RAM, on the same connection and in the same rounds (docs/protoc
   VM process locks it as it restores the VM; it carries the source image's identity (the same
   disk, whose source image goes once the VM runs here). Before that any failure removes the partial copy;
   an ENOSPC fails the migration (`DiskFull`, insufficient-storage) and the VM keeps running on
-  the source. A partial copy left by a killed agent is replaced by the next attempt of the same
-  VM (the VM's name is reserved: no other attempt writes it meanwhile).
+  the source. A partial copy left by a killed agent is removed when the agent starts again
+  (`remove_partials`, in its STATE_DIR/disks), or replaced by the next attempt of the same VM
+  (the VM's name is reserved: no other attempt writes it meanwhile).
 
 Everything here blocks on files and sockets: for the session threads, never the loop.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from agent import disk_copy
 from agent.disks import DiskConfig
@@ -103,6 +105,20 @@ def dirty_cap_blocks(bandwidth: float, max_downtime_s: float, block_size: int) -
     """Write-blocking's cap on the disk's dirty blocks: what half the downtime bound carries at
     ``bandwidth`` (bytes/s), the other half left to the RAM, and at least one block."""
     return max(1, int(bandwidth * max_downtime_s / 2) // block_size)
+
+
+def remove_partials(directory: Path) -> list[str]:
+    """Remove the partial copies a killed agent left in ``directory`` (its own STATE_DIR/disks,
+    which no other host writes); for the agent's start, before it accepts a migration. Another
+    allowed directory may be shared with hosts whose copies are in flight: it is left alone."""
+    removed = []
+    for path in sorted(directory.glob("*" + PARTIAL_SUFFIX)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(str(path))
+    return removed
 
 
 def remove_source(path: str) -> str | None:
