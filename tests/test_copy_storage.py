@@ -6,6 +6,7 @@ exactly one image is in use at the end, and a copy the destination cannot hold f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -56,8 +57,21 @@ def test_dbverify_moved_mid_run_with_copy_storage_ends_with_the_unmigrated_diges
     _wait_halted(a, "db")
     assert a.cli("vm", "console", "db").stdout == reference
     assert not (b_disks / "db.img").exists()
+    for agent in (a, b):  # neither agent keeps a descriptor of an image (only VM processes hold them)
+        assert not _open_images(agent), _open_images(agent)
     # the copy is the same disk: its identity travelled with it
     assert (a_disks / "db.img.ferry-id").read_text() == there_id(a_disks / "db.img.ferry-id")
+
+
+def _open_images(agent: AgentProc) -> list[str]:
+    fd_dir = Path(f"/proc/{agent.proc.pid}/fd")
+    targets = []
+    for fd in fd_dir.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            continue
+    return [t for t in targets if "/disks/" in t]
 
 
 def there_id(path: Path) -> str:

@@ -178,6 +178,7 @@ class IncomingCopy:
         self._installed = True
         os.unlink(self.partial)
         set_image_id(self.disk.path, self.ident)
+        self.close()  # the VM process opens the image itself
 
     def close(self) -> None:
         if self.writer.fd >= 0:
