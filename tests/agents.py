@@ -342,6 +342,18 @@ def agent_pair(tmp_path: Path, *, a: dict[str, Any] | None = None, b: dict[str, 
     assert not check_exit or all(code == 0 for code, _ in stopped.values()), f"(exit code, leaked): {stopped}"
 
 
+def agent_trio(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc, AgentProc]]:
+    """Agents A, B and C sharing one key, for a fixture to ``yield from``: a source, a destination
+    a test may cut off or kill, and a third to prove the survivor takes the next migration.
+    Afterwards each is stopped and must leave no process behind."""
+    key = make_key(tmp_path)
+    agents = tuple(start_agent(tmp_path, n, key) for n in ("A", "B", "C"))
+    yield agents  # type: ignore[misc]
+    for agent in agents:
+        agent.stop()
+        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+
+
 def _is_spare_command(pid: int) -> bool:
     """Whether process ``pid`` runs vmruntime/spare.py (its command line; False once it is gone)."""
     try:

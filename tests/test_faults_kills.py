@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proto.messages import Commit, DeviceState, Digest, MigrateStart, PageBatch, Ready, Resumed
-from tests.agents import AgentProc, finished, make_key, names, runs_on, start_agent, wait_for
+from tests.agents import AgentProc, agent_trio, finished, names, runs_on, wait_for
 from tests.faults import (
     AFTER,
     C2S,
@@ -37,12 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc, AgentProc]]:
     """Source A, destination B (the one killed), and C to prove the survivor takes the next migration."""
-    key = make_key(tmp_path)
-    agents = tuple(start_agent(tmp_path, n, key) for n in ("A", "B", "C"))
-    yield agents  # type: ignore[misc]
-    for agent in agents:
-        agent.stop()
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    yield from agent_trio(tmp_path)
 
 
 PRE_COMMIT = [

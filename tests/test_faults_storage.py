@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proto.messages import Commit, DeviceState, DiskBatch, MigrateStart, Ready, Sync
-from tests.agents import AgentProc, finished, make_key, names, runs_on, start_agent, wait_for
+from tests.agents import AgentProc, agent_trio, finished, names, runs_on, start_agent, wait_for
 from tests.faults import AFTER, C2S, CALL, CUT, S2C, FaultProxy, Rule, kill9, kill_agent, migration_target
 from tests.test_faults_cuts import migrate_via, only_on
 from vmruntime.diskimage import ImageError, lock_exclusive
@@ -26,12 +26,7 @@ COPY = {"copy-storage": True}
 @pytest.fixture
 def trio(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc, AgentProc]]:
     """Source A, destination B (cut or killed), and C for the next migration; no shared storage."""
-    key = make_key(tmp_path)
-    agents = tuple(start_agent(tmp_path, n, key) for n in ("A", "B", "C"))
-    yield agents  # type: ignore[misc]
-    for agent in agents:
-        agent.stop()
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    yield from agent_trio(tmp_path)
 
 
 def disks(agent: AgentProc) -> Path:
