@@ -13,7 +13,8 @@ changed meanwhile, until little is left, and the rest while the vCPU is paused.
 - `read_batches`: the source image read in batches for the copy, whole zero grains set apart
   (sent and written as holes, not as bytes).
 - `ImageWriter`: the copy being written: data written, zeros punched out, synced at the end; a
-  full file system raises `DiskFull` (the copy then fails and is removed; the VM keeps its image).
+  full file system raises `DiskFull`, any other failure `CopyError` (the copy then fails and is
+  removed; the VM keeps its image).
 
 The disk's ranges are half-open byte ranges ``(start, end)``, page aligned (a disk whose size is
 not a whole number of pages is not copied: `check_copyable`). Everything here blocks on the file
@@ -49,14 +50,21 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class DiskFull(Exception):
-    """The copy's file system cannot take more: the copy fails (the VM keeps its image)."""
+class CopyError(Exception):
+    """The copy of an image cannot be made or written here: the copy fails (the VM keeps its image).
+    Not an OSError: this host's storage, not a connection, failed."""
 
-    code = ErrorCode.INSUFFICIENT_STORAGE
+    code: str = ErrorCode.MIGRATION_FAILED
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class DiskFull(CopyError):
+    """The copy's file system cannot take more."""
+
+    code = ErrorCode.INSUFFICIENT_STORAGE
 
 
 class DirtySource(Protocol):
@@ -212,7 +220,8 @@ class ImageWriter:
         except OSError as e:
             raise self._full(e) from e
 
-    def _full(self, e: OSError) -> Exception:
+    def _full(self, e: OSError) -> CopyError:
+        why = os.strerror(e.errno) if e.errno else str(e)
         if e.errno in _FULL:
-            return DiskFull(f"the disk image copy {self.path} cannot be stored: {os.strerror(e.errno or 0)}")
-        return e
+            return DiskFull(f"the disk image copy {self.path} cannot be stored: {why}")
+        return CopyError(f"the disk image copy {self.path} cannot be written: {why}")

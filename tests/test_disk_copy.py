@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent import disk_copy
-from agent.disk_copy import ZERO_GRAIN, DiskFull, ImageWriter
+from agent.disk_copy import ZERO_GRAIN, CopyError, DiskFull, ImageWriter
 
 
 def _image(path: Path, size: int, writes: dict[int, bytes]) -> int:
@@ -89,6 +89,14 @@ def test_image_writer_turns_a_full_file_system_into_disk_full(monkeypatch: pytes
         with pytest.raises(DiskFull, match="No space left on device") as got:
             ImageWriter(fd, "c.img", 4096).write(0, memoryview(b"x"))
         assert got.value.code == "insufficient-storage"
+
+        def broken(fd: int, data: Any, offset: int) -> int:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(disk_copy.os, "pwrite", broken)
+        with pytest.raises(CopyError, match="cannot be written: Input/output error") as other:
+            ImageWriter(fd, "c.img", 4096).write(0, memoryview(b"x"))
+        assert not isinstance(other.value, DiskFull) and other.value.code == "migration-failed"
     finally:
         os.close(fd)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.disk_copy import DiskFull
+from agent.disk_copy import CopyError, DiskFull
 from agent.disks import DiskConfig, DiskError
 from agent.migration import code_hint, disk_move, nic_move, pages, storage_copy
 from agent.migration.common import (
@@ -239,12 +239,12 @@ class DestinationSession:
         """A bad frame, an out-of-order message, a timeout: tell the source why (best effort)."""
         if self.fenced or isinstance(exc, Aborted) or not self.machine.can_send(Abort):
             return
-        if isinstance(exc, ProtocolError | TimeoutError | GuestRamFull | DiskFull):
+        if isinstance(exc, ProtocolError | TimeoutError | GuestRamFull | CopyError):
             try:
                 self._send(Abort(error_code(exc), describe(exc)[:500]))
             except (OSError, ProtocolError):
                 return
-            if isinstance(exc, GuestRamFull | DiskFull):  # the source is sending: let it read why
+            if isinstance(exc, GuestRamFull | CopyError):  # the source is sending: let it read why
                 self.conn.linger(ABORT_LINGER_S)
 
     def _check_and_reserve(self, start: MigrateStart) -> None:

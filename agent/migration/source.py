@@ -260,8 +260,9 @@ class SourceSession:
         dirty_chunks = pages.chunks_of(dirty)  # computed once: the digest and the policy both use it
         self._digest.after_round(ranges, dirty, dirty_chunks)
         elapsed = max(time.monotonic() - t0, 1e-6)
-        dirty_bytes = pages.total_bytes(dirty) + pages.total_bytes(disk_dirty)  # the policy judges both
-        self._send(self._book.end(stat, dirty_bytes, elapsed))
+        ram_bytes = pages.total_bytes(dirty)
+        dirty_bytes = ram_bytes + pages.total_bytes(disk_dirty)  # the policy judges both, the RAM's figures one
+        self._send(self._book.end(stat, ram_bytes, elapsed))
         fig = self._book.figures(dirty_bytes=dirty_bytes, earlier=earlier, elapsed=elapsed, throttle=self._throttle,
                                  hash_s=self._digest.hash_time(dirty_chunks), fixed_s=self._fixed_s,
                                  whole_bytes=self._tracker.whole_bytes)
@@ -374,7 +375,7 @@ class SourceSession:
         # blocks (a scan of all guest RAM). Blocks still hot are reported whole by this harvest.
         self._tracker.hot_blocks = False
         last = self._harvest()
-        disk = merge_ranges(pending[1] + self._copy.harvest()) if self._copy is not None else []
+        disk = merge_ranges(pending[1] + self._copy.harvest(final=True)) if self._copy is not None else []
         assert self._digest is not None
         digest = self._digest.finish_meanwhile(last)  # in its thread, while the final pages go out
         final = merge_ranges(pending[0] + last)

@@ -65,14 +65,15 @@ class SourceCopy:
         self.progress.total = self.progress.remaining = disk_copy.total_bytes(extents)
         return extents
 
-    def harvest(self) -> list[Range]:
+    def harvest(self, final: bool = False) -> list[Range]:
         """The blocks the guest wrote since the last harvest: the next round's share. Write-blocking
-        (re)sets the cap on the dirty blocks from the bandwidth measured so far."""
+        (re)sets the cap on the dirty blocks from the bandwidth measured so far (not in the
+        ``final`` harvest: the vCPU is paused, and the downtime has no time for it)."""
         dirty = disk_copy.harvest(self.lane)
         n = disk_copy.total_bytes(dirty)
         self.progress.total += n
         self.progress.remaining = n
-        if self.info.params.storage_mode == "write-blocking" and self.info.bandwidth > 0:
+        if self.info.params.storage_mode == "write-blocking" and self.info.bandwidth > 0 and not final:
             blocks = dirty_cap_blocks(self.info.bandwidth, self.info.params.max_downtime_ms / 1000,
                                       self.disk.block_size)
             self.lane.request("disk-dirty-cap", blocks=blocks, timeout=disk_copy.HARVEST_TIMEOUT_S)
@@ -148,14 +149,16 @@ class IncomingCopy:
         self.progress = progress
         self.partial = disk.path + PARTIAL_SUFFIX
         self._installed = False
-        # O_TRUNC, not O_EXCL: a partial copy here is a dead attempt's (the name is reserved).
-        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:  # O_TRUNC, not O_EXCL: a partial copy here is a dead attempt's (the name is reserved)
+            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise disk_copy.CopyError(f"cannot create the disk image copy {self.partial}: {e.strerror or e}") from e
         try:
             os.ftruncate(fd, disk.size)
         except OSError as e:
             os.close(fd)
             os.unlink(self.partial)
-            raise disk_copy.DiskFull(f"cannot create the disk image copy {self.partial}: {e.strerror or e}") from e
+            raise disk_copy.CopyError(f"cannot create the disk image copy {self.partial}: {e.strerror or e}") from e
         self.writer = disk_copy.ImageWriter(fd, self.partial, disk.size)
 
     def on_batch(self, batch: DiskBatch) -> None:
