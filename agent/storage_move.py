@@ -304,9 +304,16 @@ class StorageMove:
 
     # -- the switch -------------------------------------------------------------------------------------
     def _pause_and_copy(self, pending: list[disk_copy.Range]) -> None:
-        """Sync what is copied (outside the pause), pause, copy the last dirty blocks, sync them."""
+        """Sync what is copied and the image itself (outside the pause: the switch flushes the image,
+        and only what the guest writes from here is then left to write back), pause, copy the last
+        dirty blocks, sync them."""
         assert self._writer is not None
         self._writer.sync()
+        try:
+            os.fdatasync(self._src)
+        except OSError as e:
+            raise MoveError(ErrorCode.INTERNAL, f"flushing the disk image {self.disk.path} failed: "
+                                                f"{e.strerror or e}") from e
         self._check_cancel()
         self.info.status = Status.DEVICE
         t = self._pause_t = time.monotonic()
