@@ -48,10 +48,11 @@ def _mib(n: float) -> str:
 
 
 def progress_line(info: dict[str, Any]) -> str:
-    """One line of the live display: status, round, copied of the disk's size, remaining, bandwidth."""
+    """One line of the live display: status, round, copied of what was found to copy, remaining, bandwidth."""
     disk = info.get("disk", {})
+    copied = int(disk.get("transferred", 0)) + int(disk.get("zero", 0))
     return (f"{info.get('status', '?'):<9} round {len(info.get('rounds', [])):>3}  "
-            f"{_mib(disk.get('transferred', 0))} copied of {_mib(disk.get('total', 0))}  "
+            f"{_mib(copied)} copied of {_mib(disk.get('total', 0))}  "
             f"remaining {_mib(disk.get('remaining', 0))}  bw {float(disk.get('mbps', 0)) / 8:.1f} MB/s")
 
 
@@ -62,7 +63,7 @@ def summary_text(info: dict[str, Any]) -> str:
         f"storage move of {info.get('vm', '?')} to {info.get('to', '?')}: {info.get('status')}",
         f"  total time {info.get('total-time')} ms, downtime {info.get('downtime')} ms",
         f"  {len(info.get('rounds', []))} rounds, {_mib(disk.get('transferred', 0))} copied, "
-        f"{_mib(disk.get('zero-bytes', 0))} zeros kept as holes, disk {_mib(disk.get('total', 0))}",
+        f"{_mib(disk.get('zero', 0))} zeros kept as holes, disk {_mib(disk.get('size', 0))}",
     ]
     breakdown = info.get("downtime-breakdown") or {}
     if breakdown:

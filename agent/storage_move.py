@@ -116,8 +116,9 @@ class MoveInfo:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     downtime_s: float | None = None
+    found: int = 0  # bytes found to copy: the data extents, then every dirty block added
     transferred: int = 0  # data bytes written to the copy
-    zero_bytes: int = 0
+    zero_bytes: int = 0  # zeros written as holes
     remaining: int = 0  # dirty bytes known and not copied yet
     dirty_sync_count: int = 0
     rounds: list[MoveRound] = field(default_factory=list)
@@ -139,7 +140,7 @@ class MoveInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON of `vm-move-storage-status` and `ferry vm move-storage --json`: migrate's names
-        where they apply (status, total-time, downtime in ms, rounds, error-desc, error-code)."""
+        where they apply (status, total-time, downtime in ms, disk.*, rounds, error-desc, error-code)."""
         seconds = self.total_s()
         d: dict[str, Any] = {
             "vm": self.vm,
@@ -148,8 +149,8 @@ class MoveInfo:
             "status": self.status.value,
             "total-time": _ms(seconds),
             "downtime": _ms(self.downtime_s) if self.downtime_s is not None else 0,
-            "disk": {"transferred": self.transferred, "total": self.size, "remaining": self.remaining,
-                     "zero-bytes": self.zero_bytes, "dirty-sync-count": self.dirty_sync_count,
+            "disk": {"total": self.found, "transferred": self.transferred, "zero": self.zero_bytes,
+                     "remaining": self.remaining, "size": self.size, "dirty-sync-count": self.dirty_sync_count,
                      "mbps": round(self.transferred * 8 / 1e6 / max(seconds, 1e-6), 3)},
             "rounds": [r.to_dict() for r in list(self.rounds)],
             "downtime-breakdown": {k: round(v * 1000, 3) for k, v in list(self.breakdown.items())},
@@ -287,6 +288,7 @@ class StorageMove:
         stat = MoveRound(final=final)
         self.info.rounds.append(stat)
         left = disk_copy.total_bytes(ranges)
+        self.info.found += left
         for batch in disk_copy.read_batches(self._src, ranges, self._buf):
             self._check_cancel()
             for (a, _), piece in zip(batch.ranges, batch.pieces, strict=True):

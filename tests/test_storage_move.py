@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli_storage import progress_line, summary_text
 from agent.storage_move import MAX_FINAL_BYTES, MAX_ROUNDS, SWITCH_BYTES, Step, next_step
 from tests.agents import AgentProc, make_key, start_agent, wait_for
 from vmruntime.diskimage import ImageError, ImageFile
@@ -89,6 +90,18 @@ def test_policy_switches_or_gives_up_when_the_dirty_set_stops_shrinking() -> Non
         next_step([])
 
 
+def test_the_display_of_a_move() -> None:
+    info = {"vm": "db", "from": "/d1/db.img", "to": "/d2/db.img", "status": "active", "total-time": 40,
+            "downtime": 0, "disk": {"total": 8 * MiB, "transferred": 3 * MiB, "zero": MiB, "remaining": 4 * MiB,
+                                    "size": 64 * MiB, "mbps": 800.0}, "rounds": [{}], "downtime-breakdown": {}}
+    assert progress_line(info) == ("active    round   1  4.0 MiB copied of 8.0 MiB  remaining 4.0 MiB  "
+                                   "bw 100.0 MB/s")
+    failed = {**info, "status": "failed", "error-desc": "the disk image copy /d2/db.img cannot be stored"}
+    text = summary_text(failed)
+    assert "storage move of db to /d2/db.img: failed" in text and "error: the disk image copy" in text
+    assert "the VM runs on its old image /d1/db.img" in text and "disk 64.0 MiB" in text
+
+
 # -- moves of real VMs --------------------------------------------------------------------------------------
 def test_dbverify_moved_mid_run_ends_with_the_unmoved_digest_and_survives_a_restart(
         tmp_path: Path, dirs: tuple[Path, Path], agents: list[AgentProc]) -> None:
@@ -102,7 +115,9 @@ def test_dbverify_moved_mid_run_ends_with_the_unmoved_digest_and_survives_a_rest
     moved = a.cli("vm", "move-storage", "db", "--to", str(two), json=True).json
     assert moved["status"] == "completed", moved
     assert moved["to"] == str(two / "db.img") and moved["from"] == str(one / "db.img")
-    assert moved["rounds"][-1]["final"] and moved["disk"]["transferred"] > 0 and moved["downtime"] >= 0
+    disk = moved["disk"]
+    assert moved["rounds"][-1]["final"] and 0 < disk["transferred"] <= disk["total"] and disk["size"] == MiB
+    assert disk["remaining"] == 0 and moved["downtime"] >= 0 and "switch" in moved["downtime-breakdown"]
     info = a.cli("vm", "info", "db", json=True).json
     assert info["state"] == "running", "the guest finished before the move: nothing was tested mid-run"
     assert info["disks"][0]["path"] == str(two / "db.img")
