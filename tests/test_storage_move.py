@@ -316,3 +316,15 @@ def test_a_restart_before_the_switch_keeps_the_old_image_and_removes_the_copy(
     assert vm["state"] == "running" and vm["disks"][0]["path"] == str(one / "p.img")
     assert not (two / "p.img").exists() and not (two / "p.img.ferry-id").exists()
     assert _locked(one / "p.img", MiB)
+
+
+def test_a_paused_vm_moves_and_stays_paused(tmp_path: Path, dirs: tuple[Path, Path], agents: list[AgentProc]) -> None:
+    one, two = dirs
+    a = _agent(tmp_path, agents, dirs)
+    a.cli("vm", "create", "z", "--program", "counter", "--mem", "4M", "--paused", "--disk", f"{one / 'z.img'},size=1M")
+    moved = a.cli("vm", "move-storage", "z", "--to", "z2.img", json=True).json  # relative: in STATE_DIR/disks
+    target = a.state_dir / "disks" / "z2.img"
+    assert moved["status"] == "completed" and moved["downtime"] == 0 and moved["to"] == str(target), moved
+    vm = a.call("vm-info", name="z")
+    assert vm["state"] == "paused" and vm["disks"][0]["path"] == str(target) and _locked(target, MiB)
+    assert "storage move of z to " + str(target) + ": completed" in a.cli("vm", "move-storage-status", "z").stdout
