@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from agent import disk_copy
 from agent.disks import DiskConfig
-from agent.migration.common import Cancelled, LoopBridge, Signal, describe, error_code
+from agent.migration.common import Cancelled, LoopBridge, describe, error_code
 from agent.migration.info import Status
 from agent.migration.seams import Lane, LogLike
 from proto.errors import ErrorCode
@@ -204,7 +204,6 @@ class StorageMove:
         self.bridge = bridge
         self.info = info
         self.log = log
-        self.done = Signal()  # set when run() returned: the VM runs again, on one image
         self._cancel = threading.Event()
         self._lock = threading.Lock()  # orders cancel() against the switch
         self._switching = False
@@ -244,7 +243,6 @@ class StorageMove:
             self._complete()
         finally:
             self._close()
-            self.done.set()
 
     def _open(self) -> None:
         self._lane = self.bridge.call(self.vm.open_lane())
