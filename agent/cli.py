@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import certs, tls
+from agent import certs, cli_storage, tls
 from agent.cli_devices import NIC_METAVAR, OnlyOnce, add_disk_flag, device_lines, nic_arg
 from agent.client import ClientError, ControlClient, connect
 from agent.config import (
@@ -132,6 +132,7 @@ def _add_vm_commands(sub: Any) -> None:
     a.add_argument("name", metavar="NAME")
     _add_announce_flags(a)
     a.set_defaults(run=cmd_vm_announce)
+    cli_storage.add_commands(vm)
 
 
 def _add_announce_flags(p: argparse.ArgumentParser) -> None:

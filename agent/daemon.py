@@ -153,6 +153,10 @@ class Agent:
             await asyncio.wait_for(self.migrations.shutdown(), MIGRATION_SHUTDOWN_TIMEOUT)
         except Exception as e:  # shutdown must go on: the VMs still need stopping
             self.log.error("migration shutdown failed", error=repr(e))
+        try:
+            await self.ops.moves.shutdown()
+        except Exception as e:  # as for migrations: the VMs still need stopping
+            self.log.error("storage move shutdown failed", error=repr(e))
         if self._migration_task is not None:
             self._migration_task.cancel()
             await asyncio.gather(self._migration_task, return_exceptions=True)  # its end, whatever it was

@@ -20,6 +20,10 @@ The transport (agent/control.py) feeds it decoded Requests; the operations are
   migrate-status name, migrate-cancel name     routed to the migration engine
   migrate-resolve name action                  settle a migration that ended in doubt (action:
                                                resume-here | resumed-on-destination)
+  vm-move-storage name to                      move a running VM's disk image to `to` (a directory or
+                                               a file path) on this host (agent/storage_moves.py)
+  vm-move-storage-status name, vm-move-storage-cancel name
+                                               its current or last move's report; cancel it
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from typing import Any, Protocol
 
 from agent.config import format_hostport, parse_hostport, parse_size
 from agent.logs import Log
-from agent.migration.info import MigrationParams
+from agent.migration.info import FINAL_STATUSES, MigrationParams, Status
+from agent.storage_moves import StorageMoves
 from agent.vms import VM, VMError, VMManager
 from proto.errors import ErrorCode, ProtocolError
 from proto.limits import SUPPORTED_VERSIONS
@@ -51,7 +56,7 @@ _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
 RESOLVE_ACTIONS = ("resume-here", "resumed-on-destination")  # migrate-resolve: where the VM lives on
 # What an agent still does after SIGTERM: answer queries, and let operators clean up.
 WHILE_STOPPING = frozenset({"agent-info", "vm-list", "vm-info", "vm-console", "vm-wait", "migrate-status",
-                            "migrate-cancel", "vm-destroy"})
+                            "migrate-cancel", "vm-destroy", "vm-move-storage-status", "vm-move-storage-cancel"})
 
 
 class OpError(Exception):
@@ -106,6 +111,7 @@ class ControlOps:
         self.peer_info = peer_info
         self.log = log
         self.accepting = True  # False after SIGTERM: only read-only ops are served
+        self.moves = StorageMoves(vms, log)  # storage moves on this host (`vm-move-storage`)
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "agent-info": self.agent_info,
             "vm-create": self.vm_create,
@@ -121,6 +127,9 @@ class ControlOps:
             "migrate-status": self.migrate_status,
             "migrate-cancel": self.migrate_cancel,
             "migrate-resolve": self.migrate_resolve,
+            "vm-move-storage": self.vm_move_storage,
+            "vm-move-storage-status": self.vm_move_storage_status,
+            "vm-move-storage-cancel": self.vm_move_storage_cancel,
         }
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
@@ -221,6 +230,8 @@ class ControlOps:
         vm = self.vms.get(name)
         if vm.migrating:
             raise OpError(ErrorCode.BUSY, f"cannot {verb} VM {name!r}: it is migrating")
+        if vm.storage_move is not None:
+            raise OpError(ErrorCode.BUSY, f"cannot {verb} VM {name!r}: it is moving its storage")
         if vm.state in ("halted", "faulted"):
             raise OpError(ErrorCode.BAD_REQUEST, f"cannot {verb} VM {name!r}: it is {vm.state}")
         return vm
@@ -281,6 +292,9 @@ class ControlOps:
             # Like QEMU's migrate URI: the operator names the path (another network, a relay, or
             # the fault-injection proxy of the tests); `to` still identifies the destination agent.
             dest = parse_hostport(_str(args, "migration"))
+        if self.moves.running(name):  # checked after the awaits above: nothing runs between it and the start
+            raise OpError(ErrorCode.BUSY, f"VM {name!r} is moving its storage: migrate it once the move is over "
+                                          "(or cancel it: ferry vm move-storage-cancel)")
         self.log.info("migration requested", vm=name, to=args["to"], migration=format_hostport(*dest))
         if in_doubt is None:
             return await self._engine().migrate(name, dest, params)
@@ -326,6 +340,30 @@ class ControlOps:
             raise OpError(ErrorCode.BAD_REQUEST, f"action must be one of {', '.join(RESOLVE_ACTIONS)}")
         done = await self._engine().resolve(name, action == "resume-here")
         return {"name": name, "resolved": done}
+
+    # -- storage moves (agent/storage_moves.py) ------------------------------------------------------
+    async def vm_move_storage(self, args: dict[str, Any]) -> dict[str, Any]:
+        name, to = _str(args, "name"), _str(args, "to")
+        self.vms.get(name)
+        if self.migrations is not None:
+            info = self.migrations.info(name)
+            if info is not None and Status(info.get("status")) not in FINAL_STATUSES:
+                raise OpError(ErrorCode.BUSY, f"VM {name!r} is migrating: move its storage once the migration is over")
+        self.log.info("storage move requested", vm=name, to=to)
+        return await self.moves.start(name, to)
+
+    async def vm_move_storage_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        info = self.moves.info(name)
+        if info is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no storage move of VM {name!r} on agent {self.identity.name}")
+        return info
+
+    async def vm_move_storage_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        info = await self.moves.cancel(name)
+        self.log.info("storage move cancel requested", vm=name)
+        return info
 
     def _engine(self) -> Migrations:
         if self.migrations is None:

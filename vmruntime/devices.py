@@ -9,7 +9,8 @@ requests that reach the devices rather than the vCPU (docs/CONTRACTS.md):
   them, and a refusal on any side leaves nothing open: no TAP or locked image without
   a machine, no machine without its devices;
 - ``nic-send`` / ``nic-drain`` (the agent's announce, a paused VM leaving),
-  ``disk-reopen`` (the image a pause released, taken back), and ``disk-dirty``: the
+  ``disk-reopen`` (the image a pause released, taken back), ``disk-switch`` (the
+  device moved to a copy of its image, a storage move), and ``disk-dirty``: the
   dirty blocks of the disk since the last harvest, reset as they are returned (the
   disk's counterpart of RAM dirty tracking, for a disk migration's rounds), or all
   forgotten (``clear``); ``disk-dirty-cap``: a write-blocking copy's cap on the dirty
@@ -90,6 +91,21 @@ class HostDisk:
         DirtyBlocks(1, block)  # refuses a bad block size before the image is locked
         return cls(ImageFile.open(path, size), block)
 
+    def switch(self, path: str, machine: Machine | None) -> None:
+        """Move the device to ``path``, a copy of the image (a storage move; the vCPU is paused): the
+        current image flushed, the copy opened and locked, the device pointed at it, the old one
+        closed (which unlocks it). OSError / ImageError before the device moved: nothing changed."""
+        if self.released:
+            raise RuntimeError("the disk image was released by a pause: take it back first")
+        if path == self.image.path:
+            raise ValueError(f"the disk is already on {path}")
+        self.image.flush()  # the copy was made from what the file holds: nothing may stay behind
+        image = ImageFile.open(path, self.image.size)
+        old, self.image = self.image, image
+        if machine is not None and machine.disk is not None:
+            machine.disk.backend = image
+        old.close()
+
     def status(self, machine: Machine | None) -> dict[str, Any]:
         st = os.stat(self.image.path) if self.released else os.fstat(self.image.fd)
         fields: dict[str, Any] = {"path": self.image.path, "size": self.image.size,
@@ -110,6 +126,7 @@ class HostDevices:
     def __init__(self, nic: HostNic | None = None, disk: HostDisk | None = None) -> None:
         self.nic = nic
         self.disk = disk
+        self.paused = False  # the vCPU's pause, as the VM process sets it (some requests need it)
 
     @classmethod
     def open(cls, msg: Mapping[str, Any]) -> HostDevices:
@@ -240,6 +257,21 @@ def _disk_reopen(devices: HostDevices, machine: Machine | None, msg: Mapping[str
     return {}
 
 
+def _disk_switch(devices: HostDevices, machine: Machine | None, msg: Mapping[str, Any]) -> dict[str, Any]:
+    """Move the disk to ``path``, a complete copy of its image (a storage move), while paused; the
+    old image stays open and in use when the new one cannot be opened and locked."""
+    if devices.disk is None or machine is None:
+        raise RuntimeError("this VM has no disk")
+    if not devices.paused:
+        raise RuntimeError("disk-switch needs the vCPU paused")
+    path = msg.get("path")
+    if not (isinstance(path, str) and os.path.isabs(path)):
+        raise ValueError(f"disk-switch path {path!r} must be an absolute path")
+    devices.disk.switch(path, machine)
+    return {"path": path}
+
+
 DeviceOp = Callable[[HostDevices, "Machine | None", Mapping[str, Any]], dict[str, Any]]
 DEVICE_OPS: dict[str, DeviceOp] = {"nic-send": _nic_send, "nic-drain": _nic_drain, "disk-dirty": _disk_dirty,
-                                   "disk-reopen": _disk_reopen, "disk-dirty-cap": _disk_dirty_cap}
+                                   "disk-reopen": _disk_reopen, "disk-dirty-cap": _disk_dirty_cap,
+                                   "disk-switch": _disk_switch}

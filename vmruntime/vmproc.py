@@ -5,7 +5,7 @@ with the memfd of guest RAM and its end of the control socketpair inherited.
 This module owns the process's main loop and the handling of every control
 request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
 track-start, track-stop, listen, attach, lane, stop, blocks, warm, warm-status;
-the devices' requests (nic-send, nic-drain, disk-reopen, disk-dirty) and the
+the devices' requests (nic-send, nic-drain, disk-reopen, disk-switch, disk-dirty) and the
 opening of a VM's TAP and disk image are vmruntime/devices.py's.
 
 ``lane`` hands the controller one end of a private socketpair: requests sent
@@ -433,7 +433,7 @@ class VMProcess:
     def _set_paused(self, paused: bool) -> None:
         if paused != self.paused:
             self.clock.set_paused(paused)
-        self.paused = paused
+        self.paused = self.devices.paused = paused
         self.next_run = 0.0
         if self.machine is not None:  # paused, the TAP is not read: the guest sees its link down
             self.machine.nic_set_link(self.devices.nic is not None and not paused)

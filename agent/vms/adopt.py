@@ -7,8 +7,11 @@ anyone, the agent reads every record in `<state-dir>/vms/` and for each one:
   socket, checks the peer's pid (SO_PEERCRED), sends `attach` (reply: run state, instructions,
   throttle, NIC counters, the console output kept meanwhile, and the guest RAM memfd, which must hold
   the recorded size), and lists the VM again, with the NIC and disk its record names (the VM process
-  kept its TAP and its locked image open all along; one holding another image is not adopted). A record that fails any of this is logged "vm lost with the previous
-  agent run" with the reason and removed.
+  kept its TAP and its locked image open all along; when it holds another image than the record
+  names, a storage move switched it before the record said so, and its image is the VM's). A record
+  that fails any of this is logged "vm lost with the previous agent run" with the reason and removed.
+- finishes a storage move the previous run was in the middle of (`settle_storage_move`): the image
+  the VM process does not hold is removed, and a VM the move paused runs again.
 - settles a migration the previous run was in the middle of, by the recorded phase
   (`settle_action`, the ownership rules of docs/RELIABILITY.md):
 
@@ -31,6 +34,7 @@ anyone, the agent reads every record in `<state-dir>/vms/` and for each one:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import mmap
 import os
@@ -47,6 +51,7 @@ from agent.vms.ram import release_guest_ram
 from agent.vms.vm import VM, written
 from vmruntime import control as vmctl
 from vmruntime import guestram
+from vmruntime.diskimage import remove_created
 
 if TYPE_CHECKING:
     from agent.vms.manager import VMManager
@@ -167,10 +172,7 @@ class Adopter:
                     arrived_by=str(rec["arrived-by"]) if rec.get("arrived-by") else None,
                     nic=NicConfig.from_record(rec["nic"]) if rec.get("nic") else None,
                     disk=DiskConfig.from_record(rec["disk"]) if rec.get("disk") else None)
-            held = (reply.get("disk") or {}).get("path")
-            if held != (vm.disk.path if vm.disk is not None else None):
-                raise AdoptError(f"its VM process holds disk image {held}, its record names "
-                                 f"{vm.disk.path if vm.disk is not None else 'none'}")
+            vm.disk = disk_held(vm.disk, (reply.get("disk") or {}).get("path"))
         except BaseException:
             sock.close()
             await release_guest_ram(memfd, ram)
@@ -179,6 +181,7 @@ class Adopter:
         vm.connect(sock)
         m.listed[name] = vm
         await self.settle(vm, reply, rec.get("migration-phase"), rec.get("run-before-migration"))
+        await settle_storage_move(vm, rec.get("storage-move"))
         await written(m.recorder.record(vm))
         vm.log.info("vm re-adopted", pid=pid, state=vm.state, instructions=vm.instructions,
                     console_dropped=reply.get("console-dropped", 0))
@@ -207,6 +210,40 @@ class Adopter:
             vm.log.error("migration cut by an agent restart in stop-and-copy; VM kept paused (in doubt): "
                          "check the destination, then `ferry vm resume` or `ferry vm destroy` it here",
                          phase=phase)
+
+
+def disk_held(recorded: DiskConfig | None, held: object) -> DiskConfig | None:
+    """The VM's disk as its process holds it. When the record names another image, the process's
+    is the truth: a storage move switched it to the copy and the agent stopped before it recorded
+    that (agent/storage_move.py). A process without the recorded disk, or with one the record lacks,
+    is not adopted."""
+    if recorded is None or held is None:
+        if recorded is None and held is None:
+            return None
+        raise AdoptError(f"its VM process holds disk image {held}, its record names "
+                         f"{recorded.path if recorded is not None else 'none'}")
+    if held == recorded.path:
+        return recorded
+    if not (isinstance(held, str) and os.path.isabs(held)):
+        raise AdoptError(f"its VM process reports disk image {held!r}")
+    return dataclasses.replace(recorded, path=held)
+
+
+async def settle_storage_move(vm: VM, move: object) -> None:
+    """Finish a storage move the previous agent run was in the middle of: the image the VM process
+    does not hold is the move's leftover (the copy before the switch, the old image after it) and is
+    removed; a VM the move paused runs again."""
+    if not isinstance(move, dict) or vm.disk is None:
+        return
+    old, new = move.get("from"), move.get("to")
+    held = vm.disk.path
+    leftover = new if held == old else old if held == new else None
+    if isinstance(leftover, str) and leftover != held:
+        await asyncio.to_thread(remove_created, leftover)
+    resumed = vm.state == "paused" and move.get("run-before") == "running"
+    if resumed:
+        await vm.resume()
+    vm.log.warning("storage move cut by an agent restart", disk=held, removed=leftover, resumed=resumed)
 
 
 def _attach(sock: socket.socket) -> tuple[dict[str, Any], list[int], bytes]:

@@ -245,6 +245,9 @@ class VMManager:
         vm = self.get(name)
         if vm.migrating:
             raise VMError(ErrorCode.BUSY, f"VM {name!r} is migrating; cancel the migration first")
+        if vm.storage_move is not None:
+            raise VMError(ErrorCode.BUSY, f"VM {name!r} is moving its storage; cancel the move first "
+                                          "(ferry vm move-storage-cancel)")
         await self.drop(vm)
         vm.log.info("vm destroyed")
 

@@ -82,6 +82,9 @@ class VM:
     # The VM's disk (agent/disks.py), None without one, and the `disk` field of that last reply.
     disk: DiskConfig | None = None
     disk_status: dict[str, Any] | None = None
+    # A storage move under way (agent/storage_move.py): {from, to, run-before}, recorded so a restarted
+    # agent knows which of the two images is the move's leftover (agent/vms/adopt.py).
+    storage_move: dict[str, Any] | None = None
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -116,6 +119,25 @@ class VM:
         disk, and the session thread waits for it before COMMIT leaves (one hop fewer inside the
         downtime than the loop awaiting the write and then waking the thread)."""
         return on_disk(self._note_phase("commit-sent"))
+
+    async def begin_storage_move(self, target: str) -> None:
+        """A storage move of the disk to ``target`` (made already) starts; returns once recorded."""
+        assert self.disk is not None
+        self.storage_move = {"from": self.disk.path, "to": target, "run-before": self._run}
+        await written(self._rewrite())
+
+    async def storage_switched(self, disk: DiskConfig) -> None:
+        """The VM process writes ``disk`` now (a storage move's switch); returns once recorded."""
+        self.disk = disk
+        await written(self._rewrite())
+
+    async def end_storage_move(self) -> None:
+        """The storage move is over (either image is the VM's); returns once recorded."""
+        self.storage_move = None
+        await written(self._rewrite())
+
+    def _rewrite(self) -> concurrent.futures.Future[None] | None:
+        return self.on_record(self) if self.on_record is not None else None
 
     def _set_run(self, value: str) -> None:
         if self._run in ("halted", "faulted") and value in ("running", "paused"):

@@ -1,0 +1,159 @@
+"""`ferry vm move-storage` and its status and cancel: a storage move's command line and its display.
+
+`ferry vm move-storage NAME --to PATH` asks the agent to move the VM's disk image (agent/storage_moves.py),
+then follows it as `ferry migrate` follows a migration: a progress line per round (one line rewritten on a
+terminal), a summary at the end, or the final report as JSON (`--json`); Ctrl-C cancels the move. Exit 0
+when the move completed, 1 otherwise (the VM then runs on its old image). docs/cli.md is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any, TextIO
+
+from agent.client import ClientError, ControlClient
+
+FINAL = ("completed", "failed", "cancelled")
+POLL_INTERVAL = 0.1  # seconds between two status polls of a running move
+
+
+def add_commands(vm: Any) -> None:
+    """The storage move's commands under `ferry vm` (``vm``: its sub-parsers)."""
+    m = vm.add_parser("move-storage", help="move a running VM's disk image to another path on this host",
+                      description="Mirror the VM's disk image to PATH while the VM runs, switch the disk to the "
+                                  "copy at a short pause, then remove the old image (Storage vMotion). A cancel "
+                                  "or a failure keeps the old image and removes the copy.")
+    m.add_argument("name", metavar="NAME")
+    m.add_argument("--to", required=True, metavar="PATH",
+                   help="a directory (the image keeps its file name there) or a new file path, in the agent's "
+                        "allowed disk directories (a relative PATH is taken in STATE_DIR/disks)")
+    m.add_argument("--json", action="store_true", help="print the final report as JSON, no progress")
+    m.add_argument("--detach", action="store_true", help="start the move and return at once "
+                                                         "(follow with move-storage-status)")
+    m.set_defaults(run=cmd_move_storage)
+    s = vm.add_parser("move-storage-status", help="show the current or last storage move of a VM")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--json", action="store_true", help="the report as JSON")
+    s.set_defaults(run=cmd_move_storage_status)
+    c = vm.add_parser("move-storage-cancel", help="cancel a VM's storage move (it keeps its old image)")
+    c.add_argument("name", metavar="NAME")
+    c.set_defaults(run=cmd_move_storage_cancel)
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def progress_line(info: dict[str, Any]) -> str:
+    """One line of the live display: status, round, copied of what was found to copy, remaining, bandwidth."""
+    disk = info.get("disk", {})
+    copied = int(disk.get("transferred", 0)) + int(disk.get("zero", 0))
+    return (f"{info.get('status', '?'):<9} round {len(info.get('rounds', [])):>3}  "
+            f"{_mib(copied)} copied of {_mib(disk.get('total', 0))}  "
+            f"remaining {_mib(disk.get('remaining', 0))}  bw {float(disk.get('mbps', 0)) / 8:.1f} MB/s")
+
+
+def summary_text(info: dict[str, Any]) -> str:
+    """The final summary of a storage move, several lines."""
+    disk = info.get("disk", {})
+    lines = [
+        f"storage move of {info.get('vm', '?')} to {info.get('to', '?')}: {info.get('status')}",
+        f"  total time {info.get('total-time')} ms, downtime {info.get('downtime')} ms",
+        f"  {len(info.get('rounds', []))} rounds, {_mib(disk.get('transferred', 0))} copied, "
+        f"{_mib(disk.get('zero', 0))} zeros kept as holes, disk {_mib(disk.get('size', 0))}",
+    ]
+    breakdown = info.get("downtime-breakdown") or {}
+    if breakdown:
+        lines.append("  downtime breakdown: " + ", ".join(f"{k} {v} ms" for k, v in breakdown.items()))
+    if info.get("summary"):
+        lines.append(f"  {info['summary']}")
+    if info.get("error-desc"):
+        lines.append(f"  error: {info['error-desc']}")
+    if info.get("status") in ("failed", "cancelled"):
+        lines.append(f"  the VM runs on its old image {info.get('from', '?')}")
+    return "\n".join(lines)
+
+
+class Progress:
+    """The live display: one line rewritten on a terminal, a line per round or status elsewhere."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._last = ""
+        self._key: tuple[str, int] | None = None
+
+    def show(self, info: dict[str, Any]) -> None:
+        line = progress_line(info)
+        if self.tty:
+            if line != self._last:
+                self.out.write("\r\x1b[K" + line)
+        elif (key := (str(info.get("status")), len(info.get("rounds", [])))) != self._key:
+            self.out.write(line + "\n")
+            self._key = key
+        self.out.flush()
+        self._last = line
+
+    def end(self) -> None:
+        if self.tty and self._last:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+async def watch(client: ControlClient, name: str, progress: Progress | None) -> dict[str, Any]:
+    """Poll vm-move-storage-status until the move is over; returns its final report."""
+    while True:
+        info = await client.call("vm-move-storage-status", {"name": name})
+        if progress is not None:
+            progress.show(info)
+        if info.get("status") in FINAL:
+            return dict(info)
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+async def cmd_move_storage(client: ControlClient, ns: argparse.Namespace) -> int:
+    info = await client.call("vm-move-storage", {"name": ns.name, "to": ns.to}, reply_within=60.0)
+    if ns.detach:
+        _print_json(info) if ns.json else print(f"storage move of {ns.name} to {info.get('to')} started")
+        return 0
+    progress = None if ns.json else Progress(sys.stdout)
+    try:
+        final = await watch(client, ns.name, progress)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print(f"\nferry: interrupted, cancelling the storage move of {ns.name}", file=sys.stderr)
+        try:
+            await client.call("vm-move-storage-cancel", {"name": ns.name}, reply_within=40.0)
+        except (ClientError, OSError, TimeoutError):
+            pass
+        raise
+    finally:
+        if progress is not None:
+            progress.end()
+    _print_json(final) if ns.json else print(summary_text(final))
+    return 0 if final.get("status") == "completed" else 1
+
+
+async def cmd_move_storage_status(client: ControlClient, ns: argparse.Namespace) -> int:
+    info = await client.call("vm-move-storage-status", {"name": ns.name})
+    if ns.json:
+        _print_json(info)
+    else:
+        print(summary_text(info) if info.get("status") in FINAL else progress_line(info))
+    return 0
+
+
+async def cmd_move_storage_cancel(client: ControlClient, ns: argparse.Namespace) -> int:
+    info = await client.call("vm-move-storage-cancel", {"name": ns.name}, reply_within=40.0)
+    status = info.get("status")
+    if status == "completed":
+        print(f"storage move of {ns.name} had already switched to {info.get('to')}: completed")
+    else:
+        print(f"storage move of {ns.name} {status}; the VM runs on {info.get('from')}")
+    return 0
