@@ -24,6 +24,8 @@ from typing import Any, TextIO
 
 from agent import certs, cli_storage, tls
 from agent.cli_devices import NIC_METAVAR, OnlyOnce, add_disk_flag, device_lines, nic_arg
+from agent.cli_progress import Progress, outcome_lines
+from agent.cli_progress import mib as _mib
 from agent.client import ClientError, ControlClient, connect
 from agent.config import (
     CONTROL_SOCKET_NAME,
@@ -405,10 +407,6 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
 def progress_line(info: dict[str, Any]) -> str:
     """One line of the live display: status, round, transferred of total, dirty rate, bandwidth, expected downtime."""
     ram = info.get("ram", {})
@@ -438,48 +436,11 @@ def summary_text(info: dict[str, Any]) -> str:
         f"{_mib(ram.get('total', 0))}, {ram.get('normal', 0)} pages sent, {ram.get('duplicate', 0)} zero pages",
         f"  dirty tracking: {info.get('dirty-tracker', '?')}",
     ]
-    breakdown = info.get("downtime-breakdown") or {}
-    if breakdown:
-        lines.append("  downtime breakdown: " + ", ".join(f"{k} {v} ms" for k, v in breakdown.items()))
     if "disk" in info:
         lines.append(f"  disk copied: {_mib(info['disk']['transferred'])} of data, {_mib(info['disk']['zero'])} as holes")
     if info.get("rx-dropped-at-switchover") is not None:
         lines.append(f"  frames left unread on the source's TAP at switch-over: {info['rx-dropped-at-switchover']}")
-    if info.get("summary"):
-        lines.append(f"  {info['summary']}")
-    if info.get("error-desc"):
-        lines.append(f"  error: {info['error-desc']}")
-    return "\n".join(lines)
-
-
-class Progress:
-    """The live display: rewrites one line on a terminal, prints a line per change elsewhere."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.tty = out.isatty()
-        self._last = ""
-        self._key: tuple[str, int] | None = None
-
-    def show(self, info: dict[str, Any]) -> None:
-        line = progress_line(info)
-        if self.tty:
-            if line != self._last:
-                self.out.write("\r\x1b[K" + line)
-        elif (key := _round_key(info)) != self._key:
-            self.out.write(line + "\n")  # one line per round or status change keeps logs readable
-            self._key = key
-        self.out.flush()
-        self._last = line
-
-    def end(self) -> None:
-        if self.tty and self._last:
-            self.out.write("\n")
-            self.out.flush()
-
-
-def _round_key(info: dict[str, Any]) -> tuple[str, int]:
-    return str(info.get("status")), len(info.get("rounds", []))
+    return "\n".join(lines + outcome_lines(info))
 
 
 async def watch_migration(client: ControlClient, name: str, progress: Progress | None) -> dict[str, Any]:
@@ -503,7 +464,7 @@ async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:
     if ns.detach:
         _print_json(info) if ns.json else print(f"migration of {ns.name} to {ns.to} started")
         return EXIT_OK
-    progress = None if ns.json else Progress(sys.stdout)
+    progress = None if ns.json else Progress(sys.stdout, progress_line)
     try:
         final = await watch_migration(client, ns.name, progress)
     except (asyncio.CancelledError, KeyboardInterrupt):

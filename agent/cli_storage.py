@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any, TextIO
+from typing import Any
 
+from agent.cli_progress import Progress, outcome_lines
+from agent.cli_progress import mib as _mib
 from agent.client import ClientError, ControlClient
 
 FINAL = ("completed", "failed", "cancelled")
@@ -43,10 +45,6 @@ def add_commands(vm: Any) -> None:
     c.set_defaults(run=cmd_move_storage_cancel)
 
 
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f} MiB"
-
-
 def progress_line(info: dict[str, Any]) -> str:
     """One line of the live display: status, round, copied of what was found to copy, remaining, bandwidth."""
     disk = info.get("disk", {})
@@ -65,42 +63,10 @@ def summary_text(info: dict[str, Any]) -> str:
         f"  {len(info.get('rounds', []))} rounds, {_mib(disk.get('transferred', 0))} copied, "
         f"{_mib(disk.get('zero', 0))} zeros kept as holes, disk {_mib(disk.get('size', 0))}",
     ]
-    breakdown = info.get("downtime-breakdown") or {}
-    if breakdown:
-        lines.append("  downtime breakdown: " + ", ".join(f"{k} {v} ms" for k, v in breakdown.items()))
-    if info.get("summary"):
-        lines.append(f"  {info['summary']}")
-    if info.get("error-desc"):
-        lines.append(f"  error: {info['error-desc']}")
+    lines += outcome_lines(info)
     if info.get("status") in ("failed", "cancelled"):
         lines.append(f"  the VM runs on its old image {info.get('from', '?')}")
     return "\n".join(lines)
-
-
-class Progress:
-    """The live display: one line rewritten on a terminal, a line per round or status elsewhere."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.tty = out.isatty()
-        self._last = ""
-        self._key: tuple[str, int] | None = None
-
-    def show(self, info: dict[str, Any]) -> None:
-        line = progress_line(info)
-        if self.tty:
-            if line != self._last:
-                self.out.write("\r\x1b[K" + line)
-        elif (key := (str(info.get("status")), len(info.get("rounds", [])))) != self._key:
-            self.out.write(line + "\n")
-            self._key = key
-        self.out.flush()
-        self._last = line
-
-    def end(self) -> None:
-        if self.tty and self._last:
-            self.out.write("\n")
-            self.out.flush()
 
 
 def _print_json(value: Any) -> None:
@@ -123,7 +89,7 @@ async def cmd_move_storage(client: ControlClient, ns: argparse.Namespace) -> int
     if ns.detach:
         _print_json(info) if ns.json else print(f"storage move of {ns.name} to {info.get('to')} started")
         return 0
-    progress = None if ns.json else Progress(sys.stdout)
+    progress = None if ns.json else Progress(sys.stdout, progress_line)
     try:
         final = await watch(client, ns.name, progress)
     except (asyncio.CancelledError, KeyboardInterrupt):

@@ -92,7 +92,7 @@ def test_progress_line_shows_round_transfer_rates_and_expected_downtime() -> Non
 
 def test_progress_without_a_terminal_prints_one_line_per_round_or_status() -> None:
     out = io.StringIO()
-    progress = cli.Progress(out)
+    progress = cli.Progress(out, cli.progress_line)
     for info in (_info(rounds=0), _info(rounds=0, **{"expected-downtime": 99}), _info(rounds=1),
                  _info("device", rounds=1), _info("completed", rounds=1)):
         progress.show(info)
