@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from agent import certs, cli_storage, tls
 from agent.cli_devices import NIC_METAVAR, OnlyOnce, add_disk_flag, device_lines, nic_arg
-from agent.cli_progress import Progress, outcome_lines
+from agent.cli_progress import FINAL, Progress, outcome_lines, watch
 from agent.cli_progress import mib as _mib
 from agent.client import ClientError, ControlClient, connect
 from agent.config import (
@@ -42,8 +42,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEFAULT_AGENT = f"{DEFAULT_STATE_DIR}/{CONTROL_SOCKET_NAME}"
 VM_STATES = ("running", "paused", "halted", "faulted", "migrating")
-FINAL_MIGRATION = ("completed", "failed", "cancelled")
-POLL_INTERVAL = 0.1  # seconds between progress polls of a migration or console follow
+POLL_INTERVAL = 0.1  # seconds between two polls of a console follow
 
 
 Command = Callable[[ControlClient, argparse.Namespace], Awaitable[int]]
@@ -443,17 +442,6 @@ def summary_text(info: dict[str, Any]) -> str:
     return "\n".join(lines + outcome_lines(info))
 
 
-async def watch_migration(client: ControlClient, name: str, progress: Progress | None) -> dict[str, Any]:
-    """Poll migrate-status until the migration is over; returns the final MigrationInfo."""
-    while True:
-        info = await client.call("migrate-status", {"name": name})
-        if progress is not None:
-            progress.show(info)
-        if info.get("status") in FINAL_MIGRATION:
-            return dict(info)
-        await asyncio.sleep(POLL_INTERVAL)
-
-
 async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:
     args: dict[str, Any] = {"name": ns.name, "to": ns.to, "params": migrate_params(ns)}
     if ns.migration_address is not None:
@@ -466,7 +454,7 @@ async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:
         return EXIT_OK
     progress = None if ns.json else Progress(sys.stdout, progress_line)
     try:
-        final = await watch_migration(client, ns.name, progress)
+        final = await watch(client, "migrate-status", ns.name, progress)
     except (asyncio.CancelledError, KeyboardInterrupt):
         await _cancel_on_interrupt(client, ns.name)
         raise
@@ -493,7 +481,7 @@ async def cmd_migrate_status(client: ControlClient, ns: argparse.Namespace) -> i
     info = await client.call("migrate-status", {"name": ns.name})
     if ns.json:
         _print_json(info)
-    elif info.get("status") in FINAL_MIGRATION:
+    elif info.get("status") in FINAL:
         print(summary_text(info))
     else:
         print(progress_line(info))

@@ -3,15 +3,21 @@
 Shared by `ferry migrate` (agent/cli.py) and `ferry vm move-storage` (agent/cli_storage.py): each
 gives its own one-line rendering of a status report; this module rewrites that line on a terminal,
 prints a line per round or status change elsewhere (logs stay readable), and renders the lines a
-final summary ends with (downtime breakdown, summary, error).
+final summary ends with (downtime breakdown, summary, error); `watch` polls the status until the
+operation is over.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from agent.client import ControlClient
+
 Info = dict[str, Any]
+FINAL = ("completed", "failed", "cancelled")  # statuses after which a report no longer changes
+POLL_INTERVAL = 0.1  # seconds between two status polls
 
 
 def mib(n: float) -> str:
@@ -56,3 +62,14 @@ class Progress:
         if self.tty and self._last:
             self.out.write("\n")
             self.out.flush()
+
+
+async def watch(client: ControlClient, op: str, name: str, progress: Progress | None) -> Info:
+    """Poll the status op ``op`` of VM ``name`` until its report is final; returns that report."""
+    while True:
+        info = await client.call(op, {"name": name})
+        if progress is not None:
+            progress.show(info)
+        if info.get("status") in FINAL:
+            return dict(info)
+        await asyncio.sleep(POLL_INTERVAL)

@@ -14,12 +14,9 @@ import json
 import sys
 from typing import Any
 
-from agent.cli_progress import Progress, outcome_lines
+from agent.cli_progress import FINAL, Progress, outcome_lines, watch
 from agent.cli_progress import mib as _mib
 from agent.client import ClientError, ControlClient
-
-FINAL = ("completed", "failed", "cancelled")
-POLL_INTERVAL = 0.1  # seconds between two status polls of a running move
 
 
 def add_commands(vm: Any) -> None:
@@ -73,17 +70,6 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-async def watch(client: ControlClient, name: str, progress: Progress | None) -> dict[str, Any]:
-    """Poll vm-move-storage-status until the move is over; returns its final report."""
-    while True:
-        info = await client.call("vm-move-storage-status", {"name": name})
-        if progress is not None:
-            progress.show(info)
-        if info.get("status") in FINAL:
-            return dict(info)
-        await asyncio.sleep(POLL_INTERVAL)
-
-
 async def cmd_move_storage(client: ControlClient, ns: argparse.Namespace) -> int:
     info = await client.call("vm-move-storage", {"name": ns.name, "to": ns.to}, reply_within=60.0)
     if ns.detach:
@@ -91,7 +77,7 @@ async def cmd_move_storage(client: ControlClient, ns: argparse.Namespace) -> int
         return 0
     progress = None if ns.json else Progress(sys.stdout, progress_line)
     try:
-        final = await watch(client, ns.name, progress)
+        final = await watch(client, "vm-move-storage-status", ns.name, progress)
     except (asyncio.CancelledError, KeyboardInterrupt):
         print(f"\nferry: interrupted, cancelling the storage move of {ns.name}", file=sys.stderr)
         try:
