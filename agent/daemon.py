@@ -106,6 +106,9 @@ class Agent:
         except OSError as e:  # e.g. a path over the 107-byte limit: TCP still serves every client
             self.log.warning("no unix control socket", path=str(cfg.control_socket), error=e.strerror or str(e))
         await self._start_migration_listener()
+        for vm in self.vms.list():  # in doubt after COMMIT when the previous run stopped: ask the destination
+            if vm.migration_phase == "commit-sent" and vm.migration_ref is not None:
+                self.migrations.resume_in_doubt(vm, vm.migration_ref, vm.run_before)
         self.vms.keep_spare()
         metrics = await self.metrics_server.start(*cfg.metrics) if self.metrics_server and cfg.metrics else None
         self.log.info("agent started", version=ferry_version(), control=format_hostport(*control),

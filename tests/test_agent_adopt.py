@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -88,7 +89,7 @@ async def _cut(runs: Runs, *, ran: bool, paused: bool, commit_sent: bool = False
     if paused and ran:
         await vm.pause()  # the stop-and-copy pause
     if commit_sent:
-        await asyncio.wrap_future(vm.mark_commit_sent())
+        await asyncio.wrap_future(vm.mark_commit_sent({"id": "0123456789abcdef", "to": "127.0.0.1:1"}))
     await first.shutdown()  # the VM process runs on, listening; its record stays
     second = runs.start()
     assert await second.adopt_previous() == 1
@@ -119,9 +120,13 @@ async def test_after_commit_sent_the_vm_stays_paused_in_doubt(runs: Runs) -> Non
     vms = await _cut(runs, ran=True, paused=True, commit_sent=True, throttle=30)
     vm = vms.get("m")
     assert (vm.state, vm.throttle_percent) == ("paused", 0)
-    assert "VM kept paused (in doubt)" in runs.logs[-1].getvalue()
-    # Recorded afresh with no phase: the operator's `vm resume` or `vm destroy` settles it.
-    assert vm.migration_phase is None
+    assert "VM kept paused (in doubt) while the agent asks the destination" in runs.logs[-1].getvalue()
+    # Still in doubt, and recorded so: a third run would find it the same way, and the migration
+    # engine asks the destination the record names.
+    assert (vm.migration_phase, vm.migration_ref, vm.run_before) == (
+        "commit-sent", {"id": "0123456789abcdef", "to": "127.0.0.1:1"}, "running")
+    rec = json.loads((runs.state_dir / "vms" / "m.json").read_text())
+    assert (rec["migration-phase"], rec["migration-ref"]["id"]) == ("commit-sent", "0123456789abcdef")
 
 
 async def test_a_vm_with_no_migration_is_listed_as_its_process_says(runs: Runs) -> None:

@@ -257,10 +257,11 @@ async def test_the_migration_phases_are_on_disk_when_the_calls_return(make_vms: 
     rec = _record(state_dir, "r")
     assert (rec["migration-phase"], rec["run-before-migration"]) == ("precopy", "running")
     await vm.pause()
-    await asyncio.wrap_future(vm.mark_commit_sent())
+    await asyncio.wrap_future(vm.mark_commit_sent({"id": "0123456789abcdef", "to": "127.0.0.1:1"}))
     assert _record(state_dir, "r")["migration-phase"] == "commit-sent"
+    assert _record(state_dir, "r")["migration-ref"] == {"id": "0123456789abcdef", "to": "127.0.0.1:1"}
     await vm.end_migration("running")
-    assert _record(state_dir, "r")["migration-phase"] is None
+    assert _record(state_dir, "r")["migration-phase"] is None and _record(state_dir, "r")["migration-ref"] is None
     assert writers and threading.main_thread() not in writers  # never written on the loop's thread
     await vms.destroy("r")
     assert not (state_dir / "vms" / "r.json").exists()
@@ -275,7 +276,7 @@ async def test_record_writes_of_a_vm_land_in_the_order_asked(make_vms: MakeVMs, 
     vm = await vms.create("o", "counter", 4 * MiB, {})
     begun = asyncio.ensure_future(vm.begin_migration())
     await asyncio.sleep(0)
-    await asyncio.wrap_future(vm.mark_commit_sent())
+    await asyncio.wrap_future(vm.mark_commit_sent({"id": "0123456789abcdef", "to": "127.0.0.1:1"}))
     assert begun.done()
     assert _record(state_dir, "o")["migration-phase"] == "commit-sent"
     await vm.end_migration("running")

@@ -181,7 +181,8 @@ class FakeVM:
     async def end_migration(self, run_state: str) -> None:
         self.state = run_state
 
-    def mark_commit_sent(self) -> concurrent.futures.Future[None]:
+    def mark_commit_sent(self, ref: dict[str, str]) -> concurrent.futures.Future[None]:
+        assert set(ref) == {"id", "to"}
         self.calls.append("commit_sent")
         return on_disk(None)
 

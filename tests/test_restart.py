@@ -200,19 +200,48 @@ def test_a_source_agent_killed_in_stop_and_copy_before_commit_resumes_the_vm_on_
     only_on(b, a2, "m")
 
 
-def test_a_source_agent_killed_as_commit_goes_out_keeps_the_vm_paused_until_the_operator_decides(
-        tmp_path: Path, key: Path, agents: list[AgentProc]) -> None:
-    # The source dies with its COMMIT in flight (the proxy holds the frame, then passes it on):
-    # COMMIT was recorded as sent, and the destination gets it and starts the VM.
-    a, b = kill_source_when(tmp_path, key, agents, Commit, then=lambda b: "m" in names(b))
-    runs_on(b, "m")
-    a2 = restart(tmp_path, a, agents)
-    # The restarted source cannot tell whether COMMIT reached the destination, so it never runs
-    # the VM by itself: one copy runs (there), the other stays paused until the operator decides.
-    assert a2.call("vm-info", name="m")["state"] == "paused"
-    assert "in doubt" in a2.log()
-    a2.call("vm-destroy", name="m")  # the operator saw it run on the destination
-    only_on(b, a2, "m")
+@pytest.mark.parametrize("delivered", [True, False], ids=["commit-delivered", "commit-lost"])
+def test_a_source_agent_killed_as_commit_goes_out_asks_the_destination_after_its_restart(
+        tmp_path: Path, key: Path, agents: list[AgentProc], delivered: bool) -> None:
+    """The source dies with its COMMIT in flight, recorded as sent. Delivered (the proxy holds the
+    frame, then passes it on), the destination starts the VM; lost (the link dies with the
+    source), the destination discards its copy. The restarted source never runs the VM on a
+    guess: it asks the destination its record names (through the same proxy, whose rules apply to
+    the first connection only) and destroys its paused copy, or runs the VM here again."""
+    a = start_agent(tmp_path, "A", key)
+    b = start_agent(tmp_path, "B", key)
+    agents += [a, b]
+    busy(a, "m")
+    with FaultProxy(migration_target(b)) as proxy:
+        rule = proxy.add(Rule(C2S, Commit, CALL, callback=lambda: kill_agent(a)))
+        if not delivered:
+            proxy.add(Rule(C2S, Commit, CUT))
+        try:
+            migrate_via(a, b, proxy, "m")
+        except Exception:
+            pass  # the source died under the call
+        wait_for(rule.fired.is_set, what="the kill")
+        wait_for(lambda: ("m" in names(b)) if delivered else discarded(b), timeout=20,
+                 what="the destination to settle after the kill")
+        a2 = restart(tmp_path, a, agents)
+        if delivered:
+            wait_for(lambda: names(a2) == [], timeout=30, what="the restarted source to destroy its copy")
+            only_on(b, a2, "m")
+        else:
+            wait_for(lambda: a2.call("vm-info", name="m")["state"] == "running", timeout=30,
+                     what="the restarted source to run the VM again")
+            only_on(a2, b, "m")
+    assert "asking the destination about a migration left in doubt" in a2.log()
+    status = a2.call("migrate-status", name="m")
+    done = "the copy here is destroyed" if delivered else "the destination did not resume the VM"
+    assert done in status["summary"], status
+    assert status["status"] == ("completed" if delivered else "failed"), status
+    if not delivered:  # settled for good: the next start finds nothing in doubt
+        a2.stop(keep_vms=True)
+        seen = len(a2.log())  # one log file for every run of agent A
+        a3 = restart(tmp_path, a2, agents)
+        assert a3.call("vm-info", name="m")["state"] == "running"
+        assert "in doubt" not in a3.log()[seen:]
 
 
 def test_a_destination_agent_killed_before_resumed_arrives_says_resumed_after_its_restart(

@@ -28,6 +28,10 @@ from proto.state import SourceMachine
 # How long the source, in doubt after COMMIT, keeps asking the destination.
 IN_DOUBT_TIMEOUT_S = 60.0
 IN_DOUBT_RETRY_S = 0.5
+# A migration a restarted agent found in doubt is asked about until it is settled: each query
+# bounded, the waits between failed ones doubling up to this.
+ADOPTED_ASK_S = 10.0
+ADOPTED_RETRY_MAX_S = 10.0
 
 
 class InDoubtAsker:
@@ -87,6 +91,42 @@ class InDoubtAsker:
                 self.log.info("in-doubt query failed, retrying", vm=self.vm_name, error=describe(exc))
                 time.sleep(IN_DOUBT_RETRY_S)
         return None
+
+
+class AdoptedInDoubt:
+    """A migration a previous run of this agent left in doubt (its VM re-adopted, paused, with
+    COMMIT recorded as sent): this run asks the destination, in its own thread, until it gives a
+    definite answer, and hands that to ``on_answer`` (resumed there: True). The operator's
+    `migrate-resolve` may settle it first (``ask_once``, then ``stop``)."""
+
+    def __init__(self, asker: InDoubtAsker, info: MigrationInfo, on_answer: Callable[[bool], None]) -> None:
+        self.asker = asker
+        self.info = info
+        self._on_answer = on_answer
+        self._stop = threading.Event()
+
+    def ask_once(self, deadline_s: float | None = None) -> bool | None:
+        return self.asker.ask_once(deadline_s)
+
+    def stop(self) -> None:
+        """No more queries (settled by the operator, a new migration, or the agent stopping)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """The thread's body: ask until answered or stopped, waiting longer after each failure."""
+        wait = IN_DOUBT_RETRY_S
+        while not self._stop.is_set():
+            try:
+                resumed = self.asker.ask(ADOPTED_ASK_S)
+            except (OSError, ProtocolError) as exc:
+                self.asker.log.info("in-doubt query failed, retrying", vm=self.asker.vm_name, error=describe(exc),
+                                    retry_s=wait)
+                self._stop.wait(wait)
+                wait = min(wait * 2, ADOPTED_RETRY_MAX_S)
+                continue
+            if not self._stop.is_set():
+                self._on_answer(resumed)
+            return
 
 
 def settle(reply: Message, info: MigrationInfo) -> bool:

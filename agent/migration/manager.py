@@ -14,19 +14,19 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration.common import LoopBridge, MigrationError, Signal
+from agent.migration import tls
+from agent.migration.common import LoopBridge, MigrationError, Signal, client_handshake
 from agent.migration.destination import DestinationSession
-from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S
+from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
 from agent.migration.outcomes import Outcomes
 from agent.migration.seams import LogLike, ManagedVM, VMHost
 from agent.migration.source import SourceSession
-from agent.migration.tls import server_connection
 from agent.migration.transport import Connection, accepted
 from agent.tls import TLSContexts
 from proto.errors import ErrorCode
@@ -82,7 +82,8 @@ class MigrationManager:
         # Called with each MigrationInfo once its session ended (in the session's thread): metrics.
         self.on_finished: Callable[[MigrationInfo], None] | None = None
         self._pending: dict[int, DestinationSession] = {}  # not yet authenticated, oldest first
-        self._in_doubt: dict[str, SourceSession] = {}  # vm name -> migration that ended in doubt
+        # vm name -> migration that ended in doubt (here, or in a previous run of the agent)
+        self._in_doubt: dict[str, SourceSession | AdoptedInDoubt] = {}
         self._pending_lock = threading.Lock()
         self.code_cache = CodeCache()  # guest blocks translated here, for later incoming VMs
 
@@ -140,7 +141,7 @@ class MigrationManager:
         sock = accepted(sock)  # its receive buffer sized for the path
         if self.tls is None:
             return Connection(sock)
-        return server_connection(sock, self.tls.server)
+        return tls.server_connection(sock, self.tls.server)
 
     def _run_incoming(self, session: DestinationSession) -> None:
         try:
@@ -185,7 +186,9 @@ class MigrationManager:
         """
         vm = self.vms.get(vm_name)
         self._check_can_start(vm_name, vm)
-        self._in_doubt.pop(vm_name, None)  # resolved meanwhile by hand (vm resume): not in doubt any more
+        stale = self._in_doubt.pop(vm_name, None)  # resolved meanwhile by hand (vm resume): not in doubt any more
+        if isinstance(stale, AdoptedInDoubt):
+            stale.stop()
         info = MigrationInfo(vm=vm_name, direction="out", peer=f"{dest_migration[0]}:{dest_migration[1]}",
                              params=params, dirty_tracker=vm.dirty_backend, mem=vm.mem)
         session = SourceSession(vm=vm, vms=self.vms, dest=dest_migration, params=params, key=self.key,
@@ -252,9 +255,12 @@ class MigrationManager:
         if not resume_here and answer is False:
             raise MigrationError(ErrorCode.BUSY, f"the destination says it did not resume VM {vm_name!r} and "
                                  "never will: resume it here instead (--resume-here)")
+        if isinstance(session, AdoptedInDoubt):
+            session.stop()
         async with vm.lock:
             if resume_here:
                 await vm.resume()
+                await vm.end_migration("running")  # (a restarted agent's in-doubt record goes with it)
             else:
                 await self.vms.remove_migrated(vm_name)
         del self._in_doubt[vm_name]
@@ -263,6 +269,55 @@ class MigrationManager:
         session.info.summary = f"in doubt, resolved by the operator: {done} ({how})"
         self.log.warning("in-doubt migration resolved by the operator", vm=vm_name, action=done, answer=answer)
         return f"{done} ({how})"
+
+    def resume_in_doubt(self, vm: ManagedVM, ref: Mapping[str, str], run_before: str | None) -> None:
+        """A VM a previous run of this agent left in doubt (re-adopted paused, COMMIT of migration
+        ``ref`` {id, to} recorded as sent): ask the destination until it answers, then destroy the
+        copy here (it resumed there) or run the VM here again as it ran before (``run_before``)."""
+        host, _, port = ref["to"].rpartition(":")
+        dest = (host, int(port))
+        info = MigrationInfo(vm=vm.name, direction="out", peer=ref["to"], mem=vm.mem, status=Status.FAILED)
+        info.error = (f"in doubt: the agent restarted after COMMIT of migration {ref['id']}; the VM stays "
+                      f"paused here while the agent asks {ref['to']} whether it resumed it")
+        info.finished = info.started
+        ctx = None if self.tls is None else self.tls.client
+        asker = InDoubtAsker(connect=lambda: tls.dial(dest, ctx),
+                             handshake=lambda conn: client_handshake(conn, self.key, self.agent_name),
+                             vm_name=vm.name, migration_id=ref["id"], log=self.log)
+        loop = asyncio.get_running_loop()
+
+        def answered(resumed: bool) -> None:  # in the asking thread
+            _on_loop(loop, lambda: loop.create_task(self._settle_adopted(vm, adopted, resumed, run_before)))
+
+        adopted = AdoptedInDoubt(asker, info, answered)
+        self._infos[vm.name] = info
+        self._in_doubt[vm.name] = adopted
+        self.log.warning("asking the destination about a migration left in doubt", vm=vm.name,
+                         migration_id=ref["id"], destination=ref["to"])
+        self._start_thread(adopted.run, "ferry-in-doubt")
+
+    async def _settle_adopted(self, vm: ManagedVM, adopted: AdoptedInDoubt, resumed: bool,
+                              run_before: str | None) -> None:
+        """The destination answered about a migration a restarted agent found in doubt."""
+        if self._in_doubt.get(vm.name) is not adopted or vm.name not in {v.name for v in self.vms.list()}:
+            return  # settled meanwhile (migrate-resolve, vm destroy, a new migration)
+        del self._in_doubt[vm.name]
+        async with vm.lock:
+            if vm.state != "paused":  # the operator ran it by hand meanwhile: their decision stands
+                self.log.error("in-doubt answer ignored: the VM was resumed by hand", vm=vm.name, resumed=resumed)
+                return
+            if resumed:
+                await self.vms.remove_migrated(vm.name)
+            else:
+                if run_before != "paused":
+                    await vm.resume()
+                await vm.end_migration("paused" if run_before == "paused" else "running")
+        done = "the destination runs the VM: the copy here is destroyed" if resumed else \
+            "the destination did not resume the VM: it runs here again"
+        adopted.info.summary = f"in doubt after an agent restart, settled: {done}"
+        if resumed:
+            adopted.info.status, adopted.info.error = Status.COMPLETED, None
+        self.log.warning("in-doubt migration settled after an agent restart", vm=vm.name, resumed=resumed)
 
     def info(self, vm_name: str) -> dict[str, Any] | None:
         """The current or last migration of ``vm_name`` on this agent (in or out), QEMU names."""
@@ -312,6 +367,9 @@ class MigrationManager:
             out.session.cancel()
         for incoming in self._outcomes.live():
             self._outcomes.fence(incoming)
+        for doubt in self._in_doubt.values():
+            if isinstance(doubt, AdoptedInDoubt):
+                doubt.stop()  # the next run of the agent asks again
         for ended in list(self._threads):
             await ended.until_set(CANCEL_WAIT_S)
         self.log.info("migration engine stopped")

@@ -80,9 +80,10 @@ class MigratingVM(Protocol):
     async def end_migration(self, run_state: str) -> None:
         """The migration is over and the VM stays here, ``run_state`` (running | paused)."""
 
-    def mark_commit_sent(self) -> concurrent.futures.Future[None]:
-        """COMMIT is about to go: record it (in doubt after a restart); the future is done once the
-        record is on disk, and COMMIT leaves only after that."""
+    def mark_commit_sent(self, ref: dict[str, str]) -> concurrent.futures.Future[None]:
+        """COMMIT of migration ``ref`` ({id, to}) is about to go: record it (in doubt after a
+        restart, asking ``to`` about ``id``); the future is done once the record is on disk, and
+        COMMIT leaves only after that."""
 
     async def track_start(self, hot_blocks: bool = False) -> DirtyTracker: ...
 

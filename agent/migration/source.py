@@ -57,7 +57,7 @@ from agent.migration.policy import Action, Decision, Limits, decide
 from agent.migration.rounds import RoundBook
 from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source_digest import SourceDigest
-from agent.migration.transport import Connection, RateLimiter, connect
+from agent.migration.transport import Connection, RateLimiter
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
     Abort,
@@ -425,7 +425,8 @@ class SourceSession:
         resumed: bool | None
         # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
         # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
-        self.bridge.run(self.vm.mark_commit_sent).result(LOOP_CALL_TIMEOUT_S)
+        ref = {"id": self.migration_id, "to": f"{self.dest[0]}:{self.dest[1]}"}
+        self.bridge.run(self.vm.mark_commit_sent, ref).result(LOOP_CALL_TIMEOUT_S)
         try:
             self._send(Commit(self.migration_id))
             assert self.conn is not None
@@ -567,11 +568,7 @@ class SourceSession:
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _connect(self, guest_size: int | None = None) -> Connection:
-        """A connection to the destination's migration listener: plaintext, or mutual TLS."""
-        sock = connect(self.dest)
-        if self.tls is None:
-            return Connection(sock, guest_size=guest_size)
-        return tls.client_connection(sock, self.tls, self.dest[0], guest_size)
+        return tls.dial(self.dest, self.tls, guest_size)
 
     def _handshake(self, conn: Connection) -> str:
         return client_handshake(conn, self.key, self.agent_name)

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 from agent import tls
 from agent.migration.common import MigrationError
-from agent.migration.transport import IO_TIMEOUT_S, Connection, ConnectionClosed
+from agent.migration.transport import IO_TIMEOUT_S, Connection, ConnectionClosed, connect
 from proto.errors import ErrorCode
 from proto.messages import Message
 
@@ -112,6 +112,14 @@ def client_connection(sock: socket.socket, ctx: ssl.SSLContext, host: str,
         sock.close()
         raise
     return TLSConnection(tls_sock, guest_size)
+
+
+def dial(dest: tuple[str, int], ctx: ssl.SSLContext | None, guest_size: int | None = None) -> Connection:
+    """A connection to a migration listener: plaintext without ``ctx``, else mutual TLS."""
+    sock = connect(dest)
+    if ctx is None:
+        return Connection(sock, guest_size=guest_size)
+    return client_connection(sock, ctx, dest[0], guest_size)
 
 
 @contextlib.contextmanager

@@ -25,10 +25,14 @@ anyone, the agent reads every record in `<state-dir>/vms/` and for each one:
 
   COMMIT is recorded as sent before it leaves, so any phase short of commit-sent proves the
   destination never started the VM (it discards its copy when the connection drops). After it,
-  the destination may run the VM: never run it twice, the operator checks the destination and
-  then resumes or destroys it here. In every case but AS_FOUND a throttle left by auto-converge
-  is lifted. ("stop-and-copy" is what older records say for the stop-and-copy pause.) The VM is
-  then recorded afresh, with no migration phase.
+  the destination may run the VM: never run it twice. The record names the migration and the
+  destination (`migration-ref`), and the agent's migration engine asks the destination until it
+  answers (agent/migration/in_doubt.py, AdoptedInDoubt): resumed there, the copy here is
+  destroyed; not resumed, the VM runs here again. Without that reference the operator checks the
+  destination and resumes or destroys it here. In every case but AS_FOUND a throttle left by
+  auto-converge is lifted. ("stop-and-copy" is what older records say for the stop-and-copy
+  pause.) The VM is then recorded afresh: with no migration phase, except in doubt, where the
+  phase, the run state before the migration and the reference stay until it is settled.
 """
 
 from __future__ import annotations
@@ -171,7 +175,8 @@ class Adopter:
                     started=float(rec.get("started") or time.time()),
                     arrived_by=str(rec["arrived-by"]) if rec.get("arrived-by") else None,
                     nic=NicConfig.from_record(rec["nic"]) if rec.get("nic") else None,
-                    disk=DiskConfig.from_record(rec["disk"]) if rec.get("disk") else None)
+                    disk=DiskConfig.from_record(rec["disk"]) if rec.get("disk") else None,
+                    migration_ref=migration_ref(rec.get("migration-ref")))
             vm.disk = disk_held(vm.disk, (reply.get("disk") or {}).get("path"))
         except BaseException:
             sock.close()
@@ -196,6 +201,10 @@ class Adopter:
         status = str(reply.get("status"))
         vm._set_run(status if status in ("halted", "faulted") else "paused" if reply.get("paused") else "running")
         action = settle_action(phase, run_before, vm.state == "paused")
+        if action is Settle.IN_DOUBT:  # recorded again as it was: in doubt until it is settled
+            vm.migration_phase, vm.run_before = str(phase), str(run_before) if run_before else None
+        else:
+            vm.migration_ref = None
         if action is Settle.AS_FOUND:
             return
         # The migration died with the agent: the destination discards its copy when the connection drops.
@@ -206,10 +215,25 @@ class Adopter:
             vm.log.warning("migration cut by an agent restart before COMMIT; the VM runs here", phase=phase)
         elif action is Settle.LEAVE:
             vm.log.warning("migration cut by an agent restart in pre-copy; the VM stays here as it was", phase=phase)
+        elif vm.migration_ref is not None:
+            vm.log.error("migration cut by an agent restart after COMMIT; VM kept paused (in doubt) while the "
+                         "agent asks the destination", phase=phase, migration_id=vm.migration_ref["id"],
+                         destination=vm.migration_ref["to"])
         else:
             vm.log.error("migration cut by an agent restart in stop-and-copy; VM kept paused (in doubt): "
                          "check the destination, then `ferry vm resume` or `ferry vm destroy` it here",
                          phase=phase)
+
+
+def migration_ref(raw: object) -> dict[str, str] | None:
+    """A record's `migration-ref` ({id, to}); None when absent or malformed (then in doubt without
+    a destination to ask: the operator settles it)."""
+    if not isinstance(raw, dict):
+        return None
+    mid, to = raw.get("id"), raw.get("to")
+    if not (isinstance(mid, str) and isinstance(to, str) and ":" in to):
+        return None
+    return {"id": mid, "to": to}
 
 
 def disk_held(recorded: DiskConfig | None, held: object) -> DiskConfig | None:

@@ -81,7 +81,7 @@ class Recorder:
             "run-before-migration": vm.run_before, "arrived-by": vm.arrived_by,
             "nic": None if vm.nic is None else vm.nic.to_record(),
             "disk": None if vm.disk is None else vm.disk.to_record(),
-            "storage-move": vm.storage_move,
+            "storage-move": vm.storage_move, "migration-ref": vm.migration_ref,
         }
         return self.records.in_order(self._write, vm, record)
 

@@ -72,6 +72,9 @@ class VM:
     migration_phase: str | None = None  # None | "precopy" | "commit-sent" (agent/vms/adopt.py reads it)
     run_before: str | None = None  # the run state when the migration began: what a restart puts back
     arrived_by: str | None = None  # the id of the migration that brought the VM here, if one did
+    # The migration whose COMMIT went out ({id, to}: its id and the destination's migration address):
+    # what a restarted agent asks the destination about while the VM is in doubt.
+    migration_ref: dict[str, str] | None = None
     origin: str = "created"
     started: float = field(default_factory=time.time)
     on_record: RecordHook | None = field(default=None, repr=False)
@@ -107,17 +110,20 @@ class VM:
         """The migration is over; the VM is `run_state` ("running" | "paused") again, unless it
         halted or faulted meanwhile. Returns once the record (no phase) is on disk."""
         self.migrating = False
+        self.migration_ref = None
         saved = self._note_phase(None)
         if run_state in RUN_STATES:
             self._set_run(run_state)  # a guest that halted meanwhile stays halted
         self._pulse()
         await written(saved)
 
-    def mark_commit_sent(self) -> concurrent.futures.Future[None]:
-        """The source is about to send COMMIT: from here a restarted agent must treat the VM as in
-        doubt. Called on the loop, which does not wait: the future is done once that record is on
-        disk, and the session thread waits for it before COMMIT leaves (one hop fewer inside the
-        downtime than the loop awaiting the write and then waking the thread)."""
+    def mark_commit_sent(self, ref: dict[str, str]) -> concurrent.futures.Future[None]:
+        """The source is about to send COMMIT of migration ``ref`` ({id, to}): from here a restarted
+        agent must treat the VM as in doubt, and asks ``to`` about ``id``. Called on the loop, which
+        does not wait: the future is done once that record is on disk, and the session thread waits
+        for it before COMMIT leaves (one hop fewer inside the downtime than the loop awaiting the
+        write and then waking the thread)."""
+        self.migration_ref = dict(ref)
         return on_disk(self._note_phase("commit-sent"))
 
     async def begin_storage_move(self, target: str) -> None:
