@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.disks import DiskConfig, DiskError
 from agent.disk_copy import DiskFull
+from agent.disks import DiskConfig, DiskError
 from agent.migration import disk_move
 from agent.migration.common import MigrationError
 from agent.migration.info import MigrationParams
