@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -146,28 +147,21 @@ def write_image(path: Path, size: int, offsets: Sequence[int], extent: int) -> N
         os.fsync(f.fileno())
 
 
-def read_data(path: Path) -> int:
-    """Read every data extent of ``path`` once (holes skipped): the warm-up; bytes read."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos, total = os.fstat(fd).st_size, 0, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break  # ENXIO: no data after pos
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            os.lseek(fd, start, os.SEEK_SET)
-            while start < end:
-                got = len(os.read(fd, min(WRITE_CHUNK, end - start)))
-                if not got:
-                    break
-                start += got
-                total += got
-            pos = end
-        return total
-    finally:
-        os.close(fd)
+def extents_digest(path: Path, offsets: Sequence[int], extent: int) -> str:
+    """A digest of the image's data extents (its content where it was written: elsewhere it reads
+    as zeros, which ``allocated`` checks stayed holes); reading it is also the warm-up."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb", buffering=0) as f:
+        for off in offsets:
+            f.seek(off)
+            left = extent
+            while left:
+                chunk = f.read(min(WRITE_CHUNK, left))
+                if not chunk:
+                    raise ValueError(f"{path} ends before its extent at {off}")
+                h.update(chunk)
+                left -= len(chunk)
+    return h.hexdigest()
 
 
 def allocated(path: Path) -> int:
@@ -302,44 +296,58 @@ class Throughput:
     cp: list[tuple[float, float]] = field(default_factory=list)
     mirror: list[tuple[float, float]] = field(default_factory=list)
     mirror_failed: list[str] = field(default_factory=list)
+    # Every copy checked after its timing: kind -> bytes each copy occupied, and the copies whose
+    # data differed from the image's.
+    occupied: dict[str, list[int]] = field(default_factory=dict)
+    wrong: list[str] = field(default_factory=list)
 
 
 def copy_throughput(h: Hosts, size: int, alloc: int, runs: int) -> Throughput:
     name = "bench-copy"
     img = h.a.state_dir / "disks" / "bench-copy.img"
     img.parent.mkdir(parents=True, exist_ok=True)
-    write_image(img, size, spread_extents(size, alloc, EXTENT), EXTENT)
+    offsets = spread_extents(size, alloc, EXTENT)
+    write_image(img, size, offsets, EXTENT)
+    digest = extents_digest(img, offsets, EXTENT)  # and the warm-up: the image's first read
+
+    def check(kind: str, path: Path) -> None:
+        t.occupied.setdefault(kind, []).append(allocated(path))
+        if extents_digest(path, offsets, EXTENT) != digest or os.stat(path).st_size != size:
+            t.wrong.append(f"{kind} run {len(t.occupied[kind])}")
+
     qemu_ok = shutil.which(QEMU) is not None
-    res = Throughput(size, allocated(img), (qemu_version() or QEMU) if qemu_ok else f"`{QEMU}` not installed")
+    t = Throughput(size, allocated(img), (qemu_version() or QEMU) if qemu_ok else f"`{QEMU}` not installed")
     create(h.a, name, "idle", "16M", disk={"path": img.name})
     where = h.a
     try:
-        read_data(disk_path(where, name))  # warm-up: the first read after the image's writing
         for kind in rotations(("ferry", "cp", "qemu"), runs):
             src = disk_path(where, name)
             target = h.scratch / "copy-target.img"
             if kind == "ferry":
                 info = migrate(where, h.other(where), name, {"copy-storage": True})
                 if info["status"] == "completed":
-                    res.ferry.append(info)
+                    t.ferry.append(info)
                     where = h.other(where)
+                    check(kind, disk_path(where, name))
                 else:
-                    res.ferry_failed.append(f"{info['status']}: {info.get('error-desc')}")
+                    t.ferry_failed.append(f"{info['status']}: {info.get('error-desc')}")
             elif kind == "cp":
-                res.cp.append(cp_once(src, target))
+                t.cp.append(cp_once(src, target))
+                check(kind, target)
             elif qemu_ok:
                 try:
-                    res.mirror.append(mirror_once(src, target, h.scratch))
+                    t.mirror.append(mirror_once(src, target, h.scratch))
+                    check(kind, target)
                 except QemuError as e:
-                    res.mirror_failed.append(str(e))
+                    t.mirror_failed.append(str(e))
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
     finally:
-        path = disk_path(where, name)
-        destroy(where, name)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):
+            path = disk_path(where, name)
+            destroy(where, name)
             path.unlink()
-    return res
+    return t
 
 
 def throughput_markdown(t: Throughput, runs: int) -> str:
@@ -351,9 +359,10 @@ def throughput_markdown(t: Throughput, runs: int) -> str:
 
     ferry_s = [float(i["total-time"]) / 1000 for i in t.ferry]
     sent = [int(i.get("disk", {}).get("transferred", 0)) for i in t.ferry]
+    round0 = [float(i["rounds"][0]["seconds"]) for i in t.ferry if i["rounds"]]
     rows = [row("ferry migrate --copy-storage", ferry_s,
-                f"whole migration (16 MiB idle guest, RAM too); disk data sent "
-                f"{median(sent) / MiB:.0f} MiB" if sent else "-")]
+                f"the whole migration (16 MiB idle guest: its RAM too); of which round 0 (the image's data) "
+                f"{fmt_mw(round0, '.2f')} s; disk data sent {median(sent) / MiB:.0f} MiB" if sent else "-")]
     rows.append(row("cp --sparse=always + fdatasync", [c + s for c, s in t.cp],
                     f"of which fdatasync {fmt_mw([s for _, s in t.cp], '.2f')} s" if t.cp else "-"))
     if t.mirror:
@@ -367,7 +376,7 @@ def throughput_markdown(t: Throughput, runs: int) -> str:
         f"16 MiB guest on it migrated A->B->A with `--copy-storage` (the image moves between the two agents' "
         f"STATE_DIR/disks), interleaved with `cp` and QEMU's mirror of the same image to a new file. "
         f"{runs} run(s) of each; median / worst. GiB/s is of the allocated bytes. Page cache to page cache "
-        f"for all three (the image read once before timing; nothing dropped), plus the destination's "
+        f"for all three (the image read once before timing; nothing dropped, nothing `O_DIRECT`), plus the destination's "
         f"`fdatasync` where the row says so (ferry's destination syncs its copy at every round's end and "
         f"before it installs it). QEMU: {t.qemu}, accel `{accel()}`, `blockdev-mirror` sync=full from a "
         f"read-only `-blockdev` to a sparse target (discard=unmap, so holes stay holes), same host: QEMU's "
@@ -375,6 +384,10 @@ def throughput_markdown(t: Throughput, runs: int) -> str:
         "",
         markdown_table(["copy", "runs", "GiB/s median / worst", "seconds median / worst", "note"], rows, "lrrrl"),
     ]
+    sizes = ", ".join(f"{kind} {median(v) / MiB:.0f} MiB" for kind, v in t.occupied.items())
+    lines += ["", "Every copy checked after its timing (its data extents read back and compared, its size): "
+              + (f"**{len(t.wrong)} differed**: {', '.join(t.wrong)}." if t.wrong else "all identical to the image.")
+              + f" Space the copies occupy (median): {sizes}; the image {t.allocated / MiB:.0f} MiB."]
     for what, failed in (("ferry", t.ferry_failed), ("QEMU", t.mirror_failed)):
         if failed:
             lines += ["", f"{what}: {len(failed)} failed run(s): " + "; ".join(failed[:3])]
@@ -539,6 +552,8 @@ def downtime_markdown(kinds: list[DtKind], runs: int) -> str:
             target, held = "-", "-"
         final_disk = [disk_tail(i)[1] / 1024 for i in k.infos] if k.name == "copy" else []
         rows.append([k.label, len(dts), len(k.failed), fmt_mw(dts), added, target, held,
+                     fmt_mw([len(i["rounds"]) for i in k.infos], ".0f"),
+                     fmt_mw([float(i["downtime-breakdown"].get("pause", 0.0)) for i in k.infos]),
                      fmt_mw([float(i["downtime-breakdown"].get("commit", 0.0)) for i in k.infos]),
                      fmt_mw(final_disk, ".0f") if final_disk else "-",
                      fmt_mw([float(i["total-time"]) for i in k.infos], ".0f")])
@@ -547,10 +562,13 @@ def downtime_markdown(kinds: list[DtKind], runs: int) -> str:
         f"migrations per kind, the kinds interleaved (each run of a kind is a fresh VM; the copied image "
         f"moves with it). Median / worst in ms. Added = median downtime minus the median with no disk. "
         f"Targets: shared storage within {SHARED_TARGET_MS:g} ms of RAM-only; --copy-storage of an idle disk "
-        f"adds at most one round's worth (here: the median duration of its last pre-copy round).",
+        f"adds at most one round's worth (here: the median duration of its last pre-copy round). Rounds count "
+        f"the final pass; pause includes, on shared storage, the source releasing the image (flushed, "
+        f"unlocked); commit runs from COMMIT to RESUMED (the destination installs the copied image, "
+        f"synced, then restores the VM on it).",
         "",
-        markdown_table(["disk", "runs", "failed", "downtime ms", "added ms", "target ms", "held", "commit ms",
-                        "final disk KiB", "total ms"], rows, "lrrrrllrrr"),
+        markdown_table(["disk", "runs", "failed", "downtime ms", "added ms", "target ms", "held", "rounds",
+                        "pause ms", "commit ms", "final disk KiB", "total ms"], rows, "lrrrrllrrrrr"),
     ]
     for k in kinds:
         if k.failed:
