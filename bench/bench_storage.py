@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.client import ClientError
 from bench.common import GiB, MiB, format_size, markdown_table, median
 from bench.qemu_baseline import QEMU, QemuError, Qmp, accel
 from bench.qemu_baseline import version as qemu_version
@@ -62,6 +63,7 @@ DT_DISK = 64 * MiB
 DT_ALLOCATED = 16 * MiB
 SHARED_TARGET_MS = 2.0  # shared storage: downtime within this of RAM-only's (median)
 QEMU_READY_TIMEOUT = 600.0
+REFUSED_RETRY_S = 5.0  # a destination still discarding the last failed attempt refuses the next one
 MAX_FAILURES = 3  # failed migrations tolerated per downtime kind before giving up on it
 
 
@@ -261,8 +263,19 @@ class Hosts:
 def migrate(src: AgentProc, dst: AgentProc, name: str, params: dict[str, Any],
             timeout: float = 900.0) -> dict[str, Any]:
     """One migration of ``name`` from ``src`` to ``dst``: its final MigrationInfo, as the source
-    reports it (cancelled after ``timeout`` s: a stuck run must not eat the bench's time limit)."""
-    src.call("migrate", name=name, to=dst.control, params=params)
+    reports it (cancelled after ``timeout`` s: a stuck run must not eat the bench's time limit); a
+    refused request is a failed migration too."""
+    retry_until = time.monotonic() + REFUSED_RETRY_S
+    while True:
+        try:
+            src.call("migrate", name=name, to=dst.control, params=params)
+            break
+        except ClientError as e:
+            # Right after a failed attempt the source already reports it, while the destination may
+            # still be discarding that attempt's reservation of the name for a moment.
+            if e.code != "vm-exists" or time.monotonic() > retry_until:
+                return {"status": "failed", "error-desc": f"refused: {e}", "refused": True}
+            time.sleep(0.05)
     deadline: float | None = time.monotonic() + timeout
     while True:
         info: dict[str, Any] = src.call("migrate-status", name=name)
@@ -408,7 +421,8 @@ def throughput_markdown(t: Throughput, runs: int) -> str:
 class SweepCase:
     rate: int | None
     capped: bool
-    infos: list[dict[str, Any]] = field(default_factory=list)  # every migration, completed or not
+    infos: list[dict[str, Any]] = field(default_factory=list)  # every migration that ran, completed or not
+    refused: list[str] = field(default_factory=list)  # requests refused before any migration ran
 
     @property
     def params(self) -> dict[str, Any]:
@@ -429,6 +443,9 @@ def sweep(h: Hosts, runs: int) -> list[SweepCase]:
             time.sleep(1.0)  # diskstress reaches its rate and touches its working set
             for _ in range(runs):
                 info = migrate(where, h.other(where), name, case.params)
+                if info.get("refused"):
+                    case.refused.append(str(info["error-desc"]))
+                    continue
                 case.infos.append(info)
                 if info["status"] == "completed":
                     where = h.other(where)
@@ -475,6 +492,9 @@ def sweep_markdown(cases: list[SweepCase], runs: int) -> str:
     ]
     if failed:
         lines += ["", "Not converged: " + "; ".join(failed[:4]) + (" ..." if len(failed) > 4 else "")]
+    refused = [f"{rate_label(c.rate)}{' capped' if c.capped else ''}: {r}" for c in cases for r in c.refused]
+    if refused:
+        lines += ["", "Refused (not counted): " + "; ".join(refused[:4])]
     return "\n".join(lines)
 
 
