@@ -5,7 +5,9 @@ Two agents on loopback, both allowing one shared directory (``--disk-dirs``), an
 1. **Copy throughput.** A sparse raw image (8 GiB, 2 GiB of random data in 64 MiB extents spread
    evenly across it; 1 GiB / 256 MiB with ``--quick``), made once; an ``idle`` 16 MiB VM on it is
    migrated A->B->A with ``--copy-storage`` (the image moves with it, into the other agent's
-   STATE_DIR/disks). Interleaved with each migration: ``cp --sparse=always --reflink=never`` of the
+   directory, ``--disk-dir``): once in the agents' STATE_DIR/disks on this host's file system, once
+   on tmpfs when memory allows (no device, no dirty-page throttling: the copiers' own speed).
+   Interleaved with each migration: ``cp --sparse=always --reflink=never`` of the
    same image to a new file followed by ``fdatasync`` (the migration's destination syncs its copy
    too), and QEMU's ``blockdev-mirror`` with ``sync: full`` of the image to a new sparse target
    file (its own QEMU process, KVM when /dev/kvm works, the image a read-only ``-blockdev``; timed
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.client import ClientError
+from bench.bench_migrate import mem_available
 from bench.common import GiB, MiB, format_size, markdown_table, median
 from bench.qemu_baseline import QEMU, QemuError, Qmp, accel
 from bench.qemu_baseline import version as qemu_version
@@ -249,15 +252,46 @@ def mirror_once(src: Path, dst: Path, workdir: Path) -> tuple[float, float]:
 
 @dataclass
 class Hosts:
-    """The two agents, their shared directory, and where a bench file may go."""
+    """The two agents, their shared directory, where a bench file may go, and a directory on tmpfs
+    both agents allow (None without /dev/shm)."""
 
     a: AgentProc
     b: AgentProc
     shared: Path
     scratch: Path
+    tmpfs: Path | None
 
     def other(self, agent: AgentProc) -> AgentProc:
         return self.b if agent is self.a else self.a
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where part 1's files live: each agent's copy of the image (by agent name), the baselines' targets."""
+
+    dirs: dict[str, Path]
+    scratch: Path
+
+    def fstype(self) -> str:
+        """The file system's type (findmnt), or ``?``."""
+        try:
+            out = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(self.scratch)], capture_output=True,
+                                 text=True, timeout=10).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+        return out[0] if out else "?"  # one line per mount of the same file system there
+
+
+def places(h: Hosts, alloc: int) -> list[Place]:
+    """The agents' own STATE_DIR/disks (this host's file system), and tmpfs when there is room for
+    the image and two copies: there nothing reaches a device, fdatasync included."""
+    found = [Place({h.a.name: h.a.state_dir / "disks", h.b.name: h.b.state_dir / "disks"}, h.scratch)]
+    if h.tmpfs is not None and mem_available() > 3 * alloc + 2 * GiB:
+        found.append(Place({n: h.tmpfs / n for n in (h.a.name, h.b.name)}, h.tmpfs / "scratch"))
+    for place in found:
+        for d in (*place.dirs.values(), place.scratch):
+            d.mkdir(parents=True, exist_ok=True)
+    return found
 
 
 def migrate(src: AgentProc, dst: AgentProc, name: str, params: dict[str, Any],
@@ -308,6 +342,7 @@ def disk_path(agent: AgentProc, name: str) -> Path:
 
 @dataclass
 class Throughput:
+    where: str  # the file system the files were on
     size: int
     allocated: int  # bytes the image occupies
     qemu: str  # QEMU's version, or why its mirror was skipped
@@ -322,10 +357,9 @@ class Throughput:
     wrong: list[str] = field(default_factory=list)
 
 
-def copy_throughput(h: Hosts, size: int, alloc: int, runs: int) -> Throughput:
+def copy_throughput(h: Hosts, place: Place, size: int, alloc: int, runs: int) -> Throughput:
     name = "bench-copy"
-    img = h.a.state_dir / "disks" / "bench-copy.img"
-    img.parent.mkdir(parents=True, exist_ok=True)
+    img = place.dirs[h.a.name] / "bench-copy.img"
     offsets = spread_extents(size, alloc, EXTENT)
     write_image(img, size, offsets, EXTENT)
     digest = extents_digest(img, offsets, EXTENT)  # and the warm-up: the image's first read
@@ -336,15 +370,17 @@ def copy_throughput(h: Hosts, size: int, alloc: int, runs: int) -> Throughput:
             t.wrong.append(f"{kind} run {len(t.occupied[kind])}")
 
     qemu_ok = shutil.which(QEMU) is not None
-    t = Throughput(size, allocated(img), (qemu_version() or QEMU) if qemu_ok else f"`{QEMU}` not installed")
-    create(h.a, name, "idle", "16M", disk={"path": img.name})
+    t = Throughput(place.fstype(), size, allocated(img),
+                   (qemu_version() or QEMU) if qemu_ok else f"`{QEMU}` not installed")
+    create(h.a, name, "idle", "16M", disk={"path": str(img)})
     where = h.a
     try:
         for kind in rotations(("ferry", "cp", "qemu"), runs):
             src = disk_path(where, name)
-            target = h.scratch / "copy-target.img"
+            target = place.scratch / "copy-target.img"
             if kind == "ferry":
-                info = migrate(where, h.other(where), name, {"copy-storage": True})
+                to = h.other(where)
+                info = migrate(where, to, name, {"copy-storage": True, "disk-dir": str(place.dirs[to.name])})
                 if info["status"] == "completed":
                     t.ferry.append(info)
                     where = h.other(where)
@@ -356,7 +392,7 @@ def copy_throughput(h: Hosts, size: int, alloc: int, runs: int) -> Throughput:
                 check(kind, target)
             elif qemu_ok:
                 try:
-                    t.mirror.append(mirror_once(src, target, h.scratch))
+                    t.mirror.append(mirror_once(src, target, place.scratch))
                     check(kind, target)
                 except QemuError as e:
                     t.mirror_failed.append(str(e))
@@ -370,11 +406,48 @@ def copy_throughput(h: Hosts, size: int, alloc: int, runs: int) -> Throughput:
     return t
 
 
-def throughput_markdown(t: Throughput, runs: int) -> str:
+def throughput_markdown(ts: list[Throughput], runs: int) -> str:
+    rows: list[list[object]] = []
+    checks: list[str] = []
+    for t in ts:
+        rows += throughput_rows(t)
+        sizes = ", ".join(f"{kind} {median(v) / MiB:.0f} MiB" for kind, v in t.occupied.items())
+        checks.append(f"On {t.where}: " + (f"**{len(t.wrong)} differed**: {', '.join(t.wrong)}." if t.wrong
+                                           else "all identical to the image.")
+                      + f" Space the copies occupy (median): {sizes}; the image {t.allocated / MiB:.0f} MiB.")
+        for what, failed in (("ferry", t.ferry_failed), ("QEMU", t.mirror_failed)):
+            if failed:
+                checks.append(f"On {t.where}, {what}: {len(failed)} failed run(s): " + "; ".join(failed[:3]))
+    t0 = ts[0]
+    lines = [
+        f"A {format_size(t0.size)} sparse raw image with {t0.allocated / MiB:.0f} MiB of random data in "
+        f"{format_size(EXTENT)} extents spread evenly across it; an `idle` 16 MiB guest on it migrated A->B->A "
+        f"with `--copy-storage` (the image moves between the two agents' directories, `--disk-dir`), "
+        f"interleaved with `cp` and QEMU's mirror of the same image to a new file in the same file system. "
+        f"{runs} run(s) of each; median / worst. GiB/s is of the allocated bytes. Page cache to page cache "
+        f"for all three (the image read once before timing; nothing dropped, nothing `O_DIRECT`), plus the "
+        f"destination's `fdatasync` where the row says so (ferry's destination syncs its copy at every round's "
+        f"end and before it installs it). Once on this host's file system, where the write side meets the "
+        f"kernel's dirty-page limits (vm.dirty_background_ratio {sysctl('vm/dirty_background_ratio')} %, "
+        f"vm.dirty_ratio {sysctl('vm/dirty_ratio')} % of memory) and the fdatasync a device, and once on tmpfs, "
+        f"where neither does (room permitting). QEMU: {t0.qemu}, accel `{accel()}`, `blockdev-mirror` "
+        f"sync=full from a read-only `-blockdev` to a sparse target (discard=unmap, so holes stay holes), same "
+        f"host: QEMU's NBD-over-TCP to another host would add the network.",
+        "",
+        markdown_table(["files on", "copy", "runs", "GiB/s median / worst", "seconds median / worst", "note"],
+                       rows, "llrrrl"),
+        "",
+        "Every copy checked after its timing (its data extents read back and compared, its size). "
+        + " ".join(checks),
+    ]
+    return "\n".join(lines)
+
+
+def throughput_rows(t: Throughput) -> list[list[object]]:
     gib = t.allocated / GiB
 
     def row(what: str, seconds: list[float], note: str) -> list[object]:
-        return [what, len(seconds), fmt_mw([gib / s for s in seconds], ".2f", higher_is_worse=False),
+        return [t.where, what, len(seconds), fmt_mw([gib / s for s in seconds], ".2f", higher_is_worse=False),
                 fmt_mw(seconds, ".2f"), note]
 
     ferry_s = [float(i["total-time"]) / 1000 for i in t.ferry]
@@ -390,28 +463,14 @@ def throughput_markdown(t: Throughput, runs: int) -> str:
                         "target not synced at ready"))
         rows.append(row("QEMU blockdev-mirror to its end + fdatasync", [d for _, d in t.mirror],
                         "cancelled once ready (the job flushes the target as it ends)"))
-    lines = [
-        f"A {format_size(t.size)} sparse raw image with {t.allocated / MiB:.0f} MiB of random data in "
-        f"{format_size(EXTENT)} extents spread evenly across it, on this host's file system; an `idle` "
-        f"16 MiB guest on it migrated A->B->A with `--copy-storage` (the image moves between the two agents' "
-        f"STATE_DIR/disks), interleaved with `cp` and QEMU's mirror of the same image to a new file. "
-        f"{runs} run(s) of each; median / worst. GiB/s is of the allocated bytes. Page cache to page cache "
-        f"for all three (the image read once before timing; nothing dropped, nothing `O_DIRECT`), plus the destination's "
-        f"`fdatasync` where the row says so (ferry's destination syncs its copy at every round's end and "
-        f"before it installs it). QEMU: {t.qemu}, accel `{accel()}`, `blockdev-mirror` sync=full from a "
-        f"read-only `-blockdev` to a sparse target (discard=unmap, so holes stay holes), same host: QEMU's "
-        f"NBD-over-TCP to another host would add the network.",
-        "",
-        markdown_table(["copy", "runs", "GiB/s median / worst", "seconds median / worst", "note"], rows, "lrrrl"),
-    ]
-    sizes = ", ".join(f"{kind} {median(v) / MiB:.0f} MiB" for kind, v in t.occupied.items())
-    lines += ["", "Every copy checked after its timing (its data extents read back and compared, its size): "
-              + (f"**{len(t.wrong)} differed**: {', '.join(t.wrong)}." if t.wrong else "all identical to the image.")
-              + f" Space the copies occupy (median): {sizes}; the image {t.allocated / MiB:.0f} MiB."]
-    for what, failed in (("ferry", t.ferry_failed), ("QEMU", t.mirror_failed)):
-        if failed:
-            lines += ["", f"{what}: {len(failed)} failed run(s): " + "; ".join(failed[:3])]
-    return "\n".join(lines)
+    return rows
+
+
+def sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return "?"
 
 
 # --- 2. write-rate sweep ----------------------------------------------------------------------
@@ -609,16 +668,23 @@ def downtime_markdown(kinds: list[DtKind], runs: int) -> str:
 @contextlib.contextmanager
 def hosts() -> Iterator[Hosts]:
     tmp = Path(tempfile.mkdtemp(prefix="ferry-storage-"))
+    shm: Path | None = None
     try:
         shared, scratch = tmp / "shared", tmp / "scratch"
         shared.mkdir()
         scratch.mkdir()
+        dirs = [shared]
+        if os.path.isdir("/dev/shm"):
+            shm = Path(tempfile.mkdtemp(prefix="ferry-storage-", dir="/dev/shm"))
+            dirs.append(shm)
         key = make_key(tmp)
-        with start_agent(tmp, "A", key, disk_dirs=str(shared)) as a, \
-                start_agent(tmp, "B", key, disk_dirs=str(shared)) as b:
-            yield Hosts(a, b, shared, scratch)
+        allowed = ":".join(str(d) for d in dirs)
+        with start_agent(tmp, "A", key, disk_dirs=allowed) as a, start_agent(tmp, "B", key, disk_dirs=allowed) as b:
+            yield Hosts(a, b, shared, scratch, shm)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -638,10 +704,11 @@ def main(argv: list[str] | None = None) -> None:
     # The agents' logs (printed when they stop) go to stderr: stdout is the report.
     with contextlib.redirect_stdout(sys.stderr), hosts() as h:
         if "1" in parts:
-            t = copy_throughput(h, size, alloc, runs)
-            out += ["### Copy throughput", throughput_markdown(t, runs)]
-            raw["throughput"] = {"size": t.size, "allocated": t.allocated, "qemu": t.qemu, "cp": t.cp,
-                                 "mirror": t.mirror, "ferry": t.ferry, "ferry-failed": t.ferry_failed}
+            ts = [copy_throughput(h, place, size, alloc, runs) for place in places(h, alloc)]
+            out += ["### Copy throughput", throughput_markdown(ts, runs)]
+            raw["throughput"] = [{"where": t.where, "size": t.size, "allocated": t.allocated, "qemu": t.qemu,
+                                  "cp": t.cp, "mirror": t.mirror, "ferry": t.ferry, "ferry-failed": t.ferry_failed,
+                                  "wrong": t.wrong} for t in ts]
         if "2" in parts:
             cases = sweep(h, runs)
             out += ["### Write rate against convergence", sweep_markdown(cases, runs)]
