@@ -230,7 +230,10 @@ def mirror_once(src: Path, dst: Path, workdir: Path) -> tuple[float, float]:
             time.sleep(0.002)
         ready_s = time.monotonic() - t
         qmp.execute("block-job-cancel", device="m")  # on a ready job: stop with the target a copy
-        wait_for(lambda: not qmp.execute("query-block-jobs"), timeout=60, interval=0.002, what="mirror job end")
+        try:
+            wait_for(lambda: not qmp.execute("query-block-jobs"), timeout=60, interval=0.002, what="mirror job end")
+        except AssertionError as e:
+            raise QemuError(str(e)) from None
         fdatasync_path(dst)  # the job's end flushes the target already: this finds little left
         done_s = time.monotonic() - t
         qmp.execute("blockdev-del", **{"node-name": "dst"})
