@@ -14,15 +14,14 @@ import pytest
 from bench.bench_storage import (
     disk_tail,
     downtime_ms,
-    extents_digest,
     fmt_mw,
     last_round_ms,
     med_worst,
     rate_label,
     rotations,
     spread_extents,
-    write_image,
 )
+from bench.storage_files import extents_digest, write_image
 
 MiB = 1 << 20
 GiB = 1 << 30
