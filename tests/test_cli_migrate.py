@@ -76,6 +76,25 @@ def test_refused_migration_fails_and_the_vm_stays(pair: tuple[AgentProc, AgentPr
     runs_on(a, "big")
 
 
+def test_a_failed_migration_is_reported_once_the_destination_let_go(pair: tuple[AgentProc, AgentProc]) -> None:
+    """A migration that does not converge fails; by the time the source says so, the destination
+    has dropped its copy (RAM, the disk's partial copy) and the VM's name, so a retry at once is
+    not refused (vm-exists)."""
+    a, b = pair
+    a.cli("vm", "create", "w", "--program", "diskstress", "--mem", "16M", "--arg", "ws=32M", "--arg", "rate=0",
+          "--disk", "w.img,size=64M")
+    a.call("migrate", name="w", to=b.control, params={"max-rounds": 1, "max-downtime": 1, "copy-storage": True})
+    while (status := a.call("migrate-status", name="w"))["status"] not in ("completed", "failed", "cancelled"):
+        pass  # polled without a pause: the destination is asked the moment the source reports
+    assert "did not converge" in status["error-desc"], status
+    info = b.call("agent-info")
+    assert info["free-mem"] == info["max-mem"] and names(b) == []
+    again = a.cli("migrate", "w", "--to", b.control, "--copy-storage", "--force", "--max-rounds", "2", "--json",
+                  check=False)
+    assert json.loads(again.stdout)["status"] == "completed", again.stdout
+    assert names(b) == ["w"]
+
+
 def test_bad_destinations_are_refused_before_anything_starts(pair: tuple[AgentProc, AgentProc]) -> None:
     a, _ = pair
     a.cli("vm", "create", "lonely", "--program", "idle", "--mem", "4M")

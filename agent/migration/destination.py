@@ -230,22 +230,26 @@ class DestinationSession:
             self._receive_until_ready()
             resumed = self._on_commit(self._recv())
         except BaseException as exc:
-            self._tell_abort(exc)
+            told = self._tell_abort(exc)
             self._discard(exc)
+            if told:  # the source may be sending still: let it read the Abort before we close
+                self.conn.linger(ABORT_LINGER_S)
             raise
         self._finish(resumed)
 
-    def _tell_abort(self, exc: BaseException) -> None:
-        """A bad frame, an out-of-order message, a timeout: tell the source why (best effort)."""
+    def _tell_abort(self, exc: BaseException) -> bool:
+        """A bad frame, an out-of-order message, a timeout, no room here: tell the source why (best
+        effort); True when it went out and the source may still be sending (this host's RAM or
+        disk is full)."""
         if self.fenced or isinstance(exc, Aborted) or not self.machine.can_send(Abort):
-            return
+            return False
         if isinstance(exc, ProtocolError | TimeoutError | GuestRamFull | CopyError):
             try:
                 self._send(Abort(error_code(exc), describe(exc)[:500]))
             except (OSError, ProtocolError):
-                return
-            if isinstance(exc, GuestRamFull | CopyError):  # the source is sending: let it read why
-                self.conn.linger(ABORT_LINGER_S)
+                return False
+            return isinstance(exc, GuestRamFull | CopyError)
+        return False
 
     def _check_and_reserve(self, start: MigrateStart) -> None:
         """The compatibility check and the reservation; Refused when either fails, nothing held."""

@@ -87,6 +87,7 @@ PAUSE_TIMEOUT_S = 10.0
 # switch-over waits for on the path (SWITCH_ROUND_TRIPS; see _fixed_s).
 FIXED_DOWNTIME_S = 0.010
 SWITCH_ROUND_TRIPS = {False: 2, True: 1}  # commit_ahead -> Digest..READY, COMMIT..RESUMED (or both at once)
+ROLLBACK_LINGER_S = 2.0  # a failure is reported once the destination dropped its copy and closed, or after this
 
 
 class SourceSession:
@@ -518,6 +519,8 @@ class SourceSession:
         cancelled = isinstance(exc, Cancelled) or (self._cancel.is_set() and isinstance(exc, OSError | ProtocolError))
         why = "cancelled by the operator" if cancelled else describe(exc)
         self._tell_abort(error_code(exc), why)
+        if self.conn is not None:  # so an immediate retry finds the VM's name free there
+            self.conn.linger(ROLLBACK_LINGER_S)
         self._close()
         try:
             self._restore_vm()
@@ -587,10 +590,9 @@ class SourceSession:
     def _release_ram(self) -> None:
         if self._digest is not None:
             self._digest.release()  # its thread reads guest RAM through our view: it finishes first
-        self._digest = None
         if self._ram is not None:
             self._ram.release()
-        self._ram = None
+        self._digest = self._ram = None
 
     def _close(self) -> None:
         if self.conn is not None:
