@@ -11,7 +11,11 @@ gets a section saying so, with whatever it printed and the tail of its
 stderr: the runner itself never fails because a bench did.
 
     .venv/bin/python -m bench.run [--quick] [--only NAME[,NAME...]] [--timeout SECONDS]
-        [--out docs/BENCHMARKS.md]
+        [--out docs/BENCHMARKS.md] [--update]
+
+``--update`` runs the named benches (``--only``) and puts their sections into the existing report
+in place of the ones it had, with their own date and load in the header, and the hand-written
+section from docs/PERFORMANCE.md as it is now; every other section stays from its own run.
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ def title_of(name: str, bench_dir: Path = BENCH_DIR) -> str:
 
 # --- rendering (pure) -------------------------------------------------------------------------
 
+SUMMARY_HEADERS = ["bench", "status", "time s", "load at start"]
+
 
 def render(report: Report) -> str:
     """The whole of docs/BENCHMARKS.md."""
@@ -149,10 +155,13 @@ def render_header(report: Report) -> str:
     ])
 
 
+def summary_row(r: BenchResult) -> list[object]:
+    return [f"[{r.name}](#{r.name})", r.run.status(), f"{r.run.seconds:.1f}", f"{r.load_before[0]:.2f}"]
+
+
 def render_summary(report: Report) -> str:
-    rows = [[f"[{r.name}](#{r.name})", r.run.status(), f"{r.run.seconds:.1f}", f"{r.load_before[0]:.2f}"]
-            for r in report.results]
-    text = "## Summary\n\n" + markdown_table(["bench", "status", "time s", "load at start"], rows, "llrr")
+    rows = [summary_row(r) for r in report.results]
+    text = "## Summary\n\n" + markdown_table(SUMMARY_HEADERS, rows, "llrr")
     if report.missing:
         text += "\n\nNot present, so not run: " + ", ".join(f"`{n}`" for n in report.missing) + "."
     return text
@@ -185,6 +194,39 @@ def render_section(r: BenchResult) -> str:
     err = tail(run.stderr, STDERR_TAIL)
     body.append(f"Last {STDERR_TAIL} lines of stderr:\n\n" + fenced(err) if err else "(nothing on stderr)")
     return "\n\n".join(body)
+
+
+def update(text: str, results: Sequence[BenchResult], narrative: str, when: str) -> str:
+    """The report ``text`` with the sections of ``results`` (run on their own at ``when``) put in
+    place of the ones it had (a new bench's after the last section), their summary rows likewise,
+    a header line saying when they ran, and the hand-written section replaced by ``narrative``."""
+    rows = dict(line.split(" | ", 1) for line in text.splitlines() if line.startswith("| [bench_")
+                or line.startswith("| [baseline_"))
+    for r in results:
+        section = render_section(r)
+        start = text.find(f'<a id="{r.name}"></a>')
+        if start < 0:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        else:
+            end = text.find('<a id="', start + 1)
+            text = text[:start] + section + ("\n\n" + text[end:] if end >= 0 else "\n")
+        row = markdown_table(SUMMARY_HEADERS, [summary_row(r)], "llrr").splitlines()[-1]
+        key = f"| [{r.name}](#{r.name})"
+        if key in rows:
+            text = text.replace(f"{key} | {rows[key]}", row)
+        else:
+            last = max(text.rfind("\n| [bench_"), text.rfind("\n| [baseline_"))
+            eol = text.index("\n", last + 1)
+            text = text[:eol + 1] + row + text[eol:]
+        note = f"> `{r.name}` ran on its own at {when}, load at its start {r.load_before[0]:.2f}; the rest is the run above."
+        anchor = text.index("## Summary")
+        text = text[:anchor] + note + "\n\n" + text[anchor:]
+    if narrative.strip():
+        start = text.find("## What the optimisations bought")
+        end = text.find("<a id=", start)
+        if start >= 0 and end >= 0:
+            text = text[:start] + render_narrative(narrative) + "\n\n" + text[end:]
+    return text
 
 
 def fenced(text: str) -> str:
@@ -230,7 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, help=f"seconds per bench (default {TIMEOUT_FULL:.0f}, "
                                                   f"{TIMEOUT_QUICK:.0f} with --quick)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report file (default docs/BENCHMARKS.md)")
+    ap.add_argument("--update", action="store_true",
+                    help="put the --only benches' sections into the existing report instead of writing a new one")
     a = ap.parse_args(argv)
+    if a.update and not (a.only and a.out.is_file()):
+        ap.error("--update needs --only NAME[,NAME...] and an existing report to update")
     become_subreaper()  # agents a bench starts in their own session come back to us if it dies
     # Ctrl-C works even when started in the background (which ignores SIGINT and would pass the
     # ignoring on to every bench, defeating the SIGINT a bench gets at its time limit)
@@ -247,6 +293,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     seconds = (datetime.datetime.now(datetime.UTC) - start).total_seconds()
     narrative = NARRATIVE.read_text() if NARRATIVE.is_file() else ""
+    if a.update:
+        when = start.strftime("%Y-%m-%d %H:%M UTC")
+        write_atomically(a.out, update(a.out.read_text(), results, narrative, when))
+        print(f"updated {a.out}", file=sys.stderr)
+        return
     report = Report(machine, a.quick, load_before, load_average(), seconds, tuple(results), tuple(missing),
                     narrative)
     write_atomically(a.out, render(report))

@@ -115,6 +115,23 @@ def test_report_has_machine_load_note_and_sections() -> None:
         assert needle in text
 
 
+def test_update_replaces_a_bench_s_section_and_row_and_adds_a_new_one() -> None:
+    machine = Machine("CPU Z", 2, "6.18", "3.11.7", "2026-01-01 00:00:00 UTC")
+    a = run.BenchResult("bench_a", "A", _run(0, stdout="old a"), (0.5, 0.5, 0.5))
+    b = run.BenchResult("bench_b", "B", _run(0, stdout="old b"), (0.5, 0.5, 0.5))
+    text = run.render(run.Report(machine, False, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), 30.0, (a, b), (), "# P\n\nold"))
+    new_a = run.BenchResult("bench_a", "A", _run(0, stdout="new a"), (2.5, 2.5, 2.5))
+    new_c = run.BenchResult("bench_c", "C", _run(0, stdout="new c"), (3.5, 3.5, 3.5))
+    out = run.update(text, [new_a, new_c], "# P\n\nnew", "2026-01-02 10:00 UTC")
+    assert "new a" in out and "old a" not in out and "old b" in out and "new c" in out
+    assert out.index("new a") < out.index("old b") < out.index("new c")  # in place; a new one last
+    rows = [ln for ln in out.splitlines() if ln.startswith("| [bench_")]
+    assert [r.split("]")[0] for r in rows] == ["| [bench_a", "| [bench_b", "| [bench_c"]
+    assert "2.50" in rows[0] and "3.50" in rows[2]
+    assert "`bench_a` ran on its own at 2026-01-02 10:00 UTC" in out and "CPU Z" in out
+    assert "new" in out.split("## What the optimisations bought")[1].split("<a id=")[0]
+
+
 def test_discover_orders_known_first_then_extras(tmp_path: Path) -> None:
     for name in ("bench_proto", "baseline_copy", "bench_zzz", "common", "run"):
         (tmp_path / f"{name}.py").write_text('"""Title line.\n\nMore."""\n')
