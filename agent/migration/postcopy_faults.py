@@ -97,6 +97,7 @@ class FaultServer:
         self._clock = clock
         self._uffd = registered.uffd
         self._lock = threading.Lock()
+        self._settled_all = threading.Condition(self._lock)
         self._closed = False
         self._ended: str | None = None  # why pages are refused from now on ("done", "closed")
         self._map = bytearray(self.size // PAGE_SIZE)
@@ -119,11 +120,15 @@ class FaultServer:
     # -- serving faults (the session thread) --
 
     def serve(self, stop: threading.Event, poll_s: float = 0.05) -> None:
-        """Serve faults until ``stop`` is set, every page is settled (present or zero), or the
-        server ends. BadPages if the kernel reports a fault outside the registered range."""
+        """Serve faults until ``stop`` is set or the server ends (done, close). BadPages if the
+        kernel reports a fault outside the registered range.
+
+        Settled is not the end: zero pages left as holes still fault until done() unregisters
+        guest RAM, so the session calls done() (from any thread) once wait_complete() says so.
+        """
         poller = select.poll()
         poller.register(self._uffd, select.POLLIN)
-        while not stop.is_set() and not self.complete:
+        while not stop.is_set():
             with self._lock:
                 if self._closed:
                     return
@@ -199,6 +204,8 @@ class FaultServer:
         before = self._map[first:end].translate(_UNSETTLED).count(1)
         self._map[first:end] = bytes([PRESENT]) * (end - first)
         self._unsettled -= before
+        if before and not self._unsettled:
+            self._settled_all.notify_all()
         if self._asked_at:
             for page in [p for p in self._asked_at if first <= p < end]:
                 self.latencies.append(now - self._asked_at.pop(page))
@@ -271,6 +278,11 @@ class FaultServer:
         """Every page is present or known zero: no fault can need the source any more."""
         return self._unsettled == 0
 
+    def wait_complete(self, timeout: float | None = None) -> bool:
+        """Wait until every page is settled (or ``timeout`` seconds); whether it is."""
+        with self._lock:
+            return self._settled_all.wait_for(lambda: not self._unsettled, timeout)
+
     def done(self) -> dict[str, Any]:
         """Every page settled: unregister guest RAM (zero pages left as holes read as zeros from
         then on, which they are), close the uffd; later pages are refused. Returns the stats.
@@ -303,7 +315,7 @@ class FaultServer:
         if start % PAGE_SIZE or end % PAGE_SIZE:
             raise BadPages(f"{what} [0x{start:x}, 0x{end:x}) is not page aligned")
         if not 0 <= start < end <= self.size:
-            raise BadPages(f"{what} [0x{start:x}, 0x{end:x}) is outside guest RAM of {self.size} bytes")
+            raise BadPages(f"{what} [0x{start:x}, 0x{end:x}) is empty or outside guest RAM of {self.size} bytes")
 
     # -- queries --
 
