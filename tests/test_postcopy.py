@@ -290,7 +290,9 @@ def test_faults_on_zero_missing_and_present_pages(idle_registered: Any) -> None:
     installed as zeros, a missing one asked for with its readahead, a present one only woken."""
     vm, fd, reg = idle_registered
     src = Recorder()
-    server = FaultServer(reg, fd, src, present=[(0, PAGE)], zero=[(PAGE, 2 * PAGE)], readahead=2)
+    os.pwrite(fd, page(7), 0)
+    server = FaultServer(reg, fd, src, present=[(0, PAGE), (20 * PAGE, 21 * PAGE)], zero=[(PAGE, 2 * PAGE)],
+                         readahead=2)
     try:
         server.handle_fault(Fault(PAGE, reg.addr + PAGE + 8, False, 1))
         assert server.state(PAGE) == "present" and os.lseek(fd, PAGE, os.SEEK_DATA) == PAGE
@@ -310,8 +312,14 @@ def test_faults_on_zero_missing_and_present_pages(idle_registered: Any) -> None:
         server.handle_fault(Fault(8 * PAGE, reg.addr + 8 * PAGE, False, 1))
         assert src.asked[-1] == (8 * PAGE, 2)
         assert server.ranges(REQUESTED) == [(8 * PAGE, 10 * PAGE)]
-        assert server.ranges(PRESENT) == [(0, 2 * PAGE), (4 * PAGE, 7 * PAGE), (10 * PAGE, 11 * PAGE)]
+        assert server.ranges(PRESENT) == [(0, 2 * PAGE), (4 * PAGE, 7 * PAGE), (10 * PAGE, 11 * PAGE),
+                                          (20 * PAGE, 21 * PAGE)]
         assert server.ranges(ZERO) == []
+        # A map that says present over a hole (a caller's mistake) asks for the page rather than
+        # waking the thread into the same fault forever.
+        server.handle_fault(Fault(20 * PAGE, reg.addr + 20 * PAGE, False, 1))
+        assert src.asked[-1] == (20 * PAGE, 3) and server.state(20 * PAGE) == "requested"
+        assert server.stats()["pages-refetched"] == 1
     finally:
         server.close()
 

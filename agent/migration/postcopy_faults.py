@@ -12,7 +12,8 @@ the agent and keeps the *received map*, one byte per guest page:
 - ``ZERO``: known to read as zero and left a hole (zero pages travel as ranges without data,
   docs/protocol.md): installed with UFFDIO_ZEROPAGE only if the guest touches it.
 
-A fault on a present page only wakes the thread (it raced an install), on a zero page
+A fault on a present page only wakes the thread (it raced an install; a hole there means the map
+was wrong: the page is asked for), on a zero page
 installs a zero page, on a missing page asks the source for it (and up to ``readahead`` missing
 pages after it: a guest that touched one page soon touches the next); a fault on a requested
 page waits for the answer already asked for. Pages arrive by :meth:`place`, for an answer or a
@@ -109,7 +110,7 @@ class FaultServer:
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.vcpu_blocktime: dict[int, float] = {}  # thread id -> seconds blocked
         self.counts = dict.fromkeys(("faults", "requests", "requested-pages", "placed", "duplicate", "zero-installed",
-                                     "woken", "discarded", "outside"), 0)
+                                     "woken", "refetched", "discarded", "outside"), 0)
         self.blocktime = 0.0
 
     def _set_state(self, ranges: Iterable[Range], state: int) -> None:
@@ -165,6 +166,13 @@ class FaultServer:
             self.counts["faults"] += 1
             now = self._clock()
             state = self._map[page]
+            if state == PRESENT and self._is_hole(offset):
+                # The map said present over a hole (a caller's wrong `present`): woken, the
+                # thread would fault again at once, forever. Ask for the page instead.
+                self.counts["refetched"] += 1
+                self._map[page] = MISSING
+                self._unsettled += 1
+                state = MISSING
             if state == PRESENT:
                 self.counts["woken"] += 1
                 self.pages.wake(offset, PAGE_SIZE)
@@ -177,6 +185,12 @@ class FaultServer:
                     ask = self._mark_requested(page, now)
         if ask:
             self.source.request(offset, ask)
+
+    def _is_hole(self, offset: int) -> bool:
+        try:
+            return os.lseek(self.memfd, offset, os.SEEK_DATA) != offset
+        except OSError:  # ENXIO: no data from offset on
+            return True
 
     def _mark_requested(self, page: int, now: float) -> int:
         """Mark the missing run from ``page`` (up to 1 + readahead pages) requested; its length."""
@@ -356,6 +370,7 @@ class FaultServer:
             "pages-zero": counts["zero-installed"],
             "pages-woken": counts["woken"],
             "pages-discarded": counts["discarded"],
+            "pages-refetched": counts["refetched"],
             "pages-unsettled": missing,
             "faults-outside": counts["outside"],
         }
