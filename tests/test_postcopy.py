@@ -416,3 +416,16 @@ def restore_and_finish_running(dst: VMHandle, server: FaultServer, source: Local
     assert not errors and not source.errors, (errors, source.errors)
     assert ev["ev"] == "halted", ev
     return digest_line(dst.take_console())
+
+
+def test_pages_for_a_vm_process_that_died_are_refused_clearly(idle_registered: Any) -> None:
+    vm, fd, reg = idle_registered
+    server = FaultServer(reg, fd, Recorder())
+    try:
+        vm.proc.kill()
+        vm.proc.wait()
+        with pytest.raises(postcopy.PostcopyError, match="the VM process is gone"):
+            server.place(0, page(1))
+        assert server.state(0) == "missing"
+    finally:
+        server.close()

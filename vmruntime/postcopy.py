@@ -58,6 +58,8 @@ assert _MSG.size == MSG_SIZE
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_WHY = {errno.ESRCH: "the VM process is gone", errno.ENOENT: "guest RAM is not registered (any more)"}
+_MAX_RETRIES = 1000  # EAGAIN in a row on one install before giving up
 _SYS_PIDFD_OPEN = 434  # x86-64
 _SYS_PIDFD_GETFD = 438
 
@@ -255,40 +257,32 @@ class MissingPages:
         Returns the ranges that were present already (EEXIST: kept as they are, never
         overwritten, their waiters woken). PostcopyError if the kernel refuses otherwise.
         """
-        existed: list[tuple[int, int]] = []
-        done = 0
-        while done < length:
-            err, n = _uapi.uffd_copy(self.uffd, self.addr + offset + done, src + done, length - done)
-            done += n
-            if err == 0 or (err == errno.EAGAIN and n > 0):
-                continue
-            if err == errno.EEXIST:
-                if n == 0:  # the page at `done` is present: skip it, keep it
-                    self.wake(offset + done, PAGE_SIZE)
-                    _append(existed, offset + done, offset + done + PAGE_SIZE)
-                    done += PAGE_SIZE
-                continue
-            if err == errno.EAGAIN:  # the VM process's mappings changed under the copy: try again
-                continue
-            raise PostcopyError(f"UFFDIO_COPY at guest offset 0x{offset + done:x}: {os.strerror(err)}")
-        return existed
+        return self._install("UFFDIO_COPY", offset, length,
+                             lambda at, n: _uapi.uffd_copy(self.uffd, self.addr + at, src + at - offset, n))
 
     def zero(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Install zero pages over [offset, offset+length); returns the ranges already present, as copy."""
+        return self._install("UFFDIO_ZEROPAGE", offset, length,
+                             lambda at, n: _uapi.uffd_zeropage(self.uffd, self.addr + at, n))
+
+    def _install(self, what: str, offset: int, length: int,
+                 call: Callable[[int, int], tuple[int, int]]) -> list[tuple[int, int]]:
         existed: list[tuple[int, int]] = []
-        done = 0
-        while done < length:
-            err, n = _uapi.uffd_zeropage(self.uffd, self.addr + offset + done, length - done)
-            done += n
-            if err == 0 or err == errno.EAGAIN:
-                continue
-            if err == errno.EEXIST:
-                if n == 0:
-                    self.wake(offset + done, PAGE_SIZE)
-                    _append(existed, offset + done, offset + done + PAGE_SIZE)
-                    done += PAGE_SIZE
-                continue
-            raise PostcopyError(f"UFFDIO_ZEROPAGE at guest offset 0x{offset + done:x}: {os.strerror(err)}")
+        at, end, retries = offset, offset + length, 0
+        while at < end:
+            err, n = call(at, end - at)  # the kernel stops at a present page, having done those before it
+            at += n
+            if err == errno.EEXIST and n == 0:  # the page at `at` is present: keep it, wake its waiters
+                self.wake(at, PAGE_SIZE)
+                _append(existed, at, at + PAGE_SIZE)
+                at += PAGE_SIZE
+            elif err == errno.EAGAIN and n == 0:  # the VM process's mappings changed under the call
+                retries += 1
+                if retries > _MAX_RETRIES:
+                    raise PostcopyError(f"{what} at guest offset 0x{at:x}: the mappings keep changing")
+            elif err not in (0, errno.EEXIST, errno.EAGAIN):
+                why = _WHY.get(err, os.strerror(err))
+                raise PostcopyError(f"{what} at guest offset 0x{at:x}: {why}")
         return existed
 
     def wake(self, offset: int, length: int) -> None:

@@ -133,7 +133,13 @@ class FaultServer:
             with self._lock:
                 if self._closed:
                     return
-            if poller.poll(poll_s * 1000):
+            events = poller.poll(poll_s * 1000)
+            if events and events[0][1] & (select.POLLERR | select.POLLNVAL):
+                with self._lock:
+                    if self._closed:  # done() or close() from another thread, during the poll
+                        return
+                raise PostcopyError("the userfaultfd reports an error (not a non-blocking uffd?)")
+            if events:
                 self.serve_ready()
 
     def serve_ready(self) -> int:
@@ -142,13 +148,13 @@ class FaultServer:
             if self._closed:
                 return 0
             faults, outside = self.pages.read_faults()
-        if outside:
+        for fault in faults:
+            self.handle_fault(fault)
+        if outside:  # after the faults in range: their threads are not left waiting
             with self._lock:
                 self.counts["outside"] += len(outside)
             raise BadPages(f"fault at 0x{outside[0]:x}, outside the registered guest RAM "
                            f"[0x{self.pages.addr:x}, 0x{self.pages.addr + self.size:x})")
-        for fault in faults:
-            self.handle_fault(fault)
         return len(faults)
 
     def handle_fault(self, fault: Fault) -> None:
