@@ -12,7 +12,9 @@ the working set is present (the guest's first pass over it). Configurations:
   the fault path: read the message, UFFDIO_COPY, wake);
 - ``thread``: the answer comes from another thread through a queue, as a return channel's
   receiving thread would place it;
-- ``thread+readahead``: the same, asking for 15 pages after each faulting one;
+- ``thread+socket``: that thread sends the pages over a socket instead, which the fault server's
+  own thread reads (FaultServer.serve's ``readers``) and places;
+- ``thread+readahead``: as ``thread``, asking for 15 pages after each faulting one;
 - ``present``: every page there before the restore (no fault): the guest's own time for the pass.
 
 Reported: faults per second (one page each, readahead off), the guest time one fault costs
@@ -29,9 +31,10 @@ import contextlib
 import mmap
 import os
 import queue
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from agent.migration.postcopy_faults import FaultServer
@@ -47,12 +50,14 @@ SLACK = 1 << 20  # RAM beyond the working set (which starts at DATA_ADDR): image
 
 
 class MemfdSource:
-    """A PageSource over a mapping of the source's memfd: answered inline or by a thread of its own."""
+    """A PageSource over a mapping of the source's memfd: answered inline or by a thread of its own,
+    which places the pages itself or (``via_socket``) sends them over a socket the server reads."""
 
-    def __init__(self, ram: mmap.mmap, inline: bool) -> None:
+    def __init__(self, ram: mmap.mmap, inline: bool, via_socket: bool = False) -> None:
         self.ram = ram
         self.inline = inline
         self.server: FaultServer | None = None
+        self.sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if via_socket else None
         self._queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, daemon=True)
         if not inline:
@@ -66,6 +71,9 @@ class MemfdSource:
 
     def _answer(self, offset: int, npages: int) -> None:
         assert self.server is not None
+        if self.sock is not None:
+            self.sock[0].send(offset.to_bytes(8, "little") + self.ram[offset:offset + npages * PAGE])
+            return
         with memoryview(self.ram) as view:
             self.server.place(offset, view[offset:offset + npages * PAGE])
 
@@ -73,16 +81,28 @@ class MemfdSource:
         while (item := self._queue.get()) is not None:
             self._answer(*item)
 
+    def receive(self) -> None:
+        """Called by the fault server's thread when an answer waits on the socket."""
+        assert self.server is not None and self.sock is not None
+        data = self.sock[1].recv(1 << 20)
+        self.server.place(int.from_bytes(data[:8], "little"), memoryview(data)[8:])
+
+    def readers(self) -> dict[int, Callable[[], None]]:
+        return {} if self.sock is None else {self.sock[1].fileno(): self.receive}
+
     def close(self) -> None:
         if not self.inline:
             self._queue.put(None)
             self._thread.join(10)
+        if self.sock is not None:
+            for s in self.sock:
+                s.close()
 
 
 @contextlib.contextmanager
-def serving(server: FaultServer) -> Iterator[None]:
+def serving(server: FaultServer, readers: dict[int, Callable[[], None]]) -> Iterator[None]:
     stop = threading.Event()
-    t = threading.Thread(target=server.serve, args=(stop, 0.02), name="fault-server")
+    t = threading.Thread(target=server.serve, args=(stop, 0.02, readers), name="fault-server")
     t.start()
     try:
         yield
@@ -114,13 +134,13 @@ def one_run(ws: int, mode: str) -> dict[str, float]:
         if mode == "present":
             os.pwrite(dst_fd, src_ram[DATA_ADDR:DATA_ADDR + ws], DATA_ADDR)
         dst = VMHandle.spawn(mem, "pc-destination", ram_fd=dst_fd)
-        source = MemfdSource(src_ram, inline=mode == "inline")
+        source = MemfdSource(src_ram, inline=mode == "inline", via_socket=mode == "thread+socket")
         reg = postcopy.request_register(dst)
         server = source.server = FaultServer(reg, dst_fd, source, present=written_extents(dst_fd, mem),
                                              zero=_holes(written_extents(src.ram_fd, mem), mem),
                                              readahead=15 if mode == "thread+readahead" else 0)
         try:
-            with serving(server):
+            with serving(server, source.readers()):
                 dst.request("restore", state=state, timeout=30)
                 t0 = time.perf_counter()
                 if mode == "present":
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ws = 16 << 20 if a.quick else parse_size(a.ws)
     runs = 1 if a.quick else a.runs
-    modes = ("present", "inline", "thread", "thread+readahead")
+    modes = ("present", "inline", "thread", "thread+socket", "thread+readahead")
     results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     for _ in range(runs):
         for mode in modes:  # interleaved: a machine's drift hits every configuration alike

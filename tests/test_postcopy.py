@@ -13,6 +13,7 @@ import contextlib
 import mmap
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -41,11 +42,15 @@ Range = tuple[int, int]
 
 class LocalSource:
     """A PageSource over a memfd of this process: requests are answered by a thread of its own
-    (as the return channel's receiver would place them), or at once (``inline``)."""
+    (as the return channel's receiver would place them), or at once (``inline``), or written
+    to a socket (``socket``) that the fault server reads as one of its ``readers``."""
 
-    def __init__(self, ram: mmap.mmap, inline: bool = False) -> None:
+    def __init__(self, ram: mmap.mmap, inline: bool = False, socket_answers: bool = False) -> None:
         self.ram = ram
-        self.inline = inline
+        self.inline = inline or socket_answers
+        self.answers: tuple[socket.socket, socket.socket] | None = None
+        if socket_answers:
+            self.answers = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.asked: list[tuple[int, int]] = []
         self.server: FaultServer | None = None
         self.errors: list[BaseException] = []
@@ -63,6 +68,9 @@ class LocalSource:
 
     def _answer(self, offset: int, npages: int) -> None:
         assert self.server is not None
+        if self.answers is not None:  # header and pages in one packet, read by receive()
+            self.answers[0].send(offset.to_bytes(8, "little") + self.ram[offset:offset + npages * PAGE])
+            return
         view = memoryview(self.ram)
         try:
             self.server.place(offset, view[offset:offset + npages * PAGE])
@@ -76,7 +84,19 @@ class LocalSource:
             except BaseException as e:  # the test reports it
                 self.errors.append(e)
 
+    def receive(self) -> None:
+        """The reader the fault server calls when an answer waits on the socket."""
+        assert self.server is not None and self.answers is not None
+        data = self.answers[1].recv(1 << 20)
+        self.server.place(int.from_bytes(data[:8], "little"), memoryview(data)[8:])
+
+    def readers(self) -> dict[int, Any]:
+        return {} if self.answers is None else {self.answers[1].fileno(): self.receive}
+
     def close(self) -> None:
+        if self.answers is not None:
+            for s in self.answers:
+                s.close()
         if not self.inline:
             self._queue.put(None)
             self._thread.join(10)
@@ -86,14 +106,14 @@ class LocalSource:
 
 
 @contextlib.contextmanager
-def serving(server: FaultServer) -> Iterator[list[BaseException]]:
+def serving(server: FaultServer, readers: dict[int, Any] | None = None) -> Iterator[list[BaseException]]:
     """Run ``server.serve`` in a thread (a migration session's) for the block; yields its errors."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            server.serve(stop, poll_s=0.02)
+            server.serve(stop, poll_s=0.02, readers=readers)
         except BaseException as e:
             errors.append(e)
 
@@ -155,7 +175,7 @@ def paused_verify(spawn_vm: SpawnVM) -> Iterator[tuple[dict[str, Any], mmap.mmap
 
 def restore_and_finish(dst: VMHandle, state: dict[str, Any], server: FaultServer, source: LocalSource) -> bytes:
     """Restore ``state`` on ``dst`` while ``server`` serves its faults; its digest line."""
-    with serving(server) as errors:
+    with serving(server, source.readers()) as errors:
         dst.request("restore", state=state, timeout=30)
         ev = dst.wait_event(["halted", "faulted"], timeout=90)
     assert not errors and not source.errors, (errors, source.errors)
@@ -173,9 +193,10 @@ def push_the_rest(server: FaultServer, ram: mmap.mmap) -> None:
         view.release()
 
 
-@pytest.mark.parametrize("readahead", [0, 7])
+@pytest.mark.parametrize(("readahead", "answers"), [(0, "thread"), (7, "socket")])
 def test_verify_restored_on_mostly_missing_ram_ends_with_the_unmigrated_digest(
-        spawn_vm: SpawnVM, make_memfd: MakeMemfd, paused_verify: Any, unmigrated: bytes, readahead: int) -> None:
+        spawn_vm: SpawnVM, make_memfd: MakeMemfd, paused_verify: Any, unmigrated: bytes, readahead: int,
+        answers: str) -> None:
     state, src_ram, src = paused_verify
     written = written_extents(src.ram_fd, MEM)
     # Pre-copy delivered one written page in eight; the source's holes are known zero.
@@ -186,7 +207,7 @@ def test_verify_restored_on_mostly_missing_ram_ends_with_the_unmigrated_digest(
     dst = spawn_vm(MEM, "dst", ram_fd=dst_fd)
     reg = postcopy.request_register(dst)
     assert reg.length == MEM and reg.features & postcopy.REQUIRED_FEATURES
-    source = LocalSource(src_ram)
+    source = LocalSource(src_ram, socket_answers=answers == "socket")
     server = source.server = FaultServer(reg, dst_fd, source, present=as_ranges(present),
                                          zero=holes(MEM, written), readahead=readahead)
     try:

@@ -42,7 +42,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from vmruntime.postcopy import Fault, MissingPages, PostcopyError, Registered, punch
@@ -120,27 +120,37 @@ class FaultServer:
 
     # -- serving faults (the session thread) --
 
-    def serve(self, stop: threading.Event, poll_s: float = 0.05) -> None:
+    def serve(self, stop: threading.Event, poll_s: float = 0.05,
+              readers: Mapping[int, Callable[[], None]] | None = None) -> None:
         """Serve faults until ``stop`` is set or the server ends (done, close). BadPages if the
         kernel reports a fault outside the registered range.
+
+        ``readers``: more fds polled in the same wait, each with the call to make when it is
+        readable (in this thread, without the lock). The socket the source's answers arrive on
+        can be read here, and its pages placed, without a hop to another thread per answer.
 
         Settled is not the end: zero pages left as holes still fault until done() unregisters
         guest RAM, so the session calls done() (from any thread) once wait_complete() says so.
         """
+        others = dict(readers or {})
         poller = select.poll()
         poller.register(self._uffd, select.POLLIN)
+        for fd in others:
+            poller.register(fd, select.POLLIN)
         while not stop.is_set():
             with self._lock:
                 if self._closed:
                     return
-            events = poller.poll(poll_s * 1000)
-            if events and events[0][1] & (select.POLLERR | select.POLLNVAL):
-                with self._lock:
-                    if self._closed:  # done() or close() from another thread, during the poll
-                        return
-                raise PostcopyError("the userfaultfd reports an error (not a non-blocking uffd?)")
-            if events:
-                self.serve_ready()
+            for fd, flags in poller.poll(poll_s * 1000):
+                if fd in others:
+                    others[fd]()
+                elif flags & (select.POLLERR | select.POLLNVAL):
+                    with self._lock:
+                        if self._closed:  # done() or close() from another thread, during the poll
+                            return
+                    raise PostcopyError("the userfaultfd reports an error (not a non-blocking uffd?)")
+                else:
+                    self.serve_ready()
 
     def serve_ready(self) -> int:
         """Handle the fault messages waiting (without blocking); returns how many."""
