@@ -225,6 +225,10 @@ def test_verify_restored_on_mostly_missing_ram_ends_with_the_unmigrated_digest(
         assert final["pages-unsettled"] == 0
         assert dst.request("postcopy-end")["registered"] is True
         assert dst.status()["status"] == "halted"
+        # Unregistered, guest RAM can be tracked for the VM's next migration.
+        info = dst.track_start("uffd-wp-async")
+        assert info.uffd is not None
+        os.close(info.uffd)
     finally:
         server.close()
         source.close()
