@@ -349,6 +349,29 @@ def test_faults_on_zero_missing_and_present_pages(idle_registered: Any) -> None:
         server.close()
 
 
+def test_zero_pages_arriving_settle_missing_pages_and_serve_requested_ones(idle_registered: Any) -> None:
+    vm, fd, reg = idle_registered
+    src = Recorder()
+    server = FaultServer(reg, fd, src, present=[(0, PAGE)])
+    try:
+        server.handle_fault(Fault(2 * PAGE, reg.addr + 2 * PAGE, False, 1))  # page 2 requested
+        assert server.mark_zero([(0, 4 * PAGE)]) == 3
+        assert [server.state(p * PAGE) for p in range(5)] == ["present", "zero", "present", "zero", "missing"]
+        assert os.lseek(fd, 2 * PAGE, os.SEEK_DATA) == 2 * PAGE  # the requested one: a zero page installed
+        assert os.lseek(fd, PAGE, os.SEEK_DATA) == 2 * PAGE  # the others stay holes
+        stats = server.stats()
+        assert stats["pages-duplicate"] == 1 and stats["pages-zero"] == 1 and stats["postcopy-blocktime"] >= 0
+        assert server.mark_zero([(4 * PAGE, reg.length)]) == reg.length // PAGE - 4
+        assert server.wait_complete(0)
+        server.place(2 * PAGE, page(1))  # a late answer to the request: the zero page stays
+        assert os.pread(fd, PAGE, 2 * PAGE) == bytes(PAGE)
+        with pytest.raises(BadPages):
+            server.mark_zero([(0, 1)])
+        server.done()
+    finally:
+        server.close()
+
+
 def test_bad_input_is_refused_and_changes_nothing(idle_registered: Any) -> None:
     vm, fd, reg = idle_registered
     server = FaultServer(reg, fd, Recorder())

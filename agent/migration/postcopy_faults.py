@@ -10,7 +10,8 @@ the agent and keeps the *received map*, one byte per guest page:
   migration's return channel); its answer comes back through :meth:`FaultServer.place`;
 - ``PRESENT``: installed (received in pre-copy, or placed since);
 - ``ZERO``: known to read as zero and left a hole (zero pages travel as ranges without data,
-  docs/protocol.md): installed with UFFDIO_ZEROPAGE only if the guest touches it.
+  docs/protocol.md; :meth:`FaultServer.mark_zero`): installed with UFFDIO_ZEROPAGE only if the
+  guest touches it.
 
 A fault on a present page only wakes the thread (it raced an install; a hole there means the map
 was wrong: the page is asked for), on a zero page
@@ -57,6 +58,7 @@ Range = tuple[int, int]
 # bytes.translate tables: a state byte -> 1 where the state is the one wanted, else 0.
 _IS = [bytes(1 if i == state else 0 for i in range(256)) for state in range(4)]
 _UNSETTLED = bytes(1 if i in (MISSING, REQUESTED) else 0 for i in range(256))
+_MISSING_TO_ZERO = bytes([ZERO, *range(1, 256)])
 
 
 class PageSource(Protocol):
@@ -276,6 +278,32 @@ class FaultServer:
         self.counts["placed"] += installed
         return installed
 
+    def mark_zero(self, ranges: Iterable[Range]) -> int:
+        """Zero pages arriving (the background push's zero grains, which travel without data):
+        missing pages become ``zero`` (left holes, installed only if touched), requested ones get
+        their zero page now (a thread waits for it); present ones are left as they are and
+        counted (``duplicate``). All ranges are checked first. Returns the pages newly settled."""
+        todo = list(ranges)
+        for start, end in todo:
+            self._check_range(start, end, "zero range")
+        settled = 0
+        with self._lock:
+            self._check_open("mark_zero")
+            for start, end in todo:
+                first, last = start // PAGE_SIZE, end // PAGE_SIZE
+                chunk = self._map[first:last]
+                self.counts["duplicate"] += chunk.count(PRESENT)
+                missing = chunk.count(MISSING)
+                requested = _positions(chunk, REQUESTED)
+                self._map[first:last] = chunk.translate(_MISSING_TO_ZERO)
+                self._unsettled -= missing
+                for i in requested:
+                    self._install_zero(first + i)
+                settled += missing + len(requested)
+            if not self._unsettled:
+                self._settled_all.notify_all()
+        return settled
+
     def discard(self, ranges: Iterable[Range]) -> int:
         """Make ``ranges`` missing again: the destination's copies are stale (the source's last
         dirty pages). Their holes are punched in the memfd, so the guest's next touch faults and
@@ -409,6 +437,15 @@ def _runs_not(states: bytearray, first: int, end: int, state: int) -> list[tuple
         stop = len(mask) if stop == -1 else stop
         out.append((first + pos, first + stop))
         pos = mask.find(0, stop)
+    return out
+
+
+def _positions(states: bytearray, state: int) -> list[int]:
+    out: list[int] = []
+    pos = states.find(state)
+    while pos != -1:
+        out.append(pos)
+        pos = states.find(state, pos + 1)
     return out
 
 
