@@ -5,8 +5,9 @@ with the memfd of guest RAM and its end of the control socketpair inherited.
 This module owns the process's main loop and the handling of every control
 request (docs/CONTRACTS.md): boot, restore, pause, resume, throttle, status,
 track-start, track-stop, listen, attach, lane, stop, blocks, warm, warm-status;
-the devices' requests (nic-send, nic-drain, disk-reopen, disk-switch, disk-dirty) and the
-opening of a VM's TAP and disk image are vmruntime/devices.py's.
+the devices' requests (nic-send, nic-drain, disk-reopen, disk-switch, disk-dirty,
+disk-dirty-cap) and the opening of a VM's TAP and disk image are vmruntime/devices.py's,
+post-copy's vmruntime/postcopy.py's.
 
 ``lane`` hands the controller one end of a private socketpair: requests sent
 on it are answered on it, so a migration's session thread pauses or restores
@@ -58,7 +59,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from vmruntime import control, guestram
+from vmruntime import control, guestram, postcopy
 from vmruntime.clock import PausableClock
 from vmruntime.devices import DEVICE_OPS, Build, HostDevices, start_machine
 
@@ -476,8 +477,7 @@ class VMProcess:
         return {"backend": backend, "addr": addr, "length": length}, (() if uffd is None else (uffd,))
 
     def op_track_stop(self, msg: dict[str, Any]) -> Reply:
-        # We kept no copy of the uffd: the kernel unregisters guest RAM when
-        # the agent's tracker closes the only fd. This just allows a new start.
+        # No copy of the uffd kept: the agent's tracker closing the only fd unregisters guest RAM.
         self.tracking = None
         return {}, ()
 
@@ -543,6 +543,7 @@ _HANDLERS = {
     "stop": VMProcess.op_stop,
     "lane": VMProcess.op_lane,
     **{op: VMProcess.op_device for op in DEVICE_OPS},
+    **postcopy.POSTCOPY_OPS,
     "blocks": VMProcess.op_blocks,
     "warm": VMProcess.op_warm,
     "warm-status": VMProcess.op_warm_status,

@@ -39,11 +39,20 @@ SYS_userfaultfd = 323  # x86-64
 UFFD_API = 0xAA
 UFFDIO = 0xAA
 
+UFFD_FEATURE_MISSING_SHMEM = 1 << 5
+UFFD_FEATURE_THREAD_ID = 1 << 8
 UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 
+UFFDIO_REGISTER_MODE_MISSING = 1
 UFFDIO_REGISTER_MODE_WP = 2
+UFFDIO_COPY_MODE_DONTWAKE = 1
+UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
+# Bits of uffdio_register.ioctls: the ioctls the registered range supports (_UFFDIO_* numbers).
+UFFD_IOCTL_WAKE = 1 << 0x02
+UFFD_IOCTL_COPY = 1 << 0x03
+UFFD_IOCTL_ZEROPAGE = 1 << 0x04
 UFFDIO_WRITEPROTECT_MODE_WP = 1
 UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 2
 
@@ -51,6 +60,9 @@ UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1
 UFFD_PAGEFAULT_FLAG_WP = 2
 UFFD_MSG_SIZE = 32
+# struct uffd_msg: u8 event, 7 bytes reserved, then for a page fault u64 flags, u64 address,
+# u32 ptid (with UFFD_FEATURE_THREAD_ID), 4 bytes of padding.
+UFFD_MSG_PAGEFAULT = "<B7xQQI4x"
 
 
 class UffdioApi(ctypes.Structure):
@@ -69,9 +81,21 @@ class UffdioWriteprotect(ctypes.Structure):
     _fields_ = [("range", UffdioRange), ("mode", ctypes.c_uint64)]
 
 
+class UffdioCopy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]
+
+
+class UffdioZeropage(ctypes.Structure):
+    _fields_ = [("range", UffdioRange), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+
+
 UFFDIO_API = _iowr(UFFDIO, 0x3F, ctypes.sizeof(UffdioApi))
 UFFDIO_REGISTER = _iowr(UFFDIO, 0x00, ctypes.sizeof(UffdioRegister))
 UFFDIO_UNREGISTER = _ior(UFFDIO, 0x01, ctypes.sizeof(UffdioRange))
+UFFDIO_WAKE = _ior(UFFDIO, 0x02, ctypes.sizeof(UffdioRange))
+UFFDIO_COPY = _iowr(UFFDIO, 0x03, ctypes.sizeof(UffdioCopy))
+UFFDIO_ZEROPAGE = _iowr(UFFDIO, 0x04, ctypes.sizeof(UffdioZeropage))
 UFFDIO_WRITEPROTECT = _iowr(UFFDIO, 0x06, ctypes.sizeof(UffdioWriteprotect))
 
 # ---- PAGEMAP_SCAN (linux/fs.h) ----
@@ -154,6 +178,43 @@ def uffd_api(fd: int, features: int) -> int:
 def uffd_register_wp(fd: int, start: int, length: int) -> None:
     reg = UffdioRegister(range=UffdioRange(start, length), mode=UFFDIO_REGISTER_MODE_WP, ioctls=0)
     ioctl(fd, UFFDIO_REGISTER, reg)
+
+
+def uffd_register_missing(fd: int, start: int, length: int) -> int:
+    """Register [start, start+length) for MISSING faults; returns the ioctls the range supports."""
+    reg = UffdioRegister(range=UffdioRange(start, length), mode=UFFDIO_REGISTER_MODE_MISSING, ioctls=0)
+    ioctl(fd, UFFDIO_REGISTER, reg)
+    return int(reg.ioctls)
+
+
+def uffd_copy(fd: int, dst: int, src: int, length: int, wake: bool = True) -> tuple[int, int]:
+    """UFFDIO_COPY of ``length`` bytes at ``src`` (this process) to ``dst`` (the uffd's mm).
+
+    Returns (errno or 0, bytes copied): the kernel stops at the first page already present
+    (EEXIST) or when the mm changed under it (EAGAIN), having copied the pages before it;
+    callers tell those apart from real failures, so nothing is raised here.
+    """
+    arg = UffdioCopy(dst=dst, src=src, len=length, mode=0 if wake else UFFDIO_COPY_MODE_DONTWAKE, copy=0)
+    return _call_counted(fd, UFFDIO_COPY, arg, "copy")
+
+
+def uffd_zeropage(fd: int, start: int, length: int, wake: bool = True) -> tuple[int, int]:
+    """UFFDIO_ZEROPAGE over [start, start+length): (errno or 0, bytes zeroed), as uffd_copy."""
+    arg = UffdioZeropage(range=UffdioRange(start, length), mode=0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE,
+                         zeropage=0)
+    return _call_counted(fd, UFFDIO_ZEROPAGE, arg, "zeropage")
+
+
+def _call_counted(fd: int, request: int, arg: ctypes.Structure, field: str) -> tuple[int, int]:
+    ret = _libc.ioctl(fd, request, ctypes.addressof(arg))
+    err = ctypes.get_errno() if ret < 0 else 0
+    # On failure the count field holds -errno when nothing was done.
+    return err, max(0, int(getattr(arg, field)))
+
+
+def uffd_wake(fd: int, start: int, length: int) -> None:
+    """Wake the threads blocked in a fault on [start, start+length)."""
+    ioctl(fd, UFFDIO_WAKE, UffdioRange(start, length))
 
 
 def uffd_unregister(fd: int, start: int, length: int) -> None:
