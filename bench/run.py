@@ -50,12 +50,13 @@ NARRATIVE = ROOT / "docs" / "PERFORMANCE.md"
 # The order of the report: the baseline first, then bottom-up through ferry's parts to whole migrations.
 KNOWN = ("baseline_copy", "bench_interp", "bench_pause", "bench_dirty", "bench_slowdown", "bench_proto",
          "bench_migrate", "bench_downtime", "bench_sweep", "bench_scaling", "bench_distance", "bench_net",
-         "bench_storage")
+         "bench_storage", "bench_soak")
 TIMEOUT_FULL = 1200.0  # s per bench; a full bench_migrate moves tens of GiB on a loaded machine
 # Benches that need longer in full mode: bench_migrate runs QEMU's pre-copy and iperf3 next to
 # every data-path migration (8-11 min of its own under load, before its cases).
-TIMEOUT_FULL_OF = {"bench_migrate": 2700.0}
+TIMEOUT_FULL_OF = {"bench_migrate": 2700.0, "bench_soak": 3000.0}  # the soak runs 30 minutes on its own
 TIMEOUT_QUICK = 300.0
+TIMEOUT_QUICK_OF = {"bench_soak": 900.0}  # 3 minutes of ping-pong, then 50 migrations at once
 STDERR_TAIL = 30  # lines of a failed bench's stderr kept in the report
 
 NOISE_NOTE = (
@@ -248,7 +249,7 @@ def run_all(names: list[str], quick: bool, timeout: float) -> list[BenchResult]:
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] bench.{name} ...", file=sys.stderr, flush=True)
         load = load_average()
-        limit = timeout if quick else max(timeout, TIMEOUT_FULL_OF.get(name, 0.0))
+        limit = max(timeout, (TIMEOUT_QUICK_OF if quick else TIMEOUT_FULL_OF).get(name, 0.0))
         run = run_module(f"bench.{name}", ["--quick"] if quick else [], timeout=limit, cwd=str(ROOT))
         print(f"[{i}/{len(names)}] bench.{name}: {run.status()}, {run.seconds:.1f} s", file=sys.stderr,
               flush=True)
