@@ -409,6 +409,23 @@ def digest_line(console: bytes) -> bytes:
 
 
 @contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (a full file system for a test); the test is skipped,
+    saying why, where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
 def unmigrated_verify_digest(mem: int, args: dict[str, str]) -> Iterator[Callable[[], bytes]]:
     """The `digest` line of a `verify` run that is never migrated (the oracle of migration tests),
     computed in a background thread while the test migrates its own copy; call the result to get it."""

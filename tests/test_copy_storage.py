@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, make_key, small_tmpfs, start_agent, wait_for
 from tests.faults import wait_status
 
 ARGS = ("--mem", "4M", "--arg", "ws=256K", "--arg", "steps=3000000")
@@ -102,10 +101,7 @@ def test_a_copy_that_fills_the_destination_fails_cleanly(tmp_path: Path) -> None
     """The guest writes more than the destination's file system holds while the disk is copied:
     the migration fails with insufficient-storage, the VM runs on the source with its image, the
     partial copy is gone."""
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "2M") as small:
         key = make_key(tmp_path)
         with start_agent(tmp_path, "A", key) as a, start_agent(tmp_path, "B", key, disk_dirs=str(small)) as b:
             a.cli("vm", "create", "w", "--program", "diskstress", "--mem", "4M", "--arg", "ws=8M",
@@ -120,8 +116,6 @@ def test_a_copy_that_fills_the_destination_fails_cleanly(tmp_path: Path) -> None
             assert a.cli("vm", "info", "w", json=True).json["state"] == "running"
             assert list(small.iterdir()) == []
             assert b.cli("vm", "list", json=True).json == []
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_write_blocking_moves_a_guest_that_writes_faster_than_the_link(two_hosts: tuple[AgentProc, AgentProc]) -> None:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from agent.cli_storage import progress_line, summary_text
 from agent.storage_move import MAX_FINAL_BYTES, MAX_ROUNDS, SWITCH_BYTES, Step, next_step
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, make_key, small_tmpfs, start_agent, wait_for
 from vmruntime.diskimage import ImageError, ImageFile
 
 pytestmark = pytest.mark.timeout(180)
@@ -227,10 +226,7 @@ def test_refusals_leave_everything_as_it_was(tmp_path: Path, dirs: tuple[Path, P
 def test_a_full_target_file_system_fails_the_move_cleanly(tmp_path: Path, dirs: tuple[Path, Path],
                                                           agents: list[AgentProc]) -> None:
     one, two = dirs
-    small = two / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(small)], check=True)
-    try:
+    with small_tmpfs(two / "small", "4M") as small:
         a = _agent(tmp_path, agents, dirs)
         _make_image(one / "f.img", 32 * MiB, 12 * MiB)
         a.cli("vm", "create", "f", "--program", "counter", "--mem", "4M", "--disk", str(one / "f.img"))
@@ -244,8 +240,6 @@ def test_a_full_target_file_system_fails_the_move_cleanly(tmp_path: Path, dirs: 
         assert vm["state"] == "running" and vm["disks"][0]["path"] == str(one / "f.img")
         assert _locked(one / "f.img", 32 * MiB)
         a.cli("vm", "destroy", "f")
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_a_migrating_vm_is_not_moved_and_a_moving_vm_does_not_migrate(tmp_path: Path, dirs: tuple[Path, Path],
