@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.client import ClientError
 from bench.common import markdown_table, median
 from tests.agents import AgentProc, make_key, start_agent, wait_for
 
@@ -139,7 +140,7 @@ def ping_pong(pair: Pair, seconds: float, restart_every: float, reference: bytes
             sample(pair, soak)
             next_sample = now + SAMPLE_EVERY_S
         _collect(pair, flying, soak)
-        _check_verify(pair, vms, generation, reference, soak)
+        _check_verify(pair, vms, set(flying), generation, reference, soak)
         if now < deadline and now >= next_restart:  # migrations in flight or not: that is the point
             victim = "AB"[restart_kind % 2]
             sig = signal.SIGKILL if restart_kind % 4 < 2 else signal.SIGTERM
@@ -207,18 +208,27 @@ def _collect(pair: Pair, flying: dict[str, str], soak: Soak) -> None:
             del flying[vm]
 
 
-def _check_verify(pair: Pair, vms: dict[str, int], generation: Counter[int], reference: bytes, soak: Soak) -> None:
+def _check_verify(pair: Pair, vms: dict[str, int], flying: set[str], generation: Counter[int], reference: bytes,
+                  soak: Soak) -> None:
+    """A `verify` guest that halted (not migrating): its digest checked, a fresh one in its place."""
     for vm, slot in list(vms.items()):
-        if slot >= VERIFY_VMS:
+        if slot >= VERIFY_VMS or vm in flying:
             continue
-        where = pair.owner(vm)
-        if len(where) != 1:
+        try:
+            _check_one(pair, vm, slot, vms, generation, reference, soak)
+        except ClientError:  # it started migrating meanwhile, or its agent is restarting: next time
             continue
+
+
+def _check_one(pair: Pair, vm: str, slot: int, vms: dict[str, int], generation: Counter[int], reference: bytes,
+               soak: Soak) -> None:
+    where = pair.owner(vm)
+    if len(where) == 1:
         agent = pair.agents[where[0]]
-        info = agent.call("vm-info", name=vm)
-        if info["state"] != "halted":
-            continue
+        if agent.call("vm-info", name=vm)["state"] != "halted":
+            return
         console = agent.call("vm-console", name=vm).get("data", b"")
+        agent.call("vm-destroy", name=vm)
         lines = [ln for ln in bytes(console).splitlines() if ln.startswith(b"digest ")]
         if not lines:
             soak.digests_unread += 1
@@ -226,7 +236,6 @@ def _check_verify(pair: Pair, vms: dict[str, int], generation: Counter[int], ref
             soak.digests_ok += 1
         else:
             soak.digests_bad.append(vm)
-        agent.call("vm-destroy", name=vm)
         del vms[vm]
         generation[slot] += 1
         vms[create(agent, slot, generation[slot])] = slot
