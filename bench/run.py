@@ -220,6 +220,7 @@ def update(text: str, results: Sequence[BenchResult], narrative: str, when: str)
             eol = text.index("\n", last + 1)
             text = text[:eol + 1] + row + text[eol:]
         note = f"> `{r.name}` ran on its own at {when}, load at its start {r.load_before[0]:.2f}; the rest is the run above."
+        text = "".join(ln for ln in text.splitlines(keepends=True) if not ln.startswith(f"> `{r.name}` ran on its own"))
         anchor = text.index("## Summary")
         text = text[:anchor] + note + "\n\n" + text[anchor:]
     if narrative.strip():

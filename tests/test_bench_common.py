@@ -130,6 +130,8 @@ def test_update_replaces_a_bench_s_section_and_row_and_adds_a_new_one() -> None:
     assert "2.50" in rows[0] and "3.50" in rows[2]
     assert "`bench_a` ran on its own at 2026-01-02 10:00 UTC" in out and "CPU Z" in out
     assert "new" in out.split("## What the optimisations bought")[1].split("<a id=")[0]
+    again = run.update(out, [new_a], "# P\n\nnew", "2026-01-03 10:00 UTC")
+    assert again.count("`bench_a` ran on its own") == 1 and "2026-01-03 10:00 UTC" in again
 
 
 def test_discover_orders_known_first_then_extras(tmp_path: Path) -> None:
