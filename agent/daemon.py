@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -44,7 +46,8 @@ from agent.migration.storage_copy import remove_partials
 from agent.ops import AgentIdentity, ControlOps, Migrations, OpError, ferry_version
 from agent.records import VMRecords
 from agent.sdnotify import Notifier
-from agent.tls import TLSDir
+from agent.tls import TLSContexts, TLSDir
+from agent.tls import load as load_tls
 from agent.tls_check import expiries, expiry_warnings, file_problems, usage_problems
 from agent.vms import VMManager
 from vmruntime import dirty
@@ -152,15 +155,13 @@ class Agent:
         tls = self.tls
         async with self._reloading:
             try:
-                problems = await asyncio.to_thread(file_problems, tls.directory)
-                if problems:
-                    raise ConfigError("; ".join(problems), problems)
-                await asyncio.to_thread(tls.reload)
-                self.tls_ends = await asyncio.to_thread(expiries, tls.directory)
+                contexts, ends = await asyncio.to_thread(_load_checked, tls.directory)
             except ConfigError as e:
                 self.log.error("tls reload failed; the certificates in use stay", tls=str(tls.directory),
                                error=str(e))
                 return False
+            tls.install(contexts)  # here, on the loop: the control listener's handshakes start here too
+            self.tls_ends = ends
         self.log.info("tls reloaded", tls=str(tls.directory), cert_expires=self.tls_ends["cert"].isoformat(),
                       ca_expires=self.tls_ends["ca"].isoformat())
         self._warn_expiry()
@@ -220,6 +221,14 @@ class Agent:
             await self.metrics_server.close()
         await self.vms.shutdown()
         self.log.info("agent stopped")
+
+
+def _load_checked(directory: Path) -> tuple[TLSContexts, dict[str, datetime.datetime]]:
+    """A TLS directory's contexts and expiry dates, or ConfigError naming every problem of its files."""
+    problems = file_problems(directory)
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+    return load_tls(directory), expiries(directory)
 
 
 async def serve(config: AgentConfig, log: Log) -> int:

@@ -120,11 +120,16 @@ class TLSDir:
     def reload(self) -> TLSContexts:
         """Load the directory again; on success new connections use it, else ConfigError and no change."""
         contexts = load(self.directory)
+        self.install(contexts)
+        return contexts
+
+    def install(self, contexts: TLSContexts) -> None:
+        """Make ``contexts`` (from `load` of this directory) the ones new connections use. Call it on
+        the thread that accepts control connections (the event loop), so no handshake starts halfway."""
         self.current = contexts
         # OpenSSL takes the verification flags of a connection from the context it was created with
         # (the acceptor), the trusted certificates and CRL from the one the callback hands over.
         self.acceptor.verify_flags = contexts.server.verify_flags
-        return contexts
 
     def _hand_over(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
                    ctx: ssl.SSLContext) -> None:

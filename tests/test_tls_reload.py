@@ -70,6 +70,11 @@ def _check(tmp_path: Path, tls_dir: Path, capsys: pytest.CaptureFixture[str],
     return code, capsys.readouterr().err
 
 
+def _trust_both(d: Path, pki: dict[str, Path]) -> None:
+    """ca.pem with the cluster CA and the rogue one, as while a cluster moves to a new CA."""
+    (d / "ca.pem").write_bytes((pki["ca"] / "ca.pem").read_bytes() + (pki["rogue"] / "ca.pem").read_bytes())
+
+
 def _bad_dir(case: str, pki: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "bad"
     shutil.copytree(pki["A"], d)
@@ -92,6 +97,9 @@ def _bad_dir(case: str, pki: dict[str, Path], tmp_path: Path, monkeypatch: pytes
         certs.revoke([d / "cert.pem"], ca_dir=pki["ca"], out=[d])
     elif case == "foreign-crl":
         certs.revoke([pki["rogue"] / "cert.pem"], ca_dir=pki["rogue"].parent / "rogue-ca", out=[d])
+    elif case == "crl-lacks-a-ca":  # two CAs trusted, a list of one only: the other's peers would be refused
+        _trust_both(d, pki)
+        certs.revoke([pki["B"] / "cert.pem"], ca_dir=pki["ca"], out=[d])
     return d
 
 
@@ -104,7 +112,8 @@ def _bad_dir(case: str, pki: dict[str, Path], tmp_path: Path, monkeypatch: pytes
     ("not-yet-valid", "is not valid before"),
     ("address", "does not name the control address 127.0.0.1"),
     ("revoked", "is on the revocation list"),
-    ("foreign-crl", "crl.pem is not signed by the CA"),
+    ("foreign-crl", "is not signed by a CA in"),
+    ("crl-lacks-a-ca", "holds no list of the CA CN=someone else's CA"),
 ])
 def test_check_config_catches_each_bad_tls_dir(pki: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch, case: str, message: str) -> None:
@@ -116,6 +125,13 @@ def test_check_config_catches_each_bad_tls_dir(pki: dict[str, Path], tmp_path: P
 def test_check_config_accepts_a_good_tls_dir_and_checks_the_migration_address(
         pki: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     certs.revoke([pki["B"] / "cert.pem"], ca_dir=pki["ca"], out=[pki["A"]])  # a list without A on it
+    code, err = _check(tmp_path, pki["A"], capsys)
+    assert code == 0, err
+    # Two CAs trusted, with a list of each: valid.
+    _trust_both(pki["A"], pki)
+    certs.revoke([pki["rogue"] / "cert.pem"], ca_dir=pki["rogue"].parent / "rogue-ca")
+    (pki["A"] / "crl.pem").write_bytes((pki["ca"] / "crl.pem").read_bytes()
+                                       + (pki["rogue"].parent / "rogue-ca" / "crl.pem").read_bytes())
     code, err = _check(tmp_path, pki["A"], capsys)
     assert code == 0, err
     code, err = _check(tmp_path, pki["A"], capsys, migration_host="127.0.0.2")
