@@ -262,8 +262,11 @@ def _tls_dir(values: dict[str, Any]) -> Path | None:
     """The TLS directory, loaded once here so a bad certificate or key is a configuration error."""
     if not values.get("tls-dir"):
         return None
-    from agent import tls  # agent.tls builds on this module's ConfigError
+    from agent import tls, tls_check  # both build on this module's ConfigError
 
+    found = tls_check.file_problems(str(values["tls-dir"]))
+    if found:
+        raise ConfigError("; ".join(found), found)
     return tls.load(str(values["tls-dir"])).directory
 
 

@@ -28,7 +28,7 @@ from agent.migration.outcomes import Outcomes
 from agent.migration.seams import LogLike, ManagedVM, VMHost
 from agent.migration.source import SourceSession
 from agent.migration.transport import Connection, accepted
-from agent.tls import TLSContexts
+from agent.tls import TLSSource
 from proto.errors import ErrorCode
 
 # How long migrate() waits for the destination's accept or refusal before
@@ -64,9 +64,9 @@ class MigrationManager:
     """
 
     def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
-                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSContexts | None = None) -> None:
+                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSSource | None = None) -> None:
         self.agent_name = agent_name
-        self.tls = tls  # agent.tls.TLSContexts: mutual TLS on the listener and outgoing connections
+        self.tls = tls  # agent.tls.TLSDir: mutual TLS on the listener and outgoing connections, read at each one
         self.key = key
         self.vms = vms
         self.log = log
