@@ -44,6 +44,7 @@ from agent.migration.source import FIXED_DOWNTIME_S, SourceSession
 from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
 from agent.nics import NicConfig
 from agent.vms.vm import on_disk
+from agent.vmspec import VMSpec
 from proto.auth import ServerHandshake
 from proto.errors import ErrorCode, ProtocolError
 from proto.limits import SUPPORTED_VERSIONS
@@ -141,6 +142,8 @@ class FakeVM:
     mem: int = SIZE
     state: str = "running"
     dirty_backend: str = "fake-tracker"
+    program: str = "counter"
+    args: dict[str, str] = field(default_factory=dict)
     nic: NicConfig | None = None
     disk: DiskConfig | None = None
     calls: list[Any] = field(default_factory=list)
@@ -635,11 +638,13 @@ class FakeDestVMs:
         self.warm_pending: list[int] = []  # what successive `warm-status` polls answer, then warm_stuck
         self.warm_stuck = 0
         self.warm_polls = 0
+        self.specs: list[VMSpec | None] = []  # the spec each reservation was given
 
     def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None,
-                         disk: DiskConfig | None = None) -> Inc:
+                         disk: DiskConfig | None = None, spec: VMSpec | None = None) -> Inc:
         if self.refuse is not None:
             raise self.refuse
+        self.specs.append(spec)
         fd, ram = new_ram(mem)
         self.reserved.append(Inc(name, mem, fd, ram))
         return self.reserved[-1]
