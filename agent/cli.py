@@ -263,7 +263,8 @@ def _vm_table(vms: list[dict[str, Any]]) -> str:
 
 
 def _vm_details(info: dict[str, Any]) -> str:
-    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in info.items()
+    shown = {**info, "args": " ".join(f"{k}={v}" for k, v in (info.get("args") or {}).items()) or None}
+    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in shown.items()
              if v is not None and k not in ("nics", "disks")]
     return "\n".join(lines + device_lines(info))
 

@@ -338,6 +338,7 @@ def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: An
     assert dest.ram[:] == vm.ram[:]
     kinds = [type(m).__name__ for m in dest.got]
     assert kinds[0] == "MigrateStart" and kinds[-4:] == ["RoundEnd", "DeviceState", "Digest", "Commit"]
+    assert dest.got[0].params["spec"] == {"program": "counter", "args": {}}  # the VM's spec travels
     # The code hint goes once, first, with the code's bytes, naming only PCs inside the code.
     assert kinds.count("CodeHint") == 1 and kinds[:3] == ["MigrateStart", "CodeHint", "PageBatch"]
     assert dest.got[1] == CodeHint(0, bytes(vm.ram[:0x400]), (0x10, 0x3FC))
@@ -719,8 +720,9 @@ class Harness:
         self.thread.start()
         client_handshake(self.src, KEY, "S")
 
-    def start(self, mid: str = "m1", isa_version: int = isa.ISA_VERSION) -> Any:
-        self.src.send(MigrateStart(mid, "v", SIZE, P, isa_version, tuple(sorted(isa.ISA_FEATURES)), "t", {}))
+    def start(self, mid: str = "m1", isa_version: int = isa.ISA_VERSION, params: dict[str, Any] | None = None) -> Any:
+        self.src.send(MigrateStart(mid, "v", SIZE, P, isa_version, tuple(sorted(isa.ISA_FEATURES)), "t",
+                                   params or {}))
         return self.src.recv()
 
     def send_ram(self, ram: mmap.mmap, sync: bool = True) -> None:
@@ -769,6 +771,15 @@ def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram
     h.finish()
     assert vms.started == [{"version": 1}] and vms.discarded == []
     assert h.infos["v"].status is Status.COMPLETED and h.infos["v"].direction == "in"
+
+
+def test_destination_names_the_incoming_vm_by_the_sources_spec_if_it_sent_one(bridge: LoopBridge) -> None:
+    vms = FakeDestVMs()
+    for params in ({"spec": {"program": "verify", "args": {"ws": "1M"}}, "max-downtime": 50}, {}):
+        h = Harness(bridge, vms, Outcomes())
+        assert isinstance(h.start(params=params), MigrateAccept)
+        h.finish()
+    assert vms.specs == [VMSpec("verify", {"ws": "1M"}), None]  # None: an older source's (no spec)
 
 
 def test_destination_hands_a_code_hint_to_the_vm_process_with_this_hosts_translations(
