@@ -323,7 +323,7 @@ async def cmd_vm_console(client: ControlClient, ns: argparse.Namespace) -> int:
     while True:
         chunk = await client.call("vm-console", {"name": ns.name, "offset": offset})
         if chunk.get("dropped"):
-            print(f"ferry: {chunk['dropped']} console bytes were dropped (buffer full)", file=sys.stderr)
+            print(f"ferry: {chunk['dropped']} console bytes are no longer kept", file=sys.stderr)
         out.write(bytes(chunk["data"]))
         out.flush()
         offset = int(chunk["offset"])

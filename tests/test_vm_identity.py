@@ -197,7 +197,6 @@ def test_a_guest_migrated_mid_output_has_a_continuous_console(pair: tuple[AgentP
     _check_counts(_whole_lines(got), int(COUNTER_ARGS["every"]))
 
 
-@pytest.mark.slow
 def test_an_agent_restart_keeps_the_console_tail_offsets_and_spec(tmp_path: Path) -> None:
     key = make_key(tmp_path)
     a = start_agent(tmp_path, "A", key)

@@ -170,8 +170,8 @@ class Adopter:
             raise
         memfd, ram = _map_attached(fds, mem)
         try:
-            spec = parse_spec({"program": rec.get("program"), "args": rec.get("args") or {}})
-            vm = VM(name=name, mem=mem, memfd=memfd, ram=ram, pid=pid, program=spec.program if spec else "?",
+            spec = parse_spec({"program": str(rec.get("program", "?")), "args": rec.get("args") or {}})
+            vm = VM(name=name, mem=mem, memfd=memfd, ram=ram, pid=pid, program=str(rec.get("program", "?")),
                     args=dict(spec.args) if spec else {},
                     dirty_backend=m.backend(str(rec.get("dirty-tracker") or "auto")), host=m.agent_name,
                     process=AdoptedProcess(pid), log=m.log.bind(vm=name), socket_path=str(rec["socket"]),
