@@ -263,7 +263,8 @@ def _vm_table(vms: list[dict[str, Any]]) -> str:
 
 
 def _vm_details(info: dict[str, Any]) -> str:
-    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in info.items()
+    shown = {**info, "args": " ".join(f"{k}={v}" for k, v in (info.get("args") or {}).items()) or None}
+    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in shown.items()
              if v is not None and k not in ("nics", "disks")]
     return "\n".join(lines + device_lines(info))
 
@@ -322,7 +323,7 @@ async def cmd_vm_console(client: ControlClient, ns: argparse.Namespace) -> int:
     while True:
         chunk = await client.call("vm-console", {"name": ns.name, "offset": offset})
         if chunk.get("dropped"):
-            print(f"ferry: {chunk['dropped']} console bytes were dropped (buffer full)", file=sys.stderr)
+            print(f"ferry: {chunk['dropped']} console bytes are no longer kept", file=sys.stderr)
         out.write(bytes(chunk["data"]))
         out.flush()
         offset = int(chunk["offset"])

@@ -36,7 +36,7 @@ from typing import Any
 from agent.code_cache import CodeCache
 from agent.disk_copy import CopyError, DiskFull
 from agent.disks import DiskConfig, DiskError
-from agent.migration import code_hint, disk_move, nic_move, pages, storage_copy
+from agent.migration import code_hint, disk_move, nic_move, pages, spec_move, storage_copy
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -262,7 +262,8 @@ class DestinationSession:
         if not self.outcomes.register(start.migration_id, self):
             raise Refused(ErrorCode.BAD_REQUEST, f"migration {start.migration_id} was already seen here")
         try:
-            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size, nic, disk)
+            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size, nic, disk,
+                                        spec_move.incoming(start.params))
         except Exception as exc:
             self.outcomes.settle(start.migration_id, False)
             raise Refused(error_code(exc), describe(exc)) from exc
@@ -547,8 +548,8 @@ class DestinationSession:
 def _params_of(start: MigrateStart) -> MigrationParams:
     """The source's parameters, for the record (informational: the source enforces them)."""
     try:
-        return MigrationParams.from_dict({k: v for k, v in start.params.items()
-                                          if k not in (nic_move.PARAMS_KEY, disk_move.PARAMS_KEY)})
+        return MigrationParams.from_dict({k: v for k, v in start.params.items() if k not in
+                                          (nic_move.PARAMS_KEY, disk_move.PARAMS_KEY, spec_move.PARAMS_KEY)})
     except (ValueError, TypeError):
         return MigrationParams()
 

@@ -38,7 +38,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, disk_move, nic_move, pages, storage_copy, tls
+from agent.migration import code_hint, disk_move, nic_move, pages, spec_move, storage_copy, tls
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -207,8 +207,8 @@ class SourceSession:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"unexpected {type(reply).__name__}")
 
     def _proposed_params(self) -> dict[str, Any]:
-        """The params, and the VM's NIC and disk under their own keys (nic_move, disk_move)."""
-        params = self.params.to_dict()
+        """The params, and the VM's spec, NIC and disk, each under its own key (*_move.PARAMS_KEY)."""
+        params = {**self.params.to_dict(), spec_move.PARAMS_KEY: spec_move.proposal(self.vm)}
         if self.vm.nic is not None:
             params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
         if self.vm.disk is not None or self.params.copy_storage:
