@@ -65,7 +65,7 @@ class Agent:
         # Mutual TLS (--tls-dir) on every TCP connection in and out; None: plaintext (HMAC auth only).
         self.tls: TLSContexts | None = load_tls(config.tls_dir) if config.tls_dir is not None else None
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
-                                           tls=self.tls)
+                                           tls=self.tls, stall_timeout=config.stall_timeout)
         identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
                               peer_info=self._peer_info, log=log)
