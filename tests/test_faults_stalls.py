@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,13 +175,16 @@ def test_source_frozen_before_commit_makes_the_destination_discard_in_seconds(
     busy(a, "m")
     with FaultProxy(migration_target(b)) as proxy:
         rule = proxy.add(_rule(direction, msg, when, freeze(a)))
-        migrate_via(a, b, proxy, "m")
+        # In a thread: frozen in setup, the source answers the migrate call only once continued.
+        starter = threading.Thread(target=migrate_via, args=(a, b, proxy, "m"), daemon=True)
+        starter.start()
         wait_for(rule.fired.is_set, what="the freeze")
         t0 = time.monotonic()
         out = wait_status(b, "m", lambda s: s["status"] == "failed", what="the destination gives up")
         assert time.monotonic() - t0 < STALL_BOUND_S and "stall" in out["error-desc"], out
         assert "m" not in names(b)
         cont(a)
+        starter.join(30)
         assert finished(a, "m")["status"] == "failed"
     only_on(a, b, "m")  # the VM runs on the source again, once
     a.call("migrate", name="m", to=b.control)  # the continued source is healthy
