@@ -101,6 +101,18 @@ class MigrationParams:
             raise ValueError("storage-mode applies to copy-storage only")
         self.announce()  # its own checks
 
+    def receive_stall(self, default_s: float) -> float:
+        """The receiving side's progress deadline: the stall timeout (these params', else
+        ``default_s``), plus the pause a bandwidth cap puts between two batches on the sender (a
+        batch's bytes at the cap: the sender's rate limiter sleeps before it sends them)."""
+        from agent import disk_copy
+        from agent.migration import pages
+
+        stall = self.stall_timeout_s or default_s
+        if self.bandwidth is None:
+            return stall
+        return stall + max(pages.BATCH_BYTES, disk_copy.BATCH_BYTES) / self.bandwidth
+
     def announce(self) -> Schedule:
         """The announce rounds these params ask for."""
         return Schedule(self.announce_rounds, self.announce_initial_ms, self.announce_max_ms, self.announce_step_ms)
