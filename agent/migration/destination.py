@@ -273,6 +273,8 @@ class DestinationSession:
         inc = self._inc
         assert inc is not None
         self.conn.guest_size = start.mem_size
+        if (stall := _params_of(start).receive_stall(self.conn.stall_s)) != self.conn.stall_s:
+            self.conn.set_stall_timeout(stall)  # the operator's for this migration, and its bandwidth cap
         self._ram = memoryview(inc.ram)
         # Before the wait for the VM process, not after: the digest's set-up (it grows with the
         # guest) then runs while that process starts, instead of adding to the setup time.
