@@ -70,8 +70,9 @@ def test_the_spec_travels_in_migrate_start_params_and_a_malformed_one_is_none() 
     class Vm:
         program, args = "verify", {"ws": "1M"}
 
-    params = {"max-downtime": 300.0, spec_move.PARAMS_KEY: spec_move.proposal(Vm())}  # type: ignore[arg-type]
+    params = {"max-downtime": 300.0, **spec_move.proposal(Vm(), 3)}  # type: ignore[arg-type]
     assert spec_move.incoming(params) == VMSpec("verify", {"ws": "1M"})
+    assert spec_move.proposal(Vm(), 2) == {}  # type: ignore[arg-type]  # a version-2 peer refuses unknown params
     assert spec_move.incoming({}) is None  # an older source
     for bad in ("verify", {"args": {}}, {"program": 7}, {"program": "p", "args": {"k": 1}},
                 {"program": "p" * 5000}):

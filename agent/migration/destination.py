@@ -37,6 +37,7 @@ from agent.code_cache import CodeCache
 from agent.disk_copy import CopyError, DiskFull
 from agent.disks import DiskConfig, DiskError
 from agent.migration import code_hint, disk_move, nic_move, pages, spec_move, storage_copy
+from agent.migration import info as params_info
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -548,10 +549,10 @@ class DestinationSession:
 
 
 def _params_of(start: MigrateStart) -> MigrationParams:
-    """The source's parameters, for the record (informational: the source enforces them)."""
+    """The source's parameters (informational: it enforces them); one this host does not know is
+    left out, not a reason to drop the rest."""
     try:
-        return MigrationParams.from_dict({k: v for k, v in start.params.items() if k not in
-                                          (nic_move.PARAMS_KEY, disk_move.PARAMS_KEY, spec_move.PARAMS_KEY)})
+        return MigrationParams.from_dict({k: v for k, v in start.params.items() if k in params_info.PARAM_KEYS})
     except (ValueError, TypeError):
         return MigrationParams()
 

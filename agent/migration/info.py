@@ -121,7 +121,7 @@ class MigrationParams:
     def from_dict(cls, args: dict[str, Any]) -> MigrationParams:
         """Build params from control-API arguments (CLI flag names, dashes or underscores)."""
         norm = {str(k).replace("_", "-"): v for k, v in args.items() if v is not None}
-        unknown = set(norm) - _PARAM_KEYS
+        unknown = set(norm) - PARAM_KEYS
         if unknown:
             raise ValueError(f"unknown migration parameter(s): {', '.join(sorted(unknown))}")
         return cls(
@@ -146,6 +146,10 @@ class MigrationParams:
             stall_timeout_s=float(norm["stall-timeout"]) if "stall-timeout" in norm else None,
             progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
         )
+
+    def for_peer(self, version: int) -> dict[str, Any]:
+        """``to_dict`` for a peer speaking protocol ``version``: without the params it does not know."""
+        return {k: v for k, v in self.to_dict().items() if PARAMS_SINCE.get(k, 1) <= version}
 
     def to_dict(self) -> dict[str, Any]:
         """The params under the same names ``from_dict`` accepts."""
@@ -173,7 +177,10 @@ class MigrationParams:
         }
 
 
-_PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
+# Params a peer learned in a later protocol version than 1: an older destination refuses a key it
+# does not know (and would then lose the maps beside it), so they are left out for it (for_peer).
+PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3}
+PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
                          "disk-dir", "storage-mode", "stall-timeout", "progress-timeout"})

@@ -216,12 +216,13 @@ class SourceSession:
 
     def _proposed_params(self) -> dict[str, Any]:
         """The params, and the VM's spec, NIC and disk, each under its own key (*_move.PARAMS_KEY)."""
-        params = {**self.params.to_dict(), spec_move.PARAMS_KEY: spec_move.proposal(self.vm)}
+        assert self.conn is not None
+        version = self.conn.channel.version
+        params = {**self.params.for_peer(version), **spec_move.proposal(self.vm, version)}
         if self.vm.nic is not None:
             params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
         if self.vm.disk is not None or self.params.copy_storage:
-            assert self.conn is not None
-            params[disk_move.PARAMS_KEY] = disk_move.proposal(self.vm.disk, self.params, self.conn.channel.version)
+            params[disk_move.PARAMS_KEY] = disk_move.proposal(self.vm.disk, self.params, version)
         return params
 
     # -- pre-copy ------------------------------------------------------------------------------------

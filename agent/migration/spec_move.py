@@ -16,11 +16,13 @@ from agent.migration.seams import MigratingVM
 from agent.vmspec import VMSpec, parse
 
 PARAMS_KEY = "spec"  # the key in MigrateStart.params
+SINCE = 3  # the protocol version whose destinations take it (an older one refuses an unknown param)
 
 
-def proposal(vm: MigratingVM) -> dict[str, Any]:
-    """What travels: the VM's program and boot arguments."""
-    return VMSpec(vm.program, dict(vm.args)).to_dict()
+def proposal(vm: MigratingVM, version: int) -> dict[str, Any]:
+    """The params entry that carries the VM's program and boot arguments to a peer speaking protocol
+    ``version``; none for an older peer."""
+    return {PARAMS_KEY: VMSpec(vm.program, dict(vm.args)).to_dict()} if version >= SINCE else {}
 
 
 def incoming(params: Mapping[str, Any]) -> VMSpec | None:
