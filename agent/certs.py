@@ -11,6 +11,11 @@ This module owns the files behind mutual TLS (agent/tls.py):
   (control and migration). The certificate serves both ways (serverAuth and clientAuth), since an
   agent accepts connections and dials other agents.
 
+* ``ferry certs revoke CERT... [--serial N ...] --ca-dir D [--out DIR ...]`` adds those certificates
+  to the CA's revocation list ``D/crl.pem`` (made on first use, extended after) and copies it into
+  each ``--out`` TLS directory, where agents load it (at start and on SIGHUP) and refuse the listed
+  certificates. The list is valid as long as the CA.
+
 Keys are ECDSA P-256, signatures SHA-256. Validity: 10 years for the CA, 825 days for a host
 (the longest clients commonly accept). Existing files are never overwritten without ``force``.
 """
@@ -32,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.tls import CA_FILE, CERT_FILE, KEY_FILE
+from agent.tls import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE
 
 CA_KEY_FILE = "ca-key.pem"
 CA_DAYS = 3650
@@ -173,6 +178,58 @@ def issue(host: str, *, ca_dir: str | Path, out: str | Path, ips: Sequence[str] 
     return d / CERT_FILE
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """Write through a temporary file and a rename: an agent reloading meanwhile reads old or new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write(tmp, data, 0o644, True)
+    os.replace(tmp, path)
+
+
+def _serial_of(path: str | Path, ca_cert: x509.Certificate) -> int:
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise CertsError(f"cannot read a certificate from {path}: {e}") from e
+    if cert.issuer != ca_cert.subject:
+        raise CertsError(f"{path} was not issued by this CA ({ca_cert.subject.rfc4514_string()})")
+    return cert.serial_number
+
+
+def revoke(cert_paths: Sequence[str | Path] = (), *, ca_dir: str | Path, serials: Sequence[int] = (),
+           out: Sequence[str | Path] = ()) -> list[int]:
+    """Add certificates (files or serial numbers) to ``ca_dir``/crl.pem, copy it to each ``out``;
+    returns every serial the list now holds."""
+    ca_path = Path(ca_dir)
+    ca_cert, ca_key = _load_ca(ca_path)
+    wanted = [_serial_of(p, ca_cert) for p in cert_paths] + list(serials)
+    if not wanted:
+        raise CertsError("name a certificate file or a --serial to revoke")
+    crl_path = ca_path / CRL_FILE
+    entries: dict[int, x509.RevokedCertificate] = {}
+    if crl_path.exists():
+        try:
+            old = x509.load_pem_x509_crl(crl_path.read_bytes())
+        except ValueError as e:
+            raise CertsError(f"{crl_path} is not a revocation list: {e}") from e
+        if not old.is_signature_valid(ca_key.public_key()):
+            raise CertsError(f"{crl_path} is not signed by this CA")
+        entries = {r.serial_number: r for r in old}
+    now = datetime.datetime.now(datetime.UTC)
+    for serial in wanted:
+        if serial not in entries:
+            entries[serial] = (x509.RevokedCertificateBuilder().serial_number(serial)
+                               .revocation_date(now).build())
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - BACKDATE).next_update(ca_cert.not_valid_after_utc))
+    for entry in entries.values():
+        builder = builder.add_revoked_certificate(entry)
+    data = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    _replace(crl_path, data)
+    for d in out:
+        _replace(Path(d) / CRL_FILE, data)
+    return sorted(entries)
+
+
 def subject_alt_names(cert_path: str | Path) -> list[str]:
     """The SANs of a certificate as text (for `ferry certs issue`'s report and the tests)."""
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
@@ -182,7 +239,7 @@ def subject_alt_names(cert_path: str | Path) -> list[str]:
 
 # -- the `ferry certs` subcommands ---------------------------------------------------------------------
 def add_commands(sub: Any) -> None:
-    """`ferry certs init` and `ferry certs issue` (local: no agent, no cluster key)."""
+    """`ferry certs init`, `issue` and `revoke` (local: no agent, no cluster key)."""
     c = sub.add_parser("certs", help="make a CA and host certificates for mutual TLS (--tls-dir)")
     cs = c.add_subparsers(dest="certs_command", metavar="CERTSCOMMAND", required=True)
     i = cs.add_parser("init", help=f"make a CA: DIR/{CA_FILE} and DIR/{CA_KEY_FILE}")
@@ -199,7 +256,18 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--out", required=True, metavar="DIR", help="the TLS directory to write (an agent's --tls-dir)")
     s.add_argument("--days", type=int, default=HOST_DAYS, help=f"validity in days (default {HOST_DAYS})")
     s.add_argument("--force", action="store_true", help="replace existing files")
+    r = cs.add_parser("revoke", help=f"add certificates to the CA's revocation list DIR/{CRL_FILE}")
+    r.add_argument("certs", nargs="*", metavar="CERT", help="a certificate file (cert.pem) to revoke")
+    r.add_argument("--serial", action="append", default=[], type=_serial, metavar="N",
+                   help="a serial number to revoke (decimal or 0x hex); repeatable")
+    r.add_argument("--ca-dir", required=True, metavar="DIR", help="the CA made by `ferry certs init`")
+    r.add_argument("--out", action="append", default=[], metavar="DIR",
+                   help=f"a TLS directory to copy {CRL_FILE} into (then SIGHUP its agent); repeatable")
     c.set_defaults(run=None)
+
+
+def _serial(text: str) -> int:
+    return int(text, 0)
 
 
 def run_command(ns: argparse.Namespace) -> int:
@@ -208,6 +276,11 @@ def run_command(ns: argparse.Namespace) -> int:
         if ns.certs_command == "init":
             path = init_ca(ns.dir, name=ns.name, days=ns.days, force=ns.force)
             print(f"CA written: {path} and {path.parent / CA_KEY_FILE} (keep the key private)")
+        elif ns.certs_command == "revoke":
+            serials = revoke(ns.certs, ca_dir=ns.ca_dir, serials=ns.serial, out=ns.out)
+            where = ", ".join([str(Path(ns.ca_dir) / CRL_FILE), *(str(Path(d) / CRL_FILE) for d in ns.out)])
+            print(f"revocation list written: {where}; {len(serials)} revoked certificate"
+                  f"{'' if len(serials) == 1 else 's'}")
         else:
             path = issue(ns.host, ca_dir=ns.ca_dir, out=ns.out, ips=ns.ip, dns=ns.dns, days=ns.days, force=ns.force)
             print(f"certificate for {ns.host} written to {path.parent} ({CA_FILE}, {CERT_FILE}, {KEY_FILE}); "

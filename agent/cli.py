@@ -190,6 +190,12 @@ def _add_migrate_commands(sub: Any) -> None:
                    help="send the memory stream here instead of the destination's advertised migration address")
     m.add_argument("--in-doubt-timeout", type=_positive_float, metavar="S",
                    help="after COMMIT, how long to keep asking a silent destination (default 60)")
+    m.add_argument("--stall-timeout", type=_positive_float, metavar="S",
+                   help="a peer silent this long in a wait counts as dead or frozen: the migration fails "
+                        "(both agents, this migration; default: each agent's stall-timeout, 4)")
+    m.add_argument("--progress-timeout", type=_positive_float, metavar="S",
+                   help="fail the migration (before COMMIT, the VM resumes here) when no byte moved for S s "
+                        "(default: off)")
     m.add_argument("--nic-map", action="append", metavar="SRC_BR=DST_BR",
                    help="plug the VM's NIC into bridge DST_BR on the destination (repeatable)")
     m.add_argument("--disk-map", action="append", metavar="SRC=DST",
@@ -263,7 +269,8 @@ def _vm_table(vms: list[dict[str, Any]]) -> str:
 
 
 def _vm_details(info: dict[str, Any]) -> str:
-    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in info.items()
+    shown = {**info, "args": " ".join(f"{k}={v}" for k, v in (info.get("args") or {}).items()) or None}
+    lines = [f"{k + ':':<15} {format_size(int(v)) if k == 'mem' else v}" for k, v in shown.items()
              if v is not None and k not in ("nics", "disks")]
     return "\n".join(lines + device_lines(info))
 
@@ -322,7 +329,7 @@ async def cmd_vm_console(client: ControlClient, ns: argparse.Namespace) -> int:
     while True:
         chunk = await client.call("vm-console", {"name": ns.name, "offset": offset})
         if chunk.get("dropped"):
-            print(f"ferry: {chunk['dropped']} console bytes were dropped (buffer full)", file=sys.stderr)
+            print(f"ferry: {chunk['dropped']} console bytes are no longer kept", file=sys.stderr)
         out.write(bytes(chunk["data"]))
         out.flush()
         offset = int(chunk["offset"])
@@ -383,7 +390,8 @@ async def cmd_agent_info(client: ControlClient, ns: argparse.Namespace) -> int:
 def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
     """The migration parameters under the names MigrationParams.from_dict accepts; unset flags are left out."""
     params: dict[str, Any] = {"max-downtime": ns.max_downtime, "bandwidth": ns.bandwidth,
-                              "max-rounds": ns.max_rounds, "timeout": ns.timeout}
+                              "max-rounds": ns.max_rounds, "timeout": ns.timeout,
+                              "stall-timeout": ns.stall_timeout, "progress-timeout": ns.progress_timeout}
     if ns.auto_converge:
         params["auto-converge"] = True
     if ns.force:

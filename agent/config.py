@@ -120,6 +120,8 @@ class AgentConfig:
     spare_vm: bool = True  # keep a VM process started ahead of need for incoming migrations (vmruntime/spare.py)
     # Directories besides STATE_DIR/disks where VM disk images may live (agent/disks.py).
     disk_dirs: tuple[Path, ...] = ()
+    # Progress deadline of every wait on a migration connection, in and out (agent/migration/transport.py).
+    stall_timeout: float = 4.0
 
     @property
     def control_socket(self) -> Path:
@@ -144,13 +146,15 @@ _KEYS: dict[str, str] = {
                 "then starts 0.1-0.15 s sooner; off: start one per incoming migration (default: on)",
     "disk-dirs": "directories where VM disk images may live besides STATE_DIR/disks, ':'-separated "
                  "(a TOML array of strings in the config file); absolute paths (default: none)",
+    "stall-timeout": "seconds a migration connection may stay silent in a wait before its peer counts as "
+                     "dead or frozen and the migration fails (default: 4)",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
-             "disk-dirs": "DIR[:DIR...]"}
+             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S"}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
-_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "spare-vm": (str, bool), "disk-dirs": (str, list)}
+_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float), "spare-vm": (str, bool), "disk-dirs": (str, list)}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -189,7 +193,8 @@ def _type_problems(path: str, data: dict[str, Any]) -> list[str]:
     for key, value in data.items():
         allowed = _TOML_TYPES.get(key, (str,))
         if key in _KEYS and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
-            names = " or ".join({str: "a string", int: "an integer", bool: "a boolean", list: "an array"}[t]
+            names = " or ".join({str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+                                  list: "an array"}[t]
                                 for t in allowed)
             problems.append(f"config file {path!r}: {key} must be {names}, not {type(value).__name__} {value!r}")
     return problems
@@ -254,6 +259,17 @@ def _disk_dirs(values: dict[str, Any]) -> tuple[Path, ...]:
     return tuple(dirs)
 
 
+def _stall_timeout(values: dict[str, Any]) -> float:
+    raw = values.get("stall-timeout", 4.0)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"stall-timeout: not a number of seconds: {raw!r}") from None
+    if not 0 < value <= 3600:
+        raise ConfigError(f"stall-timeout: must be in (0, 3600] seconds, got {raw!r}")
+    return value
+
+
 def _metrics(values: dict[str, Any]) -> tuple[str, int] | None:
     return _address(values, "metrics", "") if values.get("metrics") else None
 
@@ -262,8 +278,11 @@ def _tls_dir(values: dict[str, Any]) -> Path | None:
     """The TLS directory, loaded once here so a bad certificate or key is a configuration error."""
     if not values.get("tls-dir"):
         return None
-    from agent import tls  # agent.tls builds on this module's ConfigError
+    from agent import tls, tls_check  # both build on this module's ConfigError
 
+    found = tls_check.file_problems(str(values["tls-dir"]))
+    if found:
+        raise ConfigError("; ".join(found), found)
     return tls.load(str(values["tls-dir"])).directory
 
 
@@ -311,6 +330,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "tls_dir": p.take(_tls_dir, values),
         "spare_vm": p.take(_switch, values, "spare-vm", True),
         "disk_dirs": p.take(_disk_dirs, values),
+        "stall_timeout": p.take(_stall_timeout, values),
     }
     p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
     if p.found:
@@ -362,7 +382,7 @@ def describe(config: AgentConfig) -> str:
         "migration": format_hostport(*config.migration), "state-dir": str(config.state_dir),
         "key-file": str(config.key_file), "max-mem": _exact_size(config.max_mem),
         "dirty-tracker": config.dirty_tracker, "log-level": config.log_level,
-        "spare-vm": "on" if config.spare_vm else "off",
+        "spare-vm": "on" if config.spare_vm else "off", "stall-timeout": f"{config.stall_timeout:g}",
     }
     if config.metrics is not None:
         values["metrics"] = format_hostport(*config.metrics)

@@ -10,15 +10,19 @@ docs/RELIABILITY.md "Agent restarts"). Under systemd (`Type=notify`) it says REA
 listener is up, sends watchdog keep-alives while it runs and STOPPING=1 when it begins to shut down
 (agent/sdnotify.py); `--metrics` adds a Prometheus endpoint (agent/metrics.py); `--check-config`
 checks a configuration without starting anything; `--tls-dir` puts mutual TLS on the control and
-migration TCP connections, in and out (agent/tls.py).
+migration TCP connections, in and out (agent/tls.py); SIGHUP loads that directory again (new
+connections use it, open ones keep theirs; a directory that does not load leaves the old contexts in
+use) and the agent warns, in its log and in metrics, when its certificate or CA is near expiry.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -42,13 +46,15 @@ from agent.migration.storage_copy import remove_partials
 from agent.ops import AgentIdentity, ControlOps, Migrations, OpError, ferry_version
 from agent.records import VMRecords
 from agent.sdnotify import Notifier
-from agent.tls import TLSContexts
+from agent.tls import TLSContexts, TLSDir
 from agent.tls import load as load_tls
+from agent.tls_check import expiries, expiry_warnings, file_problems, usage_problems
 from agent.vms import VMManager
 from vmruntime import dirty
 
 MIGRATION_SHUTDOWN_TIMEOUT = 60.0  # seconds the migration engine gets to wind down on SIGTERM
 PEER_TIMEOUT = 10.0
+EXPIRY_CHECK_INTERVAL = 24 * 3600.0  # seconds between expiry warnings of a long-running agent
 
 
 class Agent:
@@ -63,21 +69,25 @@ class Agent:
                              log=log, records=self.records, spare=config.spare_vm,
                              disk_dirs=allowed_dirs(config.state_dir, config.disk_dirs))
         # Mutual TLS (--tls-dir) on every TCP connection in and out; None: plaintext (HMAC auth only).
-        self.tls: TLSContexts | None = load_tls(config.tls_dir) if config.tls_dir is not None else None
+        self.tls: TLSDir | None = TLSDir(config.tls_dir) if config.tls_dir is not None else None
+        self.tls_ends = expiries(config.tls_dir) if config.tls_dir is not None else {}
+        self._reloading = asyncio.Lock()
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
-                                           tls=self.tls)
+                                           tls=self.tls, stall_timeout=config.stall_timeout)
         identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
                               peer_info=self._peer_info, log=log)
         self.control = ControlServer(ops=self.ops, key=config.key, name=config.name, log=log,
-                                     tls=self.tls.server if self.tls is not None else None)
+                                     tls=self.tls.acceptor if self.tls is not None else None)
         self.metrics = AgentMetrics(agent_name=config.name, version=ferry_version(), vms=self.vms,
-                                    migrations=self.migrations)
+                                    migrations=self.migrations,
+                                    tls_expiries=(lambda: self.tls_ends) if self.tls is not None else None)
         self.migrations.on_finished = self.metrics.stats.record
         self.metrics_server = MetricsServer(self.metrics.collect, log) if config.metrics is not None else None
         self.stopping = asyncio.Event()
         self.failed = False  # a listener died: exit non-zero after the orderly shutdown
         self._migration_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _as_migrations(self) -> Migrations:
         migrations: Migrations = self.migrations  # checks the engine against what the control API needs
@@ -116,6 +126,46 @@ class Agent:
                       max_mem=cfg.max_mem, dirty_tracker=cfg.dirty_tracker,
                       metrics=format_hostport(*metrics) if metrics else None,
                       tls=str(cfg.tls_dir) if cfg.tls_dir is not None else None)
+        if self.tls is not None:
+            self._spawn(self._watch_expiry())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _warn_expiry(self) -> None:
+        for text in expiry_warnings(self.tls_ends):
+            self.log.warning(f"tls: {text}", tls=str(self.config.tls_dir))
+
+    async def _watch_expiry(self) -> None:
+        while True:
+            self._warn_expiry()
+            await asyncio.sleep(EXPIRY_CHECK_INTERVAL)
+
+    def request_reload(self) -> None:
+        """SIGHUP: load the TLS directory again, off the event loop."""
+        self._spawn(self.reload_tls())
+
+    async def reload_tls(self) -> bool:
+        """Swap in the TLS directory's current files; on failure keep the contexts in use and say why."""
+        if self.tls is None:
+            self.log.info("reload: no --tls-dir, nothing to reload")
+            return False
+        tls = self.tls
+        async with self._reloading:
+            try:
+                contexts, ends = await asyncio.to_thread(_load_checked, tls.directory)
+            except ConfigError as e:
+                self.log.error("tls reload failed; the certificates in use stay", tls=str(tls.directory),
+                               error=str(e))
+                return False
+            tls.install(contexts)  # here, on the loop: the control listener's handshakes start here too
+            self.tls_ends = ends
+        self.log.info("tls reloaded", tls=str(tls.directory), cert_expires=self.tls_ends["cert"].isoformat(),
+                      ca_expires=self.tls_ends["ca"].isoformat())
+        self._warn_expiry()
+        return True
 
     def status_line(self) -> str:
         """systemd's STATUS= for a running agent (shown by `systemctl status`): VMs and addresses."""
@@ -160,6 +210,9 @@ class Agent:
             await self.ops.moves.shutdown()
         except Exception as e:  # as for migrations: the VMs still need stopping
             self.log.error("storage move shutdown failed", error=repr(e))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._migration_task is not None:
             self._migration_task.cancel()
             await asyncio.gather(self._migration_task, return_exceptions=True)  # its end, whatever it was
@@ -170,6 +223,14 @@ class Agent:
         self.log.info("agent stopped")
 
 
+def _load_checked(directory: Path) -> tuple[TLSContexts, dict[str, datetime.datetime]]:
+    """A TLS directory's contexts and expiry dates, or ConfigError naming every problem of its files."""
+    problems = file_problems(directory)
+    if problems:
+        raise ConfigError("; ".join(problems), problems)
+    return load_tls(directory), expiries(directory)
+
+
 async def serve(config: AgentConfig, log: Log) -> int:
     """Run the agent until SIGTERM/SIGINT; returns the exit status."""
     agent = Agent(config, log)
@@ -177,6 +238,7 @@ async def serve(config: AgentConfig, log: Log) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, agent.request_reload)
     try:
         await agent.start()
     except OSError as e:
@@ -212,6 +274,9 @@ def check_config(ns: argparse.Namespace) -> int:
         config = config_from_args(ns)
         problems = host_problems(config)
         problems += _backend_problems(config.dirty_tracker)
+        if config.tls_dir is not None:
+            problems += usage_problems(config.tls_dir, [("control", config.control[0]),
+                                                        ("migration", config.migration[0])])
     except ConfigError as e:
         problems = e.problems
     if problems:

@@ -3,7 +3,8 @@
 This module owns what `ferry-agent --metrics HOST:PORT` serves at /metrics: VMs by state, guest memory,
 migrations by direction and outcome, histograms of the total time and the downtime of completed
 migrations, bytes sent and received, and for each migration in progress its dirty rate, throttle,
-remaining bytes, bandwidth and expected downtime. Every metric is named ferry_*.
+remaining bytes, bandwidth and expected downtime, and with `--tls-dir` the seconds until the agent's
+certificate and its CA expire. Every metric is named ferry_*.
 
 Counters and histograms accumulate in `MigrationStats`, fed by the migration engine's `on_finished`
 hook from its session threads (hence the lock). Gauges are read at scrape time from the VM manager and
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,14 +229,25 @@ def live_families(infos: list[dict[str, Any]]) -> tuple[list[Family], dict[str, 
     return families, live_bytes
 
 
+def tls_expiry_family(ends: dict[str, Any], now: float) -> Family:
+    """Seconds until each certificate of the TLS directory ("cert", "ca") expires; negative once expired."""
+    family = Family("ferry_tls_expiry_seconds", "gauge",
+                    "Seconds until the agent's TLS certificate (cert=\"cert\") or its CA (cert=\"ca\") expires.")
+    for which, end in ends.items():
+        family.add(round(end.timestamp() - now), cert=which)
+    return family
+
+
 class AgentMetrics:
     """Everything /metrics shows for one agent."""
 
-    def __init__(self, *, agent_name: str, version: str, vms: Any, migrations: Any) -> None:
+    def __init__(self, *, agent_name: str, version: str, vms: Any, migrations: Any,
+                 tls_expiries: Callable[[], dict[str, Any]] | None = None) -> None:
         self.agent_name = agent_name
         self.version = version
         self.vms = vms
         self.migrations = migrations
+        self.tls_expiries = tls_expiries  # when the TLS certificates in use end (agent/tls_check.py)
         self.stats = MigrationStats()
 
     def collect(self) -> str:
@@ -243,7 +256,8 @@ class AgentMetrics:
         info.add(1, agent=self.agent_name, version=self.version)
         infos = self.migrations.infos() if self.migrations is not None else []
         live, live_bytes = live_families(infos)
-        return render([info, *vm_families(self.vms), *live, *self.stats.families(live_bytes)])
+        tls = [tls_expiry_family(self.tls_expiries(), time.time())] if self.tls_expiries is not None else []
+        return render([info, *vm_families(self.vms), *live, *self.stats.families(live_bytes), *tls])
 
 
 # -- the HTTP endpoint ----------------------------------------------------------------------------------

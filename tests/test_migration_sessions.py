@@ -44,6 +44,7 @@ from agent.migration.source import FIXED_DOWNTIME_S, SourceSession
 from agent.migration.transport import Connection, ConnectionClosed, connect, prepare_socket
 from agent.nics import NicConfig
 from agent.vms.vm import on_disk
+from agent.vmspec import VMSpec
 from proto.auth import ServerHandshake
 from proto.errors import ErrorCode, ProtocolError
 from proto.limits import SUPPORTED_VERSIONS
@@ -141,6 +142,8 @@ class FakeVM:
     mem: int = SIZE
     state: str = "running"
     dirty_backend: str = "fake-tracker"
+    program: str = "counter"
+    args: dict[str, str] = field(default_factory=dict)
     nic: NicConfig | None = None
     disk: DiskConfig | None = None
     calls: list[Any] = field(default_factory=list)
@@ -335,6 +338,7 @@ def test_source_completes_and_hands_the_vm_over(bridge: LoopBridge, scripted: An
     assert dest.ram[:] == vm.ram[:]
     kinds = [type(m).__name__ for m in dest.got]
     assert kinds[0] == "MigrateStart" and kinds[-4:] == ["RoundEnd", "DeviceState", "Digest", "Commit"]
+    assert dest.got[0].params["spec"] == {"program": "counter", "args": {}}  # the VM's spec travels
     # The code hint goes once, first, with the code's bytes, naming only PCs inside the code.
     assert kinds.count("CodeHint") == 1 and kinds[:3] == ["MigrateStart", "CodeHint", "PageBatch"]
     assert dest.got[1] == CodeHint(0, bytes(vm.ram[:0x400]), (0x10, 0x3FC))
@@ -635,11 +639,13 @@ class FakeDestVMs:
         self.warm_pending: list[int] = []  # what successive `warm-status` polls answer, then warm_stuck
         self.warm_stuck = 0
         self.warm_polls = 0
+        self.specs: list[VMSpec | None] = []  # the spec each reservation was given
 
     def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None,
-                         disk: DiskConfig | None = None) -> Inc:
+                         disk: DiskConfig | None = None, spec: VMSpec | None = None) -> Inc:
         if self.refuse is not None:
             raise self.refuse
+        self.specs.append(spec)
         fd, ram = new_ram(mem)
         self.reserved.append(Inc(name, mem, fd, ram))
         return self.reserved[-1]
@@ -714,8 +720,9 @@ class Harness:
         self.thread.start()
         client_handshake(self.src, KEY, "S")
 
-    def start(self, mid: str = "m1", isa_version: int = isa.ISA_VERSION) -> Any:
-        self.src.send(MigrateStart(mid, "v", SIZE, P, isa_version, tuple(sorted(isa.ISA_FEATURES)), "t", {}))
+    def start(self, mid: str = "m1", isa_version: int = isa.ISA_VERSION, params: dict[str, Any] | None = None) -> Any:
+        self.src.send(MigrateStart(mid, "v", SIZE, P, isa_version, tuple(sorted(isa.ISA_FEATURES)), "t",
+                                   params or {}))
         return self.src.recv()
 
     def send_ram(self, ram: mmap.mmap, sync: bool = True) -> None:
@@ -764,6 +771,15 @@ def test_destination_starts_the_vm_only_on_commit(bridge: LoopBridge, source_ram
     h.finish()
     assert vms.started == [{"version": 1}] and vms.discarded == []
     assert h.infos["v"].status is Status.COMPLETED and h.infos["v"].direction == "in"
+
+
+def test_destination_names_the_incoming_vm_by_the_sources_spec_if_it_sent_one(bridge: LoopBridge) -> None:
+    vms = FakeDestVMs()
+    for params in ({"spec": {"program": "verify", "args": {"ws": "1M"}}, "max-downtime": 50}, {}):
+        h = Harness(bridge, vms, Outcomes())
+        assert isinstance(h.start(params=params), MigrateAccept)
+        h.finish()
+    assert vms.specs == [VMSpec("verify", {"ws": "1M"}), None]  # None: an older source's (no spec)
 
 
 def test_destination_hands_a_code_hint_to_the_vm_process_with_this_hosts_translations(

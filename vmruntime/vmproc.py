@@ -18,10 +18,11 @@ A VM process can outlive its parent (the agent restarting): ``listen`` makes
 it listen on a unix SOCK_SEQPACKET socket (mode 0600) and keep the guest
 running when the parent's end closes; it then accepts one new controller at a
 time on that socket, which sends ``attach`` to get the run state and a copy of
-the guest RAM memfd. Console output produced while nobody is attached is kept
-in a bounded buffer (the newest DETACHED_CONSOLE bytes) and sent on attach
-(as console events ahead of the reply);
-what did not fit is counted in the attach reply (``console-dropped``).
+the guest RAM memfd. The console's newest output and its byte count are kept
+by vmruntime/console_tail.py: sent on attach (as console events ahead of the
+reply, with ``console-total``; output written while nobody was attached that no
+longer fits is counted in ``console-dropped``), saved by ``pause`` and seeded by
+``restore`` so a migration carries them.
 
 The loop is single-threaded, which keeps the guest deterministic and pause
 simple: the machine runs in slices of about half a millisecond
@@ -59,7 +60,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from vmruntime import control, guestram, postcopy
+from vmruntime import console_tail, control, guestram, postcopy
 from vmruntime.clock import PausableClock
 from vmruntime.devices import DEVICE_OPS, Build, HostDevices, start_machine
 
@@ -74,7 +75,6 @@ MIN_BUDGET = 16
 MAX_BUDGET = 1 << 22
 FIRST_BUDGET = 500
 CONSOLE_CHUNK = 256 << 10  # console bytes per event, well under control.MAX_MSG
-DETACHED_CONSOLE = 64 << 10  # console bytes kept while no controller is attached
 MAX_LANES = 8  # lanes open at once: one per migration session, and a migration at a time per VM
 
 Reply = tuple[dict[str, Any], tuple[int, ...]]  # a handler's reply fields and fds to hand over
@@ -91,8 +91,7 @@ class VMProcess:
         self.listener: socket.socket | None = None  # the attach socket, once `listen` asked for one
         self.lanes: list[socket.socket] = []  # private request/reply sockets (op lane), one per asking thread
         self.listen_path: str | None = None
-        self.backlog = bytearray()  # console output while detached (bounded)
-        self.backlog_dropped = 0
+        self.console = console_tail.ConsoleKeeper()  # the console's newest output and byte count
         self.machine: Machine | None = None
         self.devices = HostDevices()  # the TAP and disk image of the machine's devices, when it has them
         self.paused = False
@@ -236,9 +235,8 @@ class VMProcess:
             return  # it gave up meanwhile: keep listening
         self.ctl = conn
 
-    def _send_backlog(self) -> None:
-        data = bytes(self.backlog)
-        self.backlog.clear()
+    def _send_console(self, data: bytes) -> None:
+        # One `outs` may print any amount of guest RAM: split to stay under MAX_MSG.
         for at in range(0, len(data), CONSOLE_CHUNK):
             self._send({"ev": "console", "data": data[at:at + CONSOLE_CHUNK]})
 
@@ -305,20 +303,9 @@ class VMProcess:
     def _flush_console(self) -> None:
         assert self.machine is not None
         data = self.machine.console_drain()
-        if self.ctl is None:
-            self._keep_detached(data)
-            return
-        # One `outs` may print any amount of guest RAM: split to stay under MAX_MSG.
-        for at in range(0, len(data), CONSOLE_CHUNK):
-            self._send({"ev": "console", "data": data[at:at + CONSOLE_CHUNK]})
-
-    def _keep_detached(self, data: bytes) -> None:
-        """Nobody is attached: keep the newest output for the next controller, count what goes."""
-        self.backlog += data
-        excess = len(self.backlog) - DETACHED_CONSOLE
-        if excess > 0:
-            del self.backlog[:excess]
-            self.backlog_dropped += excess
+        self.console.keep(data, attached=self.ctl is not None)
+        if self.ctl is not None:
+            self._send_console(data)
 
     def _announce_status(self) -> None:
         """Send halted/faulted once, when the machine enters that status."""
@@ -360,6 +347,7 @@ class VMProcess:
         self._start_machine(msg, lambda mac, disk, block: Machine.restore(self.ram, msg["state"], self.clock.now_ns,
                                                                           ready, disk, block))
         reply: dict[str, Any] = {} if warm is None else warm.counts()
+        self.console.seed(msg["state"].get(console_tail.KEY))  # the source's tail and count continue here
         if msg.get("listen"):
             # The incoming VM becomes detachable in the same step (a migration's commit waits on this
             # reply: one exchange, not two). Restored is restored: a failure to listen is reported,
@@ -415,7 +403,7 @@ class VMProcess:
         self._set_paused(True)
         # Console bytes produced before the pause point reach the parent before the reply.
         self._flush_console()
-        state = machine.save_state()
+        state = {**machine.save_state(), console_tail.KEY: self.console.snapshot()}  # a migration carries it
         if msg.get("release-disk") and self.devices.disk is not None:
             try:
                 self.devices.disk.release()
@@ -501,9 +489,10 @@ class VMProcess:
         # unregistered guest RAM): the new controller starts tracking afresh.
         self.tracking = None
         fields, _ = self.op_status(msg)
-        fields.update({"ram-size": len(self.ram), "console-dropped": self.backlog_dropped})
-        self.backlog_dropped = 0
-        self._send_backlog()  # ahead of the reply: the controller has all output when attach returns
+        tail, dropped = self.console.attach()
+        fields.update({"ram-size": len(self.ram), "console-dropped": dropped,
+                       "console-total": self.console.total})
+        self._send_console(tail)  # ahead of the reply: the controller has the tail when attach returns
         return fields, (os.dup(self.ram_fd),)
 
     def op_lane(self, msg: dict[str, Any]) -> Reply:

@@ -36,7 +36,8 @@ from typing import Any
 from agent.code_cache import CodeCache
 from agent.disk_copy import CopyError, DiskFull
 from agent.disks import DiskConfig, DiskError
-from agent.migration import code_hint, disk_move, nic_move, pages, storage_copy
+from agent.migration import code_hint, disk_move, nic_move, pages, spec_move, storage_copy
+from agent.migration import info as params_info
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -262,7 +263,8 @@ class DestinationSession:
         if not self.outcomes.register(start.migration_id, self):
             raise Refused(ErrorCode.BAD_REQUEST, f"migration {start.migration_id} was already seen here")
         try:
-            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size, nic, disk)
+            self._inc = self.bridge.run(self.vms.reserve_incoming, start.vm_name, start.mem_size, nic, disk,
+                                        spec_move.incoming(start.params))
         except Exception as exc:
             self.outcomes.settle(start.migration_id, False)
             raise Refused(error_code(exc), describe(exc)) from exc
@@ -272,6 +274,8 @@ class DestinationSession:
         inc = self._inc
         assert inc is not None
         self.conn.guest_size = start.mem_size
+        if (stall := _params_of(start).receive_stall(self.conn.stall_s)) != self.conn.stall_s:
+            self.conn.set_stall_timeout(stall)  # the operator's for this migration, and its bandwidth cap
         self._ram = memoryview(inc.ram)
         # Before the wait for the VM process, not after: the digest's set-up (it grows with the
         # guest) then runs while that process starts, instead of adding to the setup time.
@@ -545,10 +549,10 @@ class DestinationSession:
 
 
 def _params_of(start: MigrateStart) -> MigrationParams:
-    """The source's parameters, for the record (informational: the source enforces them)."""
+    """The source's parameters (informational: it enforces them); one this host does not know is
+    left out, not a reason to drop the rest."""
     try:
-        return MigrationParams.from_dict({k: v for k, v in start.params.items()
-                                          if k not in (nic_move.PARAMS_KEY, disk_move.PARAMS_KEY)})
+        return MigrationParams.from_dict({k: v for k, v in start.params.items() if k in params_info.PARAM_KEYS})
     except (ValueError, TypeError):
         return MigrationParams()
 

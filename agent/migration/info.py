@@ -75,6 +75,11 @@ class MigrationParams:
     # "background": the guest writes its disk freely, the rounds send what it wrote; "write-blocking":
     # the guest's vCPU waits while the disk's unsent dirty blocks reach a cap (storage_copy.py).
     storage_mode: str = "background"
+    # The progress deadline of every wait on the migration's connections, on both sides (None: each
+    # agent's stall-timeout setting); and the migration's: no new byte on its connection for this
+    # long fails it before COMMIT (None: off). docs/RELIABILITY.md, "Stalls".
+    stall_timeout_s: float | None = None
+    progress_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
@@ -85,6 +90,9 @@ class MigrationParams:
             raise ValueError("max-rounds must be at least 1")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError("timeout must be positive (seconds)")
+        for name, value in (("stall-timeout", self.stall_timeout_s), ("progress-timeout", self.progress_timeout_s)):
+            if value is not None and not 0 < value <= MAX_STALL_S:
+                raise ValueError(f"{name} must be in (0, {MAX_STALL_S:g}] seconds")
         if self.disk_dir is not None and not (self.copy_storage and os.path.isabs(self.disk_dir)):
             raise ValueError("disk-dir must be an absolute directory on the destination, with copy-storage")
         if self.storage_mode not in STORAGE_MODES:
@@ -92,6 +100,18 @@ class MigrationParams:
         if self.storage_mode != "background" and not self.copy_storage:
             raise ValueError("storage-mode applies to copy-storage only")
         self.announce()  # its own checks
+
+    def receive_stall(self, default_s: float) -> float:
+        """The receiving side's progress deadline: the stall timeout (these params', else
+        ``default_s``), plus the pause a bandwidth cap puts between two batches on the sender (a
+        batch's bytes at the cap: the sender's rate limiter sleeps before it sends them)."""
+        from agent import disk_copy
+        from agent.migration import pages
+
+        stall = self.stall_timeout_s or default_s
+        if self.bandwidth is None:
+            return stall
+        return stall + max(pages.BATCH_BYTES, disk_copy.BATCH_BYTES) / self.bandwidth
 
     def announce(self) -> Schedule:
         """The announce rounds these params ask for."""
@@ -101,7 +121,7 @@ class MigrationParams:
     def from_dict(cls, args: dict[str, Any]) -> MigrationParams:
         """Build params from control-API arguments (CLI flag names, dashes or underscores)."""
         norm = {str(k).replace("_", "-"): v for k, v in args.items() if v is not None}
-        unknown = set(norm) - _PARAM_KEYS
+        unknown = set(norm) - PARAM_KEYS
         if unknown:
             raise ValueError(f"unknown migration parameter(s): {', '.join(sorted(unknown))}")
         return cls(
@@ -123,7 +143,13 @@ class MigrationParams:
             copy_storage=bool(norm.get("copy-storage", False)),
             disk_dir=str(norm["disk-dir"]) if "disk-dir" in norm else None,
             storage_mode=str(norm.get("storage-mode", "background")),
+            stall_timeout_s=float(norm["stall-timeout"]) if "stall-timeout" in norm else None,
+            progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
         )
+
+    def for_peer(self, version: int) -> dict[str, Any]:
+        """``to_dict`` for a peer speaking protocol ``version``: without the params it does not know."""
+        return {k: v for k, v in self.to_dict().items() if PARAMS_SINCE.get(k, 1) <= version}
 
     def to_dict(self) -> dict[str, Any]:
         """The params under the same names ``from_dict`` accepts."""
@@ -146,13 +172,19 @@ class MigrationParams:
             "copy-storage": self.copy_storage,
             "disk-dir": self.disk_dir,
             "storage-mode": self.storage_mode,
+            "stall-timeout": self.stall_timeout_s,
+            "progress-timeout": self.progress_timeout_s,
         }
 
 
-_PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
+# Params a peer learned in a later protocol version than 1: an older destination refuses a key it
+# does not know (and would then lose the maps beside it), so they are left out for it (for_peer).
+PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3}
+PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
-                         "disk-dir", "storage-mode"})
+                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout"})
+MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
 STORAGE_MODES = ("background", "write-blocking")
 
 

@@ -25,10 +25,11 @@ from agent.migration.destination import DestinationSession
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
 from agent.migration.outcomes import Outcomes
+from agent.migration.progress import ProgressWatch
 from agent.migration.seams import LogLike, ManagedVM, VMHost
 from agent.migration.source import SourceSession
-from agent.migration.transport import Connection, accepted
-from agent.tls import TLSContexts
+from agent.migration.transport import STALL_TIMEOUT_S, Connection, accepted
+from agent.tls import TLSSource
 from proto.errors import ErrorCode
 
 # How long migrate() waits for the destination's accept or refusal before
@@ -64,13 +65,15 @@ class MigrationManager:
     """
 
     def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
-                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSContexts | None = None) -> None:
+                 in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSSource | None = None,
+                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
         self.agent_name = agent_name
-        self.tls = tls  # agent.tls.TLSContexts: mutual TLS on the listener and outgoing connections
+        self.tls = tls  # agent.tls.TLSDir: mutual TLS on the listener and outgoing connections, read at each one
         self.key = key
         self.vms = vms
         self.log = log
         self.in_doubt_timeout = in_doubt_timeout
+        self.stall_timeout = stall_timeout  # each migration wait's progress deadline, in and out (transport.py)
         self.address: tuple[str, int] | None = None  # the listener's bound address, once serving
         self._lsock: socket.socket | None = None  # bound by bind(), not yet accepting
         self._infos: dict[str, MigrationInfo] = {}  # vm name -> current or last migration, in or out
@@ -138,10 +141,10 @@ class MigrationManager:
         self._start_thread(lambda: self._run_incoming(session), "ferry-migration-in")
 
     def _incoming_connection(self, sock: socket.socket) -> Connection:
-        sock = accepted(sock)  # its receive buffer sized for the path
+        sock = accepted(sock, self.stall_timeout)  # its receive buffer sized for the path
         if self.tls is None:
             return Connection(sock)
-        return tls.server_connection(sock, self.tls.server)
+        return tls.server_connection(sock, self.tls.server, self.stall_timeout)
 
     def _run_incoming(self, session: DestinationSession) -> None:
         try:
@@ -195,7 +198,7 @@ class MigrationManager:
                                 agent_name=self.agent_name, bridge=LoopBridge(asyncio.get_running_loop()),
                                 info=info, log=self.log, tls=None if self.tls is None else self.tls.client,
                                 in_doubt_timeout=self.in_doubt_timeout if in_doubt_timeout is None else in_doubt_timeout,
-                                code_cache=self.code_cache)
+                                code_cache=self.code_cache, stall_timeout=self.stall_timeout)
         loop = asyncio.get_running_loop()
         out = _Outgoing(session, loop.create_future())
         self._infos[vm_name] = info
@@ -217,9 +220,15 @@ class MigrationManager:
 
     def _run_outgoing(self, out: _Outgoing, loop: asyncio.AbstractEventLoop) -> None:
         """The session thread's body: the session, then its end told to the loop and the hook."""
+        watch = None if out.session.params.progress_timeout_s is None else \
+            ProgressWatch(out.session, out.session.params.progress_timeout_s)
+        if watch is not None:
+            watch.start()
         try:
             out.session.run()
         finally:
+            if watch is not None:
+                watch.stop()
             _on_loop(loop, self._outgoing_over, out)
             self._finished(out.session.info)
 

@@ -16,9 +16,10 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from agent import nics
-from agent.migration.common import map_items
-from agent.migration.seams import Lane
+from agent.migration.common import describe, map_items
+from agent.migration.seams import Lane, LogLike
 from agent.nics import NicConfig, NicError
+from vmruntime.control import VMError, VMGone
 
 DRAIN_TIMEOUT_S = 10.0  # a paused VM process answers at once; this bounds a stuck one
 
@@ -95,3 +96,15 @@ def switchover_drops(lane: Lane, tap: str, dropped_at_pause: int) -> int:
     Raises VMError, VMGone or OSError when the VM process does not answer."""
     drained = int(lane.request("nic-drain", timeout=DRAIN_TIMEOUT_S).get("drained", 0))
     return drained + max(0, (tap_dropped(tap) or 0) - dropped_at_pause)
+
+
+def count_drops(lane: Lane | None, nic: NicConfig | None, dropped_at_pause: int | None, log: LogLike) -> int | None:
+    """``switchover_drops`` for the source's record: None without a NIC (or its count at the
+    pause), and a warning instead of an error when the VM process does not answer."""
+    if nic is None or lane is None or dropped_at_pause is None:
+        return None
+    try:
+        return switchover_drops(lane, nic.tap, dropped_at_pause)
+    except (VMError, VMGone, OSError) as exc:
+        log.warning("counting the frames left at switch-over failed", tap=nic.tap, error=describe(exc))
+        return None

@@ -2,7 +2,9 @@
 
 This module owns the one decision of a pre-copy migration: after each round,
 keep copying, switch over to stop-and-copy, throttle the vCPU harder, or give
-up (abort, or force the switch-over past the downtime bound). It does no I/O
+up (abort, or force the switch-over past the downtime bound); and whether a
+migration that moved no byte for a while has stalled (``progress_stalled``,
+the progress timeout). It does no I/O
 and reads no clock: the caller passes the figures and ``now`` (like Cloud
 Hypervisor's ``is_precopy_converged``), so tests build any scenario with
 fixed numbers.
@@ -208,3 +210,11 @@ def _outrun(fig: Figures) -> bool:
         # Round 0 copies everything; its dirty rate says nothing yet.
         return False
     return fig.dirty_rate >= fig.bandwidth * THROTTLE_TRIGGER
+
+
+def progress_stalled(idle_s: float, limit_s: float | None) -> str | None:
+    """Why the migration fails for want of progress, or None: ``idle_s`` seconds without a new
+    byte on its connection (either way) against the progress timeout (None: off)."""
+    if limit_s is None or idle_s < limit_s:
+        return None
+    return f"no progress: no bytes transferred for {idle_s:.1f} s (progress-timeout {limit_s:g} s)"

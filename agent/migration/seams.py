@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 from agent.announce import Schedule
 from agent.disks import DiskConfig
 from agent.nics import NicConfig
+from agent.vmspec import VMSpec
 from vmruntime.dirty import DirtyTracker
 
 
@@ -73,6 +74,12 @@ class MigratingVM(Protocol):
 
     @property
     def dirty_backend(self) -> str: ...
+
+    @property
+    def program(self) -> str: ...
+
+    @property
+    def args(self) -> dict[str, str]: ...
 
     async def begin_migration(self) -> None:
         """The migration starts: state "migrating" (and its phase recorded for an agent restart)."""
@@ -143,9 +150,9 @@ class IncomingHost(Protocol[InT, ClaimT]):
     """
 
     def reserve_incoming(self, name: str, mem: int, nic: NicConfig | None = None,
-                         disk: DiskConfig | None = None) -> InT:
+                         disk: DiskConfig | None = None, spec: VMSpec | None = None) -> InT:
         """Take the name and RAM for an arriving VM (and its NIC: refused if its MAC is in use; its
-        disk: refused if another VM here uses the image)."""
+        disk: refused if another VM here uses the image; its spec names it)."""
 
     def allowed_disk_dirs(self) -> tuple[Path, ...]:
         """Where this host's disk images may live (agent/disks.py)."""

@@ -38,7 +38,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, disk_move, nic_move, pages, storage_copy, tls
+from agent.migration import code_hint, disk_move, nic_move, pages, spec_move, storage_copy, tls
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -57,7 +57,7 @@ from agent.migration.policy import Action, Decision, Limits, decide
 from agent.migration.rounds import RoundBook
 from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source_digest import SourceDigest
-from agent.migration.transport import Connection, RateLimiter
+from agent.migration.transport import STALL_TIMEOUT_S, Connection, RateLimiter
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
     Abort,
@@ -96,7 +96,7 @@ class SourceSession:
     def __init__(self, *, vm: MigratingVM, vms: SourceHost, dest: tuple[str, int], params: MigrationParams,
                  key: bytes, agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: ssl.SSLContext | None = None,
-                 code_cache: CodeCache | None = None) -> None:
+                 code_cache: CodeCache | None = None, stall_timeout: float = STALL_TIMEOUT_S) -> None:
         self.vm = vm
         self.vms = vms
         self.dest = dest
@@ -107,6 +107,7 @@ class SourceSession:
         self.info = info
         self.log = log
         self.in_doubt_timeout = in_doubt_timeout
+        self.stall_s = params.stall_timeout_s or stall_timeout  # each wait's progress deadline (transport.py)
         self.tls = tls  # the client context of mutual TLS, or None for plaintext
         self.code_cache = code_cache  # this host's translated guest blocks (agent/code_cache.py)
         self.migration_id = secrets.token_hex(8)
@@ -117,6 +118,7 @@ class SourceSession:
         self._cancel = threading.Event()
         self._lock = threading.Lock()  # orders cancel() against sending COMMIT
         self._committing = False
+        self._failure: Exception | None = None  # why interrupt() stopped the session (progress.py)
         self._tracker: DirtyTracker | None = None
         self._ram: memoryview | None = None
         self._digest: SourceDigest | None = None
@@ -134,16 +136,22 @@ class SourceSession:
         self._copy: storage_copy.SourceCopy | None = None  # the disk's copy (--copy-storage)
 
     # -- control from other threads ----------------------------------------------------------------
-    def cancel(self) -> bool:
+    def cancel(self, failure: Exception | None = None) -> bool:
         """Ask the session to stop; False once COMMIT is (being) sent and cancel can no longer apply."""
         with self._lock:
             if self._committing:
                 return False
-            self._cancel.set()
+            self._failure = failure
+            if failure is None:
+                self._cancel.set()
         conn = self.conn  # read once: the session thread may drop it meanwhile
         if conn is not None:
             conn.shutdown()  # wakes a blocked send/recv at once
         return True
+
+    def interrupt(self, failure: Exception) -> bool:
+        """Fail the session with ``failure`` (the progress timeout), as cancel() would stop it."""
+        return self.cancel(failure)
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -207,13 +215,14 @@ class SourceSession:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"unexpected {type(reply).__name__}")
 
     def _proposed_params(self) -> dict[str, Any]:
-        """The params, and the VM's NIC and disk under their own keys (nic_move, disk_move)."""
-        params = self.params.to_dict()
+        """The params, and the VM's spec, NIC and disk, each under its own key (*_move.PARAMS_KEY)."""
+        assert self.conn is not None
+        version = self.conn.channel.version
+        params = {**self.params.for_peer(version), **spec_move.proposal(self.vm, version)}
         if self.vm.nic is not None:
             params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
         if self.vm.disk is not None or self.params.copy_storage:
-            assert self.conn is not None
-            params[disk_move.PARAMS_KEY] = disk_move.proposal(self.vm.disk, self.params, self.conn.channel.version)
+            params[disk_move.PARAMS_KEY] = disk_move.proposal(self.vm.disk, self.params, version)
         return params
 
     # -- pre-copy ------------------------------------------------------------------------------------
@@ -460,7 +469,7 @@ class SourceSession:
         info.downtime_s = resumed_at - self._pause_t
         info.remaining = 0
         self._release_ram()
-        self._count_switchover_drops()
+        self.info.rx_dropped_at_switchover = nic_move.count_drops(self._lane, self.vm.nic, self._tap_dropped, self.log)
         try:
             self.bridge.call(self.vm.track_stop())
         except Exception as exc:  # the VM process is about to go anyway
@@ -479,16 +488,6 @@ class SourceSession:
         info.finish(Status.COMPLETED, at=resumed_at)
         self.log.info("migration completed", vm=self.vm.name, peer=info.peer,
                       downtime_ms=round(info.downtime_s * 1000, 1), rounds=len(info.rounds))
-
-    def _count_switchover_drops(self) -> None:
-        """Frames lost to the switch-over at the source's TAP (nic_move.switchover_drops)."""
-        if self.vm.nic is None or self._lane is None or self._tap_dropped is None:
-            return
-        try:
-            self.info.rx_dropped_at_switchover = nic_move.switchover_drops(self._lane, self.vm.nic.tap,
-                                                                           self._tap_dropped)
-        except (vmctl.VMError, vmctl.VMGone, OSError) as exc:
-            self.log.warning("counting the frames left at switch-over failed", vm=self.vm.name, error=describe(exc))
 
     def _resume_after_commit(self) -> None:
         """The destination said it did not resume and never will: the VM is ours again."""
@@ -516,10 +515,12 @@ class SourceSession:
     # -- rolling back ----------------------------------------------------------------------------------
     def _roll_back(self, exc: BaseException) -> None:
         """Any failure before COMMIT: the destination discards, the VM runs here again."""
+        exc = self._failure or exc  # the connection shut down by interrupt() only says it was shut
         cancelled = isinstance(exc, Cancelled) or (self._cancel.is_set() and isinstance(exc, OSError | ProtocolError))
         why = "cancelled by the operator" if cancelled else describe(exc)
         self._tell_abort(error_code(exc), why)
-        if self.conn is not None:  # so an immediate retry finds the VM's name free there
+        # Linger so an immediate retry finds the VM's name free there; a stalled peer reads nothing.
+        if self.conn is not None and not isinstance(exc, TimeoutError):
             self.conn.linger(ROLLBACK_LINGER_S)
         self._close()
         try:
@@ -571,7 +572,7 @@ class SourceSession:
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _connect(self, guest_size: int | None = None) -> Connection:
-        return tls.dial(self.dest, self.tls, guest_size)
+        return tls.dial(self.dest, self.tls, guest_size, self.stall_s)
 
     def _handshake(self, conn: Connection) -> str:
         return client_handshake(conn, self.key, self.agent_name)

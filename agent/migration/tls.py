@@ -12,7 +12,7 @@ checks and byte counts stay those of the plaintext path, which is untouched (and
   out at most one 16 KiB record per call);
 * timeouts: Python socket timeouts, not the kernel's SO_RCVTIMEO. A blocking SSLSocket retries
   SSL_read after EAGAIN, so a kernel timeout would never surface; with a timeout set, every wait is
-  a poll bounded by ``IO_TIMEOUT_S``;
+  a poll bounded by the connection's stall timeout;
 * ``shutdown`` acts on the TCP socket underneath (SSLSocket.shutdown would also drop the TLS
   state that a thread blocked in a read is using).
 
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 from agent import tls
 from agent.migration.common import MigrationError
-from agent.migration.transport import IO_TIMEOUT_S, Connection, ConnectionClosed, connect
+from agent.migration.transport import IO_TIMEOUT_S, Connection, ConnectionClosed, connect, keep_alive
 from proto.errors import ErrorCode
 from proto.messages import Message
 
@@ -44,6 +44,11 @@ class TLSConnection(Connection):
                  io_timeout: float = IO_TIMEOUT_S) -> None:
         sock.settimeout(io_timeout)
         super().__init__(sock, guest_size)
+
+    def set_stall_timeout(self, seconds: float) -> None:
+        self.sock.settimeout(seconds)  # a Python-level timeout: the SSLSocket polls
+        keep_alive(self.sock, seconds)
+        self.stall_s = seconds
 
     def next_frame_is(self, cls: type[Message]) -> bool:
         """Never known ahead: a TLS record cannot be peeked at decrypted."""
@@ -96,14 +101,14 @@ class TLSConnection(Connection):
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
 
-def server_connection(sock: socket.socket, ctx: ssl.SSLContext) -> TLSConnection:
+def server_connection(sock: socket.socket, ctx: ssl.SSLContext, io_timeout: float = IO_TIMEOUT_S) -> TLSConnection:
     """An accepted socket as a TLS connection; the handshake happens on its first read."""
     tls_sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    return TLSConnection(tls_sock)
+    return TLSConnection(tls_sock, io_timeout=io_timeout)
 
 
 def client_connection(sock: socket.socket, ctx: ssl.SSLContext, host: str,
-                      guest_size: int | None = None) -> TLSConnection:
+                      guest_size: int | None = None, io_timeout: float = IO_TIMEOUT_S) -> TLSConnection:
     """TLS over a connected socket to ``host`` (whose certificate must name it); handshake done."""
     sock.settimeout(tls.HANDSHAKE_TIMEOUT)
     try:
@@ -111,15 +116,17 @@ def client_connection(sock: socket.socket, ctx: ssl.SSLContext, host: str,
     except BaseException:
         sock.close()
         raise
-    return TLSConnection(tls_sock, guest_size)
+    return TLSConnection(tls_sock, guest_size, io_timeout)
 
 
-def dial(dest: tuple[str, int], ctx: ssl.SSLContext | None, guest_size: int | None = None) -> Connection:
-    """A connection to a migration listener: plaintext without ``ctx``, else mutual TLS."""
-    sock = connect(dest)
+def dial(dest: tuple[str, int], ctx: ssl.SSLContext | None, guest_size: int | None = None,
+         stall_s: float = IO_TIMEOUT_S) -> Connection:
+    """A connection to a migration listener (progress deadline ``stall_s``): plaintext without
+    ``ctx``, else mutual TLS."""
+    sock = connect(dest, io_timeout=stall_s)
     if ctx is None:
         return Connection(sock, guest_size=guest_size)
-    return client_connection(sock, ctx, dest[0], guest_size)
+    return client_connection(sock, ctx, dest[0], guest_size, stall_s)
 
 
 @contextlib.contextmanager

@@ -18,9 +18,13 @@ is written for speed:
   rather than the SIGBUS a write through the mapping would take. Scattered
   pages (later rounds) go straight into the mapping with one
   ``recvmsg_into`` per IOV_MAX ranges;
-* timeouts are kernel socket timeouts (SO_RCVTIMEO/SO_SNDTIMEO) on a
-  blocking socket, so a dead peer cannot hang a session, without the poll
-  per call a Python-level timeout costs;
+* a stalled peer is detected in seconds (docs/RELIABILITY.md, "Stalls"):
+  every blocking send or receive has a progress deadline, a kernel socket
+  timeout (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket, without the poll
+  per call a Python-level timeout costs; and TCP keep-alive probes with
+  TCP_USER_TIMEOUT drop a connection whose peer host or path died. The
+  kernel answers both for a frozen (SIGSTOPped) process, so only the
+  deadline catches that one;
 * cancelling is ``shutdown()`` from another thread: every blocked call
   returns at once;
 * the connecting side (always the migration source, the one that streams
@@ -62,9 +66,15 @@ T = TypeVar("T")
 # Linux IOV_MAX: the most buffers one sendmsg call takes.
 IOV_MAX = 1024
 
-# Kernel-level timeout of one blocking send or receive: generous, because a
-# peer may legitimately spend a while spawning a VM process before it answers.
-IO_TIMEOUT_S = 30.0
+# Progress deadline of every blocking send or receive on a migration connection (no byte moved for
+# this long: the peer is dead or frozen). Each silent wait of the protocol is bounded well below it
+# (docs/RELIABILITY.md, "Stalls"); agent config and `ferry migrate --stall-timeout` change it.
+STALL_TIMEOUT_S = 4.0
+IO_TIMEOUT_S = STALL_TIMEOUT_S
+# TCP keep-alive: first probe after this much idle time, then one per interval; the connection is
+# dropped once probes or data stay unacknowledged for the stall timeout (TCP_USER_TIMEOUT).
+KEEPALIVE_IDLE_S = 1
+KEEPALIVE_INTERVAL_S = 1
 CONNECT_TIMEOUT_S = 5.0
 
 # Most send buffer the connecting side asks for (the kernel doubles it): room for bandwidth x
@@ -152,11 +162,31 @@ def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
+def keep_alive(sock: socket.socket, stall_s: float) -> None:
+    """TCP keep-alive probes and TCP_USER_TIMEOUT: a peer host that died, or a path that broke,
+    drops the connection after about ``stall_s`` (whether we send or wait). Best effort: an
+    option this kernel lacks leaves the progress deadline alone to do the job."""
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", 4), KEEPALIVE_IDLE_S),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", 5), KEEPALIVE_INTERVAL_S),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", 6), max(1, int(stall_s / KEEPALIVE_INTERVAL_S))),
+            (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18), max(1, int(stall_s * 1000)))]
+    for level, opt, value in opts:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, opt, value)
+
+
+def set_stall_timeout(sock: socket.socket, stall_s: float) -> None:
+    """The progress deadline of every blocking call on ``sock``, and the keep-alive that goes with it."""
+    _set_io_timeout(sock, stall_s)
+    keep_alive(sock, stall_s)
+
+
 def prepare_socket(sock: socket.socket, io_timeout: float = IO_TIMEOUT_S) -> socket.socket:
-    """Blocking mode with kernel timeouts, no Nagle delay (READY/COMMIT are tiny and latency-bound)."""
+    """Blocking mode with kernel timeouts and keep-alive, no Nagle delay (READY/COMMIT are tiny and latency-bound)."""
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _set_io_timeout(sock, io_timeout)
+    set_stall_timeout(sock, io_timeout)
     return sock
 
 
@@ -256,6 +286,12 @@ class Connection:
         self._hdr = bytearray(HEADER_SIZE)
         self._piece_buf: memoryview | None = None  # the receive buffer of _recv_pieces, made on first use
         self._closed = False
+        self.stall_s = _io_timeout_of(sock)  # the progress deadline of each blocking call
+
+    def set_stall_timeout(self, seconds: float) -> None:
+        """Change the progress deadline of every later blocking call (and the keep-alive)."""
+        set_stall_timeout(self.sock, seconds)
+        self.stall_s = seconds
 
     @property
     def guest_size(self) -> int | None:
@@ -431,7 +467,8 @@ class Connection:
         try:
             return fn(*args)
         except BlockingIOError:
-            raise TimeoutError(f"the peer did not respond within {IO_TIMEOUT_S:g} s") from None
+            raise TimeoutError(f"the peer stalled: nothing moved on the connection for {self.stall_s:g} s "
+                               "(stall-timeout)") from None
         except OSError as e:
             if self._closed:
                 raise ConnectionClosed("connection shut down") from e
@@ -463,6 +500,18 @@ class Connection:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+
+def _io_timeout_of(sock: socket.socket) -> float:
+    """The kernel receive timeout set on ``sock`` (seconds), or its Python timeout (a TLS socket)."""
+    try:
+        timeout = sock.gettimeout()
+        if timeout is not None:
+            return float(timeout)
+        sec, usec = struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    except (OSError, AttributeError, struct.error):  # not a kernel socket (a test's stand-in)
+        return IO_TIMEOUT_S
+    return sec + usec / 1e6 or IO_TIMEOUT_S
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

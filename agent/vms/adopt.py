@@ -5,8 +5,9 @@ anyone, the agent reads every record in `<state-dir>/vms/` and for each one:
 
 - checks that the recorded process is still the one recorded (pid and start time), connects to its
   socket, checks the peer's pid (SO_PEERCRED), sends `attach` (reply: run state, instructions,
-  throttle, NIC counters, the console output kept meanwhile, and the guest RAM memfd, which must hold
-  the recorded size), and lists the VM again, with the NIC and disk its record names (the VM process
+  throttle, NIC counters, the console's tail and byte count (vmruntime/console_tail.py: a reader's
+  offsets go on), and the guest RAM memfd, which must hold the recorded size), and lists the VM
+  again, with the spec (program, arguments), NIC and disk its record names (the VM process
   kept its TAP and its locked image open all along; when it holds another image than the record
   names, a storage move switched it before the record said so, and its image is the VM's). A record
   that fails any of this is logged "vm lost with the previous agent run" with the reason and removed.
@@ -53,6 +54,7 @@ from agent.records import process_start_time
 from agent.vms.errors import VMError, check_name
 from agent.vms.ram import release_guest_ram
 from agent.vms.vm import VM, written
+from agent.vmspec import parse as parse_spec
 from vmruntime import control as vmctl
 from vmruntime import guestram
 from vmruntime.diskimage import remove_created
@@ -168,7 +170,9 @@ class Adopter:
             raise
         memfd, ram = _map_attached(fds, mem)
         try:
+            spec = parse_spec({"program": str(rec.get("program", "?")), "args": rec.get("args") or {}})
             vm = VM(name=name, mem=mem, memfd=memfd, ram=ram, pid=pid, program=str(rec.get("program", "?")),
+                    args=dict(spec.args) if spec else {},
                     dirty_backend=m.backend(str(rec.get("dirty-tracker") or "auto")), host=m.agent_name,
                     process=AdoptedProcess(pid), log=m.log.bind(vm=name), socket_path=str(rec["socket"]),
                     pid_start=int(rec["pid-start"]), origin=str(rec.get("origin", "created")),
@@ -182,7 +186,7 @@ class Adopter:
             sock.close()
             await release_guest_ram(memfd, ram)
             raise
-        vm.console.write(console)
+        vm.console.seed(console, int(reply.get("console-total", len(console))))
         vm.connect(sock)
         m.listed[name] = vm
         await self.settle(vm, reply, rec.get("migration-phase"), rec.get("run-before-migration"))

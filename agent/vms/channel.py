@@ -39,6 +39,13 @@ class ConsoleBuffer:
         if excess > 0:
             del self._buf[:excess]
 
+    def seed(self, tail: bytes, total: int) -> None:
+        """Continue from output kept elsewhere (the VM process's tail after an agent restart, or a
+        migration's source): ``tail`` is the newest output, ``total`` the count it ends at, so readers'
+        offsets go on from where they were."""
+        self._buf = bytearray(tail[-self._limit:])
+        self.total = max(total, len(self._buf))
+
     def read(self, offset: int) -> tuple[bytes, int, int]:
         """Bytes from `offset` on, the offset to ask for next, and how many requested bytes were dropped."""
         first = self.total - len(self._buf)

@@ -23,13 +23,17 @@ from agent.nics import NicConfig
 from agent.vms.errors import VMError
 from agent.vms.ram import close_guest_ram, create_guest_ram, release_guest_ram
 from agent.vms.vm import VM, on_disk, written
+from agent.vmspec import VMSpec
 from proto.errors import ErrorCode
+from vmruntime import console_tail
 from vmruntime import control as vmctl
 
 if TYPE_CHECKING:
     from agent.vms.manager import VMManager
 
-MIGRATED_PROGRAM = "(migrated)"  # the program of a VM that arrived by migration: its image is not carried
+# The program of a VM that arrived by migration from a source that sent no spec
+# (agent/migration/spec_move.py).
+MIGRATED_PROGRAM = "(migrated)"
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Incoming:
     spawning: asyncio.Task[VM] | None = field(default=None, repr=False)
     nic: NicConfig | None = None  # the arriving VM's NIC, on this host's bridge and TAP
     disk: DiskConfig | None = None  # the arriving VM's disk: its image on shared storage, as this host names it
+    spec: VMSpec | None = None  # how the arriving VM was made (program, arguments), when the source says
 
     def restore_fields(self) -> dict[str, Any]:
         """The `nic` and `disk` fields of the restore request, for the devices the VM has."""
@@ -62,7 +67,8 @@ class IncomingVMs:
         self.reserved: dict[str, Incoming] = {}
         self._releasing: set[asyncio.Task[None]] = set()  # discarded reservations' RAM being unmapped
 
-    def reserve(self, name: str, mem: int, nic: NicConfig | None = None, disk: DiskConfig | None = None) -> Incoming:
+    def reserve(self, name: str, mem: int, nic: NicConfig | None = None, disk: DiskConfig | None = None,
+                spec: VMSpec | None = None) -> Incoming:
         """Take the name and create guest RAM for an arriving VM; its VM process starts idle, nothing runs.
         A NIC whose MAC or TAP name another VM here uses is refused (incompatible), and a disk
         whose image another VM here uses."""
@@ -73,7 +79,7 @@ class IncomingVMs:
             raise VMError(ErrorCode.INCOMPATIBLE, f"{reason} on the destination")
         m.claim(name, mem)
         fd, ram = create_guest_ram(name, mem)
-        inc = Incoming(name=name, mem=mem, memfd=fd, ram=ram, nic=nic, disk=disk)
+        inc = Incoming(name=name, mem=mem, memfd=fd, ram=ram, nic=nic, disk=disk, spec=spec)
         self.reserved[name] = inc
         with contextlib.suppress(RuntimeError):  # no running loop (a synchronous caller): spawn at start
             inc.spawning = asyncio.get_running_loop().create_task(self._spawn(inc))
@@ -90,7 +96,8 @@ class IncomingVMs:
 
     def _spawn(self, inc: Incoming) -> Coroutine[Any, Any, VM]:
         m = self.manager
-        return m.spawn(inc.name, inc.mem, inc.memfd, inc.ram, m.backend(None), MIGRATED_PROGRAM, preload=True)
+        program = MIGRATED_PROGRAM if inc.spec is None else inc.spec.program
+        return m.spawn(inc.name, inc.mem, inc.memfd, inc.ram, m.backend(None), program, preload=True)
 
     async def prepare(self, inc: Incoming) -> None:
         """Wait until the incoming VM's process is up (optional: start waits for it anyway)."""
@@ -148,6 +155,11 @@ class IncomingVMs:
         vm.arrived_by = migration_id
         vm.nic = inc.nic
         vm.disk = inc.disk
+        if inc.spec is not None:
+            vm.args = dict(inc.spec.args)
+        tail = console_tail.parse(state.get(console_tail.KEY))  # the source's console tail and count
+        if tail is not None:
+            vm.console.seed(*tail)
         if socket_path is not None:
             m.recorder.listening(vm, socket_path)
         # Not waited for here: the loop runs on while the records' thread writes it, and the caller

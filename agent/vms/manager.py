@@ -31,6 +31,7 @@ from agent.vms.ram import PAGE_SIZE, create_guest_ram, release_guest_ram
 from agent.vms.recording import Recorder
 from agent.vms.spare import SpareKeeper
 from agent.vms.vm import VM, written
+from agent.vmspec import VMSpec
 from proto.errors import ErrorCode
 from vmruntime import control as vmctl
 from vmruntime import dirty
@@ -130,7 +131,7 @@ class VMManager:
                 except BaseException:
                     await release_guest_ram(fd, ram)
                     raise
-                vm.nic, vm.disk = config, disk_config
+                vm.nic, vm.disk, vm.args = config, disk_config, dict(args)
             finally:
                 del self._creating[name]
                 self._creating_nics.pop(name, None)
@@ -279,8 +280,8 @@ class VMManager:
 
     # -- incoming migrations (agent/vms/incoming.py; docs/CONTRACTS.md) -------------------------------
     def reserve_incoming(self, name: str, mem: int, nic: nics.NicConfig | None = None,
-                         disk: disks.DiskConfig | None = None) -> Incoming:
-        return self.incoming.reserve(name, mem, nic, disk)
+                         disk: disks.DiskConfig | None = None, spec: VMSpec | None = None) -> Incoming:
+        return self.incoming.reserve(name, mem, nic, disk, spec)
 
     def allowed_disk_dirs(self) -> tuple[Path, ...]:
         """Where this agent's disk images may live (agent/disks.py)."""

@@ -52,6 +52,9 @@ class VM:
     host: str
     process: VMProcess
     log: Log
+    # The boot arguments given at `vm create` (with `program`, the VM's spec: shown by `vm info`,
+    # recorded, and carried by a migration: agent/migration/spec_move.py).
+    args: dict[str, str] = field(default_factory=dict)
     instructions: int = 0
     fault_reason: str | None = None
     throttle_percent: int = 0
@@ -306,6 +309,7 @@ class VM:
             "dirty-tracker": self.dirty_backend,
             "host": self.host,
             "program": self.program,
+            "args": dict(self.args),
             "pid": self.pid,
             "throttle": self.throttle_percent,
             "fault-reason": self.fault_reason,
