@@ -342,6 +342,16 @@ def agent_pair(tmp_path: Path, *, a: dict[str, Any] | None = None, b: dict[str, 
     assert not check_exit or all(code == 0 for code, _ in stopped.values()), f"(exit code, leaked): {stopped}"
 
 
+def agent_list() -> Iterator[list[AgentProc]]:
+    """Every agent a test starts (it appends them), for a fixture to ``yield from``: each stopped
+    afterwards, and none may leave a process behind."""
+    started: list[AgentProc] = []
+    yield started
+    for agent in started:
+        agent.stop()
+        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+
+
 def agent_trio(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc, AgentProc]]:
     """Agents A, B and C sharing one key, for a fixture to ``yield from``: a source, a destination
     a test may cut off or kill, and a third to prove the survivor takes the next migration.

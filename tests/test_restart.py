@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from proto.messages import Commit, DeviceState, Message, PageBatch, Resumed
-from tests.agents import AgentProc, digest_line, make_key, start_agent, wait_for
+from tests.agents import AgentProc, agent_list, digest_line, make_key, start_agent, wait_for
 from tests.faults import C2S, CALL, CUT, S2C, FaultProxy, Rule, kill9, migration_target
 from tests.test_faults_cuts import busy, finished, migrate_via, names, only_on, runs_on
 from vmruntime.runlocal import run_local
@@ -36,11 +36,7 @@ def key(tmp_path: Path) -> Path:
 @pytest.fixture
 def agents(tmp_path: Path) -> Iterator[list[AgentProc]]:
     """Every agent a test starts (append to it); all stopped, their VMs killed, nothing leaked."""
-    started: list[AgentProc] = []
-    yield started
-    for agent in started:
-        agent.stop()
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    yield from agent_list()
 
 
 def kill_agent(agent: AgentProc) -> None:

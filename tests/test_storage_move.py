@@ -16,7 +16,7 @@ import pytest
 
 from agent.cli_storage import progress_line, summary_text
 from agent.storage_move import MAX_FINAL_BYTES, MAX_ROUNDS, SWITCH_BYTES, Step, next_step
-from tests.agents import AgentProc, make_key, small_tmpfs, start_agent, wait_for
+from tests.agents import AgentProc, agent_list, make_key, small_tmpfs, start_agent, wait_for
 from vmruntime.diskimage import ImageError, ImageFile
 
 pytestmark = pytest.mark.timeout(180)
@@ -36,11 +36,7 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def agents(tmp_path: Path) -> Iterator[list[AgentProc]]:
     """Every agent a test starts (append to it): all stopped at the end, nothing leaked."""
-    started: list[AgentProc] = []
-    yield started
-    for agent in started:
-        agent.stop()
-        assert agent.leaked == [], f"agent {agent.name} left processes behind: {agent.leaked}"
+    yield from agent_list()
 
 
 def _agent(tmp_path: Path, agents: list[AgentProc], dirs: tuple[Path, ...], key: Path | None = None) -> AgentProc:

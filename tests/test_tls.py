@@ -39,6 +39,7 @@ from tests.agents import (
     unmigrated_verify_digest,
     wait_for,
 )
+from tests.tlsagents import TLSAgent, start_tls_agent, tls_pair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -227,46 +228,9 @@ def test_plaintext_connection_is_still_the_plain_class() -> None:
 
 
 # -- real agents ---------------------------------------------------------------------------------------
-class TLSAgent(AgentProc):
-    """An agent started with --tls-dir; the test talks to it with the operator's TLS dir."""
-
-    def __init__(self, tmp_path: Path, name: str, key_path: Path, tls_dir: Path, client_dir: Path) -> None:
-        self.client_dir = client_dir
-        super().__init__(tmp_path, name, key_path, {"tls_dir": tls_dir})
-
-    def call(self, op: str, **args: Any) -> Any:
-        key = self.key_path.read_bytes().strip()
-        return call_sync(self.control, key, op, {k.replace("_", "-"): v for k, v in args.items()},
-                         tls=tls.load(self.client_dir).client)
-
-    def cli(self, *args: str, **kw: Any) -> Any:
-        return super().cli("--tls-dir", str(self.client_dir), *args, **kw)
-
-
-def _start(tmp: Path, name: str, key: Path, tls_dir: Path, client_dir: Path) -> TLSAgent:
-    agent = TLSAgent(tmp, name, key, tls_dir, client_dir)
-    try:
-        agent.wait_ready()
-    except BaseException:
-        agent.stop()
-        raise
-    return agent
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> Iterator[tuple[TLSAgent, TLSAgent]]:
-    tmp = tmp_path_factory.mktemp("tls-agents")
-    key = make_key(tmp)
-    a = _start(tmp, "A", key, pki["A"], pki["cli"])
-    try:
-        b = _start(tmp, "B", key, pki["B"], pki["cli"])
-    except BaseException:
-        a.stop()
-        raise
-    yield a, b
-    for agent in (a, b):
-        agent.stop()
-        assert agent.returncode == 0, f"agent {agent.name} exited with {agent.returncode}"
+    yield from tls_pair(tmp_path_factory.mktemp("tls-agents"), pki)
 
 
 @pytest.fixture(scope="module")
@@ -377,8 +341,8 @@ def test_the_migration_listener_checks_certificates_and_the_key(
 def test_agents_with_another_ca_or_key_are_refused_both_ways(
         cluster: tuple[TLSAgent, TLSAgent], pki: dict[str, Path], tmp_path: Path) -> None:
     a, _ = cluster
-    rogue = _start(tmp_path, "C", a.key_path, pki["rogue"], pki["rogue"])
-    wrong_key = _start(tmp_path, "D", make_key(tmp_path, "other.key"), pki["B"], pki["cli"])
+    rogue = start_tls_agent(tmp_path, "C", a.key_path, pki["rogue"], pki["rogue"])
+    wrong_key = start_tls_agent(tmp_path, "D", make_key(tmp_path, "other.key"), pki["B"], pki["cli"])
     try:
         a.cli("vm", "create", "c1", "--program", "counter", "--mem", "16M")
         rogue.cli("vm", "create", "c2", "--program", "counter", "--mem", "16M")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
-import signal
 import socket
 import ssl
 import urllib.request
@@ -21,6 +19,7 @@ from agent.config import build_parser
 from agent.daemon import check_config
 from agent.metrics import AgentMetrics
 from tests.agents import AgentProc, free_port, make_key, run_cli_in_process, wait_for
+from tests.tlsagents import TLSAgent, start_tls_agent, tls_pair
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,60 +180,15 @@ def test_expiry_gauge_and_warnings_from_the_certificate_dates(pki: dict[str, Pat
     assert tls_check.expiries(pki["A"])["cert"] - now > datetime.timedelta(days=800)
 
 
-class TLSAgent(AgentProc):
-    """An agent with a --tls-dir; the test talks to it with an operator's TLS dir."""
-
-    def __init__(self, tmp_path: Path, name: str, key_path: Path, tls_dir: Path, client_dir: Path,
-                 **extra: Any) -> None:
-        self.client_dir = client_dir
-        super().__init__(tmp_path, name, key_path, {"tls_dir": tls_dir, **extra})
-        self.cli_in_process = True
-
-    def call(self, op: str, **args: Any) -> Any:
-        from agent.client import call_sync
-
-        key = self.key_path.read_bytes().strip()
-        return call_sync(self.control, key, op, {k.replace("_", "-"): v for k, v in args.items()},
-                         tls=tls.load(self.client_dir).client)
-
-    def cli(self, *args: str, **kw: Any) -> Any:
-        return super().cli("--tls-dir", str(self.client_dir), *args, **kw)
-
-    def reload(self, count: int = 1) -> None:
-        """SIGHUP, then wait for the agent to log the outcome of its ``count``-th reload."""
-        os.kill(self.proc.pid, signal.SIGHUP)
-        wait_for(lambda: self.log().count('"tls reload') >= count, what=f"agent {self.name} to reload")
-
-
-def _start(tmp: Path, name: str, key: Path, tls_dir: Path, client_dir: Path, **extra: Any) -> TLSAgent:
-    agent = TLSAgent(tmp, name, key, tls_dir, client_dir, **extra)
-    try:
-        agent.wait_ready()
-    except BaseException:
-        agent.stop()
-        raise
-    return agent
-
-
 @pytest.fixture
 def pair(tmp_path: Path, pki: dict[str, Path]) -> Iterator[tuple[TLSAgent, TLSAgent]]:
-    key = make_key(tmp_path)
-    a = _start(tmp_path, "A", key, pki["A"], pki["cli"])
-    try:
-        b = _start(tmp_path, "B", key, pki["B"], pki["cli"])
-    except BaseException:
-        a.stop()
-        raise
-    yield a, b
-    for agent in (a, b):
-        agent.destroy_all_vms()
-        agent.stop()
+    yield from tls_pair(tmp_path, pki)
 
 
 def test_an_agent_near_expiry_warns_in_its_log_and_metrics(pki: dict[str, Path], tmp_path: Path) -> None:
     certs.issue("A", ca_dir=pki["ca"], out=pki["A"], ips=["127.0.0.1"], days=10, force=True)
     metrics = f"127.0.0.1:{free_port()}"
-    agent = _start(tmp_path, "A", make_key(tmp_path), pki["A"], pki["cli"], metrics=metrics)
+    agent = start_tls_agent(tmp_path, "A", make_key(tmp_path), pki["A"], pki["cli"], metrics=metrics)
     try:
         wait_for(lambda: "the agent's certificate expires on" in agent.log(), what="the expiry warning")
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as resp:
