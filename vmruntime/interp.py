@@ -232,7 +232,7 @@ def marshal_block(fn: BlockFn) -> bytes:
 
 
 def within_bytes(blocks: Iterable[tuple[int, bytes]], max_bytes: int) -> list[tuple[int, bytes]]:
-    """The leading (pc, marshalled code) pairs whose code adds up to at most ``max_bytes``."""
+    """The first (pc, marshalled code) pairs, in order, whose code adds up to at most ``max_bytes``."""
     out: list[tuple[int, bytes]] = []
     total = 0
     for pc, blob in blocks:
