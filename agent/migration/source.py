@@ -25,7 +25,8 @@ never will.
 
 What is not the sequence lives beside it: the RAM digest and its thread
 (source_digest), the round figures and the policy's inputs (rounds), the
-in-doubt queries (in_doubt), the disk's copy (storage_copy).
+in-doubt queries (in_doubt), the disk's copy (storage_copy), and what becomes
+of the VM here once the exchange has settled its owner (source_end).
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, disk_move, nic_move, pages, spec_move, storage_copy, tls
+from agent.migration import code_hint, disk_move, nic_move, pages, source_end, spec_move, storage_copy, tls
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -449,68 +449,25 @@ class SourceSession:
             self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
             resumed = self._resolve_in_doubt()
             if resumed is None:
-                self._stay_in_doubt()
+                source_end.stay_in_doubt(self)
                 return
         self._book.lap("commit", t)
         self._close()
         if resumed:
-            self._complete()
+            source_end.complete(self)
         else:
-            self._resume_after_commit()
+            source_end.resume_after_commit(self)
 
     def _resolve_in_doubt(self) -> bool | None:
         """Ask the destination on new connections whether it resumed; None if it never answers."""
         self._close()
         return self._asker.resolve(self.in_doubt_timeout)
 
-    def _complete(self) -> None:
-        info = self.info
-        resumed_at = time.monotonic()
-        info.downtime_s = resumed_at - self._pause_t
-        info.remaining = 0
-        self._release_ram()
-        self.info.rx_dropped_at_switchover = nic_move.count_drops(self._lane, self.vm.nic, self._tap_dropped, self.log)
-        try:
-            self.bridge.call(self.vm.track_stop())
-        except Exception as exc:  # the VM process is about to go anyway
-            self.log.warning("track-stop after commit failed", vm=self.vm.name, error=describe(exc))
-        try:
-            self.bridge.call(self.vms.remove_migrated(self.vm.name))
-        except Exception as exc:  # the VM runs on the destination whatever happens to our copy
-            self.log.error("removing the migrated VM failed", vm=self.vm.name, error=describe(exc))
-        if self._copy is not None:  # the destination runs the VM on its copy of the image
-            why = storage_copy.remove_source(self._copy.disk.path)
-            if why is not None:
-                self.log.error("removing the copied disk image failed", vm=self.vm.name, error=why)
-        self._book.note_downtime(self.params.max_downtime_ms)
-        # The migration is over when the destination runs the VM (QEMU's total-time ends there too):
-        # stopping our copy and freeing its RAM come after, outside total-time.
-        info.finish(Status.COMPLETED, at=resumed_at)
-        self.log.info("migration completed", vm=self.vm.name, peer=info.peer,
-                      downtime_ms=round(info.downtime_s * 1000, 1), rounds=len(info.rounds))
-
-    def _resume_after_commit(self) -> None:
-        """The destination said it did not resume and never will: the VM is ours again."""
-        self._restore_vm()
-        self.info.finish(Status.FAILED, self.info.error or "the destination did not resume the VM")
-        self.log.warning("migration failed after commit; VM resumed here", vm=self.vm.name, error=self.info.error)
-
     def ask_once(self, deadline_s: float | None = None) -> bool | None:
         """One more in-doubt query (for the operator's migrate-resolve): the destination's answer,
         or None when it cannot be reached (within ``deadline_s``). A "no" fences the migration
         there for good."""
         return self._asker.ask_once(deadline_s)
-
-    def _stay_in_doubt(self) -> None:
-        """Nobody can say whether the destination runs the VM: keep it paused, tell the operator."""
-        self.in_doubt = True
-        self._release_ram()
-        self.bridge.call(self.vm.end_migration("paused"))
-        self.info.finish(Status.FAILED, (
-            f"in doubt: COMMIT sent but no answer from {self.dest[0]}:{self.dest[1]} within "
-            f"{self.in_doubt_timeout:g} s; the VM stays paused here. Check the destination, then resolve it: "
-            "ferry migrate-resolve NAME --resume-here | --resumed-on-destination"))
-        self.log.error("migration in doubt; VM kept paused", vm=self.vm.name, migration_id=self.migration_id)
 
     # -- rolling back ----------------------------------------------------------------------------------
     def _roll_back(self, exc: BaseException) -> None:
@@ -524,7 +481,7 @@ class SourceSession:
             self.conn.linger(ROLLBACK_LINGER_S)
         self._close()
         try:
-            self._restore_vm()
+            source_end.restore_vm(self)
         finally:
             self.info.finish(Status.CANCELLED if cancelled else Status.FAILED, None if cancelled else why,
                              ErrorCode.CANCELLED if cancelled else error_code(exc))
@@ -539,36 +496,6 @@ class SourceSession:
             self._send(Abort(code, why[:500]))
         except (OSError, ProtocolError):
             pass
-
-    def _restore_vm(self) -> None:
-        """Tracking off, throttle lifted, vCPU resumed (if it ran before), state back to normal."""
-        self._release_ram()
-        vm = self.vm
-        steps: list[Coroutine[Any, Any, None]] = []
-        if self._tracker is not None:
-            steps.append(vm.track_stop())
-            self._tracker = None
-        if self._throttle:
-            steps.append(vm.throttle(0))
-            self._throttle = self.info.throttle = 0
-        errors = []
-        if self._paused and self._shares_disk and self._lane is not None:
-            errors.append(disk_move.take_back(self._lane))  # a VM that stays paused keeps its image locked too
-        if self._paused and self._was_running:
-            steps.append(vm.resume())
-            self._paused = False
-        errors += [self._quiet_call(s) for s in steps]
-        self.bridge.call(vm.end_migration("running" if self._was_running else "paused"))
-        for err in errors:
-            if err:
-                self.log.error("restoring the VM after a failed migration", vm=vm.name, error=err)
-
-    def _quiet_call(self, coro: Coroutine[Any, Any, None]) -> str | None:
-        try:
-            self.bridge.call(coro)
-        except Exception as exc:
-            return describe(exc)
-        return None
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _connect(self, guest_size: int | None = None) -> Connection:
