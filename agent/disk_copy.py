@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from proto.errors import ErrorCode
 from vmruntime.dirty import merge_ranges
 from vmruntime.dirty.extents import data_pieces
+from vmruntime.diskimage import read_full
 
 PAGE_SIZE = 4096
 BATCH_BYTES = 4 << 20  # data one batch reads (and one DiskBatch frame carries) at most
@@ -145,7 +146,7 @@ def read_batches(fd: int, ranges: Iterable[Range], buf: bytearray | None = None)
                 yield batch
                 batch, used = Batch(), 0
             n = min(b - a, len(buf) - used)
-            _pread_all(fd, view[used:used + n], a)
+            read_full(fd, view[used:used + n], a)
             _split_zeros(batch, view, used, a, n, zero)
             used += n
             a += n
@@ -174,16 +175,6 @@ def _split_zeros(batch: Batch, view: memoryview, at: int, offset: int, n: int, z
             batch.ranges.append((start, end))
             batch.pieces.append(view[at + pos:at + pos + grain])
         pos += grain
-
-
-def _pread_all(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:  # past the end of the file: reads as zeros
-            buf[done:] = bytes(len(buf) - done)
-            return
-        done += n
 
 
 class ImageWriter:

@@ -103,6 +103,18 @@ def _create(path: str, size: int) -> bool:
     return True
 
 
+def read_full(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; past the end of the file it reads as zeros (a hole
+    that was cut off)."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            buf[done:] = bytes(len(buf) - done)
+            return
+        done += n
+
+
 def remove_created(path: str) -> None:
     """Remove an image this agent created for a VM whose creation failed, and its identity (best effort)."""
     for name in (path, path + ID_SUFFIX):
@@ -184,13 +196,7 @@ class ImageFile:
         return self._size
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n == 0:  # past the end of the file: a hole that was cut off reads as zeros
-                buf[done:] = bytes(len(buf) - done)
-                return
-            done += n
+        read_full(self.fd, buf, offset)
 
     def write_from(self, offset: int, buf: memoryview) -> None:
         done = 0

@@ -29,6 +29,7 @@ Everything here blocks on files and sockets: for the session threads, never the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ from agent.migration.info import DiskProgress, MigrationInfo, RoundStat
 from agent.migration.seams import Lane
 from agent.migration.transport import Connection, RateLimiter
 from proto.messages import DiskBatch
-from vmruntime.diskimage import ID_SUFFIX, set_image_id
+from vmruntime.diskimage import remove_created, set_image_id
 
 PARTIAL_SUFFIX = ".ferry-partial"
 Range = tuple[int, int]
@@ -126,17 +127,9 @@ def remove_source(path: str) -> str | None:
     """Remove the source's image and its identity once the destination runs the VM on its copy;
     why not, if that failed (the VM is gone from here either way)."""
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        remove_created(path)
     except OSError as e:
-        return f"removing the source image {path}: {e.strerror or e}"
-    try:
-        os.unlink(path + ID_SUFFIX)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        return f"removing the identity of {path}: {e.strerror or e}"
+        return f"removing the source image {e.filename or path}: {e.strerror or e}"
     return None
 
 
@@ -191,8 +184,7 @@ class IncomingCopy:
     def discard(self) -> None:
         """The VM does not run here: remove the copy, under whichever name it has."""
         self.close()
-        for name in (self.partial, *((self.disk.path, self.disk.path + ID_SUFFIX) if self._installed else ())):
-            try:
-                os.unlink(name)
-            except FileNotFoundError:
-                pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.partial)
+        if self._installed:
+            remove_created(self.disk.path)  # the image and the identity it was given
