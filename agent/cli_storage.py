@@ -9,14 +9,13 @@ when the move completed, 1 otherwise (the VM then runs on its old image). docs/c
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 from typing import Any
 
-from agent.cli_progress import FINAL, Progress, outcome_lines, watch
+from agent.cli_args import EXIT_FAILED, EXIT_OK, print_json
+from agent.cli_progress import FINAL, NOT_MEASURED, Live, Progress, bar, follow, outcome_lines
 from agent.cli_progress import mib as _mib
-from agent.client import ClientError, ControlClient
+from agent.client import ControlClient
 
 
 def add_commands(vm: Any) -> None:
@@ -42,13 +41,22 @@ def add_commands(vm: Any) -> None:
     c.set_defaults(run=cmd_move_storage_cancel)
 
 
-def progress_line(info: dict[str, Any]) -> str:
-    """One line of the live display: status, round, copied of what was found to copy, remaining, bandwidth."""
+def _disk_copied(info: dict[str, Any]) -> int:
     disk = info.get("disk", {})
-    copied = int(disk.get("transferred", 0)) + int(disk.get("zero", 0))
-    return (f"{info.get('status', '?'):<9} round {len(info.get('rounds', [])):>3}  "
-            f"{_mib(copied)} copied of {_mib(disk.get('total', 0))}  "
-            f"remaining {_mib(disk.get('remaining', 0))}  bw {float(disk.get('mbps', 0)) / 8:.1f} MB/s")
+    return int(disk.get("transferred", 0)) + int(disk.get("zero", 0))
+
+
+def progress_line(info: dict[str, Any], live: Live = NOT_MEASURED) -> str:
+    """One line of the live display: status, round, copied of what was found to copy, remaining, bandwidth
+    (the display's own measure when it has one, else the agent's per-round figure); a bar on a terminal."""
+    disk = info.get("disk", {})
+    total = int(disk.get("total", 0))
+    fraction = _disk_copied(info) / total if total else 1.0
+    rate = live.rate if live.rate is not None else float(disk.get("mbps", 0)) * 1e6 / 8
+    line = (f"{info.get('status', '?'):<9} round {len(info.get('rounds', [])):>3}  "
+            f"{_mib(_disk_copied(info))} copied of {_mib(total)}  "
+            f"remaining {_mib(disk.get('remaining', 0))}  bw {rate / 1e6:.1f} MB/s")
+    return f"{bar(fraction)} {line}" if live.tty else line
 
 
 def summary_text(info: dict[str, Any]) -> str:
@@ -66,39 +74,25 @@ def summary_text(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
-
-
 async def cmd_move_storage(client: ControlClient, ns: argparse.Namespace) -> int:
     info = await client.call("vm-move-storage", {"name": ns.name, "to": ns.to}, reply_within=60.0)
     if ns.detach:
-        _print_json(info) if ns.json else print(f"storage move of {ns.name} to {info.get('to')} started")
+        print_json(info) if ns.json else print(f"storage move of {ns.name} to {info.get('to')} started")
         return 0
-    progress = None if ns.json else Progress(sys.stdout, progress_line)
-    try:
-        final = await watch(client, "vm-move-storage-status", ns.name, progress)
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        print(f"\nferry: interrupted, cancelling the storage move of {ns.name}", file=sys.stderr)
-        try:
-            await client.call("vm-move-storage-cancel", {"name": ns.name}, reply_within=40.0)
-        except (ClientError, OSError, TimeoutError):
-            pass
-        raise
-    finally:
-        if progress is not None:
-            progress.end()
-    _print_json(final) if ns.json else print(summary_text(final))
-    return 0 if final.get("status") == "completed" else 1
+    progress = None if ns.json else Progress(sys.stdout, progress_line, counter=_disk_copied)
+    final = await follow(client, ns.name, status_op="vm-move-storage-status", cancel_op="vm-move-storage-cancel",
+                         what="storage move", progress=progress, cancel_within=40.0)
+    print_json(final) if ns.json else print(summary_text(final))
+    return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
 
 
 async def cmd_move_storage_status(client: ControlClient, ns: argparse.Namespace) -> int:
     info = await client.call("vm-move-storage-status", {"name": ns.name})
     if ns.json:
-        _print_json(info)
+        print_json(info)
     else:
         print(summary_text(info) if info.get("status") in FINAL else progress_line(info))
-    return 0
+    return EXIT_OK
 
 
 async def cmd_move_storage_cancel(client: ControlClient, ns: argparse.Namespace) -> int:

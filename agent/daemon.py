@@ -27,6 +27,7 @@ from typing import Any
 
 import uvloop
 
+from agent import ferry_version
 from agent.client import ClientError, call_once
 from agent.config import (
     AgentConfig,
@@ -43,7 +44,7 @@ from agent.logs import Log
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.migration import MigrationManager
 from agent.migration.storage_copy import remove_partials
-from agent.ops import AgentIdentity, ControlOps, Migrations, OpError, ferry_version
+from agent.ops import AgentIdentity, ControlOps, Migrations, OpError
 from agent.records import VMRecords
 from agent.sdnotify import Notifier
 from agent.tls import TLSContexts, TLSDir

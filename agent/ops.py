@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import os
 import re
 import time
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent import ferry_version
 from agent.config import format_hostport, parse_hostport, parse_size
 from agent.logs import Log
 from agent.migration.info import FINAL_STATUSES, MigrationParams, Status
@@ -56,7 +56,7 @@ _UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
 RESOLVE_ACTIONS = ("resume-here", "resumed-on-destination")  # migrate-resolve: where the VM lives on
 # What an agent still does after SIGTERM: answer queries, and let operators clean up.
 WHILE_STOPPING = frozenset({"agent-info", "vm-list", "vm-info", "vm-console", "vm-wait", "migrate-status",
-                            "migrate-cancel", "vm-destroy", "vm-move-storage-status", "vm-move-storage-cancel"})
+                            "migrate-list", "migrate-cancel", "vm-destroy", "vm-move-storage-status", "vm-move-storage-cancel"})
 
 
 class OpError(Exception):
@@ -74,19 +74,13 @@ class Migrations(Protocol):
     async def migrate(self, vm_name: str, dest_migration: tuple[str, int], params: Any,
                       in_doubt_timeout: float | None = None) -> dict[str, Any]: ...
     def info(self, vm_name: str) -> dict[str, Any] | None: ...
+    def infos(self) -> list[dict[str, Any]]: ...
     async def cancel(self, vm_name: str) -> None: ...
     async def resolve(self, vm_name: str, resume_here: bool) -> str: ...
 
 
 # Asks another agent's control API for its agent-info (agent.client provides it; tests may fake it).
 PeerInfo = Callable[[str], Awaitable[dict[str, Any]]]
-
-
-def ferry_version() -> str:
-    try:
-        return importlib.metadata.version("ferry")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass
@@ -125,6 +119,7 @@ class ControlOps:
             "vm-announce": self.vm_announce,
             "migrate": self.migrate,
             "migrate-status": self.migrate_status,
+            "migrate-list": self.migrate_list,
             "migrate-cancel": self.migrate_cancel,
             "migrate-resolve": self.migrate_resolve,
             "vm-move-storage": self.vm_move_storage,
@@ -324,6 +319,10 @@ class ControlOps:
         if info is None:
             raise OpError(ErrorCode.NOT_FOUND, f"no migration of VM {name!r} on agent {self.identity.name}")
         return info
+
+    async def migrate_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every VM's current or last migration on this agent (the reports migrate-status gives one by one)."""
+        return {"migrations": self._engine().infos()}
 
     async def migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")

@@ -130,9 +130,15 @@ def test_cancel_leaves_the_vm_running_on_the_source(pair: tuple[AgentProc, Agent
     assert a.call("vm-info", name="m1")["state"] == "migrating"
     r = a.cli("vm", "pause", "m1", check=False)
     assert r.returncode == 1 and "(busy)" in r.stderr
+    # without a name: the migrations in flight, a table or a JSON list
+    table = a.cli("migrate-status").stdout.splitlines()
+    assert table[0].split()[:4] == ["VM", "DIR", "PEER", "STATUS"] and table[1].split()[:2] == ["m1", "out"]
+    assert [i["vm"] for i in a.cli("migrate-status", json=True).json] == ["m1"]  # the finished ones left out
     a.cli("migrate-cancel", "m1")
     status = a.cli("migrate-status", "m1", json=True).json
     assert status["status"] == "cancelled"
+    assert a.cli("migrate-status").stdout.startswith("no migrations in flight")
+    assert ("m1", "cancelled") in [(i["vm"], i["status"]) for i in a.cli("migrate-status", "--all", json=True).json]
     assert names(a) == ["m1"] and names(b) == []
     assert a.call("vm-info", name="m1")["state"] == "running"
     runs_on(a, "m1")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
+from agent import cli, cli_migrate
 from agent.migration.info import MigrationParams, Status
 from tests.agents import AgentProc, agent_pair, digest_line, finished, unmigrated_verify_digest, wait_for
 from tests.conftest import tracking
@@ -58,10 +58,10 @@ def test_hot_blocks_param_defaults_off_and_round_trips() -> None:
 
 def test_cli_hot_blocks_flag_reaches_the_params() -> None:
     p = cli.build_parser()
-    assert "hot-blocks" not in cli.migrate_params(p.parse_args(["migrate", "c1", "--to", "b:1"]))
+    assert "hot-blocks" not in cli_migrate.migrate_params(p.parse_args(["migrate", "c1", "--to", "b:1"]))
     ns = p.parse_args(["migrate", "c1", "--to", "b:1", "--hot-blocks"])
-    assert cli.migrate_params(ns) == {"hot-blocks": True}
-    assert MigrationParams.from_dict(cli.migrate_params(ns)).hot_blocks is True
+    assert cli_migrate.migrate_params(ns) == {"hot-blocks": True}
+    assert MigrationParams.from_dict(cli_migrate.migrate_params(ns)).hot_blocks is True
 
 
 @pytest.mark.parametrize("hot", [False, True])

@@ -32,3 +32,21 @@ def test_without_a_hold_the_whole_wait_past_the_round_trip_is_drain() -> None:
     book, info = one_round(held=0.0)
     assert book.bandwidth() == pytest.approx(4 * MIN_MEASURED_BYTES / 0.39)
     assert "warm-up-wait" not in info.rounds[0].to_dict()
+
+
+def test_the_first_round_reports_a_rate_before_it_ends_and_the_rounds_own_figure_after() -> None:
+    from agent.migration.pages import Batch
+
+    info = MigrationInfo(vm="v", direction="out")
+    book = RoundBook(info)
+    stat = book.begin([(0, 1 << 30)], info.started - 2.0)  # a round that started 2 s ago
+    book.count_batch(stat, Batch(ranges=[(0, 64 << 20)], data_bytes=64 << 20), wire=64 << 20)
+    # 64 MiB over about 2 s, while the round runs (not 0 until it ends)
+    assert 25e6 < info.bandwidth <= 34e6
+    assert info.to_dict()["ram"]["mbps"] > 0
+    book.sent(stat, 0.5)
+    book.synced(stat, waited=0.0, rtt=0.0, held=0.0)
+    book.end(stat, dirty_bytes=0, elapsed=0.5)
+    assert info.bandwidth == pytest.approx((64 << 20) / 0.5)  # the round's measured figure from then on
+    book.count_batch(book.begin([(0, 4096)], info.started), Batch(ranges=[(0, 4096)], data_bytes=4096), wire=4096)
+    assert info.bandwidth == pytest.approx((64 << 20) / 0.5)  # later rounds leave it to their end

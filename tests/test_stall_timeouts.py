@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
+from agent import cli, cli_migrate
 from agent.config import ConfigError, describe, load_config
 from agent.migration import progress, transport
 from agent.migration.common import MigrationError
@@ -122,9 +122,9 @@ def test_ferry_migrate_passes_the_flags_as_params() -> None:
     ns = cli.build_parser().parse_args(["migrate", "v", "--to", "h:1", "--stall-timeout", "8",
                                         "--progress-timeout", "150"])
     assert isinstance(ns, argparse.Namespace)
-    params = cli.migrate_params(ns)
+    params = cli_migrate.migrate_params(ns)
     assert params["stall-timeout"] == 8 and params["progress-timeout"] == 150
-    plain = cli.migrate_params(cli.build_parser().parse_args(["migrate", "v", "--to", "h:1"]))
+    plain = cli_migrate.migrate_params(cli.build_parser().parse_args(["migrate", "v", "--to", "h:1"]))
     assert "stall-timeout" not in plain and "progress-timeout" not in plain
 
 

@@ -357,6 +357,7 @@ class DestinationSession:
         self.info.normal += data // PAGE_SIZE
         self.info.duplicate += zero // PAGE_SIZE
         self.info.transferred = self.conn.received
+        self.info.first_round_rate(r.bytes, r.start)
 
     def _digest_batch(self, batch: PageBatch) -> None:
         """Keep the digest current: every chunk the batch touched is hashed now, those it covered

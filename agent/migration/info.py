@@ -305,6 +305,14 @@ class MigrationInfo:
             self.error_code = code
         self.finished = time.monotonic() if at is None else at
 
+    def first_round_rate(self, sent: int, round_start_s: float) -> None:
+        """Until a round ended, the bandwidth reported is the first round's so far (``sent`` bytes
+        since ``round_start_s``), so a display reads a rate from the first batches on instead of 0
+        through a long first round; every round's end sets the measured figure (rounds.py)."""
+        elapsed = time.monotonic() - self.started - round_start_s
+        if not self.rounds and elapsed > 0.05:
+            self.bandwidth = sent / elapsed
+
     def total_s(self) -> float:
         end = self.finished if self.finished is not None else time.monotonic()
         return end - self.started

@@ -49,6 +49,7 @@ class RoundBook:
         info.normal += data_pages
         info.duplicate += zero_pages
         info.remaining = max(0, info.remaining - batch.data_bytes - batch.zero_bytes)
+        info.first_round_rate(stat.bytes, stat.start)
 
     def sent(self, stat: RoundStat, seconds: float) -> None:
         """Every batch of the round is out, after ``seconds``."""
