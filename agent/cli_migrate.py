@@ -150,6 +150,8 @@ def progress_line(info: dict[str, Any], live: Live = NOT_MEASURED) -> str:
     on a terminal it starts with a bar."""
     ram = info.get("ram", {})
     status = str(info.get("status", "?"))
+    if info.get("queued") is not None:
+        return f"{status:<9} queued behind the agent's other migrations ({info['queued']} more waiting first)"
     rounds = info.get("rounds", [])
     fraction = done_fraction(info)
     # The round under way during pre-copy; the rounds recorded from the switch-over on.

@@ -122,6 +122,8 @@ class AgentConfig:
     disk_dirs: tuple[Path, ...] = ()
     # Progress deadline of every wait on a migration connection, in and out (agent/migration/transport.py).
     stall_timeout: float = 4.0
+    # Most outgoing migrations at once; the others wait their turn (agent/migration/slots.py).
+    max_outgoing: int = 4
 
     @property
     def control_socket(self) -> Path:
@@ -148,13 +150,14 @@ _KEYS: dict[str, str] = {
                  "(a TOML array of strings in the config file); absolute paths (default: none)",
     "stall-timeout": "seconds a migration connection may stay silent in a wait before its peer counts as "
                      "dead or frozen and the migration fails (default: 4)",
+    "max-outgoing": "most outgoing migrations at once, 1-64; more wait in a queue, in order (default: 4)",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
-             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S"}
+             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "max-outgoing": "N"}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
-_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float), "spare-vm": (str, bool), "disk-dirs": (str, list)}
+_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float), "max-outgoing": (str, int), "spare-vm": (str, bool), "disk-dirs": (str, list)}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -270,6 +273,17 @@ def _stall_timeout(values: dict[str, Any]) -> float:
     return value
 
 
+def _max_outgoing(values: dict[str, Any]) -> int:
+    raw = values.get("max-outgoing", 4)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"max-outgoing: not a whole number: {raw!r}") from None
+    if not 1 <= value <= 64:
+        raise ConfigError(f"max-outgoing: must be 1 to 64, got {raw!r}")
+    return value
+
+
 def _metrics(values: dict[str, Any]) -> tuple[str, int] | None:
     return _address(values, "metrics", "") if values.get("metrics") else None
 
@@ -331,6 +345,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "spare_vm": p.take(_switch, values, "spare-vm", True),
         "disk_dirs": p.take(_disk_dirs, values),
         "stall_timeout": p.take(_stall_timeout, values),
+        "max_outgoing": p.take(_max_outgoing, values),
     }
     p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
     if p.found:
@@ -383,6 +398,7 @@ def describe(config: AgentConfig) -> str:
         "key-file": str(config.key_file), "max-mem": _exact_size(config.max_mem),
         "dirty-tracker": config.dirty_tracker, "log-level": config.log_level,
         "spare-vm": "on" if config.spare_vm else "off", "stall-timeout": f"{config.stall_timeout:g}",
+        "max-outgoing": str(config.max_outgoing),
     }
     if config.metrics is not None:
         values["metrics"] = format_hostport(*config.metrics)

@@ -119,3 +119,16 @@ def test_spare_vm_is_an_on_off_switch(tmp_path: Path) -> None:
     conf.write_text("max-mem = true\n")
     with pytest.raises(ConfigError, match="max-mem must be a string or an integer, not bool"):
         load_config(["--config", str(conf), "--key-file", key])
+
+
+def test_max_outgoing_is_a_whole_number_from_1_to_64(tmp_path: Path) -> None:
+    key = str(_key(tmp_path))
+    assert load_config(["--key-file", key]).max_outgoing == 4
+    assert load_config(["--key-file", key, "--max-outgoing", "1"]).max_outgoing == 1
+    conf = tmp_path / "agent.toml"
+    conf.write_text("max-outgoing = 8\n")
+    cfg = load_config(["--config", str(conf), "--key-file", key])
+    assert cfg.max_outgoing == 8 and 'max-outgoing = "8"' in describe(cfg)
+    for bad in ("0", "65", "two", "1.5"):
+        with pytest.raises(ConfigError, match="max-outgoing"):
+            load_config(["--key-file", key, "--max-outgoing", bad])

@@ -92,6 +92,8 @@ def test_progress_line_shows_share_round_transfer_rates_and_expected_downtime() 
         assert part in line
     assert "throttle" not in line and "[" not in line
     assert "throttle 40%" in cli_migrate.progress_line(_info(**{"cpu-throttle-percentage": 40}))
+    queued = cli_migrate.progress_line(_info("setup", rounds=0, queued=2))
+    assert queued.startswith("setup") and "queued" in queued and "2 more waiting first" in queued
     done = cli_migrate.progress_line(_info("completed"))
     assert "round   2" in done and "ETA" not in done
 

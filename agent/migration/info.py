@@ -294,6 +294,7 @@ class MigrationInfo:
     code_blocks_warm: int | None = None
     code_blocks_cold: int | None = None
     disk: DiskProgress | None = None  # the disk's copy (--copy-storage); None when it is not copied
+    queued: int | None = None  # waiting for a turn (agent/migration/slots.py): how many wait before it
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -337,6 +338,8 @@ class MigrationInfo:
             "params": self.params.to_dict(),
             "summary": self.summary,
         }
+        if self.queued is not None:
+            d["queued"] = self.queued
         if self.rx_dropped_at_switchover is not None:
             d["rx-dropped-at-switchover"] = self.rx_dropped_at_switchover
         if self.disk is not None:

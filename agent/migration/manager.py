@@ -27,6 +27,7 @@ from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams,
 from agent.migration.outcomes import Outcomes
 from agent.migration.progress import ProgressWatch
 from agent.migration.seams import LogLike, ManagedVM, VMHost
+from agent.migration.slots import MAX_OUTGOING, Slots
 from agent.migration.source import SourceSession
 from agent.migration.transport import STALL_TIMEOUT_S, Connection, accepted
 from agent.tls import TLSSource
@@ -66,7 +67,7 @@ class MigrationManager:
 
     def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSSource | None = None,
-                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
+                 stall_timeout: float = STALL_TIMEOUT_S, max_outgoing: int = MAX_OUTGOING) -> None:
         self.agent_name = agent_name
         self.tls = tls  # agent.tls.TLSDir: mutual TLS on the listener and outgoing connections, read at each one
         self.key = key
@@ -78,6 +79,7 @@ class MigrationManager:
         self._lsock: socket.socket | None = None  # bound by bind(), not yet accepting
         self._infos: dict[str, MigrationInfo] = {}  # vm name -> current or last migration, in or out
         self._outgoing: dict[str, _Outgoing] = {}
+        self._slots = Slots(max_outgoing)  # outgoing sessions past the limit wait their turn in their threads
         self._outcomes: Outcomes[DestinationSession] = Outcomes()
         self._threads: set[Signal] = set()  # one per session thread still running: set when it ends
         self._serve_task: asyncio.Task[Any] | None = None
@@ -219,18 +221,26 @@ class MigrationManager:
             raise MigrationError(ErrorCode.BUSY, f"VM {vm_name!r} is busy with a migration")
 
     def _run_outgoing(self, out: _Outgoing, loop: asyncio.AbstractEventLoop) -> None:
-        """The session thread's body: the session, then its end told to the loop and the hook."""
-        watch = None if out.session.params.progress_timeout_s is None else \
-            ProgressWatch(out.session, out.session.params.progress_timeout_s)
-        if watch is not None:
-            watch.start()
+        """The session thread's body: its turn, the session, then its end told to the loop and the hook."""
+        session = out.session
         try:
-            out.session.run()
-        finally:
+            if not self._slots.take(session.cancel_requested, session.queued):
+                session.cancelled_in_queue()
+                return
+            # The progress timeout counts from the session's start, not from its place in the queue.
+            watch = None if session.params.progress_timeout_s is None else \
+                ProgressWatch(session, session.params.progress_timeout_s)
             if watch is not None:
-                watch.stop()
+                watch.start()
+            try:
+                session.run()
+            finally:
+                self._slots.give()
+                if watch is not None:
+                    watch.stop()
+        finally:
             _on_loop(loop, self._outgoing_over, out)
-            self._finished(out.session.info)
+            self._finished(session.info)
 
     def _outgoing_over(self, out: _Outgoing) -> None:
         """On the loop, once an outgoing session ended: forget it, or keep it for the operator."""

@@ -153,6 +153,22 @@ class SourceSession:
         """Fail the session with ``failure`` (the progress timeout), as cancel() would stop it."""
         return self.cancel(failure)
 
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set() or self._failure is not None
+
+    # -- waiting for a turn (agent/migration/slots.py), before run() --------------------------------
+    def queued(self, ahead: int) -> None:
+        """Past the agent's limit of migrations at once: waiting, ``ahead`` others first. The
+        migrate call returns meanwhile (status setup, ``queued``); the VM runs on untouched."""
+        self.info.queued = ahead
+        self.setup_done.set()
+
+    def cancelled_in_queue(self) -> None:
+        self.info.queued = None
+        self.info.finish(Status.CANCELLED, None, ErrorCode.CANCELLED)
+        self.log.warning("migration cancelled", vm=self.vm.name, error="cancelled while queued")
+        self.setup_done.set()
+
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise Cancelled("cancelled by the operator")
@@ -170,6 +186,7 @@ class SourceSession:
             self.setup_done.set()
 
     def _run(self) -> None:
+        self.info.queued = None
         try:
             self._setup()
             self.setup_done.set()
