@@ -88,6 +88,8 @@ PAUSE_TIMEOUT_S = 10.0
 FIXED_DOWNTIME_S = 0.010
 SWITCH_ROUND_TRIPS = {False: 2, True: 1}  # commit_ahead -> Digest..READY, COMMIT..RESUMED (or both at once)
 ROLLBACK_LINGER_S = 2.0  # a failure is reported once the destination dropped its copy and closed, or after this
+# Beyond the stall timeout, for the wait for MigrateAccept only: the destination's VM process start.
+ACCEPT_ALLOWANCE_S = 10.0
 
 
 class SourceSession:
@@ -225,7 +227,15 @@ class SourceSession:
             dirty_tracker=vm.dirty_backend, params=self._proposed_params(),
         )
         self._send(start)
-        reply = self._recv()
+        assert self.conn is not None
+        # The destination answers once its VM process is up (destination.py, _await_vm_process): a
+        # process start, which on an overloaded host takes seconds by itself. This one wait gets that
+        # allowance beyond the stall timeout, so a busy destination is not taken for a frozen one.
+        self.conn.set_stall_timeout(self.stall_s + ACCEPT_ALLOWANCE_S)
+        try:
+            reply = self._recv()
+        finally:
+            self.conn.set_stall_timeout(self.stall_s)
         if isinstance(reply, MigrateRefuse):
             raise MigrationError(reply.code, f"destination {self.info.peer} refused: {reply.reason}")
         if not isinstance(reply, MigrateAccept):
