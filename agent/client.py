@@ -149,11 +149,12 @@ def _closed_hint(e: ProtocolError, address: str, tls: ssl.SSLContext | None) -> 
 
 
 async def call_once(address: str, key: bytes, op: str, args: dict[str, Any] | None = None, *,
-                    name: str = "ferry-cli", role: str = "cli", tls: ssl.SSLContext | None = None) -> Any:
-    """Connect, run one operation (its reply within CALL_TIMEOUT), close."""
+                    name: str = "ferry-cli", role: str = "cli", tls: ssl.SSLContext | None = None,
+                    reply_within: float = CALL_TIMEOUT) -> Any:
+    """Connect, run one operation (its reply within ``reply_within`` seconds), close."""
     client = await connect(address, key, name=name, role=role, tls=tls)
     try:
-        return await client.call(op, args)
+        return await client.call(op, args, reply_within=reply_within)
     finally:
         await client.close()
 
