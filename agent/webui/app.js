@@ -112,12 +112,14 @@ function migrationCard(m) {
   const ram = m.ram || {};
   const live = LIVE.has(m.status);
   const total = ram.total || 0;
-  const done = !live && m.status === "completed" ? 1 : total ? Math.max(0, Math.min(1, 1 - (ram.remaining || 0) / total)) : 0;
+  // Of the work known so far (sent, plus known dirty and not sent): pages resent count again.
+  const known = (ram.transferred || 0) + (ram.remaining || 0);
+  const done = m.status === "completed" ? 1 : known ? (ram.transferred || 0) / known : 0;
   const dirtyRate = (ram["dirty-pages-rate"] || 0) * (ram["page-size"] || 4096);
   const dir = m.direction === "out" ? `→ ${m.peer}` : `← ${m.peer}`;
   const figures = [
     ["phase", phase(m)],
-    ["round", String((m.rounds || []).length)],
+    ["rounds done", String((m.rounds || []).length)],
     ["transferred / guest RAM", `${bytes(ram.transferred)} / ${bytes(total)}`],
     ["remaining", bytes(ram.remaining)],
     ["dirty rate", `${bytes(dirtyRate)}/s (${(ram["dirty-pages-rate"] || 0).toLocaleString("en")} pages/s)`],
@@ -144,7 +146,7 @@ function migrationCard(m) {
 function roundsChart(rounds) {
   if (!rounds.length) return "";
   const W = 600, H = 150, L = 48, R = 48, T = 10, B = 22;
-  const w = (W - L - R) / rounds.length;
+  const w = (W - L - R) / Math.max(rounds.length, 12);  // a few rounds: narrow bars, from the left
   const maxB = Math.max(1, ...rounds.map((r) => r.bytes));
   const maxD = Math.max(1, ...rounds.map((r) => r["dirty-pages"]));
   const y = (v, max) => T + (H - T - B) * (1 - v / max);
@@ -210,7 +212,7 @@ async function act(action, body) {
     return;
   }
   const reply = await res.json().catch(() => ({}));
-  if (res.ok) notice(`${action} ${body.name}: done`, true);
+  if (res.ok) notice(action === "migrate" ? `migrate ${body.name}: the destination accepted; under way` : `${action} ${body.name}: done`, true);
   else notice(`${action} ${body.name} refused: ${res.status} ${reply.error ?? ""}: ${reply.message ?? res.statusText}`, false);
 }
 
