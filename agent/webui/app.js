@@ -120,7 +120,8 @@ function migrationCard(m) {
   const figures = [
     ["phase", phase(m)],
     ["rounds done", String((m.rounds || []).length)],
-    ["transferred / guest RAM", `${bytes(ram.transferred)} / ${bytes(total)}`],
+    ["transferred / guest RAM", `${bytes(ram.transferred)} / ${bytes(total)}` +
+      ((ram.transferred || 0) > total ? " (resent pages count again)" : "")],
     ["remaining", bytes(ram.remaining)],
     ["dirty rate", `${bytes(dirtyRate)}/s (${(ram["dirty-pages-rate"] || 0).toLocaleString("en")} pages/s)`],
     ["bandwidth", `${bytes((ram.mbps || 0) * 1e6 / 8)}/s`],
@@ -145,7 +146,7 @@ function migrationCard(m) {
 // the guest dirtied meanwhile as a line, each on its own scale.
 function roundsChart(rounds) {
   if (!rounds.length) return "";
-  const W = 600, H = 150, L = 48, R = 48, T = 10, B = 22;
+  const W = 600, H = 150, L = 48, R = 64, T = 10, B = 22;
   const w = (W - L - R) / Math.max(rounds.length, 12);  // a few rounds: narrow bars, from the left
   const maxB = Math.max(1, ...rounds.map((r) => r.bytes));
   const maxD = Math.max(1, ...rounds.map((r) => r["dirty-pages"]));
