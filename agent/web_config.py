@@ -78,18 +78,17 @@ def web_settings(values: dict[str, Any], tls_dir: Any) -> WebSettings | None:
 
     ``tls_dir``: the agent's resolved TLS directory (None without one): the console serves HTTPS
     with it unless `http-insecure` is on."""
-    from agent.config import ConfigError, parse_hostport
+    from agent.config import ConfigError, _switch, parse_hostport
 
     if not values.get("http"):
-        for key in ("http-token", "http-insecure"):
-            if values.get(key):
-                raise ConfigError(f"{key}: needs http (the console's address)")
+        if values.get("http-token"):  # a token for no console: a mistake worth saying
+            raise ConfigError("http-token: needs http (the console's address)")
         return None
     try:
         address = parse_hostport(str(values["http"]))
     except ValueError as e:
         raise ConfigError(f"http: {e}") from e
-    insecure = _switch(values.get("http-insecure", False))
+    insecure = _switch(values, "http-insecure", False)
     https = tls_dir is not None and not insecure
     if not https and not insecure and not is_loopback(address[0]):
         raise ConfigError(f"http: {address[0]!r} is not a loopback address: serve the console there over "
@@ -98,15 +97,3 @@ def web_settings(values: dict[str, Any], tls_dir: Any) -> WebSettings | None:
     token = load_token(token_file) if token_file is not None else None
     return WebSettings(address, token_file, token, https, insecure)
 
-
-def _switch(value: Any) -> bool:
-    from agent.config import ConfigError
-
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("on", "true", "yes"):
-        return True
-    if text in ("off", "false", "no", ""):
-        return False
-    raise ConfigError(f"http-insecure: {value!r} is not on or off")
