@@ -136,6 +136,9 @@ class WebServer:
             await self._serve(reader, writer)
         except (TimeoutError, OSError, ssl.SSLError):
             pass  # the browser went away; nothing to tell it
+        except Exception as e:  # a bug here must not reach the loop's handler; the log says what
+            if self.log is not None:
+                self.log.error("web console request failed", error=repr(e))
         finally:
             self._conns.discard(task)
             writer.close()
@@ -209,6 +212,10 @@ class WebServer:
             result = await self.handle(op, args)
         except OpError as e:
             return _json(STATUS_OF_CODE.get(e.code, 500), {"error": e.code, "message": e.message})
+        except Exception as e:  # as the control API does: a bug in an op is told, the agent goes on
+            if self.log is not None:
+                self.log.error("web console action failed", op=op, error=repr(e))
+            return _json(500, {"error": "internal", "message": f"{op} failed inside the agent: {e!r}"})
         return _json(200, {"result": result})
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -274,3 +274,34 @@ def test_the_console_serves_https_with_the_agents_certificate(tmp_path: Path) ->
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=5)
     finally:
         agent.stop()
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return reply
+
+
+async def test_bad_requests_get_a_clear_status_and_no_action_runs() -> None:
+    state = FakeState()
+    server = WebServer(hub=EventHub(state.snapshot), snapshot=state.snapshot, handle=_no_actions,
+                       token=TOKEN.encode())
+    _, port = await server.start("127.0.0.1", 0)
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    try:
+        assert (await _exchange(port, b"hello\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        assert (await _exchange(port, f"GET /api/actions/pause HTTP/1.1\r\n{host}\r\n".encode())).startswith(
+            b"HTTP/1.1 405 ")
+        big = f"POST /api/actions/pause HTTP/1.1\r\n{host}X-Ferry-Token: {TOKEN}\r\nContent-Length: 999999\r\n\r\n"
+        assert (await _exchange(port, big.encode())).startswith(b"HTTP/1.1 413 ")
+        bad_json = f"POST /api/actions/pause HTTP/1.1\r\n{host}X-Ferry-Token: {TOKEN}\r\nContent-Length: 3\r\n\r\n[1]"
+        assert (await _exchange(port, bad_json.encode())).startswith(b"HTTP/1.1 400 ")
+        no_token = f"POST /api/actions/pause HTTP/1.1\r\n{host}Content-Length: 2\r\n\r\n{{}}"
+        assert (await _exchange(port, no_token.encode())).startswith(b"HTTP/1.1 403 ")
+        head = await _exchange(port, f"HEAD /api/state HTTP/1.1\r\n{host}\r\n".encode())
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+    finally:
+        await server.close()
