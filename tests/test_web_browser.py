@@ -180,3 +180,32 @@ def test_a_read_only_page_reconnects_by_itself_after_an_agent_restart(browser: A
         page.wait_for_selector("#vms tr[data-vm=stay][data-state=paused]", timeout=WAIT_MS)  # live again
     finally:
         a.stop()
+
+
+@pytest.mark.slow
+def test_with_the_token_the_page_pauses_resumes_and_cancels(pair: tuple[AgentProc, AgentProc, str], browser: Any,
+                                                            tmp_path: Path) -> None:
+    a, b, url = pair
+    _call(a, "vm-create", name="slow1", program="memstress", mem="32M", args={"ws": "16M", "rate": "0"})
+    page = browser.new_page()
+    page.goto(url)
+    _live(page)
+    page.fill("#token", TOKEN)
+    page.click("#token-form button")
+    row = "#vms tr[data-vm=slow1]"
+    page.click(f"{row} button[data-action=pause]")
+    page.wait_for_selector(f"{row}[data-state=paused]", timeout=WAIT_MS)
+    page.click(f"{row} button[data-action=resume]")
+    page.wait_for_selector(f"{row}[data-state=running]", timeout=WAIT_MS)
+    # A guest writing flat out, sent at 1 MB/s: it stays in pre-copy until cancelled.
+    page.select_option("#migrate-vm", "slow1")
+    page.fill("#migrate-to", b.control)
+    page.fill("#migrate-bandwidth", "1")
+    page.click("#migrate-go")
+    card = ".migration[data-vm=slow1]"
+    page.wait_for_selector(f"{card}[data-status=active] button[data-action=cancel]", timeout=WAIT_MS)
+    page.click(f"{card} button[data-action=cancel]")
+    page.wait_for_selector(f"{card}[data-status=cancelled]", timeout=WAIT_MS)
+    page.wait_for_selector(f"{row}[data-state=running]", timeout=WAIT_MS)
+    assert _call(a, "vm-info", name="slow1")["state"] == "running"
+    assert _call(b, "vm-list")["vms"] == []
