@@ -25,6 +25,7 @@ import json
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -60,14 +61,14 @@ Handle = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Response = tuple[int, dict[str, str], bytes]
 
 
+@dataclass(frozen=True, slots=True)
 class Request:
-    """One parsed HTTP request."""
+    """One parsed HTTP request (header names lower-cased)."""
 
-    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
-        self.method = method
-        self.path = path
-        self.headers = headers
-        self.body = body
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
 
 
 class BadRequest(Exception):
