@@ -24,6 +24,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "browser-test-operator-token-42"
 WAIT_MS = 60_000
+# The first test's setup may install chromium (apt-get): longer than the suite's per-test timeout.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def _ensure_chromium() -> str:
