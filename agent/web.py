@@ -345,6 +345,6 @@ def console(settings: Any, *, tls_dir: Path | None, ops: Any, vms: Any, migratio
 
     state = AgentState(agent_info=lambda: ops.agent_info({}), vms=vms, migrations=migrations, peers=peers,
                        actions=settings.token is not None)
-    hub = EventHub(state.snapshot, log=log)
+    hub = EventHub(state.snapshot, wake=state.changes, log=log)
     tls = https_context(tls_dir) if settings.https and tls_dir is not None else None
     return WebServer(hub=hub, snapshot=state.snapshot, handle=ops.handle, token=settings.token, log=log, tls=tls)

@@ -8,7 +8,8 @@ Every event is a whole object, never a patch, so a page that missed one is right
 
 What it costs: with no page open nothing runs. While one is, a single watcher task takes a snapshot
 of in-memory state (no I/O: no VM process is asked anything) every LIVE_TICK while a migration is
-in progress and every IDLE_TICK otherwise, and pushes only what differs from the previous snapshot;
+in progress and every IDLE_TICK otherwise, or at once when a VM's state changes (the `wake` events:
+each VM's `changed`), and pushes only what differs from the previous snapshot;
 an idle agent sends nothing but a comment line every KEEPALIVE_S (which also finds pages that went
 away). Each page has a queue of at most `queue_events` events: one that cannot take an event because
 its queue is full (a browser that stopped reading, a connection stuck in the network) is dropped
@@ -105,8 +106,9 @@ class EventHub:
 
     def __init__(self, snapshot: Callable[[], Awaitable[Snapshot]], *, queue_events: int = QUEUE_EVENTS,
                  max_clients: int = MAX_CLIENTS, live_tick: float = LIVE_TICK, idle_tick: float = IDLE_TICK,
-                 log: Any = None) -> None:
+                 wake: Callable[[], list[asyncio.Event]] | None = None, log: Any = None) -> None:
         self.snapshot = snapshot
+        self.wake = wake  # events that end the wait between snapshots early (a VM's state changed)
         self.queue_events = queue_events
         self.max_clients = max_clients
         self.live_tick = live_tick
@@ -157,7 +159,20 @@ class EventHub:
             except Exception as e:  # a bug in a snapshot must not end the stream for good
                 if self.log is not None:
                     self.log.error("web console: snapshot failed", error=repr(e))
-            await asyncio.sleep(self.live_tick if live else self.idle_tick)
+            await self._until_next(self.live_tick if live else self.idle_tick)
+
+    async def _until_next(self, tick: float) -> None:
+        """Sleep a tick, or less if a wake event is set first."""
+        events = self.wake() if self.wake is not None else []
+        if not events:
+            await asyncio.sleep(tick)
+            return
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
 
     async def close(self) -> None:
         for sub in list(self.clients):

@@ -12,6 +12,7 @@ migrations, known by the name they gave.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,6 +65,10 @@ class AgentState:
         self.migrations = migrations
         self.peers = peers
         self.actions = actions  # a token is configured: the page may offer actions
+
+    def changes(self) -> list[asyncio.Event]:
+        """The events set when a VM's state changes next (each VM's `changed`)."""
+        return [vm.changed for vm in self.vms.list()]
 
     async def snapshot(self) -> dict[str, Any]:
         migrations = self.migrations.infos() if self.migrations is not None else []

@@ -305,3 +305,19 @@ async def test_bad_requests_get_a_clear_status_and_no_action_runs() -> None:
         assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
     finally:
         await server.close()
+
+
+async def test_a_wake_event_brings_the_next_snapshot_before_the_tick() -> None:
+    state = FakeState()
+    changed = asyncio.Event()
+    hub = EventHub(state.snapshot, idle_tick=3600.0, wake=lambda: [changed])
+    sub = await hub.subscribe()
+    assert sub is not None
+    await sub.queue.get()  # the state event
+    await asyncio.sleep(0.1)  # the watcher's first pass is over: it waits, on the event or for an hour
+    assert sub.queue.empty()
+    state.snap = {**state.snap, "vms": [{"name": "v1", "state": "paused"}]}
+    changed.set()
+    event = await asyncio.wait_for(sub.queue.get(), 10)
+    assert event.startswith(b"event: vm\n")
+    await hub.close()
