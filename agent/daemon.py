@@ -170,6 +170,8 @@ class Agent:
                 return False
             tls.install(contexts)  # here, on the loop: the control listener's handshakes start here too
             self.tls_ends = ends
+            if self.web is not None:  # the console's HTTPS certificate too (agent/web.py)
+                await self.web.reload_tls(tls.directory)
         self.log.info("tls reloaded", tls=str(tls.directory), cert_expires=self.tls_ends["cert"].isoformat(),
                       ca_expires=self.tls_ends["ca"].isoformat())
         self._warn_expiry()

@@ -103,7 +103,9 @@ class WebServer:
         self.handle = handle  # ControlOps.handle: the control API's operations, in this process
         self.token = token
         self.log = log
-        self.tls = tls
+        self.tls = tls  # the context new handshakes get (reload_tls replaces it)
+        if tls is not None:
+            tls.sni_callback = self._hand_over  # the listener's context: every handshake starts there
         self.address: tuple[str, int] | None = None
         self.loopback_only = False  # plain HTTP on a loopback address: Host must be a loopback name
         self._assets: dict[str, bytes] = {}
@@ -116,6 +118,22 @@ class WebServer:
         self.address = self._server.sockets[0].getsockname()[:2]
         self.loopback_only = self.tls is None and is_loopback(host)
         return self.address
+
+    def _hand_over(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                   ctx: ssl.SSLContext) -> None:
+        if self.tls is not None and ctx is not self.tls:
+            conn.context = self.tls
+
+    async def reload_tls(self, tls_dir: Path) -> None:
+        """New handshakes use the certificate and key ``tls_dir`` holds now (the agent's SIGHUP);
+        an ssl.SSLError or OSError leaves the current ones in use."""
+        if self.tls is None:
+            return
+        try:
+            self.tls = await asyncio.to_thread(https_context, tls_dir)
+        except (ssl.SSLError, OSError) as e:
+            if self.log is not None:
+                self.log.error("web console: tls reload failed; its certificate in use stays", error=str(e))
 
     async def close(self) -> None:
         await self.hub.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -260,7 +262,15 @@ def test_a_rebound_host_name_is_refused_on_loopback(consoled: tuple[AgentProc, s
     assert e.value.code == 421
 
 
-def test_the_console_serves_https_with_the_agents_certificate(tmp_path: Path) -> None:
+def _served_certificate(port: int, ctx: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        cert = tls.getpeercert(binary_form=True)
+    assert cert is not None
+    return cert
+
+
+def test_the_console_serves_https_with_the_agents_certificate_and_reloads_it(tmp_path: Path) -> None:
     certs.init_ca(tmp_path / "ca")
     tls_dir = certs.issue("127.0.0.1", ca_dir=tmp_path / "ca", out=tmp_path / "tls").parent
     port = free_port()
@@ -272,6 +282,12 @@ def test_the_console_serves_https_with_the_agents_certificate(tmp_path: Path) ->
         assert status == 200 and state["agent"]["name"] == "A"
         with pytest.raises(OSError):  # plain HTTP to the TLS listener: no answer
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=5)
+        before = _served_certificate(port, ctx)
+        certs.issue("127.0.0.1", ca_dir=tmp_path / "ca", out=tls_dir, force=True)  # a rotation
+        os.kill(agent.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "tls reloaded" in agent.log(), what="the agent to reload its TLS directory")
+        after = _served_certificate(port, ctx)
+        assert after != before and after == ssl.PEM_cert_to_DER_cert((tls_dir / "cert.pem").read_text())
     finally:
         agent.stop()
 
