@@ -114,7 +114,9 @@ class WebServer:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self._assets = await asyncio.to_thread(load_assets)
-        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEAD, ssl=self.tls)
+        tls_args: dict[str, Any] = {} if self.tls is None else {"ssl": self.tls,
+                                                                "ssl_handshake_timeout": REQUEST_TIMEOUT}
+        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEAD, **tls_args)
         self.address = self._server.sockets[0].getsockname()[:2]
         self.loopback_only = self.tls is None and is_loopback(host)
         return self.address
