@@ -127,7 +127,7 @@ class WebServer:
             conn.context = self.tls
 
     async def reload_tls(self, tls_dir: Path) -> None:
-        """New handshakes use the certificate and key ``tls_dir`` holds now (the agent's SIGHUP);
+        """New handshakes use the certificate and key found in ``tls_dir`` at this call (the agent's SIGHUP);
         an ssl.SSLError or OSError leaves the current ones in use."""
         if self.tls is None:
             return

@@ -129,7 +129,7 @@ def test_the_page_starts_a_migration_and_shows_its_rounds_and_completion(
     assert page.locator(f"{card} .chart rect.final").count() == 1  # the stop-and-copy pass
     assert "downtime" in page.inner_text(f"{card} .breakdown")
     page.wait_for_selector("#vms tr[data-vm=web1]", state="detached", timeout=WAIT_MS)  # gone from A
-    page.wait_for_selector("#hosts tr[data-host=B]", timeout=WAIT_MS)  # the destination, now a known peer
+    page.wait_for_selector("#hosts tr[data-host=B]", timeout=WAIT_MS)  # the destination: a known peer from the migrate on
     _shot(page, tmp_path, "console.png")
     assert _call(b, "vm-info", name="web1")["state"] == "running"
     assert _call(a, "migrate-status", name="web1")["status"] == "completed"
