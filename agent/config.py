@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import web_config
+from agent.web_config import WebSettings
+
 DEFAULT_STATE_DIR = "/var/lib/ferry"
 DEFAULT_KEY_FILE = "/etc/ferry/cluster.key"
 DEFAULT_CONTROL = "127.0.0.1:7700"
@@ -124,6 +127,7 @@ class AgentConfig:
     stall_timeout: float = 4.0
     # Most outgoing migrations at once; the others wait their turn (agent/migration/slots.py).
     max_outgoing: int = 4
+    web: WebSettings | None = None  # the web console (agent/web.py); off when None
 
     @property
     def control_socket(self) -> Path:
@@ -152,12 +156,15 @@ _KEYS: dict[str, str] = {
                      "dead or frozen and the migration fails (default: 4)",
     "max-outgoing": "most outgoing migrations at once, 1-64; more wait in a queue, in order (default: 4)",
 }
+_KEYS.update(web_config.KEYS)  # http, http-token, http-insecure (agent/web_config.py)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
-             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "max-outgoing": "N"}
+             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "max-outgoing": "N", **web_config.METAVARS}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
-_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float), "max-outgoing": (str, int), "spare-vm": (str, bool), "disk-dirs": (str, list)}
+_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float),
+                                            "max-outgoing": (str, int), "spare-vm": (str, bool),
+                                            "disk-dirs": (str, list), **web_config.TOML_TYPES}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -300,10 +307,10 @@ def _tls_dir(values: dict[str, Any]) -> Path | None:
     return tls.load(str(values["tls-dir"])).directory
 
 
-def _distinct_addresses(control: Any, migration: Any, metrics: Any) -> None:
+def _distinct_addresses(control: Any, migration: Any, metrics: Any, http: Any = None) -> None:
     """Two listeners on one HOST:PORT cannot both bind; say so before trying (port 0 picks a free one)."""
     seen: dict[tuple[str, int], str] = {}
-    for key, addr in (("control", control), ("migration", migration), ("metrics", metrics)):
+    for key, addr in (("control", control), ("migration", migration), ("metrics", metrics), ("http", http)):
         if not isinstance(addr, tuple) or addr[1] == 0:
             continue
         if addr in seen:
@@ -347,7 +354,9 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "stall_timeout": p.take(_stall_timeout, values),
         "max_outgoing": p.take(_max_outgoing, values),
     }
-    p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
+    fields["web"] = p.take(web_config.web_settings, values, values.get("tls-dir"))
+    web = fields["web"].address if fields["web"] is not None else None
+    p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"], web)
     if p.found:
         raise ConfigError("; ".join(p.found), p.found)
     return AgentConfig(**fields)
@@ -359,7 +368,9 @@ def host_problems(config: AgentConfig) -> list[str]:
     count as a problem)."""
     problems = _state_dir_problems(config.state_dir)
     problems += [f"disk-dirs: {d} is not a directory" for d in config.disk_dirs if not d.is_dir()]
-    for key, addr in (("control", config.control), ("migration", config.migration), ("metrics", config.metrics)):
+    web = config.web.address if config.web is not None else None
+    for key, addr in (("control", config.control), ("migration", config.migration), ("metrics", config.metrics),
+                      ("http", web)):
         if addr is not None:
             problems += _bind_problems(key, addr[0])
     return problems
@@ -400,6 +411,8 @@ def describe(config: AgentConfig) -> str:
         "spare-vm": "on" if config.spare_vm else "off", "stall-timeout": f"{config.stall_timeout:g}",
         "max-outgoing": str(config.max_outgoing),
     }
+    if config.web is not None:
+        values.update(config.web.describe())
     if config.metrics is not None:
         values["metrics"] = format_hostport(*config.metrics)
     if config.tls_dir is not None:

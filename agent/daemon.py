@@ -51,6 +51,8 @@ from agent.tls import TLSContexts, TLSDir
 from agent.tls import load as load_tls
 from agent.tls_check import expiries, expiry_warnings, file_problems, usage_problems
 from agent.vms import VMManager
+from agent.web import console
+from agent.web_state import PeerBook
 from vmruntime import dirty
 
 MIGRATION_SHUTDOWN_TIMEOUT = 60.0  # seconds the migration engine gets to wind down on SIGTERM
@@ -77,8 +79,9 @@ class Agent:
                                            tls=self.tls, stall_timeout=config.stall_timeout,
                                            max_outgoing=config.max_outgoing)
         identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
+        self.peers = PeerBook()  # the agents this one asked for their agent-info: the console's hosts
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
-                              peer_info=self._peer_info, log=log)
+                              peer_info=self.peers.remember(self._peer_info), log=log)
         self.control = ControlServer(ops=self.ops, key=config.key, name=config.name, log=log,
                                      tls=self.tls.acceptor if self.tls is not None else None)
         self.metrics = AgentMetrics(agent_name=config.name, version=ferry_version(), vms=self.vms,
@@ -86,6 +89,9 @@ class Agent:
                                     tls_expiries=(lambda: self.tls_ends) if self.tls is not None else None)
         self.migrations.on_finished = self.metrics.stats.record
         self.metrics_server = MetricsServer(self.metrics.collect, log) if config.metrics is not None else None
+        self.web = None if config.web is None else console(config.web, tls_dir=config.tls_dir, ops=self.ops,
+                                                            vms=self.vms, migrations=self.migrations,
+                                                            peers=self.peers, log=log)
         self.stopping = asyncio.Event()
         self.failed = False  # a listener died: exit non-zero after the orderly shutdown
         self._migration_task: asyncio.Task[None] | None = None
@@ -123,10 +129,12 @@ class Agent:
                 self.migrations.resume_in_doubt(vm, vm.migration_ref, vm.run_before)
         self.vms.keep_spare()
         metrics = await self.metrics_server.start(*cfg.metrics) if self.metrics_server and cfg.metrics else None
+        web = await self.web.start(*cfg.web.address) if self.web and cfg.web else None
         self.log.info("agent started", version=ferry_version(), control=format_hostport(*control),
                       migration=format_hostport(*cfg.migration), unix=str(cfg.control_socket),
                       max_mem=cfg.max_mem, dirty_tracker=cfg.dirty_tracker,
                       metrics=format_hostport(*metrics) if metrics else None,
+                      http=format_hostport(*web) if web else None,
                       tls=str(cfg.tls_dir) if cfg.tls_dir is not None else None)
         if self.tls is not None:
             self._spawn(self._watch_expiry())
@@ -164,6 +172,8 @@ class Agent:
                 return False
             tls.install(contexts)  # here, on the loop: the control listener's handshakes start here too
             self.tls_ends = ends
+            if self.web is not None:  # the console's HTTPS certificate too (agent/web.py)
+                await self.web.reload_tls(tls.directory)
         self.log.info("tls reloaded", tls=str(tls.directory), cert_expires=self.tls_ends["cert"].isoformat(),
                       ca_expires=self.tls_ends["ca"].isoformat())
         self._warn_expiry()
@@ -221,6 +231,8 @@ class Agent:
         await self.control.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
+        if self.web is not None:
+            await self.web.close()
         await self.vms.shutdown()
         self.log.info("agent stopped")
 
