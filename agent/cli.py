@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import certs, cli_storage, tls
+from agent import certs, cli_converge, cli_storage, tls
 from agent.cli_devices import NIC_METAVAR, OnlyOnce, add_disk_flag, device_lines, nic_arg
 from agent.cli_progress import FINAL, Progress, outcome_lines, watch
 from agent.cli_progress import mib as _mib
@@ -171,7 +171,7 @@ def _add_migrate_commands(sub: Any) -> None:
     m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination agent's control address")
     m.add_argument("--max-downtime", type=_positive_float, metavar="MS", help="downtime bound in ms (default 300)")
     m.add_argument("--bandwidth", type=_size, metavar="BYTES_PER_S", help="cap on the memory stream, e.g. 100M")
-    m.add_argument("--auto-converge", action="store_true", help="throttle the vCPU when rounds do not converge")
+    cli_converge.add_flags(m)
     m.add_argument("--max-rounds", type=int, metavar="N", help="most pre-copy rounds (default 30)")
     m.add_argument("--timeout", type=_positive_float, metavar="S", help="give up after S seconds")
     m.add_argument("--force", action="store_true",
@@ -392,8 +392,7 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {"max-downtime": ns.max_downtime, "bandwidth": ns.bandwidth,
                               "max-rounds": ns.max_rounds, "timeout": ns.timeout,
                               "stall-timeout": ns.stall_timeout, "progress-timeout": ns.progress_timeout}
-    if ns.auto_converge:
-        params["auto-converge"] = True
+    params.update(cli_converge.params(ns))
     if ns.force:
         params["force"] = True
     if ns.hot_blocks:
@@ -428,7 +427,7 @@ def progress_line(info: dict[str, Any]) -> str:
         line += f"  throttle {info['cpu-throttle-percentage']}%"
     if "disk" in info:
         line += f"  disk {_mib(info['disk']['transferred'])} remaining {_mib(info['disk']['remaining'])}"
-    return line
+    return line + cli_converge.progress(info)
 
 
 def summary_text(info: dict[str, Any]) -> str:
@@ -447,7 +446,7 @@ def summary_text(info: dict[str, Any]) -> str:
         lines.append(f"  disk copied: {_mib(info['disk']['transferred'])} of data, {_mib(info['disk']['zero'])} as holes")
     if info.get("rx-dropped-at-switchover") is not None:
         lines.append(f"  frames left unread on the source's TAP at switch-over: {info['rx-dropped-at-switchover']}")
-    return "\n".join(lines + outcome_lines(info))
+    return "\n".join(lines + cli_converge.summary(info) + outcome_lines(info))
 
 
 async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ class Status(enum.Enum):
     SETUP = "setup"  # connecting, handshake, compatibility check
     ACTIVE = "active"  # pre-copy rounds, the VM runs
     DEVICE = "device"  # stop-and-copy: the VM is paused
+    POSTCOPY_ACTIVE = "postcopy-active"  # the VM runs on the destination, pages still arrive
     COMPLETED = "completed"  # the VM runs on the destination only
     FAILED = "failed"  # the VM runs where it ran before (see error-desc)
     CANCELLED = "cancelled"  # the operator cancelled; the VM runs on the source
@@ -80,8 +81,15 @@ class MigrationParams:
     # long fails it before COMMIT (None: off). docs/RELIABILITY.md, "Stalls".
     stall_timeout_s: float | None = None
     progress_timeout_s: float | None = None
+    # When to switch to post-copy (agent/migration/postcopy_source.py): "never", after round N
+    # ("1": right after the first full round, ``--postcopy``), or "auto" (when the policy sees
+    # that pre-copy will not converge).
+    postcopy_after: str = "never"
 
     def __post_init__(self) -> None:
+        if self.postcopy_after not in ("never", "auto") and not (self.postcopy_after.isdigit()
+                                                                and int(self.postcopy_after) >= 1):
+            raise ValueError(f"postcopy-after must be never, auto or a round number >= 1, got {self.postcopy_after!r}")
         if self.max_downtime_ms <= 0:
             raise ValueError("max-downtime must be positive (milliseconds)")
         if self.bandwidth is not None and self.bandwidth <= 0:
@@ -145,6 +153,7 @@ class MigrationParams:
             storage_mode=str(norm.get("storage-mode", "background")),
             stall_timeout_s=float(norm["stall-timeout"]) if "stall-timeout" in norm else None,
             progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
+            postcopy_after=str(norm.get("postcopy-after", "never")),
         )
 
     def for_peer(self, version: int) -> dict[str, Any]:
@@ -174,16 +183,18 @@ class MigrationParams:
             "storage-mode": self.storage_mode,
             "stall-timeout": self.stall_timeout_s,
             "progress-timeout": self.progress_timeout_s,
+            "postcopy-after": self.postcopy_after,
         }
 
 
 # Params a peer learned in a later protocol version than 1: an older destination refuses a key it
 # does not know (and would then lose the maps beside it), so they are left out for it (for_peer).
-PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3}
+PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3,
+                "postcopy-after": 4}
 PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
-                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout"})
+                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout", "postcopy-after"})
 MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
 STORAGE_MODES = ("background", "write-blocking")
 
@@ -294,6 +305,10 @@ class MigrationInfo:
     code_blocks_warm: int | None = None
     code_blocks_cold: int | None = None
     disk: DiskProgress | None = None  # the disk's copy (--copy-storage); None when it is not copied
+    # A post-copy's figures under QEMU's names (postcopy-requests, postcopy-blocktime,
+    # postcopy-vcpu-blocktime) and the request latency (postcopy-latency-p50/p99, ms);
+    # None for a migration that never switched to post-copy.
+    postcopy: dict[str, Any] | None = None
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -333,6 +348,8 @@ class MigrationInfo:
             d["rx-dropped-at-switchover"] = self.rx_dropped_at_switchover
         if self.disk is not None:
             d["disk"] = self.disk.to_dict()
+        if self.postcopy is not None:
+            d.update(self.postcopy)
         if self.code_blocks_warm is not None:
             d["code-blocks"] = {"warm": self.code_blocks_warm, "cold": self.code_blocks_cold}
         if self.error is not None:
