@@ -269,3 +269,51 @@ def test_never_switches_past_the_bound_unless_forced(remaining: int, prev: int |
     if rounds >= 30 or now >= 600.0:
         # Out of budget: the policy must end the pre-copy phase one way or another.
         assert d.action in (Action.SWITCH_OVER, Action.ABORT, Action.FORCE)
+
+
+def test_postcopy_when_the_dirty_rate_outruns_bandwidth_instead_of_throttling() -> None:
+    lim = Limits(auto_converge=True, postcopy=True)
+    d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS), lim, now=1.0)
+    assert d.action is Action.POSTCOPY and "will not converge" in d.reason and d.expected_downtime_s > 0.3
+    # Without post-copy the same figures throttle.
+    assert decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS), Limits(auto_converge=True), 1.0).action \
+        is Action.THROTTLE_UP
+
+
+def test_postcopy_instead_of_failing_at_the_round_cap() -> None:
+    d = decide(fig(1000 * MiB, 1000 * MiB, rounds=30), Limits(max_rounds=30, postcopy=True, force=True), now=1.0)
+    assert d.action is Action.POSTCOPY and "round limit" in d.reason
+
+
+def test_postcopy_is_not_chosen_while_pre_copy_converges() -> None:
+    lim = Limits(max_downtime_s=0.3, postcopy=True)
+    assert decide(fig(100 * MiB, 200 * MiB), lim, now=1.0).action is Action.CONTINUE
+    assert decide(fig(100 * MiB, earlier=(200 * MiB, 110 * MiB, 105 * MiB)), lim, 1.0).action is Action.SWITCH_OVER
+    # Round 0 and 1 say nothing of the dirty rate yet: keep going.
+    assert decide(fig(1000 * MiB, 1000 * MiB, rounds=1, dirty=0.8 * GBPS), lim, 1.0).action is Action.CONTINUE
+
+
+def test_postcopy_after_round_n_or_auto() -> None:
+    from agent.migration.policy import Decision
+    from agent.migration.postcopy_source import wanted
+
+    go_on = Decision(Action.CONTINUE, "")
+    assert not wanted("never", 5, Decision(Action.POSTCOPY, ""))
+    assert not wanted("2", 1, go_on) and wanted("2", 2, go_on) and wanted("1", 1, Decision(Action.SWITCH_OVER, ""))
+    assert wanted("auto", 3, Decision(Action.POSTCOPY, "")) and not wanted("auto", 30, Decision(Action.ABORT, ""))
+
+
+def test_postcopy_towards_an_older_peer_is_refused_before_anything_moves() -> None:
+    from types import SimpleNamespace
+
+    from agent.migration.common import MigrationError
+    from agent.migration.info import MigrationParams
+    from agent.migration.postcopy_source import check_peer
+
+    s: object = SimpleNamespace(params=MigrationParams(postcopy_after="auto"))
+    with pytest.raises(MigrationError, match="protocol version 3: post-copy needs 4"):
+        check_peer(s, 3)  # type: ignore[arg-type]
+    check_peer(s, 4)  # type: ignore[arg-type]
+    check_peer(SimpleNamespace(params=MigrationParams()), 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="postcopy-after"):
+        MigrationParams(postcopy_after="0")
