@@ -14,7 +14,12 @@ def _postcopy_after(text: str) -> str:
 
 
 def add_flags(m: argparse.ArgumentParser) -> None:
-    m.add_argument("--auto-converge", action="store_true", help="throttle the vCPU when rounds do not converge")
+    ac = m.add_mutually_exclusive_group()
+    ac.add_argument("--auto-converge", action="store_true",
+                    help="throttle the vCPU when rounds do not converge (the default)")
+    ac.add_argument("--no-auto-converge", action="store_true",
+                    help="never throttle: a guest pre-copy cannot catch fails (or, with --postcopy-after, "
+                         "switches to post-copy)")
     pc = m.add_mutually_exclusive_group()
     pc.add_argument("--postcopy", action="store_true",
                     help="switch to post-copy right after the first full round: the VM resumes on the "
@@ -27,8 +32,8 @@ def add_flags(m: argparse.ArgumentParser) -> None:
 def params(ns: argparse.Namespace) -> dict[str, Any]:
     """The flags' migration parameters (unset flags left out)."""
     out: dict[str, Any] = {}
-    if ns.auto_converge:
-        out["auto-converge"] = True
+    if ns.auto_converge or ns.no_auto_converge:
+        out["auto-converge"] = bool(ns.auto_converge)
     if ns.postcopy:
         out["postcopy-after"] = "1"
     elif ns.postcopy_after is not None:

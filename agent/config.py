@@ -122,6 +122,8 @@ class AgentConfig:
     disk_dirs: tuple[Path, ...] = ()
     # Progress deadline of every wait on a migration connection, in and out (agent/migration/transport.py).
     stall_timeout: float = 4.0
+    # When a migration switches to post-copy unless its params say (agent/migration/postcopy_source.py).
+    postcopy_after: str = "never"
 
     @property
     def control_socket(self) -> Path:
@@ -148,11 +150,13 @@ _KEYS: dict[str, str] = {
                  "(a TOML array of strings in the config file); absolute paths (default: none)",
     "stall-timeout": "seconds a migration connection may stay silent in a wait before its peer counts as "
                      "dead or frozen and the migration fails (default: 4)",
+    "postcopy-after": "outgoing migrations switch to post-copy: never, auto (when pre-copy will not converge) "
+                      "or after round N, unless the migration says (default: never)",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
-             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S"}
+             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "postcopy-after": "auto|N|never"}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
 _TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float), "spare-vm": (str, bool), "disk-dirs": (str, list)}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
@@ -259,6 +263,13 @@ def _disk_dirs(values: dict[str, Any]) -> tuple[Path, ...]:
     return tuple(dirs)
 
 
+def _postcopy_after(values: dict[str, Any]) -> str:
+    raw = str(values.get("postcopy-after", "never"))
+    if raw not in ("never", "auto") and not (raw.isdigit() and int(raw) >= 1):
+        raise ConfigError(f"postcopy-after: must be never, auto or a round number >= 1, got {raw!r}")
+    return raw
+
+
 def _stall_timeout(values: dict[str, Any]) -> float:
     raw = values.get("stall-timeout", 4.0)
     try:
@@ -331,6 +342,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "spare_vm": p.take(_switch, values, "spare-vm", True),
         "disk_dirs": p.take(_disk_dirs, values),
         "stall_timeout": p.take(_stall_timeout, values),
+        "postcopy_after": p.take(_postcopy_after, values),
     }
     p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
     if p.found:
@@ -383,6 +395,7 @@ def describe(config: AgentConfig) -> str:
         "key-file": str(config.key_file), "max-mem": _exact_size(config.max_mem),
         "dirty-tracker": config.dirty_tracker, "log-level": config.log_level,
         "spare-vm": "on" if config.spare_vm else "off", "stall-timeout": f"{config.stall_timeout:g}",
+        "postcopy-after": config.postcopy_after,
     }
     if config.metrics is not None:
         values["metrics"] = format_hostport(*config.metrics)

@@ -73,7 +73,8 @@ class Agent:
         self.tls_ends = expiries(config.tls_dir) if config.tls_dir is not None else {}
         self._reloading = asyncio.Lock()
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
-                                           tls=self.tls, stall_timeout=config.stall_timeout)
+                                           tls=self.tls, stall_timeout=config.stall_timeout,
+                                           postcopy_after=config.postcopy_after)
         identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
                               peer_info=self._peer_info, log=log)

@@ -41,10 +41,11 @@ class PostcopyDiscard(Message):
 @register(50)
 @dataclass(frozen=True, slots=True)
 class PostcopyStart(Message):
-    """Source -> destination, the VM paused: the switch-over is a post-copy one. PostcopyDiscard*
-    and DeviceState follow, then READY (no digest: guest RAM is not whole here until the post-copy
-    ends), COMMIT, RESUMED, and the post-copy phase. ``pages``: how many pages the discards name
-    (checked against their sum)."""
+    """Source -> destination: the switch-over is a post-copy one. PostcopyDiscard* and a Sync
+    (the VM still runs on the source), then after the pause PostcopyDiscard* again and
+    DeviceState, then READY (no digest: guest RAM is not whole here until the post-copy ends),
+    COMMIT, RESUMED, and the post-copy phase. ``pages``: the pages the discards before the
+    pause name (checked at the Sync)."""
 
     SINCE: ClassVar[int] = 4
 

@@ -101,6 +101,7 @@ class SourceState(Enum):
     PC_COMMITTED = "pc-committed"  # COMMIT sent: in doubt until RESUMED
     POSTCOPY = "postcopy"  # the VM runs there: pages pushed, requests answered, until PostcopyDone
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests only
+    PC_SYNCING = "pc-syncing"  # Sync sent behind the discards made before the pause: awaiting SyncAck
 
 
 class DestinationState(Enum):
@@ -125,6 +126,7 @@ class DestinationState(Enum):
     PC_COMMITTED = "pc-committed"  # COMMIT received; registering guest RAM and starting the VM
     POSTCOPY = "postcopy"  # the VM runs here on partial RAM: pages arrive, requests go out
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests arrive
+    PC_SYNC_ASKED = "pc-sync-asked"  # Sync received: the discards before it are done, SyncAck comes next
 
 
 Key = tuple[Enum, type[Message], Direction]
@@ -171,6 +173,8 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     # Post-copy (version 4): READY without a digest, then the VM runs there while pages flow.
     (_S.PRECOPY, PostcopyStart, SEND): _S.PC_STARTING,
     (_S.PC_STARTING, PostcopyDiscard, SEND): _S.PC_STARTING,
+    (_S.PC_STARTING, Sync, SEND): _S.PC_SYNCING,
+    (_S.PC_SYNCING, SyncAck, RECV): _S.PC_STARTING,
     (_S.PC_STARTING, DeviceState, SEND): _S.PC_AWAITING_READY,
     (_S.PC_AWAITING_READY, Ready, RECV): _S.PC_READY,
     (_S.PC_READY, Commit, SEND): _S.PC_COMMITTED,
@@ -182,7 +186,7 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.START, PostcopyAttach, SEND): _S.URGENT,
     (_S.URGENT, PageRequest, RECV): _S.URGENT,
     (_S.URGENT, PageBatch, SEND): _S.URGENT,
-    **_abort_entries((_S.PC_STARTING, _S.PC_AWAITING_READY, _S.PC_READY), _S.ABORTED),
+    **_abort_entries((_S.PC_STARTING, _S.PC_AWAITING_READY, _S.PC_READY, _S.PC_SYNCING), _S.ABORTED),
 }
 
 DESTINATION_TRANSITIONS: dict[Key, Enum] = {
@@ -209,6 +213,8 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     ),
     (_D.RECEIVING, PostcopyStart, RECV): _D.PC_STARTING,
     (_D.PC_STARTING, PostcopyDiscard, RECV): _D.PC_STARTING,
+    (_D.PC_STARTING, Sync, RECV): _D.PC_SYNC_ASKED,
+    (_D.PC_SYNC_ASKED, SyncAck, SEND): _D.PC_STARTING,
     (_D.PC_STARTING, DeviceState, RECV): _D.PC_VERIFYING,
     (_D.PC_VERIFYING, Ready, SEND): _D.PC_READY,
     (_D.PC_READY, Commit, RECV): _D.PC_COMMITTED,
@@ -219,7 +225,7 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.START, PostcopyAttach, RECV): _D.URGENT,
     (_D.URGENT, PageRequest, SEND): _D.URGENT,
     (_D.URGENT, PageBatch, RECV): _D.URGENT,
-    **_abort_entries((_D.PC_STARTING, _D.PC_VERIFYING, _D.PC_READY), _D.ABORTED),
+    **_abort_entries((_D.PC_STARTING, _D.PC_VERIFYING, _D.PC_READY, _D.PC_SYNC_ASKED), _D.ABORTED),
 }
 
 #: Message types that carry the migration id, checked against the one the connection started with.

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.migration.info import MigrationParams
 from agent.migration.policy import (
     NEW_LOW_RATIO,
     THROTTLE_INITIAL,
@@ -200,7 +201,7 @@ def test_throttle_saturates_then_continues_until_cap() -> None:
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=GBPS, throttle=THROTTLE_MAX, rounds=4), lim, now=1.0)
     assert d.action is Action.CONTINUE
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=GBPS, throttle=THROTTLE_MAX, rounds=10), lim, now=1.0)
-    assert d.action is Action.ABORT
+    assert d.action is Action.FORCE  # converging by default: the last resort switches over
 
 
 def test_hot_blocks_go_off_with_a_throttle_step() -> None:
@@ -263,7 +264,7 @@ def test_never_switches_past_the_bound_unless_forced(remaining: int, prev: int |
     if d.action is Action.SWITCH_OVER:
         assert expected_downtime(remaining, bw) <= max_dt
     if d.action is Action.FORCE:
-        assert force
+        assert force or (auto and throttle >= THROTTLE_MAX)
     if d.action is Action.THROTTLE_UP:
         assert auto and throttle < d.throttle <= THROTTLE_MAX
     if rounds >= 30 or now >= 600.0:
@@ -317,3 +318,16 @@ def test_postcopy_towards_an_older_peer_is_refused_before_anything_moves() -> No
     check_peer(SimpleNamespace(params=MigrationParams()), 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="postcopy-after"):
         MigrationParams(postcopy_after="0")
+
+
+def test_auto_converge_at_its_last_step_forces_rather_than_fails() -> None:
+    """Converging by default: with auto-converge on and the throttle at its top, the round cap
+    switches over past the bound; below the top, or with auto-converge off, it still aborts."""
+    at_top = fig(1000 * MiB, 1000 * MiB, rounds=30, throttle=THROTTLE_MAX)
+    d = decide(at_top, Limits(max_rounds=30, auto_converge=True), now=1.0)
+    assert d.action is Action.FORCE and "did not converge" in d.reason
+    assert decide(at_top, Limits(max_rounds=30), now=1.0).action is Action.ABORT
+    below = fig(1000 * MiB, 1000 * MiB, rounds=30, throttle=50)
+    assert decide(below, Limits(max_rounds=30, auto_converge=True), now=1.0).action is Action.ABORT
+    assert MigrationParams().auto_converge and MigrationParams.from_dict({}).auto_converge
+    assert not MigrationParams.from_dict({"auto-converge": False}).auto_converge

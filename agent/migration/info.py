@@ -47,7 +47,9 @@ class MigrationParams:
 
     max_downtime_ms: float = 300.0
     bandwidth: int | None = None  # bytes/s cap on the sender; None: no cap
-    auto_converge: bool = False
+    # On by default: a migration converges unless the operator turned this and post-copy off
+    # (docs/PERFORMANCE.md section 17 says why this and not post-copy is the default).
+    auto_converge: bool = True
     max_rounds: int = 30
     timeout_s: float | None = None  # whole migration; None: no limit but the round cap
     force: bool = False  # when it does not converge: True -> switch over anyway, False -> abort
@@ -83,12 +85,11 @@ class MigrationParams:
     progress_timeout_s: float | None = None
     # When to switch to post-copy (agent/migration/postcopy_source.py): "never", after round N
     # ("1": right after the first full round, ``--postcopy``), or "auto" (when the policy sees
-    # that pre-copy will not converge).
-    postcopy_after: str = "never"
+    # that pre-copy will not converge); None: the agent's postcopy-after setting.
+    postcopy_after: str | None = None
 
     def __post_init__(self) -> None:
-        if self.postcopy_after not in ("never", "auto") and not (self.postcopy_after.isdigit()
-                                                                and int(self.postcopy_after) >= 1):
+        if self.postcopy_after is not None and not valid_postcopy_after(self.postcopy_after):
             raise ValueError(f"postcopy-after must be never, auto or a round number >= 1, got {self.postcopy_after!r}")
         if self.max_downtime_ms <= 0:
             raise ValueError("max-downtime must be positive (milliseconds)")
@@ -135,7 +136,7 @@ class MigrationParams:
         return cls(
             max_downtime_ms=float(norm.get("max-downtime", 300.0)),
             bandwidth=int(norm["bandwidth"]) if "bandwidth" in norm else None,
-            auto_converge=bool(norm.get("auto-converge", False)),
+            auto_converge=bool(norm.get("auto-converge", True)),
             max_rounds=int(norm.get("max-rounds", 30)),
             timeout_s=float(norm["timeout"]) if "timeout" in norm else None,
             force=bool(norm.get("force", False)),
@@ -153,7 +154,7 @@ class MigrationParams:
             storage_mode=str(norm.get("storage-mode", "background")),
             stall_timeout_s=float(norm["stall-timeout"]) if "stall-timeout" in norm else None,
             progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
-            postcopy_after=str(norm.get("postcopy-after", "never")),
+            postcopy_after=str(norm["postcopy-after"]) if "postcopy-after" in norm else None,
         )
 
     def for_peer(self, version: int) -> dict[str, Any]:
@@ -196,6 +197,11 @@ PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-round
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
                          "disk-dir", "storage-mode", "stall-timeout", "progress-timeout", "postcopy-after"})
 MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
+
+
+def valid_postcopy_after(value: str) -> bool:
+    """``never``, ``auto`` or a round number from 1."""
+    return value in ("never", "auto") or (value.isdigit() and int(value) >= 1)
 STORAGE_MODES = ("background", "write-blocking")
 
 

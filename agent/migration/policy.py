@@ -197,7 +197,9 @@ def _decide_not_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> De
         return Decision(Action.POSTCOPY, f"pre-copy will not converge: {why}, expected downtime "
                         f"{exp * 1000:.0f} ms > {lim.max_downtime_s * 1000:.0f} ms", expected_downtime_s=exp)
     if budget is not None:
-        action = Action.FORCE if lim.force else Action.ABORT
+        # Auto-converge at its last step: the remainder is as small as throttling makes it, and
+        # converging by default means switching over rather than failing.
+        action = Action.FORCE if lim.force or (lim.auto_converge and fig.throttle >= THROTTLE_MAX) else Action.ABORT
         why = f"did not converge: {budget}, expected downtime {exp * 1000:.0f} ms > {lim.max_downtime_s * 1000:.0f} ms"
         return Decision(action, why, expected_downtime_s=exp)
     if lim.auto_converge and _outrun(fig) and fig.throttle < THROTTLE_MAX:

@@ -40,7 +40,7 @@ from agent.migration.info import PAGE_SIZE, Status
 from agent.migration.postcopy_faults import FaultServer
 from agent.migration.transport import Connection
 from proto.errors import ErrorCode, RemoteProtocolError
-from proto.messages import Commit, DeviceState, Message, PageBatch, Ready
+from proto.messages import Commit, DeviceState, Message, PageBatch, Ready, Sync, SyncAck
 from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
 from vmruntime import postcopy
 from vmruntime.dirty import merge_ranges, written_extents
@@ -56,6 +56,7 @@ READAHEAD_PAGES = 7
 # How long COMMIT waits for the source's urgent connection before the VM may start here.
 URGENT_WAIT_S = 10.0
 POLL_S = 0.05
+STATS_EVERY_S = 0.25  # how often the phase refreshes the figures migrate-status shows
 # After PostcopyDone: how long to read and drop what the source still pushed until it closes.
 DONE_LINGER_S = 5.0
 
@@ -157,14 +158,16 @@ class PostcopyIncoming:
         start = self.start
         assert start is not None
         assert s.info is not None and s._lane is not None and s._inc is not None
-        while isinstance(state := s._recv(), PostcopyDiscard):
-            self.on_discard(state)
-        if not isinstance(state, DeviceState):
-            raise RemoteProtocolError(f"expected DeviceState, got {type(state).__name__}")
+        while not isinstance(state := s._recv(), DeviceState):
+            if isinstance(state, PostcopyDiscard):
+                self.on_discard(state)
+            elif isinstance(state, Sync):  # the discards before the pause: all punched
+                early = sum(e - b for b, e in merge_ranges(self.stale)) // PAGE_SIZE
+                if early != start.pages:
+                    raise RemoteProtocolError(f"PostcopyStart says {start.pages} stale pages, the discards "
+                                              f"named {early}")
+                s._send(SyncAck(state.round))
         self.stale = merge_ranges(self.stale)
-        if sum(e - b for b, e in self.stale) // PAGE_SIZE != start.pages:
-            raise RemoteProtocolError(f"PostcopyStart says {start.pages} stale pages, the discards named "
-                                      f"{sum(e - b for b, e in self.stale) // PAGE_SIZE}")
         s.info.status = Status.DEVICE
         if s.info.rounds:
             s.info.rounds[-1].final = True
@@ -246,6 +249,7 @@ class PostcopyIncoming:
         t = time.monotonic()
         poller = select.poll()
         poller.register(s.conn.sock.fileno(), select.POLLIN)
+        shown = 0.0
         try:
             while not self.server.complete:
                 if self._errors:
@@ -255,12 +259,12 @@ class PostcopyIncoming:
                     if not isinstance(msg, PageBatch):
                         raise RemoteProtocolError(f"expected PageBatch, got {type(msg).__name__}")
                     s.info.transferred = s.conn.received
-                s.info.postcopy = self.stats()
+                if (now := time.monotonic()) - shown >= STATS_EVERY_S:  # the stats sort the latencies
+                    s.info.postcopy, shown = self.stats(), now
             stats = self.server.done()
             assert s._lane is not None
             s._lane.request("postcopy-end")
-            s.info.postcopy = self.stats(stats)
-            s.info.breakdown["postcopy"] = time.monotonic() - t
+            s.info.postcopy = {**self.stats(stats), "postcopy-time": round((time.monotonic() - t) * 1000)}
             s._send(PostcopyDone(stats["pages-placed"], stats["postcopy-requests"]))
         finally:
             self.close()

@@ -7,8 +7,10 @@ The SourceSession (source.py) runs pre-copy rounds as always; when the operator'
 * the urgent connection is opened first (a second connection, PostcopyAttach), while the VM
   still runs: page requests and their answers travel on it and never queue behind the
   background push on the main connection;
-* pause, last harvest; PostcopyStart, the dirty set (the pages whose copies on the
-  destination are stale) as PostcopyDiscard messages, and DeviceState. No final copy and no
+* PostcopyStart; the last round's dirty set (pages whose copies on the destination are
+  stale) as PostcopyDiscard messages while the VM still runs, and a Sync: the destination
+  has punched them out when SyncAck comes; then pause, last harvest, the pages dirtied since
+  as more discards, and DeviceState. No final copy and no
   digest: that is what makes the downtime short whatever the guest dirties;
 * READY, then the session's usual COMMIT and RESUMED: exactly-once holds as in pre-copy, and
   after RESUMED the source never resumes the VM;
@@ -33,7 +35,7 @@ from agent.migration.policy import Action, Decision
 from agent.migration.transport import Connection
 from proto.errors import ErrorCode
 from proto.limits import MAX_RANGES
-from proto.messages import DeviceState, Ready
+from proto.messages import DeviceState, Ready, Sync, SyncAck
 from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
 from proto.state import SourceMachine
 from vmruntime.dirty import merge_ranges
@@ -45,17 +47,19 @@ Range = tuple[int, int]
 
 #: The first protocol version with post-copy.
 POSTCOPY_SINCE = PostcopyStart.SINCE
-# Pages per background batch: small, so a jump to a requested region takes effect soon.
-PUSH_PAGES = 64
+# Pages per background batch: small, so a jump to a requested region takes effect soon; gathered
+# from a window ahead of the cursor, so a scattered dirty set still goes in full batches.
+PUSH_PAGES = 256
+PUSH_WINDOW = 16 * PUSH_PAGES
 POLL_S = 0.05
 # After the push: how long the destination may take to say every page is present.
 DONE_WAIT_S = 60.0
 
 
-def wanted(postcopy_after: str, rounds: int, d: Decision) -> bool:
+def wanted(postcopy_after: str | None, rounds: int, d: Decision) -> bool:
     """Whether the switch-over after round ``rounds`` (1-based) goes post-copy: after round N
     whatever the policy says, or with ``auto`` when the policy sees pre-copy will not converge."""
-    if postcopy_after == "never":
+    if postcopy_after in (None, "never"):
         return False
     if postcopy_after == "auto":
         return d.action is Action.POSTCOPY
@@ -64,11 +68,11 @@ def wanted(postcopy_after: str, rounds: int, d: Decision) -> bool:
 
 def check_peer(s: SourceSession, version: int) -> None:
     """Refuse post-copy towards a peer older than version 4, before anything moves."""
-    if s.params.postcopy_after != "never" and version < POSTCOPY_SINCE:
+    if s.params.postcopy_after not in (None, "never") and version < POSTCOPY_SINCE:
         raise MigrationError(ErrorCode.INCOMPATIBLE,
                              f"the destination speaks protocol version {version}: post-copy needs "
                              f"{POSTCOPY_SINCE} (migrate without --postcopy / --postcopy-after)")
-    if s.params.postcopy_after != "never" and s.params.copy_storage:
+    if s.params.postcopy_after not in (None, "never") and s.params.copy_storage:
         raise MigrationError(ErrorCode.BAD_REQUEST, "post-copy does not copy storage (--copy-storage)")
 
 
@@ -95,6 +99,15 @@ class PostcopySource:
         """Urgent connection, pause, discards, PostcopyStart, state; READY. Returns when READY came."""
         s = self.s
         self._open_urgent()
+        # The last round's dirty set is dropped there while the VM still runs here: punching a
+        # page costs tens of microseconds, which in the pause would be downtime.
+        s._send(PostcopyStart(sum(b - a for a, b in pending) // PAGE_SIZE))
+        self._discard(pending)
+        n = len(s.info.rounds)
+        s._send(Sync(n))
+        ack = s._recv()
+        if not isinstance(ack, SyncAck) or ack.round != n:
+            raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected SyncAck({n}), got {ack!r}")
         s.info.status = Status.DEVICE
         s._check_cancel()
         s._pause_t = t = time.monotonic()
@@ -103,11 +116,10 @@ class PostcopySource:
         t = s._book.lap("pause", t)
         assert s._tracker is not None
         s._tracker.hot_blocks = False
-        stale = merge_ranges(pending + s._harvest())
+        last = s._harvest()
+        self._discard(last)
+        stale = merge_ranges(pending + last)
         npages = sum(b - a for a, b in stale) // PAGE_SIZE
-        s._send(PostcopyStart(npages))
-        for i in range(0, len(stale), MAX_RANGES):
-            s._send(PostcopyDiscard(tuple(stale[i:i + MAX_RANGES])))
         s._send(DeviceState({**state, RUN_STATE_KEY: "running" if s._was_running else "paused"}))
         t = s._book.lap("state", t)
         self._todo = bytearray(s.vm.mem // PAGE_SIZE)
@@ -121,6 +133,11 @@ class PostcopySource:
         if not isinstance(reply, Ready):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
         return s._book.lap("verify", t)
+
+    def _discard(self, ranges: list[Range]) -> None:
+        s = self.s
+        for i in range(0, len(ranges), MAX_RANGES):
+            s._send(PostcopyDiscard(tuple(ranges[i:i + MAX_RANGES])))
 
     def _open_urgent(self) -> None:
         s = self.s
@@ -197,11 +214,11 @@ class PostcopySource:
         finally:
             self.close()
         s.info.remaining = 0
-        s.info.postcopy = self.stats()
-        s.info.breakdown["postcopy"] = time.monotonic() - t
+        s.info.postcopy = {**self.stats(), "postcopy-time": round((time.monotonic() - t) * 1000)}
 
     def _next(self) -> list[Range] | None:
-        """The next pages to push: from the cursor (the latest request's region), wrapping."""
+        """The next pages to push (up to PUSH_PAGES within PUSH_WINDOW): from the cursor (the
+        latest request's region), wrapping."""
         with self._lock:
             todo = self._todo
             at = todo.find(1, self._cursor)
@@ -209,12 +226,19 @@ class PostcopySource:
                 at = todo.find(1)
                 if at == -1:
                     return None
-            end = todo.find(0, at, at + PUSH_PAGES)
-            end = min(len(todo), at + PUSH_PAGES) if end == -1 else end
-            todo[at:end] = bytes(end - at)
-            self._left -= end - at
-            self._cursor = end
-        return [(at * PAGE_SIZE, end * PAGE_SIZE)]
+            limit = min(len(todo), at + PUSH_WINDOW)
+            out: list[Range] = []
+            taken = 0
+            while at != -1 and taken < PUSH_PAGES:
+                end = todo.find(0, at, min(limit, at + PUSH_PAGES - taken))
+                end = min(limit, at + PUSH_PAGES - taken) if end == -1 else end
+                todo[at:end] = bytes(end - at)
+                out.append((at * PAGE_SIZE, end * PAGE_SIZE))
+                taken += end - at
+                self._cursor = end
+                at = todo.find(1, end, limit)
+            self._left -= taken
+        return out
 
     def stats(self) -> dict[str, int]:
         return {"postcopy-requests": self.requests, "postcopy-pages-answered": self.answered,
