@@ -19,6 +19,7 @@ from tests.agents import (
     AgentProc,
     agent_pair,
     digest_line,
+    finished,
     names,
     runs_on,
     unmigrated_verify_digest,
@@ -95,3 +96,57 @@ def test_postcopy_is_refused_by_the_cli_for_a_bad_round() -> None:
 
     r = run_cli("migrate", "x", "--to", "127.0.0.1:1", "--postcopy-after", "0", check=False)
     assert r.returncode != 0 and "round number" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_source_vm_process_killed_during_postcopy_loses_nothing(
+        pair: tuple[AgentProc, AgentProc], unmigrated_digest: Callable[[], bytes]) -> None:
+    """Guest RAM is the memfd the source agent maps, not the VM process: with the source's VM
+    process killed in the post-copy phase the agent still answers and pushes from it, and the
+    guest ends with the unmigrated digest on the destination."""
+    import signal
+
+    a, b = pair
+    a.call("vm-create", name="pk", program="verify", mem="16M", args=VERIFY_ARGS)
+    wait_for(lambda: a.call("vm-info", name="pk")["instructions"] > 100_000, what="verify under way")
+    pid = a.recorded_vm_pids()["pk"]
+    a.call("migrate", name="pk", to=b.control, params={"postcopy-after": "1", "bandwidth": 2 << 20})
+    wait_for(lambda: a.call("migrate-status", name="pk")["status"] == "postcopy-active", timeout=60, interval=0.01,
+             what="post-copy under way")
+    os.kill(pid, signal.SIGKILL)
+    out = finished(a, "pk")
+    assert out["status"] == "completed", out
+    assert b.call("migrate-status", name="pk")["status"] == "completed"
+    wait_for(lambda: b.call("vm-info", name="pk")["state"] == "halted", timeout=120, what="verify to halt")
+    assert digest_line(b.cli("vm", "console", "pk").stdout.encode()) == unmigrated_digest()
+    assert "pk" not in names(a)
+    b.call("vm-destroy", name="pk")
+
+
+@pytest.mark.slow
+def test_a_link_cut_in_postcopy_stops_the_destination_vm_and_keeps_the_source_paused(
+        pair: tuple[AgentProc, AgentProc]) -> None:
+    """Recovery is not built: a cut main connection in the post-copy phase fails the migration
+    on both sides; the destination stops its VM (never left running on holes), the source keeps
+    its copy paused with its RAM, for migrate-resolve."""
+    from proto.messages import Resumed
+    from tests.faults import AFTER, CUT, S2C, FaultProxy, Rule, migration_target
+
+    a, b = pair
+    a.call("vm-create", name="pl", program="memstress", mem="32M",
+           args={"ws": "16M", "rate": "0", "pattern": "random", "values": "random"})
+    wait_for(lambda: a.call("vm-info", name="pl")["instructions"] > 50_000, what="memstress under way")
+    with FaultProxy(migration_target(b)) as proxy:
+        proxy.add(Rule(S2C, Resumed, CUT, when=AFTER))
+        a.call("migrate", name="pl", to=b.control, migration=proxy.address_text,
+               params={"postcopy-after": "1", "bandwidth": 8 << 20})
+        out = finished(a, "pl")
+    assert out["status"] == "failed" and out["error-desc"].startswith("post-copy failed"), out
+    incoming = wait_for(lambda: (st := b.call("migrate-status", name="pl"))["status"] == "failed" and st,
+                        timeout=30, what="the destination to fail")
+    assert "the VM was stopped on this host" in incoming["error-desc"], incoming
+    assert "pl" not in names(b)
+    assert a.call("vm-info", name="pl")["state"] == "paused"
+    a.cli("migrate-resolve", "pl", "--resume-here")
+    runs_on(a, "pl")
+    a.call("vm-destroy", name="pl")
