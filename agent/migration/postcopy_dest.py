@@ -29,6 +29,7 @@ and keeps that session's thread until the post-copy is over.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import select
 import threading
@@ -292,7 +293,10 @@ class PostcopyIncoming:
         if self.link is not None:
             self.link.ended.set()
         for staging in self._staging.values():
-            staging.close()
+            # A view of it may outlive the phase for a moment (a traceback's frame): then the
+            # mapping goes with its last reference instead.
+            with contextlib.suppress(BufferError):
+                staging.close()
 
     def _stop_vm(self, exc: BaseException) -> None:
         """The post-copy phase failed: the VM here is stopped, its process killed (a vCPU blocked
@@ -304,6 +308,9 @@ class PostcopyIncoming:
                 s.bridge.call(s.vms.drop_claimed(s._vm))
         except Exception as e:
             s.log.error("stopping the VM after a failed post-copy", error=describe(e))
+        # From now on an in-doubt query hears "not resumed": the VM does not run here, and never
+        # will; the source's paused copy is the guest.
+        s.outcomes.settle(s._mid, False)
         if s.info is not None:
             s.info.postcopy = self.stats()
             s.info.finish(Status.FAILED, why, ErrorCode.MIGRATION_FAILED)
