@@ -60,7 +60,7 @@ class PostcopyStart(Message):
 @dataclass(frozen=True, slots=True)
 class PageRequest(Message):
     """Destination -> source, in post-copy: send ``npages`` pages from guest offset ``offset``
-    now (a vCPU waits for the first one), on the urgent connection."""
+    at once (a vCPU waits for the first one), on the urgent connection."""
 
     SINCE: ClassVar[int] = 4
 

@@ -184,7 +184,7 @@ class PostcopyIncoming:
         return resumed
 
     def _serve(self, memfd: int) -> None:
-        """Register guest RAM MISSING in the VM process, and serve its faults from now on."""
+        """Register guest RAM MISSING in the VM process, and serve its faults from here on."""
         assert self.s._lane is not None and self.link is not None
         lane = cast(_FdLane, self.s._lane)  # vmruntime.control.Lane: the real lane passes fds
         reply, fds = lane.request_fds("postcopy-register")
@@ -308,7 +308,7 @@ class PostcopyIncoming:
                 s.bridge.call(s.vms.drop_claimed(s._vm))
         except Exception as e:
             s.log.error("stopping the VM after a failed post-copy", error=describe(e))
-        # From now on an in-doubt query hears "not resumed": the VM does not run here, and never
+        # Henceforth an in-doubt query hears "not resumed": the VM does not run here, and never
         # will; the source's paused copy is the guest.
         s.outcomes.settle(s._mid, False)
         if s.info is not None:

@@ -172,7 +172,7 @@ class PostcopySource:
                 self.s.log.warning("post-copy answers stopped", vm=self.s.vm.name, error=describe(e))
 
     def _serve(self, conn: Connection, req: PageRequest) -> None:
-        """Send the pages asked for now, and point the push at their region."""
+        """Send the pages asked for at once, and point the push at their region."""
         s = self.s
         assert s._ram is not None
         first = req.offset // PAGE_SIZE
