@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from agent import cli_converge
 from agent.cli_args import (
     EXIT_FAILED,
     EXIT_OK,
@@ -33,7 +34,7 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination agent's control address")
     m.add_argument("--max-downtime", type=positive_float, metavar="MS", help="downtime bound in ms (default 300)")
     m.add_argument("--bandwidth", type=size, metavar="BYTES_PER_S", help="cap on the memory stream, e.g. 100M")
-    m.add_argument("--auto-converge", action="store_true", help="throttle the vCPU when rounds do not converge")
+    cli_converge.add_flags(m)
     m.add_argument("--max-rounds", type=int, metavar="N", help="most pre-copy rounds (default 30)")
     m.add_argument("--timeout", type=positive_float, metavar="S", help="give up after S seconds")
     m.add_argument("--force", action="store_true",
@@ -99,8 +100,7 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {"max-downtime": ns.max_downtime, "bandwidth": ns.bandwidth,
                               "max-rounds": ns.max_rounds, "timeout": ns.timeout,
                               "stall-timeout": ns.stall_timeout, "progress-timeout": ns.progress_timeout}
-    if ns.auto_converge:
-        params["auto-converge"] = True
+    params.update(cli_converge.params(ns))
     if ns.force:
         params["force"] = True
     if ns.hot_blocks:
@@ -172,7 +172,7 @@ def progress_line(info: dict[str, Any], live: Live = NOT_MEASURED) -> str:
         parts.append(f"throttle {info['cpu-throttle-percentage']}%")
     if "disk" in info:
         parts.append(f"disk {_mib(info['disk']['transferred'])} remaining {_mib(info['disk']['remaining'])}")
-    line = "  ".join(parts)
+    line = "  ".join(parts) + cli_converge.progress(info)
     return f"{bar(fraction)} {line}" if live.tty else line
 
 
@@ -205,7 +205,7 @@ def summary_text(info: dict[str, Any]) -> str:
         lines.append(f"  disk copied: {_mib(info['disk']['transferred'])} of data, {_mib(info['disk']['zero'])} as holes")
     if info.get("rx-dropped-at-switchover") is not None:
         lines.append(f"  frames left unread on the source's TAP at switch-over: {info['rx-dropped-at-switchover']}")
-    return "\n".join(lines + outcome_lines(info))
+    return "\n".join(lines + cli_converge.summary(info) + outcome_lines(info))
 
 
 async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:

@@ -128,6 +128,8 @@ class AgentConfig:
     # Most outgoing migrations at once; the others wait their turn (agent/migration/slots.py).
     max_outgoing: int = 4
     web: WebSettings | None = None  # the web console (agent/web.py); off when None
+    # When a migration switches to post-copy unless its params say (agent/migration/postcopy_source.py).
+    postcopy_after: str = "never"
 
     @property
     def control_socket(self) -> Path:
@@ -155,12 +157,15 @@ _KEYS: dict[str, str] = {
     "stall-timeout": "seconds a migration connection may stay silent in a wait before its peer counts as "
                      "dead or frozen and the migration fails (default: 4)",
     "max-outgoing": "most outgoing migrations at once, 1-64; more wait in a queue, in order (default: 4)",
+    "postcopy-after": "outgoing migrations switch to post-copy: never, auto (when pre-copy will not converge) "
+                      "or after round N, unless the migration says (default: never)",
 }
 _KEYS.update(web_config.KEYS)  # http, http-token, http-insecure (agent/web_config.py)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
-             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "max-outgoing": "N", **web_config.METAVARS}
+             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "max-outgoing": "N", "postcopy-after": "auto|N|never",
+             **web_config.METAVARS}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
 _TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float),
                                             "max-outgoing": (str, int), "spare-vm": (str, bool),
@@ -269,6 +274,13 @@ def _disk_dirs(values: dict[str, Any]) -> tuple[Path, ...]:
     return tuple(dirs)
 
 
+def _postcopy_after(values: dict[str, Any]) -> str:
+    raw = str(values.get("postcopy-after", "never"))
+    if raw not in ("never", "auto") and not (raw.isdigit() and int(raw) >= 1):
+        raise ConfigError(f"postcopy-after: must be never, auto or a round number >= 1, got {raw!r}")
+    return raw
+
+
 def _stall_timeout(values: dict[str, Any]) -> float:
     raw = values.get("stall-timeout", 4.0)
     try:
@@ -353,6 +365,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "disk_dirs": p.take(_disk_dirs, values),
         "stall_timeout": p.take(_stall_timeout, values),
         "max_outgoing": p.take(_max_outgoing, values),
+        "postcopy_after": p.take(_postcopy_after, values),
     }
     fields["web"] = p.take(web_config.web_settings, values, values.get("tls-dir"))
     web = fields["web"].address if fields["web"] is not None else None
@@ -410,6 +423,7 @@ def describe(config: AgentConfig) -> str:
         "dirty-tracker": config.dirty_tracker, "log-level": config.log_level,
         "spare-vm": "on" if config.spare_vm else "off", "stall-timeout": f"{config.stall_timeout:g}",
         "max-outgoing": str(config.max_outgoing),
+        "postcopy-after": config.postcopy_after,
     }
     if config.web is not None:
         values.update(config.web.describe())

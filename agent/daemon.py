@@ -77,7 +77,7 @@ class Agent:
         self._reloading = asyncio.Lock()
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
                                            tls=self.tls, stall_timeout=config.stall_timeout,
-                                           max_outgoing=config.max_outgoing)
+                                           max_outgoing=config.max_outgoing, postcopy_after=config.postcopy_after)
         identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
         self.peers = PeerBook()  # the agents this one asked for their agent-info: the console's hosts
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),

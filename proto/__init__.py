@@ -80,6 +80,14 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
+from proto.postcopy_messages import (
+    POSTCOPY_MESSAGES,
+    PageRequest,
+    PostcopyAttach,
+    PostcopyDiscard,
+    PostcopyDone,
+    PostcopyStart,
+)
 from proto.state import (
     DESTINATION_TRANSITIONS,
     SOURCE_TRANSITIONS,
@@ -102,5 +110,6 @@ __all__ = [
     "MIGRATION_MESSAGES", "Abort", "Auth", "AuthOk", "CodeHint", "Commit", "DeviceState", "Digest", "DiskBatch", "ErrorResponse",
     "Event", "Hello", "HelloReply", "InDoubtAnswer", "InDoubtQuery", "Message", "MigrateAccept",
     "MigrateRefuse", "MigrateStart", "PageBatch", "RangeBatch", "Ranges", "Ready", "Request", "Response", "Resumed",
-    "RoundEnd", "Sync", "SyncAck",
+    "RoundEnd", "Sync", "SyncAck", "POSTCOPY_MESSAGES", "PageRequest", "PostcopyAttach", "PostcopyDiscard",
+    "PostcopyDone", "PostcopyStart",
 ]  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 MAGIC = b"FRRY"
 
 #: The protocol version this code speaks natively.
-CURRENT_VERSION = 3
+CURRENT_VERSION = 4
 #: The oldest version accepted (0 is "none"): a peer speaking it migrates what it can describe.
 MIN_VERSION = 1
 SUPPORTED_VERSIONS: frozenset[int] = frozenset(range(MIN_VERSION, CURRENT_VERSION + 1))

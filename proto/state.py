@@ -64,6 +64,7 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
+from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
 
 
 class Direction(Enum):
@@ -94,6 +95,13 @@ class SourceState(Enum):
     RESOLVED = "resolved"  # an InDoubtAnswer settled who owns the VM
     REFUSED = "refused"  # the destination refused; the VM keeps running here
     ABORTED = "aborted"  # aborted before COMMIT; the source resumes the VM
+    PC_STARTING = "pc-starting"  # post-copy switch-over (v4): VM paused; the discards, then the state
+    PC_AWAITING_READY = "pc-awaiting-ready"  # state sent (no digest); awaiting READY
+    PC_READY = "pc-ready"  # destination ready; COMMIT may be sent (or Abort)
+    PC_COMMITTED = "pc-committed"  # COMMIT sent: in doubt until RESUMED
+    POSTCOPY = "postcopy"  # the VM runs there: pages pushed, requests answered, until PostcopyDone
+    URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests only
+    PC_SYNCING = "pc-syncing"  # Sync sent behind the discards made before the pause: awaiting SyncAck
 
 
 class DestinationState(Enum):
@@ -112,6 +120,13 @@ class DestinationState(Enum):
     RESOLVED = "resolved"  # InDoubtAnswer sent
     REFUSED = "refused"  # refused; nothing was touched
     ABORTED = "aborted"  # aborted before COMMIT; the copy here is discarded
+    PC_STARTING = "pc-starting"  # PostcopyStart received: the discards (stale pages dropped), then the state
+    PC_VERIFYING = "pc-verifying"  # state received; READY comes next
+    PC_READY = "pc-ready"  # READY sent; awaiting COMMIT
+    PC_COMMITTED = "pc-committed"  # COMMIT received; registering guest RAM and starting the VM
+    POSTCOPY = "postcopy"  # the VM runs here on partial RAM: pages arrive, requests go out
+    URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests arrive
+    PC_SYNC_ASKED = "pc-sync-asked"  # Sync received: the discards before it are done, SyncAck comes next
 
 
 Key = tuple[Enum, type[Message], Direction]
@@ -155,6 +170,23 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.QUERYING, InDoubtAnswer, RECV): _S.RESOLVED,
     (_S.ABORTED, Abort, RECV): _S.ABORTED,  # crossing aborts
     **_abort_entries((_S.START, _S.PROPOSED, _S.PRECOPY, _S.SYNCING, _S.STATE_SENT, _S.AWAITING_READY, _S.READY), _S.ABORTED),
+    # Post-copy (version 4): READY without a digest, then the VM runs there while pages flow.
+    (_S.PRECOPY, PostcopyStart, SEND): _S.PC_STARTING,
+    (_S.PC_STARTING, PostcopyDiscard, SEND): _S.PC_STARTING,
+    (_S.PC_STARTING, Sync, SEND): _S.PC_SYNCING,
+    (_S.PC_SYNCING, SyncAck, RECV): _S.PC_STARTING,
+    (_S.PC_STARTING, DeviceState, SEND): _S.PC_AWAITING_READY,
+    (_S.PC_AWAITING_READY, Ready, RECV): _S.PC_READY,
+    (_S.PC_READY, Commit, SEND): _S.PC_COMMITTED,
+    (_S.PC_COMMITTED, Resumed, RECV): _S.POSTCOPY,
+    (_S.PC_COMMITTED, InDoubtAnswer, RECV): _S.RESOLVED,
+    (_S.PC_COMMITTED, Abort, RECV): _S.ABORTED,
+    (_S.POSTCOPY, PageBatch, SEND): _S.POSTCOPY,
+    (_S.POSTCOPY, PostcopyDone, RECV): _S.DONE,
+    (_S.START, PostcopyAttach, SEND): _S.URGENT,
+    (_S.URGENT, PageRequest, RECV): _S.URGENT,
+    (_S.URGENT, PageBatch, SEND): _S.URGENT,
+    **_abort_entries((_S.PC_STARTING, _S.PC_AWAITING_READY, _S.PC_READY, _S.PC_SYNCING), _S.ABORTED),
 }
 
 DESTINATION_TRANSITIONS: dict[Key, Enum] = {
@@ -179,6 +211,21 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     **_abort_entries(
         (_D.START, _D.CHECKING, _D.RECEIVING, _D.SYNC_ASKED, _D.STATE_RECEIVED, _D.VERIFYING, _D.READY), _D.ABORTED
     ),
+    (_D.RECEIVING, PostcopyStart, RECV): _D.PC_STARTING,
+    (_D.PC_STARTING, PostcopyDiscard, RECV): _D.PC_STARTING,
+    (_D.PC_STARTING, Sync, RECV): _D.PC_SYNC_ASKED,
+    (_D.PC_SYNC_ASKED, SyncAck, SEND): _D.PC_STARTING,
+    (_D.PC_STARTING, DeviceState, RECV): _D.PC_VERIFYING,
+    (_D.PC_VERIFYING, Ready, SEND): _D.PC_READY,
+    (_D.PC_READY, Commit, RECV): _D.PC_COMMITTED,
+    (_D.PC_COMMITTED, Resumed, SEND): _D.POSTCOPY,
+    (_D.PC_COMMITTED, InDoubtAnswer, SEND): _D.RESOLVED,
+    (_D.POSTCOPY, PageBatch, RECV): _D.POSTCOPY,
+    (_D.POSTCOPY, PostcopyDone, SEND): _D.DONE,
+    (_D.START, PostcopyAttach, RECV): _D.URGENT,
+    (_D.URGENT, PageRequest, SEND): _D.URGENT,
+    (_D.URGENT, PageBatch, RECV): _D.URGENT,
+    **_abort_entries((_D.PC_STARTING, _D.PC_VERIFYING, _D.PC_READY, _D.PC_SYNC_ASKED), _D.ABORTED),
 }
 
 #: Message types that carry the migration id, checked against the one the connection started with.
@@ -221,7 +268,7 @@ class _Machine:
         return nxt
 
     def _check_id(self, msg: Message, error: type[ProtocolError]) -> None:
-        if isinstance(msg, MigrateStart | InDoubtQuery):
+        if isinstance(msg, MigrateStart | InDoubtQuery | PostcopyAttach):
             self.migration_id = msg.migration_id
         elif isinstance(msg, _ID_CARRIERS) and msg.migration_id != self.migration_id:
             raise error(
@@ -242,7 +289,8 @@ class SourceMachine(_Machine):
     @property
     def in_doubt(self) -> bool:
         """COMMIT sent and no answer yet: keep the VM paused, never resume it blindly."""
-        return self.state in (SourceState.COMMIT_AHEAD, SourceState.COMMITTED, SourceState.QUERYING)
+        return self.state in (SourceState.COMMIT_AHEAD, SourceState.COMMITTED, SourceState.PC_COMMITTED,
+                              SourceState.QUERYING)
 
 
 class DestinationMachine(_Machine):
@@ -257,4 +305,4 @@ class DestinationMachine(_Machine):
     @property
     def may_start_vm(self) -> bool:
         """Only after COMMIT may the destination start the VM."""
-        return self.state is DestinationState.COMMITTED
+        return self.state in (DestinationState.COMMITTED, DestinationState.PC_COMMITTED)

@@ -83,7 +83,8 @@ def test_a_failed_migration_is_reported_once_the_destination_let_go(pair: tuple[
     a, b = pair
     a.cli("vm", "create", "w", "--program", "diskstress", "--mem", "16M", "--arg", "ws=32M", "--arg", "rate=0",
           "--disk", "w.img,size=64M")
-    a.call("migrate", name="w", to=b.control, params={"max-rounds": 1, "max-downtime": 1, "copy-storage": True})
+    a.call("migrate", name="w", to=b.control, params={"max-rounds": 1, "max-downtime": 1, "copy-storage": True,
+                                                            "auto-converge": False})
     while (status := a.call("migrate-status", name="w"))["status"] not in ("completed", "failed", "cancelled"):
         pass  # polled without a pause: the destination is asked the moment the source reports
     assert "did not converge" in status["error-desc"], status

@@ -125,7 +125,7 @@ def test_write_blocking_moves_a_guest_that_writes_faster_than_the_link(two_hosts
     a.cli("vm", "create", "w", "--program", "diskstress", "--mem", "4M", "--arg", "ws=16M", "--arg", "rate=0",
           "--arg", "pattern=random", "--disk", "w.img,size=32M")
     common = ("--copy-storage", "--bandwidth", "8M", "--max-rounds", "6", "--json")
-    free = a.cli("migrate", "w", "--to", b.control, *common, check=False)
+    free = a.cli("migrate", "w", "--to", b.control, *common, "--no-auto-converge", check=False)
     info = json.loads(free.stdout)
     assert free.returncode != 0 and "did not converge" in info["error-desc"], info
     assert a.cli("vm", "info", "w", json=True).json["state"] == "running"

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.migration.info import MigrationParams
 from agent.migration.policy import (
     NEW_LOW_RATIO,
     THROTTLE_INITIAL,
@@ -200,7 +201,7 @@ def test_throttle_saturates_then_continues_until_cap() -> None:
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=GBPS, throttle=THROTTLE_MAX, rounds=4), lim, now=1.0)
     assert d.action is Action.CONTINUE
     d = decide(fig(1000 * MiB, 1000 * MiB, dirty=GBPS, throttle=THROTTLE_MAX, rounds=10), lim, now=1.0)
-    assert d.action is Action.ABORT
+    assert d.action is Action.FORCE  # converging by default: the last resort switches over
 
 
 def test_hot_blocks_go_off_with_a_throttle_step() -> None:
@@ -263,9 +264,70 @@ def test_never_switches_past_the_bound_unless_forced(remaining: int, prev: int |
     if d.action is Action.SWITCH_OVER:
         assert expected_downtime(remaining, bw) <= max_dt
     if d.action is Action.FORCE:
-        assert force
+        assert force or (auto and throttle >= THROTTLE_MAX)
     if d.action is Action.THROTTLE_UP:
         assert auto and throttle < d.throttle <= THROTTLE_MAX
     if rounds >= 30 or now >= 600.0:
         # Out of budget: the policy must end the pre-copy phase one way or another.
         assert d.action in (Action.SWITCH_OVER, Action.ABORT, Action.FORCE)
+
+
+def test_postcopy_when_the_dirty_rate_outruns_bandwidth_instead_of_throttling() -> None:
+    lim = Limits(auto_converge=True, postcopy=True)
+    d = decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS), lim, now=1.0)
+    assert d.action is Action.POSTCOPY and "will not converge" in d.reason and d.expected_downtime_s > 0.3
+    # Without post-copy the same figures throttle.
+    assert decide(fig(1000 * MiB, 1000 * MiB, dirty=0.8 * GBPS), Limits(auto_converge=True), 1.0).action \
+        is Action.THROTTLE_UP
+
+
+def test_postcopy_instead_of_failing_at_the_round_cap() -> None:
+    d = decide(fig(1000 * MiB, 1000 * MiB, rounds=30), Limits(max_rounds=30, postcopy=True, force=True), now=1.0)
+    assert d.action is Action.POSTCOPY and "round limit" in d.reason
+
+
+def test_postcopy_is_not_chosen_while_pre_copy_converges() -> None:
+    lim = Limits(max_downtime_s=0.3, postcopy=True)
+    assert decide(fig(100 * MiB, 200 * MiB), lim, now=1.0).action is Action.CONTINUE
+    assert decide(fig(100 * MiB, earlier=(200 * MiB, 110 * MiB, 105 * MiB)), lim, 1.0).action is Action.SWITCH_OVER
+    # Round 0 and 1 say nothing of the dirty rate yet: keep going.
+    assert decide(fig(1000 * MiB, 1000 * MiB, rounds=1, dirty=0.8 * GBPS), lim, 1.0).action is Action.CONTINUE
+
+
+def test_postcopy_after_round_n_or_auto() -> None:
+    from agent.migration.policy import Decision
+    from agent.migration.postcopy_source import wanted
+
+    go_on = Decision(Action.CONTINUE, "")
+    assert not wanted("never", 5, Decision(Action.POSTCOPY, ""))
+    assert not wanted("2", 1, go_on) and wanted("2", 2, go_on) and wanted("1", 1, Decision(Action.SWITCH_OVER, ""))
+    assert wanted("auto", 3, Decision(Action.POSTCOPY, "")) and not wanted("auto", 30, Decision(Action.ABORT, ""))
+
+
+def test_postcopy_towards_an_older_peer_is_refused_before_anything_moves() -> None:
+    from types import SimpleNamespace
+
+    from agent.migration.common import MigrationError
+    from agent.migration.info import MigrationParams
+    from agent.migration.postcopy_source import check_peer
+
+    s: object = SimpleNamespace(params=MigrationParams(postcopy_after="auto"))
+    with pytest.raises(MigrationError, match="protocol version 3: post-copy needs 4"):
+        check_peer(s, 3)  # type: ignore[arg-type]
+    check_peer(s, 4)  # type: ignore[arg-type]
+    check_peer(SimpleNamespace(params=MigrationParams()), 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="postcopy-after"):
+        MigrationParams(postcopy_after="0")
+
+
+def test_auto_converge_at_its_last_step_forces_rather_than_fails() -> None:
+    """Converging by default: with auto-converge on and the throttle at its top, the round cap
+    switches over past the bound; below the top, or with auto-converge off, it still aborts."""
+    at_top = fig(1000 * MiB, 1000 * MiB, rounds=30, throttle=THROTTLE_MAX)
+    d = decide(at_top, Limits(max_rounds=30, auto_converge=True), now=1.0)
+    assert d.action is Action.FORCE and "did not converge" in d.reason
+    assert decide(at_top, Limits(max_rounds=30), now=1.0).action is Action.ABORT
+    below = fig(1000 * MiB, 1000 * MiB, rounds=30, throttle=50)
+    assert decide(below, Limits(max_rounds=30, auto_converge=True), now=1.0).action is Action.ABORT
+    assert MigrationParams().auto_converge and MigrationParams.from_dict({}).auto_converge
+    assert not MigrationParams.from_dict({"auto-converge": False}).auto_converge

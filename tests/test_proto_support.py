@@ -42,6 +42,11 @@ SAMPLES: dict[type[Message], Message] = {
     proto.CodeHint: proto.CodeHint(0x100, bytes(range(256)) * 4, (0x110, 0x4FC, 0x180)),
     # Image offsets beyond the guest's RAM: a disk's batch is bounded by the disk, not by GUEST.
     proto.DiskBatch: proto.DiskBatch(((1 << 40, (1 << 40) + 8192),), ((0, 65536),)),
+    proto.PostcopyDiscard: proto.PostcopyDiscard(((0, 8192), (16384, 20480))),
+    proto.PostcopyStart: proto.PostcopyStart(3),
+    proto.PageRequest: proto.PageRequest(8192, 4),
+    proto.PostcopyAttach: proto.PostcopyAttach("m-1", "vm-1"),
+    proto.PostcopyDone: proto.PostcopyDone(3, 1),
 }
 
 
@@ -119,6 +124,7 @@ _OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
     (proto.Hello, "max_version"): st.integers(1, 5),
     (proto.MigrateStart, "mem_size"): st.integers(1, 1 << 20).map(lambda p: p * proto.PAGE_SIZE),
     (proto.SyncAck, "held_s"): st.floats(0.0, 3600.0),
+    (proto.PostcopyStart, "pages"): st.integers(0, 1 << 20),
 }
 
 
@@ -139,6 +145,10 @@ def messages_of(cls: type[Message]) -> st.SearchStrategy[Message]:
         return page_batches().map(lambda b: proto.DiskBatch(b.ranges, b.zeros, b.payload))
     if cls is proto.CodeHint:
         return code_hints()
+    if cls is proto.PostcopyDiscard:
+        return ranges(64, 16).map(proto.PostcopyDiscard)
+    if cls is proto.PageRequest:
+        return st.builds(proto.PageRequest, st.integers(0, 31).map(lambda p: p * proto.PAGE_SIZE), st.integers(1, 32))
     hints = get_type_hints(cls)
     kwargs = {
         f.name: _OVERRIDES.get((cls, f.name), _FIELD_STRATEGIES[hints[f.name]]) for f in fields(cls)  # type: ignore[arg-type]

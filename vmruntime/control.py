@@ -258,20 +258,28 @@ class Lane:
     def request(self, op: str, *, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply; VMError if refused, VMGone if the process is gone,
         TimeoutError if it does not answer in time."""
+        msg, fds = self.request_fds(op, timeout=timeout, **fields)
+        _close_all(fds)
+        return msg
+
+    def request_fds(self, op: str, *, timeout: float | None = None,
+                    **fields: Any) -> tuple[dict[str, Any], list[int]]:  # fmt: skip
+        """Like :meth:`request`, also returning the fds attached to the reply (the caller's)."""
         rid = self._last_id = self._last_id + 1
         self.sock.settimeout(self.timeout if timeout is None else timeout)
         try:
             send_msg(self.sock, {"op": op, "id": rid, **fields})
             while True:
                 msg, fds = recv_msg(self.sock)
-                _close_all(fds)
                 if msg.get("id") == rid:
                     break
+                _close_all(fds)
         except (EOFError, BrokenPipeError, ConnectionResetError) as e:
             raise VMGone(f"the VM process closed its lane ({op})") from e
         if not msg.get("ok"):
+            _close_all(fds)
             raise VMError(f"{op}: {msg.get('error', 'failed')}")
-        return msg
+        return msg, fds
 
     def close(self) -> None:
         self.sock.close()

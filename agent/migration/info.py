@@ -32,6 +32,7 @@ class Status(enum.Enum):
     SETUP = "setup"  # connecting, handshake, compatibility check
     ACTIVE = "active"  # pre-copy rounds, the VM runs
     DEVICE = "device"  # stop-and-copy: the VM is paused
+    POSTCOPY_ACTIVE = "postcopy-active"  # the VM runs on the destination, pages still arrive
     COMPLETED = "completed"  # the VM runs on the destination only
     FAILED = "failed"  # the VM runs where it ran before (see error-desc)
     CANCELLED = "cancelled"  # the operator cancelled; the VM runs on the source
@@ -46,7 +47,9 @@ class MigrationParams:
 
     max_downtime_ms: float = 300.0
     bandwidth: int | None = None  # bytes/s cap on the sender; None: no cap
-    auto_converge: bool = False
+    # On by default: a migration converges unless the operator turned this and post-copy off
+    # (docs/PERFORMANCE.md section 17 says why this and not post-copy is the default).
+    auto_converge: bool = True
     max_rounds: int = 30
     timeout_s: float | None = None  # whole migration; None: no limit but the round cap
     force: bool = False  # when it does not converge: True -> switch over anyway, False -> abort
@@ -80,8 +83,14 @@ class MigrationParams:
     # long fails it before COMMIT (None: off). docs/RELIABILITY.md, "Stalls".
     stall_timeout_s: float | None = None
     progress_timeout_s: float | None = None
+    # When to switch to post-copy (agent/migration/postcopy_source.py): "never", after round N
+    # ("1": right after the first full round, ``--postcopy``), or "auto" (when the policy sees
+    # that pre-copy will not converge); None: the agent's postcopy-after setting.
+    postcopy_after: str | None = None
 
     def __post_init__(self) -> None:
+        if self.postcopy_after is not None and not valid_postcopy_after(self.postcopy_after):
+            raise ValueError(f"postcopy-after must be never, auto or a round number >= 1, got {self.postcopy_after!r}")
         if self.max_downtime_ms <= 0:
             raise ValueError("max-downtime must be positive (milliseconds)")
         if self.bandwidth is not None and self.bandwidth <= 0:
@@ -127,7 +136,7 @@ class MigrationParams:
         return cls(
             max_downtime_ms=float(norm.get("max-downtime", 300.0)),
             bandwidth=int(norm["bandwidth"]) if "bandwidth" in norm else None,
-            auto_converge=bool(norm.get("auto-converge", False)),
+            auto_converge=bool(norm.get("auto-converge", True)),
             max_rounds=int(norm.get("max-rounds", 30)),
             timeout_s=float(norm["timeout"]) if "timeout" in norm else None,
             force=bool(norm.get("force", False)),
@@ -145,6 +154,7 @@ class MigrationParams:
             storage_mode=str(norm.get("storage-mode", "background")),
             stall_timeout_s=float(norm["stall-timeout"]) if "stall-timeout" in norm else None,
             progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
+            postcopy_after=str(norm["postcopy-after"]) if "postcopy-after" in norm else None,
         )
 
     def for_peer(self, version: int) -> dict[str, Any]:
@@ -174,17 +184,24 @@ class MigrationParams:
             "storage-mode": self.storage_mode,
             "stall-timeout": self.stall_timeout_s,
             "progress-timeout": self.progress_timeout_s,
+            "postcopy-after": self.postcopy_after,
         }
 
 
 # Params a peer learned in a later protocol version than 1: an older destination refuses a key it
 # does not know (and would then lose the maps beside it), so they are left out for it (for_peer).
-PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3}
+PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3,
+                "postcopy-after": 4}
 PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
-                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout"})
+                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout", "postcopy-after"})
 MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
+
+
+def valid_postcopy_after(value: str) -> bool:
+    """``never``, ``auto`` or a round number from 1."""
+    return value in ("never", "auto") or (value.isdigit() and int(value) >= 1)
 STORAGE_MODES = ("background", "write-blocking")
 
 
@@ -295,6 +312,10 @@ class MigrationInfo:
     code_blocks_cold: int | None = None
     disk: DiskProgress | None = None  # the disk's copy (--copy-storage); None when it is not copied
     queued: int | None = None  # waiting for a turn (agent/migration/slots.py): how many wait before it
+    # A post-copy's figures under QEMU's names (postcopy-requests, postcopy-blocktime,
+    # postcopy-vcpu-blocktime) and the request latency (postcopy-latency-p50/p99, ms);
+    # None for a migration that never switched to post-copy.
+    postcopy: dict[str, Any] | None = None
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -344,6 +365,8 @@ class MigrationInfo:
             d["rx-dropped-at-switchover"] = self.rx_dropped_at_switchover
         if self.disk is not None:
             d["disk"] = self.disk.to_dict()
+        if self.postcopy is not None:
+            d.update(self.postcopy)
         if self.code_blocks_warm is not None:
             d["code-blocks"] = {"warm": self.code_blocks_warm, "cold": self.code_blocks_cold}
         if self.error is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -67,7 +68,8 @@ class MigrationManager:
 
     def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSSource | None = None,
-                 stall_timeout: float = STALL_TIMEOUT_S, max_outgoing: int = MAX_OUTGOING) -> None:
+                 stall_timeout: float = STALL_TIMEOUT_S, max_outgoing: int = MAX_OUTGOING,
+                 postcopy_after: str = "never") -> None:
         self.agent_name = agent_name
         self.tls = tls  # agent.tls.TLSDir: mutual TLS on the listener and outgoing connections, read at each one
         self.key = key
@@ -75,6 +77,7 @@ class MigrationManager:
         self.log = log
         self.in_doubt_timeout = in_doubt_timeout
         self.stall_timeout = stall_timeout  # each migration wait's progress deadline, in and out (transport.py)
+        self.postcopy_after = postcopy_after  # a migration's postcopy-after when its params leave it out
         self.address: tuple[str, int] | None = None  # the listener's bound address, once serving
         self._lsock: socket.socket | None = None  # bound by bind(), not yet accepting
         self._infos: dict[str, MigrationInfo] = {}  # vm name -> current or last migration, in or out
@@ -191,6 +194,8 @@ class MigrationManager:
         """
         vm = self.vms.get(vm_name)
         self._check_can_start(vm_name, vm)
+        if params.postcopy_after is None:
+            params = dataclasses.replace(params, postcopy_after=self.postcopy_after)
         stale = self._in_doubt.pop(vm_name, None)  # resolved meanwhile by hand (vm resume): not in doubt any more
         if isinstance(stale, AdoptedInDoubt):
             stale.stop()

@@ -1,8 +1,10 @@
 """The pre-copy convergence policy: a pure function of measured figures.
 
 This module owns the one decision of a pre-copy migration: after each round,
-keep copying, switch over to stop-and-copy, throttle the vCPU harder, or give
-up (abort, or force the switch-over past the downtime bound); and whether a
+keep copying, switch over to stop-and-copy, throttle the vCPU harder, switch
+over to post-copy (the guest outruns the link, or the budget is spent, and the
+operator allowed it), or give up (abort, or force the switch-over past the
+downtime bound); and whether a
 migration that moved no byte for a while has stalled (``progress_stalled``,
 the progress timeout). It does no I/O
 and reads no clock: the caller passes the figures and ``now`` (like Cloud
@@ -67,6 +69,7 @@ class Action(enum.Enum):
     THROTTLE_UP = "throttle-up"  # raise the vCPU throttle, then continue
     ABORT = "abort"  # give up: the VM keeps running on the source
     FORCE = "force"  # switch over although the remainder exceeds the bound
+    POSTCOPY = "postcopy"  # switch over to post-copy: pre-copy will not converge (postcopy-after auto)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,7 @@ class Limits:
     timeout_s: float | None = None
     auto_converge: bool = False
     force: bool = False  # on non-convergence: True -> force, False -> abort
+    postcopy: bool = False  # on non-convergence: post-copy (before throttling, instead of force or abort)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +192,14 @@ def rounds_since_low(remainders: tuple[int, ...]) -> tuple[int, int]:
 def _decide_not_fitting(fig: Figures, lim: Limits, now: float, exp: float) -> Decision:
     """The remainder exceeds the bound: keep going, throttle, or give up."""
     budget = _out_of_budget(fig, lim, now)
+    if lim.postcopy and (budget is not None or _outrun(fig)):
+        why = budget or "dirty rate outruns bandwidth"
+        return Decision(Action.POSTCOPY, f"pre-copy will not converge: {why}, expected downtime "
+                        f"{exp * 1000:.0f} ms > {lim.max_downtime_s * 1000:.0f} ms", expected_downtime_s=exp)
     if budget is not None:
-        action = Action.FORCE if lim.force else Action.ABORT
+        # Auto-converge at its last step: the remainder is as small as throttling makes it, and
+        # converging by default means switching over rather than failing.
+        action = Action.FORCE if lim.force or (lim.auto_converge and fig.throttle >= THROTTLE_MAX) else Action.ABORT
         why = f"did not converge: {budget}, expected downtime {exp * 1000:.0f} ms > {lim.max_downtime_s * 1000:.0f} ms"
         return Decision(action, why, expected_downtime_s=exp)
     if lim.auto_converge and _outrun(fig) and fig.throttle < THROTTLE_MAX:

@@ -38,7 +38,17 @@ import time
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, disk_move, nic_move, pages, source_end, spec_move, storage_copy, tls
+from agent.migration import (
+    code_hint,
+    disk_move,
+    nic_move,
+    pages,
+    postcopy_source,
+    source_end,
+    spec_move,
+    storage_copy,
+    tls,
+)
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -136,6 +146,7 @@ class SourceSession:
         self._lane: Lane | None = None  # this thread's own socket to the VM process
         self._tap_dropped: int | None = None  # the TAP's tx_dropped at the pause (a VM with a NIC)
         self._copy: storage_copy.SourceCopy | None = None  # the disk's copy (--copy-storage)
+        self._postcopy: postcopy_source.PostcopySource | None = None  # a post-copy switch-over
 
     # -- control from other threads ----------------------------------------------------------------
     def cancel(self, failure: Exception | None = None) -> bool:
@@ -180,6 +191,8 @@ class SourceSession:
         try:
             self._run()
         finally:
+            if self._postcopy is not None:
+                self._postcopy.close()
             if self._copy is not None:
                 self._copy.close()
             if self._lane is not None:
@@ -193,9 +206,12 @@ class SourceSession:
             self._setup()
             self.setup_done.set()
             pending = self._precopy()
-            digest_sent = self._stop_and_copy(pending)
-            if not self.params.commit_ahead:
-                self._await_ready(digest_sent)
+            if self._postcopy is not None:  # READY comes without a digest (postcopy_source)
+                digest_sent = self._postcopy.switch_over(pending[0])
+            else:
+                digest_sent = self._stop_and_copy(pending)
+                if not self.params.commit_ahead:
+                    self._await_ready(digest_sent)
         except BaseException as exc:  # every failure before COMMIT rolls back to a running VM
             self._roll_back(exc)
             return
@@ -213,6 +229,7 @@ class SourceSession:
             # TCP's own estimate of the first hop would miss). On a long path the switch-over's round
             # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 10).
             self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
+        postcopy_source.check_peer(self, self.conn.channel.version)
         self.conn.start(self.machine)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
@@ -273,7 +290,7 @@ class SourceSession:
             self._copy = storage_copy.SourceCopy(vm.disk, self._lane, self.info)
             disk_pending = self._copy.start()
         limits = Limits(self.params.max_downtime_ms / 1000, self.params.max_rounds, self.params.timeout_s,
-                        self.params.auto_converge, self.params.force)
+                        self.params.auto_converge, self.params.force, self.params.postcopy_after == "auto")
         remainders: list[int] = []  # the dirty bytes after each round, for the policy
         while True:
             pending, disk_pending, dirty_bytes, decision = self._one_round(pending, disk_pending, tuple(remainders),
@@ -309,6 +326,10 @@ class SourceSession:
 
     def _act(self, d: Decision) -> bool:
         """Carry out a policy decision; True when pre-copy is over (switch over now)."""
+        if postcopy_source.wanted(self.params.postcopy_after, len(self.info.rounds), d):
+            self._postcopy = postcopy_source.PostcopySource(self)
+            self.info.summary = f"post-copy after round {len(self.info.rounds)}: {d.reason}"
+            return True
         if d.action is Action.CONTINUE:
             return False
         if d.action is Action.THROTTLE_UP:
@@ -475,10 +496,13 @@ class SourceSession:
         except (OSError, ProtocolError) as exc:
             self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
             resumed = self._resolve_in_doubt()
-            if resumed is None:
+            if resumed is None or (resumed and self._postcopy is not None):  # its pages: only here
                 source_end.stay_in_doubt(self)
                 return
         self._book.lap("commit", t)
+        if resumed and self._postcopy is not None:  # the VM runs there on partial RAM: send the rest
+            postcopy_source.finish(self)
+            return
         self._close()
         if resumed:
             source_end.complete(self)

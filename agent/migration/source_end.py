@@ -28,12 +28,13 @@ if TYPE_CHECKING:
     from agent.migration.source import SourceSession
 
 
-def complete(s: SourceSession) -> None:
+def complete(s: SourceSession, downtime_s: float | None = None) -> None:
     """The destination runs the VM: the copy here goes (tracking, the VM process, a copied disk's
-    image), and the migration is recorded completed."""
+    image), and the migration is recorded completed. ``downtime_s``: measured at RESUMED by a
+    post-copy, whose pages went after it."""
     info = s.info
     resumed_at = time.monotonic()
-    info.downtime_s = resumed_at - s._pause_t
+    info.downtime_s = resumed_at - s._pause_t if downtime_s is None else downtime_s
     info.remaining = 0
     s._release_ram()
     info.rx_dropped_at_switchover = nic_move.count_drops(s._lane, s.vm.nic, s._tap_dropped, s.log)

@@ -1,0 +1,341 @@
+"""Post-copy's destination half: the switch-over that starts the VM on partial guest RAM, and
+the phase that fills it in (docs/protocol.md, "Post-copy").
+
+A DestinationSession (destination.py) receives pre-copy rounds as always; a PostcopyStart
+from the source hands the rest of the migration to :class:`PostcopyIncoming`:
+
+* the discards (PostcopyDiscard): pages whose copies here are stale (dirtied on the source since they were
+  sent) are punched out of the memfd at once, so they are holes again;
+* DeviceState, READY (no digest: RAM is not whole yet), COMMIT;
+* on COMMIT: the incoming VM process registers guest RAM for userfaultfd MISSING faults and
+  hands the uffd over its lane (``postcopy-register``); the :class:`FaultServer` serves faults
+  in its own thread, starting before the restore (the restore may touch a hole). Requests go
+  out, and their answers come back, on the *urgent connection*, a second connection the source
+  opened with PostcopyAttach: it never queues behind the background push, which keeps the main
+  connection busy (QEMU's postcopy-preempt idea);
+* the session's usual commit (claim, restore, RESUMED): the VM runs here;
+* the post-copy phase: the background push arrives on the main connection and is installed
+  with UFFDIO_COPY (never written through the mapping: a page the guest wrote meanwhile
+  would be overwritten); once every page is present, guest RAM is unregistered, the VM
+  process drops its uffd (``postcopy-end``) and PostcopyDone tells the source to let go.
+
+Pages received on either connection go into a staging mapping (anonymous, the guest's size,
+pages freed once installed) at their guest offsets, then are installed from there.
+
+The urgent connection arrives as its own DestinationSession (the listener cannot tell it
+apart before the handshake); :func:`attach` parks it in ``_links`` for the migration it names
+and keeps that session's thread until the post-copy is over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import select
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from agent.migration.common import RUN_STATE_KEY, describe
+from agent.migration.info import PAGE_SIZE, Status
+from agent.migration.postcopy_faults import FaultServer
+from agent.migration.transport import Connection
+from proto.errors import ErrorCode, RemoteProtocolError
+from proto.messages import Commit, DeviceState, Message, PageBatch, Ready, Sync, SyncAck
+from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
+from vmruntime import postcopy
+from vmruntime.dirty import merge_ranges, written_extents
+
+if TYPE_CHECKING:
+    from agent.migration.destination import DestinationSession
+
+Range = tuple[int, int]
+
+# Neighbouring pages asked for with each faulting page: a guest that touched one page soon
+# touches the next.
+READAHEAD_PAGES = 7
+# How long COMMIT waits for the source's urgent connection before the VM may start here.
+URGENT_WAIT_S = 10.0
+POLL_S = 0.05
+STATS_EVERY_S = 0.25  # how often the phase refreshes the figures migrate-status shows
+# After PostcopyDone: how long to read and drop what the source still pushed until it closes.
+DONE_LINGER_S = 5.0
+
+
+class _FdLane(Protocol):
+    def request_fds(self, op: str, *, timeout: float | None = None,
+                    **fields: Any) -> tuple[dict[str, Any], list[int]]: ...  # fmt: skip
+
+
+class _Link:
+    """An urgent connection parked for its migration until the session takes it."""
+
+    def __init__(self, conn: Connection, peer: str) -> None:
+        self.conn = conn
+        self.peer = peer
+        self.taken = threading.Event()
+        self.ended = threading.Event()
+
+
+_links: dict[str, _Link] = {}
+_links_lock = threading.Condition()
+
+
+def attach(s: DestinationSession, msg: PostcopyAttach) -> None:
+    """An urgent connection's session: park it for its migration (a live one of the same peer),
+    and keep this thread (whose end closes it) until that migration's post-copy is over."""
+    owner = next((o for o in s.outcomes.live() if o._mid == msg.migration_id), None)
+    if owner is None or owner._peer != s._peer:
+        raise RemoteProtocolError(f"PostcopyAttach for migration {msg.migration_id}, which is not under way "
+                                  f"here with {s._peer}")
+    link = _Link(s.conn, s._peer)
+    with _links_lock:
+        if msg.migration_id in _links:
+            raise RemoteProtocolError(f"migration {msg.migration_id} has its urgent connection already")
+        _links[msg.migration_id] = link
+        _links_lock.notify_all()
+    try:
+        while not link.ended.wait(0.5):
+            if owner.settled.is_set() and not link.taken.is_set():
+                return  # the migration ended before it went post-copy
+    finally:
+        with _links_lock:
+            if _links.get(msg.migration_id) is link:
+                del _links[msg.migration_id]
+
+
+def _take_link(mid: str, timeout: float) -> _Link:
+    with _links_lock:
+        if not _links_lock.wait_for(lambda: mid in _links, timeout):
+            raise TimeoutError(f"the source's urgent connection did not arrive within {timeout:g} s")
+        link = _links[mid]
+    link.taken.set()
+    return link
+
+
+class _Requester:
+    """The FaultServer's PageSource: a request goes out on the urgent connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def request(self, offset: int, npages: int) -> None:
+        with self.lock:
+            self.conn.send(PageRequest(offset, npages))
+
+
+class PostcopyIncoming:
+    """The post-copy part of one incoming migration (see the module's docstring)."""
+
+    def __init__(self, s: DestinationSession) -> None:
+        self.s = s
+        assert s._inc is not None and s.info is not None
+        self.size = s.info.mem
+        self.stale: list[Range] = []
+        self.server: FaultServer | None = None
+        self.link: _Link | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._errors: list[BaseException] = []
+        # One staging mapping per connection: both may carry the same page at once.
+        self._staging = {name: mmap.mmap(-1, self.size) for name in ("main", "urgent")}
+        self._closed = False
+        self.start: PostcopyStart | None = None
+
+    # -- before COMMIT (failures discard the copy, as in pre-copy) --
+
+    def on_discard(self, msg: PostcopyDiscard) -> None:
+        """Stale pages: holes again, now (the VM does not run here yet)."""
+        assert self.s._inc is not None
+        for start, end in msg.ranges:
+            postcopy.punch(self.s._inc.memfd, start, end - start)
+        self.stale.extend(msg.ranges)
+
+    def commit(self) -> bool:
+        """DeviceState, READY, COMMIT; the VM starts here on partial RAM, its faults served.
+        True when it runs here (the session's commit said so)."""
+        s = self.s
+        start = self.start
+        assert start is not None
+        assert s.info is not None and s._lane is not None and s._inc is not None
+        while not isinstance(state := s._recv(), DeviceState):
+            if isinstance(state, PostcopyDiscard):
+                self.on_discard(state)
+            elif isinstance(state, Sync):  # the discards before the pause: all punched
+                early = sum(e - b for b, e in merge_ranges(self.stale)) // PAGE_SIZE
+                if early != start.pages:
+                    raise RemoteProtocolError(f"PostcopyStart says {start.pages} stale pages, the discards "
+                                              f"named {early}")
+                s._send(SyncAck(state.round))
+        self.stale = merge_ranges(self.stale)
+        s.info.status = Status.DEVICE
+        if s.info.rounds:
+            s.info.rounds[-1].final = True
+        s._state = dict(state.state)
+        s._start_paused = s._state.pop(RUN_STATE_KEY, "running") == "paused"
+        s._send(Ready())
+        commit = s._recv()
+        assert isinstance(commit, Commit)
+        self.link = _take_link(s._mid, URGENT_WAIT_S)
+        self._serve(s._inc.memfd)
+        resumed = s._on_commit(commit)
+        s.info.status = Status.POSTCOPY_ACTIVE
+        return resumed
+
+    def _serve(self, memfd: int) -> None:
+        """Register guest RAM MISSING in the VM process, and serve its faults from here on."""
+        assert self.s._lane is not None and self.link is not None
+        lane = cast(_FdLane, self.s._lane)  # vmruntime.control.Lane: the real lane passes fds
+        reply, fds = lane.request_fds("postcopy-register")
+        reg = postcopy.Registered.from_reply(reply, fds)
+        present = written_extents(memfd, self.size)
+        known = merge_ranges(present + self.stale)
+        self.server = FaultServer(reg, memfd, _Requester(self.link.conn), present=present,
+                                  zero=_holes(self.size, known), readahead=READAHEAD_PAGES)
+        self._thread = threading.Thread(target=self._serve_faults, name="ferry-postcopy-faults", daemon=True)
+        self._thread.start()
+
+    def _serve_faults(self) -> None:
+        assert self.server is not None and self.link is not None
+        try:
+            self.server.serve(self._stop, POLL_S, readers={self.link.conn.sock.fileno(): self._urgent})
+        except BaseException as e:  # the phase reports it
+            self._errors.append(e)
+            self._stop.set()
+
+    def _urgent(self) -> None:
+        """An answer waits on the urgent connection: install it (and any other already here)."""
+        assert self.link is not None
+        conn = self.link.conn
+        self._receive(conn, "urgent")
+        pending = getattr(conn.sock, "pending", None)  # TLS: records already decrypted
+        while pending is not None and pending():
+            self._receive(conn, "urgent")
+
+    def _receive(self, conn: Connection, which: str) -> Message:
+        assert self.server is not None
+        staging = self._staging[which]
+        view = memoryview(staging)
+        try:
+            msg = conn.recv(view)
+            if isinstance(msg, PageBatch):
+                for a, b in msg.ranges:
+                    self.server.place(a, view[a:b])
+                    staging.madvise(mmap.MADV_DONTNEED, a, b - a)
+                if msg.zeros:
+                    self.server.mark_zero(msg.zeros)
+        finally:
+            view.release()
+        return msg
+
+    # -- after COMMIT: the VM runs here --
+
+    def run(self) -> bool:
+        """The post-copy phase; True when it completed. A failure stops the VM here: it must
+        never run on holes, and the source still holds guest RAM (docs/RELIABILITY.md)."""
+        try:
+            self._fill()
+            return True
+        except Exception as exc:
+            self._stop_vm(exc)
+            return False
+        finally:
+            self.close()
+
+    def _fill(self) -> None:
+        """The background push until every page is here; then let the source go."""
+        s = self.s
+        assert self.server is not None and s.info is not None
+        t = time.monotonic()
+        poller = select.poll()
+        poller.register(s.conn.sock.fileno(), select.POLLIN)
+        shown = 0.0
+        try:
+            while not self.server.complete:
+                if self._errors:
+                    raise self._errors[0]
+                if poller.poll(POLL_S * 1000) or getattr(s.conn.sock, "pending", lambda: 0)():
+                    msg = self._receive(s.conn, "main")
+                    if not isinstance(msg, PageBatch):
+                        raise RemoteProtocolError(f"expected PageBatch, got {type(msg).__name__}")
+                    s.info.transferred = s.conn.received
+                if (now := time.monotonic()) - shown >= STATS_EVERY_S:  # the stats sort the latencies
+                    s.info.postcopy, shown = self.stats(), now
+            stats = self.server.done()
+            assert s._lane is not None
+            s._lane.request("postcopy-end")
+            s.info.postcopy = {**self.stats(stats), "postcopy-time": round((time.monotonic() - t) * 1000)}
+            s._send(PostcopyDone(stats["pages-placed"], stats["postcopy-requests"]))
+        finally:
+            self.close()
+        s.conn.linger(DONE_LINGER_S)  # the source closes once it read PostcopyDone
+        s.log.info("post-copy completed", vm=s.info.vm, **{k.replace("-", "_"): v for k, v in s.info.postcopy.items()
+                                                           if not isinstance(v, list)})
+
+    def stats(self, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+        assert self.server is not None
+        st = self.server.stats() if raw is None else raw
+        return {k: st[k] for k in ("postcopy-requests", "postcopy-blocktime", "postcopy-vcpu-blocktime",
+                                   "postcopy-latency-p50", "postcopy-latency-p99", "pages-placed",
+                                   "pages-unsettled")}
+
+    def close(self) -> None:
+        """Stop serving faults, release the urgent connection and the staging (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.server is not None:
+            self.server.close()
+        if self.link is not None:
+            self.link.ended.set()
+        for staging in self._staging.values():
+            # A view of it may outlive the phase for a moment (a traceback's frame): then the
+            # mapping goes with its last reference instead.
+            with contextlib.suppress(BufferError):
+                staging.close()
+
+    def _stop_vm(self, exc: BaseException) -> None:
+        """The post-copy phase failed: the VM here is stopped, its process killed (a vCPU blocked
+        on a hole never wakes on wrong memory), and the migration reported failed."""
+        s = self.s
+        why = f"post-copy failed, the VM was stopped on this host: {describe(exc)}"
+        try:
+            if s._vm is not None:
+                s.bridge.call(s.vms.drop_claimed(s._vm))
+        except Exception as e:
+            s.log.error("stopping the VM after a failed post-copy", error=describe(e))
+        # Henceforth an in-doubt query hears "not resumed": the VM does not run here, and never
+        # will; the source's paused copy is the guest.
+        s.outcomes.settle(s._mid, False)
+        if s.info is not None:
+            s.info.postcopy = self.stats()
+            s.info.finish(Status.FAILED, why, ErrorCode.MIGRATION_FAILED)
+        s.log.error("post-copy failed; the VM is stopped here", vm=s.info.vm if s.info else "?", error=why)
+
+
+def take(s: DestinationSession, msg: Message) -> bool:
+    """True for PostcopyStart, which ends the pre-copy part: ``s._postcopy`` takes over."""
+    if not isinstance(msg, PostcopyStart):
+        return False
+    s._postcopy = PostcopyIncoming(s)
+    s._postcopy.start = msg
+    return True
+
+
+def _holes(size: int, data: list[Range]) -> list[Range]:
+    out: list[Range] = []
+    pos = 0
+    for a, b in data:
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < size:
+        out.append((pos, size))
+    return out
+
+
+__all__ = ["PostcopyIncoming", "attach", "take"]
