@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import certs, cli_storage, tls
+from agent import certs, cli_cluster, cli_storage, tls
 from agent.cli_devices import NIC_METAVAR, OnlyOnce, add_disk_flag, device_lines, nic_arg
 from agent.cli_progress import FINAL, Progress, outcome_lines, watch
 from agent.cli_progress import mib as _mib
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_commands(sub)
     _add_run_command(sub)
     certs.add_commands(sub)
+    cli_cluster.add_commands(sub)
     return p
 
 
@@ -168,7 +169,8 @@ def _nonnegative_float(text: str) -> float:
 def _add_migrate_commands(sub: Any) -> None:
     m = sub.add_parser("migrate", help="live-migrate a VM to another agent")
     m.add_argument("name", metavar="NAME")
-    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination agent's control address")
+    m.add_argument("--to", metavar="HOST:PORT", help="the destination agent's control address (cluster mode: "
+                                                     "by default the live host with the most free capacity)")
     m.add_argument("--max-downtime", type=_positive_float, metavar="MS", help="downtime bound in ms (default 300)")
     m.add_argument("--bandwidth", type=_size, metavar="BYTES_PER_S", help="cap on the memory stream, e.g. 100M")
     m.add_argument("--auto-converge", action="store_true", help="throttle the vCPU when rounds do not converge")
@@ -458,7 +460,7 @@ async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:
         args["in-doubt-timeout"] = ns.in_doubt_timeout
     info = await client.call("migrate", args, reply_within=60.0)
     if ns.detach:
-        _print_json(info) if ns.json else print(f"migration of {ns.name} to {ns.to} started")
+        _print_json(info) if ns.json else print(f"migration of {ns.name} to {ns.to or info.get('peer')} started")
         return EXIT_OK
     progress = None if ns.json else Progress(sys.stdout, progress_line)
     try:

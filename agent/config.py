@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.cluster import settings as cluster_settings
+
 DEFAULT_STATE_DIR = "/var/lib/ferry"
 DEFAULT_KEY_FILE = "/etc/ferry/cluster.key"
 DEFAULT_CONTROL = "127.0.0.1:7700"
@@ -122,6 +124,7 @@ class AgentConfig:
     disk_dirs: tuple[Path, ...] = ()
     # Progress deadline of every wait on a migration connection, in and out (agent/migration/transport.py).
     stall_timeout: float = 4.0
+    cluster: cluster_settings.ClusterSettings | None = None  # cluster mode on etcd (--etcd); None: two agents
 
     @property
     def control_socket(self) -> Path:
@@ -148,13 +151,16 @@ _KEYS: dict[str, str] = {
                  "(a TOML array of strings in the config file); absolute paths (default: none)",
     "stall-timeout": "seconds a migration connection may stay silent in a wait before its peer counts as "
                      "dead or frozen and the migration fails (default: 4)",
+    **cluster_settings.KEYS,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
-             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S"}
+             "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S",
+             **cluster_settings.METAVARS}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
-_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float), "spare-vm": (str, bool), "disk-dirs": (str, list)}
+_TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float), "spare-vm": (str, bool), "disk-dirs": (str, list),
+                                            **cluster_settings.TOML_TYPES}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -286,6 +292,13 @@ def _tls_dir(values: dict[str, Any]) -> Path | None:
     return tls.load(str(values["tls-dir"])).directory
 
 
+def _cluster(values: dict[str, Any]) -> cluster_settings.ClusterSettings | None:
+    try:
+        return cluster_settings.resolve(values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def _distinct_addresses(control: Any, migration: Any, metrics: Any) -> None:
     """Two listeners on one HOST:PORT cannot both bind; say so before trying (port 0 picks a free one)."""
     seen: dict[tuple[str, int], str] = {}
@@ -331,6 +344,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "spare_vm": p.take(_switch, values, "spare-vm", True),
         "disk_dirs": p.take(_disk_dirs, values),
         "stall_timeout": p.take(_stall_timeout, values),
+        "cluster": p.take(_cluster, values),
     }
     p.take(_distinct_addresses, fields["control"], fields["migration"], fields["metrics"])
     if p.found:
@@ -390,6 +404,8 @@ def describe(config: AgentConfig) -> str:
         values["tls-dir"] = str(config.tls_dir)
     if config.disk_dirs:
         values["disk-dirs"] = ":".join(map(str, config.disk_dirs))
+    if config.cluster is not None:
+        values.update({k: str(v) for k, v in config.cluster.describe().items()})
     return "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items())
 
 

@@ -153,7 +153,7 @@ def test_storage_mode_params() -> None:
 
 
 def test_params_a_peer_does_not_know_are_left_out_and_ignored() -> None:
-    from agent.migration.destination import _params_of
+    from agent.migration.incoming_checks import params_of as _params_of
     from agent.migration.info import PARAMS_SINCE, MigrationParams
     from proto.messages import MigrateStart
 

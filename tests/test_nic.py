@@ -347,7 +347,8 @@ def test_assembler_knows_the_nic() -> None:
 
 
 def test_migration_destination_accepts_isa_1_to_3_only() -> None:
-    from agent.migration.destination import Refused, _check_compatible
+    from agent.migration.incoming_checks import Refused
+    from agent.migration.incoming_checks import check_compatible as _check_compatible
     from proto.messages import MigrateStart
 
     def start(version: int) -> MigrateStart:

@@ -26,18 +26,15 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.disk_copy import CopyError, DiskFull
-from agent.disks import DiskConfig, DiskError
-from agent.migration import code_hint, disk_move, nic_move, pages, spec_move, storage_copy
-from agent.migration import info as params_info
+from agent.disk_copy import CopyError
+from agent.disks import DiskConfig
+from agent.migration import code_hint, pages, spec_move, storage_copy
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -47,11 +44,12 @@ from agent.migration.common import (
     server_handshake,
     tell,
 )
-from agent.migration.info import PAGE_SIZE, DiskProgress, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.incoming_checks import Refused, check_compatible, incoming_disk, incoming_nic, params_of
+from agent.migration.info import PAGE_SIZE, DiskProgress, MigrationInfo, RoundStat, Status
 from agent.migration.outcomes import Outcomes
+from agent.migration.ownership import TWO_AGENTS, Ownership, OwnershipLost
 from agent.migration.seams import IncomingHost, IncomingRAM, Lane, LogLike
 from agent.migration.transport import Connection, GuestRamFull
-from agent.nics import NicConfig, NicError
 from proto.auth import error_response
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
@@ -75,7 +73,6 @@ from proto.messages import (
     SyncAck,
 )
 from proto.state import DestinationMachine
-from vmruntime import isa
 from vmruntime.dirty import merge_ranges
 
 # Whole time an unauthenticated peer gets for the handshake and its first message. The kernel
@@ -89,15 +86,6 @@ ABORT_LINGER_S = 10.0
 RESTORE_TIMEOUT_S = 10.0
 
 
-class Refused(Exception):
-    """The compatibility check failed; nothing was touched."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 class Aborted(Exception):
     """The migration ended before COMMIT; the reserved copy is discarded."""
 
@@ -108,8 +96,10 @@ class DestinationSession:
     def __init__(self, *, conn: Connection, vms: IncomingHost[Any, Any], key: bytes, agent_name: str,
                  bridge: LoopBridge, outcomes: Outcomes[DestinationSession], infos: dict[str, MigrationInfo],
                  log: LogLike, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-                 code_cache: CodeCache | None = None) -> None:
+                 code_cache: CodeCache | None = None, ownership: Ownership = TWO_AGENTS) -> None:
         self.conn = conn
+        self.ownership = ownership  # who settles the VM's owner at COMMIT (agent/migration/ownership.py)
+        self._terms: dict[str, Any] = {}  # the MigrateStart params the ownership claim reads
         self._on_authenticated: Callable[[], None] | None = None  # the listener's unauthenticated list
         self._handshake_timeout = handshake_timeout
         self._too_late = False
@@ -254,9 +244,12 @@ class DestinationSession:
 
     def _check_and_reserve(self, start: MigrateStart) -> None:
         """The compatibility check and the reservation; Refused when either fails, nothing held."""
-        _check_compatible(start)
-        nic = _incoming_nic(start)  # reads /sys: here, in the session thread
-        got = _incoming_disk(start, self.bridge.run(self.vms.allowed_disk_dirs))  # reads the image, here too
+        check_compatible(start)
+        if (why := self.ownership.refusal(start.vm_name, start.params)) is not None:
+            raise Refused(ErrorCode.INCOMPATIBLE, why)
+        self._terms = dict(start.params)
+        nic = incoming_nic(start)  # reads /sys: here, in the session thread
+        got = incoming_disk(start, self.bridge.run(self.vms.allowed_disk_dirs))  # reads the image, here too
         disk = None if got is None else got[0]
         if got is not None and got[1] is not None:
             self._disk_copy = (got[0], got[1])
@@ -274,7 +267,7 @@ class DestinationSession:
         inc = self._inc
         assert inc is not None
         self.conn.guest_size = start.mem_size
-        if (stall := _params_of(start).receive_stall(self.conn.stall_s)) != self.conn.stall_s:
+        if (stall := params_of(start).receive_stall(self.conn.stall_s)) != self.conn.stall_s:
             self.conn.set_stall_timeout(stall)  # the operator's for this migration, and its bandwidth cap
         self._ram = memoryview(inc.ram)
         # Before the wait for the VM process, not after: the digest's set-up (it grows with the
@@ -285,7 +278,7 @@ class DestinationSession:
         self._await_vm_process()
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
-                                  params=_params_of(start))
+                                  params=params_of(start))
         if self._disk_copy is not None:  # created now: from here on a failure removes it (_discard)
             self.info.disk = DiskProgress()
             self._copy = storage_copy.IncomingCopy(*self._disk_copy, self.info.disk)
@@ -440,6 +433,13 @@ class DestinationSession:
         self._release_ram()
         t = time.monotonic()
         try:
+            self.ownership.claim(self.info.vm, self._terms)  # cluster mode: etcd names this host first
+        except OwnershipLost as exc:
+            self.committing = False  # nothing started: the reserved copy goes, as before COMMIT
+            self.outcomes.settle(self._mid, False)
+            self._tell_not_resumed()
+            raise Aborted(f"not the VM's owner: {exc}") from exc
+        try:
             if self._copy is not None:
                 self._copy.install()  # under its name, which the restore locks
             self._start_vm()
@@ -546,51 +546,3 @@ class DestinationSession:
         if self._ram is not None:
             self._ram.release()
             self._ram = None
-
-
-def _params_of(start: MigrateStart) -> MigrationParams:
-    """The source's parameters (informational: it enforces them); one this host does not know is
-    left out, not a reason to drop the rest."""
-    try:
-        return MigrationParams.from_dict({k: v for k, v in start.params.items() if k in params_info.PARAM_KEYS})
-    except (ValueError, TypeError):
-        return MigrationParams()
-
-
-def _incoming_nic(start: MigrateStart) -> NicConfig | None:
-    """The NIC the source proposes, on this host's bridge and a free TAP name; Refused (incompatible)
-    when this host cannot plug it in. Reads /sys: for the session thread."""
-    try:
-        got = nic_move.proposed(start.params, _params_of(start).nic_map)
-        if got is None:
-            return None
-        nic, source_bridge = got
-        why = nic_move.host_refusal(nic, source_bridge)
-        if why is not None:
-            raise Refused(ErrorCode.INCOMPATIBLE, why)
-        return dataclasses.replace(nic, tap=nic_move.free_tap(start.vm_name))
-    except NicError as e:
-        raise Refused(ErrorCode.INCOMPATIBLE, f"the VM's NIC: {e}") from None
-
-
-def _incoming_disk(start: MigrateStart, allowed: Sequence[Path]) -> tuple[DiskConfig, str | None] | None:
-    """The source's disk image as this host names it (or its copy here, and the identity the copy
-    takes); Refused when this host does not see the same image in its allowed directories, or
-    cannot take a copy (agent/migration/disk_move.py)."""
-    try:
-        return disk_move.incoming(start.params, _params_of(start).disk_map, allowed)
-    except DiskFull as e:
-        raise Refused(ErrorCode.INSUFFICIENT_STORAGE, f"the VM's disk: {e}") from None
-    except DiskError as e:
-        raise Refused(ErrorCode.INCOMPATIBLE, f"the VM's disk: {e}") from None
-
-
-def _check_compatible(start: MigrateStart) -> None:
-    """Refuse what this host cannot run, before anything is touched."""
-    if start.page_size != PAGE_SIZE:
-        raise Refused(ErrorCode.INCOMPATIBLE, f"page size {start.page_size}, this host uses {PAGE_SIZE}")
-    if start.isa_version not in isa.ACCEPTED_ISA_VERSIONS:  # newer than ours, or unknown
-        raise Refused(ErrorCode.INCOMPATIBLE, f"ISA version {start.isa_version}, this host runs {isa.ISA_VERSION}")
-    missing = set(start.isa_features) - set(isa.ISA_FEATURES)
-    if missing:
-        raise Refused(ErrorCode.INCOMPATIBLE, f"ISA features {sorted(missing)} are not supported here")
