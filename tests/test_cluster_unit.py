@@ -94,9 +94,11 @@ def test_a_migration_moves_the_owner_and_bumps_the_generation(loop: asyncio.Abst
     owned(kv, "v", "A", 4)
     src, dst = ownership(kv, "A", loop), ownership(kv, "B", loop)
     terms = src.proposal("v", "B")
-    assert terms == {PARAMS_KEY: {"host": "A", "generation": 4, "to": "B"}}
+    assert terms == {PARAMS_KEY: {"host": "A", "generation": 4, "to": "B", "revision": kv.revision, "spec": {}}}
     assert dst.refusal("v", terms) is None
+    before = kv.calls
     dst.claim("v", terms)
+    assert kv.calls - before == 1  # one transaction inside the downtime, no read before it
     assert record(kv, "v") == ("B", 5)
     assert src.settle("v", terms, True) is True
 

@@ -87,7 +87,9 @@ class EtcdOwnership:
         if rec.owner != self.host:
             raise MigrationError(ErrorCode.MIGRATION_FAILED,
                                  f"etcd names {rec.owner!r} the owner of VM {vm_name}, not this host {self.host!r}")
-        return {PARAMS_KEY: {"host": self.host, "generation": rec.generation, "to": to}}
+        # The record's revision and spec let the destination try its transaction without a read first.
+        return {PARAMS_KEY: {"host": self.host, "generation": rec.generation, "to": to,
+                             "revision": entry.mod_revision, "spec": rec.spec}}
 
     # -- the destination ---------------------------------------------------------------------------
     def refusal(self, vm_name: str, params: Mapping[str, Any]) -> str | None:
@@ -101,8 +103,14 @@ class EtcdOwnership:
     def claim(self, vm_name: str, params: Mapping[str, Any]) -> None:
         terms = dict(params.get(PARAMS_KEY) or {})
         source, generation = str(terms.get("host", "")), int(terms.get("generation", -1))
+        first = [int(terms.get("revision", 0))]  # the record as the source read it: one round trip
 
         def step() -> bool | None:
+            if first[0]:
+                revision, first[0] = first[0], 0
+                mine = VMRecord(vm_name, self.host, generation + 1, dict(terms.get("spec") or {}))
+                if self._run(lambda: self.kv.swap(self.keys.vm(vm_name), revision, mine.encode())):
+                    return True
             entry, rec = self._read(vm_name)
             if rec is not None and rec.owner == self.host and rec.generation == generation + 1:
                 return True  # ours: this transaction (or its earlier try, outcome unknown) went through
