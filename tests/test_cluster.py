@@ -101,6 +101,12 @@ def test_hosts_placement_ownership_and_a_frozen_host(trio: tuple[AgentProc, Agen
     record = etcd_get(etcd, "/ferry/vms/v1")
     assert record is not None and (record["owner"], record["generation"]) == ("B", 2)
 
+    # The balancing plan (dry run): only the aggressive level moves the one VM, to the emptiest host.
+    plan = json.loads(c.cli("balance", "--dry-run", "--threshold", "5", "--json").stdout)
+    assert [(m["vm"], m["from"], m["to"]) for m in plan["moves"]] == [("v1", "B", "A")]
+    assert json.loads(c.cli("balance", "--dry-run", "--json").stdout)["moves"] == []
+    assert etcd_get(etcd, "/ferry/vms/v1")["owner"] == "B"  # type: ignore[index]
+
     # A frozen past its lease is dead, and gets no placement although it has the most room.
     os.kill(a.proc.pid, signal.SIGSTOP)
     try:
@@ -221,3 +227,38 @@ def test_etcd_gone_at_commit_runs_the_vm_where_etcd_says(trio: tuple[AgentProc, 
     never_two_running(a, b, "v", 2.0)
     assert vm_state(other, "v") is None
     assert status == ("completed" if owner is b else "failed")
+
+
+@pytest.mark.slow
+def test_maintenance_empties_a_host_and_stops_placements(trio: tuple[AgentProc, AgentProc, AgentProc],
+                                                         etcd: EtcdCluster) -> None:
+    a, b, c = trio
+    names = [f"e{i}" for i in range(4)]
+    for name in names:
+        a.call("vm-create", name=name, program="counter", mem="32M", host="A")
+    out = c.cli("host", "maintenance", "A", "on").stdout
+    assert "4 moved" in out and "0 cannot move" in out
+    assert vm_state(a, names[0]) is None and a.call("vm-list")["vms"] == []
+    for name in names:
+        record = etcd_get(etcd, f"/ferry/vms/{name}")
+        assert record is not None and record["owner"] in ("B", "C") and record["generation"] == 2
+        runs_on(b if record["owner"] == "B" else c, name)
+    assert hosts(c)["A"]["maintenance"] is True
+    assert c.call("vm-create", name="n1", program="idle", mem="32M")["host"] != "A"  # A has the most room
+    c.cli("host", "maintenance", "A", "off")
+    assert c.call("vm-create", name="n2", program="idle", mem="32M")["host"] == "A"
+    assert etcd_get(etcd, "/ferry/migrations/e0") is None  # in flight no more
+
+
+@pytest.mark.slow
+def test_balance_evens_a_skewed_cluster(trio: tuple[AgentProc, AgentProc, AgentProc], etcd: EtcdCluster) -> None:
+    a, b, c = trio
+    for i in range(4):
+        c.call("vm-create", name=f"s{i}", program="counter", mem="48M", host="C")
+    plan = json.loads(a.cli("balance", "--json").stdout)
+    assert plan["moves"] and plan["after"] < plan["before"]
+    assert all(m["from"] == "C" and m["result"] == "completed" for m in plan["moves"])
+    for m in plan["moves"]:
+        record = etcd_get(etcd, f"/ferry/vms/{m['vm']}")
+        assert record is not None and (record["owner"], record["generation"]) == (m["to"], 2)
+        runs_on({"A": a, "B": b}[m["to"]], m["vm"])

@@ -311,3 +311,28 @@ async def test_gateway_on_real_etcd(tmp_path: Path) -> None:
         await kv.close()
         for _ in gen:
             pass
+
+
+# -- balancing ------------------------------------------------------------------------------------------
+def test_balance_moves_from_the_loaded_host_to_the_idle_ones() -> None:
+    from agent.cluster.balance import PlacedVM, plan
+
+    hosts = [host("a", 1024 - 768, vms=6), host("b", 1024), host("c", 1024)]
+    vms = [PlacedVM(f"v{i}", 128 * MiB, "a") for i in range(6)]
+    got = plan(hosts, vms, threshold=3)
+    assert got.before > 0.3 and got.after < 0.1
+    assert {m.source for m in got.moves} == {"a"} and {m.destination for m in got.moves} == {"b", "c"}
+    assert len({m.vm for m in got.moves}) == len(got.moves)  # each VM at most once
+    assert got.load_after["a"] < got.load_before["a"]
+
+
+def test_balance_leaves_an_even_cluster_alone_and_respects_maintenance() -> None:
+    from agent.cluster.balance import PlacedVM, plan
+
+    even = [host("a", 512, vms=1), host("b", 512, vms=1)]
+    assert plan(even, [PlacedVM("x", 512 * MiB, "a"), PlacedVM("y", 512 * MiB, "b")]).moves == ()
+    skewed = [host("a", 0, vms=2), host("b", 1024, maintenance=True), host("c", 1024)]
+    moves = plan(skewed, [PlacedVM("x", 512 * MiB, "a"), PlacedVM("y", 512 * MiB, "a")], threshold=5).moves
+    assert moves and all(m.destination == "c" for m in moves)
+    with pytest.raises(ValueError):
+        plan(even, [], threshold=9)

@@ -4,6 +4,7 @@ Under the prefix (default /ferry):
 
 * `hosts/NAME`: one per live agent, attached to its lease: `HostRecord` (addresses, capacity,
   load, maintenance). The key vanishes when the lease expires: the host is dead.
+* `migrations/VM`: a migration an evacuation started, in flight (from, to), on the source's lease;
 * `vms/NAME`: one per VM of the cluster: `VMRecord` (spec, owner host, generation). It is created
   with the VM (owner: the host that made it, generation 1), moved only by the ownership transaction
   at COMMIT (agent/cluster/owner.py: owner and generation compared, generation + 1) and deleted
@@ -30,6 +31,13 @@ class Keys:
     @property
     def vms(self) -> str:
         return f"{self.prefix}/vms/"
+
+    @property
+    def migrations(self) -> str:
+        return f"{self.prefix}/migrations/"
+
+    def migration(self, vm: str) -> str:
+        return f"{self.migrations}{vm}"
 
     def host(self, name: str) -> str:
         return f"{self.hosts}{name}"

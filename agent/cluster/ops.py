@@ -7,18 +7,24 @@
   when the create fails;
 * `vm-destroy`: the VM's etcd record goes with it;
 * `migrate` without `to`: the destination is placed the same way (this host left out). A VM
-  another host owns is refused with where it runs.
+  another host owns is refused with where it runs;
+* `host-maintenance` (`host`, `on`) and `host-maintenance-status` (`host`): maintenance mode and
+  the evacuation it starts (agent/cluster/evacuate.py), forwarded to that host's agent;
+* `cluster-balance` (`threshold`, `dry-run`): a balancing plan (agent/cluster/balance.py), and
+  unless `dry-run` its moves, one at a time, each asked of the VM's owner.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent.cluster import placement
+from agent.cluster import balance, placement
+from agent.cluster.evacuate import FINAL, POLL_S, Evacuation
 from agent.cluster.kv import StoreError
-from agent.cluster.model import HostRecord
+from agent.cluster.model import HostRecord, VMRecord
 from agent.cluster.registry import Registry
 from agent.config import parse_size
 from agent.ops import ControlOps, OpError
@@ -39,12 +45,17 @@ class ClusterOps:
         self._create: Handler | None = None
         self._destroy: Handler | None = None
         self._migrate: Handler | None = None
+        self._evacuation: Evacuation | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def install(self) -> None:
         self._create = self.ops.register("vm-create", self.vm_create)
         self._destroy = self.ops.register("vm-destroy", self.vm_destroy)
         self._migrate = self.ops.register("migrate", self.migrate)
         self.ops.register("cluster-hosts", self.hosts)
+        self.ops.register("host-maintenance", self.host_maintenance)
+        self.ops.register("host-maintenance-status", self.host_maintenance_status)
+        self.ops.register("cluster-balance", self.balance)
 
     async def _live_hosts(self) -> list[HostRecord]:
         try:
@@ -121,6 +132,78 @@ class ClusterOps:
                               f"no other live host has room for VM {name!r} (ferry hosts)")
             args = {**args, "to": chosen.control}
         return await self._migrate(args)
+
+
+    # -- maintenance and balancing ------------------------------------------------------------------------
+    async def _forward(self, host: str, op: str, args: dict[str, Any]) -> Any:
+        target = next((h for h in await self._live_hosts() if h.name == host), None)
+        if target is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no live host named {host!r} (ferry hosts)")
+        return await self.call_peer(target.control, op, args)
+
+    def _maintenance(self) -> dict[str, Any]:
+        ev = self._evacuation
+        return {"host": self.registry.name, "maintenance": self.registry.maintenance,
+                "vms": [vm.name for vm in self.ops.vms.list()], "evacuation": None if ev is None else ev.report.to_dict()}
+
+    async def host_maintenance(self, args: dict[str, Any]) -> dict[str, Any]:
+        host, on = str(args.get("host") or ""), bool(args.get("on"))
+        if host != self.registry.name:
+            return dict(await self._forward(host, "host-maintenance", {"host": host, "on": on}))
+        self.registry.maintenance = on
+        await self.registry.refresh()
+        if on and (self._evacuation is None or self._evacuation.report.state != "evacuating"):
+            assert self._migrate is not None and self.ops.migrations is not None
+            self._evacuation = Evacuation(self.registry, self._migrate, self.ops.migrations.info)
+            task = asyncio.create_task(self._evacuation.run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif not on and self._evacuation is not None:
+            self._evacuation.stopped = True
+        self.registry.log.info("maintenance", on=on)
+        return self._maintenance()
+
+    async def host_maintenance_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        host = str(args.get("host") or self.registry.name)
+        if host != self.registry.name:
+            return dict(await self._forward(host, "host-maintenance-status", {"host": host}))
+        return self._maintenance()
+
+    async def balance(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            threshold = int(args.get("threshold", 3))
+            hosts = await self._live_hosts()
+            records = [VMRecord.decode(e.value) for e in await self.registry.kv.get_prefix(self.registry.keys.vms)]
+            vms = [balance.PlacedVM(r.name, int(r.spec.get("mem", 0)), r.owner) for r in records if r is not None]
+            got = balance.plan(hosts, vms, threshold)
+        except ValueError as e:
+            raise OpError(ErrorCode.BAD_REQUEST, str(e)) from e
+        except StoreError as e:
+            raise OpError(ErrorCode.INTERNAL, f"etcd unreachable: {e}") from e
+        moves: list[dict[str, Any]] = [{"vm": m.vm, "mem": m.mem, "from": m.source, "to": m.destination}
+                                       for m in got.moves]
+        result: dict[str, Any] = {"threshold": threshold, "before": round(got.before, 4), "after": round(got.after, 4),
+                                  "load-before": got.load_before, "load-after": got.load_after, "moves": moves,
+                                  "dry-run": bool(args.get("dry-run"))}
+        if not args.get("dry-run"):
+            controls = {h.name: h.control for h in hosts}
+            for move in moves:  # one at a time: within every host's and the cluster's limits
+                move["result"] = await self._execute(controls[str(move["from"])], str(move["vm"]),
+                                                     controls[str(move["to"])])
+        return result
+
+    async def _execute(self, source: str, vm: str, dest: str) -> str:
+        """One move of a plan, asked of the VM's owner; its final status (or why it did not start)."""
+        try:
+            await self.call_peer(source, "migrate", {"name": vm, "to": dest})
+            while True:
+                info = await self.call_peer(source, "migrate-status", {"name": vm})
+                if info["status"] in FINAL:
+                    break
+                await asyncio.sleep(POLL_S)
+        except OpError as e:
+            return f"failed: {e.message}"
+        return str(info["status"]) + (f": {info['error']}" if info.get("error") else "")
 
 
 def _mem(args: dict[str, Any]) -> int:
