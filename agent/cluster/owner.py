@@ -36,7 +36,7 @@ from agent.migration.seams import LogLike
 from proto.errors import ErrorCode
 
 T = TypeVar("T")
-CALL_TIMEOUT_S = 15.0  # one etcd call, through the loop (the client's own timeouts are shorter)
+CALL_TIMEOUT_S = 20.0  # one etcd call through the loop: longer than the client trying each member in turn
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 2.0
 
