@@ -169,8 +169,7 @@ def _nonnegative_float(text: str) -> float:
 def _add_migrate_commands(sub: Any) -> None:
     m = sub.add_parser("migrate", help="live-migrate a VM to another agent")
     m.add_argument("name", metavar="NAME")
-    m.add_argument("--to", metavar="HOST:PORT", help="the destination agent's control address (cluster mode: "
-                                                     "by default the live host with the most free capacity)")
+    m.add_argument("--to", metavar="HOST:PORT", help="the destination agent's control address (cluster mode: placed)")
     m.add_argument("--max-downtime", type=_positive_float, metavar="MS", help="downtime bound in ms (default 300)")
     m.add_argument("--bandwidth", type=_size, metavar="BYTES_PER_S", help="cap on the memory stream, e.g. 100M")
     m.add_argument("--auto-converge", action="store_true", help="throttle the vCPU when rounds do not converge")

@@ -274,6 +274,10 @@ def test_settings(tmp_path: Path) -> None:
                      ({"etcd": "http://a:1", "etcd-ca": str(tmp_path / "none")}, "not a readable file")):
         with pytest.raises(ValueError, match=why):
             resolve(bad)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    with pytest.raises(ValueError, match="etcd TLS files"):
+        resolve({"etcd": "https://a:1", "etcd-ca": str(junk)})
     pw = tmp_path / "pw"
     pw.write_text("secret\n")
     s = resolve({"etcd": ["https://a:1"], "etcd-user": "u", "etcd-password-file": str(pw)})

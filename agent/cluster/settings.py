@@ -95,7 +95,12 @@ def resolve(values: dict[str, Any]) -> ClusterSettings | None:
     if (user is not None) != ("etcd-password-file" in files):
         raise ValueError("etcd-user and etcd-password-file go together")
     password = files["etcd-password-file"].read_text().strip() if "etcd-password-file" in files else None
-    return ClusterSettings(endpoints=endpoints, prefix=prefix, ttl_s=ttl,
+    settings = ClusterSettings(endpoints=endpoints, prefix=prefix, ttl_s=ttl,
                            update_s=max(0.5, min(DEFAULT_UPDATE_S, ttl / 3)),
                            ca=files.get("etcd-ca"), cert=files.get("etcd-cert"), key=files.get("etcd-key"),
                            user=user, password=password)
+    try:
+        settings.ssl_context()  # a certificate, key or CA that does not load is a configuration error
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"etcd TLS files: {e}") from e
+    return settings
