@@ -262,3 +262,26 @@ def test_balance_evens_a_skewed_cluster(trio: tuple[AgentProc, AgentProc, AgentP
         record = etcd_get(etcd, f"/ferry/vms/{m['vm']}")
         assert record is not None and (record["owner"], record["generation"]) == (m["to"], 2)
         runs_on({"A": a, "B": b}[m["to"]], m["vm"])
+
+
+@pytest.mark.slow
+def test_bad_input_same_name_and_mixed_modes(tmp_path: Path, etcd: EtcdCluster) -> None:
+    key = make_key(tmp_path)
+    first = start(tmp_path, key, "A", etcd.urls)
+    plain = start_agent(tmp_path, "P", key)
+    try:
+        twin = AgentProc(tmp_path / "twin", "A", key, {"etcd": etcd.urls, "etcd_ttl": TTL})
+        assert twin.proc.wait(timeout=60) == 1
+        assert "another agent named 'A' is registered in etcd" in twin.log()
+        # A cluster-mode source and a two-agent destination: refused at setup, the VM runs on.
+        first.call("vm-create", name="v", program="counter", mem="32M")
+        r = first.cli("migrate", "v", "--to", plain.control, check=False)
+        assert r.returncode == 1 and "the source is in cluster mode (--etcd) and this agent is not" in r.stderr
+        runs_on(first, "v")
+        # Two-agent mode needs a destination.
+        plain.call("vm-create", name="w", program="idle", mem="16M")
+        r = plain.cli("migrate", "w", check=False)
+        assert r.returncode == 1 and "no destination" in r.stderr
+    finally:
+        for agent in (first, plain):
+            agent.stop()

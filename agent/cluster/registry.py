@@ -124,7 +124,7 @@ class Registry:
         wait = 0.2
         while True:
             try:
-                await self._register(deadline)
+                await self._register()
                 break
             except ClusterError:
                 raise
@@ -137,15 +137,17 @@ class Registry:
         await self._record_local_vms()
         self._task = asyncio.create_task(self._keep())
 
-    async def _register(self, deadline: float) -> None:
-        """Take a lease and create hosts/NAME on it; ClusterError when another live agent has the name."""
+    async def _register(self) -> None:
+        """Take a lease and create hosts/NAME on it; ClusterError when another live agent has the name
+        (its key still there once a lease's TTL has passed)."""
+        deadline = self.now() + self.settings.ttl_s + 1
         lease = await self.kv.grant(self.settings.ttl_s)
         key = self.keys.host(self.name)
         while not await self.kv.swap(key, 0, self.record().encode(), lease=lease):
             entry = await self.kv.get(key)
             if entry is None:
                 continue
-            if self.now() >= deadline + self.settings.ttl_s:
+            if self.now() >= deadline:
                 await self.kv.revoke(lease)
                 other = HostRecord.decode(entry.value)
                 raise ClusterError(f"another agent named {self.name!r} is registered in etcd "
@@ -171,7 +173,7 @@ class Registry:
                 if self.lease == 0 or await self.kv.keepalive(self.lease) <= 0:
                     self.log.warning("etcd: this host's lease expired; registering again")
                     self.lease = 0
-                    await self._register(self.now())
+                    await self._register()
                 await self.kv.put(self.keys.host(self.name), self.record().encode(), lease=self.lease)
             except ClusterError as e:
                 self.log.error("etcd: cannot register again", error=str(e))
