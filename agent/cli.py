@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from agent import certs, cli_completion, cli_migrate, cli_storage, ferry_version, tls
+from agent import certs, cli_cluster, cli_completion, cli_migrate, cli_storage, ferry_version, tls
 from agent.cli_args import (
     EXIT_FAILED,
     EXIT_OK,
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_commands(sub)
     _add_run_command(sub)
     certs.add_commands(sub)
+    cli_cluster.add_commands(sub)
     cli_completion.add_command(sub)
     return p
 

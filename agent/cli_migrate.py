@@ -31,7 +31,7 @@ from agent.client import ControlClient
 def add_commands(sub: Any) -> None:
     m = sub.add_parser("migrate", help="live-migrate a VM to another agent")
     m.add_argument("name", metavar="NAME")
-    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination agent's control address")
+    m.add_argument("--to", metavar="HOST:PORT", help="the destination agent's control address (cluster mode: placed)")
     m.add_argument("--max-downtime", type=positive_float, metavar="MS", help="downtime bound in ms (default 300)")
     m.add_argument("--bandwidth", type=size, metavar="BYTES_PER_S", help="cap on the memory stream, e.g. 100M")
     cli_converge.add_flags(m)
@@ -216,7 +216,7 @@ async def cmd_migrate(client: ControlClient, ns: argparse.Namespace) -> int:
         args["in-doubt-timeout"] = ns.in_doubt_timeout
     info = await client.call("migrate", args, reply_within=60.0)
     if ns.detach:
-        print_json(info) if ns.json else print(f"migration of {ns.name} to {ns.to} started")
+        print_json(info) if ns.json else print(f"migration of {ns.name} to {ns.to or info.get('peer')} started")
         return EXIT_OK
     progress = None if ns.json else Progress(sys.stdout, progress_line)
     final = await follow(client, ns.name, status_op="migrate-status", cancel_op="migrate-cancel", what="migration",

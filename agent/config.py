@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import web_config
+from agent.cluster import settings as cluster_settings
 from agent.web_config import WebSettings
 
 DEFAULT_STATE_DIR = "/var/lib/ferry"
@@ -130,6 +131,7 @@ class AgentConfig:
     web: WebSettings | None = None  # the web console (agent/web.py); off when None
     # When a migration switches to post-copy unless its params say (agent/migration/postcopy_source.py).
     postcopy_after: str = "never"
+    cluster: cluster_settings.ClusterSettings | None = None  # cluster mode on etcd (--etcd); None: two agents
 
     @property
     def control_socket(self) -> Path:
@@ -159,17 +161,19 @@ _KEYS: dict[str, str] = {
     "max-outgoing": "most outgoing migrations at once, 1-64; more wait in a queue, in order (default: 4)",
     "postcopy-after": "outgoing migrations switch to post-copy: never, auto (when pre-copy will not converge) "
                       "or after round N, unless the migration says (default: never)",
+    **cluster_settings.KEYS,
 }
 _KEYS.update(web_config.KEYS)  # http, http-token, http-insecure (agent/web_config.py)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
              "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "max-outgoing": "N", "postcopy-after": "auto|N|never",
-             **web_config.METAVARS}
+             **web_config.METAVARS, **cluster_settings.METAVARS}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
 _TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float),
                                             "max-outgoing": (str, int), "spare-vm": (str, bool),
-                                            "disk-dirs": (str, list), **web_config.TOML_TYPES}
+                                            "disk-dirs": (str, list), **web_config.TOML_TYPES,
+                                            **cluster_settings.TOML_TYPES}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -319,6 +323,13 @@ def _tls_dir(values: dict[str, Any]) -> Path | None:
     return tls.load(str(values["tls-dir"])).directory
 
 
+def _cluster(values: dict[str, Any]) -> cluster_settings.ClusterSettings | None:
+    try:
+        return cluster_settings.resolve(values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def _distinct_addresses(control: Any, migration: Any, metrics: Any, http: Any = None) -> None:
     """Two listeners on one HOST:PORT cannot both bind; say so before trying (port 0 picks a free one)."""
     seen: dict[tuple[str, int], str] = {}
@@ -366,6 +377,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "stall_timeout": p.take(_stall_timeout, values),
         "max_outgoing": p.take(_max_outgoing, values),
         "postcopy_after": p.take(_postcopy_after, values),
+        "cluster": p.take(_cluster, values),
     }
     fields["web"] = p.take(web_config.web_settings, values, values.get("tls-dir"))
     web = fields["web"].address if fields["web"] is not None else None
@@ -433,6 +445,8 @@ def describe(config: AgentConfig) -> str:
         values["tls-dir"] = str(config.tls_dir)
     if config.disk_dirs:
         values["disk-dirs"] = ":".join(map(str, config.disk_dirs))
+    if config.cluster is not None:
+        values.update({k: str(v) for k, v in config.cluster.describe().items()})
     return "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items())
 
 

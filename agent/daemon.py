@@ -29,6 +29,8 @@ import uvloop
 
 from agent import ferry_version
 from agent.client import ClientError, call_once
+from agent.cluster.mode import ClusterMode
+from agent.cluster.registry import ClusterError
 from agent.config import (
     AgentConfig,
     ConfigError,
@@ -43,6 +45,7 @@ from agent.disks import DISKS_SUBDIR, allowed_dirs
 from agent.logs import Log
 from agent.metrics import AgentMetrics, MetricsServer
 from agent.migration import MigrationManager
+from agent.migration.ownership import TWO_AGENTS
 from agent.migration.storage_copy import remove_partials
 from agent.ops import AgentIdentity, ControlOps, Migrations, OpError
 from agent.records import VMRecords
@@ -75,13 +78,20 @@ class Agent:
         self.tls: TLSDir | None = TLSDir(config.tls_dir) if config.tls_dir is not None else None
         self.tls_ends = expiries(config.tls_dir) if config.tls_dir is not None else {}
         self._reloading = asyncio.Lock()
+        identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
+        # Cluster mode (--etcd): hosts, VM ownership at COMMIT and placement in etcd (agent/cluster/).
+        self.cluster = None if config.cluster is None else ClusterMode(
+            config.cluster, name=config.name, control=config.control, migration=config.migration, vms=self.vms,
+            log=log, instance=identity.instance)
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
                                            tls=self.tls, stall_timeout=config.stall_timeout,
-                                           max_outgoing=config.max_outgoing, postcopy_after=config.postcopy_after)
-        identity = AgentIdentity(config.name, config.control, config.migration, config.state_dir)
+                                           max_outgoing=config.max_outgoing, postcopy_after=config.postcopy_after,
+                                           ownership=TWO_AGENTS if self.cluster is None else self.cluster.ownership)
         self.peers = PeerBook()  # the agents this one asked for their agent-info: the console's hosts
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
                               peer_info=self.peers.remember(self._peer_info), log=log)
+        if self.cluster is not None:
+            self.cluster.install(self.ops, config.key, lambda: self.tls.client if self.tls is not None else None)
         self.control = ControlServer(ops=self.ops, key=config.key, name=config.name, log=log,
                                      tls=self.tls.acceptor if self.tls is not None else None)
         self.metrics = AgentMetrics(agent_name=config.name, version=ferry_version(), vms=self.vms,
@@ -128,6 +138,8 @@ class Agent:
             if vm.migration_phase == "commit-sent" and vm.migration_ref is not None:
                 self.migrations.resume_in_doubt(vm, vm.migration_ref, vm.run_before)
         self.vms.keep_spare()
+        if self.cluster is not None:
+            await self.cluster.start()  # registered once its listeners serve; ClusterError stops the agent
         metrics = await self.metrics_server.start(*cfg.metrics) if self.metrics_server and cfg.metrics else None
         web = await self.web.start(*cfg.web.address) if self.web and cfg.web else None
         self.log.info("agent started", version=ferry_version(), control=format_hostport(*control),
@@ -214,6 +226,8 @@ class Agent:
         self.log.info("agent stopping")
         self.ops.accepting = False
         self.vms.accepting = False
+        if self.cluster is not None:
+            self.cluster.stopping()
         try:
             await asyncio.wait_for(self.migrations.shutdown(), MIGRATION_SHUTDOWN_TIMEOUT)
         except Exception as e:  # shutdown must go on: the VMs still need stopping
@@ -234,6 +248,8 @@ class Agent:
         if self.web is not None:
             await self.web.close()
         await self.vms.shutdown()
+        if self.cluster is not None:
+            await self.cluster.stop()
         self.log.info("agent stopped")
 
 
@@ -258,6 +274,11 @@ async def serve(config: AgentConfig, log: Log) -> int:
     except OSError as e:
         log.error("cannot listen", error=e.strerror or str(e))
         notifier.status(f"cannot listen: {e.strerror or e}")
+        await agent.shutdown()
+        return 1
+    except ClusterError as e:
+        log.error("cluster mode cannot start", error=str(e))
+        notifier.status(f"cluster mode cannot start: {e}")
         await agent.shutdown()
         return 1
     notifier.ready(agent.status_line())

@@ -127,6 +127,13 @@ class ControlOps:
             "vm-move-storage-cancel": self.vm_move_storage_cancel,
         }
 
+    def register(self, op: str, handler: Callable[[dict[str, Any]], Awaitable[Any]]) -> Callable[[dict[str, Any]], Awaitable[Any]] | None:
+        """Serve ``op`` with ``handler`` (cluster mode's ops, agent/cluster/ops.py); returns the handler it
+        replaces, which the new one may call."""
+        previous = self._handlers.get(op)
+        self._handlers[op] = handler
+        return previous
+
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         """Run one operation; every failure comes out as OpError with a stable code."""
         handler = self._handlers.get(op)
@@ -282,6 +289,8 @@ class ControlOps:
             raise OpError(ErrorCode.BUSY, f"VM {name!r} is busy (being paused, resumed or destroyed)")
         params = MigrationParams.from_dict(dict(args.get("params") or {}))
         in_doubt = _in_doubt_timeout(args)
+        if not args.get("to"):
+            raise OpError(ErrorCode.BAD_REQUEST, "no destination: give --to HOST:PORT (only cluster mode picks one)")
         dest = await self._destination(_str(args, "to"))
         if args.get("migration") is not None:
             # Like QEMU's migrate URI: the operator names the path (another network, a relay, or

@@ -51,7 +51,6 @@ def test_vm_create_flags() -> None:
     ["vm", "create", "c1", "--program", "idle", "--mem", "lots"],
     ["vm", "create", "c1", "--program", "idle", "--arg", "novalue"],
     ["vm", "wait", "c1", "--state", "sleeping"],
-    ["migrate", "c1"],  # --to is required
     ["migrate", "c1", "--to", "b:1", "--max-downtime", "-5"],
 ])
 def test_usage_errors_exit_2(argv: list[str]) -> None:

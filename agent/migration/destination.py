@@ -47,6 +47,7 @@ from agent.migration.common import (
 from agent.migration.incoming_checks import Refused, check_compatible, incoming_disk, incoming_nic, params_of
 from agent.migration.info import PAGE_SIZE, DiskProgress, MigrationInfo, RoundStat, Status
 from agent.migration.outcomes import Outcomes
+from agent.migration.ownership import TWO_AGENTS, Ownership, OwnershipLost
 from agent.migration.seams import IncomingHost, IncomingRAM, Lane, LogLike
 from agent.migration.transport import Connection, GuestRamFull
 from proto.auth import error_response
@@ -96,8 +97,10 @@ class DestinationSession:
     def __init__(self, *, conn: Connection, vms: IncomingHost[Any, Any], key: bytes, agent_name: str,
                  bridge: LoopBridge, outcomes: Outcomes[DestinationSession], infos: dict[str, MigrationInfo],
                  log: LogLike, handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
-                 code_cache: CodeCache | None = None) -> None:
+                 code_cache: CodeCache | None = None, ownership: Ownership = TWO_AGENTS) -> None:
         self.conn = conn
+        self.ownership = ownership  # who settles the VM's owner at COMMIT (agent/migration/ownership.py)
+        self._terms: dict[str, Any] = {}  # the MigrateStart params the ownership claim reads
         self._on_authenticated: Callable[[], None] | None = None  # the listener's unauthenticated list
         self._handshake_timeout = handshake_timeout
         self._too_late = False
@@ -249,6 +252,9 @@ class DestinationSession:
     def _check_and_reserve(self, start: MigrateStart) -> None:
         """The compatibility check and the reservation; Refused when either fails, nothing held."""
         check_compatible(start)
+        if (why := self.ownership.refusal(start.vm_name, start.params)) is not None:
+            raise Refused(ErrorCode.INCOMPATIBLE, why)
+        self._terms = dict(start.params)
         nic = incoming_nic(start)  # reads /sys: here, in the session thread
         got = incoming_disk(start, self.bridge.run(self.vms.allowed_disk_dirs))  # reads the image, here too
         disk = None if got is None else got[0]
@@ -436,6 +442,13 @@ class DestinationSession:
             raise Aborted("fenced by an in-doubt answer before COMMIT arrived")
         self._release_ram()
         t = time.monotonic()
+        try:
+            self.ownership.claim(self.info.vm, self._terms)  # cluster mode: etcd names this host first
+        except OwnershipLost as exc:
+            self.committing = False  # nothing started: the reserved copy goes, as before COMMIT
+            self.outcomes.settle(self._mid, False)
+            self._tell_not_resumed()
+            raise Aborted(f"not the VM's owner: {exc}") from exc
         try:
             if self._copy is not None:
                 self._copy.install()  # under its name, which the restore locks

@@ -1,8 +1,9 @@
-"""The destination's checks of a proposed migration, before anything is touched: the ISA and
-page size, the VM's NIC (its bridge here, a free TAP) and disk (the same image in the allowed
-directories, or room for its copy), and the source's parameters as this host knows them.
-A failed check is ``Refused`` with a stable code; agent/migration/destination.py answers it
-with MigrateRefuse.
+"""What a destination checks in a MigrateStart before it reserves anything, and its refusal.
+
+The destination session (agent/migration/destination.py) runs these in its thread: the source's
+parameters as this host reads them, the ISA and page size, the NIC on this host's bridge, the disk
+image in this host's allowed directories. A failed check is `Refused` with a stable code, answered
+with MigrateRefuse (docs/protocol.md); nothing has been touched yet.
 """
 
 from __future__ import annotations

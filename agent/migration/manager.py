@@ -26,6 +26,7 @@ from agent.migration.destination import DestinationSession
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
 from agent.migration.outcomes import Outcomes
+from agent.migration.ownership import TWO_AGENTS, Ownership
 from agent.migration.progress import ProgressWatch
 from agent.migration.seams import LogLike, ManagedVM, VMHost
 from agent.migration.slots import MAX_OUTGOING, Slots
@@ -69,8 +70,9 @@ class MigrationManager:
     def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSSource | None = None,
                  stall_timeout: float = STALL_TIMEOUT_S, max_outgoing: int = MAX_OUTGOING,
-                 postcopy_after: str = "never") -> None:
+                 postcopy_after: str = "never", ownership: Ownership = TWO_AGENTS) -> None:
         self.agent_name = agent_name
+        self.ownership = ownership  # who settles a VM's owner at COMMIT: the peer, or etcd in cluster mode
         self.tls = tls  # agent.tls.TLSDir: mutual TLS on the listener and outgoing connections, read at each one
         self.key = key
         self.vms = vms
@@ -132,7 +134,8 @@ class MigrationManager:
             return
         session = DestinationSession(conn=self._incoming_connection(sock), vms=self.vms, key=self.key,
                                      agent_name=self.agent_name, bridge=bridge, outcomes=self._outcomes,
-                                     infos=self._infos, log=self.log, code_cache=self.code_cache)
+                                     infos=self._infos, log=self.log, code_cache=self.code_cache,
+                                     ownership=self.ownership)
         key = id(session)
         session.on_authenticated(lambda: self._authenticated(key))
         with self._pending_lock:
@@ -205,7 +208,8 @@ class MigrationManager:
                                 agent_name=self.agent_name, bridge=LoopBridge(asyncio.get_running_loop()),
                                 info=info, log=self.log, tls=None if self.tls is None else self.tls.client,
                                 in_doubt_timeout=self.in_doubt_timeout if in_doubt_timeout is None else in_doubt_timeout,
-                                code_cache=self.code_cache, stall_timeout=self.stall_timeout)
+                                code_cache=self.code_cache, stall_timeout=self.stall_timeout,
+                                ownership=self.ownership)
         loop = asyncio.get_running_loop()
         out = _Outgoing(session, loop.create_future())
         self._infos[vm_name] = info

@@ -63,6 +63,7 @@ from agent.migration.common import (
 )
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker, settle
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
+from agent.migration.ownership import TWO_AGENTS, Ownership
 from agent.migration.policy import Action, Decision, Limits, decide
 from agent.migration.rounds import RoundBook
 from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
@@ -108,7 +109,8 @@ class SourceSession:
     def __init__(self, *, vm: MigratingVM, vms: SourceHost, dest: tuple[str, int], params: MigrationParams,
                  key: bytes, agent_name: str, bridge: LoopBridge, info: MigrationInfo, log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: ssl.SSLContext | None = None,
-                 code_cache: CodeCache | None = None, stall_timeout: float = STALL_TIMEOUT_S) -> None:
+                 code_cache: CodeCache | None = None, stall_timeout: float = STALL_TIMEOUT_S,
+                 ownership: Ownership = TWO_AGENTS) -> None:
         self.vm = vm
         self.vms = vms
         self.dest = dest
@@ -122,6 +124,8 @@ class SourceSession:
         self.stall_s = params.stall_timeout_s or stall_timeout  # each wait's progress deadline (transport.py)
         self.tls = tls  # the client context of mutual TLS, or None for plaintext
         self.code_cache = code_cache  # this host's translated guest blocks (agent/code_cache.py)
+        self.ownership = ownership  # who settles the VM's owner at COMMIT (agent/migration/ownership.py)
+        self._terms: dict[str, Any] = {}  # this host's ownership as proposed (cluster mode's owner entry)
         self.migration_id = secrets.token_hex(8)
         self.machine = SourceMachine()
         self.conn: Connection | None = None
@@ -262,7 +266,8 @@ class SourceSession:
         """The params, and the VM's spec, NIC and disk, each under its own key (*_move.PARAMS_KEY)."""
         assert self.conn is not None
         version = self.conn.channel.version
-        params = {**self.params.for_peer(version), **spec_move.proposal(self.vm, version)}
+        self._terms = self.ownership.proposal(self.vm.name, self.info.peer)
+        params = {**self.params.for_peer(version), **spec_move.proposal(self.vm, version), **self._terms}
         if self.vm.nic is not None:
             params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
         if self.vm.disk is not None or self.params.copy_storage:
@@ -496,9 +501,13 @@ class SourceSession:
         except (OSError, ProtocolError) as exc:
             self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
             resumed = self._resolve_in_doubt()
-            if resumed is None or (resumed and self._postcopy is not None):  # its pages: only here
+            if resumed and self._postcopy is not None:  # its pages: only here
                 source_end.stay_in_doubt(self)
                 return
+        resumed = self.ownership.settle(self.vm.name, self._terms, resumed)  # cluster mode: etcd's word
+        if resumed is None:
+            source_end.stay_in_doubt(self)
+            return
         self._book.lap("commit", t)
         if resumed and self._postcopy is not None:  # the VM runs there on partial RAM: send the rest
             postcopy_source.finish(self)

@@ -1,0 +1,213 @@
+"""Cluster mode's control API: the ops it adds and the ones it wraps (agent/ops.py serves them).
+
+* `cluster-hosts`: every host of the cluster (agent/cluster/registry.py `hosts`), asked of any agent;
+* `vm-create` without `host`: placed on the host with the most free capacity that fits it
+  (agent/cluster/placement.py) and created there (forwarded to that agent when it is another);
+  with `host`, created there. The VM's etcd record is written before it boots, and removed again
+  when the create fails;
+* `vm-destroy`: the VM's etcd record goes with it;
+* `migrate` without `to`: the destination is placed the same way (this host left out). A VM
+  another host owns is refused with where it runs;
+* `host-maintenance` (`host`, `on`) and `host-maintenance-status` (`host`): maintenance mode and
+  the evacuation it starts (agent/cluster/evacuate.py), forwarded to that host's agent;
+* `cluster-balance` (`threshold`, `dry-run`): a balancing plan (agent/cluster/balance.py), and
+  unless `dry-run` its moves, one at a time, each asked of the VM's owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agent.cluster import balance, placement
+from agent.cluster.evacuate import FINAL, POLL_S, Evacuation
+from agent.cluster.kv import StoreError
+from agent.cluster.model import HostRecord, VMRecord
+from agent.cluster.registry import Registry
+from agent.config import parse_size
+from agent.ops import ControlOps, OpError
+from proto.errors import ErrorCode
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# Calls op on the agent at a control address (agent.client through the daemon, with its key and TLS).
+CallPeer = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
+
+
+class ClusterOps:
+    """The control ops of an agent in cluster mode, over its `Registry`."""
+
+    def __init__(self, registry: Registry, ops: ControlOps, call_peer: CallPeer) -> None:
+        self.registry = registry
+        self.ops = ops
+        self.call_peer = call_peer
+        self._create: Handler | None = None
+        self._destroy: Handler | None = None
+        self._migrate: Handler | None = None
+        self._evacuation: Evacuation | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def install(self) -> None:
+        self._create = self.ops.register("vm-create", self.vm_create)
+        self._destroy = self.ops.register("vm-destroy", self.vm_destroy)
+        self._migrate = self.ops.register("migrate", self.migrate)
+        self.ops.register("cluster-hosts", self.hosts)
+        self.ops.register("host-maintenance", self.host_maintenance)
+        self.ops.register("host-maintenance-status", self.host_maintenance_status)
+        self.ops.register("cluster-balance", self.balance)
+
+    async def _live_hosts(self) -> list[HostRecord]:
+        try:
+            entries = await self.registry.kv.get_prefix(self.registry.keys.hosts)
+        except StoreError as e:
+            raise OpError(ErrorCode.INTERNAL, f"etcd unreachable: {e}") from e
+        return [HostRecord.decode(e.value) for e in entries]
+
+    async def hosts(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            rows = await self.registry.hosts()
+        except StoreError as e:
+            raise OpError(ErrorCode.INTERNAL, f"etcd unreachable: {e}") from e
+        return {"via": self.registry.name, "hosts": rows}
+
+    async def vm_create(self, args: dict[str, Any]) -> Any:
+        assert self._create is not None
+        name, mem = str(args.get("name") or ""), _mem(args)
+        hosts = await self._live_hosts()
+        host = args.get("host")
+        if not host:
+            chosen = placement.place(hosts, mem)
+            if chosen is None:
+                raise OpError(ErrorCode.INSUFFICIENT_MEMORY,
+                              f"no live host has {mem} bytes of guest memory and a VM slot free (ferry hosts)")
+            host = chosen.name
+        if host != self.registry.name:
+            target = next((h for h in hosts if h.name == host), None)
+            if target is None:
+                raise OpError(ErrorCode.NOT_FOUND, f"no live host named {host!r} (ferry hosts)")
+            return await self.call_peer(target.control, "vm-create", {**args, "host": host})
+        spec = {"program": str(args.get("program", "")), "args": dict(args.get("args") or {}), "mem": mem}
+        try:
+            await self.registry.vm_created(name, spec)
+        except ValueError as e:
+            raise OpError(ErrorCode.VM_EXISTS, str(e)) from e
+        except StoreError as e:
+            raise OpError(ErrorCode.INTERNAL, f"etcd unreachable: the VM is not created: {e}") from e
+        try:
+            info = await self._create(args)
+        except BaseException:
+            with contextlib.suppress(StoreError):
+                await self.registry.vm_destroyed(name)
+            raise
+        await self.registry.refresh()
+        return info
+
+    async def vm_destroy(self, args: dict[str, Any]) -> Any:
+        assert self._destroy is not None
+        result = await self._destroy(args)
+        try:
+            await self.registry.vm_destroyed(str(args.get("name")))
+        except StoreError as e:  # the VM is gone here; its record names this host until etcd is back
+            self.registry.log.warning("etcd: the destroyed VM's record stays", vm=args.get("name"), error=str(e))
+        await self.registry.refresh()
+        return result
+
+    async def migrate(self, args: dict[str, Any]) -> Any:
+        assert self._migrate is not None
+        name = str(args.get("name") or "")
+        local = {vm.name: vm for vm in self.ops.vms.list()}
+        if name not in local:
+            with contextlib.suppress(StoreError):
+                owner = await self.registry.vm_owner(name)
+                if owner is not None and owner != self.registry.name:
+                    where = next((h.control for h in await self._live_hosts() if h.name == owner), None)
+                    raise OpError(ErrorCode.NO_SUCH_VM, f"VM {name!r} runs on host {owner!r}"
+                                  + (f": ferry --agent {where} migrate {name}" if where else " (dead)"))
+            return await self._migrate(args)
+        if not args.get("to"):
+            chosen = placement.place(await self._live_hosts(), local[name].mem, exclude={self.registry.name})
+            if chosen is None:
+                raise OpError(ErrorCode.INSUFFICIENT_MEMORY,
+                              f"no other live host has room for VM {name!r} (ferry hosts)")
+            args = {**args, "to": chosen.control}
+        return await self._migrate(args)
+
+
+    # -- maintenance and balancing ------------------------------------------------------------------------
+    async def _forward(self, host: str, op: str, args: dict[str, Any]) -> Any:
+        target = next((h for h in await self._live_hosts() if h.name == host), None)
+        if target is None:
+            raise OpError(ErrorCode.NOT_FOUND, f"no live host named {host!r} (ferry hosts)")
+        return await self.call_peer(target.control, op, args)
+
+    def _maintenance(self) -> dict[str, Any]:
+        ev = self._evacuation
+        return {"host": self.registry.name, "maintenance": self.registry.maintenance,
+                "vms": [vm.name for vm in self.ops.vms.list()], "evacuation": None if ev is None else ev.report.to_dict()}
+
+    async def host_maintenance(self, args: dict[str, Any]) -> dict[str, Any]:
+        host, on = str(args.get("host") or ""), bool(args.get("on"))
+        if host != self.registry.name:
+            return dict(await self._forward(host, "host-maintenance", {"host": host, "on": on}))
+        self.registry.maintenance = on
+        await self.registry.refresh()
+        if on and (self._evacuation is None or self._evacuation.report.state != "evacuating"):
+            assert self._migrate is not None and self.ops.migrations is not None
+            self._evacuation = Evacuation(self.registry, self._migrate, self.ops.migrations.info)
+            task = asyncio.create_task(self._evacuation.run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif not on and self._evacuation is not None:
+            self._evacuation.stopped = True
+        self.registry.log.info("maintenance", on=on)
+        return self._maintenance()
+
+    async def host_maintenance_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        host = str(args.get("host") or self.registry.name)
+        if host != self.registry.name:
+            return dict(await self._forward(host, "host-maintenance-status", {"host": host}))
+        return self._maintenance()
+
+    async def balance(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            threshold = int(args.get("threshold", 3))
+            hosts = await self._live_hosts()
+            records = [VMRecord.decode(e.value) for e in await self.registry.kv.get_prefix(self.registry.keys.vms)]
+            vms = [balance.PlacedVM(r.name, int(r.spec.get("mem", 0)), r.owner) for r in records if r is not None]
+            got = balance.plan(hosts, vms, threshold)
+        except ValueError as e:
+            raise OpError(ErrorCode.BAD_REQUEST, str(e)) from e
+        except StoreError as e:
+            raise OpError(ErrorCode.INTERNAL, f"etcd unreachable: {e}") from e
+        moves: list[dict[str, Any]] = [{"vm": m.vm, "mem": m.mem, "from": m.source, "to": m.destination}
+                                       for m in got.moves]
+        result: dict[str, Any] = {"threshold": threshold, "before": round(got.before, 4), "after": round(got.after, 4),
+                                  "load-before": got.load_before, "load-after": got.load_after, "moves": moves,
+                                  "dry-run": bool(args.get("dry-run"))}
+        if not args.get("dry-run"):
+            controls = {h.name: h.control for h in hosts}
+            for move in moves:  # one at a time: within every host's and the cluster's limits
+                move["result"] = await self._execute(controls[str(move["from"])], str(move["vm"]),
+                                                     controls[str(move["to"])])
+        return result
+
+    async def _execute(self, source: str, vm: str, dest: str) -> str:
+        """One move of a plan, asked of the VM's owner; its final status (or why it did not start)."""
+        try:
+            await self.call_peer(source, "migrate", {"name": vm, "to": dest})
+            while True:
+                info = await self.call_peer(source, "migrate-status", {"name": vm})
+                if info["status"] in FINAL:
+                    break
+                await asyncio.sleep(POLL_S)
+        except OpError as e:
+            return f"failed: {e.message}"
+        return str(info["status"]) + (f": {info['error']}" if info.get("error") else "")
+
+
+def _mem(args: dict[str, Any]) -> int:
+    try:
+        return parse_size(args.get("mem", "64M"))
+    except ValueError as e:
+        raise OpError(ErrorCode.BAD_REQUEST, f"mem: {e}") from e
