@@ -10,8 +10,6 @@ two), `stop_all`/`start_all` the whole cluster.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,36 +19,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests import debs
 from tests.agents import free_port
 
 ETCD_PACKAGE = "etcd-server"
 START_TIMEOUT = 30.0
-_apt_updated = False
 
 
 def etcd_binary() -> str:
     """The etcd binary, installed from Debian when missing; pytest.skip where that cannot be done."""
-    global _apt_updated
-    found = shutil.which("etcd")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        pytest.skip("etcd is not installed and installing etcd-server needs root")
-    if shutil.which("apt-get") is None:
-        pytest.skip("etcd is not installed and there is no apt-get to install etcd-server")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if not _apt_updated:
-        subprocess.run(["apt-get", "update"], check=False, env=env, capture_output=True, timeout=600)
-        _apt_updated = True
-    # dpkg's lock may be held for a while by another install: wait for it rather than fail.
-    done = subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends",
-                           ETCD_PACKAGE], env=env, capture_output=True, text=True, timeout=900)
-    found = shutil.which("etcd")
-    if done.returncode != 0 or not found:
-        pytest.fail(f"apt-get install {ETCD_PACKAGE} failed: {done.stderr[-2000:]}")
-    return found
+    return debs.ensure("etcd", ETCD_PACKAGE)
 
 
 class EtcdCluster:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import debs
 from tests.agents import AgentProc, agent_pair, free_port, make_key, start_agent, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -28,23 +28,9 @@ WAIT_MS = 60_000
 pytestmark = pytest.mark.timeout(1200)
 
 
-def _ensure_chromium() -> str:
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("Debian's chromium is not installed and cannot be (needs root and apt-get)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True, env=env, timeout=600)
-    done = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    if done.returncode != 0 or not os.path.exists(CHROMIUM):
-        pytest.fail(f"apt-get install chromium failed: {done.stderr[-2000:]}")
-    return CHROMIUM
-
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    return _ensure_chromium()
+    return debs.ensure(CHROMIUM, "chromium")
 
 
 @pytest.fixture
