@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -464,7 +465,7 @@ def _pages_of(ranges: list[tuple[int, int]]) -> set[int]:
 def _pages_believed_data(d: pages.RamDigest) -> set[int]:
     """The pages a RamDigest that knows where the data is takes for data (full chunks and masks)."""
     per, last = pages.DIGEST_CHUNK // P, -(-d.size // P)
-    out = {p for idx in d._full for p in range(idx * per, min(last, (idx + 1) * per))}
+    out = {p for idx in np.flatnonzero(d._full).tolist() for p in range(idx * per, min(last, (idx + 1) * per))}
     return out | {idx * per + bit for idx, mask in d._data.items() for bit in range(per) if mask >> bit & 1}
 
 

@@ -67,7 +67,7 @@ from proto.messages import (
     SyncAck,
 )
 from vmruntime import guestram, isa
-from vmruntime.dirty import DirtyTracker
+from vmruntime.dirty import DirtyTracker, Ranges
 from vmruntime.interp import COMPILER_TAG
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,9 +128,9 @@ class FakeTracker:
     def start(self) -> None:
         pass
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         self.harvested_at.append(time.monotonic())
-        return self.dirty.pop(0) if self.dirty else []
+        return Ranges.from_pairs(self.dirty.pop(0) if self.dirty else [])
 
     def stop(self) -> None:
         pass
@@ -521,7 +521,7 @@ class HotFakeTracker(FakeTracker):
         self.calls, self.hot_blocks, self.whole_bytes, self._live = calls, True, 0, True
         self.searched: list[bool] = []
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         out = super().harvest()
         self.whole_bytes = MiB if self._live else 0
         self._live = self._live and self.hot_blocks

@@ -17,6 +17,7 @@ each other on random range sets).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 
 import numpy as np
 import numpy.typing as npt
@@ -45,12 +46,14 @@ class Ranges:
         """From ``(start, end)`` pairs (a list of tuples, or a Ranges, returned as is)."""
         if isinstance(pairs, Ranges):
             return pairs
-        flat = np.array(pairs if isinstance(pairs, Sequence) else list(pairs), dtype=np.int64)
-        if flat.size == 0:
+        items = pairs if isinstance(pairs, Sequence) else list(pairs)
+        if not items:
             return cls.empty()
-        if flat.ndim != 2 or flat.shape[1] != 2:
-            raise ValueError(f"ranges must be (start, end) pairs, got shape {flat.shape}")
-        return cls(np.ascontiguousarray(flat[:, 0]), np.ascontiguousarray(flat[:, 1]))
+        # fromiter over the flattened pairs: several times faster than np.array on a list of tuples.
+        flat = np.fromiter(chain.from_iterable(items), dtype=np.int64)
+        if flat.shape[0] != 2 * len(items):
+            raise ValueError("ranges must be (start, end) pairs")
+        return cls(flat[0::2].copy(), flat[1::2].copy())
 
     @classmethod
     def concat(cls, parts: Sequence[Ranges]) -> Ranges:
@@ -70,7 +73,8 @@ class Ranges:
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return zip(self.starts.tolist(), self.ends.tolist(), strict=True)
 
-    def __getitem__(self, i: slice) -> Ranges:
+    def __getitem__(self, i: slice | npt.NDArray[np.bool_]) -> Ranges:
+        """The ranges a slice or a boolean mask selects."""
         return Ranges(self.starts[i], self.ends[i])
 
     def tolist(self) -> list[tuple[int, int]]:
