@@ -84,10 +84,10 @@ def test_planned_batches_are_valid_and_cover_exactly_the_input(
     mv = memoryview(ram)
     seen: list[tuple[int, int]] = []
     for b in pages.plan_batches(mv, ranges, batch_bytes=batch_pages * P, batch_ranges=batch_ranges):
-        PageBatch(tuple(b.ranges), tuple(b.zeros)).check(len(ram))  # what proto would refuse
+        PageBatch(tuple(b.ranges.tolist()), tuple(b.zeros.tolist())).check(len(ram))  # what proto would refuse
         assert b.data_bytes <= batch_pages * P and len(b.ranges) <= batch_ranges
         assert all(not any(ram[a:z]) for a, z in b.zeros)  # zero ranges really are zero
-        seen += b.ranges + b.zeros
+        seen += [*b.ranges, *b.zeros]
     assert covered(seen) == covered(ranges)
     assert sum(z - a for a, z in seen) == sum(z - a for a, z in ranges)  # nothing twice
 

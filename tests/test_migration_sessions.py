@@ -728,7 +728,7 @@ class Harness:
     def send_ram(self, ram: mmap.mmap, sync: bool = True) -> None:
         mv = memoryview(ram)
         for b in pages.plan_batches(mv, [(0, SIZE)]):
-            self.src.send_pages(mv, b.ranges, b.zeros)
+            self.src.send_pages(mv, b.ranges.tolist(), b.zeros.tolist())
         if sync:  # (a source need not: the destination answers Sync, never asks for it)
             self.src.send(Sync(0))
             assert self.src.recv() == SyncAck(0)  # answered once every page before it is applied
@@ -817,7 +817,7 @@ def test_destination_holds_syncack_until_the_warm_up_is_done_and_only_once(
     h.src.send(CodeHint(0, bytes(ram[:0x400]), (0x10,)))
     mv = memoryview(ram)
     for b in pages.plan_batches(mv, [(0, SIZE)]):
-        h.src.send_pages(mv, b.ranges, b.zeros)
+        h.src.send_pages(mv, b.ranges.tolist(), b.zeros.tolist())
     h.src.send(Sync(0))
     first = h.src.recv()
     assert isinstance(first, SyncAck) and first.round == 0 and first.held_s > 0
@@ -873,7 +873,7 @@ def test_destination_digest_holds_for_scattered_batches_in_any_order(bridge: Loo
     h.start()
     mv = memoryview(ram)
     for b in pages.plan_batches(mv, [(0, SIZE)]):
-        h.src.send_pages(mv, b.ranges, b.zeros)
+        h.src.send_pages(mv, b.ranges.tolist(), b.zeros.tolist())
     h.src.send(RoundEnd(0, 1, 0, SIZE, 0.1, 0, 0.0))
     # Round 1: scattered single pages, two of them in one 64 KiB chunk, sent high to low and
     # then low to high, each batch touching chunks the other one touched.

@@ -54,10 +54,11 @@ Range = tuple[int, int]
 
 @dataclass(slots=True)
 class Batch:
-    """One page batch to send: data ranges (with payload) and zero ranges (without)."""
+    """One page batch to send: data ranges (with payload) and zero ranges (without). The wire
+    takes them as lists of tuples (``tolist()``), the digest's bookkeeping as they are."""
 
-    ranges: list[Range] = field(default_factory=list)
-    zeros: list[Range] = field(default_factory=list)
+    ranges: Ranges = field(default_factory=Ranges.empty)
+    zeros: Ranges = field(default_factory=Ranges.empty)
     data_bytes: int = 0
     zero_bytes: int = 0
 
@@ -155,8 +156,7 @@ def plan_batches(ram: memoryview, ranges: Ranges | Iterable[Range], detect_zeros
     ``batch_ranges`` of them or ``batch_bytes`` (found on the running byte
     count, the piece that crosses it cut there); zero pieces go with the
     batch whose data precedes them, ``batch_ranges`` at most (the rest in
-    batches of their own). Each batch's ranges become the wire's tuples as it
-    is yielded.
+    batches of their own).
     """
     p = pieces(ram, Ranges.from_pairs(ranges), detect_zeros)
     data, zero = p.ranges[~p.zeros], p.ranges[p.zeros]
@@ -171,7 +171,7 @@ def plan_batches(ram: memoryview, ranges: Ranges | Iterable[Range], detect_zeros
         for i in range(0, max(len(z), 1), batch_ranges):
             zs = z[i:i + batch_ranges]
             if d or zs:
-                yield Batch(d.tolist(), zs.tolist(), d.total_bytes(), zs.total_bytes())
+                yield Batch(d, zs, d.total_bytes(), zs.total_bytes())
             d = Ranges.empty()
 
 
@@ -197,6 +197,12 @@ def _cut_data(data: Ranges, batch_bytes: int, batch_ranges: int) -> list[Ranges]
         out.append(Ranges(bs, be))
         i, pos = j, nxt
     return out
+
+
+def received(data: Sequence[Range], zeros: Sequence[Range]) -> tuple[Ranges, Ranges, Ranges]:
+    """A received batch's data and zero ranges (the wire's tuples) as Ranges, and both merged."""
+    d, z = Ranges.from_pairs(data), Ranges.from_pairs(zeros)
+    return d, z, Ranges.concat([d, z]).merged()
 
 
 def total_bytes(ranges: Ranges | Sequence[Range]) -> int:

@@ -384,7 +384,7 @@ class SourceSession:
 
     def _send_batch(self, batch: pages.Batch, stat: RoundStat) -> None:
         assert self._ram is not None and self.conn is not None
-        wire = self.conn.send_pages(self._ram, batch.ranges, batch.zeros)
+        wire = self.conn.send_pages(self._ram, batch.ranges.tolist(), batch.zeros.tolist())
         self._book.count_batch(stat, batch, wire)
 
     # -- stop-and-copy -------------------------------------------------------------------------------

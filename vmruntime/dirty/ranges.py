@@ -16,6 +16,7 @@ each other on random range sets).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 
@@ -78,7 +79,21 @@ class Ranges:
         return Ranges(self.starts[i], self.ends[i])
 
     def tolist(self) -> list[tuple[int, int]]:
-        return list(self)
+        """The ranges as a list of ``(start, end)`` tuples of Python ints (the wire's form).
+
+        The cyclic GC is paused meanwhile: thousands of new tuples would
+        otherwise trigger collections, in a process holding many objects, that
+        cost more than building them (they hold only ints; pausing merely
+        delays collecting other threads' garbage). Re-enabled only if it was
+        enabled, so a caller that turned it off keeps it off.
+        """
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return list(zip(self.starts.tolist(), self.ends.tolist(), strict=True))
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Ranges):
@@ -133,6 +148,8 @@ class Ranges:
             s, e = s[keep], e[keep]
         first, last = s // chunk, (e - 1) // chunk
         if np.array_equal(first, last):  # the common case, scattered pages: one chunk each
+            if np.all(first[1:] >= first[:-1]):  # sorted (a merged set): drop repeats, no hashing
+                return first[np.append(True, first[1:] != first[:-1])]
             return np.unique(first)
         return _spans(first, last + 1)
 
