@@ -148,7 +148,7 @@ class Ranges:
             s, e = s[keep], e[keep]
         first, last = s // chunk, (e - 1) // chunk
         if np.array_equal(first, last):  # the common case, scattered pages: one chunk each
-            if np.all(first[1:] >= first[:-1]):  # sorted (a merged set): drop repeats, no hashing
+            if first.size and np.all(first[1:] >= first[:-1]):  # sorted: drop repeats, no hashing
                 return first[np.append(True, first[1:] != first[:-1])]
             return np.unique(first)
         return _spans(first, last + 1)
