@@ -26,6 +26,7 @@ allocated and dropped): a fresh GiB of a microVM host costs its first-touch faul
   between the trees: total time and downtime as ``migrate-status`` reports them.
 
     .venv/bin/python -m bench.bench_vec --baseline /tmp/ferry-base [--runs 5] [--mem 1G] [--e2e]
+    .venv/bin/python -m bench.bench_vec --quick     # this tree alone, 3 runs (make bench)
 """
 
 from __future__ import annotations
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", type=Path, help="a checkout of the tree to compare against")
     ap.add_argument("--runs", type=int, default=5, help="runs per tree (default 5)")
+    ap.add_argument("--quick", action="store_true", help="3 runs per tree")
     ap.add_argument("--mem", default="1G", help="guest RAM of the harvest runs (default 1G)")
     ap.add_argument("--every", type=int, default=4, help="the guest writes one page in this many (default 4)")
     ap.add_argument("--e2e", action="store_true", help="also migrate a memstress guest end to end")
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     mem = parse_size(args.mem)
+    if args.quick:
+        args.runs = 3
     if args.child:
         print(json.dumps(child(mem, args.every)))
         return
