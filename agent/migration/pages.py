@@ -1,7 +1,9 @@
 """Planning what goes on the wire: page ranges into batches, zero pages into ranges, the RAM digest.
 
-This module owns the per-round work the sender does in Python, kept to
-per-range (not per-page) cost wherever the ranges are contiguous:
+This module owns the per-round work the sender does in Python, on the round's
+ranges as numpy arrays (vmruntime/dirty/ranges.py ``Ranges``), so that a dirty
+set of tens of thousands of scattered pages costs C loops, not bytecode per
+range (docs/PERFORMANCE.md section 4):
 
 * ``plan_batches`` cuts the ranges of a round into page batches of at most
   ``BATCH_BYTES`` payload and ``BATCH_RANGES`` ranges, and finds zero pages
@@ -74,12 +76,6 @@ class Batch:
 def _zeros(n: int) -> bytearray:
     # bytearray on the left of == compares buffers with memcmp.
     return bytearray(n)
-
-
-def classify(ram: memoryview, ranges: Iterable[Range], detect_zeros: bool = True) -> Iterator[tuple[Range, bool]]:
-    """Yield ``((start, end), is_zero)`` pieces of ``ranges`` in order (see ``pieces``)."""
-    p = pieces(ram, Ranges.from_pairs(ranges), detect_zeros)
-    yield from zip(p.ranges, p.zeros.tolist(), strict=True)
 
 
 @dataclass(slots=True)
