@@ -1,6 +1,6 @@
 """Vectorised page bookkeeping: this tree against a baseline tree, interleaved in one run.
 
-The baseline is another checkout of ferry (say the commit before numpy, unpacked with
+The baseline is another checkout of ferry (say the last commit without numpy, unpacked with
 ``git archive <commit> | tar -x -C /tmp/ferry-base``), given with ``--baseline``. Each run
 alternates the two trees, baseline first; medians and worst of ``--runs``, with the load average
 of the host. Host memory is warmed once at the start (a memfd of most of the available RAM is
