@@ -16,9 +16,10 @@ registers it; the benchmark process plays the agent. Measured, median of
 Harvest figures are scaled to ms per GiB of guest RAM. For backends that
 time their kernel calls (uffd-wp-async: ``kernel_seconds``), the dirty
 harvest is split into kernel time (PAGEMAP_SCAN: walk, re-protect, TLB
-flushes) and the rest (Python turning the result into ranges); "re-merge" is
-what ``merge_ranges`` costs on a harvest's result (the migration source
-re-merges every harvest).
+flushes) and the rest (numpy turning the result into ranges); "re-merge" is
+what ``Ranges.merged`` costs on a harvest's result (the migration source
+re-merges every harvest). bench/bench_vec.py sets these parts, and the
+round's bookkeeping, against a baseline tree in the same run.
 
 Then the toy machine itself: ``memstress`` (random pages, random values) in
 a real VM process, instructions per second untracked and with tracking armed
@@ -118,7 +119,7 @@ def measure_harvests(
     kernel = getattr(tracker, "kernel_seconds", None)
     if kernel is not None:
         figs.kernel_ms.append(kernel * 1e3 * scale)
-    ms, _ = timed_ms(lambda: dirty.merge_ranges(got))
+    ms, _ = timed_ms(got.merged)
     figs.remerge_ms.append(ms * scale)
 
 

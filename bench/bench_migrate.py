@@ -162,7 +162,7 @@ def time_transfer(tx: Connection, rx: Connection, mem: int, scattered: bool) -> 
     t0 = time.perf_counter()
     t.start()
     for batch in plan_batches(smv, ranges):
-        tx.send_pages(smv, batch.ranges, batch.zeros)
+        tx.send_pages(smv, batch.ranges.tolist(), batch.zeros.tolist())
     tx.send(Ready())
     t.join()
     seconds = time.perf_counter() - t0

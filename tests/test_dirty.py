@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from vmruntime import dirty
 from vmruntime.dirty import _uapi, probe, uffd_async
 from vmruntime.dirty.extents import PAGE_SIZE, bitmap_ranges, merge_ranges, pages_to_ranges
 from vmruntime.dirty.hashing import HashTracker
+from vmruntime.dirty.ranges import Ranges
 from vmruntime.dirty.writer import WriterProc, stamp, stream_rng
 
 P = PAGE_SIZE
@@ -548,13 +548,10 @@ def test_dense_runs_finds_blocks_written_at_hot_density() -> None:
     adjacent dense blocks come out as one run.
     """
     assert uffd_async.HOT_DENSITY == 0.75 and B == 512 * P  # the figures below assume these
-    base = 0x7F12_3440_0000  # a HOT_BLOCK-aligned address, as an mmap of guest RAM would be
     length = 3 * B + 8 * P
 
     def dense(pages: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        starts = array("Q", [base + s * P for s, _ in pages])
-        ends = array("Q", [base + e * P for _, e in pages])
-        return uffd_async._dense_runs(starts, ends, base, length)
+        return uffd_async._dense_runs(Ranges.from_pairs([(s * P, e * P) for s, e in pages]), length)
 
     # Block 0 all written, one page in block 1, block 2 all written and 6 of the 8 tail pages.
     assert dense([(0, 512), (700, 701), (1024, 1536 + 6)]) == [(0, B), (2 * B, 3 * B + 8 * P)]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,10 +84,10 @@ def test_planned_batches_are_valid_and_cover_exactly_the_input(
     mv = memoryview(ram)
     seen: list[tuple[int, int]] = []
     for b in pages.plan_batches(mv, ranges, batch_bytes=batch_pages * P, batch_ranges=batch_ranges):
-        PageBatch(tuple(b.ranges), tuple(b.zeros)).check(len(ram))  # what proto would refuse
+        PageBatch(tuple(b.ranges.tolist()), tuple(b.zeros.tolist())).check(len(ram))  # what proto would refuse
         assert b.data_bytes <= batch_pages * P and len(b.ranges) <= batch_ranges
         assert all(not any(ram[a:z]) for a, z in b.zeros)  # zero ranges really are zero
-        seen += b.ranges + b.zeros
+        seen += [*b.ranges, *b.zeros]
     assert covered(seen) == covered(ranges)
     assert sum(z - a for a, z in seen) == sum(z - a for a, z in ranges)  # nothing twice
 
@@ -464,7 +465,7 @@ def _pages_of(ranges: list[tuple[int, int]]) -> set[int]:
 def _pages_believed_data(d: pages.RamDigest) -> set[int]:
     """The pages a RamDigest that knows where the data is takes for data (full chunks and masks)."""
     per, last = pages.DIGEST_CHUNK // P, -(-d.size // P)
-    out = {p for idx in d._full for p in range(idx * per, min(last, (idx + 1) * per))}
+    out = {p for idx in np.flatnonzero(d._full).tolist() for p in range(idx * per, min(last, (idx + 1) * per))}
     return out | {idx * per + bit for idx, mask in d._data.items() for bit in range(per) if mask >> bit & 1}
 
 

@@ -67,7 +67,7 @@ from proto.messages import (
     SyncAck,
 )
 from vmruntime import guestram, isa
-from vmruntime.dirty import DirtyTracker
+from vmruntime.dirty import DirtyTracker, Ranges
 from vmruntime.interp import COMPILER_TAG
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,9 +128,9 @@ class FakeTracker:
     def start(self) -> None:
         pass
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         self.harvested_at.append(time.monotonic())
-        return self.dirty.pop(0) if self.dirty else []
+        return Ranges.from_pairs(self.dirty.pop(0) if self.dirty else [])
 
     def stop(self) -> None:
         pass
@@ -521,7 +521,7 @@ class HotFakeTracker(FakeTracker):
         self.calls, self.hot_blocks, self.whole_bytes, self._live = calls, True, 0, True
         self.searched: list[bool] = []
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         out = super().harvest()
         self.whole_bytes = MiB if self._live else 0
         self._live = self._live and self.hot_blocks
@@ -728,7 +728,7 @@ class Harness:
     def send_ram(self, ram: mmap.mmap, sync: bool = True) -> None:
         mv = memoryview(ram)
         for b in pages.plan_batches(mv, [(0, SIZE)]):
-            self.src.send_pages(mv, b.ranges, b.zeros)
+            self.src.send_pages(mv, b.ranges.tolist(), b.zeros.tolist())
         if sync:  # (a source need not: the destination answers Sync, never asks for it)
             self.src.send(Sync(0))
             assert self.src.recv() == SyncAck(0)  # answered once every page before it is applied
@@ -817,7 +817,7 @@ def test_destination_holds_syncack_until_the_warm_up_is_done_and_only_once(
     h.src.send(CodeHint(0, bytes(ram[:0x400]), (0x10,)))
     mv = memoryview(ram)
     for b in pages.plan_batches(mv, [(0, SIZE)]):
-        h.src.send_pages(mv, b.ranges, b.zeros)
+        h.src.send_pages(mv, b.ranges.tolist(), b.zeros.tolist())
     h.src.send(Sync(0))
     first = h.src.recv()
     assert isinstance(first, SyncAck) and first.round == 0 and first.held_s > 0
@@ -873,7 +873,7 @@ def test_destination_digest_holds_for_scattered_batches_in_any_order(bridge: Loo
     h.start()
     mv = memoryview(ram)
     for b in pages.plan_batches(mv, [(0, SIZE)]):
-        h.src.send_pages(mv, b.ranges, b.zeros)
+        h.src.send_pages(mv, b.ranges.tolist(), b.zeros.tolist())
     h.src.send(RoundEnd(0, 1, 0, SIZE, 0.1, 0, 0.0))
     # Round 1: scattered single pages, two of them in one 64 KiB chunk, sent high to low and
     # then low to high, each batch touching chunks the other one touched.

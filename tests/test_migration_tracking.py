@@ -47,7 +47,7 @@ def _precopy_once(spawn_vm: SpawnVM, backend: str) -> list[int]:
                     copy[s:e] = ram[s:e]
                 todo = dirty.merge_ranges(tracker.harvest())
             vm.pause()
-            for s, e in dirty.merge_ranges(todo + tracker.harvest()):
+            for s, e in dirty.merge_ranges([*todo, *tracker.harvest()]):
                 copy[s:e] = ram[s:e]
             return [p for p in range(vm.ram_size // P) if copy[p * P:(p + 1) * P] != ram[p * P:(p + 1) * P]]
     finally:

@@ -74,7 +74,6 @@ from proto.messages import (
 )
 from proto.postcopy_messages import PostcopyAttach
 from proto.state import DestinationMachine
-from vmruntime.dirty import merge_ranges
 
 # Whole time an unauthenticated peer gets for the handshake and its first message. The kernel
 # timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
@@ -371,12 +370,12 @@ class DestinationSession:
         final copy (docs/PERFORMANCE.md section 7), at no extra cost: batches go in address
         order, so only a chunk a batch boundary cuts is hashed twice."""
         assert self._digest is not None and self._sink is not None
-        merged = merge_ranges([*batch.ranges, *batch.zeros])
+        data, zeros, merged = pages.received(batch.ranges, batch.zeros)
         touched = pages.chunks_of(merged)
         hashed = self._sink.take()  # chunks hashed from the receive buffer as they arrived
         self._digest.invalidate_chunks(touched - hashed if hashed else touched)
         covered = pages.covered_chunks(merged)
-        self._digest.refresh_known(batch.ranges, batch.zeros, hashed if hashed else None, covered)
+        self._digest.refresh_known(data, zeros, hashed if hashed else None, covered)
         partial = touched - covered
         if self.conn.next_frame_is(Sync):  # the round's last batch: answer the Sync first
             self._after_sync = partial

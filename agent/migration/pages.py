@@ -1,7 +1,9 @@
 """Planning what goes on the wire: page ranges into batches, zero pages into ranges, the RAM digest.
 
-This module owns the per-round work the sender does in Python, kept to
-per-range (not per-page) cost wherever the ranges are contiguous:
+This module owns the per-round work the sender does in Python, on the round's
+ranges as numpy arrays (vmruntime/dirty/ranges.py ``Ranges``), so that a dirty
+set of tens of thousands of scattered pages costs C loops, not bytecode per
+range (docs/PERFORMANCE.md section 4):
 
 * ``plan_batches`` cuts the ranges of a round into page batches of at most
   ``BATCH_BYTES`` payload and ``BATCH_RANGES`` ranges, and finds zero pages
@@ -31,11 +33,14 @@ import ctypes.util
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import itemgetter
 
+import numpy as np
+import numpy.typing as npt
 import xxhash
 
-from vmruntime.dirty import merge_ranges
 from vmruntime.dirty.extents import data_pieces
+from vmruntime.dirty.ranges import Ranges
 
 PAGE_SIZE = 4096
 ZERO_GRAIN = 64 * 1024
@@ -51,10 +56,11 @@ Range = tuple[int, int]
 
 @dataclass(slots=True)
 class Batch:
-    """One page batch to send: data ranges (with payload) and zero ranges (without)."""
+    """One page batch to send: data ranges (with payload) and zero ranges (without). The wire
+    takes them as lists of tuples (``tolist()``), the digest's bookkeeping as they are."""
 
-    ranges: list[Range] = field(default_factory=list)
-    zeros: list[Range] = field(default_factory=list)
+    ranges: Ranges = field(default_factory=Ranges.empty)
+    zeros: Ranges = field(default_factory=Ranges.empty)
     data_bytes: int = 0
     zero_bytes: int = 0
 
@@ -72,21 +78,59 @@ def _zeros(n: int) -> bytearray:
     return bytearray(n)
 
 
-def classify(ram: memoryview, ranges: Iterable[Range], detect_zeros: bool = True) -> Iterator[tuple[Range, bool]]:
-    """Yield ``((start, end), is_zero)`` pieces of ``ranges`` in order.
+@dataclass(slots=True)
+class Pieces:
+    """Ranges cut where zero grains begin and end, in order; ``zeros[i]``: piece i reads as zeros."""
+
+    ranges: Ranges
+    zeros: npt.NDArray[np.bool_]
+
+
+def pieces(ram: memoryview, ranges: Ranges, detect_zeros: bool = True) -> Pieces:
+    """``ranges`` as data and zero pieces.
 
     A range shorter than a ZERO_GRAIN (the scattered pages of a dirty set) is
-    checked whole with one compare; a longer one grain by grain, neighbouring
-    grains of the same kind merged, so a long range costs one compare per
-    64 KiB and stays one piece when it holds data throughout.
+    one piece. Its first 8 bytes are read for all such ranges at once: a data
+    page nearly always has a non-zero word there, which settles it; only those
+    starting with a zero word are compared whole (one memcmp each). A longer
+    range is checked grain by grain, neighbouring grains of the same kind
+    merged, so it costs one compare per 64 KiB and stays one piece when it
+    holds data throughout.
     """
-    for a, b in ranges:
-        if not detect_zeros:
-            yield (a, b), False
-        elif b - a < ZERO_GRAIN:
-            yield (a, b), _zeros(b - a) == ram[a:b]
-        else:
-            yield from _classify_grains(ram, a, b)
+    n = len(ranges)
+    if not detect_zeros or n == 0:
+        return Pieces(ranges, np.zeros(n, dtype=bool))
+    s, e = ranges.starts, ranges.ends
+    short = (e - s) < ZERO_GRAIN
+    maybe_zero = short.copy()
+    if len(ram) % 8 == 0 and not np.any(s & 7):  # page-aligned ranges: the first word of each
+        words = np.frombuffer(ram, dtype=np.uint64)
+        maybe_zero[short] = words[s[short] >> 3] == 0
+        del words  # (no export of the caller's buffer outlives this call)
+    zeros = np.zeros(n, dtype=bool)
+    for i in np.flatnonzero(maybe_zero).tolist():
+        a, b = int(s[i]), int(e[i])
+        zeros[i] = _zeros(b - a) == ram[a:b]
+    long = np.flatnonzero(~short).tolist()
+    if not long:
+        return Pieces(ranges, zeros)
+    out_s: list[npt.NDArray[np.int64]] = []
+    out_e: list[npt.NDArray[np.int64]] = []
+    out_z: list[npt.NDArray[np.bool_]] = []
+    prev = 0
+    for i in long:  # few: a long range is a whole run of pages
+        out_s.append(s[prev:i])
+        out_e.append(e[prev:i])
+        out_z.append(zeros[prev:i])
+        grains = list(_classify_grains(ram, int(s[i]), int(e[i])))
+        out_s.append(np.array([a for (a, _), _ in grains], dtype=np.int64))
+        out_e.append(np.array([b for (_, b), _ in grains], dtype=np.int64))
+        out_z.append(np.array([z for _, z in grains], dtype=bool))
+        prev = i + 1
+    out_s.append(s[prev:])
+    out_e.append(e[prev:])
+    out_z.append(zeros[prev:])
+    return Pieces(Ranges(np.concatenate(out_s), np.concatenate(out_e)), np.concatenate(out_z))
 
 
 def _classify_grains(ram: memoryview, a: int, b: int) -> Iterator[tuple[Range, bool]]:
@@ -100,36 +144,67 @@ def _classify_grains(ram: memoryview, a: int, b: int) -> Iterator[tuple[Range, b
     yield (start, b), bool(kind)
 
 
-def plan_batches(ram: memoryview, ranges: Iterable[Range], detect_zeros: bool = True,
+def plan_batches(ram: memoryview, ranges: Ranges | Iterable[Range], detect_zeros: bool = True,
                  batch_bytes: int = BATCH_BYTES, batch_ranges: int = BATCH_RANGES) -> Iterator[Batch]:
-    """Cut ``ranges`` (sorted, disjoint) into page batches, zero grains as payload-free ranges."""
-    batch = Batch()
-    for (a, b), is_zero in classify(ram, ranges, detect_zeros):
-        if is_zero:
-            if len(batch.zeros) >= batch_ranges:
-                yield batch
-                batch = Batch()
-            batch.zeros.append((a, b))
-            batch.zero_bytes += b - a
-            continue
-        if len(batch.ranges) < batch_ranges and batch.data_bytes + (b - a) <= batch_bytes:
-            batch.ranges.append((a, b))  # the common case, a range that fits: no cutting
-            batch.data_bytes += b - a
-            continue
-        while a < b:
-            if batch.data_bytes >= batch_bytes or len(batch.ranges) >= batch_ranges:
-                yield batch
-                batch = Batch()
-            take = min(b - a, batch_bytes - batch.data_bytes)
-            batch.ranges.append((a, a + take))
-            batch.data_bytes += take
-            a += take
-    if batch:
-        yield batch
+    """Cut ``ranges`` (sorted, disjoint) into page batches, zero grains as payload-free ranges.
+
+    A loop per batch, not per range: each batch takes data pieces up to
+    ``batch_ranges`` of them or ``batch_bytes`` (found on the running byte
+    count, the piece that crosses it cut there); zero pieces go with the
+    batch whose data precedes them, ``batch_ranges`` at most (the rest in
+    batches of their own).
+    """
+    p = pieces(ram, Ranges.from_pairs(ranges), detect_zeros)
+    data, zero = p.ranges[~p.zeros], p.ranges[p.zeros]
+    cuts = _cut_data(data, batch_bytes, batch_ranges)
+    # The zero pieces of batch k lie before batch k + 1's first data byte (those before any data: batch 0).
+    firsts = np.array([int(c.starts[0]) for c in cuts], dtype=np.int64)
+    owner = np.maximum(np.searchsorted(firsts, zero.starts, side="right") - 1, 0)
+    bounds = np.searchsorted(owner, np.arange(max(len(cuts), 1) + 1))
+    for k in range(max(len(cuts), 1)):
+        d = cuts[k] if cuts else Ranges.empty()
+        z = zero[bounds[k]:bounds[k + 1]]
+        for i in range(0, max(len(z), 1), batch_ranges):
+            zs = z[i:i + batch_ranges]
+            if d or zs:
+                yield Batch(d, zs, d.total_bytes(), zs.total_bytes())
+            d = Ranges.empty()
 
 
-def total_bytes(ranges: Sequence[Range]) -> int:
-    return sum(b - a for a, b in ranges)
+def _cut_data(data: Ranges, batch_bytes: int, batch_ranges: int) -> list[Ranges]:
+    """``data`` as the data ranges of consecutive batches: at most ``batch_ranges`` ranges and
+    ``batch_bytes`` bytes each, filled greedily (a range that crosses the byte limit is cut)."""
+    s, e = data.starts, data.ends
+    n = len(s)
+    before = np.concatenate(([0], np.cumsum(e - s)))  # data bytes before piece i
+    out: list[Ranges] = []
+    i, pos = 0, int(s[0]) if n else 0  # the next batch starts at guest offset pos, inside piece i
+    while i < n:
+        limit = int(before[i]) + pos - int(s[i]) + batch_bytes
+        j = min(int(np.searchsorted(before, limit, side="right")) - 1, i + batch_ranges, n)  # whole: i..j-1
+        bs, be = s[i:j].copy(), e[i:j]
+        if j > i:
+            bs[0] = pos
+        nxt = pos if j == i else int(s[j]) if j < n else 0
+        room = limit - (int(before[i]) + pos - int(s[i]) if j == i else int(before[j]))
+        if j < min(i + batch_ranges, n) and room > 0:  # piece j crosses the byte limit: cut it there
+            bs, be = np.append(bs, nxt), np.append(be, nxt + room)
+            nxt += room
+        out.append(Ranges(bs, be))
+        i, pos = j, nxt
+    return out
+
+
+def received(data: Sequence[Range], zeros: Sequence[Range]) -> tuple[Ranges, Ranges, Ranges]:
+    """A received batch's data and zero ranges (the wire's tuples) as Ranges, and both merged."""
+    d, z = Ranges.from_pairs(data), Ranges.from_pairs(zeros)
+    return d, z, Ranges.concat([d, z]).merged()
+
+
+def total_bytes(ranges: Ranges | Sequence[Range]) -> int:
+    if isinstance(ranges, Ranges):
+        return ranges.total_bytes()
+    return sum(map(itemgetter(1), ranges)) - sum(map(itemgetter(0), ranges))  # C loops
 
 
 # -- the digest --------------------------------------------------------------------------------
@@ -143,29 +218,14 @@ def _zero_chunk_digest(n: int) -> bytes:
     return xxhash.xxh3_128_digest(_ZERO_CHUNK[:n])
 
 
-def chunks_of(ranges: Iterable[Range]) -> set[int]:
+def chunks_of(ranges: Ranges | Iterable[Range]) -> set[int]:
     """Indices of the DIGEST_CHUNKs that ``ranges`` touch."""
-    # Per range in the tight loop of a later round's scattered pages (a thousand per batch, on
-    # both ends): a range inside one chunk, the common case, is one set.add, not a range object.
-    out: set[int] = set()
-    add, c = out.add, DIGEST_CHUNK
-    for a, b in ranges:
-        first, last = a // c, (b - 1) // c
-        if first == last:
-            add(first)
-        else:
-            out.update(range(first, last + 1))
-    return out
+    return set(Ranges.from_pairs(ranges).chunks(DIGEST_CHUNK).tolist())
 
 
-def covered_chunks(ranges: Iterable[Range]) -> set[int]:
+def covered_chunks(ranges: Ranges | Iterable[Range]) -> set[int]:
     """Indices of the DIGEST_CHUNKs lying wholly inside one of ``ranges`` (merge touching ranges first)."""
-    out: set[int] = set()
-    c = DIGEST_CHUNK
-    for a, b in ranges:
-        if b - a >= c:  # a shorter range covers no chunk: skip the range object
-            out.update(range(-(-a // c), b // c))
-    return out
+    return set(Ranges.from_pairs(ranges).covered_chunks(DIGEST_CHUNK).tolist())
 
 
 class RamDigest:
@@ -205,7 +265,8 @@ class RamDigest:
         # SEEK_DATA/SEEK_HOLE walk (SEEK_HOLE runs to the end of a data extent: ~7 ms per GiB of
         # a dense guest, per walk). Only a punched zero range makes holes in such a chunk again;
         # and if this were ever wrong, reading a hole still reads zeros: the digest stays right.
-        self._full: set[int] = set()
+        # One flag per chunk (numpy), so that a round's ranges are checked against it all at once.
+        self._full = np.zeros(self.nchunks, dtype=bool)
         # Once assume_holes_except said where the data is (_known), every write is passed in
         # (invalidate: written; refresh_known: written or punched), so which pages hold data is
         # known without asking the memfd: _data has a bit mask of them (bit p: page p of the
@@ -246,7 +307,7 @@ class RamDigest:
             self._missing_set = keep
         else:
             self._missing_set &= keep
-        self._full.clear()
+        self._full[:] = False
         self._data.clear()
         self._known = True
         self._note(ranges, True)
@@ -258,55 +319,59 @@ class RamDigest:
             self._missing_set = set(range(self.nchunks))
         return self._missing_set
 
-    def invalidate(self, ranges: Sequence[Range], chunks: set[int] | None = None) -> None:
+    def invalidate(self, ranges: Ranges | Sequence[Range], chunks: set[int] | None = None) -> None:
         """Forget the digests of the chunks ``ranges`` touch: the guest wrote there (so they hold
         data now). ``chunks``: ``chunks_of(ranges)``, if the caller has it already."""
         self.invalidate_chunks(chunks_of(ranges) if chunks is None else chunks)
         self._note(ranges, True)
 
-    def _note(self, ranges: Iterable[Range], data: bool) -> None:
+    def _note(self, ranges: Ranges | Iterable[Range], data: bool) -> None:
         """Record that ``ranges`` now hold data (written) or read as zeros (punched on the
         destination; on the source, zero when sent: a later write shows up in a harvest), if the
         rest is known (else only that chunks with a punched range may hold holes now)."""
+        r = Ranges.from_pairs(ranges)
+        full, masks, c, n = self._full, self._data, DIGEST_CHUNK, self.nchunks
         if not self._known:
             if not data:
-                self._full.difference_update(chunks_of(ranges))
+                touched = r.chunks(c)
+                full[touched[touched < n]] = False
             return
-        full, masks, c, n = self._full, self._data, DIGEST_CHUNK, self.nchunks
-        for a, b in ranges:
-            first, last = a // c, (b - 1) // c
-            if data and first == last and first in full:
-                # Written inside a chunk that is all data already: nothing changes. The common case
-                # of later rounds (scattered pages of a written working set), met per range on both
-                # ends every round: this test is much cheaper than the mask arithmetic below
-                # (docs/PERFORMANCE.md section 6).
-                continue
-            first, last = max(0, first), min(n - 1, last)
-            if last - first > 1:  # the chunks in between are covered whole: set operations in C
-                inner = range(first + 1, last)
-                if data:
-                    full.update(inner)
-                else:
-                    full.difference_update(inner)
+        if not r:
+            return
+        first, last = r.starts // c, (r.ends - 1) // c
+        if data:
+            # Written inside a chunk that is all data already: nothing changes. The common case of
+            # later rounds (scattered pages of a written working set), met on both ends every
+            # round: filtered out for all ranges at once, the loop below sees only the rest.
+            same = (first == last) & (first < n) & (first >= 0)
+            same[same] = full[first[same]]
+            if np.all(same):
+                return
+            r = r[~same]
+            first, last = first[~same], last[~same]
+        for a, b, f, lt in zip(r.starts.tolist(), r.ends.tolist(), first.tolist(), last.tolist(), strict=True):
+            f, lt = max(0, f), min(n - 1, lt)
+            if lt - f > 1:  # the chunks in between are covered whole: one slice of the flags
+                full[f + 1:lt] = data
                 if masks:
-                    for idx in masks.keys() & inner:
+                    for idx in masks.keys() & range(f + 1, lt):
                         del masks[idx]
-                edges: tuple[int, ...] = (first, last)
+                edges: tuple[int, ...] = (f, lt)
             else:
-                edges = (first,) if first == last else (first, last)
+                edges = (f,) if f == lt else (f, lt)
             for idx in edges:
                 base = idx * c
                 end = min(self.size, base + c)
                 p0, p1 = max(a - base, 0) // PAGE_SIZE, -(-(min(b, end) - base) // PAGE_SIZE)
                 bits = ((1 << p1) - 1) ^ ((1 << p0) - 1)
                 every = (1 << -(-(end - base) // PAGE_SIZE)) - 1
-                mask = every if idx in full else masks.get(idx, 0)
+                mask = every if full[idx] else masks.get(idx, 0)
                 mask = mask | bits if data else mask & ~bits
                 if mask == every:
-                    full.add(idx)
+                    full[idx] = True
                     masks.pop(idx, None)
                 else:
-                    full.discard(idx)
+                    full[idx] = False
                     if mask:
                         masks[idx] = mask
                     else:
@@ -330,10 +395,10 @@ class RamDigest:
         """
         wanted = sorted({i for i in indices if 0 <= i < self.nchunks})
         full = self._full
-        for idx in (i for i in wanted if i in full):
+        for idx in (i for i in wanted if full[i]):
             c0 = idx * DIGEST_CHUNK
             self._put(idx, xxhash.xxh3_128_digest(self.ram[c0:min(self.size, c0 + DIGEST_CHUNK)]))
-        wanted = [i for i in wanted if i not in full]
+        wanted = [i for i in wanted if not full[i]]
         if not wanted:
             return
         if self._known:  # where the data is, without a walk
@@ -361,7 +426,7 @@ class RamDigest:
                 j += 1
             self._store(idx, mine or None)
 
-    def refresh_known(self, data: Sequence[Range], zeros: Sequence[Range],
+    def refresh_known(self, data: Ranges | Sequence[Range], zeros: Ranges | Sequence[Range],
                       hashed: set[int] | None = None, covered: set[int] | None = None) -> None:
         """Hash the chunks that ``data`` and ``zeros`` together cover whole, from what the caller
         knows: ``data`` are bytes present in the memfd, ``zeros`` read as zeros. No system call,
@@ -369,13 +434,14 @@ class RamDigest:
         ``hashed``: the chunks lying wholly inside one data range, already hashed by
         ``hash_piece`` as they arrived (else they are hashed here, through the mapping).
         ``covered``: ``covered_chunks`` of ``data`` and ``zeros`` merged, if the caller has it."""
+        data, zeros = Ranges.from_pairs(data), Ranges.from_pairs(zeros)
         self._note(zeros, False)  # punched: may hold holes now
         self._note(data, True)
         direct = self._hash_inside(data) if hashed is None else hashed
         if not zeros and len(data) <= 1:
             return  # one data range alone: the chunks it covers whole are those of ``direct``
         if covered is None:
-            covered = covered_chunks(merge_ranges([*data, *zeros]))
+            covered = covered_chunks(Ranges.concat([data, zeros]).merged())
         todo = covered - direct
         if not todo:
             return
@@ -383,13 +449,12 @@ class RamDigest:
         for idx in todo:
             self._store(idx, by_chunk.get(idx))
 
-    def _hash_inside(self, data: Sequence[Range]) -> set[int]:
+    def _hash_inside(self, data: Ranges) -> set[int]:
         """Hash the chunks lying wholly inside one data range through the mapping; their indices."""
         done: set[int] = set()
-        for a, b in data:
-            if b - a >= DIGEST_CHUNK:  # a shorter range holds no whole chunk (scattered pages)
-                with self.ram[a:b] as view:
-                    done.update(self.hash_piece(a, view))
+        for a, b in data[(data.ends - data.starts) >= DIGEST_CHUNK]:  # shorter ones hold no whole chunk
+            with self.ram[a:b] as view:
+                done.update(self.hash_piece(a, view))
         return done
 
     def hash_piece(self, offset: int, data: memoryview) -> range:
@@ -406,7 +471,7 @@ class RamDigest:
         done = range(first, last)
         if done:
             self._missing.difference_update(done)
-            self._full.update(done)  # (a mask _data may still hold for them is never read: full wins)
+            self._full[first:last] = True  # (a mask _data may still hold for them is never read: full wins)
         return done
 
     def refresh_missing(self, indices: Iterable[int]) -> int:
@@ -427,9 +492,9 @@ class RamDigest:
         c1 = min(self.size, c0 + DIGEST_CHUNK)
         self._put(idx, _zero_chunk_digest(c1 - c0) if pieces is None else self._chunk(c0, c1, pieces))
         if pieces is not None and len(pieces) == 1 and pieces[0] == (c0, c1):
-            self._full.add(idx)
+            self._full[idx] = True
         else:
-            self._full.discard(idx)
+            self._full[idx] = False
 
     def _put(self, idx: int, digest: bytes) -> None:
         self._buf[idx * _DIGEST_SIZE:(idx + 1) * _DIGEST_SIZE] = digest

@@ -39,6 +39,7 @@ from proto.messages import DeviceState, Ready, Sync, SyncAck
 from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
 from proto.state import SourceMachine
 from vmruntime.dirty import merge_ranges
+from vmruntime.dirty.ranges import Ranges
 
 if TYPE_CHECKING:
     from agent.migration.source import SourceSession
@@ -95,9 +96,10 @@ class PostcopySource:
 
     # -- the switch-over (before COMMIT: a failure rolls back, the VM resumes here) --
 
-    def switch_over(self, pending: list[Range]) -> float:
+    def switch_over(self, dirty: Ranges) -> float:
         """Urgent connection, pause, discards, PostcopyStart, state; READY. Returns when READY came."""
         s = self.s
+        pending = dirty.tolist()
         self._open_urgent()
         # The last round's dirty set is dropped there while the VM still runs here: punching a
         # page costs tens of microseconds, which in the pause would be downtime.
@@ -116,7 +118,7 @@ class PostcopySource:
         t = s._book.lap("pause", t)
         assert s._tracker is not None
         s._tracker.hot_blocks = False
-        last = s._harvest()
+        last = s._harvest().tolist()
         self._discard(last)
         stale = merge_ranges(pending + last)
         npages = sum(b - a for a, b in stale) // PAGE_SIZE
@@ -182,7 +184,7 @@ class PostcopySource:
             self._todo[first:first + req.npages] = bytes(req.npages)
             self._cursor = first + req.npages
         for batch in pages.plan_batches(s._ram, [(req.offset, req.offset + req.npages * PAGE_SIZE)]):
-            conn.send_pages(s._ram, batch.ranges, batch.zeros)
+            conn.send_pages(s._ram, batch.ranges.tolist(), batch.zeros.tolist())
         self.answered += req.npages
 
     # -- the background push (the session thread, after RESUMED) --
@@ -200,7 +202,7 @@ class PostcopySource:
                 for batch in pages.plan_batches(s._ram, ranges):
                     if s._limiter is not None:
                         s._limiter.take(batch.data_bytes)
-                    s.conn.send_pages(s._ram, batch.ranges, batch.zeros)
+                    s.conn.send_pages(s._ram, batch.ranges.tolist(), batch.zeros.tolist())
                     self.pushed += batch.pages
                 s.info.remaining = self._left * PAGE_SIZE
                 s.info.transferred = s.conn.sent + (self.urgent.sent if self.urgent else 0)

@@ -17,8 +17,7 @@ from agent.migration import pages
 from agent.migration.info import PAGE_SIZE, MigrationInfo, RoundStat
 from agent.migration.policy import Figures
 from proto.messages import RoundEnd
-
-Range = tuple[int, int]
+from vmruntime.dirty.ranges import Ranges
 
 # A round (or a hashing spell) must move this much before its rate is trusted for the next estimate.
 MIN_MEASURED_BYTES = 1 << 20
@@ -32,7 +31,7 @@ class RoundBook:
         self._sent_bytes = 0  # over every round, for the overall bandwidth
         self._send_seconds = 0.0  # the time those bytes took, the Sync round trips left out
 
-    def begin(self, ranges: list[Range], t0: float) -> RoundStat:
+    def begin(self, ranges: Ranges, t0: float) -> RoundStat:
         """A round of ``ranges`` starts at ``t0`` (time.monotonic)."""
         self.info.remaining = pages.total_bytes(ranges)
         return RoundStat(start=t0 - self.info.started)

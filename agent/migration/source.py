@@ -86,7 +86,7 @@ from proto.messages import (
 from proto.state import SourceMachine
 from vmruntime import control as vmctl
 from vmruntime import isa
-from vmruntime.dirty import DirtyTracker, merge_ranges, written_extents
+from vmruntime.dirty import DirtyTracker, Ranges, merge_ranges, written_extents
 
 Range = tuple[int, int]
 
@@ -275,7 +275,7 @@ class SourceSession:
         return params
 
     # -- pre-copy ------------------------------------------------------------------------------------
-    def _precopy(self) -> tuple[list[Range], list[Range]]:
+    def _precopy(self) -> tuple[Ranges, list[Range]]:
         """Rounds until the policy switches over; returns the dirty sets (RAM, disk) still to send."""
         vm = self.vm
         self._tracker = self.bridge.call(vm.track_start(hot_blocks=self.params.hot_blocks))
@@ -284,7 +284,7 @@ class SourceSession:
         self._ram = memoryview(vm.ram)
         self._digest = SourceDigest(vm.memfd, self._ram, vm.mem)
         self._tracker.start()  # armed before round 0 reads anything: no write escapes
-        pending = written_extents(vm.memfd, vm.mem)
+        pending = Ranges.from_pairs(written_extents(vm.memfd, vm.mem))
         self._digest.start(pending)  # its thread started now, ahead of the downtime
         assert self.conn is not None
         hint = code_hint.ask(self._lane, self._ram, self.code_cache)
@@ -304,8 +304,8 @@ class SourceSession:
             if self._act(decision):
                 return pending, disk_pending
 
-    def _one_round(self, ranges: list[Range], disk: list[Range], earlier: tuple[int, ...],
-                   limits: Limits) -> tuple[list[Range], list[Range], int, Decision]:
+    def _one_round(self, ranges: Ranges, disk: list[Range], earlier: tuple[int, ...],
+                   limits: Limits) -> tuple[Ranges, list[Range], int, Decision]:
         """Send ``ranges`` of RAM and ``disk`` of the image as one round, harvest, ask the policy."""
         t0 = time.monotonic()
         assert self._digest is not None and self._tracker is not None
@@ -361,15 +361,15 @@ class SourceSession:
         """The policy's fixed downtime: FIXED_DOWNTIME_S and the round trips the switch-over waits for."""
         return FIXED_DOWNTIME_S + SWITCH_ROUND_TRIPS[self.params.commit_ahead] * self._rtt
 
-    def _harvest(self) -> list[Range]:
+    def _harvest(self) -> Ranges:
         assert self._tracker is not None
         ranges = self._tracker.harvest()
         self.info.dirty_sync_count += 1
         # Sorted and merged by contract, but a kernel walk may report regions out of order and a
         # batch must be sorted: normalised here, cheap for sorted input (docs/PERFORMANCE.md section 4).
-        return merge_ranges(ranges)
+        return ranges.merged()
 
-    def _send_ranges(self, ranges: list[Range], disk: list[Range], final: bool = False) -> RoundStat:
+    def _send_ranges(self, ranges: Ranges, disk: list[Range], final: bool = False) -> RoundStat:
         """Send one round's ranges in page batches (zero grains go without payload), then the
         disk's (--copy-storage)."""
         assert self._ram is not None and self._digest is not None
@@ -420,11 +420,11 @@ class SourceSession:
 
     def _send_batch(self, batch: pages.Batch, stat: RoundStat) -> None:
         assert self._ram is not None and self.conn is not None
-        wire = self.conn.send_pages(self._ram, batch.ranges, batch.zeros)
+        wire = self.conn.send_pages(self._ram, batch.ranges.tolist(), batch.zeros.tolist())
         self._book.count_batch(stat, batch, wire)
 
     # -- stop-and-copy -------------------------------------------------------------------------------
-    def _stop_and_copy(self, pending: tuple[list[Range], list[Range]]) -> float:
+    def _stop_and_copy(self, pending: tuple[Ranges, list[Range]]) -> float:
         """Pause, send the rest, the state and the digest; returns when the digest went out."""
         info = self.info
         info.status = Status.DEVICE
@@ -441,7 +441,7 @@ class SourceSession:
         disk = merge_ranges(pending[1] + self._copy.harvest(final=True)) if self._copy is not None else []
         assert self._digest is not None
         digest = self._digest.finish_meanwhile(last)  # in its thread, while the final pages go out
-        final = merge_ranges(pending[0] + last)
+        final = Ranges.concat([pending[0], last]).merged()
         stat = self._send_ranges(final, disk, final=True)
         self._send(self._book.end(stat, 0, max(time.monotonic() - t, 1e-6), final=True))
         t = self._book.lap("final-copy", t)

@@ -24,8 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from agent.migration import pages
 from agent.migration.rounds import MIN_MEASURED_BYTES
-
-Range = tuple[int, int]
+from vmruntime.dirty.ranges import Ranges
 
 # Upper bound on waiting for the digest thread when a migration fails mid-way.
 DIGEST_WAIT_S = 60.0
@@ -49,7 +48,7 @@ class SourceDigest:
         assert self._digest is not None, "the digest was released"
         return self._digest
 
-    def start(self, extents: list[Range]) -> None:
+    def start(self, extents: Ranges) -> None:
         """Guest RAM outside ``extents`` (the memfd's written extents) is holes; start the thread.
 
         Called once dirty tracking is armed: a hole written from then on shows
@@ -89,7 +88,7 @@ class SourceDigest:
         """
         self._ram_digest.refresh_known(batch.ranges, batch.zeros)
 
-    def after_round(self, sent: list[Range], dirty: list[Range], dirty_chunks: set[int]) -> None:
+    def after_round(self, sent: Ranges, dirty: Ranges, dirty_chunks: set[int]) -> None:
         """The round sent ``sent`` and the harvest found ``dirty``: forget what the guest wrote;
         what it left alone is hashed at the start of the next round."""
         self._ram_digest.invalidate(dirty, dirty_chunks)
@@ -101,7 +100,7 @@ class SourceDigest:
         return len(chunks) * pages.DIGEST_CHUNK / self._hash_rate
 
     # -- the final copy --------------------------------------------------------------------------
-    def finish_meanwhile(self, last: list[Range]) -> Future[str]:
+    def finish_meanwhile(self, last: Ranges) -> Future[str]:
         """Finish the digest in the helper thread while the final pages go out (the VM is paused).
 
         xxhash keeps the GIL for inputs of a 64 KiB chunk (it lets go only for

@@ -30,6 +30,7 @@ from .extents import PAGE_SIZE, merge_ranges, written_extents
 from .hashing import HashTracker
 from .names import BACKENDS, HASH, UFFD_WP_ASYNC, UFFD_WP_SYNC, check_backend
 from .probe import available_backends, choose_backend
+from .ranges import Ranges
 from .register import vm_register
 from .uffd_async import UffdAsyncTracker
 from .uffd_sync import UffdSyncTracker
@@ -37,6 +38,7 @@ from .uffd_sync import UffdSyncTracker
 __all__ = [
     "BACKENDS",
     "DirtyTracker",
+    "Ranges",
     "available_backends",
     "choose_backend",
     "make_tracker",
@@ -60,7 +62,7 @@ class DirtyTracker(Protocol):
     def start(self) -> None:
         """Arm: from now on every guest write is recorded."""
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         """Guest byte ranges written since start()/the last harvest, merged and sorted.
 
         The uffd backends never report fewer pages than were written, and

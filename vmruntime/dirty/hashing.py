@@ -32,6 +32,7 @@ import xxhash
 
 from .extents import PAGE_SIZE, written_extents
 from .names import HASH
+from .ranges import Ranges
 
 DEFAULT_STRIDE = 64 * 1024
 
@@ -74,7 +75,7 @@ class HashTracker:
             self._pages = pages
         self._started = True
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         """Guest ranges whose content changed since start()/the last harvest (merged, sorted)."""
         if not self._started:
             raise RuntimeError("harvest() on a tracker not started (or stopped)")
@@ -87,7 +88,7 @@ class HashTracker:
                 for c in changed:
                     self._changed_pages(mv, c, has_data[c], out)
             self._chunks = new
-        return out
+        return Ranges.from_pairs(out)
 
     def stop(self) -> None:
         self._started = False

@@ -47,24 +47,24 @@ hot again.
 Cost of a harvest (1 GiB, one page in four written, 65536 ranges): the
 kernel's part (walk, re-protect, TLB flushes) is a few ms and cannot be cut
 from here (category_mask = return_mask = PAGE_IS_WRITTEN is already the
-kernel's fast path). The Python part is kept to C loops: region starts and
-ends are gathered with array slicing, and the list of (start, end) tuples is
-built once, at the end, by ``zip``/``map`` with the cyclic GC paused.
+kernel's fast path). The rest is numpy, with no Python per region: each
+call's region vector is read in place (a strided view of the start and end
+words), the mapping's base taken off as it is copied out, and the pieces
+joined and their seams merged once, at the end (:class:`.ranges.Ranges`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
 import time
-from array import array
 from collections.abc import Callable
-from itertools import repeat
-from operator import sub
+
+import numpy as np
 
 from . import _uapi
 from .names import UFFD_WP_ASYNC
+from .ranges import Ranges
 
 # Regions per PAGEMAP_SCAN call, and the most pages one call covers. A call
 # over at most _VEC_LEN pages cannot fill the caller's vector, so it always
@@ -109,14 +109,14 @@ class UffdAsyncTracker:
         self._pagemap: int | None = None
         # Seconds the last harvest spent in PAGEMAP_SCAN (the kernel's share), for benchmarks.
         self.kernel_seconds = 0.0
-        # struct page_region[] as flat u64s (start, end, categories): slicing an
-        # array copies in C, where a ctypes struct access per region costs bytecode.
-        self._vec = array("Q", bytes(_VEC_LEN * ctypes.sizeof(_uapi.PageRegion)))
+        # struct page_region[] as rows of three int64 words (start, end, categories), which numpy
+        # reads in place after each call (user-space addresses fit an int64).
+        self._vec = np.zeros((_VEC_LEN, _WORDS), dtype=np.int64)
         # One ioctl argument, reused: only start and end change between calls.
         self._arg = _uapi.PmScanArg(
             size=ctypes.sizeof(_uapi.PmScanArg),
             flags=_uapi.PM_SCAN_WP_MATCHING | _uapi.PM_SCAN_CHECK_WPASYNC,
-            vec=self._vec.buffer_info()[0],
+            vec=self._vec.ctypes.data,
             vec_len=_VEC_LEN,
             category_mask=_uapi.PAGE_IS_WRITTEN,
             return_mask=_uapi.PAGE_IS_WRITTEN,
@@ -125,7 +125,7 @@ class UffdAsyncTracker:
         self._peek = _uapi.PmScanArg(
             size=ctypes.sizeof(_uapi.PmScanArg),
             flags=_uapi.PM_SCAN_CHECK_WPASYNC,
-            vec=self._vec.buffer_info()[0],
+            vec=self._vec.ctypes.data,
             vec_len=_VEC_LEN,
             category_mask=_uapi.PAGE_IS_WRITTEN,
             return_mask=_uapi.PAGE_IS_WRITTEN,
@@ -138,13 +138,11 @@ class UffdAsyncTracker:
         _uapi.uffd_writeprotect(self.uffd, self.addr, self.length, protect=True)
         self.hot_bytes, self.whole_bytes, self._hot_age, self._hot = 0, 0, 0, []
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         """Guest ranges written since start()/the last harvest; they are re-protected atomically."""
         if self._pagemap is None:
             raise RuntimeError("harvest() on a tracker not started (or stopped)")
-        # Virtual addresses of the VM process, gathered in C (array slices and
-        # concatenation); turned into guest offsets once, at the end.
-        starts, ends = array("Q"), array("Q")
+        parts: list[Ranges] = []
         self.kernel_seconds = 0.0
         # Re-protect the hot blocks this time: every HOT_ROUNDS-th harvest, or the first after
         # hot_blocks was switched off with blocks still un-protected.
@@ -152,28 +150,27 @@ class UffdAsyncTracker:
         hot = self._hot
         if self.hot_blocks and not cooling:
             hot = self._find_hot()
-        self._walk(hot, starts, ends, self._arg, protect_hot=cooling)
+        self._walk(hot, parts, self._arg, protect_hot=cooling)
         # A cooling scan reads un-protected pages as written: those blocks come out whole as well.
         self.whole_bytes = sum(hi - lo for lo, hi in hot)
         if self.hot_blocks or cooling:
             self._arm_hot(hot, cooling)
-        if not starts:
-            return []
-        return _offsets(starts, ends, self.addr)
+        # In address order by construction; the kernel merges adjacent pages within one call,
+        # the seams between calls and the hot blocks reported whole are merged here.
+        return Ranges.concat(parts).merged()
 
-    def _walk(self, hot: list[tuple[int, int]], starts: array[int], ends: array[int],
-              arg: _uapi.PmScanArg, protect_hot: bool) -> None:
+    def _walk(self, hot: list[tuple[int, int]], parts: list[Ranges], arg: _uapi.PmScanArg,
+              protect_hot: bool) -> None:
         """Scan guest RAM with ``arg``, but report the ``hot`` ranges whole without scanning
         them (scan them too if ``protect_hot``)."""
         pos = 0
         for lo, hi in [*hot, (self.length, self.length)]:
-            self._scan_range(pos, lo, starts, ends, arg)
+            self._scan_range(pos, lo, parts, arg)
             if lo < hi:
                 if protect_hot:
-                    self._scan_range(lo, hi, starts, ends, arg)
-                elif not _extend_last(starts, ends, self.addr + lo, self.addr + hi):
-                    starts.append(self.addr + lo)
-                    ends.append(self.addr + hi)
+                    self._scan_range(lo, hi, parts, arg)
+                else:
+                    parts.append(Ranges.from_pairs([(lo, hi)]))
             pos = hi
 
     def _find_hot(self) -> list[tuple[int, int]]:
@@ -181,15 +178,14 @@ class UffdAsyncTracker:
         harvest, found by a scan that re-protects nothing (so a block turning hot takes no
         fault storm between a re-protect and the un-protect). Current hot blocks, un-protected,
         read as wholly written and stay hot."""
-        peek_starts, peek_ends = array("Q"), array("Q")
-        self._walk(self._hot, peek_starts, peek_ends, self._peek, protect_hot=False)
-        written = sum(peek_ends) - sum(peek_starts)  # C loops
-        # A HOT_BLOCK written at HOT_DENSITY has at most (1 - HOT_DENSITY) * 512 + 1 runs;
-        # when the average run is shorter than 4 pages nothing can be hot, and the per-range
-        # loop of _dense_runs (costly for tens of thousands of ranges) is skipped.
-        if not peek_starts or len(peek_starts) * 4 * _uapi.PAGE_SIZE > written:
+        parts: list[Ranges] = []
+        self._walk(self._hot, parts, self._peek, protect_hot=False)
+        written = Ranges.concat(parts).merged()
+        # A round of scattered writes (runs shorter than 4 pages on average) turns nothing hot and
+        # lets the hot blocks cool: whole blocks are for a guest rewriting a dense working set.
+        if not written or len(written) * 4 * _uapi.PAGE_SIZE > written.total_bytes():
             return []
-        return _dense_runs(peek_starts, peek_ends, self.addr, self.length)
+        return _dense_runs(written, self.length)
 
     def _arm_hot(self, hot: list[tuple[int, int]], cooling: bool) -> None:
         """Un-protect the blocks that turned hot in this harvest, or forget them all when cooling.
@@ -208,16 +204,17 @@ class UffdAsyncTracker:
         self._hot = hot
         self.hot_bytes = sum(hi - lo for lo, hi in hot)
 
-    def _scan_range(self, lo: int, hi: int, starts: array[int], ends: array[int], arg: _uapi.PmScanArg) -> None:
+    def _scan_range(self, lo: int, hi: int, parts: list[Ranges], arg: _uapi.PmScanArg) -> None:
         """PAGEMAP_SCAN guest range [lo, hi) with ``arg``, in chunks of at most _CHUNK."""
         pos, end = self.addr + lo, self.addr + hi
         while pos < end:
             chunk_end = min(end, pos + _CHUNK)
-            self._scan(pos, chunk_end, starts, ends, arg)
+            self._scan(pos, chunk_end, parts, arg)
             pos = chunk_end
 
-    def _scan(self, start: int, end: int, starts: array[int], ends: array[int], arg: _uapi.PmScanArg) -> None:
-        """One PAGEMAP_SCAN call over [start, end) (at most _VEC_LEN pages); append its regions."""
+    def _scan(self, start: int, end: int, parts: list[Ranges], arg: _uapi.PmScanArg) -> None:
+        """One PAGEMAP_SCAN call over [start, end) (at most _VEC_LEN pages); append its regions
+        as guest offsets."""
         assert self._pagemap is not None
         arg.start, arg.end, arg.walk_end = start, end, 0
         t0 = time.perf_counter()
@@ -225,14 +222,9 @@ class UffdAsyncTracker:
         self.kernel_seconds += time.perf_counter() - t0
         if n >= _VEC_LEN:  # impossible for a chunk of _VEC_LEN pages; never drop what it re-protected
             raise OSError(f"PAGEMAP_SCAN filled its vector over 0x{start:x}-0x{end:x}")
-        if not n:
-            return
-        vec = self._vec
-        # The kernel merges adjacent pages within one call (one region for a
-        # wholly written chunk); only the seam between two calls is ours to merge.
-        first = 1 if _extend_last(starts, ends, vec[0], vec[1]) else 0
-        starts += vec[first * _WORDS : n * _WORDS : _WORDS]
-        ends += vec[first * _WORDS + 1 : n * _WORDS : _WORDS]
+        if n:  # the subtraction copies the strided columns out of the reused vector
+            rows = self._vec[:n]
+            parts.append(Ranges(rows[:, 0] - self.addr, rows[:, 1] - self.addr))
 
     def stop(self) -> None:
         """Un-protect and unregister guest RAM (best effort: the VM may be gone), close the fds."""
@@ -244,33 +236,6 @@ class UffdAsyncTracker:
         if self._pagemap is not None:
             os.close(self._pagemap)
             self._pagemap = None
-
-
-def _offsets(starts: array[int], ends: array[int], base: int) -> list[tuple[int, int]]:
-    """[(start - base, end - base), ...] built in C loops (zip, map).
-
-    The cyclic GC is paused meanwhile: tens of thousands of new tuples would
-    otherwise trigger collections that cost about a fifth of building them
-    (they hold only ints; pausing merely delays collecting other threads'
-    garbage). It is re-enabled only if it was enabled, so a caller that turned
-    it off keeps it off.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        b = repeat(base)
-        return list(zip(map(sub, starts, b), map(sub, ends, b), strict=True))
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _extend_last(starts: array[int], ends: array[int], start: int, end: int) -> bool:
-    """Extend the last range to ``end`` when [start, end) touches it (True); else change nothing."""
-    if ends and ends[-1] == start:
-        ends[-1] = end
-        return True
-    return False
 
 
 def _runs_without(lo: int, hi: int, blocks: set[int]) -> list[tuple[int, int]]:
@@ -287,27 +252,26 @@ def _runs_without(lo: int, hi: int, blocks: set[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _dense_runs(starts: array[int], ends: array[int], base: int, length: int) -> list[tuple[int, int]]:
-    """Guest ranges (runs of whole HOT_BLOCKs, clipped to ``length``) written at HOT_DENSITY or more."""
-    written: dict[int, int] = {}
-    for s, e in zip(starts, ends, strict=True):
-        s -= base
-        e -= base
-        while s < e:
-            b = s // HOT_BLOCK
-            stop = min(e, (b + 1) * HOT_BLOCK)
-            written[b] = written.get(b, 0) + stop - s
-            s = stop
-    runs: list[tuple[int, int]] = []
-    for b in sorted(written):
-        lo, hi = b * HOT_BLOCK, min((b + 1) * HOT_BLOCK, length)
-        if written[b] < HOT_DENSITY * (hi - lo):
-            continue
-        if runs and runs[-1][1] == lo:
-            runs[-1] = (runs[-1][0], hi)
-        else:
-            runs.append((lo, hi))
-    return runs
+def _dense_runs(written: Ranges, length: int) -> list[tuple[int, int]]:
+    """Guest ranges (runs of whole HOT_BLOCKs, clipped to ``length``) of which ``written``
+    (sorted, disjoint) covers HOT_DENSITY or more.
+
+    The bytes written below each block boundary x are those of every range
+    ending before it plus the part of the one it falls in, read off the
+    running sum of the range lengths: no loop per range or per block.
+    """
+    if not written:
+        return []
+    s, e = written.starts, written.ends
+    edges = np.minimum(np.arange(0, length + HOT_BLOCK, HOT_BLOCK, dtype=np.int64), length)
+    edges = edges[np.append(True, edges[1:] > edges[:-1])]  # a length not a multiple of HOT_BLOCK
+    below = np.concatenate(([0], np.cumsum(e - s)))
+    j = np.searchsorted(s, edges, side="right")  # ranges starting at or before each edge
+    inside = np.clip(edges - s[np.maximum(j - 1, 0)], 0, (e - s)[np.maximum(j - 1, 0)])
+    upto = below[np.maximum(j - 1, 0)] + np.where(j > 0, inside, 0)
+    per_block = np.diff(upto)
+    dense = per_block >= HOT_DENSITY * np.diff(edges)
+    return Ranges(edges[:-1][dense], edges[1:][dense]).merged().tolist()
 
 
 def _quietly(fn: Callable[..., object], *args: object) -> None:

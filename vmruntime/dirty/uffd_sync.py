@@ -32,6 +32,7 @@ import threading
 from . import _uapi
 from .extents import PAGE_SIZE, bitmap_ranges, pages_to_ranges
 from .names import UFFD_WP_SYNC
+from .ranges import Ranges
 
 # Fault messages read per read(2); each is 32 bytes.
 _MSGS_PER_READ = 256
@@ -75,17 +76,17 @@ class UffdSyncTracker:
             self._thread.start()
         _uapi.uffd_writeprotect(self.uffd, self.addr, self.length, protect=True)
 
-    def harvest(self) -> list[tuple[int, int]]:
+    def harvest(self) -> Ranges:
         """Guest ranges written since start()/the last harvest; re-protected before returning."""
         with self._lock:
             if self._stopping:  # checked under the lock: never re-protect with no handler left
                 raise RuntimeError(f"uffd-wp-sync tracker is stopped (handler error: {self._error!r})")
             if self._dirty.find(1) == -1:
-                return []
+                return Ranges.empty()
             taken, self._dirty = self._dirty, bytearray(len(self._dirty))
             ranges = bitmap_ranges(taken)
             self._reprotect(ranges)
-        return ranges
+        return Ranges.from_pairs(ranges)
 
     def _reprotect(self, ranges: list[tuple[int, int]]) -> None:
         """Write-protect ``ranges`` again; called with the lock held.
