@@ -18,10 +18,14 @@ import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.announce import Schedule
 from agent.nics import NicError
+from proto.limits import COMPRESSION_VERSION
+
+if TYPE_CHECKING:
+    from agent.migration.compression import CompressionStats
 
 PAGE_SIZE = 4096
 
@@ -80,6 +84,8 @@ class MigrationParams:
     # long fails it before COMMIT (None: off). docs/RELIABILITY.md, "Stalls".
     stall_timeout_s: float | None = None
     progress_timeout_s: float | None = None
+    # Page and disk batches in zstd: "auto" when it pays (agent/migration/compress_policy.py), or always, or never.
+    compress: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
@@ -97,6 +103,8 @@ class MigrationParams:
             raise ValueError("disk-dir must be an absolute directory on the destination, with copy-storage")
         if self.storage_mode not in STORAGE_MODES:
             raise ValueError(f"storage-mode must be one of {', '.join(STORAGE_MODES)}, got {self.storage_mode!r}")
+        if self.compress not in COMPRESS_MODES:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {self.compress!r}")
         if self.storage_mode != "background" and not self.copy_storage:
             raise ValueError("storage-mode applies to copy-storage only")
         self.announce()  # its own checks
@@ -145,6 +153,7 @@ class MigrationParams:
             storage_mode=str(norm.get("storage-mode", "background")),
             stall_timeout_s=float(norm["stall-timeout"]) if "stall-timeout" in norm else None,
             progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
+            compress=str(norm.get("compress", "auto")),
         )
 
     def for_peer(self, version: int) -> dict[str, Any]:
@@ -174,16 +183,19 @@ class MigrationParams:
             "storage-mode": self.storage_mode,
             "stall-timeout": self.stall_timeout_s,
             "progress-timeout": self.progress_timeout_s,
+            "compress": self.compress,
         }
 
 
 # Params a peer learned in a later protocol version than 1: an older destination refuses a key it
 # does not know (and would then lose the maps beside it), so they are left out for it (for_peer).
-PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3}
+PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3,
+                "compress": COMPRESSION_VERSION}
 PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
-                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout"})
+                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout", "compress"})
+COMPRESS_MODES = ("auto", "zstd", "none")
 MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
 STORAGE_MODES = ("background", "write-blocking")
 
@@ -295,6 +307,7 @@ class MigrationInfo:
     code_blocks_cold: int | None = None
     disk: DiskProgress | None = None  # the disk's copy (--copy-storage); None when it is not copied
     queued: int | None = None  # waiting for a turn (agent/migration/slots.py): how many wait before it
+    compression: CompressionStats | None = None  # the source's (agent/migration/compression.py), once connected
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -344,6 +357,8 @@ class MigrationInfo:
             d["rx-dropped-at-switchover"] = self.rx_dropped_at_switchover
         if self.disk is not None:
             d["disk"] = self.disk.to_dict()
+        if self.compression is not None:
+            d["compression"] = self.compression.to_dict()
         if self.code_blocks_warm is not None:
             d["code-blocks"] = {"warm": self.code_blocks_warm, "cold": self.code_blocks_cold}
         if self.error is not None:

@@ -38,7 +38,17 @@ import time
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import code_hint, disk_move, nic_move, pages, source_end, spec_move, storage_copy, tls
+from agent.migration import (
+    code_hint,
+    compression,
+    disk_move,
+    nic_move,
+    pages,
+    source_end,
+    spec_move,
+    storage_copy,
+    tls,
+)
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -57,7 +67,7 @@ from agent.migration.policy import Action, Decision, Limits, decide
 from agent.migration.rounds import RoundBook
 from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source_digest import SourceDigest
-from agent.migration.transport import STALL_TIMEOUT_S, Connection, RateLimiter
+from agent.migration.transport import STALL_TIMEOUT_S, Connection
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
     Abort,
@@ -128,7 +138,6 @@ class SourceSession:
         self._was_running = True
         self._paused = False
         self._throttle = 0
-        self._limiter = RateLimiter(params.bandwidth, self._cancel) if params.bandwidth else None
         self._pause_t = 0.0
         self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
         self._lane: Lane | None = None  # this thread's own socket to the VM process
@@ -212,6 +221,7 @@ class SourceSession:
             # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 10).
             self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
         self.conn.start(self.machine)
+        self.conn.packer = compression.packer(self.params, self.conn.channel.version, self.info, self._cancel)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
@@ -339,16 +349,16 @@ class SourceSession:
         assert self._ram is not None and self._digest is not None
         t0 = time.monotonic()
         stat = self._book.begin(ranges, t0)
+        assert self.conn is not None and self.conn.packer is not None
+        self.conn.packer.new_round()
         for batch in pages.plan_batches(self._ram, ranges):
             self._before_batch(final)
-            if self._limiter is not None:
-                self._limiter.take(batch.data_bytes)
             self._send_batch(batch, stat)
             if not final:  # (in the final round the digest thread owns the RamDigest)
                 self._digest.hash_hot(batch)
         if self._copy is not None and disk:
             assert self.conn is not None
-            self._copy.send(self.conn, disk, stat, self.info, self._limiter, lambda: self._before_batch(final))
+            self._copy.send(self.conn, disk, stat, self.info, lambda: self._before_batch(final))
         self._book.sent(stat, time.monotonic() - t0)
         return stat
 
