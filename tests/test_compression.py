@@ -38,34 +38,37 @@ def const_pages(size: int) -> bytes:
 
 
 def test_compression_pays_on_a_thin_link_for_pages_that_compress() -> None:
-    assert compress_policy.pays(CONST, 50e6)
-    assert compress_policy.pays(CONST, 200e6)
+    assert compress_policy.pays(CONST, None, 50e6)
+    assert compress_policy.pays(CONST, 2e9, 200e6)  # the cap bounds a faster send rate
+    assert compress_policy.pays(CONST, 100e6)  # a slow link without a cap
 
 
 def test_compression_does_not_pay_on_loopback_nor_for_random_pages() -> None:
     assert not compress_policy.pays(CONST, 3e9)  # the link is faster than zstd and the receiver
-    assert not compress_policy.pays(RANDOM, 50e6)  # nothing saved, whatever the link
-    assert not compress_policy.pays(RANDOM, 1e6)
+    assert not compress_policy.pays(CONST, 400e6)  # mostly the destination's own work, which stays
+    assert not compress_policy.pays(RANDOM, None, 50e6)  # nothing saved, whatever the link
+    assert not compress_policy.pays(RANDOM, None, 1e6)
 
 
 def test_no_sample_or_no_link_rate_means_raw() -> None:
-    assert not compress_policy.pays(None, 50e6)
+    assert not compress_policy.pays(None, None, 50e6)
     assert not compress_policy.pays(CONST, None)
-    assert not compress_policy.pays(Sample(4096, 10, 1e-6), 50e6)  # too small to judge
+    assert not compress_policy.pays(Sample(4096, 10, 1e-6), None, 50e6)  # too small to judge
 
 
-def test_the_cap_bounds_the_measured_link() -> None:
-    assert compress_policy.link_rate(2e9, 50e6) == 50e6
-    assert compress_policy.link_rate(None, 50e6) == 50e6
-    assert compress_policy.link_rate(30e6, 50e6) == 30e6
-    assert compress_policy.link_rate(None, None) is None
+def test_the_wire_time_is_the_cap_or_the_send_rate_less_the_receiver() -> None:
+    assert compress_policy.wire_time(2e9, 50e6) == 1 / 50e6
+    assert compress_policy.wire_time(None, 50e6) == 1 / 50e6
+    assert compress_policy.wire_time(30e6, 50e6) == pytest.approx(1 / 30e6 - 1 / compress_policy.RECEIVE_SPEED)
+    assert compress_policy.wire_time(None, None) is None
+    assert compress_policy.wire_time(2 * compress_policy.RECEIVE_SPEED, None) is None  # all receiver
 
 
 def test_the_break_even_link_rate_follows_the_formula() -> None:
     s = Sample(raw=10 * MiB, compressed=5 * MiB, seconds=10 * MiB / 400e6)  # half, at 400 MB/s
-    # ratio/L + 1/c + 1/d < (1 - margin)/L  <=>  L < (1 - margin - ratio) / (1/c + 1/d)
+    # ratio * w + 1/c + 1/d < (1 - margin) * w  <=>  w > (1/c + 1/d) / (1 - margin - ratio)
     even = (1 - compress_policy.MARGIN - 0.5) / (1 / 400e6 + 1 / compress_policy.DECOMPRESS_SPEED)
-    assert compress_policy.pays(s, even * 0.99) and not compress_policy.pays(s, even * 1.01)
+    assert compress_policy.pays(s, None, even * 0.99) and not compress_policy.pays(s, None, even * 1.01)
 
 
 # -- the packer --------------------------------------------------------------------------------------

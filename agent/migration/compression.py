@@ -31,6 +31,8 @@ caught by the RAM digest at the end (docs/protocol.md).
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -71,7 +73,8 @@ class CompressionStats:
     """The compression part of a migration's figures (query-migrate's ``compression``, QEMU's
     names where they exist): pages sent compressed, their compressed bytes, and raw over
     compressed bytes (``compression-rate``); ferry's own: the mode, whether ``auto`` compresses
-    at the moment, the raw bytes those pages stand for, and the time spent compressing."""
+    at the moment, the raw bytes those pages stand for, the time spent compressing, and the
+    link's own rate as auto judged it last."""
 
     mode: str = "auto"
     active: bool = False
@@ -79,12 +82,14 @@ class CompressionStats:
     raw_size: int = 0
     compressed_size: int = 0
     seconds: float = 0.0
+    link_rate: float = 0.0  # bytes/s of the link itself as auto judged it last (0: not known)
 
     def to_dict(self) -> dict[str, Any]:
         rate = self.raw_size / self.compressed_size if self.compressed_size else 0.0
         return {"mode": self.mode, "active": self.active, "pages": self.pages,
                 "compressed-size": self.compressed_size, "raw-size": self.raw_size,
-                "compression-rate": round(rate, 3), "compress-time": int(round(self.seconds * 1000))}
+                "compression-rate": round(rate, 3), "compress-time": int(round(self.seconds * 1000)),
+                "link-rate": int(self.link_rate)}
 
 
 def effective_mode(mode: str, version: int) -> str:
@@ -92,20 +97,42 @@ def effective_mode(mode: str, version: int) -> str:
     return mode if version >= COMPRESSION_VERSION else "none"
 
 
-def packer(params: MigrationParams, version: int, info: MigrationInfo, stop: threading.Event) -> Packer:
-    """The packer of a source session's connection of protocol ``version``: its mode (``none``
-    towards an older peer), the bandwidth cap (``stop`` interrupts its waits), the figures kept
-    in ``info``."""
+def packer(params: MigrationParams, version: int, info: MigrationInfo, stop: threading.Event,
+           sock: socket.socket | None = None) -> Packer:
+    """The packer of a source session's connection (``sock``) of protocol ``version``: its mode
+    (``none`` towards an older peer), the bandwidth cap (``stop`` interrupts its waits), the
+    figures kept in ``info``."""
     stats = info.compression = CompressionStats()
     limiter = RateLimiter(params.bandwidth, stop) if params.bandwidth else None
-    return Packer(effective_mode(params.compress, version), stats, limiter, params.bandwidth)
+    probe = None if sock is None else (lambda: tcp_held(sock))
+    return Packer(effective_mode(params.compress, version), stats, limiter, params.bandwidth, probe=probe)
+
+
+# struct tcp_info (linux/tcp.h, Linux 4.10 on): u64 tcpi_busy_time, tcpi_rwnd_limited (microseconds).
+_TCPI_BUSY = struct.Struct("QQ")
+_TCPI_BUSY_OFFSET = 168
+
+
+def tcp_held(sock: socket.socket) -> tuple[int, int] | None:
+    """The kernel's account of a sending socket: microseconds it was busy sending, and of those
+    the ones the receiver's window held it back (the receiving application was the limit, not
+    the path). None where the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_BUSY_OFFSET + _TCPI_BUSY.size)
+        if len(info) < _TCPI_BUSY_OFFSET + _TCPI_BUSY.size:
+            return None
+        busy, rwnd = _TCPI_BUSY.unpack_from(info, _TCPI_BUSY_OFFSET)
+    except (OSError, AttributeError, struct.error):
+        return None
+    return int(busy), int(rwnd)
 
 
 class Packer:
     """The sending side: compresses batches when asked or when it pays, applies the cap."""
 
     def __init__(self, mode: str, stats: CompressionStats, limiter: _Limiter | None = None,
-                 cap: float | None = None, level: int = LEVEL) -> None:
+                 cap: float | None = None, level: int = LEVEL,
+                 probe: Callable[[], tuple[int, int] | None] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"compress must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
@@ -120,6 +147,10 @@ class Packer:
         self._window = [0, 0, 0.0]  # this stretch: raw bytes compressed, their compressed bytes, seconds
         self._link = [0, 0.0]  # this stretch: wire bytes sent, seconds in the sends
         self._link_rate: float | None = None
+        # The kernel's account of the connection (tcp_held): the receiver's share of the send time.
+        self._probe = probe
+        self._held: tuple[int, int] | None = probe() if probe is not None else None
+        self._receiver_share: float | None = None
 
     def new_round(self) -> None:
         """A round starts: decide from the figures so far, sample again."""
@@ -192,11 +223,16 @@ class Packer:
         if raw >= compress_policy.MIN_SAMPLE_BYTES:
             self._sample = Sample(int(raw), int(packed), float(seconds))
         sent, secs = self._link
+        held = self._probe() if self._probe is not None else None
         if sent >= compress_policy.MIN_LINK_BYTES and secs > 0:  # while it compresses well, rarely: the cap bounds it
             self._link_rate = sent / secs
+            if held is not None and self._held is not None and held[0] > self._held[0]:
+                self._receiver_share = (held[1] - self._held[1]) / (held[0] - self._held[0])
+        self._held = held
         if self.mode == "auto":
-            self.stats.active = compress_policy.pays(self._sample,
-                                                     compress_policy.link_rate(self._link_rate, self._cap))
+            self.stats.active = compress_policy.pays(self._sample, self._link_rate, self._cap, self._receiver_share)
+        wire = compress_policy.wire_time(self._link_rate, self._cap, self._receiver_share)
+        self.stats.link_rate = 1.0 / wire if wire else 0.0
         self._batches = 0
         self._to_sample = SAMPLE_BYTES
         self._window = [0, 0, 0.0]

@@ -252,6 +252,7 @@ class RoundStat:
     sync_rtt: float = 0.0  # of ``seconds``: the path's round trip in the wait for SyncAck (not bandwidth)
     held: float = 0.0  # of ``seconds``: the destination held SyncAck for its code warm-up (not bandwidth)
     disk_bytes: int = 0  # bytes of the disk image sent (--copy-storage), data and holes
+    saved: int = 0  # bytes compression kept off the wire (the pages' size less their compressed size)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),
@@ -261,6 +262,8 @@ class RoundStat:
             d["warm-up-wait"] = _ms(self.held)
         if self.disk_bytes:
             d["disk-bytes"] = self.disk_bytes
+        if self.saved:
+            d["compression-saved"] = self.saved
         return d
 
 

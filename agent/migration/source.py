@@ -221,7 +221,8 @@ class SourceSession:
             # trips are most of the downtime: the policy must expect them (docs/PERFORMANCE.md section 10).
             self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
         self.conn.start(self.machine)
-        self.conn.packer = compression.packer(self.params, self.conn.channel.version, self.info, self._cancel)
+        self.conn.packer = compression.packer(self.params, self.conn.channel.version, self.info, self._cancel,
+                                              self.conn.sock)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
