@@ -312,3 +312,18 @@ def test_a_bad_compressed_payload_is_a_protocol_error_and_writes_nothing(
     err, ram = _hostile(batch, payload, guest_ram, link)
     assert err is not None and "compressed payload" in str(err)
     assert ram == b"\x11" * MiB  # not one byte landed
+
+
+def test_the_cli_passes_compress_and_the_summary_reports_it() -> None:
+    from agent import cli, cli_migrate
+
+    p = cli.build_parser()
+    assert cli_migrate.migrate_params(p.parse_args(["migrate", "c1", "--to", "b:1", "--compress", "zstd"])) == {
+        "compress": "zstd"}
+    with pytest.raises(SystemExit):
+        p.parse_args(["migrate", "c1", "--to", "b:1", "--compress", "lz4"])
+    info = MigrationInfo("v", "out")
+    info.compression = CompressionStats(mode="auto", pages=2560, raw_size=10 * MiB, compressed_size=MiB // 2)
+    text = cli_migrate.summary_text(info.to_dict())
+    assert "compression (auto): 2560 pages in 0.5 MiB (20x)" in text
+    assert "compression" not in cli_migrate.summary_text(MigrationInfo("v", "out").to_dict())
