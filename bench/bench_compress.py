@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import describe_machine, format_load, load_average, median
-from tests.agents import AgentProc, make_key, start_agent, wait_for
+from tests.agents import AgentProc, make_key, names, start_agent, wait_for
 from vmruntime.isa import DATA_ADDR
 
 FILL_PROGRAM = str(Path(__file__).resolve().parent / "fill_random.fasm")
@@ -78,6 +78,9 @@ def run_kind(a: AgentProc, b: AgentProc, kind: str, mem: int, runs: int) -> dict
                 info = migrate(src, dst, name, params)
                 if info["status"] != "completed":
                     print(f"{kind} {link} {mode}: {info['status']}: {info.get('error-desc')}", file=sys.stderr)
+                    results.setdefault((link, mode + " failed"), []).append(info)
+                    wait_for(lambda d=dst: name not in names(d), timeout=120,
+                             what="the destination to discard its copy")
                     continue
                 results.setdefault((link, mode), []).append(info)
                 src, dst = dst, src
@@ -96,11 +99,13 @@ def table(kind: str, results: dict[tuple[str, str], list[dict[str, Any]]]) -> li
             if not rs:
                 lines.append(f"| {kind} | {link} | {mode} | 0 | - | - | - | - | - |")
                 continue
+            failed = len(results.get((link, mode + " failed"), []))
             totals = [r["total-time"] / 1000 for r in rs]
             wire = median([r["ram"]["transferred"] / 2**20 for r in rs])
             pages = median([r["compression"]["pages"] for r in rs])
             rate = median([r["compression"]["compression-rate"] for r in rs])
-            lines.append(f"| {kind} | {link} | {mode} | {len(rs)} | {median(totals):.2f} | {max(totals):.2f} | "
+            lines.append(f"| {kind} | {link} | {mode} | {len(rs)}{f' ({failed} failed)' if failed else ''} | "
+                         f"{median(totals):.2f} | {max(totals):.2f} | "
                          f"{wire:.0f} | {pages:.0f} | {rate:g} |")
     return lines
 

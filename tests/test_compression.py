@@ -327,3 +327,23 @@ def test_the_cli_passes_compress_and_the_summary_reports_it() -> None:
     text = cli_migrate.summary_text(info.to_dict())
     assert "compression (auto): 2560 pages in 0.5 MiB (20x)" in text
     assert "compression" not in cli_migrate.summary_text(MigrationInfo("v", "out").to_dict())
+
+
+def test_a_wait_behind_compressed_batches_gets_their_apply_time() -> None:
+    class Conn:
+        stall_s = 4.0
+        set_to: list[float] = []
+
+        def set_stall_timeout(self, seconds: float) -> None:
+            self.set_to.append(seconds)
+
+    conn = Conn()
+    packer, send = Packer("zstd", CompressionStats()), FakeSend()
+    for batch, pieces in _batches(const_pages(4 * MiB), 25):  # 100 MiB of pages, a few KiB on the wire
+        packer.send(batch, pieces, send)
+    with packer.draining(conn):
+        assert conn.set_to == [4.0 + 100 * MiB / compression.APPLY_SPEED]
+    assert conn.set_to[-1] == 4.0
+    with packer.draining(conn):  # the answer came: nothing left to wait for
+        pass
+    assert len(conn.set_to) == 2

@@ -31,11 +31,12 @@ caught by the RAM digest at the end (docs/protocol.md).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,8 +65,21 @@ SAMPLE_BYTES = compress_policy.MIN_SAMPLE_BYTES
 Piece = memoryview | bytes
 
 
+# The pace at which a destination is assumed to inflate, write and hash pages, at the least (bytes/s
+# of pages): a wait for its answer behind compressed batches grows by their bytes at this pace.
+APPLY_SPEED = 50e6
+
+
 class _Limiter(Protocol):
     def take(self, nbytes: int) -> None: ...
+
+
+class _Waits(Protocol):
+    """A connection whose waits have a progress deadline (transport.Connection)."""
+
+    stall_s: float
+
+    def set_stall_timeout(self, seconds: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -142,6 +156,7 @@ class Packer:
         self._cap = cap
         self._cctx = zstandard.ZstdCompressor(level=level) if mode != "none" else None
         self._batches = 0  # in the current stretch
+        self._unapplied = 0  # bytes of pages sent compressed since the destination's last answer
         self._to_sample = SAMPLE_BYTES  # raw bytes still to compress only to measure, this stretch
         self._sample: Sample | None = None  # the latest stretch's compressed batches
         self._window = [0, 0, 0.0]  # this stretch: raw bytes compressed, their compressed bytes, seconds
@@ -151,6 +166,23 @@ class Packer:
         self._probe = probe
         self._held: tuple[int, int] | None = probe() if probe is not None else None
         self._receiver_share: float | None = None
+
+    @contextlib.contextmanager
+    def draining(self, conn: _Waits | None) -> Iterator[None]:
+        """Around a wait for the destination's answer behind the batches (SyncAck, Ready): a
+        compressed batch is small on the wire and large in work, so a receive buffer's worth of
+        them is seconds of inflating and writing there, with no byte moving meanwhile; the wait's
+        progress deadline grows by the bytes sent compressed since the last answer, at
+        APPLY_SPEED. (Raw batches need no such thing: the path's buffers bound them.)"""
+        extra, base = self._unapplied / APPLY_SPEED, conn.stall_s if conn is not None else 0.0
+        if conn is not None and extra > 0:
+            conn.set_stall_timeout(base + extra)
+        try:
+            yield
+        finally:
+            self._unapplied = 0
+            if conn is not None and extra > 0:
+                conn.set_stall_timeout(base)
 
     def new_round(self) -> None:
         """A round starts: decide from the figures so far, sample again."""
@@ -193,6 +225,7 @@ class Packer:
         if size >= raw:  # incompressible: raw costs the receiver nothing
             return batch, pieces
         self.stats.pages += raw // PAGE_SIZE
+        self._unapplied += raw
         self.stats.raw_size += raw
         self.stats.compressed_size += size
         return type(batch)(batch.ranges, batch.zeros, compressed=size), [p for p in out if p]

@@ -350,8 +350,7 @@ class SourceSession:
         assert self._ram is not None and self._digest is not None
         t0 = time.monotonic()
         stat = self._book.begin(ranges, t0)
-        assert self.conn is not None and self.conn.packer is not None
-        self.conn.packer.new_round()
+        self._packer().new_round()
         for batch in pages.plan_batches(self._ram, ranges):
             self._before_batch(final)
             self._send_batch(batch, stat)
@@ -362,6 +361,10 @@ class SourceSession:
             self._copy.send(self.conn, disk, stat, self.info, lambda: self._before_batch(final))
         self._book.sent(stat, time.monotonic() - t0)
         return stat
+
+    def _packer(self) -> compression.Packer:
+        assert self.conn is not None and self.conn.packer is not None
+        return self.conn.packer
 
     def _before_batch(self, final: bool) -> None:
         self._check_cancel()
@@ -379,7 +382,8 @@ class SourceSession:
         t = time.monotonic()
         n = len(self.info.rounds)
         self._send(Sync(n))
-        reply = self._recv()
+        with self._packer().draining(self.conn):  # compressed batches may still be inflating there
+            reply = self._recv()
         if not isinstance(reply, SyncAck) or reply.round != n:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected SyncAck({n}), got {reply!r}")
         self._book.synced(stat, time.monotonic() - t, self._rtt, reply.held_s)
@@ -427,7 +431,8 @@ class SourceSession:
 
     def _await_ready(self, digest_sent: float) -> None:
         """The destination's READY: guest RAM checked out there (COMMIT may follow)."""
-        reply = self._recv()
+        with self._packer().draining(self.conn):
+            reply = self._recv()
         if not isinstance(reply, Ready):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
         self._book.lap("verify", digest_sent)
