@@ -15,7 +15,7 @@ Reported per cell: median and worst total time, median bytes on the wire, and
 whether auto compressed. The host is shared: its load average is printed with
 the table.
 
-    .venv/bin/python -m bench.bench_compress [--mem 1G] [--runs 3]
+    .venv/bin/python -m bench.bench_compress [--quick] [--mem 1G] [--runs 3]
 """
 
 from __future__ import annotations
@@ -112,13 +112,15 @@ def table(kind: str, results: dict[tuple[str, str], list[dict[str, Any]]]) -> li
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mem", default="1G", help="guest RAM (bytes, or with M/G suffix); default 1G")
-    ap.add_argument("--runs", type=int, default=3, help="migrations per cell (default 3)")
+    ap.add_argument("--quick", action="store_true", help="256 MiB guests, one run per cell")
+    ap.add_argument("--mem", default=None, help="guest RAM (bytes, or with M/G suffix); default 1G")
+    ap.add_argument("--runs", type=int, default=None, help="migrations per cell (default 3)")
     ap.add_argument("--kinds", default="compressible,random", help="guests, comma-separated")
     ns = ap.parse_args(argv)
     from vmruntime.programs import parse_size
 
-    mem = parse_size(ns.mem)
+    mem = parse_size(ns.mem or ("256M" if ns.quick else "1G"))
+    ns.runs = ns.runs or (1 if ns.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
     key = make_key(tmp)
     lines: list[str] = []
