@@ -176,6 +176,8 @@ def progress_line(info: dict[str, Any], live: Live = NOT_MEASURED) -> str:
         parts.append(f"throttle {info['cpu-throttle-percentage']}%")
     if "disk" in info:
         parts.append(f"disk {_mib(info['disk']['transferred'])} remaining {_mib(info['disk']['remaining'])}")
+    if info.get("compression", {}).get("active"):
+        parts.append(f"zstd {info['compression']['compression-rate']:g}x")
     line = "  ".join(parts)
     return f"{bar(fraction)} {line}" if live.tty else line
 

@@ -324,6 +324,8 @@ def test_the_cli_passes_compress_and_the_summary_reports_it() -> None:
         p.parse_args(["migrate", "c1", "--to", "b:1", "--compress", "lz4"])
     info = MigrationInfo("v", "out")
     info.compression = CompressionStats(mode="auto", pages=2560, raw_size=10 * MiB, compressed_size=MiB // 2)
+    info.compression.active = True
+    assert "zstd 20x" in cli_migrate.progress_line({**info.to_dict(), "status": "active"})
     text = cli_migrate.summary_text(info.to_dict())
     assert "compression (auto): 2560 pages in 0.5 MiB (20x)" in text
     assert "compression" not in cli_migrate.summary_text(MigrationInfo("v", "out").to_dict())

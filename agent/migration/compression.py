@@ -14,7 +14,7 @@ and again every ``DECIDE_EVERY`` batches inside a long round (round 0 of a big
 guest over a thin link takes minutes). While it compresses, every batch
 measures the compressed share and the speed; while it does not, the first
 ``SAMPLE_BYTES`` of each stretch are compressed to measure them and thrown
-away (the batch goes raw): what the guest holds now decides, random pages turn
+away (the batch goes raw): what the guest holds at that point decides, random pages turn
 it off, pages that compress turn it on. The link's rate is the wire bytes over
 the time the sends took, bounded by the cap.
 
