@@ -72,6 +72,9 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--storage-mode", choices=("background", "write-blocking"),
                    help="with --copy-storage: write-blocking makes a guest that writes its disk faster than the "
                         "link wait for the copy (default background)")
+    m.add_argument("--compress", choices=("auto", "zstd", "none"),
+                   help="zstd-compress page and disk batches: auto when the link is slower than compression "
+                        "saves (a thin link, compressible memory), zstd always, none never (default auto)")
     add_announce_flags(m)
     m.add_argument("--json", action="store_true", help="print the final MigrationInfo as JSON, no progress")
     m.add_argument("--detach", action="store_true", help="start the migration and return at once")
@@ -117,6 +120,7 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
         params["copy-storage"] = True
     params["disk-dir"] = ns.disk_dir
     params["storage-mode"] = ns.storage_mode
+    params["compress"] = ns.compress
     params.update(announce_params(ns))
     return {k: v for k, v in params.items() if v is not None}
 
@@ -172,6 +176,8 @@ def progress_line(info: dict[str, Any], live: Live = NOT_MEASURED) -> str:
         parts.append(f"throttle {info['cpu-throttle-percentage']}%")
     if "disk" in info:
         parts.append(f"disk {_mib(info['disk']['transferred'])} remaining {_mib(info['disk']['remaining'])}")
+    if info.get("compression", {}).get("active"):
+        parts.append(f"zstd {info['compression']['compression-rate']:g}x")
     line = "  ".join(parts) + cli_converge.progress(info)
     return f"{bar(fraction)} {line}" if live.tty else line
 
@@ -203,6 +209,10 @@ def summary_text(info: dict[str, Any]) -> str:
     ]
     if "disk" in info:
         lines.append(f"  disk copied: {_mib(info['disk']['transferred'])} of data, {_mib(info['disk']['zero'])} as holes")
+    if info.get("compression", {}).get("pages"):
+        c = info["compression"]
+        lines.append(f"  compression ({c['mode']}): {c['pages']} pages in {_mib(c['compressed-size'])} "
+                     f"({c['compression-rate']:g}x), {c['compress-time']} ms compressing")
     if info.get("rx-dropped-at-switchover") is not None:
         lines.append(f"  frames left unread on the source's TAP at switch-over: {info['rx-dropped-at-switchover']}")
     return "\n".join(lines + cli_converge.summary(info) + outcome_lines(info))

@@ -49,7 +49,8 @@ DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
 NARRATIVE = ROOT / "docs" / "PERFORMANCE.md"
 # The order of the report: the baseline first, then bottom-up through ferry's parts to whole migrations.
 KNOWN = ("baseline_copy", "bench_interp", "bench_pause", "bench_dirty", "bench_vec", "bench_slowdown", "bench_proto",
-         "bench_migrate", "bench_downtime", "bench_sweep", "bench_scaling", "bench_distance", "bench_net",
+         "bench_migrate", "bench_downtime", "bench_sweep", "bench_scaling", "bench_distance", "bench_compress",
+         "bench_net",
          "bench_storage", "bench_soak")
 TIMEOUT_FULL = 1200.0  # s per bench; a full bench_migrate moves tens of GiB on a loaded machine
 # Benches that need longer in full mode: bench_migrate runs QEMU's pre-copy and iperf3 next to

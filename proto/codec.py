@@ -13,7 +13,8 @@ Two ways in, both checking every limit before anything is allocated:
     its payload as bytes.
 
 Encoding: ``encode(msg)`` gives header + body; for a page batch the caller
-sends the payload (``sum of range lengths`` bytes) right after it.
+sends the payload (``wire_len(msg)`` bytes: the sum of the range lengths, or
+the compressed size) right after it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import msgpack
 
 from proto.errors import FieldError, LocalProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, Header, build_header, check_body_crc, parse_header
-from proto.limits import CURRENT_VERSION, MAX_BODY_SIZE, MAX_PAYLOAD_SIZE, SUPPORTED_VERSIONS
+from proto.limits import (
+    COMPRESSION_VERSION,
+    CURRENT_VERSION,
+    MAX_BODY_SIZE,
+    MAX_PAYLOAD_SIZE,
+    SUPPORTED_VERSIONS,
+)
 from proto.messages import MESSAGE_TYPES, Message, RangeBatch, from_fields, to_fields
 
 
@@ -53,9 +60,16 @@ def encode(msg: Message, version: int = CURRENT_VERSION) -> bytes:
         body = msgpack.packb(fields, use_bin_type=True)
     except (FieldError, TypeError, ValueError, OverflowError) as exc:  # the last three: msgpack refused a value
         raise LocalProtocolError(f"cannot encode {type(msg).__name__}: {exc}") from None
-    payload_len = msg.payload_len if isinstance(msg, RangeBatch) else 0
+    if isinstance(msg, RangeBatch) and msg.compressed and version < COMPRESSION_VERSION:  # it would lose the flag
+        raise LocalProtocolError(f"compressed {type(msg).__name__} on a protocol version {version} connection")
+    payload_len = wire_len(msg) if isinstance(msg, RangeBatch) else 0
     _check_encoded_sizes(msg, len(body), payload_len)
     return build_header(version, msg.TYPE, body, payload_len) + body
+
+
+def wire_len(batch: RangeBatch) -> int:
+    """Bytes of payload behind a batch's body on the wire: compressed, or the ranges' bytes."""
+    return batch.compressed or batch.payload_len
 
 
 def _check_encoded_sizes(msg: Message, body_len: int, payload_len: int) -> None:
@@ -70,8 +84,8 @@ def encode_full(msg: Message, version: int = CURRENT_VERSION) -> bytes:
     frame = encode(msg, version)
     if not isinstance(msg, RangeBatch):
         return frame
-    if len(msg.payload) != msg.payload_len:
-        raise LocalProtocolError(f"{type(msg).__name__} payload is {len(msg.payload)} bytes, ranges need {msg.payload_len}")
+    if len(msg.payload) != wire_len(msg):
+        raise LocalProtocolError(f"{type(msg).__name__} payload is {len(msg.payload)} bytes, the frame says {wire_len(msg)}")
     return frame + msg.payload
 
 
@@ -100,13 +114,14 @@ def decode_body(header: Header, body: bytes | bytearray | memoryview, guest_size
 
     For a page batch, every range is checked against ``guest_size`` (the guest
     RAM size agreed in the compatibility step) and the data ranges must add up
-    to ``header.payload_len``.
+    to ``header.payload_len`` (a compressed batch: its ``compressed`` size must).
     """
     cls = message_class(header)
     check_body_crc(header, body)
     msg = from_fields_checked(cls, _unpack(body, cls), guest_size, header.version)
-    if isinstance(msg, RangeBatch) and msg.payload_len != header.payload_len:
-        raise RemoteProtocolError(f"{cls.__name__} ranges cover {msg.payload_len} bytes, header says {header.payload_len}")
+    if isinstance(msg, RangeBatch) and wire_len(msg) != header.payload_len:
+        what = f"is compressed to {msg.compressed}" if msg.compressed else f"ranges cover {msg.payload_len}"
+        raise RemoteProtocolError(f"{cls.__name__} {what} bytes, header says {header.payload_len}")
     return msg
 
 
@@ -188,7 +203,7 @@ class Decoder:
         body_end = HEADER_SIZE + header.body_len
         msg = decode_body(header, bytes(self._buf[HEADER_SIZE:body_end]), self.guest_size)
         if isinstance(msg, RangeBatch):
-            msg = type(msg)(msg.ranges, msg.zeros, bytes(self._buf[body_end : header.frame_len]))
+            msg = type(msg)(msg.ranges, msg.zeros, bytes(self._buf[body_end : header.frame_len]), msg.compressed)
         del self._buf[: header.frame_len]
         self._header = None
         return msg

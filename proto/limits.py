@@ -9,8 +9,11 @@ from __future__ import annotations
 #: Magic bytes opening every frame.
 MAGIC = b"FRRY"
 
+#: The first version with compressed page and disk batches (RangeBatch.compressed, the `compress`
+#: migration parameter): the one place that names its number.
+COMPRESSION_VERSION = 5
 #: The protocol version this code speaks natively.
-CURRENT_VERSION = 4
+CURRENT_VERSION = COMPRESSION_VERSION
 #: The oldest version accepted (0 is "none"): a peer speaking it migrates what it can describe.
 MIN_VERSION = 1
 SUPPORTED_VERSIONS: frozenset[int] = frozenset(range(MIN_VERSION, CURRENT_VERSION + 1))
@@ -26,7 +29,8 @@ PAGE_SIZE = 4096
 MAX_BODY_SIZE = 4 * 1024 * 1024
 #: Largest body of a handshake message, and of any frame read before authentication.
 MAX_HANDSHAKE_BODY = 4096
-#: Largest raw payload behind one frame (page data of one batch).
+#: Largest raw payload behind one frame (page data of one batch), and largest a compressed
+#: payload may inflate to: a batch's ranges declare its size, checked against this before any byte.
 MAX_PAYLOAD_SIZE = 64 * 1024 * 1024
 #: Most data ranges in one page batch.
 MAX_RANGES = 16384

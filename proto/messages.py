@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar, get_type_hints
 from proto import ranges as _ranges
 from proto.errors import FieldError
 from proto.limits import (
+    COMPRESSION_VERSION,
     CURRENT_VERSION,
     MAX_BODY_SIZE,
     MAX_DISK_SIZE,
@@ -29,6 +30,7 @@ from proto.limits import (
     MAX_HINT_CODE,
     MAX_HINT_PCS,
     MAX_NAME_LEN,
+    MAX_PAYLOAD_SIZE,
     MAX_RANGES,
     MAX_ZERO_RANGES,
     NONCE_SIZE,
@@ -354,9 +356,10 @@ class RangeBatch(Message):
     order; ``zeros`` are ranges to zero, with no payload. The base of PageBatch (guest RAM) and
     DiskBatch (a disk image): the frame's payload is the same, the address space differs.
 
-    Ranges are half-open ``(start, end)`` offsets, page aligned, sorted, not
-    overlapping (within and across the two lists). ``payload`` is filled
-    only by the buffered ``Decoder`` (or by a sender for ``encode_full``).
+    Ranges are half-open ``(start, end)`` offsets, page aligned, sorted, not overlapping (within
+    and across the two lists). ``compressed`` (COMPRESSION_VERSION): 0, the payload is the ranges'
+    bytes; else one zstd frame of that many bytes, no more than theirs, inflating to exactly them
+    (docs/protocol.md). ``payload`` (as on the wire) is filled only by the buffered ``Decoder``.
     """
 
     HAS_PAYLOAD: ClassVar[bool] = True
@@ -364,17 +367,21 @@ class RangeBatch(Message):
     ranges: Ranges
     zeros: Ranges = ()
     payload: bytes = field(default=b"", repr=False, compare=False, metadata={"wire": False})
+    compressed: int = since(COMPRESSION_VERSION, 0)
 
     def _check_within(self, size: int) -> None:
-        """Counts, bounds and data/zero disjointness. The per-list rules (aligned, non-empty,
-        ascending) are checked by the wire conversion, which always runs."""
+        """Counts, bounds, data/zero disjointness, and the declared sizes. The per-list rules
+        (aligned, non-empty, ascending) are checked by the wire conversion, which always runs."""
         _ranges.check_bounds(self.ranges, MAX_RANGES, size)
         _ranges.check_bounds(self.zeros, MAX_ZERO_RANGES, size)
         _ranges.check_disjoint(self.ranges, self.zeros)
+        if self.compressed and not 0 < self.compressed <= self.payload_len <= MAX_PAYLOAD_SIZE:
+            raise FieldError(f"{self.compressed} compressed bytes for {self.payload_len} bytes of ranges "
+                             f"(at most those, and at most {MAX_PAYLOAD_SIZE})")
 
     @property
     def payload_len(self) -> int:
-        """Bytes of raw payload behind the body: the sum of the data range lengths."""
+        """Bytes the payload stands for: the sum of the data range lengths."""
         return _ranges.total_length(self.ranges)
 
     def payload_targets(self) -> list[tuple[int, int]]:
@@ -382,8 +389,7 @@ class RangeBatch(Message):
         return _ranges.targets(self.ranges)
 
     def __repr__(self) -> str:
-        # A batch may hold 16384 ranges: logs and error messages get a summary.
-        return f"{type(self).__name__}(ranges={_summary(self.ranges)}, zeros={_summary(self.zeros)})"
+        return f"{type(self).__name__}(ranges={_ranges.summary(self.ranges)}, zeros={_ranges.summary(self.zeros)})"
 
 
 @register(35)
@@ -406,12 +412,6 @@ class DiskBatch(RangeBatch):
 
     def check(self, guest_size: int | None = None) -> None:
         self._check_within(MAX_DISK_SIZE)
-
-
-def _summary(ranges: Ranges) -> str:
-    if len(ranges) <= 4:
-        return repr(ranges)
-    return f"<{len(ranges)} ranges {ranges[0][0]:#x}..{ranges[-1][1]:#x}>"
 
 
 @register(36)

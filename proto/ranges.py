@@ -134,3 +134,10 @@ def total_length(ranges: Ranges) -> int:
 def targets(ranges: Ranges) -> list[tuple[int, int]]:
     """``(start, length)`` per range, in order."""
     return [(start, end - start) for start, end in ranges]
+
+
+def summary(ranges: Ranges) -> str:
+    """A short form of a list for logs and error messages (a batch may hold 16384 ranges)."""
+    if len(ranges) <= 4:
+        return repr(ranges)
+    return f"<{len(ranges)} ranges {ranges[0][0]:#x}..{ranges[-1][1]:#x}>"

@@ -12,7 +12,8 @@ e.g. the round number of a RoundEnd), so a fault can fire at an exact protocol p
 
 Actions: PASS, CUT (close both sides of that connection), STALL (stop forwarding that
 direction, sockets kept open, until ``release()``), CALL (run a callback, e.g. kill -9 an
-agent, then go on), and CUT_AFTER_BYTES (forward exactly N more bytes of the frame, then cut);
+agent, then go on), CUT_AFTER_BYTES (forward exactly N more bytes of the frame, then cut),
+and GARBLE (forward the frame with random bytes for its payload);
 ``cut_after_bytes(direction, n)`` cuts the first connection after n bytes of a direction.
 Link shaping for every connection: ``delay_s`` per chunk and ``throttle`` bytes/s.
 Rules apply to the connection number ``conn`` (0 = the first through the proxy; None = all),
@@ -43,6 +44,7 @@ S2C = "s2c"
 BEFORE = "before"  # act before the matching frame is forwarded
 AFTER = "after"  # act once it has been forwarded whole
 PASS, CUT, STALL, CALL, CUT_AFTER_BYTES = "pass", "cut", "stall", "call", "cut-after-bytes"
+GARBLE = "garble"  # forward the frame with its payload replaced by random bytes of the same length
 
 _HEAD = struct.Struct(">4sBBHIQ")  # magic, version, flags, type, body_len, payload_len (crc follows)
 MAGIC = b"FRRY"
@@ -197,11 +199,13 @@ class FaultProxy:
         if budget is not None:
             budget -= len(head) + len(body)
         left = payload_len
+        garble = any(r.action == GARBLE for r in rules)
         while left:
             chunk = src.recv(min(CHUNK, left))
             if not chunk:
                 raise _Cut()
             left -= len(chunk)
+            chunk = os.urandom(len(chunk)) if garble else chunk
             self._forward(chunk, dst, budget)
             if budget is not None:
                 budget -= len(chunk)
@@ -216,6 +220,8 @@ class FaultProxy:
             if r.action == CUT_AFTER_BYTES:
                 r.fired.set()
                 budget = r.nbytes
+            elif r.action == GARBLE:
+                r.fired.set()
             elif r.when == BEFORE:
                 self._act(r)
         return budget

@@ -127,7 +127,7 @@ def test_cancel_leaves_the_vm_running_on_the_source(pair: tuple[AgentProc, Agent
     a.cli("vm", "create", "m1", "--program", "memstress", "--mem", "64M", "--arg", "ws=48M")
     wait_for(lambda: a.call("vm-info", name="m1")["instructions"] > 1_000_000, what="memstress warm-up")
     # A bandwidth cap of 8 MB/s makes the 48M working set take seconds: time to cancel.
-    a.cli("migrate", "m1", "--to", b.control, "--bandwidth", "8M", "--detach")
+    a.cli("migrate", "m1", "--to", b.control, "--bandwidth", "8M", "--compress", "none", "--detach")
     assert a.call("vm-info", name="m1")["state"] == "migrating"
     r = a.cli("vm", "pause", "m1", check=False)
     assert r.returncode == 1 and "(busy)" in r.stderr
@@ -151,7 +151,7 @@ def test_sigterm_on_the_source_mid_migration(tmp_path: Path) -> None:
     b = start_agent(tmp_path, "B", key)
     try:
         a.cli("vm", "create", "m1", "--program", "memstress", "--mem", "64M", "--arg", "ws=48M")
-        a.cli("migrate", "m1", "--to", b.control, "--bandwidth", "8M", "--detach")
+        a.cli("migrate", "m1", "--to", b.control, "--bandwidth", "8M", "--compress", "none", "--detach")
         assert a.stop() == 0
         assert a.leaked == []
         assert "agent stopped" in a.log()
@@ -171,7 +171,7 @@ def test_sigterm_on_the_destination_mid_migration(tmp_path: Path) -> None:
     a.cli_in_process = True
     try:
         a.cli("vm", "create", "m1", "--program", "memstress", "--mem", "64M", "--arg", "ws=48M")
-        a.cli("migrate", "m1", "--to", b.control, "--bandwidth", "8M", "--detach")
+        a.cli("migrate", "m1", "--to", b.control, "--bandwidth", "8M", "--compress", "none", "--detach")
         assert b.stop() == 0
         assert b.leaked == []  # the idle VM process of the incoming VM went with it
         final = wait_for(lambda: _final_status(a, "m1"), what="the source to notice")

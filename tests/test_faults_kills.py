@@ -221,7 +221,7 @@ def test_destination_killed_when_migrate_status_reports_round_1(trio: tuple[Agen
     """The polling trigger: kill when the source's MigrationInfo says pre-copy reached round 1."""
     a, b, c = trio
     busy(a, "m")
-    a.call("migrate", name="m", to=b.control, params={"max-downtime": 1, "bandwidth": 16 << 20})
+    a.call("migrate", name="m", to=b.control, params={"max-downtime": 1, "bandwidth": 16 << 20, "compress": "none"})
     wait_status(a, "m", lambda info: len(info["rounds"]) >= 1 and info["status"] == "active", what="round 1")
     kill_agent(b)()
     out = finished(a, "m")

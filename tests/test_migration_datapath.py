@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from agent.migration import pages, transport
 from agent.migration.info import MigrationInfo, MigrationParams, RoundStat, Status
-from agent.migration.transport import RECV_PIECE, Connection, GuestRamFull, RateLimiter, prepare_socket
+from agent.migration.ratelimit import RateLimiter
+from agent.migration.transport import RECV_PIECE, Connection, GuestRamFull, prepare_socket
 from proto.codec import encode
 from proto.errors import ErrorCode, RemoteProtocolError
 from proto.messages import PageBatch, Ready, Sync

@@ -47,7 +47,7 @@ from agent.vms.vm import on_disk
 from agent.vmspec import VMSpec
 from proto.auth import ServerHandshake
 from proto.errors import ErrorCode, ProtocolError
-from proto.limits import SUPPORTED_VERSIONS
+from proto.limits import COMPRESSION_VERSION, SUPPORTED_VERSIONS
 from proto.messages import (
     Abort,
     CodeHint,
@@ -847,6 +847,30 @@ def test_a_destination_speaking_version_1_gets_no_code_hint_and_the_migration_co
     _, info = run_source(bridge, dest, vm, FakeSourceVMs(), code_cache=CodeCache())
     assert info.status is Status.COMPLETED, info.error
     assert not any(isinstance(m, CodeHint) for m in dest.got) and dest.ram[:] == vm.ram[:]
+
+
+def test_compressed_batches_reach_a_destination_of_this_version(bridge: LoopBridge, scripted: Any) -> None:
+    dest = scripted()
+    vm = FakeVM()
+    vm.ram[MiB:3 * MiB] = b"\x5a" * (2 * MiB)  # pages that compress
+    _, info = run_source(bridge, dest, vm, FakeSourceVMs(), compress="zstd")
+    assert info.status is Status.COMPLETED, info.error
+    assert any(isinstance(m, PageBatch) and m.compressed for m in dest.got) and dest.ram[:] == vm.ram[:]
+    assert info.compression is not None and 0 < info.compression.compressed_size < info.compression.raw_size
+
+
+def test_a_destination_of_the_version_before_compression_never_sees_the_flag(
+        bridge: LoopBridge, scripted: Any) -> None:
+    # Its decoder refuses a body with a field it does not know: the migration completing is the proof.
+    dest = scripted(versions=frozenset(range(1, COMPRESSION_VERSION)))
+    vm = FakeVM()
+    vm.ram[MiB:3 * MiB] = b"\x5a" * (2 * MiB)
+    _, info = run_source(bridge, dest, vm, FakeSourceVMs(), compress="zstd")
+    assert info.status is Status.COMPLETED, info.error
+    start = next(m for m in dest.got if isinstance(m, MigrateStart))
+    assert "compress" not in start.params
+    assert not any(isinstance(m, PageBatch) and m.compressed for m in dest.got) and dest.ram[:] == vm.ram[:]
+    assert info.compression is not None and info.compression.mode == "none" and info.compression.pages == 0
 
 
 def test_destination_records_the_vm_before_its_process_runs(bridge: LoopBridge, source_ram: Any) -> None:

@@ -72,11 +72,11 @@ def test_past_the_limit_migrations_queue_complete_in_turn_and_cancel_cleanly(
     a, b = one_at_a_time
     for n in ("q1", "q2", "q3"):
         a.call("vm-create", name=n, program="memstress", mem="32M", args={"ws": "16M", "rate": "500"})
-    # 8 MB/s: the first takes seconds, the others queue behind it
-    first = a.call("migrate", name="q1", to=b.control, params={"bandwidth": 8 << 20})
+    # 8 MB/s, raw: the first takes seconds, the others queue behind it
+    first = a.call("migrate", name="q1", to=b.control, params={"bandwidth": 8 << 20, "compress": "none"})
     assert "queued" not in first
-    second = a.call("migrate", name="q2", to=b.control, params={"bandwidth": 8 << 20})
-    third = a.call("migrate", name="q3", to=b.control, params={"bandwidth": 8 << 20})
+    second = a.call("migrate", name="q2", to=b.control, params={"bandwidth": 8 << 20, "compress": "none"})
+    third = a.call("migrate", name="q3", to=b.control, params={"bandwidth": 8 << 20, "compress": "none"})
     assert (second["status"], second["queued"]) == ("setup", 0) and third["queued"] == 1
     assert a.call("vm-info", name="q3")["state"] == "running"  # untouched while it waits
     a.call("migrate-cancel", name="q3")

@@ -246,7 +246,7 @@ def test_a_migrating_vm_is_not_moved_and_a_moving_vm_does_not_migrate(tmp_path: 
     b = start_agent(tmp_path, "B", key)
     agents.append(b)
     a.cli("vm", "create", "m", "--program", "memstress", "--mem", "32M", "--arg", "rate=0")
-    a.call("migrate", name="m", to=b.control, params={"bandwidth": 1 << 20})
+    a.call("migrate", name="m", to=b.control, params={"bandwidth": 1 << 20, "compress": "none"})
     _refused(a, "m", str(two), "is migrating", "busy")
     a.call("migrate-cancel", name="m")
     _make_image(one / "g.img", 1024 * MiB, 256 * MiB)

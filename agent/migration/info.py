@@ -18,10 +18,14 @@ import enum
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.announce import Schedule
 from agent.nics import NicError
+from proto.limits import COMPRESSION_VERSION
+
+if TYPE_CHECKING:
+    from agent.migration.compression import CompressionStats
 
 PAGE_SIZE = 4096
 
@@ -87,6 +91,8 @@ class MigrationParams:
     # ("1": right after the first full round, ``--postcopy``), or "auto" (when the policy sees
     # that pre-copy will not converge); None: the agent's postcopy-after setting.
     postcopy_after: str | None = None
+    # Page and disk batches in zstd: "auto" when it pays (agent/migration/compress_policy.py), or always, or never.
+    compress: str = "auto"
 
     def __post_init__(self) -> None:
         if self.postcopy_after is not None and not valid_postcopy_after(self.postcopy_after):
@@ -106,6 +112,8 @@ class MigrationParams:
             raise ValueError("disk-dir must be an absolute directory on the destination, with copy-storage")
         if self.storage_mode not in STORAGE_MODES:
             raise ValueError(f"storage-mode must be one of {', '.join(STORAGE_MODES)}, got {self.storage_mode!r}")
+        if self.compress not in COMPRESS_MODES:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {self.compress!r}")
         if self.storage_mode != "background" and not self.copy_storage:
             raise ValueError("storage-mode applies to copy-storage only")
         self.announce()  # its own checks
@@ -155,6 +163,7 @@ class MigrationParams:
             stall_timeout_s=float(norm["stall-timeout"]) if "stall-timeout" in norm else None,
             progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
             postcopy_after=str(norm["postcopy-after"]) if "postcopy-after" in norm else None,
+            compress=str(norm.get("compress", "auto")),
         )
 
     def for_peer(self, version: int) -> dict[str, Any]:
@@ -185,17 +194,20 @@ class MigrationParams:
             "stall-timeout": self.stall_timeout_s,
             "progress-timeout": self.progress_timeout_s,
             "postcopy-after": self.postcopy_after,
+            "compress": self.compress,
         }
 
 
 # Params a peer learned in a later protocol version than 1: an older destination refuses a key it
 # does not know (and would then lose the maps beside it), so they are left out for it (for_peer).
 PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3,
-                "postcopy-after": 4}
+                "postcopy-after": 4, "compress": COMPRESSION_VERSION}
 PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
-                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout", "postcopy-after"})
+                         "disk-dir", "storage-mode", "stall-timeout", "progress-timeout", "postcopy-after",
+                         "compress"})
+COMPRESS_MODES = ("auto", "zstd", "none")
 MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
 
 
@@ -257,6 +269,7 @@ class RoundStat:
     sync_rtt: float = 0.0  # of ``seconds``: the path's round trip in the wait for SyncAck (not bandwidth)
     held: float = 0.0  # of ``seconds``: the destination held SyncAck for its code warm-up (not bandwidth)
     disk_bytes: int = 0  # bytes of the disk image sent (--copy-storage), data and holes
+    saved: int = 0  # bytes compression kept off the wire (the pages' size less their compressed size)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"pages": self.pages, "bytes": self.bytes, "seconds": round(self.seconds, 6),
@@ -266,6 +279,8 @@ class RoundStat:
             d["warm-up-wait"] = _ms(self.held)
         if self.disk_bytes:
             d["disk-bytes"] = self.disk_bytes
+        if self.saved:
+            d["compression-saved"] = self.saved
         return d
 
 
@@ -316,6 +331,7 @@ class MigrationInfo:
     # postcopy-vcpu-blocktime) and the request latency (postcopy-latency-p50/p99, ms);
     # None for a migration that never switched to post-copy.
     postcopy: dict[str, Any] | None = None
+    compression: CompressionStats | None = None  # the source's (agent/migration/compression.py), once connected
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -367,6 +383,8 @@ class MigrationInfo:
             d["disk"] = self.disk.to_dict()
         if self.postcopy is not None:
             d.update(self.postcopy)
+        if self.compression is not None:
+            d["compression"] = self.compression.to_dict()
         if self.code_blocks_warm is not None:
             d["code-blocks"] = {"warm": self.code_blocks_warm, "cold": self.code_blocks_cold}
         if self.error is not None:

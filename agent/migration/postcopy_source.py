@@ -199,9 +199,7 @@ class PostcopySource:
             while (ranges := self._next()) is not None:
                 if self._error is not None:
                     raise self._error
-                for batch in pages.plan_batches(s._ram, ranges):
-                    if s._limiter is not None:
-                        s._limiter.take(batch.data_bytes)
+                for batch in pages.plan_batches(s._ram, ranges):  # (the connection's packer keeps the cap)
                     s.conn.send_pages(s._ram, batch.ranges.tolist(), batch.zeros.tolist())
                     self.pushed += batch.pages
                 s.info.remaining = self._left * PAGE_SIZE

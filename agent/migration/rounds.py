@@ -30,11 +30,17 @@ class RoundBook:
         self.info = info
         self._sent_bytes = 0  # over every round, for the overall bandwidth
         self._send_seconds = 0.0  # the time those bytes took, the Sync round trips left out
+        self._saved_before = 0  # what compression had saved when the current round began
 
     def begin(self, ranges: Ranges, t0: float) -> RoundStat:
         """A round of ``ranges`` starts at ``t0`` (time.monotonic)."""
         self.info.remaining = pages.total_bytes(ranges)
+        self._saved_before = self._saved()
         return RoundStat(start=t0 - self.info.started)
+
+    def _saved(self) -> int:
+        c = self.info.compression
+        return c.raw_size - c.compressed_size if c is not None else 0
 
     def count_batch(self, stat: RoundStat, batch: pages.Batch, wire: int) -> None:
         """A batch of the round went out, ``wire`` bytes with its frame."""
@@ -53,7 +59,8 @@ class RoundBook:
     def sent(self, stat: RoundStat, seconds: float) -> None:
         """Every batch of the round is out, after ``seconds``."""
         stat.seconds = seconds
-        self._sent_bytes += stat.bytes
+        stat.saved = self._saved() - self._saved_before
+        self._sent_bytes += stat.bytes + stat.saved
         self._send_seconds += seconds
 
     def synced(self, stat: RoundStat, waited: float, rtt: float, held: float = 0.0) -> None:
@@ -77,13 +84,14 @@ class RoundBook:
         goes much slower than round 0's long ranges, and the final copy is such
         a set), but a round that fits in the socket buffers looks faster than
         the link: the overall figure caps it. A round of a few pages is all
-        fixed costs, so it does not count.
+        fixed costs, so it does not count. Compressed batches count as the bytes they stand for:
+        the policy weighs the pages left to send, not their compressed size.
         """
         overall = self._sent_bytes / self._send_seconds if self._send_seconds > 0 else 0.0
         for r in reversed(self.info.rounds):
             drain = r.seconds - r.sync_rtt - r.held
-            if r.bytes >= MIN_MEASURED_BYTES and drain > 0:
-                return min(overall, r.bytes / drain)
+            if r.bytes + r.saved >= MIN_MEASURED_BYTES and drain > 0:
+                return min(overall, (r.bytes + r.saved) / drain)
         return overall
 
     def end(self, stat: RoundStat, dirty_bytes: int, elapsed: float, final: bool = False) -> RoundEnd:

@@ -40,6 +40,7 @@ from typing import Any
 from agent.code_cache import CodeCache
 from agent.migration import (
     code_hint,
+    compression,
     disk_move,
     nic_move,
     pages,
@@ -68,7 +69,7 @@ from agent.migration.policy import Action, Decision, Limits, decide
 from agent.migration.rounds import RoundBook
 from agent.migration.seams import Lane, LogLike, MigratingVM, SourceHost
 from agent.migration.source_digest import SourceDigest
-from agent.migration.transport import STALL_TIMEOUT_S, Connection, RateLimiter
+from agent.migration.transport import STALL_TIMEOUT_S, Connection
 from proto.errors import ErrorCode, ProtocolError
 from proto.messages import (
     Abort,
@@ -144,7 +145,6 @@ class SourceSession:
         self._was_running = True
         self._paused = False
         self._throttle = 0
-        self._limiter = RateLimiter(params.bandwidth, self._cancel) if params.bandwidth else None
         self._pause_t = 0.0
         self._rtt = 0.0  # the path's round trip as the handshake measured it (_setup)
         self._lane: Lane | None = None  # this thread's own socket to the VM process
@@ -235,6 +235,8 @@ class SourceSession:
             self.info.peer, self._rtt = timed_client_handshake(self.conn, self.key, self.agent_name)
         postcopy_source.check_peer(self, self.conn.channel.version)
         self.conn.start(self.machine)
+        self.conn.packer = compression.packer(self.params, self.conn.channel.version, self.info, self._cancel,
+                                              self.conn.sock)
         self._propose()
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
@@ -375,18 +377,21 @@ class SourceSession:
         assert self._ram is not None and self._digest is not None
         t0 = time.monotonic()
         stat = self._book.begin(ranges, t0)
+        self._packer().new_round()
         for batch in pages.plan_batches(self._ram, ranges):
             self._before_batch(final)
-            if self._limiter is not None:
-                self._limiter.take(batch.data_bytes)
             self._send_batch(batch, stat)
             if not final:  # (in the final round the digest thread owns the RamDigest)
                 self._digest.hash_hot(batch)
         if self._copy is not None and disk:
             assert self.conn is not None
-            self._copy.send(self.conn, disk, stat, self.info, self._limiter, lambda: self._before_batch(final))
+            self._copy.send(self.conn, disk, stat, self.info, lambda: self._before_batch(final))
         self._book.sent(stat, time.monotonic() - t0)
         return stat
+
+    def _packer(self) -> compression.Packer:
+        assert self.conn is not None and self.conn.packer is not None
+        return self.conn.packer
 
     def _before_batch(self, final: bool) -> None:
         self._check_cancel()
@@ -404,7 +409,8 @@ class SourceSession:
         t = time.monotonic()
         n = len(self.info.rounds)
         self._send(Sync(n))
-        reply = self._recv()
+        with self._packer().draining(self.conn):  # compressed batches may still be inflating there
+            reply = self._recv()
         if not isinstance(reply, SyncAck) or reply.round != n:
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected SyncAck({n}), got {reply!r}")
         self._book.synced(stat, time.monotonic() - t, self._rtt, reply.held_s)
@@ -452,7 +458,8 @@ class SourceSession:
 
     def _await_ready(self, digest_sent: float) -> None:
         """The destination's READY: guest RAM checked out there (COMMIT may follow)."""
-        reply = self._recv()
+        with self._packer().draining(self.conn):
+            reply = self._recv()
         if not isinstance(reply, Ready):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
         self._book.lap("verify", digest_sent)

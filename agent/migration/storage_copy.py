@@ -38,7 +38,7 @@ from agent import disk_copy
 from agent.disks import DiskConfig
 from agent.migration.info import DiskProgress, MigrationInfo, RoundStat
 from agent.migration.seams import Lane
-from agent.migration.transport import Connection, RateLimiter
+from agent.migration.transport import Connection
 from proto.messages import DiskBatch
 from vmruntime.diskimage import remove_created, set_image_id
 
@@ -82,12 +82,11 @@ class SourceCopy:
         return dirty
 
     def send(self, conn: Connection, ranges: list[Range], stat: RoundStat, info: MigrationInfo,
-             limiter: RateLimiter | None, before_batch: Callable[[], None]) -> None:
-        """Send ``ranges`` of the image in DiskBatches, counted in the round and the migration."""
+             before_batch: Callable[[], None]) -> None:
+        """Send ``ranges`` of the image in DiskBatches, counted in the round and the migration (the
+        connection's packer compresses them, and applies the bandwidth cap)."""
         for batch in disk_copy.read_batches(self._fd, ranges, self._buf):
             before_batch()
-            if limiter is not None:
-                limiter.take(batch.data_bytes)
             wire = conn.send_disk(batch.ranges, batch.zeros, batch.pieces)
             stat.bytes += wire
             stat.disk_bytes += batch.data_bytes + batch.zero_bytes

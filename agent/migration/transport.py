@@ -50,16 +50,16 @@ import errno
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from agent.migration import compression
 from proto.channel import Channel, Machine
 from proto.codec import message_class
 from proto.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from proto.frame import HEADER_SIZE, parse_header
-from proto.messages import DiskBatch, ErrorResponse, Message, PageBatch
+from proto.messages import DiskBatch, ErrorResponse, Message, PageBatch, RangeBatch
 
 T = TypeVar("T")
 
@@ -131,29 +131,6 @@ class GuestRamFull(Exception):
 
 class ConnectionClosed(ConnectionError):
     """The peer closed the connection (or we shut it down)."""
-
-
-class RateLimiter:
-    """A token bucket on the sender: ``take(n)`` sleeps until ``n`` more bytes fit the cap.
-
-    The bucket holds at most ``burst_s`` seconds of credit, so an idle spell
-    does not let a later burst exceed the cap by much. The sleep waits on
-    ``stop``, so a cancel interrupts it.
-    """
-
-    def __init__(self, rate: float, stop: threading.Event, burst_s: float = 0.05) -> None:
-        self.rate = rate
-        self._stop = stop
-        self._burst = burst_s
-        self._t = time.monotonic()  # when the bucket is empty again (virtual clock)
-
-    def take(self, nbytes: int) -> None:
-        now = time.monotonic()
-        start = max(self._t, now - self._burst)
-        self._t = start + nbytes / self.rate
-        delay = self._t - now - self._burst
-        if delay > 0:
-            self._stop.wait(delay)
 
 
 def _set_io_timeout(sock: socket.socket, seconds: float) -> None:
@@ -284,7 +261,9 @@ class Connection:
         self.sent = 0
         self.received = 0
         self._hdr = bytearray(HEADER_SIZE)
-        self._piece_buf: memoryview | None = None  # the receive buffer of _recv_pieces, made on first use
+        self._piece_buf: memoryview | None = None  # the receive buffer of _take, made on first use
+        self.packer: compression.Packer | None = None  # the sender's compression and bandwidth cap
+        self._inflater = compression.Inflater()
         self._closed = False
         self.stall_s = _io_timeout_of(sock)  # the progress deadline of each blocking call
 
@@ -322,24 +301,27 @@ class Connection:
     def send_pages(self, ram: memoryview, ranges: Sequence[tuple[int, int]],
                    zeros: Sequence[tuple[int, int]] = ()) -> int:
         """Send one page batch: frame, then each data range straight from guest RAM. Returns wire bytes."""
-        frame = self.channel.send(PageBatch(tuple(ranges), tuple(zeros)))
-        bufs: list[memoryview | bytes] = [frame]
-        bufs.extend(ram[a:b] for a, b in ranges)
+        views: list[memoryview | bytes] = [ram[a:b] for a, b in ranges]
         try:
-            total = self._sendmsg_all(bufs)
+            return self.send_batch(PageBatch(tuple(ranges), tuple(zeros)), views)
         finally:
-            for b in bufs:
-                if isinstance(b, memoryview):
-                    b.release()
-        self.sent += total
-        return total
+            for v in views:
+                if isinstance(v, memoryview):
+                    v.release()
 
     def send_disk(self, ranges: Sequence[tuple[int, int]], zeros: Sequence[tuple[int, int]],
                   pieces: Sequence[memoryview]) -> int:
         """Send one batch of a disk image: frame, then each data range's bytes (``pieces``, in
         order, as read from the image). Returns wire bytes."""
-        frame = self.channel.send(DiskBatch(tuple(ranges), tuple(zeros)))
-        total = self._sendmsg_all([frame, *pieces])
+        return self.send_batch(DiskBatch(tuple(ranges), tuple(zeros)), list(pieces))
+
+    def send_batch(self, batch: RangeBatch, pieces: list[memoryview | bytes]) -> int:
+        """A batch and its data ranges' bytes (``pieces``, in order), through ``packer`` when one is
+        set (compression, the bandwidth cap: agent/migration/compression.py). Returns wire bytes."""
+        return self._send_raw(batch, pieces) if self.packer is None else self.packer.send(batch, pieces, self._send_raw)
+
+    def _send_raw(self, batch: RangeBatch, pieces: list[memoryview | bytes]) -> int:
+        total = self._sendmsg_all([self.channel.send(batch), *pieces])
         self.sent += total
         return total
 
@@ -368,17 +350,20 @@ class Connection:
         body = bytearray(header.body_len)
         self._recv_exact(memoryview(body))
         msg = self.channel.receive_body(header, body)
-        if isinstance(msg, DiskBatch):
-            self._recv_disk(msg, disk)
+        if not isinstance(msg, RangeBatch) or not msg.ranges and not isinstance(msg, DiskBatch):
             return msg
-        if isinstance(msg, PageBatch) and msg.ranges:
-            if ram is None:
-                raise RemoteProtocolError("page data on a connection that takes none")
-            targets = msg.payload_targets()
-            if sink is not None and msg.payload_len >= PIECE_MIN_RANGE * len(targets):
-                self._recv_pieces(sink, targets)
-            else:
-                self._recv_scatter(ram, targets)
+        # A compressed payload is read and inflated whole first: nothing is written unless it checks out.
+        take = self._inflater.inflate(msg, self._recv_exact) if msg.compressed else self._take
+        if isinstance(msg, DiskBatch):
+            self._recv_disk(msg, disk, take)
+        elif ram is None:
+            raise RemoteProtocolError("page data on a connection that takes none")
+        elif sink is not None and (msg.compressed or msg.payload_len >= PIECE_MIN_RANGE * len(msg.ranges)):
+            self._recv_pieces(sink, msg.payload_targets(), take)
+        elif msg.compressed:
+            compression.scatter(take, ram, msg.payload_targets())
+        else:
+            self._recv_scatter(ram, msg.payload_targets())
         return msg
 
     def next_frame_is(self, cls: type[Message]) -> bool:
@@ -393,24 +378,28 @@ class Connection:
         except (OSError, ProtocolError):
             return False
 
-    def _recv_pieces(self, sink: PageSink, targets: list[tuple[int, int]]) -> None:
-        """Receive a batch payload piece by piece into one buffer, ``pwrite`` each piece to the
-        memfd, and hand it to ``sink.received`` while it is still in the cache. Pieces are cut
-        on the RECV_PIECE grid of guest addresses, not of the payload."""
-        buf = self._piece_buf
-        if buf is None:
-            buf = self._piece_buf = memoryview(bytearray(RECV_PIECE))
+    def _take(self, n: int) -> memoryview:
+        """The next ``n`` (at most RECV_PIECE) bytes of a payload, received into the one buffer."""
+        if self._piece_buf is None:
+            self._piece_buf = memoryview(bytearray(RECV_PIECE))
+        piece = self._piece_buf[:n]
+        self._recv_exact(piece)
+        return piece
+
+    def _recv_pieces(self, sink: PageSink, targets: list[tuple[int, int]], take: Callable[[int], memoryview]) -> None:
+        """Receive a batch payload piece by piece (``take``: into one buffer, or from an inflated
+        payload), ``pwrite`` each piece to the memfd, and hand it to ``sink.received`` while it is
+        still in the cache. Pieces are cut on the RECV_PIECE grid of guest addresses."""
         for off, length in targets:
             pos, end = off, off + length
             while pos < end:
                 n = min(end, (pos // RECV_PIECE + 1) * RECV_PIECE) - pos
-                piece = buf[:n]
-                self._recv_exact(piece)
+                piece = take(n)
                 _pwrite_all(sink.fd, piece, pos)
                 sink.received(pos, piece)
                 pos += n
 
-    def _recv_disk(self, msg: DiskBatch, disk: DiskSink | None) -> None:
+    def _recv_disk(self, msg: DiskBatch, disk: DiskSink | None, take: Callable[[int], memoryview]) -> None:
         """Check a disk batch's ranges against the disk, then write its payload piece by piece
         (its zeros are the caller's: holes punched, not bytes received)."""
         if disk is None:
@@ -420,14 +409,10 @@ class Connection:
             disk.check(msg.zeros)
         except ValueError as e:
             raise RemoteProtocolError(f"DiskBatch: {e}") from None
-        buf = self._piece_buf
-        if buf is None:
-            buf = self._piece_buf = memoryview(bytearray(RECV_PIECE))
         for off, length in msg.payload_targets():
             pos, end = off, off + length
             while pos < end:
-                piece = buf[:min(end - pos, RECV_PIECE)]
-                self._recv_exact(piece)
+                piece = take(min(end - pos, RECV_PIECE))
                 disk.write(pos, piece)
                 pos += len(piece)
 
