@@ -18,6 +18,7 @@ import json
 import sys
 from typing import Any
 
+from agent.cli_args import table
 from agent.client import CALL_TIMEOUT, ClientError, ControlClient
 from agent.config import format_size
 from proto.errors import ErrorCode
@@ -63,13 +64,11 @@ def _size(value: Any) -> str:
 
 def hosts_table(rows: list[dict[str, Any]]) -> str:
     """The rows of cluster-hosts as an aligned table."""
-    cells = [COLUMNS] + [(
-        str(r["name"]), str(r["state"]), str(r.get("vms", 0)), _size(r.get("mem-used")), _size(r.get("mem-free")),
+    return table(COLUMNS, [(
+        r["name"], r["state"], r.get("vms", 0), _size(r.get("mem-used")), _size(r.get("mem-free")),
         "-" if r.get("cpu") is None else f"{float(r['cpu']):.2f}",
         "-" if r.get("maintenance") is None else ("yes" if r["maintenance"] else "no"),
-        "-" if r.get("lease-ttl") is None else f"{r['lease-ttl']}s") for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+        "-" if r.get("lease-ttl") is None else f"{r['lease-ttl']}s") for r in rows])
 
 
 async def _call(client: ControlClient, op: str, args: dict[str, Any], reply_within: float = CALL_TIMEOUT) -> Any:
