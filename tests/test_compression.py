@@ -4,7 +4,6 @@ over real sockets into real memfds, hostile payloads, and an older peer."""
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -16,12 +15,13 @@ from agent.migration import compress_policy, compression
 from agent.migration.compress_policy import Sample
 from agent.migration.compression import CompressionStats, Packer
 from agent.migration.info import MigrationInfo, MigrationParams
-from agent.migration.transport import Connection, prepare_socket
+from agent.migration.transport import Connection
 from proto import codec
 from proto.errors import LocalProtocolError, RemoteProtocolError
 from proto.limits import COMPRESSION_VERSION, CURRENT_VERSION, MAX_PAYLOAD_SIZE
 from proto.messages import DiskBatch, PageBatch, RangeBatch, Ready, from_fields, to_fields
 from tests.conftest import MapGuestRam
+from tests.links import socket_link
 
 P = 4096
 MiB = 1 << 20
@@ -203,16 +203,8 @@ def test_the_declared_sizes_bound_a_compressed_batch() -> None:
 
 @pytest.fixture
 def link() -> Iterator[tuple[Connection, Connection]]:
-    lsock = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(lsock.getsockname())
-    server, _ = lsock.accept()
-    lsock.close()
-    a, b = Connection(prepare_socket(client)), Connection(prepare_socket(server))
-    a.channel.speak(CURRENT_VERSION)  # what the handshake would choose
-    b.channel.speak(CURRENT_VERSION)
-    yield a, b
-    a.close()
-    b.close()
+    with socket_link(CURRENT_VERSION) as ends:
+        yield ends
 
 
 class Sink:

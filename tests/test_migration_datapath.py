@@ -21,11 +21,12 @@ from hypothesis import strategies as st
 from agent.migration import pages, transport
 from agent.migration.info import MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.ratelimit import RateLimiter
-from agent.migration.transport import RECV_PIECE, Connection, GuestRamFull, prepare_socket
+from agent.migration.transport import RECV_PIECE, Connection, GuestRamFull
 from proto.codec import encode
 from proto.errors import ErrorCode, RemoteProtocolError
 from proto.messages import PageBatch, Ready, Sync
 from tests.conftest import MapGuestRam
+from tests.links import socket_link
 from vmruntime.dirty import merge_ranges
 
 P = 4096
@@ -175,14 +176,8 @@ def test_invalidating_chunks_past_the_guest_ignores_them() -> None:
 
 @pytest.fixture
 def link() -> Iterator[tuple[Connection, Connection]]:
-    lsock = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(lsock.getsockname())
-    server, _ = lsock.accept()
-    lsock.close()
-    a, b = Connection(prepare_socket(client)), Connection(prepare_socket(server))
-    yield a, b
-    a.close()
-    b.close()
+    with socket_link() as ends:
+        yield ends
 
 
 def test_the_next_frame_can_be_peeked_at_without_waiting_or_consuming(link: tuple[Connection, Connection]) -> None:
