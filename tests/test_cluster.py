@@ -102,6 +102,8 @@ def test_hosts_placement_ownership_and_a_frozen_host(trio: tuple[AgentProc, Agen
     assert record is not None and (record["owner"], record["generation"]) == ("B", 2)
 
     # The balancing plan (dry run): only the aggressive level moves the one VM, to the emptiest host.
+    # It reads the hosts' records, which each agent rewrites every few seconds: once they show the move.
+    wait_for(lambda: (h := hosts(c))["B"]["vms"] == 1 and h["A"]["vms"] == 0, what="the hosts' records updated")
     plan = json.loads(c.cli("balance", "--dry-run", "--threshold", "5", "--json").stdout)
     assert [(m["vm"], m["from"], m["to"]) for m in plan["moves"]] == [("v1", "B", "A")]
     assert json.loads(c.cli("balance", "--dry-run", "--json").stdout)["moves"] == []

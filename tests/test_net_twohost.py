@@ -187,6 +187,10 @@ def _back_and_forth(hosts: Hosts, migrations: int) -> None:
     here.cli("vm", "destroy", VM)
 
 
+# Slow too: the client's 20 ms deadlines hold only while the guest has a core to itself; on 2 cores
+# shared with other work (load 3 and up) requests fail outside any migration. make test-all runs it;
+# tests/test_net_migration.py covers the guest's network in make test.
+@pytest.mark.slow
 def test_two_hosts_a_b_a(hosts: Hosts) -> None:
     _back_and_forth(hosts, 2)
 
