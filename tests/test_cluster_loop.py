@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.cluster.evacuate import FINAL
 from tests.agents import AgentProc, make_key, wait_for
 from tests.etcd import EtcdCluster, etcd_cluster
 from tests.test_cluster import etcd_get, start, vm_state
@@ -89,8 +90,12 @@ def test_an_agent_killed_during_evacuation_readopts_and_maintenance_finishes(
     for name in names:
         a.call("vm-create", name=name, program="counter", mem="32M", host="A")
     a.cli("host", "maintenance", "A", "on", "--no-wait")
-    wait_for(lambda: any(running_on([b, c], n) for n in names), timeout=60, interval=0.02,
-             what="the evacuation's first VM running elsewhere")
+
+    def mid_evacuation() -> bool:
+        moving = [m for m in a.call("migrate-list")["migrations"] if m["status"] not in FINAL]
+        return bool(moving) and any(running_on([b, c], n) for n in names)
+    # Killed with one VM moved and another on its way out.
+    wait_for(mid_evacuation, timeout=60, interval=0.02, what="a VM moved and another moving")
     a.stop(signal.SIGKILL, keep_vms=True)
     assert a.leaked == []
 
