@@ -18,6 +18,7 @@ class FakeKV:
         self.down = False
         self.unknown_writes = 0
         self.calls = 0
+        self.next_lease = 100
 
     def _check(self) -> None:
         self.calls += 1
@@ -61,7 +62,8 @@ class FakeKV:
 
     async def grant(self, ttl: int) -> int:
         self._check()
-        lease = len(self.leases) + 100
+        self.next_lease += 1  # never reused, as etcd's lease ids
+        lease = self.next_lease
         self.leases[lease] = ttl
         return lease
 

@@ -8,11 +8,13 @@ listeners are up (registration: a ClusterError stops the agent) and `stop`s it l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from agent.client import ClientError, call_once
+from agent.cluster.balancer import BalanceLoop
 from agent.cluster.etcd import EtcdGateway
 from agent.cluster.ops import ClusterOps
 from agent.cluster.owner import EtcdOwnership
@@ -35,6 +37,8 @@ class ClusterMode:
         self.registry = Registry(settings, self.kv, name=name, control=format_hostport(*control),
                                  migration=format_hostport(*migration), vms=vms, log=log, instance=instance)
         self.ownership = EtcdOwnership(self.kv, self.registry.keys, name, asyncio.get_running_loop(), log)
+        self.balancer: BalanceLoop | None = None
+        self._balancing: asyncio.Task[None] | None = None
 
     def install(self, ops: ControlOps, key: bytes, tls: Callable[[], ssl.SSLContext | None]) -> None:
         """Serve cluster mode's ops; other agents are reached with ``key`` and ``tls()``'s client context."""
@@ -47,14 +51,26 @@ class ClusterMode:
             except ClientError as e:
                 raise OpError(e.code, f"agent {address}: {e.message}") from e
 
-        ClusterOps(self.registry, ops, call_peer).install()
+        cluster_ops = ClusterOps(self.registry, ops, call_peer)
+        cluster_ops.install()
+        settings = self.registry.settings
+        if settings.balance_interval > 0:
+            self.balancer = BalanceLoop(self.registry, cluster_ops.execute, interval=settings.balance_interval,
+                                        hold=settings.balance_hold, per_host=settings.per_host,
+                                        per_cluster=settings.per_cluster)
 
     async def start(self) -> None:
         await self.registry.start()
+        if self.balancer is not None:
+            self._balancing = asyncio.create_task(self.balancer.run())
 
     def stopping(self) -> None:
         """The agent stops: ownership waits for etcd end (an in-doubt VM stays paused)."""
         self.ownership.stopping.set()
 
     async def stop(self) -> None:
+        if self._balancing is not None:
+            self._balancing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._balancing
         await self.registry.stop()

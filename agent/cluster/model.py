@@ -36,6 +36,14 @@ class Keys:
     def migrations(self) -> str:
         return f"{self.prefix}/migrations/"
 
+    @property
+    def balancer(self) -> str:
+        return f"{self.prefix}/balancer"
+
+    @property
+    def held(self) -> str:
+        return f"{self.prefix}/balanced/"
+
     def migration(self, vm: str) -> str:
         return f"{self.migrations}{vm}"
 

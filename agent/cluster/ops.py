@@ -154,7 +154,9 @@ class ClusterOps:
         await self.registry.refresh()
         if on and (self._evacuation is None or self._evacuation.report.state != "evacuating"):
             assert self._migrate is not None and self.ops.migrations is not None
-            self._evacuation = Evacuation(self.registry, self._migrate, self.ops.migrations.info)
+            limits = self.registry.settings
+            self._evacuation = Evacuation(self.registry, self._migrate, self.ops.migrations.info,
+                                          per_host=limits.per_host, per_cluster=limits.per_cluster)
             task = asyncio.create_task(self._evacuation.run())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -188,11 +190,11 @@ class ClusterOps:
         if not args.get("dry-run"):
             controls = {h.name: h.control for h in hosts}
             for move in moves:  # one at a time: within every host's and the cluster's limits
-                move["result"] = await self._execute(controls[str(move["from"])], str(move["vm"]),
+                move["result"] = await self.execute(controls[str(move["from"])], str(move["vm"]),
                                                      controls[str(move["to"])])
         return result
 
-    async def _execute(self, source: str, vm: str, dest: str) -> str:
+    async def execute(self, source: str, vm: str, dest: str) -> str:
         """One move of a plan, asked of the VM's owner; its final status (or why it did not start)."""
         try:
             await self.call_peer(source, "migrate", {"name": vm, "to": dest})
