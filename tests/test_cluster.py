@@ -22,11 +22,21 @@ from typing import Any
 import pytest
 
 from proto.messages import Commit
-from tests.agents import AgentProc, finished, make_key, runs_on, start_agent, wait_for
+from tests.agents import (
+    AgentProc,
+    digest_line,
+    finished,
+    make_key,
+    runs_on,
+    start_agent,
+    unmigrated_verify_digest,
+    wait_for,
+)
 from tests.etcd import EtcdCluster, EtcdLink, etcd_cluster
 from tests.faults import BEFORE, C2S, CALL, FaultProxy, Rule, migration_target
 
 TTL = 3
+VERIFY_ARGS = {"ws": "2M", "steps": "3000000"}  # a few seconds of guest time
 
 
 @pytest.fixture
@@ -235,16 +245,27 @@ def test_etcd_gone_at_commit_runs_the_vm_where_etcd_says(trio: tuple[AgentProc, 
 def test_maintenance_empties_a_host_and_stops_placements(trio: tuple[AgentProc, AgentProc, AgentProc],
                                                          etcd: EtcdCluster) -> None:
     a, b, c = trio
-    names = [f"e{i}" for i in range(4)]
-    for name in names:
-        a.call("vm-create", name=name, program="counter", mem="32M", host="A")
-    out = c.cli("host", "maintenance", "A", "on").stdout
-    assert "4 moved" in out and "0 cannot move" in out
-    assert vm_state(a, names[0]) is None and a.call("vm-list")["vms"] == []
-    for name in names:
-        record = etcd_get(etcd, f"/ferry/vms/{name}")
-        assert record is not None and record["owner"] in ("B", "C") and record["generation"] == 2
-        runs_on(b if record["owner"] == "B" else c, name)
+    names = [f"e{i}" for i in range(6)]  # e0, e1: verify guests, their digests checked after the move
+    with unmigrated_verify_digest(4 << 20, VERIFY_ARGS) as reference:
+        for name in names:
+            if name in ("e0", "e1"):
+                a.call("vm-create", name=name, program="verify", mem="4M", args=VERIFY_ARGS, host="A")
+            else:
+                a.call("vm-create", name=name, program="counter", mem="32M", host="A")
+        out = c.cli("host", "maintenance", "A", "on").stdout
+        assert "6 moved" in out and "0 cannot move" in out
+        assert vm_state(a, names[0]) is None and a.call("vm-list")["vms"] == []
+        owners = {}
+        for name in names:
+            record = etcd_get(etcd, f"/ferry/vms/{name}")
+            assert record is not None and record["owner"] in ("B", "C") and record["generation"] == 2
+            owners[name] = b if record["owner"] == "B" else c
+            if name not in ("e0", "e1"):
+                runs_on(owners[name], name)
+        for name in ("e0", "e1"):  # each ends with the digest of a run that never moved
+            wait_for(lambda n=name: vm_state(owners[n], n) == "halted", timeout=120, what=f"{name} halted")
+            console = bytes(owners[name].call("vm-console", name=name)["data"])
+            assert digest_line(console) == reference()
     assert hosts(c)["A"]["maintenance"] is True
     assert c.call("vm-create", name="n1", program="idle", mem="32M")["host"] != "A"  # A has the most room
     c.cli("host", "maintenance", "A", "off")
