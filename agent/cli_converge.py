@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from agent.config import valid_postcopy_after
+
 
 def _postcopy_after(text: str) -> str:
-    if text in ("never", "auto") or (text.isdigit() and int(text) >= 1):
+    if valid_postcopy_after(text):
         return text
     raise argparse.ArgumentTypeError(f"must be auto, never or a round number >= 1, got {text!r}")
 

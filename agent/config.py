@@ -278,9 +278,14 @@ def _disk_dirs(values: dict[str, Any]) -> tuple[Path, ...]:
     return tuple(dirs)
 
 
+def valid_postcopy_after(value: str) -> bool:
+    """A migration's (and the agent's) postcopy-after: ``never``, ``auto`` or a round number from 1."""
+    return value in ("never", "auto") or (value.isdigit() and int(value) >= 1)
+
+
 def _postcopy_after(values: dict[str, Any]) -> str:
     raw = str(values.get("postcopy-after", "never"))
-    if raw not in ("never", "auto") and not (raw.isdigit() and int(raw) >= 1):
+    if not valid_postcopy_after(raw):
         raise ConfigError(f"postcopy-after: must be never, auto or a round number >= 1, got {raw!r}")
     return raw
 
@@ -297,14 +302,10 @@ def _stall_timeout(values: dict[str, Any]) -> float:
 
 
 def _max_outgoing(values: dict[str, Any]) -> int:
-    raw = values.get("max-outgoing", 4)
     try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"max-outgoing: not a whole number: {raw!r}") from None
-    if not 1 <= value <= 64:
-        raise ConfigError(f"max-outgoing: must be 1 to 64, got {raw!r}")
-    return value
+        return int(cluster_settings.number(values, "max-outgoing", 4, int, 1, 64))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _metrics(values: dict[str, Any]) -> tuple[str, int] | None:

@@ -91,10 +91,10 @@ def resolve(values: dict[str, Any]) -> ClusterSettings | None:
     raw = values.get("etcd")
     if not raw:
         return None
-    per_host = _number(values, "evacuate-per-host", DEFAULT_PER_HOST, int, 1, 64)
-    per_cluster = _number(values, "evacuate-per-cluster", DEFAULT_PER_CLUSTER, int, 1, 1000)
-    interval = _number(values, "balance-interval", 0.0, float, 0.0, 86400.0)
-    hold = _number(values, "balance-hold", DEFAULT_HOLD_ROUNDS * interval, float, 0.0, 7 * 86400.0)
+    per_host = number(values, "evacuate-per-host", DEFAULT_PER_HOST, int, 1, 64)
+    per_cluster = number(values, "evacuate-per-cluster", DEFAULT_PER_CLUSTER, int, 1, 1000)
+    interval = number(values, "balance-interval", 0.0, float, 0.0, 86400.0)
+    hold = number(values, "balance-hold", DEFAULT_HOLD_ROUNDS * interval, float, 0.0, 7 * 86400.0)
     items = raw.split(",") if isinstance(raw, str) else [str(x) for x in raw]
     endpoints = tuple(x.strip() for x in items if x.strip())
     for url in endpoints:
@@ -132,7 +132,7 @@ def resolve(values: dict[str, Any]) -> ClusterSettings | None:
     return settings
 
 
-def _number(values: dict[str, Any], key: str, default: Any, kind: type, low: Any, high: Any) -> Any:
+def number(values: dict[str, Any], key: str, default: Any, kind: type, low: Any, high: Any) -> Any:
     """``values[key]`` as ``kind`` within low..high, ``default`` when unset."""
     raw = values.get(key)
     if raw is None or raw == "":

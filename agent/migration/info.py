@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.announce import Schedule
+from agent.config import valid_postcopy_after
 from agent.nics import NicError
 from proto.limits import COMPRESSION_VERSION
 
@@ -211,9 +212,6 @@ COMPRESS_MODES = ("auto", "zstd", "none")
 MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
 
 
-def valid_postcopy_after(value: str) -> bool:
-    """``never``, ``auto`` or a round number from 1."""
-    return value in ("never", "auto") or (value.isdigit() and int(value) >= 1)
 STORAGE_MODES = ("background", "write-blocking")
 
 
