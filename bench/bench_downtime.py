@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_migrate import FILL_PROGRAM, migrate_once, wait_filled
-from bench.common import MiB, format_size, markdown_table, percentile
+from bench.common import NO_PLOT, MiB, format_size, markdown_table, percentile, pyplot, save_figure
 from tests.agents import AgentProc, make_key, start_agent
 from vmruntime.isa import DATA_ADDR
 
@@ -162,13 +162,9 @@ def markdown(scs: list[Scenario], mem: int, bandwidth: float, runs: int) -> str:
 
 def plot(scs: list[Scenario], path: Path) -> str:
     """Draw the downtime distributions and the median phases into ``path``; a line for the report."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: write a file
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "(No plot: matplotlib is not installed; `pip install -e '.[bench]'`.)"
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for sc in scs:
         values = sorted(sc.downtimes())
@@ -185,10 +181,7 @@ def plot(scs: list[Scenario], path: Path) -> str:
     right.set(xlabel="ms (median of each phase)", title="Where the downtime goes")
     right.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return f"![downtime distribution and phases]({path.name})"
+    return save_figure(plt, fig, path, "downtime distribution and phases")
 
 
 def as_json(scs: list[Scenario], mem: int, bandwidth: float) -> dict[str, Any]:

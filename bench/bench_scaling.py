@@ -51,7 +51,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_migrate import fill_guest, migrate_once
-from bench.common import GiB, MiB, format_size, load_average, markdown_table, median
+from bench.common import (
+    NO_PLOT,
+    GiB,
+    MiB,
+    format_size,
+    load_average,
+    markdown_table,
+    median,
+    pyplot,
+    save_figure,
+)
 from tests.agents import AgentProc, make_key, start_agent, wait_for
 from vmruntime.isa import DATA_ADDR
 
@@ -438,13 +448,9 @@ def fit_lines(series: list[Series]) -> list[str]:
 
 
 def plot(series: list[Series], path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: write a file
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "(No plot: matplotlib is not installed; `pip install -e '.[bench]'`.)"
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, (xs, ys), style in (("full guest (every page written)", series_points(series, "full"), "o-"),
                                    ("raw Python copy, same bytes", raw_points(series), "s--"),
@@ -473,10 +479,7 @@ def plot(series: list[Series], path: Path) -> str:
            title="Sparse guests: where the total time goes")
     bx.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return f"![total time against guest size]({path.name})"
+    return save_figure(plt, fig, path, "total time against guest size")
 
 
 def markdown(series: list[Series], runs: int, big_runs: int, load: tuple[float, ...], plot_line: str) -> str:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from agent.client import ClientError, call_sync
 from agent.nics import TAP_PREFIX
-from bench.common import markdown_table, median
+from bench.common import NO_PLOT, markdown_table, median, pyplot, save_figure
 from tests.agents import AgentProc, make_key, run_ip, start_agent, wait_for
 
 VMS = 8
@@ -382,13 +382,9 @@ def report(soak: Soak, seconds: float, restart_every: float, vms: list[str], fif
 
 def plot(soak: Soak, path: Path) -> str:
     """Draw the agents' RSS and open fds, and the host's TAP devices, over time; a line for the report."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: write a file
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "(No plot: matplotlib is not installed; `pip install -e '.[bench]'`.)"
+    plt = pyplot()
+    if plt is None:
+        return NO_PLOT
     fig, (rss_ax, fd_ax) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     for agent in ("A", "B"):
         s = [x for x in soak.samples if x[1] == agent]
@@ -404,10 +400,7 @@ def plot(soak: Soak, path: Path) -> str:
     rss_ax.set(ylabel="RSS (MiB)", title="Soak: agent memory and descriptors (dotted: an agent restart)")
     fd_ax.set(xlabel="minutes", ylabel="count")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return f"![agent RSS, fds and TAP devices over the soak]({path.name})"
+    return save_figure(plt, fig, path, "agent RSS, fds and TAP devices over the soak", dpi=80)
 
 
 @contextlib.contextmanager

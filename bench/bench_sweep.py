@@ -52,7 +52,17 @@ from typing import Any
 
 from bench.bench_downtime import measure_bandwidth
 from bench.bench_migrate import FINAL
-from bench.common import MiB, format_load, format_size, load_average, markdown_table, median
+from bench.common import (
+    NO_PLOT,
+    MiB,
+    format_load,
+    format_size,
+    load_average,
+    markdown_table,
+    median,
+    pyplot,
+    save_figure,
+)
 from tests.agents import AgentProc, make_key, start_agent
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -337,25 +347,13 @@ def markdown(sw: Sweep, sweep_png: str, rounds_png: str) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: write a file
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-NO_MPL = "(No plot: matplotlib is not installed; `pip install -e '.[bench]'`.)"
 
 
 def plot_sweep(cells: list[Cell], path: Path) -> str:
     """Downtime and total time (medians) against the dirty rate, one line per working set."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
-        return NO_MPL
+        return NO_PLOT
     fig, (down, total) = plt.subplots(1, 2, figsize=(11, 4.4))
     for ws in sorted({c.ws for c in cells}):
         mine = sorted((c for c in cells if c.ws == ws), key=lambda c: c.share)
@@ -383,17 +381,14 @@ def plot_sweep(cells: list[Cell], path: Path) -> str:
     down.set(ylabel="downtime (ms)", title="Downtime vs dirty rate (auto-converge)")
     total.set(ylabel="total time (s)", title="Total migration time vs dirty rate (median)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return f"![downtime and total time against the dirty rate]({path.name})"
+    return save_figure(plt, fig, path, "downtime and total time against the dirty rate")
 
 
 def plot_rounds(cell: Cell, run: Run, path: Path) -> str:
     """Three stacked panels sharing time: dirty pages, MiB sent and MiB/s per round (bars span the round)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
-        return NO_MPL
+        return NO_PLOT
     info = run.info
     rounds = info["rounds"]
     setup = float(info.get("setup-time", 0)) / 1000
@@ -433,10 +428,7 @@ def plot_rounds(cell: Cell, run: Run, path: Path) -> str:
                       fontsize="medium")
     axes[-1].set_xlabel("time since the migration started (s); round start = setup + the rounds before it")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return f"![dirty pages, bytes and bandwidth per round]({path.name})"
+    return save_figure(plt, fig, path, "dirty pages, bytes and bandwidth per round")
 
 
 @dataclass

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 GiB = 1 << 30
@@ -368,3 +369,27 @@ def _reap_children() -> bool:
             return False  # no children at all
         if pid == 0:
             return True
+
+
+NO_PLOT = "(No plot: matplotlib is not installed; `pip install -e '.[bench]'`.)"
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot, drawing into files (no display), or None without matplotlib (the
+    ``bench`` extra): the benches then say so in place of a plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt: Any, fig: Any, path: Path, alt: str, dpi: int = 90) -> str:
+    """Write ``fig`` to ``path`` and close it; returns the Markdown image line for the report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return f"![{alt}]({path.name})"
