@@ -23,6 +23,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "browser-test-operator-token-42"
+FILL_PROGRAM = str(Path(__file__).resolve().parent.parent / "bench" / "fill_random.fasm")
 WAIT_MS = 60_000
 # The first test's setup may install chromium (apt-get): longer than the suite's per-test timeout.
 pytestmark = pytest.mark.timeout(1200)
@@ -88,8 +89,10 @@ def pair(tmp_path: Path) -> Iterator[tuple[AgentProc, AgentProc, str]]:
 def test_the_page_starts_a_migration_and_shows_its_rounds_and_completion(
         pair: tuple[AgentProc, AgentProc, str], browser: Any, tmp_path: Path) -> None:
     a, b, url = pair
-    # 16 MiB written over at 4 MiB/s, sent at 8 MB/s: a first round of about 2 s, then shorter ones.
-    _call(a, "vm-create", name="web1", program="memstress", mem="32M", args={"ws": "16M", "rate": "1000"})
+    # 16 MiB of data no compression shrinks, sent at 8 MB/s: a first round of about 2 s, long enough to be
+    # seen live (memstress's pages, one word each, compress so well that the migration could end unseen).
+    _call(a, "vm-create", name="web1", program=FILL_PROGRAM, mem="32M", args={"ws": "16M"})
+    wait_for(lambda: _call(a, "vm-info", name="web1").get("console-bytes", 0) >= 1, what="the fill done")
     page = browser.new_page()
     page.goto(url)
     _live(page)
@@ -174,7 +177,8 @@ def test_a_read_only_page_reconnects_by_itself_after_an_agent_restart(browser: A
 def test_with_the_token_the_page_pauses_resumes_and_cancels(pair: tuple[AgentProc, AgentProc, str], browser: Any,
                                                             tmp_path: Path) -> None:
     a, b, url = pair
-    _call(a, "vm-create", name="slow1", program="memstress", mem="32M", args={"ws": "16M", "rate": "0"})
+    _call(a, "vm-create", name="slow1", program=FILL_PROGRAM, mem="32M", args={"ws": "16M"})
+    wait_for(lambda: _call(a, "vm-info", name="slow1").get("console-bytes", 0) >= 1, what="the fill done")
     page = browser.new_page()
     page.goto(url)
     _live(page)
@@ -185,7 +189,7 @@ def test_with_the_token_the_page_pauses_resumes_and_cancels(pair: tuple[AgentPro
     page.wait_for_selector(f"{row}[data-state=paused]", timeout=WAIT_MS)
     page.click(f"{row} button[data-action=resume]")
     page.wait_for_selector(f"{row}[data-state=running]", timeout=WAIT_MS)
-    # A guest writing flat out, sent at 1 MB/s: it stays in pre-copy until cancelled.
+    # 16 MiB that no compression shrinks, sent at 1 MB/s: it stays in pre-copy until cancelled.
     page.select_option("#migrate-vm", "slow1")
     page.fill("#migrate-to", b.control)
     page.fill("#migrate-bandwidth", "1")
