@@ -4,6 +4,7 @@ the registry, the settings; and the etcd client itself on a real 3-member etcd."
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +13,15 @@ from typing import Any
 import pytest
 
 from agent.cluster.etcd import EtcdGateway
-from agent.cluster.kv import OutcomeUnknown, StoreUnavailable
+from agent.cluster.kv import OutcomeUnknown, StoreError, StoreUnavailable
 from agent.cluster.model import HostRecord, Keys, VMRecord
 from agent.cluster.owner import EtcdOwnership
 from agent.cluster.placement import place
 from agent.cluster.registry import ClusterError, Registry
 from agent.cluster.settings import ClusterSettings, resolve
+from agent.migration.in_doubt import AdoptedInDoubt, owner_ref, owner_terms
 from agent.migration.ownership import PARAMS_KEY, TWO_AGENTS, OwnershipLost
+from agent.vms.adopt import migration_ref
 from tests.etcd import etcd_cluster
 from tests.fake_kv import FakeKV
 
@@ -186,6 +189,54 @@ def test_the_source_keeps_the_vm_paused_when_it_cannot_know(loop: asyncio.Abstra
     assert ownership(kv, "A", loop).settle("v", terms, False) is None  # a third owner: the operator decides
 
 
+class Asker:
+    """An in-doubt asker whose destination answers ``answer`` (None: unreachable, then stop)."""
+
+    def __init__(self, answer: bool | None, adopted: list[AdoptedInDoubt]) -> None:
+        self.answer, self.asked, self.adopted = answer, 0, adopted
+        self.vm_name, self.log = "v", Log()
+
+    def ask(self, deadline_s: float | None = None) -> bool:
+        self.asked += 1
+        if self.answer is None:
+            self.adopted[0].stop()
+            raise OSError("unreachable")
+        return self.answer
+
+
+def settle_adopted(kv: FakeKV, loop: asyncio.AbstractEventLoop, ref: dict[str, str],
+                   answer: bool | None) -> tuple[list[bool], int]:
+    """What a restarted agent A decides about a migration its record left in doubt."""
+    got: list[bool] = []
+    adopted: list[AdoptedInDoubt] = []
+    asker = Asker(answer, adopted)
+    terms = owner_terms(ref)
+    assert terms is not None
+    src = ownership(kv, "A", loop)
+    adopted.append(AdoptedInDoubt(asker, None, got.append,  # type: ignore[arg-type]
+                                  lambda says: src.settle("v", terms, says)))
+    adopted[0].run()
+    return got, asker.asked
+
+
+def test_an_agent_restarted_in_doubt_settles_by_etcd_first(loop: asyncio.AbstractEventLoop) -> None:
+    ref = {"id": "m1", "to": "127.0.0.1:1", **owner_ref({PARAMS_KEY: {"host": "A", "generation": 3, "to": "B"}})}
+    assert migration_ref(json.loads(json.dumps(ref))) == ref  # kept in the VM's record as it is
+    kv = FakeKV()
+    owned(kv, "v", "A", 3)  # the destination never claimed it: fenced, runs here, nobody asked
+    assert settle_adopted(kv, loop, ref, None) == ([False], 0)
+    assert record(kv, "v") == ("A", 4)
+    assert settle_adopted(kv, loop, ref, None) == ([False], 0)  # fenced already: ours, as it is
+    assert record(kv, "v") == ("A", 4)
+    owned(kv, "v", "B", 4)  # etcd names the destination: its word is needed
+    assert settle_adopted(kv, loop, ref, True) == ([True], 1)
+    assert settle_adopted(kv, loop, ref, False) == ([False], 1)  # it never will: taken back
+    assert record(kv, "v") == ("A", 5)
+    owned(kv, "v", "B", 4)
+    assert settle_adopted(kv, loop, ref, None) == ([], 1)  # cannot be asked: stays in doubt
+    assert owner_terms({"id": "m1", "to": "x:1"}) is None  # two-agent mode: the destination's word alone
+
+
 def test_the_source_waits_for_etcd_and_stops_waiting_when_the_agent_stops(loop: asyncio.AbstractEventLoop) -> None:
     kv = FakeKV()
     owned(kv, "v", "B", 2)
@@ -252,6 +303,29 @@ async def test_vm_names_are_unique_in_the_cluster() -> None:
     assert await a.vm_owner("v") == "A"
     await a.vm_destroyed("v")
     assert await a.vm_owner("v") is None
+
+
+async def test_the_maintenance_flag_outlives_the_agent_and_is_unchanged_when_etcd_refuses() -> None:
+    kv = FakeKV()
+    a = registry(kv, "A")
+    await a.start()
+    await a.set_maintenance(True)
+    await a.stop()
+    again = registry(kv, "A")
+    await again.start()  # the next run of the same host
+    assert again.maintenance
+    assert HostRecord.decode(kv.data["/ferry/hosts/A"].value).maintenance
+    kv.down = True
+    with pytest.raises(StoreError):
+        await again.set_maintenance(False)
+    assert again.maintenance
+    kv.down = False
+    await again.set_maintenance(False)
+    await again.stop()
+    third = registry(kv, "A")
+    await third.start()
+    assert not third.maintenance
+    await third.stop()
 
 
 async def test_etcd_down_at_start_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,6 +38,7 @@ class ClusterMode:
                                  migration=format_hostport(*migration), vms=vms, log=log, instance=instance)
         self.ownership = EtcdOwnership(self.kv, self.registry.keys, name, asyncio.get_running_loop(), log)
         self.balancer: BalanceLoop | None = None
+        self.ops: ClusterOps | None = None
         self._balancing: asyncio.Task[None] | None = None
 
     def install(self, ops: ControlOps, key: bytes, tls: Callable[[], ssl.SSLContext | None]) -> None:
@@ -53,6 +54,7 @@ class ClusterMode:
 
         cluster_ops = ClusterOps(self.registry, ops, call_peer)
         cluster_ops.install()
+        self.ops = cluster_ops
         settings = self.registry.settings
         if settings.balance_interval > 0:
             self.balancer = BalanceLoop(self.registry, cluster_ops.execute, interval=settings.balance_interval,
@@ -61,6 +63,8 @@ class ClusterMode:
 
     async def start(self) -> None:
         await self.registry.start()
+        if self.registry.maintenance and self.ops is not None:
+            self.ops.evacuate()  # in maintenance before this start: the host is emptied again
         if self.balancer is not None:
             self._balancing = asyncio.create_task(self.balancer.run())
 

@@ -4,6 +4,8 @@ Under the prefix (default /ferry):
 
 * `hosts/NAME`: one per live agent, attached to its lease: `HostRecord` (addresses, capacity,
   load, maintenance). The key vanishes when the lease expires: the host is dead.
+* `maintenance/NAME`: present while host NAME is in maintenance; on no lease, so the flag outlives
+  the agent (a restarted agent comes back in maintenance and goes on emptying its host);
 * `migrations/VM`: a migration an evacuation started, in flight (from, to), on the source's lease;
 * `vms/NAME`: one per VM of the cluster: `VMRecord` (spec, owner host, generation). It is created
   with the VM (owner: the host that made it, generation 1), moved only by the ownership transaction
@@ -43,6 +45,9 @@ class Keys:
     @property
     def held(self) -> str:
         return f"{self.prefix}/balanced/"
+
+    def maintenance(self, name: str) -> str:
+        return f"{self.prefix}/maintenance/{name}"
 
     def migration(self, vm: str) -> str:
         return f"{self.migrations}{vm}"

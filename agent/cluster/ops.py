@@ -9,7 +9,8 @@
 * `migrate` without `to`: the destination is placed the same way (this host left out). A VM
   another host owns is refused with where it runs;
 * `host-maintenance` (`host`, `on`) and `host-maintenance-status` (`host`): maintenance mode and
-  the evacuation it starts (agent/cluster/evacuate.py), forwarded to that host's agent;
+  the evacuation it starts (agent/cluster/evacuate.py), forwarded to that host's agent. The flag is
+  kept in etcd: an agent that starts in maintenance empties its host again (`ClusterMode.start`);
 * `cluster-balance` (`threshold`, `dry-run`): a balancing plan (agent/cluster/balance.py), and
   unless `dry-run` its moves, one at a time, each asked of the VM's owner.
 """
@@ -150,20 +151,28 @@ class ClusterOps:
         host, on = str(args.get("host") or ""), bool(args.get("on"))
         if host != self.registry.name:
             return dict(await self._forward(host, "host-maintenance", {"host": host, "on": on}))
-        self.registry.maintenance = on
-        await self.registry.refresh()
-        if on and (self._evacuation is None or self._evacuation.report.state != "evacuating"):
-            assert self._migrate is not None and self.ops.migrations is not None
-            limits = self.registry.settings
-            self._evacuation = Evacuation(self.registry, self._migrate, self.ops.migrations.info,
-                                          per_host=limits.per_host, per_cluster=limits.per_cluster)
-            task = asyncio.create_task(self._evacuation.run())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        elif not on and self._evacuation is not None:
+        try:
+            await self.registry.set_maintenance(on)
+        except StoreError as e:
+            raise OpError(ErrorCode.INTERNAL, f"etcd unreachable: maintenance not changed: {e}") from e
+        if on:
+            self.evacuate()
+        elif self._evacuation is not None:
             self._evacuation.stopped = True
         self.registry.log.info("maintenance", on=on)
         return self._maintenance()
+
+    def evacuate(self) -> None:
+        """Start emptying this host, unless an evacuation is under way already."""
+        if self._evacuation is not None and self._evacuation.report.state == "evacuating":
+            return
+        assert self._migrate is not None and self.ops.migrations is not None
+        limits = self.registry.settings
+        self._evacuation = Evacuation(self.registry, self._migrate, self.ops.migrations.info,
+                                      per_host=limits.per_host, per_cluster=limits.per_cluster)
+        task = asyncio.create_task(self._evacuation.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def host_maintenance_status(self, args: dict[str, Any]) -> dict[str, Any]:
         host = str(args.get("host") or self.registry.name)

@@ -139,10 +139,12 @@ class EtcdOwnership:
                     return (None,)  # etcd names it, and it cannot be asked whether it runs the VM
                 # It will never run the VM (its start failed, or an in-doubt answer fenced it): take it back.
                 return (False,) if self._swap(entry, rec.moved_to(self.host)) else None
-            if entry is not None and rec is not None and rec.owner == self.host and rec.generation == generation:
+            if entry is not None and rec is not None and rec.owner == self.host and rec.generation >= generation:
                 if dest_says:
                     self.log.error("the destination says it resumed but etcd never named it", vm=vm_name)
                     return (None,)
+                if rec.generation > generation:
+                    return (False,)  # fenced already (by an earlier run of this agent, before it stopped)
                 # Fence: generation N + 1 here, so the destination's transaction can never succeed.
                 return (False,) if self._swap(entry, rec.moved_to(self.host)) else None
             got = "no record" if rec is None else f"owner {rec.owner!r} generation {rec.generation}"

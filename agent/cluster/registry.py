@@ -134,6 +134,7 @@ class Registry:
                 self.log.warning("etcd: cannot register yet, retrying", error=str(e), retry_s=wait)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 2.0)
+        await self._load_maintenance()
         await self._record_local_vms()
         self._task = asyncio.create_task(self._keep())
 
@@ -156,6 +157,27 @@ class Registry:
         self.lease = lease
         self.seen.add(self.name)
         self.log.info("etcd: host registered", key=key, lease=f"{lease:x}", ttl=self.settings.ttl_s)
+
+    async def _load_maintenance(self) -> None:
+        """Take up the maintenance flag an earlier run of this host set (it outlives the agent)."""
+        try:
+            self.maintenance = await self.kv.get(self.keys.maintenance(self.name)) is not None
+        except StoreError as e:  # registered a moment ago: etcd answers; if not, the next start reads it
+            self.log.warning("etcd: the maintenance flag could not be read", error=str(e))
+        if self.maintenance:
+            self.log.warning("this host is in maintenance (set before the agent started)")
+            await self.refresh()
+
+    async def set_maintenance(self, on: bool) -> None:
+        """Set or clear this host's maintenance flag in etcd, then in its record; StoreError when
+        etcd did not take it (the flag is then unchanged)."""
+        key = self.keys.maintenance(self.name)
+        if on:
+            await self.kv.put(key, b"{}")
+        else:
+            await self.kv.delete(key)
+        self.maintenance = on
+        await self.refresh()
 
     async def _record_local_vms(self) -> None:
         for vm in self.vms.list():

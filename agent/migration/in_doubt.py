@@ -9,16 +9,25 @@ resumed" answer fences the migration on the destination for good, so the
 answer is final either way. This module owns that exchange, apart from the
 session it belongs to; connecting and authenticating are the session's,
 passed in.
+
+In cluster mode etcd, not the destination, has the last word
+(agent/migration/ownership.py). The in-doubt record then also names the
+ownership terms (``owner_ref``), so that an agent restarted in doubt settles
+by etcd first: a record still naming this host is fenced and the VM runs
+here again without waiting for the destination, which may be gone for good;
+only a record naming the destination needs its word.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from agent.migration.common import describe
 from agent.migration.info import MigrationInfo
+from agent.migration.ownership import PARAMS_KEY
 from agent.migration.seams import LogLike
 from agent.migration.transport import Connection
 from proto.errors import ProtocolError
@@ -93,16 +102,44 @@ class InDoubtAsker:
         return None
 
 
+def owner_ref(terms: Mapping[str, Any]) -> dict[str, str]:
+    """The in-doubt record's entries for cluster mode's ownership terms (the source's MigrateStart
+    params entry): the destination host's name and the generation this host owned; {} in
+    two-agent mode."""
+    owner = terms.get(PARAMS_KEY)
+    if not isinstance(owner, Mapping):
+        return {}
+    return {"owner-to": str(owner.get("to", "")), "generation": str(owner.get("generation", ""))}
+
+
+def owner_terms(ref: Mapping[str, str]) -> dict[str, Any] | None:
+    """The ownership terms an in-doubt record names (``owner_ref``), None when it names none."""
+    to, generation = ref.get("owner-to"), ref.get("generation")
+    if not to or not generation or not generation.isdigit():
+        return None
+    return {PARAMS_KEY: {"to": to, "generation": int(generation)}}
+
+
+# Settles with the owner store's word given the destination's (None: not asked / no answer):
+# True the destination runs the VM, False this host does, None nobody can say yet.
+Settle = Callable[[bool | None], bool | None]
+
+
 class AdoptedInDoubt:
     """A migration a previous run of this agent left in doubt (its VM re-adopted, paused, with
     COMMIT recorded as sent): this run asks the destination, in its own thread, until it gives a
     definite answer, and hands that to ``on_answer`` (resumed there: True). The operator's
-    `migrate-resolve` may settle it first (``ask_once``, then ``stop``)."""
+    `migrate-resolve` may settle it first (``ask_once``, then ``stop``).
 
-    def __init__(self, asker: InDoubtAsker, info: MigrationInfo, on_answer: Callable[[bool], None]) -> None:
+    With ``settle`` (cluster mode: etcd's word, ownership.settle) the store is asked first, and
+    the destination only when the store names it; its answer then goes through ``settle`` too."""
+
+    def __init__(self, asker: InDoubtAsker, info: MigrationInfo, on_answer: Callable[[bool], None],
+                 settle: Settle | None = None) -> None:
         self.asker = asker
         self.info = info
         self._on_answer = on_answer
+        self._settle = settle
         self._stop = threading.Event()
 
     def ask_once(self, deadline_s: float | None = None) -> bool | None:
@@ -114,6 +151,12 @@ class AdoptedInDoubt:
 
     def run(self) -> None:
         """The thread's body: ask until answered or stopped, waiting longer after each failure."""
+        if self._settle is not None:
+            # The store alone settles a record that still names this host: fenced, the VM is ours.
+            first = self._settle(None)
+            if first is not None:
+                self._answer(first)
+                return
         wait = IN_DOUBT_RETRY_S
         while not self._stop.is_set():
             try:
@@ -124,9 +167,17 @@ class AdoptedInDoubt:
                 self._stop.wait(wait)
                 wait = min(wait * 2, ADOPTED_RETRY_MAX_S)
                 continue
-            if not self._stop.is_set():
-                self._on_answer(resumed)
+            settled = resumed if self._settle is None else self._settle(resumed)
+            if settled is None:  # the store and the destination disagree: the operator decides
+                self.asker.log.error("in doubt: etcd and the destination disagree; the VM stays paused",
+                                     vm=self.asker.vm_name, destination_says=resumed)
+                return
+            self._answer(settled)
             return
+
+    def _answer(self, resumed: bool) -> None:
+        if not self._stop.is_set():
+            self._on_answer(resumed)
 
 
 def settle(reply: Message, info: MigrationInfo) -> bool:

@@ -23,7 +23,7 @@ from agent.code_cache import CodeCache
 from agent.migration import tls
 from agent.migration.common import LoopBridge, MigrationError, Signal, client_handshake
 from agent.migration.destination import DestinationSession
-from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker
+from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker, owner_terms
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
 from agent.migration.outcomes import Outcomes
 from agent.migration.ownership import TWO_AGENTS, Ownership
@@ -317,7 +317,9 @@ class MigrationManager:
         def answered(resumed: bool) -> None:  # in the asking thread
             _on_loop(loop, lambda: loop.create_task(self._settle_adopted(vm, adopted, resumed, run_before)))
 
-        adopted = AdoptedInDoubt(asker, info, answered)
+        terms = owner_terms(ref)
+        settle = None if terms is None else (lambda says: self.ownership.settle(vm.name, terms, says))
+        adopted = AdoptedInDoubt(asker, info, answered, settle)
         self._infos[vm.name] = info
         self._in_doubt[vm.name] = adopted
         self.log.warning("asking the destination about a migration left in doubt", vm=vm.name,

@@ -62,7 +62,7 @@ from agent.migration.common import (
     error_code,
     timed_client_handshake,
 )
-from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker, settle
+from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker, owner_ref, settle
 from agent.migration.info import PAGE_SIZE, MigrationInfo, MigrationParams, RoundStat, Status
 from agent.migration.ownership import TWO_AGENTS, Ownership
 from agent.migration.policy import Action, Decision, Limits, decide
@@ -495,7 +495,7 @@ class SourceSession:
         resumed: bool | None
         # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
         # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
-        ref = {"id": self.migration_id, "to": f"{self.dest[0]}:{self.dest[1]}"}
+        ref = {"id": self.migration_id, "to": f"{self.dest[0]}:{self.dest[1]}", **owner_ref(self._terms)}
         self.bridge.run(self.vm.mark_commit_sent, ref).result(LOOP_CALL_TIMEOUT_S)
         try:
             self._send(Commit(self.migration_id))

@@ -230,14 +230,19 @@ class Adopter:
 
 
 def migration_ref(raw: object) -> dict[str, str] | None:
-    """A record's `migration-ref` ({id, to}); None when absent or malformed (then in doubt without
-    a destination to ask: the operator settles it)."""
+    """A record's `migration-ref` ({id, to}, and in cluster mode {owner-to, generation}: the
+    ownership terms etcd settles it by); None when absent or malformed (then in doubt without a
+    destination to ask: the operator settles it)."""
     if not isinstance(raw, dict):
         return None
     mid, to = raw.get("id"), raw.get("to")
     if not (isinstance(mid, str) and isinstance(to, str) and ":" in to):
         return None
-    return {"id": mid, "to": to}
+    ref = {"id": mid, "to": to}
+    owner_to, generation = raw.get("owner-to"), raw.get("generation")
+    if isinstance(owner_to, str) and isinstance(generation, str) and owner_to and generation.isdigit():
+        ref.update({"owner-to": owner_to, "generation": generation})
+    return ref
 
 
 def disk_held(recorded: DiskConfig | None, held: object) -> DiskConfig | None:
