@@ -130,7 +130,20 @@ def test_hosts_placement_ownership_and_a_frozen_host(trio: tuple[AgentProc, Agen
     assert etcd_get(etcd, "/ferry/vms/v2") is not None
     b.call("vm-destroy", name="v2")
     assert etcd_get(etcd, "/ferry/vms/v2") is None
-    b.call("vm-destroy", name="v1")
+
+    # Asked of an agent that does not run it (C), `migrate` goes to the owner's agent (B), and so
+    # does the status the CLI follows it by; C itself has no migration of it.
+    out = json.loads(c.cli("migrate", "v1", "--to", a.control, "--json").stdout)
+    assert out["status"] == "completed", out
+    runs_on(a, "v1")
+    assert vm_state(b, "v1") is None and vm_state(c, "v1") is None
+    record = etcd_get(etcd, "/ferry/vms/v1")
+    assert record is not None and (record["owner"], record["generation"]) == ("A", 3)
+    assert c.call("migrate-status", name="v1")["status"] == "completed"  # from A, the owner now
+    assert not [m for m in c.call("migrate-list")["migrations"] if m["vm"] == "v1"]
+    a.call("vm-destroy", name="v1")
+    gone = c.cli("migrate-status", "v1", check=False)
+    assert gone.returncode != 0 and "no migration of VM 'v1'" in gone.stderr, gone
 
 
 def leader(cluster: EtcdCluster) -> int:

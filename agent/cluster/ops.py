@@ -7,7 +7,9 @@
   when the create fails;
 * `vm-destroy`: the VM's etcd record goes with it;
 * `migrate` without `to`: the destination is placed the same way (this host left out). A VM
-  another host owns is refused with where it runs;
+  another live host owns is forwarded to that host's agent, as are `migrate-status` and
+  `migrate-cancel` for a VM this agent neither runs nor has a migration of, so the operator may ask
+  any agent of the cluster (one hop: a forwarded call is never forwarded again);
 * `host-maintenance` (`host`, `on`) and `host-maintenance-status` (`host`): maintenance mode and
   the evacuation it starts (agent/cluster/evacuate.py), forwarded to that host's agent. The flag is
   kept in etcd: an agent that starts in maintenance empties its host again (`ClusterMode.start`);
@@ -32,6 +34,7 @@ from agent.ops import ControlOps, OpError
 from proto.errors import ErrorCode
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+FORWARDED = "forwarded-by"  # the args entry naming the agent that forwarded a call (never forwarded again)
 # Calls op on the agent at a control address (agent.client through the daemon, with its key and TLS).
 CallPeer = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
 
@@ -46,6 +49,8 @@ class ClusterOps:
         self._create: Handler | None = None
         self._destroy: Handler | None = None
         self._migrate: Handler | None = None
+        self._status: Handler | None = None
+        self._cancel: Handler | None = None
         self._evacuation: Evacuation | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -53,6 +58,8 @@ class ClusterOps:
         self._create = self.ops.register("vm-create", self.vm_create)
         self._destroy = self.ops.register("vm-destroy", self.vm_destroy)
         self._migrate = self.ops.register("migrate", self.migrate)
+        self._status = self.ops.register("migrate-status", self.migrate_status)
+        self._cancel = self.ops.register("migrate-cancel", self.migrate_cancel)
         self.ops.register("cluster-hosts", self.hosts)
         self.ops.register("host-maintenance", self.host_maintenance)
         self.ops.register("host-maintenance-status", self.host_maintenance_status)
@@ -114,18 +121,36 @@ class ClusterOps:
         await self.registry.refresh()
         return result
 
+    async def _owner_elsewhere(self, name: str) -> tuple[str, str | None] | None:
+        """The host etcd names the owner of VM ``name`` and its control address (None: dead), when
+        that is another host; None when it is this one, nobody, or etcd cannot say."""
+        with contextlib.suppress(StoreError):
+            owner = await self.registry.vm_owner(name)
+            if owner is not None and owner != self.registry.name:
+                return owner, next((h.control for h in await self._live_hosts() if h.name == owner), None)
+        return None
+
+    async def _forwarded(self, op: str, args: dict[str, Any]) -> Any:
+        """``op`` for a VM not on this host, asked of its owner's agent; NO_SUCH_VM when its owner is
+        dead, None when no other host owns it (or this call was forwarded already)."""
+        name = str(args.get("name") or "")
+        if args.get(FORWARDED) or name in {vm.name for vm in self.ops.vms.list()}:
+            return None
+        found = await self._owner_elsewhere(name)
+        if found is None:
+            return None
+        owner, control = found
+        if control is None:
+            raise OpError(ErrorCode.NO_SUCH_VM, f"VM {name!r} runs on host {owner!r}, which is dead (ferry hosts)")
+        return await self.call_peer(control, op, {**args, FORWARDED: self.registry.name})
+
     async def migrate(self, args: dict[str, Any]) -> Any:
         assert self._migrate is not None
         name = str(args.get("name") or "")
         local = {vm.name: vm for vm in self.ops.vms.list()}
         if name not in local:
-            with contextlib.suppress(StoreError):
-                owner = await self.registry.vm_owner(name)
-                if owner is not None and owner != self.registry.name:
-                    where = next((h.control for h in await self._live_hosts() if h.name == owner), None)
-                    raise OpError(ErrorCode.NO_SUCH_VM, f"VM {name!r} runs on host {owner!r}"
-                                  + (f": ferry --agent {where} migrate {name}" if where else " (dead)"))
-            return await self._migrate(args)
+            forwarded = await self._forwarded("migrate", args)
+            return forwarded if forwarded is not None else await self._migrate(args)
         if not args.get("to"):
             chosen = placement.place(await self._live_hosts(), local[name].mem, exclude={self.registry.name})
             if chosen is None:
@@ -134,6 +159,24 @@ class ClusterOps:
             args = {**args, "to": chosen.control}
         return await self._migrate(args)
 
+    async def migrate_status(self, args: dict[str, Any]) -> Any:
+        return await self._here_or_owner("migrate-status", self._status, args)
+
+    async def migrate_cancel(self, args: dict[str, Any]) -> Any:
+        return await self._here_or_owner("migrate-cancel", self._cancel, args)
+
+    async def _here_or_owner(self, op: str, here: Handler | None, args: dict[str, Any]) -> Any:
+        """This agent's answer; for a migration it has no record of, the VM's owner's."""
+        assert here is not None
+        try:
+            return await here(args)
+        except OpError as e:
+            if e.code != ErrorCode.NOT_FOUND:
+                raise
+            forwarded = await self._forwarded(op, args)
+            if forwarded is None:
+                raise
+            return forwarded
 
     # -- maintenance and balancing ------------------------------------------------------------------------
     async def _forward(self, host: str, op: str, args: dict[str, Any]) -> Any:
