@@ -366,3 +366,22 @@ def test_agents_with_another_ca_or_key_are_refused_both_ways(
                 agent.call("vm-destroy", name=vm)
         rogue.stop()
         wrong_key.stop()
+
+
+@pytest.mark.slow
+def test_tls_agents_migrate_by_postcopy_and_the_guest_ends_with_the_unmigrated_digest(
+        cluster: tuple[TLSAgent, TLSAgent], unmigrated_digest: Callable[[], bytes]) -> None:
+    """Post-copy's urgent connection (page requests and their answers) is a TLS connection too."""
+    a, b = cluster
+    a.cli("vm", "create", "p1", "--program", "verify", "--mem", "16M",
+          *(f"--arg={k}={v}" for k, v in VERIFY_ARGS.items()))
+    wait_for(lambda: a.call("vm-info", name="p1")["instructions"] > 100_000, what="verify under way")
+    out = a.cli("migrate", "p1", "--to", b.control, "--postcopy", json=True).json
+    assert out["status"] == "completed", out
+    assert "post-copy" in out["summary"], out
+    incoming = b.call("migrate-status", name="p1")
+    assert incoming["status"] == "completed" and incoming["pages-unsettled"] == 0, incoming
+    assert [vm["name"] for vm in a.call("vm-list")["vms"]] == []
+    wait_for(lambda: b.call("vm-info", name="p1")["state"] == "halted", timeout=100, what="verify to halt")
+    assert digest_line(b.cli("vm", "console", "p1").stdout.encode()) == unmigrated_digest()
+    b.call("vm-destroy", name="p1")
