@@ -95,6 +95,9 @@ def add_commands(sub: Any) -> None:
                        help="the destination does not run it (or is gone for good): resume it here")
     where.add_argument("--resumed-on-destination", dest="action", action="store_const",
                        const="resumed-on-destination", help="the destination runs it: destroy the copy here")
+    r.add_argument("--force", action="store_true",
+                   help="cluster mode: resume here although etcd names the destination the owner (that host is "
+                        "gone for good)")
     r.set_defaults(run=cmd_migrate_resolve)
 
 
@@ -260,7 +263,8 @@ async def cmd_migrate_status(client: ControlClient, ns: argparse.Namespace) -> i
 
 
 async def cmd_migrate_resolve(client: ControlClient, ns: argparse.Namespace) -> int:
-    result = await client.call("migrate-resolve", {"name": ns.name, "action": ns.action})
+    args = {"name": ns.name, "action": ns.action, **({"force": True} if ns.force else {})}
+    result = await client.call("migrate-resolve", args)
     print(f"{ns.name}: {result['resolved']}")
     return EXIT_OK
 

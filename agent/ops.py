@@ -18,7 +18,7 @@ The transport (agent/control.py) feeds it decoded Requests; the operations are
   vm-announce name [params]                    re-send the VM's RARP/gratuitous ARP rounds (params:
                                                announce-rounds, -initial, -max, -step)
   migrate-status name, migrate-cancel name     routed to the migration engine
-  migrate-resolve name action                  settle a migration that ended in doubt (action:
+  migrate-resolve name action [force]          settle a migration that ended in doubt (action:
                                                resume-here | resumed-on-destination)
   vm-move-storage name to                      move a running VM's disk image to `to` (a directory or
                                                a file path) on this host (agent/storage_moves.py)
@@ -76,7 +76,7 @@ class Migrations(Protocol):
     def info(self, vm_name: str) -> dict[str, Any] | None: ...
     def infos(self) -> list[dict[str, Any]]: ...
     async def cancel(self, vm_name: str) -> None: ...
-    async def resolve(self, vm_name: str, resume_here: bool) -> str: ...
+    async def resolve(self, vm_name: str, resume_here: bool, force: bool = False) -> str: ...
 
 
 # Asks another agent's control API for its agent-info (agent.client provides it; tests may fake it).
@@ -346,7 +346,7 @@ class ControlOps:
         name, action = _str(args, "name"), _str(args, "action")
         if action not in RESOLVE_ACTIONS:
             raise OpError(ErrorCode.BAD_REQUEST, f"action must be one of {', '.join(RESOLVE_ACTIONS)}")
-        done = await self._engine().resolve(name, action == "resume-here")
+        done = await self._engine().resolve(name, action == "resume-here", force=bool(args.get("force")))
         return {"name": name, "resolved": done}
 
     # -- storage moves (agent/storage_moves.py) ------------------------------------------------------

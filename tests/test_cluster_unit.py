@@ -19,8 +19,9 @@ from agent.cluster.owner import EtcdOwnership
 from agent.cluster.placement import place
 from agent.cluster.registry import ClusterError, Registry
 from agent.cluster.settings import ClusterSettings, resolve
+from agent.migration.common import MigrationError
 from agent.migration.in_doubt import AdoptedInDoubt, owner_ref, owner_terms
-from agent.migration.ownership import PARAMS_KEY, TWO_AGENTS, OwnershipLost
+from agent.migration.ownership import PARAMS_KEY, TWO_AGENTS, OwnershipLost, resolve_refusal
 from agent.vms.adopt import migration_ref
 from tests.etcd import etcd_cluster
 from tests.fake_kv import FakeKV
@@ -235,6 +236,33 @@ def test_an_agent_restarted_in_doubt_settles_by_etcd_first(loop: asyncio.Abstrac
     owned(kv, "v", "B", 4)
     assert settle_adopted(kv, loop, ref, None) == ([], 1)  # cannot be asked: stays in doubt
     assert owner_terms({"id": "m1", "to": "x:1"}) is None  # two-agent mode: the destination's word alone
+
+
+def test_migrate_resolve_must_agree_with_etcd(loop: asyncio.AbstractEventLoop) -> None:
+    kv = FakeKV()
+    terms = {PARAMS_KEY: {"host": "A", "generation": 3, "to": "B"}}
+    a = ownership(kv, "A", loop)
+
+    def refusal(dest_says: bool | None, resume_here: bool, force: bool = False) -> str | None:
+        return resolve_refusal(a, "v", terms, dest_says, resume_here, force)
+
+    owned(kv, "v", "A", 3)  # B never claimed it
+    assert "never took it over" in (refusal(None, False) or "")  # destroying the only copy: refused
+    assert refusal(None, True) is None and record(kv, "v") == ("A", 4)  # resume here: fenced first
+    owned(kv, "v", "B", 4)  # B claimed it and cannot be asked
+    assert "it may be running it" in (refusal(None, True) or "")
+    assert record(kv, "v") == ("B", 4)
+    assert refusal(None, False) is None  # destroying the copy here agrees with etcd
+    assert refusal(False, True) is None and record(kv, "v") == ("A", 5)  # B never will: taken back
+    owned(kv, "v", "B", 4)
+    assert refusal(None, True, force=True) is None and record(kv, "v") == ("A", 5)  # B gone for good
+    owned(kv, "v", "C", 9)
+    assert "neither end" in (refusal(None, True, force=True) or "")
+    assert refusal(None, True, force=True) and record(kv, "v") == ("C", 9)
+    assert resolve_refusal(TWO_AGENTS, "v", {}, None, True, False) is None  # two-agent mode: as before
+    kv.down = True
+    with pytest.raises(MigrationError, match="etcd cannot say"):
+        refusal(None, True)
 
 
 def test_the_source_waits_for_etcd_and_stops_waiting_when_the_agent_stops(loop: asyncio.AbstractEventLoop) -> None:

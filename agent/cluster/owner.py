@@ -125,6 +125,13 @@ class EtcdOwnership:
             raise OwnershipLost("the agent is stopping before etcd could be reached")
         self.log.info("etcd: this host owns the VM", vm=vm_name, generation=generation + 1)
 
+    def owner(self, vm_name: str) -> str | None:
+        try:
+            rec = self._read(vm_name)[1]
+        except (StoreError, TimeoutError) as e:
+            raise MigrationError(ErrorCode.MIGRATION_FAILED, f"etcd cannot say who owns {vm_name}: {e}") from e
+        return None if rec is None else rec.owner
+
     # -- the source, after COMMIT ------------------------------------------------------------------
     def settle(self, vm_name: str, params: Mapping[str, Any], dest_says: bool | None) -> bool | None:
         terms = dict(params.get(PARAMS_KEY) or {})

@@ -135,8 +135,9 @@ class AdoptedInDoubt:
     the destination only when the store names it; its answer then goes through ``settle`` too."""
 
     def __init__(self, asker: InDoubtAsker, info: MigrationInfo, on_answer: Callable[[bool], None],
-                 settle: Settle | None = None) -> None:
+                 settle: Settle | None = None, terms: Mapping[str, Any] | None = None) -> None:
         self.asker = asker
+        self.owner_terms = terms or {}  # the ownership terms (cluster mode), for migrate-resolve
         self.info = info
         self._on_answer = on_answer
         self._settle = settle

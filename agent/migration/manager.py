@@ -26,7 +26,7 @@ from agent.migration.destination import DestinationSession
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker, owner_terms
 from agent.migration.info import FINAL_STATUSES, MigrationInfo, MigrationParams, Status
 from agent.migration.outcomes import Outcomes
-from agent.migration.ownership import TWO_AGENTS, Ownership
+from agent.migration.ownership import TWO_AGENTS, Ownership, resolve_refusal
 from agent.migration.progress import ProgressWatch
 from agent.migration.seams import LogLike, ManagedVM, VMHost
 from agent.migration.slots import MAX_OUTGOING, Slots
@@ -260,13 +260,15 @@ class MigrationManager:
         if not out.over.done():
             out.over.set_result(None)
 
-    async def resolve(self, vm_name: str, resume_here: bool) -> str:
+    async def resolve(self, vm_name: str, resume_here: bool, force: bool = False) -> str:
         """The operator settles a migration that ended in doubt (the VM paused here).
 
         One more query first, so the operator cannot run the VM twice by mistake: resuming here is
         refused while the destination says it runs the VM, and destroying the copy here is refused
         while it says it does not (its "no" also fences the migration for good). When it cannot be
-        reached, the operator's word decides. Returns what was done.
+        reached, the operator's word decides; in cluster mode etcd must agree as well
+        (ownership.resolve_refusal; ``force``: the operator vouches that a destination etcd names
+        is gone for good). Returns what was done.
         """
         session = self._in_doubt.get(vm_name)
         if session is None:
@@ -283,6 +285,15 @@ class MigrationManager:
         if not resume_here and answer is False:
             raise MigrationError(ErrorCode.BUSY, f"the destination says it did not resume VM {vm_name!r} and "
                                  "never will: resume it here instead (--resume-here)")
+        if session.owner_terms:  # cluster mode: etcd must agree before either copy is touched
+            try:
+                refusal = await asyncio.wait_for(asyncio.to_thread(
+                    resolve_refusal, self.ownership, vm_name, session.owner_terms, answer, resume_here, force),
+                    RESOLVE_ASK_S)
+            except TimeoutError as e:
+                raise MigrationError(ErrorCode.BUSY, f"etcd did not answer who owns VM {vm_name!r}") from e
+            if refusal is not None:
+                raise MigrationError(ErrorCode.BUSY, refusal)
         if isinstance(session, AdoptedInDoubt):
             session.stop()
         async with vm.lock:
@@ -319,7 +330,7 @@ class MigrationManager:
 
         terms = owner_terms(ref)
         settle = None if terms is None else (lambda says: self.ownership.settle(vm.name, terms, says))
-        adopted = AdoptedInDoubt(asker, info, answered, settle)
+        adopted = AdoptedInDoubt(asker, info, answered, settle, terms)
         self._infos[vm.name] = info
         self._in_doubt[vm.name] = adopted
         self.log.warning("asking the destination about a migration left in doubt", vm=vm.name,

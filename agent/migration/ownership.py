@@ -44,6 +44,36 @@ class Ownership(Protocol):
         """The source after COMMIT, given the destination's word (True resumed, False never will,
         None no answer): True the destination runs the VM, False this host does, None unknown."""
 
+    def owner(self, vm_name: str) -> str | None:
+        """The host the store names the VM's owner (None: no store, or no record); raises
+        MigrationError when the store cannot be read."""
+
+
+def resolve_refusal(ownership: Ownership, vm_name: str, params: Mapping[str, Any], dest_says: bool | None,
+                    resume_here: bool, force: bool) -> str | None:
+    """The operator's migrate-resolve of an in-doubt migration, checked against the owner store
+    (cluster mode; ``params`` the source's ownership terms): why it is refused, or None once the
+    store agrees with it. Resuming here fences the record or takes it back from the destination,
+    refused while the store names a destination that did not say it never will run the VM (unless
+    ``force``: the operator knows that host is gone for good); destroying the copy here is refused
+    unless the store names the destination. Blocks (store calls)."""
+    terms = params.get(PARAMS_KEY)
+    if not isinstance(terms, Mapping):
+        return None  # two-agent mode: the destination's word and the operator's
+    dest = str(terms.get("to", ""))
+    owner = ownership.owner(vm_name)
+    if not resume_here:
+        if owner != dest:
+            return (f"etcd names {owner!r} the owner of VM {vm_name}, not the destination {dest!r}: the "
+                    "destination never took it over; resume it here instead (--resume-here)")
+        return None
+    if owner == dest and dest_says is not False and not force:
+        return (f"etcd names the destination {dest!r} the owner of VM {vm_name}: it may be running it; "
+                "if that host is gone for good, add --force")
+    if ownership.settle(vm_name, params, False) is not False:
+        return f"etcd names neither end of the migration the owner of VM {vm_name} ({owner!r}): settle it by hand"
+    return None
+
 
 class TwoAgents:
     """Two-agent mode: nothing kept outside the two agents; the destination's word is final."""
@@ -61,6 +91,9 @@ class TwoAgents:
 
     def settle(self, vm_name: str, params: Mapping[str, Any], dest_says: bool | None) -> bool | None:
         return dest_says
+
+    def owner(self, vm_name: str) -> str | None:
+        return None
 
 
 TWO_AGENTS: Ownership = TwoAgents()

@@ -530,6 +530,11 @@ class SourceSession:
         self._close()
         return self._asker.resolve(self.in_doubt_timeout)
 
+    @property
+    def owner_terms(self) -> dict[str, Any]:
+        """This host's ownership terms as proposed (cluster mode's MigrateStart entry; {} otherwise)."""
+        return self._terms
+
     def ask_once(self, deadline_s: float | None = None) -> bool | None:
         """One more in-doubt query (for the operator's migrate-resolve): the destination's answer,
         or None when it cannot be reached (within ``deadline_s``). A "no" fences the migration
