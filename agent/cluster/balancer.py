@@ -95,7 +95,8 @@ class BalanceLoop:
         records = [VMRecord.decode(e.value) for e in await kv.get_prefix(keys.vms)]
         held = held_names((e.key for e in await kv.get_prefix(keys.held)), keys.held)
         vms = [balance.PlacedVM(r.name, int(r.spec.get("mem", 0)), r.owner) for r in records if r is not None]
-        plan = balance.plan(hosts, eligible(vms, held), self.threshold)
+        # Off the loop: a plan for a large cluster takes a fraction of a second (docs/PERFORMANCE.md).
+        plan = await asyncio.to_thread(balance.plan, hosts, eligible(vms, held), self.threshold)
         self.passes += 1
         if not plan.moves:
             return []

@@ -229,7 +229,7 @@ class ClusterOps:
             hosts = await self._live_hosts()
             records = [VMRecord.decode(e.value) for e in await self.registry.kv.get_prefix(self.registry.keys.vms)]
             vms = [balance.PlacedVM(r.name, int(r.spec.get("mem", 0)), r.owner) for r in records if r is not None]
-            got = balance.plan(hosts, vms, threshold)
+            got = await asyncio.to_thread(balance.plan, hosts, vms, threshold)  # off the loop: see balancer.py
         except ValueError as e:
             raise OpError(ErrorCode.BAD_REQUEST, str(e)) from e
         except StoreError as e:
