@@ -1,4 +1,4 @@
-"""`ferry migrate` and its companions: migrate-status, migrate-cancel, migrate-resolve.
+"""`ferry migrate` and its companions: migrate-status, migrate-cancel, migrate-resolve, migrate-recover.
 
 This module owns the migration commands' flags, the live display of a migration (a bar with the
 share of guest RAM sent, the rate, the round, the expected downtime and ETA on a terminal; one plain
@@ -96,6 +96,10 @@ def add_commands(sub: Any) -> None:
     where.add_argument("--resumed-on-destination", dest="action", action="store_const",
                        const="resumed-on-destination", help="the destination runs it: destroy the copy here")
     r.set_defaults(run=cmd_migrate_resolve)
+    v = sub.add_parser("migrate-recover", help="reconnect a post-copy paused by a lost link now (on the source "
+                                              "agent; it also retries by itself)")
+    v.add_argument("name", metavar="NAME")
+    v.set_defaults(run=cmd_migrate_recover)
 
 
 def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
@@ -262,6 +266,12 @@ async def cmd_migrate_status(client: ControlClient, ns: argparse.Namespace) -> i
 async def cmd_migrate_resolve(client: ControlClient, ns: argparse.Namespace) -> int:
     result = await client.call("migrate-resolve", {"name": ns.name, "action": ns.action})
     print(f"{ns.name}: {result['resolved']}")
+    return EXIT_OK
+
+
+async def cmd_migrate_recover(client: ControlClient, ns: argparse.Namespace) -> int:
+    result = await client.call("migrate-recover", {"name": ns.name})
+    print(f"{ns.name}: {result['recover']}")
     return EXIT_OK
 
 

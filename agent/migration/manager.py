@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import tls
+from agent.migration import postcopy_recover, tls
 from agent.migration.common import LoopBridge, MigrationError, Signal, client_handshake
 from agent.migration.destination import DestinationSession
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker
@@ -268,6 +268,7 @@ class MigrationManager:
         while it says it does not (its "no" also fences the migration for good). When it cannot be
         reached, the operator's word decides. Returns what was done.
         """
+        postcopy_recover.refuse_resolve(self._outgoing.get(vm_name), vm_name)
         session = self._in_doubt.get(vm_name)
         if session is None:
             raise MigrationError(ErrorCode.NOT_FOUND, f"no migration of VM {vm_name!r} is in doubt on {self.agent_name}")
@@ -297,6 +298,12 @@ class MigrationManager:
         session.info.summary = f"in doubt, resolved by the operator: {done} ({how})"
         self.log.warning("in-doubt migration resolved by the operator", vm=vm_name, action=done, answer=answer)
         return f"{done} ({how})"
+
+    async def recover(self, vm_name: str) -> str:
+        """The operator's migrate-recover: a post-copy paused by a lost link reconnects now."""
+        out = self._outgoing.get(vm_name)
+        return postcopy_recover.recover_op(None if out is None else out.session, self._infos.get(vm_name),
+                                           vm_name, self.agent_name)
 
     def resume_in_doubt(self, vm: ManagedVM, ref: Mapping[str, str], run_before: str | None) -> None:
         """A VM a previous run of this agent left in doubt (re-adopted paused, COMMIT of migration

@@ -508,8 +508,8 @@ class SourceSession:
         except (OSError, ProtocolError) as exc:
             self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
             resumed = self._resolve_in_doubt()
-            if resumed and self._postcopy is not None:  # its pages: only here
-                source_end.stay_in_doubt(self)
+            if resumed and self._postcopy is not None:  # it runs there: recover the post-copy's link
+                postcopy_source.finish(self)
                 return
         resumed = self.ownership.settle(self.vm.name, self._terms, resumed)  # cluster mode: etcd's word
         if resumed is None:

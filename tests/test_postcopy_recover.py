@@ -1,0 +1,121 @@
+"""Post-copy recovery end to end: real agents on loopback, real VM processes, the migration's
+link cut by the fault proxy at three points of the post-copy phase
+(agent/migration/postcopy_recover.py; docs/RELIABILITY.md, "Post-copy").
+
+A lost link is not a failure once the destination runs the VM: both sides pause, the source
+reconnects, the destination says which pages it still lacks, and the migration completes. The
+oracle is the `verify` guest's digest: it matches an unmigrated run only if no page was lost,
+stale or duplicated on the way; ownership: the VM runs on the destination, and the source's VM
+process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from proto.messages import PageBatch, Resumed
+from proto.postcopy_messages import PostcopyDone
+from tests.agents import (
+    AgentProc,
+    agent_pair,
+    digest_line,
+    finished,
+    names,
+    unmigrated_verify_digest,
+    wait_for,
+)
+from tests.faults import AFTER, BEFORE, C2S, CALL, CUT, S2C, FaultProxy, Frame, Rule, migration_target
+
+pytestmark = pytest.mark.timeout(240)
+
+VERIFY_ARGS = {"ws": "8M", "steps": "3000000"}
+# Capped, so the post-copy phase lasts seconds: the push of the stale pages is several batches.
+PARAMS = {"postcopy-after": "1", "bandwidth": 2 << 20}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
+    yield from agent_pair(tmp_path_factory.mktemp("agents"))
+
+
+@pytest.fixture(scope="module")
+def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
+    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
+        yield result
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _after_resumed() -> tuple[Rule, Callable[[Frame], bool]]:
+    """A rule that notes RESUMED passing, and a predicate true from then on."""
+    seen = threading.Event()
+    return Rule(S2C, Resumed, CALL, when=AFTER, callback=seen.set), lambda _f: seen.is_set()
+
+
+def _cut_right_after_the_switch_over() -> list[Rule]:
+    return [Rule(S2C, Resumed, CUT, when=AFTER)]
+
+
+def _cut_mid_push() -> list[Rule]:
+    note, after = _after_resumed()
+    return [note, Rule(C2S, PageBatch, CUT, nth=2, where=after)]
+
+
+def _cut_at_the_end() -> list[Rule]:
+    """PostcopyDone lost: the destination has every page, the source never heard it."""
+    return [Rule(S2C, PostcopyDone, CUT, when=BEFORE)]
+
+
+def _migrate_through_a_cut(pair: tuple[AgentProc, AgentProc], digest: Callable[[], bytes], name: str,
+                           rules: list[Rule]) -> dict[str, Any]:
+    a, b = pair
+    a.call("vm-create", name=name, program="verify", mem="16M", args=VERIFY_ARGS)
+    wait_for(lambda: a.call("vm-info", name=name)["instructions"] > 100_000, what="verify under way")
+    source_pid = a.recorded_vm_pids()[name]
+    with FaultProxy(migration_target(b)) as proxy:
+        for rule in rules:
+            proxy.add(rule)
+        a.call("migrate", name=name, to=b.control, migration=proxy.address_text, params=PARAMS)
+        out = finished(a, name, timeout=120)
+    assert all(r.fired.is_set() for r in rules), "the cut never happened"
+    assert out["status"] == "completed", out
+    assert out["postcopy-recoveries"] >= 1, out
+    incoming = finished(b, name)
+    assert incoming["status"] == "completed" and incoming["pages-unsettled"] == 0, incoming
+    # Exactly once: gone here (its process too), on the destination only.
+    assert name not in names(a) and not _pid_alive(source_pid)
+    assert name in names(b)
+    wait_for(lambda: b.call("vm-info", name=name)["state"] == "halted", timeout=120, what="verify to halt")
+    assert digest_line(b.cli("vm", "console", name).stdout.encode()) == digest()
+    b.call("vm-destroy", name=name)
+    return out
+
+
+def test_a_link_cut_right_after_the_switch_over_is_recovered(
+        pair: tuple[AgentProc, AgentProc], unmigrated_digest: Callable[[], bytes]) -> None:
+    _migrate_through_a_cut(pair, unmigrated_digest, "rc1", _cut_right_after_the_switch_over())
+
+
+@pytest.mark.slow
+def test_a_link_cut_mid_push_is_recovered(pair: tuple[AgentProc, AgentProc],
+                                          unmigrated_digest: Callable[[], bytes]) -> None:
+    out = _migrate_through_a_cut(pair, unmigrated_digest, "rc2", _cut_mid_push())
+    assert out["postcopy-pages-pushed"] > 0, out
+
+
+@pytest.mark.slow
+def test_a_lost_postcopy_done_is_recovered(pair: tuple[AgentProc, AgentProc],
+                                           unmigrated_digest: Callable[[], bytes]) -> None:
+    _migrate_through_a_cut(pair, unmigrated_digest, "rc3", _cut_at_the_end())
+
