@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from proto.messages import PageBatch, Resumed
-from proto.postcopy_messages import PostcopyDone
+from proto.postcopy_messages import PostcopyDone, PostcopyRecover
 from tests.agents import (
     AgentProc,
     agent_pair,
@@ -36,6 +36,7 @@ pytestmark = pytest.mark.timeout(240)
 VERIFY_ARGS = {"ws": "8M", "steps": "3000000"}
 # Capped, so the post-copy phase lasts seconds: the push of the stale pages is several batches.
 PARAMS = {"postcopy-after": "1", "bandwidth": 2 << 20}
+RECOVERING = ("postcopy-paused", "postcopy-recover")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def _cut_at_the_end() -> list[Rule]:
 
 
 def _migrate_through_a_cut(pair: tuple[AgentProc, AgentProc], digest: Callable[[], bytes], name: str,
-                           rules: list[Rule]) -> dict[str, Any]:
+                           rules: list[Rule], meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
     a, b = pair
     a.call("vm-create", name=name, program="verify", mem="16M", args=VERIFY_ARGS)
     wait_for(lambda: a.call("vm-info", name=name)["instructions"] > 100_000, what="verify under way")
@@ -87,6 +88,8 @@ def _migrate_through_a_cut(pair: tuple[AgentProc, AgentProc], digest: Callable[[
         for rule in rules:
             proxy.add(rule)
         a.call("migrate", name=name, to=b.control, migration=proxy.address_text, params=PARAMS)
+        if meanwhile is not None:
+            meanwhile()
         out = finished(a, name, timeout=120)
     assert all(r.fired.is_set() for r in rules), "the cut never happened"
     assert out["status"] == "completed", out
@@ -102,9 +105,44 @@ def _migrate_through_a_cut(pair: tuple[AgentProc, AgentProc], digest: Callable[[
     return out
 
 
+class _EveryTime(Rule):
+    """Fires on every matching frame (a Rule fires on its nth only)."""
+
+    def matches(self, frame: Frame) -> bool:
+        self.seen = 0
+        return super().matches(frame)
+
+
 def test_a_link_cut_right_after_the_switch_over_is_recovered(
         pair: tuple[AgentProc, AgentProc], unmigrated_digest: Callable[[], bytes]) -> None:
-    _migrate_through_a_cut(pair, unmigrated_digest, "rc1", _cut_right_after_the_switch_over())
+    """Cut right after RESUMED, and every recovery cut too while ``blocked``: both sides stay
+    postcopy-paused (the VM runs on there), migrate-resolve is refused on the source and
+    migrate-recover on the destination; unblocked, migrate-recover on the source reconnects."""
+    a, b = pair
+    blocked = threading.Event()
+    blocked.set()
+    hold = _EveryTime(C2S, PostcopyRecover, CUT, conn=None, where=lambda _f: blocked.is_set())
+
+    def paused_on_both() -> None:
+        assert wait_for(lambda: a.call("migrate-status", name="rc1")["status"] in RECOVERING and
+                        b.call("migrate-status", name="rc1")["status"] == "postcopy-paused" and hold.fired.is_set(),
+                        timeout=60, what="both sides postcopy-paused")
+        assert b.call("vm-info", name="rc1")["state"] == "running"
+        assert a.call("vm-info", name="rc1")["state"] == "migrating"  # paused, its RAM kept
+        r = a.cli("migrate-resolve", "rc1", "--resume-here", check=False)
+        assert r.returncode != 0 and "the destination owns it since COMMIT" in r.stderr, r.stderr
+        r = b.cli("migrate-recover", "rc1", check=False)
+        assert r.returncode != 0 and "on the source's agent (A)" in r.stderr, r.stderr
+        blocked.clear()
+        assert a.cli("migrate-recover", "rc1").stdout.startswith("rc1: reconnecting to B now")
+
+    _migrate_through_a_cut(pair, unmigrated_digest, "rc1", [*_cut_right_after_the_switch_over(), hold],
+                           meanwhile=paused_on_both)
+
+
+def test_migrate_recover_without_a_paused_postcopy_fails(pair: tuple[AgentProc, AgentProc]) -> None:
+    r = pair[0].cli("migrate-recover", "nosuchvm", check=False)
+    assert r.returncode != 0 and "no post-copy of VM 'nosuchvm' is paused on A" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
