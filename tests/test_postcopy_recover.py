@@ -11,9 +11,10 @@ process is gone.
 
 from __future__ import annotations
 
-import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +23,13 @@ from proto.messages import PageBatch, Resumed
 from proto.postcopy_messages import PostcopyDone, PostcopyRecover
 from tests.agents import (
     AgentProc,
+    agent_list,
     agent_pair,
     digest_line,
     finished,
+    make_key,
     names,
+    start_agent,
     unmigrated_verify_digest,
     wait_for,
 )
@@ -51,11 +55,12 @@ def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Running (a zombie is not: a re-adopted VM process is not the restarted agent's child)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
 
 
 def _after_resumed() -> tuple[Rule, Callable[[Frame], bool]]:
@@ -157,3 +162,45 @@ def test_a_lost_postcopy_done_is_recovered(pair: tuple[AgentProc, AgentProc],
                                            unmigrated_digest: Callable[[], bytes]) -> None:
     _migrate_through_a_cut(pair, unmigrated_digest, "rc3", _cut_at_the_end())
 
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProc]]:
+    """Every agent a test starts (append to it); all stopped, their VMs killed, nothing leaked."""
+    yield from agent_list()
+
+
+@pytest.mark.slow
+def test_a_source_agent_killed_in_postcopy_takes_it_up_again_after_its_restart(
+        tmp_path: Path, agents: list[AgentProc], unmigrated_digest: Callable[[], bytes]) -> None:
+    """kill -9 of the source agent mid-push: its paused VM process and memfd survive, the
+    destination pauses (the VM runs on there); the restarted agent re-adopts the VM, reconnects
+    with the recorded migration id and completes the post-copy from the memfd."""
+    key = make_key(tmp_path)
+    a, b = start_agent(tmp_path, "A", key), start_agent(tmp_path, "B", key)
+    agents += [a, b]
+    a.call("vm-create", name="rk", program="verify", mem="16M", args=VERIFY_ARGS)
+    wait_for(lambda: a.call("vm-info", name="rk")["instructions"] > 100_000, what="verify under way")
+    source_pid = a.recorded_vm_pids()["rk"]
+    note, after = _after_resumed()
+    killed = Rule(C2S, PageBatch, CALL, nth=2, where=after, callback=lambda: a.stop(signal.SIGKILL, keep_vms=True))
+    with FaultProxy(migration_target(b)) as proxy:
+        proxy.add(note)
+        proxy.add(killed)
+        a.call("migrate", name="rk", to=b.control, migration=proxy.address_text, params=PARAMS)
+        wait_for(killed.fired.is_set, timeout=60, what="the kill")
+        wait_for(lambda: b.call("migrate-status", name="rk")["status"] == "postcopy-paused", timeout=30,
+                 what="the destination to pause")
+        assert _pid_alive(source_pid) and b.call("vm-info", name="rk")["state"] == "running"
+        a2 = start_agent(tmp_path, "A", key)
+        agents.append(a2)
+        out = finished(a2, "rk", timeout=120)
+    assert out["status"] == "completed", out
+    assert "taken up again after an agent restart" in out["summary"], out
+    incoming = finished(b, "rk")
+    assert incoming["status"] == "completed" and incoming["postcopy-recoveries"] == 1, incoming
+    assert "rk" not in names(a2)
+    wait_for(lambda: not _pid_alive(source_pid), what="the source's VM process to end")
+    wait_for(lambda: b.call("vm-info", name="rk")["state"] == "halted", timeout=120, what="verify to halt")
+    assert digest_line(b.cli("vm", "console", "rk").stdout.encode()) == unmigrated_digest()
+    b.call("vm-destroy", name="rk")

@@ -496,6 +496,8 @@ class SourceSession:
         # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
         # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
         ref = {"id": self.migration_id, "to": f"{self.dest[0]}:{self.dest[1]}"}
+        if self._postcopy is not None:  # a restarted agent takes the phase up again (postcopy_adopt)
+            ref.update(postcopy="1", peer=self.info.peer)
         self.bridge.run(self.vm.mark_commit_sent, ref).result(LOOP_CALL_TIMEOUT_S)
         try:
             self._send(Commit(self.migration_id))

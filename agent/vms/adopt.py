@@ -237,7 +237,8 @@ def migration_ref(raw: object) -> dict[str, str] | None:
     mid, to = raw.get("id"), raw.get("to")
     if not (isinstance(mid, str) and isinstance(to, str) and ":" in to):
         return None
-    return {"id": mid, "to": to}
+    extra = {k: v for k in ("postcopy", "peer") if isinstance(v := raw.get(k), str)}  # a post-copy's
+    return {"id": mid, "to": to, **extra}
 
 
 def disk_held(recorded: DiskConfig | None, held: object) -> DiskConfig | None:
