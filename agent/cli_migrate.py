@@ -96,7 +96,7 @@ def add_commands(sub: Any) -> None:
     where.add_argument("--resumed-on-destination", dest="action", action="store_const",
                        const="resumed-on-destination", help="the destination runs it: destroy the copy here")
     r.set_defaults(run=cmd_migrate_resolve)
-    v = sub.add_parser("migrate-recover", help="reconnect a post-copy paused by a lost link now (on the source "
+    v = sub.add_parser("migrate-recover", help="reconnect a post-copy paused by a lost link at once (on the source "
                                               "agent; it also retries by itself)")
     v.add_argument("name", metavar="NAME")
     v.set_defaults(run=cmd_migrate_recover)

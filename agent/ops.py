@@ -20,7 +20,7 @@ The transport (agent/control.py) feeds it decoded Requests; the operations are
   migrate-status name, migrate-cancel name     routed to the migration engine
   migrate-resolve name action                  settle a migration that ended in doubt (action:
                                                resume-here | resumed-on-destination)
-  migrate-recover name                         a post-copy paused by a lost link reconnects now (source)
+  migrate-recover name                         a post-copy paused by a lost link reconnects at once (source)
   vm-move-storage name to                      move a running VM's disk image to `to` (a directory or
                                                a file path) on this host (agent/storage_moves.py)
   vm-move-storage-status name, vm-move-storage-cancel name

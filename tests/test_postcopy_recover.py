@@ -139,7 +139,7 @@ def test_a_link_cut_right_after_the_switch_over_is_recovered(
         r = b.cli("migrate-recover", "rc1", check=False)
         assert r.returncode != 0 and "on the source's agent (A)" in r.stderr, r.stderr
         blocked.clear()
-        assert a.cli("migrate-recover", "rc1").stdout.startswith("rc1: reconnecting to B now")
+        assert a.cli("migrate-recover", "rc1").stdout.startswith("rc1: reconnecting to B at once")
 
     _migrate_through_a_cut(pair, unmigrated_digest, "rc1", [*_cut_right_after_the_switch_over(), hold],
                            meanwhile=paused_on_both)

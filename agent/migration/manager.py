@@ -300,7 +300,7 @@ class MigrationManager:
         return f"{done} ({how})"
 
     async def recover(self, vm_name: str) -> str:
-        """The operator's migrate-recover: a post-copy paused by a lost link reconnects now."""
+        """The operator's migrate-recover: a post-copy paused by a lost link reconnects at once."""
         out = self._outgoing.get(vm_name)
         return postcopy_recover.recover_op(None if out is None else out.session, self._infos.get(vm_name),
                                            vm_name, self.agent_name)

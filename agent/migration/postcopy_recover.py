@@ -16,7 +16,7 @@ cut, a reset, a stall past the stall timeout) is therefore no failure, on either
   and the phase goes on;
 * **source** (:func:`run_source`): status ``postcopy-paused``; it keeps its paused VM process and
   guest RAM, and reconnects with backoff (``FIRST_DELAY_S`` doubling to ``MAX_DELAY_S``;
-  ``ferry migrate-recover NAME`` wakes it at once: :func:`recover_now`), status
+  ``ferry migrate-recover NAME`` wakes it at once: :func:`recover_op`), status
   ``postcopy-recover`` while a handshake is under way. The push then sends exactly what the
   destination lacks. Never does it resume its own copy: the destination's may have run.
 
@@ -117,7 +117,7 @@ class Phase:
             offer = self._main = _Offer(conn)
             active = self.state == "active"
             self._cond.notify_all()
-        if active:  # this side has not seen the loss yet (a half-open link): drop it now
+        if active:  # this side has not seen the loss yet (a half-open link): drop it at once
             self._preempt()
         return offer
 
@@ -188,7 +188,7 @@ _phases_lock = threading.Lock()
 
 
 def open_phase(s: DestinationSession, preempt: Callable[[], None]) -> Phase:
-    """The post-copy phase of ``s`` starts: from now on a recovery may join it."""
+    """The post-copy phase of ``s`` starts: from here on a recovery may join it."""
     assert s.info is not None
     phase = Phase(s._mid, s._peer, s.info.vm, preempt)
     with _phases_lock:
@@ -315,9 +315,9 @@ def _reconnect(s: SourceSession) -> None:
     attempts = 0
     while True:
         s.info.status = Status.POSTCOPY_PAUSED
-        if pc.recover_now.wait(delay):
+        if pc.kick.wait(delay):
             s.log.info("post-copy recovery forced by the operator", vm=s.vm.name)
-        pc.recover_now.clear()
+        pc.kick.clear()
         s.info.status = Status.POSTCOPY_RECOVER
         attempts += 1
         try:
@@ -374,8 +374,8 @@ def recover_op(s: SourceSession | None, info: MigrationInfo | None, vm_name: str
     """The operator's ``migrate-recover NAME``: on the source, the next attempt at once; on the
     destination, refused with where to run it (the source is the side that connects)."""
     if s is not None and s._postcopy is not None and s.info.status in RECOVERING:
-        s._postcopy.recover_now.set()
-        return f"reconnecting to {s.info.peer} now"
+        s._postcopy.kick.set()
+        return f"reconnecting to {s.info.peer} at once"
     if info is not None and info.direction == "in" and info.status in RECOVERING:
         raise MigrationError(ErrorCode.BAD_REQUEST, f"{agent} is the destination of VM {vm_name!r}'s post-copy: "
                              f"run `ferry migrate-recover {vm_name}` on the source's agent ({info.peer}), "
@@ -396,7 +396,7 @@ def refuse_resolve(out: object, vm_name: str) -> None:
         return
     raise MigrationError(ErrorCode.BUSY, f"VM {vm_name!r} is in post-copy ({session.info.status.value}): the "
                          "destination owns it since COMMIT and runs it, its missing pages are only here; it is "
-                         f"not in doubt and is never resumed here (`ferry migrate-recover {vm_name}` reconnects now)")
+                         f"not in doubt and is never resumed here (`ferry migrate-recover {vm_name}` reconnects at once)")
 
 
 __all__ = ["Phase", "Refused", "attach_urgent", "join", "open_phase", "pause_incoming", "recover_op", "refuse_resolve",

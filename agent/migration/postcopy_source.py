@@ -94,7 +94,7 @@ class PostcopySource:
         self.answered = 0
         self.pushed = 0
         self.recoveries = 0  # links lost and recovered (postcopy_recover)
-        self.recover_now = threading.Event()  # the operator's migrate-recover: reconnect at once
+        self.kick = threading.Event()  # the operator's migrate-recover: reconnect at once
         self._started: float | None = None
         self._sent_before = 0  # bytes the connections lost since carried
 
@@ -144,7 +144,7 @@ class PostcopySource:
         self._answerer.start()
 
     def resume(self, conn: Connection, lacking: list[Range]) -> None:
-        """A recovered link (postcopy_recover): ``conn`` is the main connection now, the push
+        """A recovered link (postcopy_recover): ``conn`` becomes the main connection, the push
         sends exactly what the destination lacks, and answers go on a new urgent connection."""
         todo = bytearray(len(self._todo))
         for a, b in lacking:
