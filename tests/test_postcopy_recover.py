@@ -204,3 +204,27 @@ def test_a_source_agent_killed_in_postcopy_takes_it_up_again_after_its_restart(
     wait_for(lambda: b.call("vm-info", name="rk")["state"] == "halted", timeout=120, what="verify to halt")
     assert digest_line(b.cli("vm", "console", "rk").stdout.encode()) == unmigrated_digest()
     b.call("vm-destroy", name="rk")
+
+
+def test_a_recovery_for_an_unknown_migration_is_refused_by_a_real_listener(
+        pair: tuple[AgentProc, AgentProc]) -> None:
+    """Over a real connection to the destination's migration listener, authenticated: the
+    refusal arrives as MigrateRefuse with the reason, and the agent carries on."""
+    from agent.migration.common import client_handshake
+    from agent.migration.transport import Connection, connect
+    from proto.messages import MigrateRefuse
+    from proto.state import SourceMachine
+
+    a, b = pair
+    conn = Connection(connect(migration_target(b)))
+    try:
+        assert client_handshake(conn, a.key_path.read_bytes().strip(), "A") == "B"
+        conn.start(SourceMachine())
+        conn.send(PostcopyRecover("0123456789abcdef", "nosuchvm"))
+        reply = conn.recv()
+    finally:
+        conn.close()
+    assert isinstance(reply, MigrateRefuse) and reply.code == "not-found", reply
+    assert reply.reason.startswith("unknown migration id 0123456789abcdef"), reply
+    wait_for(lambda: "post-copy recovery refused" in b.log(), what="the refusal logged")
+    b.call("agent-info")
