@@ -152,7 +152,10 @@ class PostcopySource:
         if lacking:  # (none: the destination has every page; PostcopyDone is all that is left)
             self._open_urgent()
         s = self.s
+        kept = s.info.compression  # the figures so far go on (packer() starts new ones)
         conn.packer = compression.packer(s.params, conn.channel.version, s.info, s._cancel, conn.sock)
+        if kept is not None:
+            conn.packer.stats = s.info.compression = kept
         with self._lock:
             self._todo, self._left, self._cursor = todo, todo.count(1), 0
         s.conn = conn
