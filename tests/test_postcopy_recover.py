@@ -122,7 +122,8 @@ def test_a_link_cut_right_after_the_switch_over_is_recovered(
         pair: tuple[AgentProc, AgentProc], unmigrated_digest: Callable[[], bytes]) -> None:
     """Cut right after RESUMED, and every recovery cut too while ``blocked``: both sides stay
     postcopy-paused (the VM runs on there), migrate-resolve is refused on the source and
-    migrate-recover on the destination; unblocked, migrate-recover on the source reconnects."""
+    migrate-recover on the destination; migrate-recover on the source forces an attempt; once
+    unblocked, the recovery completes the migration."""
     a, b = pair
     blocked = threading.Event()
     blocked.set()
@@ -138,8 +139,10 @@ def test_a_link_cut_right_after_the_switch_over_is_recovered(
         assert r.returncode != 0 and "the destination owns it since COMMIT" in r.stderr, r.stderr
         r = b.cli("migrate-recover", "rc1", check=False)
         assert r.returncode != 0 and "on the source's agent (A)" in r.stderr, r.stderr
-        blocked.clear()
         assert a.cli("migrate-recover", "rc1").stdout.startswith("rc1: reconnecting to B at once")
+        wait_for(lambda: "post-copy recovery forced by the operator" in a.log(), what="the forced attempt")
+        blocked.clear()
+        a.cli("migrate-recover", "rc1", check=False)  # (the backoff's next attempt may have won the race)
 
     _migrate_through_a_cut(pair, unmigrated_digest, "rc1", [*_cut_right_after_the_switch_over(), hold],
                            meanwhile=paused_on_both)
