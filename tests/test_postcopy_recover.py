@@ -133,7 +133,7 @@ def test_a_link_cut_right_after_the_switch_over_is_recovered(
         assert wait_for(lambda: a.call("migrate-status", name="rc1")["status"] in RECOVERING and
                         b.call("migrate-status", name="rc1")["status"] == "postcopy-paused" and hold.fired.is_set(),
                         timeout=60, what="both sides postcopy-paused")
-        assert b.call("vm-info", name="rc1")["state"] == "running"
+        assert b.call("vm-info", name="rc1")["state"] in ("running", "halted")
         assert a.call("vm-info", name="rc1")["state"] == "migrating"  # paused, its RAM kept
         r = a.cli("migrate-resolve", "rc1", "--resume-here", check=False)
         assert r.returncode != 0 and "the destination owns it since COMMIT" in r.stderr, r.stderr
@@ -194,7 +194,8 @@ def test_a_source_agent_killed_in_postcopy_takes_it_up_again_after_its_restart(
         wait_for(killed.fired.is_set, timeout=60, what="the kill")
         wait_for(lambda: b.call("migrate-status", name="rk")["status"] == "postcopy-paused", timeout=30,
                  what="the destination to pause")
-        assert _pid_alive(source_pid) and b.call("vm-info", name="rk")["state"] == "running"
+        assert _pid_alive(source_pid)  # (the guest there may have finished its work already: halted)
+        assert b.call("vm-info", name="rk")["state"] in ("running", "halted")
         a2 = start_agent(tmp_path, "A", key)
         agents.append(a2)
         out = finished(a2, "rk", timeout=120)

@@ -253,7 +253,8 @@ class PostcopyIncoming:
         and not yet here (its answer lost with the link) is asked for again."""
         assert self.server is not None
         self._stop_serving()
-        self.s.conn = main
+        old, self.s.conn = self.s.conn, main
+        old.close()  # (shut at the loss; a recovery's own is closed by its thread too: closing twice is safe)
         self._errors.clear()
         self.recoveries += 1
         for a, b in self.server.ranges(REQUESTED):
