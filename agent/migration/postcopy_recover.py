@@ -3,7 +3,7 @@ halves and reconnect (docs/protocol.md, "Post-copy recovery"; docs/RELIABILITY.m
 
 From RESUMED on the destination owns the VM: it runs there on partial RAM, and the pages it
 lacks exist only in the source's paused VM process. A lost link (main or urgent connection: a
-cut, a reset, a stall past the stall timeout) is therefore no failure, on either side:
+cut, a reset, a send or a wait past the stall timeout) is therefore no failure, on either side:
 
 * **destination** (:func:`pause_incoming`): status ``postcopy-paused``; the VM keeps running,
   its faults are still served (a present or zero page at once; a missing one is marked

@@ -292,15 +292,16 @@ class PostcopySource:
 
 
 def finish(s: SourceSession) -> None:
-    """After RESUMED: the post-copy phase, then the VM here goes (source_end.complete). A failed
-    phase keeps the VM paused here with its RAM (the destination stops its VM: it must not run
-    on holes), for the operator (migrate-resolve)."""
+    """After RESUMED: the post-copy phase, then the VM here goes (source_end.complete). A lost
+    link pauses it until a reconnect (postcopy_recover); a failed phase keeps the VM paused here
+    with its RAM (the destination stops its VM: it must not run on holes), for the operator
+    (migrate-resolve)."""
     from agent.migration import postcopy_recover, source_end
 
     assert s._postcopy is not None
     downtime = time.monotonic() - s._pause_t
     try:
-        postcopy_recover.run_source(s)  # a lost link pauses it until a reconnect (not a failure)
+        postcopy_recover.run_source(s)
     except Exception as exc:
         s._close()
         why = describe(exc)
