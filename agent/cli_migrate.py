@@ -1,4 +1,4 @@
-"""`ferry migrate` and its companions: migrate-status, migrate-cancel, migrate-resolve.
+"""`ferry migrate` and its companions: migrate-status, migrate-cancel, migrate-resolve, migrate-recover.
 
 This module owns the migration commands' flags, the live display of a migration (a bar with the
 share of guest RAM sent, the rate, the round, the expected downtime and ETA on a terminal; one plain
@@ -99,6 +99,10 @@ def add_commands(sub: Any) -> None:
                    help="cluster mode: resume here although etcd names the destination the owner (that host is "
                         "gone for good)")
     r.set_defaults(run=cmd_migrate_resolve)
+    v = sub.add_parser("migrate-recover", help="reconnect a post-copy paused by a lost link at once (on the source "
+                                              "agent; it also retries by itself)")
+    v.add_argument("name", metavar="NAME")
+    v.set_defaults(run=cmd_migrate_recover)
 
 
 def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
@@ -266,6 +270,12 @@ async def cmd_migrate_resolve(client: ControlClient, ns: argparse.Namespace) -> 
     args = {"name": ns.name, "action": ns.action, **({"force": True} if ns.force else {})}
     result = await client.call("migrate-resolve", args)
     print(f"{ns.name}: {result['resolved']}")
+    return EXIT_OK
+
+
+async def cmd_migrate_recover(client: ControlClient, ns: argparse.Namespace) -> int:
+    result = await client.call("migrate-recover", {"name": ns.name})
+    print(f"{ns.name}: {result['recover']}")
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ The transport (agent/control.py) feeds it decoded Requests; the operations are
   migrate-status name, migrate-cancel name     routed to the migration engine
   migrate-resolve name action [force]          settle a migration that ended in doubt (action:
                                                resume-here | resumed-on-destination)
+  migrate-recover name                         a post-copy paused by a lost link reconnects at once (source)
   vm-move-storage name to                      move a running VM's disk image to `to` (a directory or
                                                a file path) on this host (agent/storage_moves.py)
   vm-move-storage-status name, vm-move-storage-cancel name
@@ -77,6 +78,7 @@ class Migrations(Protocol):
     def infos(self) -> list[dict[str, Any]]: ...
     async def cancel(self, vm_name: str) -> None: ...
     async def resolve(self, vm_name: str, resume_here: bool, force: bool = False) -> str: ...
+    async def recover(self, vm_name: str) -> str: ...
 
 
 # Asks another agent's control API for its agent-info (agent.client provides it; tests may fake it).
@@ -122,6 +124,7 @@ class ControlOps:
             "migrate-list": self.migrate_list,
             "migrate-cancel": self.migrate_cancel,
             "migrate-resolve": self.migrate_resolve,
+            "migrate-recover": self.migrate_recover,
             "vm-move-storage": self.vm_move_storage,
             "vm-move-storage-status": self.vm_move_storage_status,
             "vm-move-storage-cancel": self.vm_move_storage_cancel,
@@ -348,6 +351,10 @@ class ControlOps:
             raise OpError(ErrorCode.BAD_REQUEST, f"action must be one of {', '.join(RESOLVE_ACTIONS)}")
         done = await self._engine().resolve(name, action == "resume-here", force=bool(args.get("force")))
         return {"name": name, "resolved": done}
+
+    async def migrate_recover(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        return {"name": name, "recover": await self._engine().recover(name)}
 
     # -- storage moves (agent/storage_moves.py) ------------------------------------------------------
     async def vm_move_storage(self, args: dict[str, Any]) -> dict[str, Any]:

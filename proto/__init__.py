@@ -86,6 +86,9 @@ from proto.postcopy_messages import (
     PostcopyAttach,
     PostcopyDiscard,
     PostcopyDone,
+    PostcopyLacking,
+    PostcopyRecover,
+    PostcopyRecovered,
     PostcopyStart,
 )
 from proto.state import (
@@ -111,5 +114,5 @@ __all__ = [
     "Event", "Hello", "HelloReply", "InDoubtAnswer", "InDoubtQuery", "Message", "MigrateAccept",
     "MigrateRefuse", "MigrateStart", "PageBatch", "RangeBatch", "Ranges", "Ready", "Request", "Response", "Resumed",
     "RoundEnd", "Sync", "SyncAck", "POSTCOPY_MESSAGES", "PageRequest", "PostcopyAttach", "PostcopyDiscard",
-    "PostcopyDone", "PostcopyStart",
+    "PostcopyDone", "PostcopyLacking", "PostcopyRecover", "PostcopyRecovered", "PostcopyStart",
 ]  # fmt: skip

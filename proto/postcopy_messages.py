@@ -1,7 +1,7 @@
 """Post-copy's messages (protocol version 4): the switch-over that resumes the VM on the
 destination before all its pages are there, the page requests, and the end.
 
-Registered in the same catalogue as proto.messages (type codes 49-53); proto.state imports this
+Registered in the same catalogue as proto.messages (type codes 49-55); proto.state imports this
 module, so every channel knows them. The exchange is in docs/protocol.md, "Post-copy".
 """
 
@@ -105,4 +105,57 @@ class PostcopyDone(Message):
     requests: int
 
 
-POSTCOPY_MESSAGES = (PostcopyDiscard, PostcopyStart, PageRequest, PostcopyAttach, PostcopyDone)
+@register(54)
+@dataclass(frozen=True, slots=True)
+class PostcopyRecover(Message):
+    """Source -> destination, first message of a new connection after the post-copy phase of
+    migration ``migration_id`` lost its link: it becomes that migration's main connection. The
+    destination answers PostcopyLacking* and PostcopyRecovered, or MigrateRefuse (an unknown
+    migration id, another peer, a recovery already under way)."""
+
+    SINCE: ClassVar[int] = 4
+
+    migration_id: str
+    vm_name: str
+
+    def check(self, guest_size: int | None = None) -> None:
+        for label, value in (("migration_id", self.migration_id), ("vm_name", self.vm_name)):
+            if not value or len(value) > MAX_NAME_LEN:
+                raise FieldError(f"{label} must be 1..{MAX_NAME_LEN} characters")
+
+
+@register(55)
+@dataclass(frozen=True, slots=True, repr=False)
+class PostcopyLacking(Message):
+    """Destination -> source, answering PostcopyRecover: guest ranges the destination still lacks
+    (missing, or requested and not yet arrived: the pages in flight when the link dropped). As
+    many as the set needs, then PostcopyRecovered; the source's push sends exactly these."""
+
+    SINCE: ClassVar[int] = 4
+
+    ranges: Ranges
+
+    def check(self, guest_size: int | None = None) -> None:
+        _ranges.check_bounds(self.ranges, MAX_RANGES, MAX_GUEST_SIZE if guest_size is None else guest_size)
+
+    def __repr__(self) -> str:
+        return f"PostcopyLacking(<{len(self.ranges)} ranges>)"
+
+
+@register(56)
+@dataclass(frozen=True, slots=True)
+class PostcopyRecovered(Message):
+    """Destination -> source: the lacking set is complete (``pages``: the pages it names, checked
+    by the source); the post-copy phase goes on on the new connections."""
+
+    SINCE: ClassVar[int] = 4
+
+    pages: int
+
+    def check(self, guest_size: int | None = None) -> None:
+        if not 0 <= self.pages <= MAX_GUEST_SIZE // 4096:
+            raise FieldError(f"pages {self.pages} is not a page count of guest RAM")
+
+
+POSTCOPY_MESSAGES = (PostcopyDiscard, PostcopyStart, PageRequest, PostcopyAttach, PostcopyDone, PostcopyRecover,
+                     PostcopyLacking, PostcopyRecovered)

@@ -64,7 +64,16 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
-from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
+from proto.postcopy_messages import (
+    PageRequest,
+    PostcopyAttach,
+    PostcopyDiscard,
+    PostcopyDone,
+    PostcopyLacking,
+    PostcopyRecover,
+    PostcopyRecovered,
+    PostcopyStart,
+)
 
 
 class Direction(Enum):
@@ -102,6 +111,7 @@ class SourceState(Enum):
     POSTCOPY = "postcopy"  # the VM runs there: pages pushed, requests answered, until PostcopyDone
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests only
     PC_SYNCING = "pc-syncing"  # Sync sent behind the discards made before the pause: awaiting SyncAck
+    PC_RECOVERING = "pc-recovering"  # PostcopyRecover sent on a new connection: awaiting what the destination lacks
 
 
 class DestinationState(Enum):
@@ -127,6 +137,7 @@ class DestinationState(Enum):
     POSTCOPY = "postcopy"  # the VM runs here on partial RAM: pages arrive, requests go out
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests arrive
     PC_SYNC_ASKED = "pc-sync-asked"  # Sync received: the discards before it are done, SyncAck comes next
+    PC_RECOVERING = "pc-recovering"  # PostcopyRecover received: what this side lacks goes out, or a refusal
 
 
 Key = tuple[Enum, type[Message], Direction]
@@ -187,6 +198,11 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.URGENT, PageRequest, RECV): _S.URGENT,
     (_S.URGENT, PageBatch, SEND): _S.URGENT,
     **_abort_entries((_S.PC_STARTING, _S.PC_AWAITING_READY, _S.PC_READY, _S.PC_SYNCING), _S.ABORTED),
+    # Post-copy recovery: a new main connection after the link was lost in the post-copy phase.
+    (_S.START, PostcopyRecover, SEND): _S.PC_RECOVERING,
+    (_S.PC_RECOVERING, PostcopyLacking, RECV): _S.PC_RECOVERING,
+    (_S.PC_RECOVERING, PostcopyRecovered, RECV): _S.POSTCOPY,
+    (_S.PC_RECOVERING, MigrateRefuse, RECV): _S.REFUSED,
 }
 
 DESTINATION_TRANSITIONS: dict[Key, Enum] = {
@@ -226,6 +242,10 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.URGENT, PageRequest, SEND): _D.URGENT,
     (_D.URGENT, PageBatch, RECV): _D.URGENT,
     **_abort_entries((_D.PC_STARTING, _D.PC_VERIFYING, _D.PC_READY, _D.PC_SYNC_ASKED), _D.ABORTED),
+    (_D.START, PostcopyRecover, RECV): _D.PC_RECOVERING,
+    (_D.PC_RECOVERING, PostcopyLacking, SEND): _D.PC_RECOVERING,
+    (_D.PC_RECOVERING, PostcopyRecovered, SEND): _D.POSTCOPY,
+    (_D.PC_RECOVERING, MigrateRefuse, SEND): _D.REFUSED,
 }
 
 #: Message types that carry the migration id, checked against the one the connection started with.
@@ -268,7 +288,7 @@ class _Machine:
         return nxt
 
     def _check_id(self, msg: Message, error: type[ProtocolError]) -> None:
-        if isinstance(msg, MigrateStart | InDoubtQuery | PostcopyAttach):
+        if isinstance(msg, MigrateStart | InDoubtQuery | PostcopyAttach | PostcopyRecover):
             self.migration_id = msg.migration_id
         elif isinstance(msg, _ID_CARRIERS) and msg.migration_id != self.migration_id:
             raise error(

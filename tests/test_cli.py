@@ -156,7 +156,7 @@ def test_version_and_bash_completion() -> None:
                'printf "%s\\n" "${COMPREPLY[@]}"')
         return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout.split()
 
-    assert sorted(complete("mig")) == ["migrate", "migrate-cancel", "migrate-resolve", "migrate-status"]
+    assert sorted(complete("mig")) == ["migrate", "migrate-cancel", "migrate-recover", "migrate-resolve", "migrate-status"]
     assert complete("vm", "cr") == ["create"]
     assert "--max-downtime" in complete("migrate", "c1", "--")
     assert complete("migrate", "c1", "--storage-mode", "") == ["background", "write-blocking"]

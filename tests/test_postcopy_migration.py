@@ -122,32 +122,3 @@ def test_the_source_vm_process_killed_during_postcopy_loses_nothing(
     assert digest_line(b.cli("vm", "console", "pk").stdout.encode()) == unmigrated_digest()
     assert "pk" not in names(a)
     b.call("vm-destroy", name="pk")
-
-
-@pytest.mark.slow
-def test_a_link_cut_in_postcopy_stops_the_destination_vm_and_keeps_the_source_paused(
-        pair: tuple[AgentProc, AgentProc]) -> None:
-    """Recovery is not built: a cut main connection in the post-copy phase fails the migration
-    on both sides; the destination stops its VM (never left running on holes), the source keeps
-    its copy paused with its RAM, for migrate-resolve."""
-    from proto.messages import Resumed
-    from tests.faults import AFTER, CUT, S2C, FaultProxy, Rule, migration_target
-
-    a, b = pair
-    a.call("vm-create", name="pl", program="memstress", mem="32M",
-           args={"ws": "16M", "rate": "0", "pattern": "random", "values": "random"})
-    wait_for(lambda: a.call("vm-info", name="pl")["instructions"] > 50_000, what="memstress under way")
-    with FaultProxy(migration_target(b)) as proxy:
-        proxy.add(Rule(S2C, Resumed, CUT, when=AFTER))
-        a.call("migrate", name="pl", to=b.control, migration=proxy.address_text,
-               params={"postcopy-after": "1", "bandwidth": 8 << 20})
-        out = finished(a, "pl")
-    assert out["status"] == "failed" and out["error-desc"].startswith("post-copy failed"), out
-    incoming = wait_for(lambda: (st := b.call("migrate-status", name="pl"))["status"] == "failed" and st,
-                        timeout=30, what="the destination to fail")
-    assert "the VM was stopped on this host" in incoming["error-desc"], incoming
-    assert "pl" not in names(b)
-    assert a.call("vm-info", name="pl")["state"] == "paused"
-    a.cli("migrate-resolve", "pl", "--resume-here")
-    runs_on(a, "pl")
-    a.call("vm-destroy", name="pl")

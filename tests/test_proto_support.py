@@ -47,6 +47,9 @@ SAMPLES: dict[type[Message], Message] = {
     proto.PageRequest: proto.PageRequest(8192, 4),
     proto.PostcopyAttach: proto.PostcopyAttach("m-1", "vm-1"),
     proto.PostcopyDone: proto.PostcopyDone(3, 1),
+    proto.PostcopyRecover: proto.PostcopyRecover("m-1", "vm-1"),
+    proto.PostcopyLacking: proto.PostcopyLacking(((0, 8192), (16384, 20480))),
+    proto.PostcopyRecovered: proto.PostcopyRecovered(3),
 }
 
 
@@ -125,6 +128,7 @@ _OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
     (proto.MigrateStart, "mem_size"): st.integers(1, 1 << 20).map(lambda p: p * proto.PAGE_SIZE),
     (proto.SyncAck, "held_s"): st.floats(0.0, 3600.0),
     (proto.PostcopyStart, "pages"): st.integers(0, 1 << 20),
+    (proto.PostcopyRecovered, "pages"): st.integers(0, 1 << 20),
 }
 
 
@@ -147,6 +151,8 @@ def messages_of(cls: type[Message]) -> st.SearchStrategy[Message]:
         return code_hints()
     if cls is proto.PostcopyDiscard:
         return ranges(64, 16).map(proto.PostcopyDiscard)
+    if cls is proto.PostcopyLacking:
+        return ranges(64, 16).map(proto.PostcopyLacking)
     if cls is proto.PageRequest:
         return st.builds(proto.PageRequest, st.integers(0, 31).map(lambda p: p * proto.PAGE_SIZE), st.integers(1, 32))
     hints = get_type_hints(cls)

@@ -34,7 +34,7 @@ from typing import Any
 from agent.code_cache import CodeCache
 from agent.disk_copy import CopyError
 from agent.disks import DiskConfig
-from agent.migration import code_hint, pages, postcopy_dest, spec_move, storage_copy
+from agent.migration import code_hint, pages, postcopy_dest, postcopy_recover, spec_move, storage_copy
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -72,7 +72,7 @@ from proto.messages import (
     Sync,
     SyncAck,
 )
-from proto.postcopy_messages import PostcopyAttach
+from proto.postcopy_messages import PostcopyAttach, PostcopyRecover
 from proto.state import DestinationMachine
 
 # Whole time an unauthenticated peer gets for the handshake and its first message. The kernel
@@ -154,6 +154,8 @@ class DestinationSession:
                 self._migration(first)
             elif isinstance(first, PostcopyAttach):
                 postcopy_dest.attach(self, first)
+            elif isinstance(first, PostcopyRecover):
+                postcopy_recover.join(self, first)
         except Exception as exc:  # the connection is this session's only client: log, never raise
             self.log.warning("incoming migration connection failed", peer=self._peer, error=describe(exc))
         finally:

@@ -38,6 +38,8 @@ class Status(enum.Enum):
     ACTIVE = "active"  # pre-copy rounds, the VM runs
     DEVICE = "device"  # stop-and-copy: the VM is paused
     POSTCOPY_ACTIVE = "postcopy-active"  # the VM runs on the destination, pages still arrive
+    POSTCOPY_PAUSED = "postcopy-paused"  # post-copy lost its link: the VM runs there, both keep their halves
+    POSTCOPY_RECOVER = "postcopy-recover"  # post-copy's recovery handshake is under way
     COMPLETED = "completed"  # the VM runs on the destination only
     FAILED = "failed"  # the VM runs where it ran before (see error-desc)
     CANCELLED = "cancelled"  # the operator cancelled; the VM runs on the source

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.code_cache import CodeCache
-from agent.migration import tls
+from agent.migration import postcopy_adopt, postcopy_recover, tls
 from agent.migration.common import LoopBridge, MigrationError, Signal, client_handshake
 from agent.migration.destination import DestinationSession
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, AdoptedInDoubt, InDoubtAsker, owner_terms
@@ -270,6 +270,7 @@ class MigrationManager:
         (ownership.resolve_refusal; ``force``: the operator vouches that a destination etcd names
         is gone for good). Returns what was done.
         """
+        postcopy_recover.refuse_resolve(self._outgoing.get(vm_name), vm_name)
         session = self._in_doubt.get(vm_name)
         if session is None:
             raise MigrationError(ErrorCode.NOT_FOUND, f"no migration of VM {vm_name!r} is in doubt on {self.agent_name}")
@@ -309,10 +310,20 @@ class MigrationManager:
         self.log.warning("in-doubt migration resolved by the operator", vm=vm_name, action=done, answer=answer)
         return f"{done} ({how})"
 
+    async def recover(self, vm_name: str) -> str:
+        """The operator's migrate-recover: a post-copy paused by a lost link reconnects at once."""
+        out = self._outgoing.get(vm_name)
+        return postcopy_recover.recover_op(None if out is None else out.session, self._infos.get(vm_name),
+                                           vm_name, self.agent_name)
+
     def resume_in_doubt(self, vm: ManagedVM, ref: Mapping[str, str], run_before: str | None) -> None:
         """A VM a previous run of this agent left in doubt (re-adopted paused, COMMIT of migration
         ``ref`` {id, to} recorded as sent): ask the destination until it answers, then destroy the
-        copy here (it resumed there) or run the VM here again as it ran before (``run_before``)."""
+        copy here (it resumed there) or run the VM here again as it ran before (``run_before``).
+        A post-copy's is taken up again instead (postcopy_adopt), the query only if that fails."""
+        if postcopy_adopt.is_postcopy(ref):
+            self._resume_postcopy(vm, ref, run_before)
+            return
         host, _, port = ref["to"].rpartition(":")
         dest = (host, int(port))
         info = MigrationInfo(vm=vm.name, direction="out", peer=ref["to"], mem=vm.mem, status=Status.FAILED)
@@ -336,6 +347,31 @@ class MigrationManager:
         self.log.warning("asking the destination about a migration left in doubt", vm=vm.name,
                          migration_id=ref["id"], destination=ref["to"])
         self._start_thread(adopted.run, "ferry-in-doubt")
+
+    def _resume_postcopy(self, vm: ManagedVM, ref: Mapping[str, str], run_before: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        session = postcopy_adopt.session_for(vm, ref, run_before, vms=self.vms, key=self.key,
+                                             agent_name=self.agent_name, bridge=LoopBridge(loop), log=self.log,
+                                             tls=None if self.tls is None else self.tls.client,
+                                             stall_timeout=self.stall_timeout)
+        out = _Outgoing(session, loop.create_future())
+        self._infos[vm.name] = session.info
+        self._outgoing[vm.name] = out
+        plain = {"id": ref["id"], "to": ref["to"]}
+        self.log.warning("taking up a post-copy an agent restart cut", vm=vm.name, migration_id=ref["id"],
+                         destination=ref["to"])
+
+        def run() -> None:
+            ask = False
+            try:
+                ask = postcopy_adopt.run(session)
+            finally:
+                _on_loop(loop, self._outgoing_over, out)
+                self._finished(session.info)
+            if ask:
+                _on_loop(loop, self.resume_in_doubt, vm, plain, run_before)
+
+        self._start_thread(run, "ferry-postcopy-adopted")
 
     async def _settle_adopted(self, vm: ManagedVM, adopted: AdoptedInDoubt, resumed: bool,
                               run_before: str | None) -> None:

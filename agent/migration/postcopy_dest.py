@@ -34,15 +34,24 @@ import mmap
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from agent.migration import postcopy_recover
 from agent.migration.common import RUN_STATE_KEY, describe
 from agent.migration.info import PAGE_SIZE, Status
-from agent.migration.postcopy_faults import FaultServer
+from agent.migration.postcopy_faults import REQUESTED, FaultServer
 from agent.migration.transport import Connection
 from proto.errors import ErrorCode, RemoteProtocolError
 from proto.messages import Commit, DeviceState, Message, PageBatch, Ready, Sync, SyncAck
-from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
+from proto.postcopy_messages import (
+    MAX_REQUEST_PAGES,
+    PageRequest,
+    PostcopyAttach,
+    PostcopyDiscard,
+    PostcopyDone,
+    PostcopyStart,
+)
 from vmruntime import postcopy
 from vmruntime.dirty import merge_ranges, written_extents
 
@@ -85,6 +94,8 @@ def attach(s: DestinationSession, msg: PostcopyAttach) -> None:
     """An urgent connection's session: park it for its migration (a live one of the same peer),
     and keep this thread (whose end closes it) until that migration's post-copy is over."""
     owner = next((o for o in s.outcomes.live() if o._mid == msg.migration_id), None)
+    if owner is None and postcopy_recover.attach_urgent(s, msg):  # a recovery's urgent connection
+        return
     if owner is None or owner._peer != s._peer:
         raise RemoteProtocolError(f"PostcopyAttach for migration {msg.migration_id}, which is not under way "
                                   f"here with {s._peer}")
@@ -114,15 +125,18 @@ def _take_link(mid: str, timeout: float) -> _Link:
 
 
 class _Requester:
-    """The FaultServer's PageSource: a request goes out on the urgent connection."""
+    """The FaultServer's PageSource: a request goes out on the urgent connection. Without one
+    (the link is lost: postcopy_recover) the pages stay requested in the received map, and the
+    recovery asks for every requested page again."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection | None) -> None:
         self.conn = conn
         self.lock = threading.Lock()
 
     def request(self, offset: int, npages: int) -> None:
         with self.lock:
-            self.conn.send(PageRequest(offset, npages))
+            if self.conn is not None:
+                self.conn.send(PageRequest(offset, npages))
 
 
 class PostcopyIncoming:
@@ -135,12 +149,16 @@ class PostcopyIncoming:
         self.stale: list[Range] = []
         self.server: FaultServer | None = None
         self.link: _Link | None = None
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._serving = threading.Event()  # set: the serving thread is to stop
+        self._requester = _Requester(None)
+        self.recoveries = 0
+        self.phase: postcopy_recover.Phase | None = None  # from RESUMED on: what a recovery joins
         self._errors: list[BaseException] = []
         # One staging mapping per connection: both may carry the same page at once.
         self._staging = {name: mmap.mmap(-1, self.size) for name in ("main", "urgent")}
         self._closed = False
+        self._t0 = time.monotonic()
         self.start: PostcopyStart | None = None
 
     # -- before COMMIT (failures discard the copy, as in pre-copy) --
@@ -191,23 +209,67 @@ class PostcopyIncoming:
         reg = postcopy.Registered.from_reply(reply, fds)
         present = written_extents(memfd, self.size)
         known = merge_ranges(present + self.stale)
-        self.server = FaultServer(reg, memfd, _Requester(self.link.conn), present=present,
+        self.server = FaultServer(reg, memfd, self._requester, present=present,
                                   zero=_holes(self.size, known), readahead=READAHEAD_PAGES)
-        self._thread = threading.Thread(target=self._serve_faults, name="ferry-postcopy-faults", daemon=True)
+        self._start_serving(self.link.conn)
+
+    def _start_serving(self, urgent: Connection | None) -> None:
+        """Serve faults in a thread; answers read from ``urgent`` in the same wait."""
+        self._requester.conn = urgent
+        self._serving = stop = threading.Event()
+        readers = {} if urgent is None else {urgent.sock.fileno(): lambda: self._urgent(urgent)}
+        self._thread = threading.Thread(target=self._serve_faults, args=(stop, readers),
+                                        name="ferry-postcopy-faults", daemon=True)
         self._thread.start()
 
-    def _serve_faults(self) -> None:
-        assert self.server is not None and self.link is not None
+    def _stop_serving(self) -> None:
+        self._serving.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _serve_faults(self, stop: threading.Event, readers: dict[int, Callable[[], None]]) -> None:
+        assert self.server is not None
         try:
-            self.server.serve(self._stop, POLL_S, readers={self.link.conn.sock.fileno(): self._urgent})
+            self.server.serve(stop, POLL_S, readers=readers)
         except BaseException as e:  # the phase reports it
             self._errors.append(e)
-            self._stop.set()
+            stop.set()
 
-    def _urgent(self) -> None:
+    def detach(self) -> None:
+        """The link is lost: both connections go; faults are served on, missing pages marked
+        requested (postcopy_recover)."""
+        self._stop_serving()
+        self.s.conn.shutdown()
+        if self.link is not None:
+            self.link.conn.shutdown()
+            self.link.ended.set()
+            self.link = None
+        self._errors.clear()
+        self._start_serving(None)
+
+    def reattach(self, main: Connection, urgent: Connection) -> None:
+        """A recovered link: the phase goes on on ``main`` and ``urgent``; every page requested
+        and not yet here (its answer lost with the link) is asked for again."""
+        assert self.server is not None
+        self._stop_serving()
+        old, self.s.conn = self.s.conn, main
+        old.close()  # (shut at the loss; a recovery's own is closed by its thread too: closing twice is safe)
+        self._errors.clear()
+        self.recoveries += 1
+        for a, b in self.server.ranges(REQUESTED):
+            for at in range(a, b, MAX_REQUEST_PAGES * PAGE_SIZE):
+                urgent.send(PageRequest(at, min(MAX_REQUEST_PAGES, (b - at) // PAGE_SIZE)))
+        self._start_serving(urgent)
+
+    def preempt(self) -> None:
+        """A recovery came while this side still saw its link up: drop it (the source did)."""
+        self.s.conn.shutdown()
+        if self.link is not None:
+            self.link.conn.shutdown()
+
+    def _urgent(self, conn: Connection) -> None:
         """An answer waits on the urgent connection: install it (and any other already here)."""
-        assert self.link is not None
-        conn = self.link.conn
         self._receive(conn, "urgent")
         pending = getattr(conn.sock, "pending", None)  # TLS: records already decrypted
         while pending is not None and pending():
@@ -234,41 +296,48 @@ class PostcopyIncoming:
     def run(self) -> bool:
         """The post-copy phase; True when it completed. A failure stops the VM here: it must
         never run on holes, and the source still holds guest RAM (docs/RELIABILITY.md)."""
+        self.phase = phase = postcopy_recover.open_phase(self.s, self.preempt)
+        self._t0 = time.monotonic()
         try:
-            self._fill()
-            return True
+            while True:
+                try:
+                    self._fill()
+                    return True
+                except OSError as exc:  # the link: paused until the source reconnects
+                    if phase.done is not None:  # only PostcopyDone was lost: a recovery hears it again
+                        return True
+                    postcopy_recover.pause_incoming(self, phase, exc)
         except Exception as exc:
             self._stop_vm(exc)
             return False
         finally:
+            phase.close()
             self.close()
 
     def _fill(self) -> None:
         """The background push until every page is here; then let the source go."""
         s = self.s
         assert self.server is not None and s.info is not None
-        t = time.monotonic()
         poller = select.poll()
         poller.register(s.conn.sock.fileno(), select.POLLIN)
         shown = 0.0
-        try:
-            while not self.server.complete:
-                if self._errors:
-                    raise self._errors[0]
-                if poller.poll(POLL_S * 1000) or getattr(s.conn.sock, "pending", lambda: 0)():
-                    msg = self._receive(s.conn, "main")
-                    if not isinstance(msg, PageBatch):
-                        raise RemoteProtocolError(f"expected PageBatch, got {type(msg).__name__}")
-                    s.info.transferred = s.conn.received
-                if (now := time.monotonic()) - shown >= STATS_EVERY_S:  # the stats sort the latencies
-                    s.info.postcopy, shown = self.stats(), now
-            stats = self.server.done()
-            assert s._lane is not None
-            s._lane.request("postcopy-end")
-            s.info.postcopy = {**self.stats(stats), "postcopy-time": round((time.monotonic() - t) * 1000)}
-            s._send(PostcopyDone(stats["pages-placed"], stats["postcopy-requests"]))
-        finally:
-            self.close()
+        while not self.server.complete:
+            if self._errors:
+                raise self._errors[0]
+            if poller.poll(POLL_S * 1000) or getattr(s.conn.sock, "pending", lambda: 0)():
+                msg = self._receive(s.conn, "main")
+                if not isinstance(msg, PageBatch):
+                    raise RemoteProtocolError(f"expected PageBatch, got {type(msg).__name__}")
+                s.info.transferred = s.conn.received
+            if (now := time.monotonic()) - shown >= STATS_EVERY_S:  # the stats sort the latencies
+                s.info.postcopy, shown = self.stats(), now
+        stats = self.server.done()
+        assert s._lane is not None and self.phase is not None
+        s._lane.request("postcopy-end")
+        s.info.postcopy = {**self.stats(stats), "postcopy-time": round((time.monotonic() - self._t0) * 1000)}
+        self.phase.done = PostcopyDone(stats["pages-placed"], stats["postcopy-requests"])
+        s._send(self.phase.done)
+        self.close()
         s.conn.linger(DONE_LINGER_S)  # the source closes once it read PostcopyDone
         s.log.info("post-copy completed", vm=s.info.vm, **{k.replace("-", "_"): v for k, v in s.info.postcopy.items()
                                                            if not isinstance(v, list)})
@@ -276,18 +345,16 @@ class PostcopyIncoming:
     def stats(self, raw: dict[str, Any] | None = None) -> dict[str, Any]:
         assert self.server is not None
         st = self.server.stats() if raw is None else raw
-        return {k: st[k] for k in ("postcopy-requests", "postcopy-blocktime", "postcopy-vcpu-blocktime",
-                                   "postcopy-latency-p50", "postcopy-latency-p99", "pages-placed",
-                                   "pages-unsettled")}
+        return {**{k: st[k] for k in ("postcopy-requests", "postcopy-blocktime", "postcopy-vcpu-blocktime",
+                                      "postcopy-latency-p50", "postcopy-latency-p99", "pages-placed",
+                                      "pages-unsettled")}, "postcopy-recoveries": self.recoveries}
 
     def close(self) -> None:
         """Stop serving faults, release the urgent connection and the staging (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        self._stop_serving()
         if self.server is not None:
             self.server.close()
         if self.link is not None:

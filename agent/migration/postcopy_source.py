@@ -28,7 +28,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from agent.migration import pages
+from agent.migration import compression, pages
 from agent.migration.common import RUN_STATE_KEY, MigrationError, describe
 from agent.migration.info import PAGE_SIZE, Status
 from agent.migration.policy import Action, Decision
@@ -93,6 +93,10 @@ class PostcopySource:
         self.requests = 0
         self.answered = 0
         self.pushed = 0
+        self.recoveries = 0  # links lost and recovered (postcopy_recover)
+        self.kick = threading.Event()  # the operator's migrate-recover: reconnect at once
+        self._started: float | None = None
+        self._sent_before = 0  # bytes the connections lost since carried
 
     # -- the switch-over (before COMMIT: a failure rolls back, the VM resumes here) --
 
@@ -129,12 +133,37 @@ class PostcopySource:
             self._todo[a // PAGE_SIZE:b // PAGE_SIZE] = b"\x01" * ((b - a) // PAGE_SIZE)
         self._left = npages
         s.info.remaining = npages * PAGE_SIZE
-        self._answerer = threading.Thread(target=self._answer, name="ferry-postcopy-answers", daemon=True)
-        self._answerer.start()  # the restore there may fault already
+        self._start_answerer()  # the restore there may fault already
         reply = s._recv()
         if not isinstance(reply, Ready):
             raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected Ready, got {type(reply).__name__}")
         return s._book.lap("verify", t)
+
+    def _start_answerer(self) -> None:
+        self._answerer = threading.Thread(target=self._answer, name="ferry-postcopy-answers", daemon=True)
+        self._answerer.start()
+
+    def resume(self, conn: Connection, lacking: list[Range]) -> None:
+        """A recovered link (postcopy_recover): ``conn`` becomes the main connection, the push
+        sends exactly what the destination lacks, and answers go on a new urgent connection."""
+        todo = bytearray(len(self._todo))
+        for a, b in lacking:
+            todo[a // PAGE_SIZE:b // PAGE_SIZE] = b"\x01" * ((b - a) // PAGE_SIZE)
+        if lacking:  # (none: the destination has every page; PostcopyDone is all that is left)
+            self._open_urgent()
+        s = self.s
+        kept = s.info.compression  # the figures so far go on (packer() starts new ones)
+        conn.packer = compression.packer(s.params, conn.channel.version, s.info, s._cancel, conn.sock)
+        if kept is not None:
+            conn.packer.stats = s.info.compression = kept
+        with self._lock:
+            self._todo, self._left, self._cursor = todo, todo.count(1), 0
+        s.conn = conn
+        self._stop = threading.Event()
+        self._error = None
+        self.recoveries += 1
+        if self.urgent is not None:
+            self._start_answerer()
 
     def _discard(self, ranges: list[Range]) -> None:
         s = self.s
@@ -194,7 +223,9 @@ class PostcopySource:
         s = self.s
         assert s.conn is not None and s._ram is not None
         s.info.status = Status.POSTCOPY_ACTIVE
-        t = time.monotonic()
+        if self._started is None:
+            self._started = time.monotonic()
+        t = self._started
         try:
             while (ranges := self._next()) is not None:
                 if self._error is not None:
@@ -203,7 +234,7 @@ class PostcopySource:
                     s.conn.send_pages(s._ram, batch.ranges.tolist(), batch.zeros.tolist())
                     self.pushed += batch.pages
                 s.info.remaining = self._left * PAGE_SIZE
-                s.info.transferred = s.conn.sent + (self.urgent.sent if self.urgent else 0)
+                s.info.transferred = self._sent_before + s.conn.sent + (self.urgent.sent if self.urgent else 0)
                 s.info.postcopy = self.stats()
                 if s.conn.next_frame_is(PostcopyDone):
                     break
@@ -212,6 +243,7 @@ class PostcopySource:
             if not isinstance(done, PostcopyDone):
                 raise MigrationError(ErrorCode.PROTOCOL_ERROR, f"expected PostcopyDone, got {type(done).__name__}")
         finally:
+            self._sent_before += s.conn.sent + (self.urgent.sent if self.urgent else 0)
             self.close()
         s.info.remaining = 0
         s.info.postcopy = {**self.stats(), "postcopy-time": round((time.monotonic() - t) * 1000)}
@@ -242,7 +274,7 @@ class PostcopySource:
 
     def stats(self) -> dict[str, int]:
         return {"postcopy-requests": self.requests, "postcopy-pages-answered": self.answered,
-                "postcopy-pages-pushed": self.pushed}
+                "postcopy-pages-pushed": self.pushed, "postcopy-recoveries": self.recoveries}
 
     def close(self) -> None:
         """Stop answering and close the urgent connection (idempotent)."""
@@ -260,15 +292,16 @@ class PostcopySource:
 
 
 def finish(s: SourceSession) -> None:
-    """After RESUMED: the post-copy phase, then the VM here goes (source_end.complete). A failed
-    phase keeps the VM paused here with its RAM (the destination stops its VM: it must not run
-    on holes), for the operator (migrate-resolve)."""
-    from agent.migration import source_end
+    """After RESUMED: the post-copy phase, then the VM here goes (source_end.complete). A lost
+    link pauses it until a reconnect (postcopy_recover); a failed phase keeps the VM paused here
+    with its RAM (the destination stops its VM: it must not run on holes), for the operator
+    (migrate-resolve)."""
+    from agent.migration import postcopy_recover, source_end
 
     assert s._postcopy is not None
     downtime = time.monotonic() - s._pause_t
     try:
-        s._postcopy.run()
+        postcopy_recover.run_source(s)
     except Exception as exc:
         s._close()
         why = describe(exc)

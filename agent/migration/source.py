@@ -496,6 +496,8 @@ class SourceSession:
         # Recorded before COMMIT leaves: an agent restarted after this point cannot know whether the
         # destination got it, so it keeps the VM paused (in doubt); before it, it may resume the VM.
         ref = {"id": self.migration_id, "to": f"{self.dest[0]}:{self.dest[1]}", **owner_ref(self._terms)}
+        if self._postcopy is not None:  # a restarted agent takes the phase up again (postcopy_adopt)
+            ref.update(postcopy="1", peer=self.info.peer)
         self.bridge.run(self.vm.mark_commit_sent, ref).result(LOOP_CALL_TIMEOUT_S)
         try:
             self._send(Commit(self.migration_id))
@@ -508,8 +510,8 @@ class SourceSession:
         except (OSError, ProtocolError) as exc:
             self.log.warning("migration in doubt", vm=self.vm.name, error=describe(exc))
             resumed = self._resolve_in_doubt()
-            if resumed and self._postcopy is not None:  # its pages: only here
-                source_end.stay_in_doubt(self)
+            if resumed and self._postcopy is not None:  # it runs there: recover the post-copy's link
+                postcopy_source.finish(self)
                 return
         resumed = self.ownership.settle(self.vm.name, self._terms, resumed)  # cluster mode: etcd's word
         if resumed is None:

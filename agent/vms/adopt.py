@@ -242,6 +242,7 @@ def migration_ref(raw: object) -> dict[str, str] | None:
     owner_to, generation = raw.get("owner-to"), raw.get("generation")
     if isinstance(owner_to, str) and isinstance(generation, str) and owner_to and generation.isdigit():
         ref.update({"owner-to": owner_to, "generation": generation})
+    ref.update({k: v for k in ("postcopy", "peer") if isinstance(v := raw.get(k), str)})  # a post-copy's
     return ref
 
 
