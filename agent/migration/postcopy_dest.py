@@ -5,7 +5,10 @@ A DestinationSession (destination.py) receives pre-copy rounds as always; a Post
 from the source hands the rest of the migration to :class:`PostcopyIncoming`:
 
 * the discards (PostcopyDiscard): pages whose copies here are stale (dirtied on the source since they were
-  sent) are punched out of the memfd at once, so they are holes again;
+  sent). Where userfaultfd's MINOR mode works (``postcopy.minor_available``) they are only noted:
+  their copies stay in the page cache, and the FaultServer serves them by MINOR faults (writing the
+  fresh copy, then UFFDIO_CONTINUE); elsewhere they are punched out of the memfd at once, so they
+  are holes again (10 us a page and more, much of it in the pause: docs/PERFORMANCE.md, section 20);
 * DeviceState, READY (no digest: RAM is not whole yet), COMMIT;
 * on COMMIT: the incoming VM process registers guest RAM for userfaultfd MISSING faults and
   hands the uffd over its lane (``postcopy-register``); the :class:`FaultServer` serves faults
@@ -13,7 +16,8 @@ from the source hands the rest of the migration to :class:`PostcopyIncoming`:
   out, and their answers come back, on the *urgent connection*, a second connection the source
   opened with PostcopyAttach: it never queues behind the background push, which keeps the main
   connection busy (QEMU's postcopy-preempt idea);
-* the session's usual commit (claim, restore, RESUMED): the VM runs here;
+* the session's usual commit (claim, restore, RESUMED): the VM runs here; in MINOR mode the
+  pages that were up to date are mapped into it in bulk (FaultServer.map_present);
 * the post-copy phase: the background push arrives on the main connection and is installed
   with UFFDIO_COPY (never written through the mapping: a page the guest wrote meanwhile
   would be overwritten); once every page is present, guest RAM is unregistered, the VM
@@ -31,11 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import select
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from agent.migration import page_maps
 from agent.migration.common import RUN_STATE_KEY, describe
 from agent.migration.info import PAGE_SIZE, Status
 from agent.migration.postcopy_faults import FaultServer
@@ -44,7 +50,7 @@ from proto.errors import ErrorCode, RemoteProtocolError
 from proto.messages import Commit, DeviceState, Message, PageBatch, Ready, Sync, SyncAck
 from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
 from vmruntime import postcopy
-from vmruntime.dirty import merge_ranges, written_extents
+from vmruntime.dirty import written_extents
 
 if TYPE_CHECKING:
     from agent.migration.destination import DestinationSession
@@ -132,7 +138,9 @@ class PostcopyIncoming:
         self.s = s
         assert s._inc is not None and s.info is not None
         self.size = s.info.mem
-        self.stale: list[Range] = []
+        self.stale: list[Range] = []  # as the discards named them
+        self.stale_map = bytearray(self.size // PAGE_SIZE)  # 1: the copy here is stale
+        self.present: list[Range] = []
         self.server: FaultServer | None = None
         self.link: _Link | None = None
         self._stop = threading.Event()
@@ -142,14 +150,17 @@ class PostcopyIncoming:
         self._staging = {name: mmap.mmap(-1, self.size) for name in ("main", "urgent")}
         self._closed = False
         self.start: PostcopyStart | None = None
+        self.minor = postcopy.minor_available()
 
     # -- before COMMIT (failures discard the copy, as in pre-copy) --
 
     def on_discard(self, msg: PostcopyDiscard) -> None:
-        """Stale pages: holes again, now (the VM does not run here yet)."""
+        """Stale pages: noted (MINOR mode), or holes again, now (the VM does not run here yet)."""
         assert self.s._inc is not None
-        for start, end in msg.ranges:
-            postcopy.punch(self.s._inc.memfd, start, end - start)
+        if not self.minor:
+            for start, end in msg.ranges:
+                postcopy.punch(self.s._inc.memfd, start, end - start)
+        page_maps.mark(self.stale_map, msg.ranges)
         self.stale.extend(msg.ranges)
 
     def commit(self) -> bool:
@@ -159,16 +170,18 @@ class PostcopyIncoming:
         start = self.start
         assert start is not None
         assert s.info is not None and s._lane is not None and s._inc is not None
+        # Every pre-copy page is written by now (PostcopyStart follows the last round), and the VM
+        # still runs on the source: the scan of the memfd is not downtime.
+        self.present = written_extents(s._inc.memfd, self.size)
         while not isinstance(state := s._recv(), DeviceState):
             if isinstance(state, PostcopyDiscard):
                 self.on_discard(state)
             elif isinstance(state, Sync):  # the discards before the pause: all punched
-                early = sum(e - b for b, e in merge_ranges(self.stale)) // PAGE_SIZE
+                early = self.stale_map.count(1)
                 if early != start.pages:
                     raise RemoteProtocolError(f"PostcopyStart says {start.pages} stale pages, the discards "
                                               f"named {early}")
                 s._send(SyncAck(state.round))
-        self.stale = merge_ranges(self.stale)
         s.info.status = Status.DEVICE
         if s.info.rounds:
             s.info.rounds[-1].final = True
@@ -178,21 +191,28 @@ class PostcopyIncoming:
         commit = s._recv()
         assert isinstance(commit, Commit)
         self.link = _take_link(s._mid, URGENT_WAIT_S)
+        t = time.monotonic()
         self._serve(s._inc.memfd)
+        s.info.breakdown["postcopy-register"] = time.monotonic() - t
         resumed = s._on_commit(commit)
         s.info.status = Status.POSTCOPY_ACTIVE
         return resumed
 
     def _serve(self, memfd: int) -> None:
-        """Register guest RAM MISSING in the VM process, and serve its faults from here on."""
+        """Register guest RAM MISSING (MISSING|MINOR) in the VM process, and serve its faults from here on."""
         assert self.s._lane is not None and self.link is not None
         lane = cast(_FdLane, self.s._lane)  # vmruntime.control.Lane: the real lane passes fds
-        reply, fds = lane.request_fds("postcopy-register")
+        reply, fds = lane.request_fds("postcopy-register", minor=True) if self.minor else \
+            lane.request_fds("postcopy-register")
         reg = postcopy.Registered.from_reply(reply, fds)
-        present = written_extents(memfd, self.size)
-        known = merge_ranges(present + self.stale)
-        self.server = FaultServer(reg, memfd, _Requester(self.link.conn), present=present,
-                                  zero=_holes(self.size, known), readahead=READAHEAD_PAGES)
+        if reg.minor != self.minor:
+            os.close(reg.uffd)
+            raise postcopy.PostcopyError("the VM process did not register guest RAM in MINOR mode, and the "
+                                         "stale pages were not punched")
+        # present: what the pre-copy rounds wrote (the stale copies too, punched since or not)
+        self.server = FaultServer(reg, memfd, _Requester(self.link.conn), present=self.present,
+                                  zero=_holes(self.size, self.present), stale_map=self.stale_map,
+                                  readahead=READAHEAD_PAGES)
         self._thread = threading.Thread(target=self._serve_faults, name="ferry-postcopy-faults", daemon=True)
         self._thread.start()
 
@@ -248,6 +268,7 @@ class PostcopyIncoming:
         s = self.s
         assert self.server is not None and s.info is not None
         t = time.monotonic()
+        self.server.map_present()  # MINOR mode: the clean pages, while the guest runs
         poller = select.poll()
         poller.register(s.conn.sock.fileno(), select.POLLIN)
         shown = 0.0
@@ -278,7 +299,7 @@ class PostcopyIncoming:
         st = self.server.stats() if raw is None else raw
         return {k: st[k] for k in ("postcopy-requests", "postcopy-blocktime", "postcopy-vcpu-blocktime",
                                    "postcopy-latency-p50", "postcopy-latency-p99", "pages-placed",
-                                   "pages-unsettled")}
+                                   "pages-unsettled", "postcopy-mode", "pages-continued")}
 
     def close(self) -> None:
         """Stop serving faults, release the urgent connection and the staging (idempotent)."""
