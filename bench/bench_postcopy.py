@@ -14,7 +14,8 @@ migrated back and forth:
   ``migrate-start-postcopy`` once the first pass is sent: bench/qemu_postcopy.py), its guest a
   multiboot kernel that writes the same pages at the same rate, the same cap (QEMU's
   ``max-bandwidth``; ``max-postcopy-bandwidth`` for its post-copy push). Skipped (with the
-  reason) when QEMU cannot be installed or started.
+  reason) when QEMU cannot be installed or started. Each side's guest is paused while the other
+  side's runs (the host has two cores; QEMU's guest spins on the TSC between stores).
 
 Reported per mode, median and worst of the runs: total time, downtime, bytes sent / guest size,
 guest slowdown (1 - the guest's progress rate during the migration over its rate just before,
@@ -170,8 +171,13 @@ def main(argv: list[str] | None = None) -> None:
                 for mode in modes:
                     if mode == "qemu":
                         if qemu is not None:
+                            if ferry_modes:
+                                src.call("vm-pause", name=name)
                             runs.append(qemu.run())
                             print(f"run {i} qemu: {runs[-1]}", file=sys.stderr)
+                            if ferry_modes:
+                                src.call("vm-resume", name=name)
+                                time.sleep(SETTLE_S)
                         continue
                     r = ferry_run(src, dst, name, mode, cap, mem)
                     runs.append(r)
