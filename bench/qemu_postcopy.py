@@ -73,8 +73,8 @@ def guest_kernel(ws: int, rate: int, hz: float) -> bytes:
         b"\xbb" + u32(0x2545F491),                # mov ebx, seed
         b"\x0f\x31", b"\x89\xc7", b"\x89\xd5",     # rdtsc; mov edi, eax; mov ebp, edx (deadline)
         # wait: (offset 12)
-        b"\x0f\x31", b"\x89\xc1", b"\x89\xd6",     # rdtsc; mov ecx, eax; mov esi, edx (now)
-        b"\x29\xf8", b"\x19\xea",                 # sub eax, edi; sbb edx, ebp (now - deadline)
+        b"\x0f\x31", b"\x89\xc1", b"\x89\xd6",     # rdtsc; mov ecx, eax; mov esi, edx (the time)
+        b"\x29\xf8", b"\x19\xea",                 # sub eax, edi; sbb edx, ebp (time - deadline)
         b"\x78\xf4",                              # js wait
         b"\x85\xd2", b"\x75\x07",                 # test edx, edx; jnz reset
         b"\x3d" + u32(behind), b"\x72\x04",       # cmp eax, behind; jb ok
@@ -105,7 +105,7 @@ def guest_kernel(ws: int, rate: int, hz: float) -> bytes:
 
 
 def ensure_qemu() -> str | None:
-    """None when QEMU is here (installed now if it was not and apt-get may run), else why not."""
+    """None when QEMU is here (installed first if it is missing and apt-get may run), else why not."""
     if shutil.which(QEMU):
         return None
     if os.geteuid() != 0 or shutil.which("apt-get") is None:

@@ -155,7 +155,7 @@ class PostcopyIncoming:
     # -- before COMMIT (failures discard the copy, as in pre-copy) --
 
     def on_discard(self, msg: PostcopyDiscard) -> None:
-        """Stale pages: noted (MINOR mode), or holes again, now (the VM does not run here yet)."""
+        """Stale pages: noted (MINOR mode), or holes again at once (the VM does not run here yet)."""
         assert self.s._inc is not None
         if not self.minor:
             for start, end in msg.ranges:
@@ -170,7 +170,7 @@ class PostcopyIncoming:
         start = self.start
         assert start is not None
         assert s.info is not None and s._lane is not None and s._inc is not None
-        # Every pre-copy page is written by now (PostcopyStart follows the last round), and the VM
+        # Every pre-copy page is written at this point (PostcopyStart follows the last round), and the VM
         # still runs on the source: the scan of the memfd is not downtime.
         self.present = written_extents(s._inc.memfd, self.size)
         while not isinstance(state := s._recv(), DeviceState):

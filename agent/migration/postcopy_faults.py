@@ -347,8 +347,8 @@ class FaultServer:
     def _write_cached(self, first: int, end: int, data: memoryview | None) -> int:
         """MINOR mode: pages [first, end), whose stale copies the guest cannot see, get ``data``
         (None: zeros) written into the memfd, then are mapped (UFFDIO_CONTINUE, waking their
-        waiters). Returns how many; a page mapped already (the invariant broken: it was written
-        while visible) is counted ``stale-mapped``."""
+        waiters). Returns how many; a page mapped already (the invariant broken: written while
+        visible) is counted ``stale-mapped``."""
         at, stop = first * PAGE_SIZE, end * PAGE_SIZE
         while at < stop:
             n = min(stop - at, len(_ZEROS))
@@ -392,7 +392,7 @@ class FaultServer:
             self._check_open("mark_zero")
             for start, end in todo:
                 first, last = start // PAGE_SIZE, end // PAGE_SIZE
-                if self.minor:  # stale copies in the page cache: zeros written over them now
+                if self.minor:  # stale copies in the page cache: zeros written over them at once
                     for a, b in _runs_not(self._cached, first, last, 0):
                         self.counts["zero-installed"] += self._write_cached(a, b, None)
                         settled += b - a
