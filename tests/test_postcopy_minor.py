@@ -179,3 +179,15 @@ def test_page_maps_mark_overlapping_unsorted_ranges_and_refuse_outside_ones() ->
     assert page_maps.mark(target, []) == 0
     with pytest.raises(ValueError, match="outside"):
         page_maps.mark(target, [(7 * PAGE, 9 * PAGE)])
+
+
+def test_map_present_over_a_hole_the_map_calls_present_leaves_it_to_its_fault(idle_minor: Any) -> None:
+    vm, fd, reg = idle_minor
+    src = Recorder()
+    server = FaultServer(reg, fd, src, present=[(0, 9 * PAGE)], zero=[(9 * PAGE, reg.length)])
+    try:
+        server.map_present()  # page 8 is a hole: UFFDIO_CONTINUE refuses it, nothing is raised
+        server.handle_fault(Fault(8 * PAGE, reg.addr + 8 * PAGE, False, 1))  # a MISSING fault there
+        assert src.asked == [(8 * PAGE, 1)] and server.stats()["pages-refetched"] == 1
+    finally:
+        server.close()

@@ -26,9 +26,8 @@ def covered(ranges: Ranges | Iterable[tuple[int, int]], npages: int) -> npt.NDAr
     firsts, ends = r.starts // PAGE_SIZE, r.ends // PAGE_SIZE
     if len(firsts) and (int(firsts.min()) < 0 or int(ends.max()) > npages):
         raise ValueError(f"a range lies outside a map of {npages} pages")
-    edges = np.zeros(npages + 1, np.int32)
-    np.add.at(edges, firsts, 1)
-    np.add.at(edges, ends, -1)
+    # +1 where a range starts, -1 where one ends: the running sum is the ranges over each page.
+    edges = np.bincount(firsts, minlength=npages + 1) - np.bincount(ends, minlength=npages + 1)
     return np.cumsum(edges[:-1]) > 0
 
 

@@ -374,7 +374,12 @@ class FaultServer:
                 with self._lock:
                     if self._closed:
                         return mapped
-                    done = n // PAGE_SIZE - sum(e - s for s, e in self.pages.cont(at, n)) // PAGE_SIZE
+                    try:
+                        done = n // PAGE_SIZE - sum(e - s for s, e in self.pages.cont(at, n)) // PAGE_SIZE
+                    except PostcopyError:
+                        # A page the map calls present is a hole (a caller's wrong `present`), or the
+                        # VM process is gone: the faults are served one by one (a hole refetched), or fail.
+                        return mapped
                     self.counts["continued"] += done
                 mapped += done
         return mapped
