@@ -1,5 +1,6 @@
-"""Post-copy against pre-copy for a guest that dirties memory twice as fast as the link carries it,
-and against QEMU's post-copy (docs/BENCHMARKS.md, "Post-copy"; docs/PERFORMANCE.md, section 20).
+"""Post-copy against pre-copy and QEMU's post-copy, for a guest dirtying twice what the link carries.
+
+Results: docs/BENCHMARKS.md, "bench_postcopy"; docs/PERFORMANCE.md, section 20.
 
 Two agents on loopback; a guest of ``--mem`` running ``memstress`` (random pages of a ``--ws``
 working set, random values) at ``--rate`` pages a second; every migration capped at half that

@@ -1,5 +1,6 @@
-"""Post-copy's downtime with the stale pages punched against MINOR mode, in one run
-(docs/PERFORMANCE.md, sections 17 and 20).
+"""Post-copy's downtime with the stale pages punched against MINOR mode, in one run.
+
+Results: docs/PERFORMANCE.md, sections 17 and 20.
 
 The section 17 scenario: a ``verify`` guest of ``--mem`` writing a ``--ws`` working set flat out,
 migrated back and forth on loopback with ``--postcopy`` (``postcopy-after 1``). First with agents
@@ -10,7 +11,7 @@ the source measures them (pause, state: the last harvest, discards and device st
 to the destination's READY; commit: COMMIT to RESUMED), and the destination's
 ``postcopy-register`` (its registration and fault server's start, inside commit).
 
-    .venv/bin/python -m bench.bench_postcopy_stale [--runs 3] [--mem 512M] [--ws 256M] [--json]
+    .venv/bin/python -m bench.bench_postcopy_stale [--quick] [--runs 3] [--mem 512M] [--ws 256M] [--json]
 """
 
 from __future__ import annotations
@@ -81,11 +82,15 @@ def cell(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mem", default="512M", help="guest RAM (default 512M)")
-    ap.add_argument("--ws", default="256M", help="the verify guest's working set (default 256M)")
-    ap.add_argument("--runs", type=int, default=3, help="migrations per setting (default 3)")
+    ap.add_argument("--quick", action="store_true", help="256M guest, ws=128M, 2 runs per setting")
+    ap.add_argument("--mem", help="guest RAM (default 512M)")
+    ap.add_argument("--ws", help="the verify guest's working set (default 256M)")
+    ap.add_argument("--runs", type=int, help="migrations per setting (default 3)")
     ap.add_argument("--json", action="store_true", help="print every migration as JSON")
     a = ap.parse_args(argv)
+    a.mem = a.mem or ("256M" if a.quick else "512M")
+    a.ws = a.ws or ("128M" if a.quick else "256M")
+    a.runs = a.runs or (2 if a.quick else 3)
     mem, ws = parse_size(a.mem), parse_size(a.ws)
     if a.runs < 1 or ws >= mem:
         ap.error("--runs must be at least 1 and --ws below --mem")

@@ -1,5 +1,6 @@
-"""Discarding stale pages on a post-copy destination: punching them out of the memfd against
-userfaultfd MINOR mode, measured on this kernel (docs/PERFORMANCE.md, section 20).
+"""Post-copy's stale pages: punching them out of the memfd against userfaultfd MINOR mode, on this kernel.
+
+Results: docs/PERFORMANCE.md, section 20.
 
 A post-copy destination holds copies of pages the source dirtied since it sent them. Either it
 punches them out of the memfd (FALLOC_FL_PUNCH_HOLE: the guest's touch faults MISSING, the page
@@ -21,7 +22,7 @@ mapping and a "VM" mapping, both populated as after a restore):
   in one call (what a proactive map of the clean pages costs);
 - ``pwrite``: one page written into the memfd (a stale page's fresh copy).
 
-    .venv/bin/python -m bench.bench_uffd_minor [--mem 512M] [--pages 20000] [--json]
+    .venv/bin/python -m bench.bench_uffd_minor [--quick] [--mem 512M] [--pages 20480] [--json]
 """
 
 from __future__ import annotations
@@ -161,11 +162,13 @@ def measure_minor(size: int, npages: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mem", default="512M", help="guest RAM size (default 512M)")
-    p.add_argument("--pages", type=int, default=20480, help="stale pages to discard (default 20480)")
+    p.add_argument("--quick", action="store_true", help="128M and 8192 pages")
+    p.add_argument("--mem", help="guest RAM size (default 512M)")
+    p.add_argument("--pages", type=int, help="stale pages to discard (default 20480)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = p.parse_args(argv)
-    size = _parse_size(args.mem)
+    size = _parse_size(args.mem or ("128M" if args.quick else "512M"))
+    args.pages = args.pages or (8192 if args.quick else 20480)
     if size % (1 << 20) or args.pages < 512 or args.pages * 2 > size // PAGE:
         p.error("--mem must be whole MiB and hold twice --pages (at least 512)")
     facts = probe_minor()
