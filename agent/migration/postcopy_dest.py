@@ -10,7 +10,7 @@ from the source hands the rest of the migration to :class:`PostcopyIncoming`:
   fresh copy, then UFFDIO_CONTINUE); elsewhere they are punched out of the memfd at once, so they
   are holes again (10 us a page and more, much of it in the pause: docs/PERFORMANCE.md, section 20);
 * DeviceState, READY (no digest: RAM is not whole yet), COMMIT;
-* on COMMIT: the incoming VM process registers guest RAM for userfaultfd MISSING faults and
+* on COMMIT: the incoming VM process registers guest RAM for userfaultfd MISSING (MISSING|MINOR) faults and
   hands the uffd over its lane (``postcopy-register``); the :class:`FaultServer` serves faults
   in its own thread, starting before the restore (the restore may touch a hole). Requests go
   out, and their answers come back, on the *urgent connection*, a second connection the source
@@ -176,7 +176,7 @@ class PostcopyIncoming:
         while not isinstance(state := s._recv(), DeviceState):
             if isinstance(state, PostcopyDiscard):
                 self.on_discard(state)
-            elif isinstance(state, Sync):  # the discards before the pause: all punched
+            elif isinstance(state, Sync):  # the discards before the pause: all applied
                 early = self.stale_map.count(1)
                 if early != start.pages:
                     raise RemoteProtocolError(f"PostcopyStart says {start.pages} stale pages, the discards "
