@@ -1,4 +1,4 @@
-"""Post-copy's kernel layer: guest RAM registered for userfaultfd MISSING faults, and the ioctls that serve them.
+"""Post-copy's kernel layer: guest RAM registered for userfaultfd MISSING (and MINOR) faults, and the ioctls that serve them.
 
 A VM arriving by post-copy runs on the destination before all its pages are there. Its VM
 process registers its guest-RAM mapping (the memfd, ``MAP_SHARED``, whole range) with a
@@ -6,6 +6,13 @@ userfaultfd in MISSING mode: the vCPU's first touch of a page that is a hole of 
 blocks in the kernel, and the fault is reported on the userfaultfd. shmem raises MISSING only
 for pages absent from the page cache, so pages the agent wrote into the memfd before (pre-copy
 rounds, through its own mapping) never fault.
+
+MINOR mode (``UFFD_FEATURE_MINOR_SHMEM``, asked for with ``minor``) adds a fault for a page the
+page cache holds but the VM's mapping has no entry for: a stale copy can stay in the memfd (no
+punch: docs/PERFORMANCE.md, section 20) and the guest's first touch still reaches the agent,
+which writes the fresh copy into the memfd and maps it with UFFDIO_CONTINUE. Registering MINOR
+zaps the mapping's entries (MADV_DONTNEED on a shared mapping keeps the page cache), so every
+page's first touch faults until the agent maps it.
 
 Two sides live here:
 
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import mmap
 import os
 import struct
 import weakref
@@ -52,6 +61,10 @@ PAGE_SIZE = _uapi.PAGE_SIZE
 FEATURES = _uapi.UFFD_FEATURE_MISSING_SHMEM | _uapi.UFFD_FEATURE_THREAD_ID
 REQUIRED_FEATURES = _uapi.UFFD_FEATURE_MISSING_SHMEM
 REQUIRED_IOCTLS = _uapi.UFFD_IOCTL_COPY | _uapi.UFFD_IOCTL_ZEROPAGE | _uapi.UFFD_IOCTL_WAKE
+MINOR_FEATURE = _uapi.UFFD_FEATURE_MINOR_SHMEM
+MINOR_IOCTLS = REQUIRED_IOCTLS | _uapi.UFFD_IOCTL_CONTINUE
+# "0" makes the agent punch stale pages even where MINOR mode works (to measure or rule it out).
+MINOR_ENV = "FERRY_POSTCOPY_MINOR"
 MSG_SIZE = _uapi.UFFD_MSG_SIZE
 _MSG = struct.Struct(_uapi.UFFD_MSG_PAGEFAULT)
 assert _MSG.size == MSG_SIZE
@@ -75,33 +88,59 @@ class PostcopyError(Exception):
 # ---- the VM process's side --------------------------------------------------------------------
 
 
-def register_missing(addr: int, length: int) -> tuple[int, int]:
-    """Register [addr, addr+length) of this process for MISSING faults; returns (uffd, features granted).
+def register_missing(addr: int, length: int, minor: bool = False) -> tuple[int, int]:
+    """Register [addr, addr+length) of this process for MISSING faults (and MINOR ones with
+    ``minor``); returns (uffd, features granted).
 
     The range must be a whole shared mapping of the memfd: MISSING mode on shmem needs
-    UFFD_FEATURE_MISSING_SHMEM, and the ioctls the agent uses (copy, zero page, wake) must be
-    available on it, or PostcopyError says which is not.
+    UFFD_FEATURE_MISSING_SHMEM (MINOR mode UFFD_FEATURE_MINOR_SHMEM), and the ioctls the agent
+    uses (copy, zero page, wake; continue) must be available on it, or PostcopyError says which is not.
     """
     if addr % PAGE_SIZE or length <= 0 or length % PAGE_SIZE:
         raise ValueError(f"range must be page aligned and non-empty: addr=0x{addr:x} length={length}")
+    required = REQUIRED_FEATURES | (MINOR_FEATURE if minor else 0)
     fd = _uapi.userfaultfd()
     try:
-        granted = _uapi.uffd_api(fd, FEATURES)
-        if granted & REQUIRED_FEATURES != REQUIRED_FEATURES:
-            raise PostcopyError(f"this kernel offers no userfaultfd MISSING mode on shmem (features 0x{granted:x})")
+        granted = _uapi.uffd_api(fd, FEATURES | (MINOR_FEATURE if minor else 0))
+        if granted & required != required:
+            raise PostcopyError(f"this kernel offers no userfaultfd {'MINOR' if minor else 'MISSING'} mode on "
+                                f"shmem (features 0x{granted:x})")
         try:
-            ioctls = _uapi.uffd_register_missing(fd, addr, length)
+            ioctls = _uapi.uffd_register_missing(fd, addr, length, minor)
         except OSError as e:
             if e.errno == errno.EBUSY:
                 raise PostcopyError("guest RAM is registered with another userfaultfd already "
                                     "(dirty tracking or post-copy under way)") from e
             raise
-        if ioctls & REQUIRED_IOCTLS != REQUIRED_IOCTLS:
-            raise PostcopyError(f"guest RAM supports uffd ioctls 0x{ioctls:x}, post-copy needs 0x{REQUIRED_IOCTLS:x}")
+        wanted = MINOR_IOCTLS if minor else REQUIRED_IOCTLS
+        if ioctls & wanted != wanted:
+            raise PostcopyError(f"guest RAM supports uffd ioctls 0x{ioctls:x}, post-copy needs 0x{wanted:x}")
     except BaseException:
         os.close(fd)
         raise
     return fd, granted
+
+
+@functools.cache
+def minor_available() -> bool:
+    """Whether MINOR mode works for guest RAM here: the kernel grants UFFD_FEATURE_MINOR_SHMEM and
+    a shared memfd mapping registered MISSING|MINOR offers UFFDIO_CONTINUE (probed once, on a
+    one-page memfd of this process). False when ``FERRY_POSTCOPY_MINOR=0``."""
+    if os.environ.get(MINOR_ENV, "1") == "0":
+        return False
+    fd = guestram.create_memfd(PAGE_SIZE, "ferry-minor-probe")
+    try:
+        probe = guestram.map_shared(fd, PAGE_SIZE)
+        try:
+            uffd, _granted = register_missing(guestram.mapping_address(probe), PAGE_SIZE, minor=True)
+            os.close(uffd)
+            return True
+        except (PostcopyError, OSError):
+            return False
+        finally:
+            probe.close()
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -110,9 +149,11 @@ class _Registration:
     addr: int
     length: int
     features: int
+    minor: bool
 
     def fields(self) -> dict[str, Any]:
-        return {"addr": self.addr, "length": self.length, "features": self.features, "vm-fd": self.fd}
+        return {"addr": self.addr, "length": self.length, "features": self.features, "vm-fd": self.fd,
+                "minor": self.minor}
 
 
 # One registration per VM process (its address space); weak so a VMProcess of a test goes with it.
@@ -120,7 +161,8 @@ _registered: weakref.WeakKeyDictionary[VMProcess, _Registration] = weakref.WeakK
 
 
 def op_register(vmp: VMProcess, msg: dict[str, Any]) -> Reply:
-    """``postcopy-register``: guest RAM registered MISSING; a copy of the uffd goes with the reply.
+    """``postcopy-register``: guest RAM registered MISSING (``minor``: MISSING|MINOR, its mapping's
+    entries zapped); a copy of the uffd goes with the reply.
 
     Only for a VM process whose vCPU does not run (an incoming one, before its restore, or a
     paused one): a running guest touching a hole would block until someone serves it.
@@ -131,8 +173,11 @@ def op_register(vmp: VMProcess, msg: dict[str, Any]) -> Reply:
     if machine is not None and not vmp.paused and machine.status == "running":
         raise RuntimeError("postcopy-register needs a VM process whose vCPU does not run (before restore, or paused)")
     addr = guestram.mapping_address(vmp.ram)
-    fd, features = register_missing(addr, len(vmp.ram))
-    reg = _registered[vmp] = _Registration(fd, addr, len(vmp.ram), features)
+    minor = bool(msg.get("minor", False))
+    fd, features = register_missing(addr, len(vmp.ram), minor)
+    if minor:  # no entry may outlive the registration: a stale page mapped here would never fault
+        vmp.ram.madvise(mmap.MADV_DONTNEED)
+    reg = _registered[vmp] = _Registration(fd, addr, len(vmp.ram), features, minor)
     return reg.fields(), (os.dup(fd),)
 
 
@@ -173,6 +218,7 @@ class Registered:
     length: int
     features: int
     vm_fd: int
+    minor: bool = False  # registered MISSING|MINOR
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any], fds: list[int]) -> Registered:
@@ -180,12 +226,13 @@ class Registered:
             for fd in fds:
                 os.close(fd)
             raise PostcopyError(f"the VM process's post-copy reply carried {len(fds)} fds, not 1")
-        return cls(fds[0], int(reply["addr"]), int(reply["length"]), int(reply["features"]), int(reply["vm-fd"]))
+        return cls(fds[0], int(reply["addr"]), int(reply["length"]), int(reply["features"]), int(reply["vm-fd"]),
+                   bool(reply.get("minor", False)))
 
 
-def request_register(vm: VMHandle, op: str = "postcopy-register") -> Registered:
+def request_register(vm: VMHandle, op: str = "postcopy-register", minor: bool = False) -> Registered:
     """``postcopy-register`` (or ``postcopy-fd``) through a blocking VM handle."""
-    reply, fds = vm.request_fds(op)
+    reply, fds = vm.request_fds(op, minor=minor) if minor else vm.request_fds(op)
     return Registered.from_reply(reply, fds)
 
 
@@ -215,6 +262,7 @@ class Fault:
     address: int
     write: bool
     tid: int
+    minor: bool = False  # the page cache holds the page; the mapping has no entry for it
 
 
 class MissingPages:
@@ -247,7 +295,7 @@ class MissingPages:
                 outside.append(address)
                 continue
             faults.append(Fault(offset - offset % PAGE_SIZE, address, bool(flags & _uapi.UFFD_PAGEFAULT_FLAG_WRITE),
-                                tid))
+                                tid, bool(flags & _uapi.UFFD_PAGEFAULT_FLAG_MINOR)))
         return faults, outside
 
     def copy(self, offset: int, src: int, length: int) -> list[tuple[int, int]]:
@@ -284,6 +332,13 @@ class MissingPages:
                 why = _WHY.get(err, os.strerror(err))
                 raise PostcopyError(f"{what} at guest offset 0x{at:x}: {why}")
         return existed
+
+    def cont(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Map the page cache's pages over [offset, offset+length) into the VM's mapping (MINOR
+        mode: UFFDIO_CONTINUE); wakes their waiters. Returns the ranges mapped already, as copy;
+        PostcopyError for a page the page cache does not hold."""
+        return self._install("UFFDIO_CONTINUE", offset, length,
+                             lambda at, n: _uapi.uffd_continue(self.uffd, self.addr + at, n))
 
     def wake(self, offset: int, length: int) -> None:
         _uapi.uffd_wake(self.uffd, self.addr + offset, length)

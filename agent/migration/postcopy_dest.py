@@ -5,15 +5,19 @@ A DestinationSession (destination.py) receives pre-copy rounds as always; a Post
 from the source hands the rest of the migration to :class:`PostcopyIncoming`:
 
 * the discards (PostcopyDiscard): pages whose copies here are stale (dirtied on the source since they were
-  sent) are punched out of the memfd at once, so they are holes again;
+  sent). Where userfaultfd's MINOR mode works (``postcopy.minor_available``) they are only noted:
+  their copies stay in the page cache, and the FaultServer serves them by MINOR faults (writing the
+  fresh copy, then UFFDIO_CONTINUE); elsewhere they are punched out of the memfd at once, so they
+  are holes again (10 us a page and more, much of it in the pause: docs/PERFORMANCE.md, section 20);
 * DeviceState, READY (no digest: RAM is not whole yet), COMMIT;
-* on COMMIT: the incoming VM process registers guest RAM for userfaultfd MISSING faults and
+* on COMMIT: the incoming VM process registers guest RAM for userfaultfd MISSING (MISSING|MINOR) faults and
   hands the uffd over its lane (``postcopy-register``); the :class:`FaultServer` serves faults
   in its own thread, starting before the restore (the restore may touch a hole). Requests go
   out, and their answers come back, on the *urgent connection*, a second connection the source
   opened with PostcopyAttach: it never queues behind the background push, which keeps the main
   connection busy (QEMU's postcopy-preempt idea);
-* the session's usual commit (claim, restore, RESUMED): the VM runs here;
+* the session's usual commit (claim, restore, RESUMED): the VM runs here; in MINOR mode the
+  pages that were up to date are mapped into it in bulk (FaultServer.map_present);
 * the post-copy phase: the background push arrives on the main connection and is installed
   with UFFDIO_COPY (never written through the mapping: a page the guest wrote meanwhile
   would be overwritten); once every page is present, guest RAM is unregistered, the VM
@@ -31,13 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import select
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from agent.migration import postcopy_recover
+from agent.migration import page_maps, postcopy_recover
 from agent.migration.common import RUN_STATE_KEY, describe
 from agent.migration.info import PAGE_SIZE, Status
 from agent.migration.postcopy_faults import REQUESTED, FaultServer
@@ -53,7 +58,7 @@ from proto.postcopy_messages import (
     PostcopyStart,
 )
 from vmruntime import postcopy
-from vmruntime.dirty import merge_ranges, written_extents
+from vmruntime.dirty import written_extents
 
 if TYPE_CHECKING:
     from agent.migration.destination import DestinationSession
@@ -146,7 +151,9 @@ class PostcopyIncoming:
         self.s = s
         assert s._inc is not None and s.info is not None
         self.size = s.info.mem
-        self.stale: list[Range] = []
+        self.stale: list[Range] = []  # as the discards named them
+        self.stale_map = bytearray(self.size // PAGE_SIZE)  # 1: the copy here is stale
+        self.present: list[Range] = []
         self.server: FaultServer | None = None
         self.link: _Link | None = None
         self._thread: threading.Thread | None = None
@@ -160,14 +167,18 @@ class PostcopyIncoming:
         self._closed = False
         self._t0 = time.monotonic()
         self.start: PostcopyStart | None = None
+        self.minor = postcopy.minor_available()
+        self._mapped = False  # the present pages mapped (MINOR mode), done once
 
     # -- before COMMIT (failures discard the copy, as in pre-copy) --
 
     def on_discard(self, msg: PostcopyDiscard) -> None:
-        """Stale pages: holes again, now (the VM does not run here yet)."""
+        """Stale pages: noted (MINOR mode), or holes again at once (the VM does not run here yet)."""
         assert self.s._inc is not None
-        for start, end in msg.ranges:
-            postcopy.punch(self.s._inc.memfd, start, end - start)
+        if not self.minor:
+            for start, end in msg.ranges:
+                postcopy.punch(self.s._inc.memfd, start, end - start)
+        page_maps.mark(self.stale_map, msg.ranges)
         self.stale.extend(msg.ranges)
 
     def commit(self) -> bool:
@@ -177,16 +188,18 @@ class PostcopyIncoming:
         start = self.start
         assert start is not None
         assert s.info is not None and s._lane is not None and s._inc is not None
+        # Every pre-copy page is written at this point (PostcopyStart follows the last round), and the VM
+        # still runs on the source: the scan of the memfd is not downtime.
+        self.present = written_extents(s._inc.memfd, self.size)
         while not isinstance(state := s._recv(), DeviceState):
             if isinstance(state, PostcopyDiscard):
                 self.on_discard(state)
-            elif isinstance(state, Sync):  # the discards before the pause: all punched
-                early = sum(e - b for b, e in merge_ranges(self.stale)) // PAGE_SIZE
+            elif isinstance(state, Sync):  # the discards before the pause: all applied
+                early = self.stale_map.count(1)
                 if early != start.pages:
                     raise RemoteProtocolError(f"PostcopyStart says {start.pages} stale pages, the discards "
                                               f"named {early}")
                 s._send(SyncAck(state.round))
-        self.stale = merge_ranges(self.stale)
         s.info.status = Status.DEVICE
         if s.info.rounds:
             s.info.rounds[-1].final = True
@@ -196,21 +209,28 @@ class PostcopyIncoming:
         commit = s._recv()
         assert isinstance(commit, Commit)
         self.link = _take_link(s._mid, URGENT_WAIT_S)
+        t = time.monotonic()
         self._serve(s._inc.memfd)
+        s.info.breakdown["postcopy-register"] = time.monotonic() - t
         resumed = s._on_commit(commit)
         s.info.status = Status.POSTCOPY_ACTIVE
         return resumed
 
     def _serve(self, memfd: int) -> None:
-        """Register guest RAM MISSING in the VM process, and serve its faults from here on."""
+        """Register guest RAM MISSING (MISSING|MINOR) in the VM process, and serve its faults from here on."""
         assert self.s._lane is not None and self.link is not None
         lane = cast(_FdLane, self.s._lane)  # vmruntime.control.Lane: the real lane passes fds
-        reply, fds = lane.request_fds("postcopy-register")
+        reply, fds = lane.request_fds("postcopy-register", minor=True) if self.minor else \
+            lane.request_fds("postcopy-register")
         reg = postcopy.Registered.from_reply(reply, fds)
-        present = written_extents(memfd, self.size)
-        known = merge_ranges(present + self.stale)
-        self.server = FaultServer(reg, memfd, self._requester, present=present,
-                                  zero=_holes(self.size, known), readahead=READAHEAD_PAGES)
+        if reg.minor != self.minor:
+            os.close(reg.uffd)
+            raise postcopy.PostcopyError("the VM process did not register guest RAM in MINOR mode, and the "
+                                         "stale pages were not punched")
+        # present: what the pre-copy rounds wrote (the stale copies too, punched since or not)
+        self.server = FaultServer(reg, memfd, self._requester, present=self.present,
+                                  zero=_holes(self.size, self.present), stale_map=self.stale_map,
+                                  readahead=READAHEAD_PAGES)
         self._start_serving(self.link.conn)
 
     def _start_serving(self, urgent: Connection | None) -> None:
@@ -318,6 +338,9 @@ class PostcopyIncoming:
         """The background push until every page is here; then let the source go."""
         s = self.s
         assert self.server is not None and s.info is not None
+        if not self._mapped:  # MINOR mode: the clean pages, while the guest runs (once: a recovery re-enters)
+            self._mapped = True
+            self.server.map_present()
         poller = select.poll()
         poller.register(s.conn.sock.fileno(), select.POLLIN)
         shown = 0.0
@@ -347,7 +370,8 @@ class PostcopyIncoming:
         st = self.server.stats() if raw is None else raw
         return {**{k: st[k] for k in ("postcopy-requests", "postcopy-blocktime", "postcopy-vcpu-blocktime",
                                       "postcopy-latency-p50", "postcopy-latency-p99", "pages-placed",
-                                      "pages-unsettled")}, "postcopy-recoveries": self.recoveries}
+                                      "pages-unsettled", "postcopy-mode", "pages-continued")},
+                "postcopy-recoveries": self.recoveries}
 
     def close(self) -> None:
         """Stop serving faults, release the urgent connection and the staging (idempotent)."""

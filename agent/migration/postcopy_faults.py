@@ -29,6 +29,16 @@ session thread, a blocking poll on the uffd with a timeout, never on the event l
 lock orders them: a page's state and its install change together, so a discard can never leave
 the map saying "present" over a hole (a fault there would be woken forever, never served).
 
+MINOR mode (guest RAM registered MISSING|MINOR, ``Registered.minor``; vmruntime/postcopy.py): a
+discarded page is not punched. Its stale copy stays in the page cache, *cached* in a second map,
+and no entry of the VM's mapping points at it (the registration zapped them), so the guest's
+first touch faults MINOR. Such a page is missing all the same (asked for, pushed), but arrives
+by writing the fresh copy into the memfd and mapping it with UFFDIO_CONTINUE: it cannot be
+copied in (the page cache has it), and it is written only while the guest cannot see it. A
+MINOR fault on a present page (up to date in the page cache, not mapped yet) is answered with
+UFFDIO_CONTINUE at once, without the source; :meth:`FaultServer.map_present` maps all of them
+in bulk, one UFFDIO_CONTINUE per contiguous range, once the guest runs.
+
 Counters follow QEMU's names (docs/CONTRACTS.md): ``postcopy-requests``, ``postcopy-blocktime``
 (milliseconds the faulting threads waited, summed, from the fault's read to its page installed),
 ``postcopy-vcpu-blocktime`` (the same per faulting thread), and the request latency (a request's
@@ -46,7 +56,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
+from agent.migration import page_maps
 from vmruntime.postcopy import Fault, MissingPages, PostcopyError, Registered, punch
+
+_ZEROS = bytes(1 << 20)  # a stale page settled as zero is written from here
+MAP_CHUNK_PAGES = 2048  # map_present's pages per lock hold: faults are served between chunks
 
 PAGE_SIZE = 4096
 MISSING, REQUESTED, PRESENT, ZERO = 0, 1, 2, 3
@@ -84,17 +101,22 @@ class FaultServer:
     ``registered``: the VM process's reply to ``postcopy-register`` (its uffd becomes this
     object's: closed by done or close). ``memfd``: guest RAM's memfd (discard punches it).
     ``present`` / ``zero``: ranges the destination holds data for / knows to be zero already
-    (what pre-copy delivered); everything else starts missing.
+    (what pre-copy delivered); everything else starts missing. ``stale``: ranges discarded at once
+    (:meth:`discard`: punched, or in MINOR mode left cached). ``stale_map``: one byte per page,
+    non-zero where the copy here is stale, made missing as by discard, except that outside MINOR
+    mode the caller punched them already.
     """
 
     def __init__(self, registered: Registered, memfd: int, source: PageSource, *,
-                 present: Iterable[Range] = (), zero: Iterable[Range] = (), readahead: int = 0,
+                 present: Iterable[Range] = (), zero: Iterable[Range] = (), stale: Iterable[Range] = (),
+                 stale_map: bytes | bytearray | None = None, readahead: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         if not 0 <= readahead <= MAX_READAHEAD:
             raise ValueError(f"readahead must be 0-{MAX_READAHEAD} pages, got {readahead}")
         self.size = registered.length
         self.pages = MissingPages(registered.uffd, registered.addr, registered.length)
         self.memfd = memfd
+        self.minor = registered.minor
         self.source = source
         self.readahead = readahead
         self._clock = clock
@@ -104,6 +126,7 @@ class FaultServer:
         self._closed = False
         self._ended: str | None = None  # why pages are refused from now on ("done", "closed")
         self._map = bytearray(self.size // PAGE_SIZE)
+        self._cached = bytearray(len(self._map))  # MINOR mode: 1 where the page cache holds a stale copy
         self._set_state(zero, ZERO)
         self._set_state(present, PRESENT)
         self._unsettled = self._map.translate(_UNSETTLED).count(1)
@@ -112,8 +135,34 @@ class FaultServer:
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.vcpu_blocktime: dict[int, float] = {}  # thread id -> seconds blocked
         self.counts = dict.fromkeys(("faults", "requests", "requested-pages", "placed", "duplicate", "zero-installed",
-                                     "woken", "refetched", "discarded", "outside"), 0)
+                                     "woken", "refetched", "discarded", "outside", "continued",
+                                     "stale-mapped"), 0)
         self.blocktime = 0.0
+        if stale_map is not None:
+            if len(stale_map) != len(self._map):
+                raise BadPages(f"stale map of {len(stale_map)} pages for guest RAM of {len(self._map)}")
+            self.counts["discarded"] += self._mark_stale(np.frombuffer(stale_map, np.uint8).astype(bool))
+        if stale:
+            self.discard(stale)
+
+    def _mark_stale(self, hit: npt.NDArray[np.bool_]) -> int:
+        """Pages where ``hit`` is True become missing (requested ones stay requested); in MINOR mode
+        present ones are cached (their stale copies stay in the page cache). Vectorised: the
+        switch-over's stale set is tens of thousands of ranges, marked while the VM is paused.
+        Returns the pages that were present or zero. The caller holds the lock (or owns the map)."""
+        states = np.frombuffer(self._map, np.uint8)
+        try:
+            was_present = hit & (states == PRESENT)
+            gone = int(np.count_nonzero(was_present | (hit & (states == ZERO))))
+            states[hit & (states != REQUESTED)] = MISSING
+        finally:
+            del states  # the map must not stay exported
+        if self.minor:
+            cached = np.frombuffer(self._cached, np.uint8)
+            cached[was_present] = 1
+            del cached
+        self._unsettled += gone
+        return gone
 
     def _set_state(self, ranges: Iterable[Range], state: int) -> None:
         for start, end in ranges:
@@ -184,14 +233,19 @@ class FaultServer:
             self.counts["faults"] += 1
             now = self._clock()
             state = self._map[page]
-            if state == PRESENT and self._is_hole(offset):
+            if fault.minor and state != PRESENT:  # the page cache has it: written, then continued
+                self._cached[page] = 1
+            if state == PRESENT and not fault.minor and self._is_hole(offset):
                 # The map said present over a hole (a caller's wrong `present`): woken, the
                 # thread would fault again at once, forever. Ask for the page instead.
                 self.counts["refetched"] += 1
                 self._map[page] = MISSING
                 self._unsettled += 1
                 state = MISSING
-            if state == PRESENT:
+            if state == PRESENT and fault.minor:  # up to date, not mapped yet: no need of the source
+                self.counts["continued"] += 1
+                self.pages.cont(offset, PAGE_SIZE)
+            elif state == PRESENT:
                 self.counts["woken"] += 1
                 self.pages.wake(offset, PAGE_SIZE)
             elif state == ZERO:
@@ -224,6 +278,10 @@ class FaultServer:
 
     def _install_zero(self, page: int) -> None:
         offset = page * PAGE_SIZE
+        if self._cached[page]:
+            self.counts["zero-installed"] += self._write_cached(page, page + 1, None)
+            self._settled(page, page + 1, self._clock())
+            return
         existed = self.pages.zero(offset, PAGE_SIZE)
         if existed:  # the memfd had the page after all: it stays as it is
             self.counts["duplicate"] += 1
@@ -263,20 +321,68 @@ class FaultServer:
             src = ctypes.addressof(buf)
             with self._lock:
                 self._check_open("place")
-                return self._place_locked(offset, src, length)
+                return self._place_locked(offset, src, length, view)
         finally:
             del buf
 
-    def _place_locked(self, offset: int, src: int, length: int) -> int:
+    def _place_locked(self, offset: int, src: int, length: int, view: memoryview) -> int:
         first, end = offset // PAGE_SIZE, (offset + length) // PAGE_SIZE
         installed = 0
         for a, b in _runs_not(self._map, first, end, PRESENT):
-            existed = self.pages.copy(a * PAGE_SIZE, src + (a - first) * PAGE_SIZE, (b - a) * PAGE_SIZE)
-            installed += b - a - sum(e - s for s, e in existed) // PAGE_SIZE
+            runs = [(a, b, False)]
+            if self.minor and 1 in self._cached[a:b]:
+                runs = sorted([(c, d, True) for c, d in _runs_not(self._cached, a, b, 0)]
+                              + [(c, d, False) for c, d in _runs_not(self._cached, a, b, 1)])
+            for c, d, cached in runs:
+                if cached:
+                    installed += self._write_cached(c, d, view[(c - first) * PAGE_SIZE:(d - first) * PAGE_SIZE])
+                    continue
+                existed = self.pages.copy(c * PAGE_SIZE, src + (c - first) * PAGE_SIZE, (d - c) * PAGE_SIZE)
+                installed += d - c - sum(e - s for s, e in existed) // PAGE_SIZE
             self._settled(a, b, self._clock())
         self.counts["duplicate"] += (end - first) - installed  # present already: never overwritten
         self.counts["placed"] += installed
         return installed
+
+    def _write_cached(self, first: int, end: int, data: memoryview | None) -> int:
+        """MINOR mode: pages [first, end), whose stale copies the guest cannot see, get ``data``
+        (None: zeros) written into the memfd, then are mapped (UFFDIO_CONTINUE, waking their
+        waiters). Returns how many; a page mapped already (the invariant broken: written while
+        visible) is counted ``stale-mapped``."""
+        at, stop = first * PAGE_SIZE, end * PAGE_SIZE
+        while at < stop:
+            n = min(stop - at, len(_ZEROS))
+            chunk = _ZEROS[:n] if data is None else data[at - first * PAGE_SIZE:at - first * PAGE_SIZE + n]
+            if os.pwrite(self.memfd, chunk, at) != n:
+                raise PostcopyError(f"short write into guest RAM at 0x{at:x}")
+            at += n
+        self._cached[first:end] = bytes(end - first)
+        mapped = sum(e - s for s, e in self.pages.cont(first * PAGE_SIZE, (end - first) * PAGE_SIZE)) // PAGE_SIZE
+        self.counts["stale-mapped"] += mapped
+        return end - first - mapped
+
+    def map_present(self, chunk_pages: int = MAP_CHUNK_PAGES) -> int:
+        """MINOR mode: map every present page into the VM's mapping, one UFFDIO_CONTINUE per
+        contiguous range (``chunk_pages`` at most per lock hold), so the guest does not fault once
+        per page that was up to date all along. Returns the pages mapped (0 outside MINOR mode)."""
+        if not self.minor:
+            return 0
+        mapped = 0
+        for a, b in self.ranges(PRESENT):
+            for at in range(a, b, chunk_pages * PAGE_SIZE):
+                n = min(b - at, chunk_pages * PAGE_SIZE)
+                with self._lock:
+                    if self._closed:
+                        return mapped
+                    try:
+                        done = n // PAGE_SIZE - sum(e - s for s, e in self.pages.cont(at, n)) // PAGE_SIZE
+                    except PostcopyError:
+                        # A page the map calls present is a hole (a caller's wrong `present`), or the
+                        # VM process is gone: the faults are served one by one (a hole refetched), or fail.
+                        return mapped
+                    self.counts["continued"] += done
+                mapped += done
+        return mapped
 
     def mark_zero(self, ranges: Iterable[Range]) -> int:
         """Zero pages arriving (the background push's zero grains, which travel without data):
@@ -291,6 +397,11 @@ class FaultServer:
             self._check_open("mark_zero")
             for start, end in todo:
                 first, last = start // PAGE_SIZE, end // PAGE_SIZE
+                if self.minor:  # stale copies in the page cache: zeros written over them at once
+                    for a, b in _runs_not(self._cached, first, last, 0):
+                        self.counts["zero-installed"] += self._write_cached(a, b, None)
+                        settled += b - a
+                        self._settled(a, b, self._clock())
                 chunk = self._map[first:last]
                 self.counts["duplicate"] += chunk.count(PRESENT)
                 missing = chunk.count(MISSING)
@@ -306,11 +417,13 @@ class FaultServer:
 
     def discard(self, ranges: Iterable[Range]) -> int:
         """Make ``ranges`` missing again: the destination's copies are stale (the source's last
-        dirty pages). Their holes are punched in the memfd, so the guest's next touch faults and
-        is served afresh. All ranges are checked before any is applied. Returns the pages that
-        were present or zero (requested ones stay requested: the answer asked for is fresh).
+        dirty pages). Their holes are punched in the memfd (in MINOR mode, present pages stay in
+        the page cache, cached), so the guest's next touch faults and is served afresh. All
+        ranges are checked before any is applied. Returns the pages that were present or zero
+        (requested ones stay requested: the answer asked for is fresh).
 
-        Meant for the switch-over, before the guest runs here or the source pushes pages.
+        Meant for the switch-over, before the guest runs here or the source pushes pages (in
+        MINOR mode also before map_present: a page the VM's mapping shows would never fault).
         """
         todo = list(ranges)
         for start, end in todo:
@@ -318,9 +431,12 @@ class FaultServer:
         discarded = 0
         with self._lock:
             self._check_open("discard")
+            if self.minor:  # nothing to punch: the map alone changes, all ranges at once
+                discarded = self._mark_stale(page_maps.covered(todo, len(self._map)))
+                todo = []
             for start, end in todo:
-                punch(self.memfd, start, end - start)
                 first, last = start // PAGE_SIZE, end // PAGE_SIZE
+                punch(self.memfd, start, end - start)
                 for a, b in _runs_not(self._map, first, last, REQUESTED):
                     gone = self._map[a:b].translate(_UNSETTLED).count(0)
                     discarded += gone
@@ -415,6 +531,9 @@ class FaultServer:
             "pages-woken": counts["woken"],
             "pages-discarded": counts["discarded"],
             "pages-refetched": counts["refetched"],
+            "pages-continued": counts["continued"],
+            "pages-stale-mapped": counts["stale-mapped"],
+            "postcopy-mode": "minor" if self.minor else "punch",
             "pages-unsettled": missing,
             "faults-outside": counts["outside"],
         }

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from agent.migration import compression, pages
+from agent.migration import compression, page_maps, pages
 from agent.migration.common import RUN_STATE_KEY, MigrationError, describe
 from agent.migration.info import PAGE_SIZE, Status
 from agent.migration.policy import Action, Decision
@@ -38,7 +38,6 @@ from proto.limits import MAX_RANGES
 from proto.messages import DeviceState, Ready, Sync, SyncAck
 from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
 from proto.state import SourceMachine
-from vmruntime.dirty import merge_ranges
 from vmruntime.dirty.ranges import Ranges
 
 if TYPE_CHECKING:
@@ -109,6 +108,9 @@ class PostcopySource:
         # page costs tens of microseconds, which in the pause would be downtime.
         s._send(PostcopyStart(sum(b - a for a, b in pending) // PAGE_SIZE))
         self._discard(pending)
+        # The pages to push, marked while the VM still runs here (the pause adds the last dirty set).
+        self._todo = bytearray(s.vm.mem // PAGE_SIZE)
+        page_maps.mark(self._todo, dirty)
         n = len(s.info.rounds)
         s._send(Sync(n))
         ack = s._recv()
@@ -122,15 +124,12 @@ class PostcopySource:
         t = s._book.lap("pause", t)
         assert s._tracker is not None
         s._tracker.hot_blocks = False
-        last = s._harvest().tolist()
-        self._discard(last)
-        stale = merge_ranges(pending + last)
-        npages = sum(b - a for a, b in stale) // PAGE_SIZE
+        last = s._harvest()
+        self._discard(last.tolist())
         s._send(DeviceState({**state, RUN_STATE_KEY: "running" if s._was_running else "paused"}))
         t = s._book.lap("state", t)
-        self._todo = bytearray(s.vm.mem // PAGE_SIZE)
-        for a, b in stale:
-            self._todo[a // PAGE_SIZE:b // PAGE_SIZE] = b"\x01" * ((b - a) // PAGE_SIZE)
+        page_maps.mark(self._todo, last)
+        npages = self._todo.count(1)
         self._left = npages
         s.info.remaining = npages * PAGE_SIZE
         self._start_answerer()  # the restore there may fault already

@@ -41,24 +41,29 @@ UFFDIO = 0xAA
 
 UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 UFFD_FEATURE_THREAD_ID = 1 << 8
+UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 
 UFFDIO_REGISTER_MODE_MISSING = 1
 UFFDIO_REGISTER_MODE_WP = 2
+UFFDIO_REGISTER_MODE_MINOR = 4
+UFFDIO_CONTINUE_MODE_DONTWAKE = 1
 UFFDIO_COPY_MODE_DONTWAKE = 1
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
 # Bits of uffdio_register.ioctls: the ioctls the registered range supports (_UFFDIO_* numbers).
 UFFD_IOCTL_WAKE = 1 << 0x02
 UFFD_IOCTL_COPY = 1 << 0x03
 UFFD_IOCTL_ZEROPAGE = 1 << 0x04
+UFFD_IOCTL_CONTINUE = 1 << 0x07
 UFFDIO_WRITEPROTECT_MODE_WP = 1
 UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 2
 
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1
 UFFD_PAGEFAULT_FLAG_WP = 2
+UFFD_PAGEFAULT_FLAG_MINOR = 4
 UFFD_MSG_SIZE = 32
 # struct uffd_msg: u8 event, 7 bytes reserved, then for a page fault u64 flags, u64 address,
 # u32 ptid (with UFFD_FEATURE_THREAD_ID), 4 bytes of padding.
@@ -90,6 +95,10 @@ class UffdioZeropage(ctypes.Structure):
     _fields_ = [("range", UffdioRange), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
 
 
+class UffdioContinue(ctypes.Structure):
+    _fields_ = [("range", UffdioRange), ("mode", ctypes.c_uint64), ("mapped", ctypes.c_int64)]
+
+
 UFFDIO_API = _iowr(UFFDIO, 0x3F, ctypes.sizeof(UffdioApi))
 UFFDIO_REGISTER = _iowr(UFFDIO, 0x00, ctypes.sizeof(UffdioRegister))
 UFFDIO_UNREGISTER = _ior(UFFDIO, 0x01, ctypes.sizeof(UffdioRange))
@@ -97,6 +106,7 @@ UFFDIO_WAKE = _ior(UFFDIO, 0x02, ctypes.sizeof(UffdioRange))
 UFFDIO_COPY = _iowr(UFFDIO, 0x03, ctypes.sizeof(UffdioCopy))
 UFFDIO_ZEROPAGE = _iowr(UFFDIO, 0x04, ctypes.sizeof(UffdioZeropage))
 UFFDIO_WRITEPROTECT = _iowr(UFFDIO, 0x06, ctypes.sizeof(UffdioWriteprotect))
+UFFDIO_CONTINUE = _iowr(UFFDIO, 0x07, ctypes.sizeof(UffdioContinue))
 
 # ---- PAGEMAP_SCAN (linux/fs.h) ----
 PM_SCAN_WP_MATCHING = 1
@@ -180,9 +190,11 @@ def uffd_register_wp(fd: int, start: int, length: int) -> None:
     ioctl(fd, UFFDIO_REGISTER, reg)
 
 
-def uffd_register_missing(fd: int, start: int, length: int) -> int:
-    """Register [start, start+length) for MISSING faults; returns the ioctls the range supports."""
-    reg = UffdioRegister(range=UffdioRange(start, length), mode=UFFDIO_REGISTER_MODE_MISSING, ioctls=0)
+def uffd_register_missing(fd: int, start: int, length: int, minor: bool = False) -> int:
+    """Register [start, start+length) for MISSING faults (and MINOR ones: a page in the page cache
+    but not mapped here); returns the ioctls the range supports."""
+    mode = UFFDIO_REGISTER_MODE_MISSING | (UFFDIO_REGISTER_MODE_MINOR if minor else 0)
+    reg = UffdioRegister(range=UffdioRange(start, length), mode=mode, ioctls=0)
     ioctl(fd, UFFDIO_REGISTER, reg)
     return int(reg.ioctls)
 
@@ -203,6 +215,15 @@ def uffd_zeropage(fd: int, start: int, length: int, wake: bool = True) -> tuple[
     arg = UffdioZeropage(range=UffdioRange(start, length), mode=0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE,
                          zeropage=0)
     return _call_counted(fd, UFFDIO_ZEROPAGE, arg, "zeropage")
+
+
+def uffd_continue(fd: int, start: int, length: int, wake: bool = True) -> tuple[int, int]:
+    """UFFDIO_CONTINUE over [start, start+length): map the page cache's pages there (MINOR mode),
+    (errno or 0, bytes mapped) as uffd_copy: EEXIST stops at a page mapped already, EFAULT at a
+    page the page cache does not hold."""
+    arg = UffdioContinue(range=UffdioRange(start, length), mode=0 if wake else UFFDIO_CONTINUE_MODE_DONTWAKE,
+                         mapped=0)
+    return _call_counted(fd, UFFDIO_CONTINUE, arg, "mapped")
 
 
 def _call_counted(fd: int, request: int, arg: ctypes.Structure, field: str) -> tuple[int, int]:
