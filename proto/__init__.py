@@ -97,6 +97,7 @@ from proto.state import (
     SourceMachine,
     SourceState,
 )
+from proto.stream_messages import STREAM_MESSAGES, StreamAttach
 
 __all__ = [
     "Channel", "ClientHandshake", "HandshakeState", "ServerHandshake", "error_response", "new_nonce",
@@ -110,6 +111,6 @@ __all__ = [
     "MIGRATION_MESSAGES", "Abort", "Auth", "AuthOk", "CodeHint", "Commit", "DeviceState", "Digest", "DiskBatch", "ErrorResponse",
     "Event", "Hello", "HelloReply", "InDoubtAnswer", "InDoubtQuery", "Message", "MigrateAccept",
     "MigrateRefuse", "MigrateStart", "PageBatch", "RangeBatch", "Ranges", "Ready", "Request", "Response", "Resumed",
-    "RoundEnd", "Sync", "SyncAck", "POSTCOPY_MESSAGES", "PageRequest", "PostcopyAttach", "PostcopyDiscard",
+    "RoundEnd", "Sync", "SyncAck", "POSTCOPY_MESSAGES", "STREAM_MESSAGES", "StreamAttach", "PageRequest", "PostcopyAttach", "PostcopyDiscard",
     "PostcopyDone", "PostcopyStart",
 ]  # fmt: skip

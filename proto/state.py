@@ -65,6 +65,7 @@ from proto.messages import (
     SyncAck,
 )
 from proto.postcopy_messages import PageRequest, PostcopyAttach, PostcopyDiscard, PostcopyDone, PostcopyStart
+from proto.stream_messages import StreamAttach
 
 
 class Direction(Enum):
@@ -102,6 +103,8 @@ class SourceState(Enum):
     POSTCOPY = "postcopy"  # the VM runs there: pages pushed, requests answered, until PostcopyDone
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests only
     PC_SYNCING = "pc-syncing"  # Sync sent behind the discards made before the pause: awaiting SyncAck
+    STREAM_ATTACHING = "stream-attaching"  # StreamAttach sent on an extra data stream (v6): accept or refuse next
+    STREAM = "stream"  # an extra data stream (v6): page batches, and a Sync closing each round's share
 
 
 class DestinationState(Enum):
@@ -127,6 +130,8 @@ class DestinationState(Enum):
     POSTCOPY = "postcopy"  # the VM runs here on partial RAM: pages arrive, requests go out
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests arrive
     PC_SYNC_ASKED = "pc-sync-asked"  # Sync received: the discards before it are done, SyncAck comes next
+    STREAM_ATTACHING = "stream-attaching"  # StreamAttach received (v6): the answer is MigrateAccept or MigrateRefuse
+    STREAM = "stream"  # an extra data stream (v6): page batches, and a Sync closing each round's share
 
 
 Key = tuple[Enum, type[Message], Direction]
@@ -187,6 +192,14 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.URGENT, PageRequest, RECV): _S.URGENT,
     (_S.URGENT, PageBatch, SEND): _S.URGENT,
     **_abort_entries((_S.PC_STARTING, _S.PC_AWAITING_READY, _S.PC_READY, _S.PC_SYNCING), _S.ABORTED),
+    # An extra data stream (version 6): its Sync marks the end of its share of a round and has no
+    # answer on it (the main connection's SyncAck answers for every stream).
+    (_S.START, StreamAttach, SEND): _S.STREAM_ATTACHING,
+    (_S.STREAM_ATTACHING, MigrateAccept, RECV): _S.STREAM,
+    (_S.STREAM_ATTACHING, MigrateRefuse, RECV): _S.REFUSED,
+    (_S.STREAM, PageBatch, SEND): _S.STREAM,
+    (_S.STREAM, Sync, SEND): _S.STREAM,
+    **_abort_entries((_S.STREAM,), _S.ABORTED),
 }
 
 DESTINATION_TRANSITIONS: dict[Key, Enum] = {
@@ -226,6 +239,12 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.URGENT, PageRequest, SEND): _D.URGENT,
     (_D.URGENT, PageBatch, RECV): _D.URGENT,
     **_abort_entries((_D.PC_STARTING, _D.PC_VERIFYING, _D.PC_READY, _D.PC_SYNC_ASKED), _D.ABORTED),
+    (_D.START, StreamAttach, RECV): _D.STREAM_ATTACHING,
+    (_D.STREAM_ATTACHING, MigrateAccept, SEND): _D.STREAM,
+    (_D.STREAM_ATTACHING, MigrateRefuse, SEND): _D.REFUSED,
+    (_D.STREAM, PageBatch, RECV): _D.STREAM,
+    (_D.STREAM, Sync, RECV): _D.STREAM,
+    **_abort_entries((_D.STREAM,), _D.ABORTED),
 }
 
 #: Message types that carry the migration id, checked against the one the connection started with.
@@ -268,7 +287,7 @@ class _Machine:
         return nxt
 
     def _check_id(self, msg: Message, error: type[ProtocolError]) -> None:
-        if isinstance(msg, MigrateStart | InDoubtQuery | PostcopyAttach):
+        if isinstance(msg, MigrateStart | InDoubtQuery | PostcopyAttach | StreamAttach):
             self.migration_id = msg.migration_id
         elif isinstance(msg, _ID_CARRIERS) and msg.migration_id != self.migration_id:
             raise error(
