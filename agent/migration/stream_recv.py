@@ -14,7 +14,7 @@ per-round barrier (docs/protocol.md, "Several streams"; the sending half is stre
 * The barrier: a stream's Sync marks the end of its share of a round. The main connection's
   Sync is answered, and the final round's DeviceState read, only once every stream has passed
   as many marks (``barrier``): every page of the round is written before the source hears the
-  round is over, so a later round's copy of a page can never be overtaken by an earlier one.
+  round is over, so a later round's copy of a page can never be overtaken by an older one.
 * A stream that fails (closed, stalled, a bad frame) fails the migration at the next barrier,
   before COMMIT; the copy here is discarded and the source resumes the VM.
 """
@@ -115,11 +115,11 @@ class IncomingStreams:
                     raise self._error
                 if len(self._marks) == self.count - 1 and min(self._marks.values()) >= self._passed:
                     return
-                if (now := time.monotonic()) >= deadline:
+                if (t := time.monotonic()) >= deadline:
                     missing = sorted(set(range(1, self.count)) - set(self._conns))
                     raise TimeoutError(f"the data streams did not end round {self._passed} within {stall_s:g} s"
                                        + (f" (streams {missing} never attached)" if missing else ""))
-                self._cond.wait(min(deadline - now, POLL_S))
+                self._cond.wait(min(deadline - t, POLL_S))
                 if (moved := self._progress()) != progress:
                     progress, deadline = moved, time.monotonic() + stall_s
 
