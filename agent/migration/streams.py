@@ -28,6 +28,7 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ from agent.migration.rounds import RoundBook
 from agent.migration.transport import Connection
 from proto.errors import ErrorCode
 from proto.limits import STREAMS_VERSION
-from proto.messages import MigrateAccept, MigrateRefuse, Sync
+from proto.messages import Abort, MigrateAccept, MigrateRefuse, Sync
 from proto.state import SourceMachine
 from proto.stream_messages import StreamAttach
 
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 #: MigrateStart's param holding the stream key (hex), beside the MigrationParams.
 KEY_PARAM = "stream-key"
 KEY_BYTES = 32
+# A stream broke: how long to look on the main connection for the destination's Abort, which it
+# sends there before it drops the streams (its reason is the one to report).
+ABORT_WAIT_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +100,15 @@ def open_streams(s: SourceSession, p: Plan) -> SendStreams | None:
         for conn in conns:
             conn.close()
         raise
-    return SendStreams(conns, s._book)
+    return SendStreams(conns, s._book, s.conn)
 
 
 class SendStreams:
     """The extra streams of one outgoing migration and their sender threads (see the module)."""
 
-    def __init__(self, conns: list[Connection], book: RoundBook) -> None:
+    def __init__(self, conns: list[Connection], book: RoundBook, main: Connection) -> None:
         self.conns = conns
+        self._main = main
         self._book = book
         self.lock = threading.Lock()  # the round's figures, counted by every sender
         self._done = threading.Condition(self.lock)
@@ -149,12 +154,22 @@ class SendStreams:
             try:
                 conn.send(Sync(n))
             except BaseException as e:
-                raise _stream_failed(index, e) from e
+                self._error = _stream_failed(index, e)
+                self.check()
 
     def check(self) -> None:
-        """Raise the failure of a stream, if one failed."""
-        if self._error is not None:
-            raise self._error
+        """Raise the failure of a stream, if one failed: the destination's Abort when it gave up
+        first (the session thread's call: it alone reads the main connection)."""
+        if self._error is None:
+            return
+        deadline = time.monotonic() + ABORT_WAIT_S
+        while time.monotonic() < deadline:
+            if self._main.next_frame_is(Abort):
+                msg = self._main.recv()
+                if isinstance(msg, Abort):
+                    raise MigrationError(msg.code, f"the destination aborted: {msg.reason}")
+            time.sleep(0.02)
+        raise self._error
 
     def _run(self, conn: Connection, index: int) -> None:
         while (item := self._queue.get()) is not None:
