@@ -211,5 +211,8 @@ def _stream_failed(index: int, exc: BaseException) -> BaseException:
     """A stream's failure as the migration's, naming the stream (the type kept: a timeout stays one)."""
     if isinstance(exc, MigrationError | TimeoutError):
         return exc
+    text = getattr(exc, "message", None) or exc or type(exc).__name__
+    if isinstance(exc, OSError):  # still a connection's failure: a cancel that shut it is a cancel
+        return ConnectionError(f"data stream {index} failed: {text}")
     return MigrationError(getattr(exc, "code", ErrorCode.MIGRATION_FAILED),
-                          f"data stream {index} failed: {getattr(exc, 'message', None) or exc or type(exc).__name__}")
+                          f"data stream {index} failed: {text}")
