@@ -75,6 +75,9 @@ def add_commands(sub: Any) -> None:
     m.add_argument("--compress", choices=("auto", "zstd", "none"),
                    help="zstd-compress page and disk batches: auto when the link is slower than compression "
                         "saves (a thin link, compressible memory), zstd always, none never (default auto)")
+    m.add_argument("--streams", type=_stream_count, metavar="N",
+                   help="spread guest RAM over N data connections (1-8), each sent and received by its own "
+                        "thread: more cores copy, or encrypt with TLS (default: the agent's streams setting)")
     add_announce_flags(m)
     m.add_argument("--json", action="store_true", help="print the final MigrationInfo as JSON, no progress")
     m.add_argument("--detach", action="store_true", help="start the migration and return at once")
@@ -105,6 +108,15 @@ def add_commands(sub: Any) -> None:
     v.set_defaults(run=cmd_migrate_recover)
 
 
+def _stream_count(text: str) -> int:
+    """--streams: a whole number 1..MAX_STREAMS (argparse reports the ValueError's message)."""
+    from proto.limits import MAX_STREAMS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_STREAMS:
+        raise argparse.ArgumentTypeError(f"must be a whole number 1..{MAX_STREAMS}, got {text!r}")
+    return int(text)
+
+
 def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
     """The migration parameters under the names MigrationParams.from_dict accepts; unset flags are left out."""
     params: dict[str, Any] = {"max-downtime": ns.max_downtime, "bandwidth": ns.bandwidth,
@@ -128,6 +140,7 @@ def migrate_params(ns: argparse.Namespace) -> dict[str, Any]:
     params["disk-dir"] = ns.disk_dir
     params["storage-mode"] = ns.storage_mode
     params["compress"] = ns.compress
+    params["streams"] = ns.streams
     params.update(announce_params(ns))
     return {k: v for k, v in params.items() if v is not None}
 

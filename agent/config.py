@@ -131,6 +131,8 @@ class AgentConfig:
     web: WebSettings | None = None  # the web console (agent/web.py); off when None
     # When a migration switches to post-copy unless its params say (agent/migration/postcopy_source.py).
     postcopy_after: str = "never"
+    # Data connections of an outgoing migration unless its params say (agent/migration/streams.py).
+    streams: int = 1
     cluster: cluster_settings.ClusterSettings | None = None  # cluster mode on etcd (--etcd); None: two agents
 
     @property
@@ -161,6 +163,8 @@ _KEYS: dict[str, str] = {
     "max-outgoing": "most outgoing migrations at once, 1-64; more wait in a queue, in order (default: 4)",
     "postcopy-after": "outgoing migrations switch to post-copy: never, auto (when pre-copy will not converge) "
                       "or after round N, unless the migration says (default: never)",
+    "streams": "data connections per outgoing migration, 1-8, unless the migration says; each is sent "
+               "and received by its own thread (default: the host's cores, at most 8)",
     **cluster_settings.KEYS,
 }
 _KEYS.update(web_config.KEYS)  # http, http-token, http-insecure (agent/web_config.py)
@@ -168,10 +172,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS = {"control": "HOST:PORT", "migration": "HOST:PORT", "max-mem": "SIZE", "dirty-tracker": "BACKEND",
              "metrics": "HOST:PORT", "tls-dir": "DIR", "spare-vm": "on|off",
              "disk-dirs": "DIR[:DIR...]", "stall-timeout": "S", "max-outgoing": "N", "postcopy-after": "auto|N|never",
+             "streams": "N",
              **web_config.METAVARS, **cluster_settings.METAVARS}
 # TOML types a key accepts (flags are always strings); the rest take strings only.
 _TOML_TYPES: dict[str, tuple[type, ...]] = {"max-mem": (str, int), "stall-timeout": (str, int, float),
-                                            "max-outgoing": (str, int), "spare-vm": (str, bool),
+                                            "max-outgoing": (str, int), "streams": (str, int), "spare-vm": (str, bool),
                                             "disk-dirs": (str, list), **web_config.TOML_TYPES,
                                             **cluster_settings.TOML_TYPES}
 _SWITCH = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
@@ -308,6 +313,21 @@ def _max_outgoing(values: dict[str, Any]) -> int:
         raise ConfigError(str(e)) from None
 
 
+def default_streams() -> int:
+    """The streams of an outgoing migration when nothing says: one per core (a stream's thread
+    keeps a core busy copying or encrypting), at most MAX_STREAMS."""
+    from proto.limits import MAX_STREAMS
+
+    return max(1, min(MAX_STREAMS, os.cpu_count() or 1))
+
+
+def _streams(values: dict[str, Any]) -> int:
+    try:
+        return int(cluster_settings.number(values, "streams", default_streams(), int, 1, 8))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _metrics(values: dict[str, Any]) -> tuple[str, int] | None:
     return _address(values, "metrics", "") if values.get("metrics") else None
 
@@ -378,6 +398,7 @@ def resolve(values: dict[str, Any]) -> AgentConfig:
         "stall_timeout": p.take(_stall_timeout, values),
         "max_outgoing": p.take(_max_outgoing, values),
         "postcopy_after": p.take(_postcopy_after, values),
+        "streams": p.take(_streams, values),
         "cluster": p.take(_cluster, values),
     }
     fields["web"] = p.take(web_config.web_settings, values, values.get("tls-dir"))
@@ -436,7 +457,7 @@ def describe(config: AgentConfig) -> str:
         "dirty-tracker": config.dirty_tracker, "log-level": config.log_level,
         "spare-vm": "on" if config.spare_vm else "off", "stall-timeout": f"{config.stall_timeout:g}",
         "max-outgoing": str(config.max_outgoing),
-        "postcopy-after": config.postcopy_after,
+        "postcopy-after": config.postcopy_after, "streams": str(config.streams),
     }
     if config.web is not None:
         values.update(config.web.describe())

@@ -86,7 +86,8 @@ class Agent:
         self.migrations = MigrationManager(agent_name=config.name, key=config.key, vms=self.vms, log=log,
                                            tls=self.tls, stall_timeout=config.stall_timeout,
                                            max_outgoing=config.max_outgoing, postcopy_after=config.postcopy_after,
-                                           ownership=TWO_AGENTS if self.cluster is None else self.cluster.ownership)
+                                           ownership=TWO_AGENTS if self.cluster is None else self.cluster.ownership,
+                                           streams=config.streams)
         self.peers = PeerBook()  # the agents this one asked for their agent-info: the console's hosts
         self.ops = ControlOps(identity=identity, vms=self.vms, migrations=self._as_migrations(),
                               peer_info=self.peers.remember(self._peer_info), log=log)

@@ -55,7 +55,7 @@ KNOWN = ("baseline_copy", "bench_interp", "bench_pause", "bench_dirty", "bench_v
 TIMEOUT_FULL = 1200.0  # s per bench; a full bench_migrate moves tens of GiB on a loaded machine
 # Benches that need longer in full mode: bench_migrate runs QEMU's pre-copy and iperf3 next to
 # every data-path migration (8-11 min of its own under load, before its cases).
-TIMEOUT_FULL_OF = {"bench_migrate": 2700.0, "bench_soak": 3000.0}  # the soak runs 30 minutes on its own
+TIMEOUT_FULL_OF = {"bench_migrate": 2700.0, "bench_soak": 3000.0, "bench_streams": 2700.0}  # the soak runs 30 minutes on its own
 TIMEOUT_QUICK = 300.0
 TIMEOUT_QUICK_OF = {"bench_soak": 900.0}  # 3 minutes of ping-pong, then 50 migrations at once
 STDERR_TAIL = 30  # lines of a failed bench's stderr kept in the report

@@ -100,6 +100,7 @@ from proto.state import (
     SourceMachine,
     SourceState,
 )
+from proto.stream_messages import STREAM_MESSAGES, StreamAttach
 
 __all__ = [
     "Channel", "ClientHandshake", "HandshakeState", "ServerHandshake", "error_response", "new_nonce",
@@ -115,4 +116,5 @@ __all__ = [
     "MigrateRefuse", "MigrateStart", "PageBatch", "RangeBatch", "Ranges", "Ready", "Request", "Response", "Resumed",
     "RoundEnd", "Sync", "SyncAck", "POSTCOPY_MESSAGES", "PageRequest", "PostcopyAttach", "PostcopyDiscard",
     "PostcopyDone", "PostcopyLacking", "PostcopyRecover", "PostcopyRecovered", "PostcopyStart",
+    "STREAM_MESSAGES", "StreamAttach",
 ]  # fmt: skip

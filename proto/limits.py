@@ -12,11 +12,17 @@ MAGIC = b"FRRY"
 #: The first version with compressed page and disk batches (RangeBatch.compressed, the `compress`
 #: migration parameter): the one place that names its number.
 COMPRESSION_VERSION = 5
+#: The first version with several data streams per migration (the `streams` migration parameter,
+#: StreamAttach): the one place that names its number.
+STREAMS_VERSION = 6
 #: The protocol version this code speaks natively.
-CURRENT_VERSION = COMPRESSION_VERSION
+CURRENT_VERSION = STREAMS_VERSION
 #: The oldest version accepted (0 is "none"): a peer speaking it migrates what it can describe.
 MIN_VERSION = 1
 SUPPORTED_VERSIONS: frozenset[int] = frozenset(range(MIN_VERSION, CURRENT_VERSION + 1))
+
+#: Most data streams (connections) one migration uses, its main connection included.
+MAX_STREAMS = 8
 
 #: Most block PCs one CodeHint names, and most code bytes it carries.
 MAX_HINT_PCS = 4096

@@ -1,7 +1,7 @@
 """Post-copy's messages (protocol version 4): the switch-over that resumes the VM on the
 destination before all its pages are there, the page requests, and the end.
 
-Registered in the same catalogue as proto.messages (type codes 49-55); proto.state imports this
+Registered in the same catalogue as proto.messages (type codes 49-56); proto.state imports this
 module, so every channel knows them. The exchange is in docs/protocol.md, "Post-copy".
 """
 

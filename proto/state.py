@@ -74,6 +74,7 @@ from proto.postcopy_messages import (
     PostcopyRecovered,
     PostcopyStart,
 )
+from proto.stream_messages import StreamAttach
 
 
 class Direction(Enum):
@@ -112,6 +113,8 @@ class SourceState(Enum):
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests only
     PC_SYNCING = "pc-syncing"  # Sync sent behind the discards made before the pause: awaiting SyncAck
     PC_RECOVERING = "pc-recovering"  # PostcopyRecover sent on a new connection: awaiting what the destination lacks
+    STREAM_ATTACHING = "stream-attaching"  # StreamAttach sent on an extra data stream (v6): accept or refuse next
+    STREAM = "stream"  # an extra data stream (v6): page batches, and a Sync closing each round's share
 
 
 class DestinationState(Enum):
@@ -138,6 +141,8 @@ class DestinationState(Enum):
     URGENT = "urgent"  # the urgent connection of a post-copy: answers to page requests arrive
     PC_SYNC_ASKED = "pc-sync-asked"  # Sync received: the discards before it are done, SyncAck comes next
     PC_RECOVERING = "pc-recovering"  # PostcopyRecover received: what this side lacks goes out, or a refusal
+    STREAM_ATTACHING = "stream-attaching"  # StreamAttach received (v6): the answer is MigrateAccept or MigrateRefuse
+    STREAM = "stream"  # an extra data stream (v6): page batches, and a Sync closing each round's share
 
 
 Key = tuple[Enum, type[Message], Direction]
@@ -203,6 +208,14 @@ SOURCE_TRANSITIONS: dict[Key, Enum] = {
     (_S.PC_RECOVERING, PostcopyLacking, RECV): _S.PC_RECOVERING,
     (_S.PC_RECOVERING, PostcopyRecovered, RECV): _S.POSTCOPY,
     (_S.PC_RECOVERING, MigrateRefuse, RECV): _S.REFUSED,
+    # An extra data stream (version 6): its Sync marks the end of its share of a round and has no
+    # answer on it (the main connection's SyncAck answers for every stream).
+    (_S.START, StreamAttach, SEND): _S.STREAM_ATTACHING,
+    (_S.STREAM_ATTACHING, MigrateAccept, RECV): _S.STREAM,
+    (_S.STREAM_ATTACHING, MigrateRefuse, RECV): _S.REFUSED,
+    (_S.STREAM, PageBatch, SEND): _S.STREAM,
+    (_S.STREAM, Sync, SEND): _S.STREAM,
+    **_abort_entries((_S.STREAM,), _S.ABORTED),
 }
 
 DESTINATION_TRANSITIONS: dict[Key, Enum] = {
@@ -246,6 +259,12 @@ DESTINATION_TRANSITIONS: dict[Key, Enum] = {
     (_D.PC_RECOVERING, PostcopyLacking, SEND): _D.PC_RECOVERING,
     (_D.PC_RECOVERING, PostcopyRecovered, SEND): _D.POSTCOPY,
     (_D.PC_RECOVERING, MigrateRefuse, SEND): _D.REFUSED,
+    (_D.START, StreamAttach, RECV): _D.STREAM_ATTACHING,
+    (_D.STREAM_ATTACHING, MigrateAccept, SEND): _D.STREAM,
+    (_D.STREAM_ATTACHING, MigrateRefuse, SEND): _D.REFUSED,
+    (_D.STREAM, PageBatch, RECV): _D.STREAM,
+    (_D.STREAM, Sync, RECV): _D.STREAM,
+    **_abort_entries((_D.STREAM,), _D.ABORTED),
 }
 
 #: Message types that carry the migration id, checked against the one the connection started with.
@@ -288,7 +307,7 @@ class _Machine:
         return nxt
 
     def _check_id(self, msg: Message, error: type[ProtocolError]) -> None:
-        if isinstance(msg, MigrateStart | InDoubtQuery | PostcopyAttach | PostcopyRecover):
+        if isinstance(msg, MigrateStart | InDoubtQuery | PostcopyAttach | PostcopyRecover | StreamAttach):
             self.migration_id = msg.migration_id
         elif isinstance(msg, _ID_CARRIERS) and msg.migration_id != self.migration_id:
             raise error(

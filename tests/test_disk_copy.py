@@ -160,9 +160,10 @@ def test_params_a_peer_does_not_know_are_left_out_and_ignored() -> None:
     p = MigrationParams(copy_storage=True, disk_map={"/a": "/b"})
     old = p.for_peer(2)
     assert not set(old) & set(PARAMS_SINCE) and old["disk-map"] == {"/a": "/b"}
-    assert set(p.for_peer(3)) == set(p.to_dict()) - {"postcopy-after", "compress"}
-    assert set(p.for_peer(4)) == set(p.to_dict()) - {"compress"}
-    assert set(p.for_peer(5)) == set(p.to_dict())
+    assert set(p.for_peer(3)) == set(p.to_dict()) - {"postcopy-after", "compress", "streams"}
+    assert set(p.for_peer(4)) == set(p.to_dict()) - {"compress", "streams"}
+    assert set(p.for_peer(5)) == set(p.to_dict()) - {"streams"}
+    assert set(p.for_peer(6)) == set(p.to_dict())
     # A destination keeps the params it knows when a newer source sends one it does not.
     start = MigrateStart("m" * 16, "v", 1 << 20, 4096, 3, (), "x", {**p.to_dict(), "from-the-future": 1})
     assert _params_of(start).disk_map == {"/a": "/b"} and _params_of(start).copy_storage

@@ -46,6 +46,7 @@ SAMPLES: dict[type[Message], Message] = {
     proto.PostcopyStart: proto.PostcopyStart(3),
     proto.PageRequest: proto.PageRequest(8192, 4),
     proto.PostcopyAttach: proto.PostcopyAttach("m-1", "vm-1"),
+    proto.StreamAttach: proto.StreamAttach("mig-1", 1, bytes(32)),
     proto.PostcopyDone: proto.PostcopyDone(3, 1),
     proto.PostcopyRecover: proto.PostcopyRecover("m-1", "vm-1"),
     proto.PostcopyLacking: proto.PostcopyLacking(((0, 8192), (16384, 20480))),
@@ -129,6 +130,7 @@ _OVERRIDES: dict[tuple[type[Message], str], st.SearchStrategy[Any]] = {
     (proto.SyncAck, "held_s"): st.floats(0.0, 3600.0),
     (proto.PostcopyStart, "pages"): st.integers(0, 1 << 20),
     (proto.PostcopyRecovered, "pages"): st.integers(0, 1 << 20),
+    (proto.StreamAttach, "index"): st.integers(1, proto.limits.MAX_STREAMS - 1),
 }
 
 

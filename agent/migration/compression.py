@@ -167,6 +167,15 @@ class Packer:
         self._held: tuple[int, int] | None = probe() if probe is not None else None
         self._receiver_share: float | None = None
 
+    def sibling(self, sock: socket.socket | None = None) -> Packer:
+        """The packer of another stream of the same migration (on ``sock``): its own compressor
+        and link figures (a zstd context is one thread's), the same figures in the JSON and the
+        same bandwidth cap, which all streams share."""
+        probe = None if sock is None else (lambda: tcp_held(sock))
+        twin = Packer(self.mode, self.stats, self._limiter, self._cap, probe=probe)
+        twin.stats.active = self.stats.active
+        return twin
+
     @contextlib.contextmanager
     def draining(self, conn: _Waits | None) -> Iterator[None]:
         """Around a wait for the destination's answer behind the batches (SyncAck, Ready): a

@@ -34,7 +34,15 @@ from typing import Any
 from agent.code_cache import CodeCache
 from agent.disk_copy import CopyError
 from agent.disks import DiskConfig
-from agent.migration import code_hint, pages, postcopy_dest, postcopy_recover, spec_move, storage_copy
+from agent.migration import (
+    code_hint,
+    pages,
+    postcopy_dest,
+    postcopy_recover,
+    spec_move,
+    storage_copy,
+    stream_recv,
+)
 from agent.migration.common import (
     LOOP_CALL_TIMEOUT_S,
     RUN_STATE_KEY,
@@ -74,6 +82,7 @@ from proto.messages import (
 )
 from proto.postcopy_messages import PostcopyAttach, PostcopyRecover
 from proto.state import DestinationMachine
+from proto.stream_messages import StreamAttach
 
 # Whole time an unauthenticated peer gets for the handshake and its first message. The kernel
 # timeout holds per socket call only, so a peer sending a byte a second would otherwise hold a
@@ -134,6 +143,8 @@ class DestinationSession:
         self._disk_copy: tuple[DiskConfig, str] | None = None  # the disk to copy here, and its identity
         self._copy: storage_copy.IncomingCopy | None = None  # that copy, once created (_accept)
         self._postcopy: postcopy_dest.PostcopyIncoming | None = None  # a post-copy switch-over (postcopy_dest)
+        self._streams: stream_recv.IncomingStreams | None = None  # the extra data streams (stream_recv)
+        self._lock = threading.Lock()  # the digest's bookkeeping, which every stream's thread does
 
     def on_authenticated(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, when the peer has authenticated or the session ended."""
@@ -156,6 +167,8 @@ class DestinationSession:
                 postcopy_dest.attach(self, first)
             elif isinstance(first, PostcopyRecover):
                 postcopy_recover.join(self, first)
+            elif isinstance(first, StreamAttach):
+                stream_recv.serve(self, first)
         except Exception as exc:  # the connection is this session's only client: log, never raise
             self.log.warning("incoming migration connection failed", peer=self._peer, error=describe(exc))
         finally:
@@ -282,7 +295,8 @@ class DestinationSession:
         # guest) then runs while that process starts, instead of adding to the setup time.
         self._digest = pages.RamDigest(inc.memfd, self._ram, start.mem_size)
         self._digest.assume_holes_except([])  # fresh RAM; every batch invalidates what it writes
-        self._sink = pages.DigestingSink(inc.memfd, self._digest)
+        self._sink = stream_recv.SharedSink(inc.memfd, self._digest, self._lock)
+        self._streams = stream_recv.incoming(start, params_of(start).streams or 1)
         self._await_vm_process()
         self.info = MigrationInfo(vm=start.vm_name, direction="in", peer=self._peer, mem=start.mem_size,
                                   dirty_tracker=start.dirty_tracker, status=Status.ACTIVE,
@@ -290,6 +304,7 @@ class DestinationSession:
         if self._disk_copy is not None:  # created now: from here on a failure removes it (_discard)
             self.info.disk = DiskProgress()
             self._copy = storage_copy.IncomingCopy(*self._disk_copy, self.info.disk)
+        self.info.streams = self._streams.count if self._streams is not None else 1
         self.bridge.run(self.infos.__setitem__, start.vm_name, self.info)  # the manager's dict: the loop's
         self._send(MigrateAccept(start.migration_id))
         self.info.setup_s = time.monotonic() - self.info.started
@@ -317,6 +332,8 @@ class DestinationSession:
                 assert self._copy is not None  # (the transport refuses disk data without a copy)
                 self._copy.on_batch(msg)
             elif isinstance(msg, Sync):  # every page before it is applied (and the disk's synced): say so
+                if self._streams is not None:  # on every stream (stream_recv: the round's barrier)
+                    self._streams.barrier(self.conn.stall_s)
                 if self._copy is not None:
                     self._copy.sync()
                 self._send(SyncAck(msg.round, self._hold_for_warm_up()))
@@ -328,6 +345,9 @@ class DestinationSession:
                 code_hint.forward(self._lane, msg, self.info.mem, self.log, self.info.vm, self.code_cache)
                 self._warm_until = time.monotonic() + code_hint.HOLD_MAX_S
             elif isinstance(msg, DeviceState):
+                if self._streams is not None:  # the final round's pages, on every stream
+                    self._streams.barrier(self.conn.stall_s)
+                    self._streams.close()
                 self._on_state(msg)
             elif isinstance(msg, Digest):
                 self._on_digest(msg)
@@ -343,12 +363,17 @@ class DestinationSession:
         self._warm_until = None  # over, or given up on: later rounds are not held
         return held
 
-    def _on_pages(self, batch: PageBatch) -> None:
+    def _on_pages(self, batch: PageBatch, sink: pages.DigestingSink | None = None, conn: Connection | None = None) -> None:
+        """A batch arrived (on the main connection, or on ``conn``, a stream with its own ``sink``)."""
+        with self._lock:
+            self._count_pages(batch, sink or self._sink, conn or self.conn)
+
+    def _count_pages(self, batch: PageBatch, sink: pages.DigestingSink | None, conn: Connection) -> None:
         assert self._ram is not None and self.info is not None and self._digest is not None
         if batch.zeros:
             assert self._inc is not None
             pages.punch_zeros(self._inc.memfd, self._ram, batch.zeros)
-        self._digest_batch(batch)
+        self._digest_batch(batch, sink, conn)
         data = pages.total_bytes(batch.ranges)
         zero = pages.total_bytes(batch.zeros)
         r = self._round
@@ -359,10 +384,10 @@ class DestinationSession:
         r.bytes += data
         self.info.normal += data // PAGE_SIZE
         self.info.duplicate += zero // PAGE_SIZE
-        self.info.transferred = self.conn.received
+        self.info.transferred = self.conn.received + (self._streams.received() if self._streams is not None else 0)
         self.info.first_round_rate(r.bytes, r.start)
 
-    def _digest_batch(self, batch: PageBatch) -> None:
+    def _digest_batch(self, batch: PageBatch, sink: pages.DigestingSink | None, conn: Connection) -> None:
         """Keep the digest current: every chunk the batch touched is hashed now, those it covered
         whole from what it knows (still in the CPU cache), the others through the mapping; but
         those of a pre-copy round's last batch (a Sync is next) only after SyncAck went out.
@@ -371,16 +396,16 @@ class DestinationSession:
         batch while the next one is on its way leaves only the last batch's chunks for after the
         final copy (docs/PERFORMANCE.md section 7), at no extra cost: batches go in address
         order, so only a chunk a batch boundary cuts is hashed twice."""
-        assert self._digest is not None and self._sink is not None
+        assert self._digest is not None and sink is not None
         data, zeros, merged = pages.received(batch.ranges, batch.zeros)
         touched = pages.chunks_of(merged)
-        hashed = self._sink.take()  # chunks hashed from the receive buffer as they arrived
+        hashed = sink.take()  # chunks hashed from the receive buffer as they arrived
         self._digest.invalidate_chunks(touched - hashed if hashed else touched)
         covered = pages.covered_chunks(merged)
         self._digest.refresh_known(data, zeros, hashed if hashed else None, covered)
         partial = touched - covered
-        if self.conn.next_frame_is(Sync):  # the round's last batch: answer the Sync first
-            self._after_sync = partial
+        if conn.next_frame_is(Sync):  # the round's (or the stream's share's) last batch: answer the Sync first
+            self._after_sync |= partial
         else:
             self._digest.refresh(partial)
 
@@ -389,9 +414,10 @@ class DestinationSession:
         harvest and decision, not inside the round it waits for (docs/PERFORMANCE.md, section 7).
         The final round ends without a Sync: its batches are all hashed as they arrive."""
         assert self._digest is not None
-        if self._after_sync:
-            self._digest.refresh(self._after_sync)
-            self._after_sync = set()
+        with self._lock:
+            if self._after_sync:
+                self._digest.refresh(self._after_sync)
+                self._after_sync = set()
 
     def _on_round_end(self, msg: RoundEnd) -> None:
         assert self.info is not None
@@ -553,6 +579,8 @@ class DestinationSession:
         return msg
 
     def _release_ram(self) -> None:
+        if self._streams is not None:  # their threads write into the mapping: gone first
+            self._streams.close()
         self._digest = self._sink = None  # they hold slices of the mapping
         if self._ram is not None:
             self._ram.release()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from agent.announce import Schedule
 from agent.config import valid_postcopy_after
 from agent.nics import NicError
-from proto.limits import COMPRESSION_VERSION
+from proto.limits import COMPRESSION_VERSION, MAX_STREAMS, STREAMS_VERSION
 
 if TYPE_CHECKING:
     from agent.migration.compression import CompressionStats
@@ -96,6 +96,9 @@ class MigrationParams:
     postcopy_after: str | None = None
     # Page and disk batches in zstd: "auto" when it pays (agent/migration/compress_policy.py), or always, or never.
     compress: str = "auto"
+    # Data connections the RAM batches are spread over (agent/migration/streams.py); None: the
+    # agent's streams setting. 1 towards a peer older than STREAMS_VERSION.
+    streams: int | None = None
 
     def __post_init__(self) -> None:
         if self.postcopy_after is not None and not valid_postcopy_after(self.postcopy_after):
@@ -117,6 +120,8 @@ class MigrationParams:
             raise ValueError(f"storage-mode must be one of {', '.join(STORAGE_MODES)}, got {self.storage_mode!r}")
         if self.compress not in COMPRESS_MODES:
             raise ValueError(f"compress must be one of {', '.join(COMPRESS_MODES)}, got {self.compress!r}")
+        if self.streams is not None and not 1 <= self.streams <= MAX_STREAMS:
+            raise ValueError(f"streams must be 1..{MAX_STREAMS}, got {self.streams}")
         if self.storage_mode != "background" and not self.copy_storage:
             raise ValueError("storage-mode applies to copy-storage only")
         self.announce()  # its own checks
@@ -167,6 +172,7 @@ class MigrationParams:
             progress_timeout_s=float(norm["progress-timeout"]) if "progress-timeout" in norm else None,
             postcopy_after=str(norm["postcopy-after"]) if "postcopy-after" in norm else None,
             compress=str(norm.get("compress", "auto")),
+            streams=int(norm["streams"]) if "streams" in norm else None,
         )
 
     def for_peer(self, version: int) -> dict[str, Any]:
@@ -198,18 +204,20 @@ class MigrationParams:
             "progress-timeout": self.progress_timeout_s,
             "postcopy-after": self.postcopy_after,
             "compress": self.compress,
+            "streams": self.streams,
         }
 
 
 # Params a peer learned in a later protocol version than 1: an older destination refuses a key it
 # does not know (and would then lose the maps beside it), so they are left out for it (for_peer).
 PARAMS_SINCE = {"copy-storage": 3, "disk-dir": 3, "storage-mode": 3, "stall-timeout": 3, "progress-timeout": 3,
-                "postcopy-after": 4, "compress": COMPRESSION_VERSION}
+                "postcopy-after": 4, "compress": COMPRESSION_VERSION,
+                "streams": STREAMS_VERSION}
 PARAM_KEYS = frozenset({"max-downtime", "bandwidth", "auto-converge", "max-rounds", "timeout", "force",
                          "hot-blocks", "commit-ahead", "announce-rounds", "announce-initial", "announce-max",
                          "announce-step", "nic-map", "disk-map", "code-hint", "copy-storage",
                          "disk-dir", "storage-mode", "stall-timeout", "progress-timeout", "postcopy-after",
-                         "compress"})
+                         "compress", "streams"})
 COMPRESS_MODES = ("auto", "zstd", "none")
 MAX_STALL_S = 3600.0  # the longest stall or progress timeout accepted
 
@@ -332,6 +340,7 @@ class MigrationInfo:
     # None for a migration that never switched to post-copy.
     postcopy: dict[str, Any] | None = None
     compression: CompressionStats | None = None  # the source's (agent/migration/compression.py), once connected
+    streams: int = 1  # data connections the pages went over (agent/migration/streams.py), the main one included
 
     def finish(self, status: Status, error: str | None = None, code: str | None = None,
                at: float | None = None) -> None:
@@ -374,6 +383,7 @@ class MigrationInfo:
             "downtime-breakdown": {k: round(v * 1000, 3) for k, v in list(self.breakdown.items())},
             "params": self.params.to_dict(),
             "summary": self.summary,
+            "streams": self.streams,
         }
         if self.queued is not None:
             d["queued"] = self.queued

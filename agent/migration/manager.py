@@ -70,7 +70,7 @@ class MigrationManager:
     def __init__(self, *, agent_name: str, key: bytes, vms: VMHost[Any, Any], log: LogLike,
                  in_doubt_timeout: float = IN_DOUBT_TIMEOUT_S, tls: TLSSource | None = None,
                  stall_timeout: float = STALL_TIMEOUT_S, max_outgoing: int = MAX_OUTGOING,
-                 postcopy_after: str = "never", ownership: Ownership = TWO_AGENTS) -> None:
+                 postcopy_after: str = "never", ownership: Ownership = TWO_AGENTS, streams: int = 1) -> None:
         self.agent_name = agent_name
         self.ownership = ownership  # who settles a VM's owner at COMMIT: the peer, or etcd in cluster mode
         self.tls = tls  # agent.tls.TLSDir: mutual TLS on the listener and outgoing connections, read at each one
@@ -80,6 +80,7 @@ class MigrationManager:
         self.in_doubt_timeout = in_doubt_timeout
         self.stall_timeout = stall_timeout  # each migration wait's progress deadline, in and out (transport.py)
         self.postcopy_after = postcopy_after  # a migration's postcopy-after when its params leave it out
+        self.streams = streams  # a migration's streams when its params leave it out
         self.address: tuple[str, int] | None = None  # the listener's bound address, once serving
         self._lsock: socket.socket | None = None  # bound by bind(), not yet accepting
         self._infos: dict[str, MigrationInfo] = {}  # vm name -> current or last migration, in or out
@@ -199,6 +200,8 @@ class MigrationManager:
         self._check_can_start(vm_name, vm)
         if params.postcopy_after is None:
             params = dataclasses.replace(params, postcopy_after=self.postcopy_after)
+        if params.streams is None:
+            params = dataclasses.replace(params, streams=self.streams)
         stale = self._in_doubt.pop(vm_name, None)  # resolved meanwhile by hand (vm resume): not in doubt any more
         if isinstance(stale, AdoptedInDoubt):
             stale.stop()

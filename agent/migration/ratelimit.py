@@ -23,11 +23,13 @@ class RateLimiter:
         self._stop = stop
         self._burst = burst_s
         self._t = time.monotonic()  # when the bucket is empty again (virtual clock)
+        self._lock = threading.Lock()  # the streams of one migration share the cap (agent/migration/streams.py)
 
     def take(self, nbytes: int) -> None:
         now = time.monotonic()
-        start = max(self._t, now - self._burst)
-        self._t = start + nbytes / self.rate
-        delay = self._t - now - self._burst
+        with self._lock:
+            start = max(self._t, now - self._burst)
+            self._t = start + nbytes / self.rate
+            delay = self._t - now - self._burst
         if delay > 0:
             self._stop.wait(delay)

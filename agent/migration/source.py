@@ -48,6 +48,7 @@ from agent.migration import (
     source_end,
     spec_move,
     storage_copy,
+    streams,
     tls,
 )
 from agent.migration.common import (
@@ -151,6 +152,8 @@ class SourceSession:
         self._tap_dropped: int | None = None  # the TAP's tx_dropped at the pause (a VM with a NIC)
         self._copy: storage_copy.SourceCopy | None = None  # the disk's copy (--copy-storage)
         self._postcopy: postcopy_source.PostcopySource | None = None  # a post-copy switch-over
+        self._plan: streams.Plan | None = None  # the data streams proposed (agent/migration/streams.py)
+        self._streams: streams.SendStreams | None = None  # the extra ones, once attached
 
     # -- control from other threads ----------------------------------------------------------------
     def cancel(self, failure: Exception | None = None) -> bool:
@@ -164,6 +167,8 @@ class SourceSession:
         conn = self.conn  # read once: the session thread may drop it meanwhile
         if conn is not None:
             conn.shutdown()  # wakes a blocked send/recv at once
+        if (extra := self._streams) is not None:
+            extra.shutdown()
         return True
 
     def interrupt(self, failure: Exception) -> bool:
@@ -195,6 +200,8 @@ class SourceSession:
         try:
             self._run()
         finally:
+            if self._streams is not None:  # their threads end, whichever way the session did
+                self._streams.close()
             if self._postcopy is not None:
                 self._postcopy.close()
             if self._copy is not None:
@@ -237,7 +244,11 @@ class SourceSession:
         self.conn.start(self.machine)
         self.conn.packer = compression.packer(self.params, self.conn.channel.version, self.info, self._cancel,
                                               self.conn.sock)
+        self._plan = streams.plan(self.params, self.conn.channel.version)
         self._propose()
+        with tls.refusals(self.dest):
+            self._streams = streams.open_streams(self, self._plan)
+        self.info.streams = self._plan.count
         self.info.setup_s = time.monotonic() - self.info.started
         self.info.status = Status.ACTIVE
         self.log.info("migration accepted", vm=vm.name, peer=self.info.peer, migration_id=self.migration_id)
@@ -270,6 +281,7 @@ class SourceSession:
         version = self.conn.channel.version
         self._terms = self.ownership.proposal(self.vm.name, self.info.peer)
         params = {**self.params.for_peer(version), **spec_move.proposal(self.vm, version), **self._terms}
+        params = {**{k: v for k, v in params.items() if k != "streams"}, **(self._plan.params() if self._plan else {})}
         if self.vm.nic is not None:
             params[nic_move.PARAMS_KEY] = nic_move.proposal(self.vm.nic)
         if self.vm.disk is not None or self.params.copy_storage:
@@ -383,6 +395,8 @@ class SourceSession:
             self._send_batch(batch, stat)
             if not final:  # (in the final round the digest thread owns the RamDigest)
                 self._digest.hash_hot(batch)
+        if self._streams is not None:  # the round's barrier: every stream's share is out
+            self._streams.end_round(len(self.info.rounds))
         if self._copy is not None and disk:
             assert self.conn is not None
             self._copy.send(self.conn, disk, stat, self.info, lambda: self._before_batch(final))
@@ -426,8 +440,10 @@ class SourceSession:
 
     def _send_batch(self, batch: pages.Batch, stat: RoundStat) -> None:
         assert self._ram is not None and self.conn is not None
+        if self._streams is not None and self._streams.offer(self._ram, batch, stat):
+            return  # an idle stream's thread sends it
         wire = self.conn.send_pages(self._ram, batch.ranges.tolist(), batch.zeros.tolist())
-        self._book.count_batch(stat, batch, wire)
+        (self._streams or self._book).count_batch(stat, batch, wire)  # (the streams' count under their lock)
 
     # -- stop-and-copy -------------------------------------------------------------------------------
     def _stop_and_copy(self, pending: tuple[Ranges, list[Range]]) -> float:
@@ -597,6 +613,9 @@ class SourceSession:
         self._digest = self._ram = None
 
     def _close(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
         if self.conn is not None:
             self.conn.close()
             self.conn = None
