@@ -60,7 +60,6 @@ from agent.migration.common import (
     Signal,
     client_handshake,
     describe,
-    error_code,
     timed_client_handshake,
 )
 from agent.migration.in_doubt import IN_DOUBT_TIMEOUT_S, InDoubtAsker, owner_ref, settle
@@ -100,7 +99,6 @@ PAUSE_TIMEOUT_S = 10.0
 # switch-over waits for on the path (SWITCH_ROUND_TRIPS; see _fixed_s).
 FIXED_DOWNTIME_S = 0.010
 SWITCH_ROUND_TRIPS = {False: 2, True: 1}  # commit_ahead -> Digest..READY, COMMIT..RESUMED (or both at once)
-ROLLBACK_LINGER_S = 2.0  # a failure is reported once the destination dropped its copy and closed, or after this
 # Beyond the stall timeout, for the wait for MigrateAccept only: the destination's VM process start.
 ACCEPT_ALLOWANCE_S = 10.0
 
@@ -224,7 +222,7 @@ class SourceSession:
                 if not self.params.commit_ahead:
                     self._await_ready(digest_sent)
         except BaseException as exc:  # every failure before COMMIT rolls back to a running VM
-            self._roll_back(exc)
+            source_end.roll_back(self, exc)
             return
         self._commit(digest_sent)
 
@@ -505,7 +503,7 @@ class SourceSession:
             cancelled = self._cancel.is_set()
             self._committing = not cancelled
         if cancelled:
-            self._roll_back(Cancelled("cancelled by the operator"))
+            source_end.roll_back(self, Cancelled("cancelled by the operator"))
             return
         t = time.monotonic()
         resumed: bool | None
@@ -558,34 +556,6 @@ class SourceSession:
         or None when it cannot be reached (within ``deadline_s``). A "no" fences the migration
         there for good."""
         return self._asker.ask_once(deadline_s)
-
-    # -- rolling back ----------------------------------------------------------------------------------
-    def _roll_back(self, exc: BaseException) -> None:
-        """Any failure before COMMIT: the destination discards, the VM runs here again."""
-        exc = self._failure or exc  # the connection shut down by interrupt() only says it was shut
-        cancelled = isinstance(exc, Cancelled) or (self._cancel.is_set() and isinstance(exc, OSError | ProtocolError))
-        why = "cancelled by the operator" if cancelled else describe(exc)
-        self._tell_abort(error_code(exc), why)
-        # Linger so an immediate retry finds the VM's name free there; a stalled peer reads nothing.
-        if self.conn is not None and not isinstance(exc, TimeoutError):
-            self.conn.linger(ROLLBACK_LINGER_S)
-        self._close()
-        try:
-            source_end.restore_vm(self)
-        finally:
-            self.info.finish(Status.CANCELLED if cancelled else Status.FAILED, None if cancelled else why,
-                             ErrorCode.CANCELLED if cancelled else error_code(exc))
-            self.log.warning("migration cancelled" if cancelled else "migration failed", vm=self.vm.name,
-                             error=why)
-
-    def _tell_abort(self, code: str, why: str) -> None:
-        """Best effort: the peer discards on a closed connection anyway."""
-        if self.conn is None or self._cancel.is_set() or not self.machine.can_send(Abort):
-            return
-        try:
-            self._send(Abort(code, why[:500]))
-        except (OSError, ProtocolError):
-            pass
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _connect(self, guest_size: int | None = None) -> Connection:

@@ -9,7 +9,9 @@ exchange has settled who owns the VM, these put the VM here in the state the own
 * `restore_vm`: it stays here (a failure or cancel before COMMIT, or "not resumed" after it):
   tracking off, throttle lifted, a released disk image taken back, the vCPU resumed if it ran;
   `resume_after_commit` does that after a "not resumed";
-* `stay_in_doubt`: nobody can say: the VM stays paused for the operator (migrate-resolve).
+* `stay_in_doubt`: nobody can say: the VM stays paused for the operator (migrate-resolve);
+* `roll_back`: any failure or cancel before COMMIT: the destination is told to discard (best
+  effort: it discards on a closed connection anyway) and the VM runs here again (`restore_vm`).
 
 They run in the session's thread and reach the loop through its bridge.
 """
@@ -21,8 +23,10 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from agent.migration import disk_move, nic_move, storage_copy
-from agent.migration.common import describe
+from agent.migration.common import Cancelled, describe, error_code
 from agent.migration.info import Status
+from proto.errors import ErrorCode, ProtocolError
+from proto.messages import Abort
 
 if TYPE_CHECKING:
     from agent.migration.source import SourceSession
@@ -107,3 +111,34 @@ def _quiet_call(s: SourceSession, coro: Coroutine[Any, Any, None]) -> str | None
     except Exception as exc:
         return describe(exc)
     return None
+
+
+ROLLBACK_LINGER_S = 2.0  # a failure is reported once the destination dropped its copy and closed, or after this
+
+
+def roll_back(s: SourceSession, exc: BaseException) -> None:
+    """Any failure before COMMIT: the destination discards, the VM runs here again."""
+    exc = s._failure or exc  # the connection shut down by interrupt() only says it was shut
+    cancelled = isinstance(exc, Cancelled) or (s._cancel.is_set() and isinstance(exc, OSError | ProtocolError))
+    why = "cancelled by the operator" if cancelled else describe(exc)
+    _tell_abort(s, error_code(exc), why)
+    # Linger so an immediate retry finds the VM's name free there; a stalled peer reads nothing.
+    if s.conn is not None and not isinstance(exc, TimeoutError):
+        s.conn.linger(ROLLBACK_LINGER_S)
+    s._close()
+    try:
+        restore_vm(s)
+    finally:
+        s.info.finish(Status.CANCELLED if cancelled else Status.FAILED, None if cancelled else why,
+                      ErrorCode.CANCELLED if cancelled else error_code(exc))
+        s.log.warning("migration cancelled" if cancelled else "migration failed", vm=s.vm.name, error=why)
+
+
+def _tell_abort(s: SourceSession, code: str, why: str) -> None:
+    """Best effort: the peer discards on a closed connection anyway."""
+    if s.conn is None or s._cancel.is_set() or not s.machine.can_send(Abort):
+        return
+    try:
+        s._send(Abort(code, why[:500]))
+    except (OSError, ProtocolError):
+        pass
