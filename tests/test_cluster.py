@@ -139,7 +139,7 @@ def test_hosts_placement_ownership_and_a_frozen_host(trio: tuple[AgentProc, Agen
     assert vm_state(b, "v1") is None and vm_state(c, "v1") is None
     record = etcd_get(etcd, "/ferry/vms/v1")
     assert record is not None and (record["owner"], record["generation"]) == ("A", 3)
-    assert c.call("migrate-status", name="v1")["status"] == "completed"  # from A, the owner now
+    assert c.call("migrate-status", name="v1")["status"] == "completed"  # from A, its owner after the move
     assert not [m for m in c.call("migrate-list")["migrations"] if m["vm"] == "v1"]
     a.call("vm-destroy", name="v1")
     gone = c.cli("migrate-status", "v1", check=False)
