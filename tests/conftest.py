@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: real VM processes over real memfds, cleaned up after each test.
+"""Shared pytest fixtures: real VM processes over real memfds, cleaned up after each test; a
+module's pair of agents; the digest of an unmigrated `verify` run.
 
 Helpers that start agents or inject faults are plain modules (tests/agents.py, tests/faults.py):
 import them.
@@ -13,11 +14,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.agents import AgentProc, agent_pair, names, unmigrated_verify_digest
 from tests.netlan import Lan, make_lan
 from vmruntime import dirty, guestram
 from vmruntime.control import TrackInfo, VMHandle
 
 MiB = 1 << 20
+VERIFY_MEM = 16 * MiB  # the `verify` guest's size unless a module sets VERIFY_MEM
 
 SpawnVM = Callable[..., VMHandle]
 MakeMemfd = Callable[[int], int]
@@ -104,3 +107,28 @@ def tracking(vm: VMHandle, backend: str, *,
             os.close(info.uffd)
         vm.track_stop()
         ram.close()
+
+
+@pytest.fixture(scope="module")
+def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
+    """Two agents for a test module (starting agents costs seconds); a module that needs them set
+    up otherwise defines its own."""
+    yield from agent_pair(tmp_path_factory.mktemp("agents"))
+
+
+@pytest.fixture
+def pair(shared_pair: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, AgentProc]]:
+    """The module's agents, emptied of VMs after each test (no migration may still be running)."""
+    yield shared_pair
+    for agent in shared_pair:
+        for name in names(agent):
+            agent.call("vm-destroy", name=name)
+
+
+@pytest.fixture(scope="module")
+def unmigrated_digest(request: pytest.FixtureRequest) -> Iterator[Callable[[], bytes]]:
+    """The `digest` line of an unmigrated `verify` run with the module's VERIFY_ARGS (and
+    VERIFY_MEM bytes of RAM, if it sets it), computed once per module, in the background."""
+    mem = getattr(request.module, "VERIFY_MEM", VERIFY_MEM)
+    with unmigrated_verify_digest(mem, request.module.VERIFY_ARGS) as result:
+        yield result

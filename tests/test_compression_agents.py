@@ -6,7 +6,7 @@ migration with the VM running on the source."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,10 @@ from agent.migration.compression import SAMPLE_BYTES
 from proto.messages import PageBatch
 from tests.agents import (
     AgentProc,
-    agent_pair,
     digest_line,
     finished,
     names,
     runs_on,
-    unmigrated_verify_digest,
     wait_for,
 )
 from tests.faults import C2S, GARBLE, FaultProxy, Rule, migration_target
@@ -31,25 +29,6 @@ pytestmark = pytest.mark.timeout(180)
 
 VERIFY_ARGS = {"ws": "4M", "steps": "4000000"}  # a few seconds of guest time: the migration lands mid-run
 FILL_PROGRAM = str(Path(__file__).resolve().parent.parent / "bench" / "fill_random.fasm")
-
-
-@pytest.fixture(scope="module")
-def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
-    yield from agent_pair(tmp_path_factory.mktemp("agents"))
-
-
-@pytest.fixture
-def pair(shared_pair: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, AgentProc]]:
-    yield shared_pair
-    for agent in shared_pair:
-        for name in names(agent):
-            agent.call("vm-destroy", name=name)
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
-        yield result
 
 
 def migrate(src: AgentProc, dst: AgentProc, name: str, **params: Any) -> dict[str, Any]:

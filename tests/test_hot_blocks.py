@@ -18,7 +18,7 @@ import pytest
 
 from agent import cli, cli_migrate
 from agent.migration.info import MigrationParams, Status
-from tests.agents import AgentProc, agent_pair, digest_line, finished, unmigrated_verify_digest, wait_for
+from tests.agents import AgentProc, agent_pair, digest_line, finished, wait_for
 from tests.conftest import tracking
 from tests.test_migration_sessions import (  # the source session's doubles and their fixtures
     FakeSourceVMs,
@@ -110,12 +110,6 @@ def _empty(request: pytest.FixtureRequest) -> Iterator[None]:
     if "pair" in request.fixturenames:
         for agent in request.getfixturevalue("pair"):
             agent.destroy_all_vms()
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    with unmigrated_verify_digest(VERIFY_MEM, VERIFY_ARGS) as result:
-        yield result
 
 
 @needs_async

@@ -25,27 +25,11 @@ from tests.agents import (
     names,
     runs_on,
     start_agent,
-    unmigrated_verify_digest,
     wait_for,
 )
 from vmruntime import dirty
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
-    """Two agents shared by the tests that leave them healthy (starting agents costs seconds)."""
-    yield from agent_pair(tmp_path_factory.mktemp("agents"))
-
-
-@pytest.fixture
-def pair(shared_pair: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, AgentProc]]:
-    """The shared agents, emptied of VMs after each test (no migration may still be running)."""
-    yield shared_pair
-    for agent in shared_pair:
-        for name in names(agent):
-            agent.call("vm-destroy", name=name)
 
 
 @pytest.fixture
@@ -133,13 +117,6 @@ def test_idle_guest_sends_only_what_it_touched(pair: tuple[AgentProc, AgentProc]
 
 
 VERIFY_ARGS = {"ws": "4M", "steps": "4000000"}  # a few seconds of guest time: the migration lands mid-run
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    """The `digest` line of an unmigrated verify run, computed once, in the background."""
-    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
-        yield result
 
 
 @pytest.mark.parametrize("backend", dirty.available_backends())

@@ -22,7 +22,6 @@ from tests.agents import (
     finished,
     names,
     runs_on,
-    unmigrated_verify_digest,
     wait_for,
 )
 from vmruntime.postcopy import minor_available
@@ -35,12 +34,6 @@ VERIFY_ARGS = {"ws": "8M", "steps": "3000000"}
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
     yield from agent_pair(tmp_path_factory.mktemp("agents"))
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
-        yield result
 
 
 def _pid_alive(pid: int) -> bool:

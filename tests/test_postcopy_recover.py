@@ -30,7 +30,6 @@ from tests.agents import (
     make_key,
     names,
     start_agent,
-    unmigrated_verify_digest,
     wait_for,
 )
 from tests.faults import AFTER, BEFORE, C2S, CALL, CUT, S2C, FaultProxy, Frame, Rule, migration_target
@@ -46,12 +45,6 @@ RECOVERING = ("postcopy-paused", "postcopy-recover")
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
     yield from agent_pair(tmp_path_factory.mktemp("agents"))
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
-        yield result
 
 
 def _pid_alive(pid: int) -> bool:

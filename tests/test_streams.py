@@ -9,7 +9,7 @@ copy ever overtook a newer one on another stream.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,10 @@ from proto.state import SourceMachine
 from proto.stream_messages import StreamAttach
 from tests.agents import (
     AgentProc,
-    agent_pair,
     digest_line,
     finished,
     names,
     runs_on,
-    unmigrated_verify_digest,
     wait_for,
 )
 from tests.faults import C2S, CUT, FaultProxy, Rule, migration_target
@@ -40,25 +38,7 @@ pytestmark = pytest.mark.timeout(180)
 
 MEM = "32M"
 VERIFY_ARGS = {"ws": "12M", "steps": "4000000"}  # a few seconds of guest time, several batches a round
-
-
-@pytest.fixture(scope="module")
-def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
-    yield from agent_pair(tmp_path_factory.mktemp("agents"))
-
-
-@pytest.fixture
-def pair(shared_pair: tuple[AgentProc, AgentProc]) -> Iterator[tuple[AgentProc, AgentProc]]:
-    yield shared_pair
-    for agent in shared_pair:
-        for name in names(agent):
-            agent.call("vm-destroy", name=name)
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    with unmigrated_verify_digest(32 << 20, VERIFY_ARGS) as result:
-        yield result
+VERIFY_MEM = 32 << 20  # MEM, for the unmigrated run (tests/conftest.py)
 
 
 def _migrate_through(a: AgentProc, b: AgentProc, proxy: FaultProxy, name: str, **params: Any) -> dict[str, Any]:

@@ -36,7 +36,6 @@ from tests.agents import (
     digest_line,
     make_key,
     run_cli_in_process,
-    unmigrated_verify_digest,
     wait_for,
 )
 from tests.tlsagents import TLSAgent, start_tls_agent, tls_pair
@@ -231,13 +230,6 @@ def test_plaintext_connection_is_still_the_plain_class() -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> Iterator[tuple[TLSAgent, TLSAgent]]:
     yield from tls_pair(tmp_path_factory.mktemp("tls-agents"), pki)
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    """The `digest` line of an unmigrated verify run, computed once, in the background."""
-    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
-        yield result
 
 
 def test_tls_agents_migrate_a_guest_that_ends_with_the_unmigrated_digest(
