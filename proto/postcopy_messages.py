@@ -20,22 +20,29 @@ from proto.ranges import Ranges
 MAX_REQUEST_PAGES = 256
 
 
-@register(49)
-@dataclass(frozen=True, slots=True, repr=False)
-class PostcopyDiscard(Message):
-    """Source -> destination, after PostcopyStart: guest ranges whose copies on the destination
-    are stale (the source's dirty set): the destination drops them (holes again), so the guest's
-    touch fetches them afresh. As many as the dirty set needs, then DeviceState."""
+class _GuestRanges(Message):
+    """A message that is a list of guest ranges (``ranges``), each inside the guest."""
 
-    SINCE: ClassVar[int] = 4
-
+    __slots__ = ()
     ranges: Ranges
 
     def check(self, guest_size: int | None = None) -> None:
         _ranges.check_bounds(self.ranges, MAX_RANGES, MAX_GUEST_SIZE if guest_size is None else guest_size)
 
     def __repr__(self) -> str:
-        return f"PostcopyDiscard(<{len(self.ranges)} ranges>)"
+        return f"{type(self).__name__}(<{len(self.ranges)} ranges>)"
+
+
+@register(49)
+@dataclass(frozen=True, slots=True, repr=False)
+class PostcopyDiscard(_GuestRanges):
+    """Source -> destination, after PostcopyStart: guest ranges whose copies on the destination
+    are stale (the source's dirty set): the destination marks them so (punched out of the memfd,
+    or kept behind userfaultfd MINOR mode), so the guest's touch fetches them afresh. As many as the dirty set needs, then DeviceState."""
+
+    SINCE: ClassVar[int] = 4
+
+    ranges: Ranges
 
 
 @register(50)
@@ -126,7 +133,7 @@ class PostcopyRecover(Message):
 
 @register(55)
 @dataclass(frozen=True, slots=True, repr=False)
-class PostcopyLacking(Message):
+class PostcopyLacking(_GuestRanges):
     """Destination -> source, answering PostcopyRecover: guest ranges the destination still lacks
     (missing, or requested and not yet arrived: the pages in flight when the link dropped). As
     many as the set needs, then PostcopyRecovered; the source's push sends exactly these."""
@@ -134,12 +141,6 @@ class PostcopyLacking(Message):
     SINCE: ClassVar[int] = 4
 
     ranges: Ranges
-
-    def check(self, guest_size: int | None = None) -> None:
-        _ranges.check_bounds(self.ranges, MAX_RANGES, MAX_GUEST_SIZE if guest_size is None else guest_size)
-
-    def __repr__(self) -> str:
-        return f"PostcopyLacking(<{len(self.ranges)} ranges>)"
 
 
 @register(56)
