@@ -249,7 +249,7 @@ class PostcopyIncoming:
         t = time.monotonic()
         rec = postcopy_record.PostcopyRecord(vm=s.info.vm, migration_id=s._mid, peer=s._peer, mem=self.size,
                                              minor=reg.minor, addr=reg.addr, vm_fd=reg.vm_fd,
-                                             stale=bytes(self.stale_map))
+                                             stale=bytes(self.stale_map), features=reg.features)
         postcopy_record.write(self._record_dir, rec)
         s.info.breakdown["postcopy-record"] = time.monotonic() - t
 

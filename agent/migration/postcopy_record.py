@@ -72,6 +72,7 @@ class PostcopyRecord:
     addr: int  # the VM process's guest-RAM mapping
     vm_fd: int  # the VM process's own copy of the userfaultfd
     stale: bytes  # one byte per page, non-zero where the copy here was stale at the switch-over
+    features: int = 0  # the userfaultfd's features, as the registration granted them
 
     def __post_init__(self) -> None:
         if self.mem <= 0 or self.mem % PAGE_SIZE:
@@ -89,6 +90,7 @@ class PostcopyRecord:
         bits = np.packbits(np.frombuffer(self.stale, np.uint8) != 0)
         return {"format": FORMAT, "vm": self.vm, "migration-id": self.migration_id, "peer": self.peer,
                 "mem": self.mem, "minor": self.minor, "addr": self.addr, "vm-fd": self.vm_fd,
+                "features": self.features,
                 "stale": base64.b64encode(zlib.compress(bits.tobytes(), 1)).decode("ascii")}
 
     @classmethod
@@ -102,7 +104,8 @@ class PostcopyRecord:
             packed = zlib.decompress(base64.b64decode(str(raw["stale"]), validate=True))
             stale = np.unpackbits(np.frombuffer(packed, np.uint8))[:max(mem, 0) // PAGE_SIZE].tobytes()
             return cls(vm=str(raw["vm"]), migration_id=str(raw["migration-id"]), peer=str(raw["peer"]), mem=mem,
-                       minor=bool(raw["minor"]), addr=int(raw["addr"]), vm_fd=int(raw["vm-fd"]), stale=stale)
+                       minor=bool(raw["minor"]), addr=int(raw["addr"]), vm_fd=int(raw["vm-fd"]), stale=stale,
+                       features=int(raw.get("features", 0)))
         except RecordError:
             raise
         except (KeyError, TypeError, ValueError, zlib.error) as exc:

@@ -15,7 +15,7 @@ import concurrent.futures
 import contextlib
 import mmap
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,9 +270,9 @@ class VMManager:
             await vm.release_ram()
 
     # -- re-adoption after an agent restart (agent/vms/adopt.py) ------------------------------------
-    async def adopt_previous(self) -> int:
-        """Take over the VMs a previous run of this agent left running; returns how many."""
-        return await self.adopter.adopt_previous()
+    async def adopt_previous(self, skip: Collection[str] = ()) -> int:
+        """Take over the VMs a previous run of this agent left running (but ``skip``); returns how many."""
+        return await self.adopter.adopt_previous(skip)
 
     async def adopt(self, rec: dict[str, Any]) -> VM:
         """Re-attach the VM process of one record (AdoptError, VMError, OSError... if it cannot be)."""
