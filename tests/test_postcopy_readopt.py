@@ -12,6 +12,7 @@ import pytest
 
 from agent.migration import postcopy_record
 from proto.messages import PageBatch
+from vmruntime import postcopy
 from tests.agents import (
     AgentProc,
     agent_list,
@@ -41,12 +42,19 @@ def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["minor", "missing"])
 def test_a_destination_agent_killed_in_postcopy_takes_it_up_again_after_its_restart(
-        tmp_path: Path, agents: list[AgentProc], unmigrated_digest: Callable[[], bytes]) -> None:
+        tmp_path: Path, agents: list[AgentProc], unmigrated_digest: Callable[[], bytes], mode: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """kill -9 of the destination agent mid-push: its VM process survives (running, or blocked on
     a missing page), the source pauses; the restarted agent takes the userfaultfd over, the
     source's recovery joins the phase it opened, and the migration completes: the guest's digest
-    is the unmigrated one, the VM runs on the destination only, the source's VM process is gone."""
+    is the unmigrated one, the VM runs on the destination only, the source's VM process is gone.
+    In both modes: MINOR (stale copies kept in the page cache) and MISSING (punched)."""
+    if mode == "missing":
+        monkeypatch.setenv(postcopy.MINOR_ENV, "0")  # the agents inherit it
+    elif not postcopy.minor_available():
+        pytest.skip("userfaultfd MINOR mode on shmem is not available here")
     key = make_key(tmp_path)
     a, b = start_agent(tmp_path, "A", key), start_agent(tmp_path, "B", key)
     agents += [a, b]
@@ -71,7 +79,7 @@ def test_a_destination_agent_killed_in_postcopy_takes_it_up_again_after_its_rest
         out = finished(a, "rd", timeout=120)
     assert out["status"] == "completed", (out, b2.log()[-4000:])
     assert out["postcopy-recoveries"] >= 1, out
-    assert "post-copy taken over after an agent restart" in b2.log()
+    assert f"minor={mode == 'minor'}" in b2.log().split("post-copy taken over after an agent restart", 1)[1]
     assert "rd" not in names(a) and "rd" in names(b2)
     assert b2.recorded_vm_pids()["rd"] == dest_pid  # the same VM process, re-adopted
     wait_for(lambda: not _pid_alive(source_pid), what="the source's VM process to end")

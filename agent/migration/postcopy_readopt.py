@@ -108,6 +108,7 @@ class _AdoptLane:
         assert op == "postcopy-end"
 
         async def adopt_and_end() -> dict[str, Any]:
+            self.manager.hold_name(str(self.vm_record["name"]), 0, held=False)
             vm = await self.manager.adopter.adopt(self.vm_record)
             reply, fds = await vm.channel.request("postcopy-end")
             for fd in fds:
@@ -151,6 +152,9 @@ class Readopted(PostcopyIncoming):
     def take_over(self, memfd: int) -> None:
         """The uffd from the VM process; the received map rebuilt; faults served from here on."""
         rec = self.rec
+        if os.readlink(f"/proc/{self.pid}/fd/{rec.vm_fd}") != "anon_inode:[userfaultfd]":
+            raise postcopy_record.RecordError(f"fd {rec.vm_fd} of process {self.pid} is not its userfaultfd "
+                                              "(its post-copy ended)")
         uffd = postcopy.take_fd(self.pid, rec.vm_fd)
         try:
             mapped = postcopy_record.mapped_pages(self.pid, rec.addr, rec.mem) if rec.minor else None
@@ -182,6 +186,7 @@ class Readopted(PostcopyIncoming):
                 os.kill(self.pid, signal.SIGKILL)
         self._forget_record()
         with contextlib.suppress(Exception):
+            s.bridge.run(self.manager.hold_name, self.rec.vm, 0, False)
             s.bridge.call(self.manager.recorder.forget(self.rec.vm))
         assert s.info is not None
         s.info.finish(Status.FAILED, why, ErrorCode.MIGRATION_FAILED)
@@ -256,8 +261,10 @@ async def take_up(manager: VMManager, bridge: LoopBridge) -> set[str]:
             rec = postcopy_record.read(records, name)
             if rec is None or name not in vm_records:
                 raise postcopy_record.RecordError("no VM record names it")
+            manager.hold_name(name, rec.mem)  # no VM of that name created meanwhile: the phase adopts it
             await asyncio.to_thread(_start_one, manager, bridge, rec, vm_records[name], records)
         except Exception as e:  # today's behaviour: the ordinary adoption decides
+            manager.hold_name(name, 0, held=False)
             manager.log.warning("post-copy not taken up after the restart", vm=name, error=describe(e))
             postcopy_record.remove(records, name)
             continue

@@ -97,6 +97,14 @@ class VMManager:
             raise VMError(ErrorCode.INSUFFICIENT_MEMORY, f"not enough memory on agent {self.agent_name}: "
                                                          f"{mem} bytes asked, {self.free_memory()} free")
 
+    def hold_name(self, name: str, mem: int, held: bool = True) -> None:
+        """Keep ``name`` and its memory taken for a VM not listed yet (a post-copy taken up after a
+        restart: agent/migration/postcopy_readopt.py), or (``held`` False) let them go."""
+        if held:
+            self._creating[name] = mem
+        else:
+            self._creating.pop(name, None)
+
     def backend(self, preferred: str | None) -> str:
         """The dirty-tracking backend a VM gets: `preferred`, else the agent's, as this kernel allows."""
         try:
