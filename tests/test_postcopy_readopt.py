@@ -12,7 +12,6 @@ import pytest
 
 from agent.migration import postcopy_record
 from proto.messages import PageBatch
-from vmruntime import postcopy
 from tests.agents import (
     AgentProc,
     agent_list,
@@ -26,6 +25,7 @@ from tests.agents import (
 )
 from tests.faults import C2S, CALL, FaultProxy, Rule, migration_target
 from tests.test_postcopy_recover import PARAMS, RECOVERING, VERIFY_ARGS, _after_resumed, _pid_alive
+from vmruntime import postcopy
 
 pytestmark = pytest.mark.timeout(300)
 
