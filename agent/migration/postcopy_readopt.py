@@ -21,7 +21,7 @@ starts (the source's recovery must find the phase), for each VM with a post-copy
 Until then the VM is not listed on this agent. If the phase fails (the source's RAM is lost),
 the VM process is killed and its records go: it must never run on holes (docs/RELIABILITY.md,
 "Post-copy"). A record that cannot be used safely (damaged, swap on in MINOR mode, the process
-gone) is removed and the VM left to the ordinary adoption, as without this module.
+gone) is removed and the VM left to the ordinary adoption.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class _Standin:
 
 class _AdoptLane:
     """The phase's ``postcopy-end`` (every page is here, the VM process runs again): adopt the VM
-    process as any other (its attach answers now), then tell it to drop its userfaultfd."""
+    process as any other (no thread of it is blocked: its attach is answered), then tell it to drop its userfaultfd."""
 
     def __init__(self, manager: VMManager, bridge: LoopBridge, vm_record: dict[str, Any]) -> None:
         self.manager = manager
@@ -263,7 +263,7 @@ async def take_up(manager: VMManager, bridge: LoopBridge) -> set[str]:
                 raise postcopy_record.RecordError("no VM record names it")
             manager.hold_name(name, rec.mem)  # no VM of that name created meanwhile: the phase adopts it
             await asyncio.to_thread(_start_one, manager, bridge, rec, vm_records[name], records)
-        except Exception as e:  # today's behaviour: the ordinary adoption decides
+        except Exception as e:  # unusable: the ordinary adoption decides, as for any VM
             manager.hold_name(name, 0, held=False)
             manager.log.warning("post-copy not taken up after the restart", vm=name, error=describe(e))
             postcopy_record.remove(records, name)
