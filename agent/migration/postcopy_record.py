@@ -124,23 +124,19 @@ def _path(dir_: Path, vm: str) -> Path:
 
 
 def write(dir_: Path, rec: PostcopyRecord) -> None:
-    """Create or replace ``rec``'s file, durably (it is what a restarted agent trusts to decide
-    which pages it may install): written beside, fsynced, renamed, the directory fsynced."""
+    """Create or replace ``rec``'s file, atomically (written beside, renamed): a killed agent
+    leaves the old one or the new one. Not fsynced: the record matters only while the VM process
+    lives, and a host crash that loses the page cache loses that process too (it is written in
+    the switch-over's pause, where two fsyncs would cost about as much as the whole downtime)."""
     dir_.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = _path(dir_, rec.vm)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, json.dumps(rec.to_json(), sort_keys=True).encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(dir_, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def read(dir_: Path, vm: str) -> PostcopyRecord | None:
