@@ -127,3 +127,57 @@ def test_dir_for_an_agents_manager(tmp_path: Path) -> None:
 
     assert pr.dir_for(Manager()) == tmp_path / "postcopy"
     assert pr.dir_for(object()) is None
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, dict[str, object]]] = []
+
+    def warning(self, msg: str, **kw: object) -> None:
+        self.warnings.append((msg, kw))
+
+
+class _Recorder:
+    def __init__(self, recs: list[dict[str, object]]) -> None:
+        self.recs = recs
+
+    async def read_all(self) -> list[dict[str, object]]:
+        return self.recs
+
+
+class _Manager:
+    """What postcopy_readopt.take_up uses of the VM manager."""
+
+    def __init__(self, state_dir: Path, recs: list[dict[str, object]]) -> None:
+        self.records = VMRecords(state_dir)
+        self.recorder = _Recorder(recs)
+        self.log = _Log()
+        self.held: dict[str, int] = {}
+
+    def hold_name(self, name: str, mem: int, held: bool = True) -> None:
+        if held:
+            self.held[name] = mem
+        else:
+            self.held.pop(name, None)
+
+
+@pytest.mark.asyncio
+async def test_an_unusable_record_is_removed_and_the_vm_left_to_the_ordinary_adoption(tmp_path: Path) -> None:
+    """A record whose VM process is gone, one without a VM record, a damaged one: none is taken up
+    (the VMs go to the ordinary adoption), each is removed, no name stays held."""
+    import asyncio
+
+    from agent.migration import postcopy_readopt
+    from agent.migration.common import LoopBridge
+
+    records = pr.directory(tmp_path)
+    for name in ("gone", "norecord", "damaged"):
+        pr.write(records, _rec(vm=name))
+    (records / "damaged.json").write_text("{")
+    manager = _Manager(tmp_path, [{"name": "gone", "pid": os.getpid(), "pid-start": -1, "arrived-by": "m-1"},
+                                  {"name": "damaged", "pid": os.getpid(), "pid-start": -1}])
+    taken = await postcopy_readopt.take_up(manager, LoopBridge(asyncio.get_running_loop()))  # type: ignore[arg-type]
+    assert taken == set()
+    assert pr.names(records) == [] and manager.held == {}
+    why = {kw["vm"]: str(kw["error"]) for _, kw in manager.log.warnings}
+    assert "is gone" in why["gone"] and "no VM record" in why["norecord"] and "not JSON" in why["damaged"], why
