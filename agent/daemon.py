@@ -44,7 +44,8 @@ from agent.control import ControlServer
 from agent.disks import DISKS_SUBDIR, allowed_dirs
 from agent.logs import Log
 from agent.metrics import AgentMetrics, MetricsServer
-from agent.migration import MigrationManager
+from agent.migration import MigrationManager, postcopy_readopt
+from agent.migration.common import LoopBridge
 from agent.migration.ownership import TWO_AGENTS
 from agent.migration.storage_copy import remove_partials
 from agent.ops import AgentIdentity, ControlOps, Migrations, OpError
@@ -203,7 +204,10 @@ class Agent:
 
     async def _adopt_vms(self) -> None:
         """VMs a previous run of this agent left running: take them over before serving anyone."""
-        adopted = await self.vms.adopt_previous()
+        # A post-copy a previous run left in its phase first: its VM process may be blocked on a
+        # missing page, and cannot answer the attach (agent/migration/postcopy_readopt.py).
+        in_postcopy = await postcopy_readopt.take_up(self.vms, LoopBridge(asyncio.get_running_loop()))
+        adopted = await self.vms.adopt_previous(skip=in_postcopy)
         if adopted:
             self.log.info("vms re-adopted from the previous agent run", count=adopted)
 

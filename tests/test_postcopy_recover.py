@@ -11,6 +11,7 @@ process is gone.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.migration import postcopy_record
 from proto.messages import PageBatch, Resumed
 from proto.postcopy_messages import PostcopyDone, PostcopyRecover
 from tests.agents import (
@@ -128,6 +130,10 @@ def test_a_link_cut_right_after_the_switch_over_is_recovered(
                         timeout=60, what="both sides postcopy-paused")
         assert b.call("vm-info", name="rc1")["state"] in ("running", "halted")
         assert a.call("vm-info", name="rc1")["state"] == "migrating"  # paused, its RAM kept
+        # what a restarted destination agent would take the phase up from (postcopy_record)
+        rec = postcopy_record.read(postcopy_record.directory(b.state_dir), "rc1")
+        assert rec is not None and rec.peer == "A" and rec.mem == 16 << 20 and rec.vm_fd >= 0, rec
+        assert rec.migration_id == json.loads((b.state_dir / "vms" / "rc1.json").read_text())["arrived-by"]
         r = a.cli("migrate-resolve", "rc1", "--resume-here", check=False)
         assert r.returncode != 0 and "the destination owns it since COMMIT" in r.stderr, r.stderr
         r = b.cli("migrate-recover", "rc1", check=False)
@@ -139,6 +145,7 @@ def test_a_link_cut_right_after_the_switch_over_is_recovered(
 
     _migrate_through_a_cut(pair, unmigrated_digest, "rc1", [*_cut_right_after_the_switch_over(), hold],
                            meanwhile=paused_on_both)
+    assert postcopy_record.names(postcopy_record.directory(b.state_dir)) == []  # gone with postcopy-end
 
 
 def test_migrate_recover_without_a_paused_postcopy_fails(pair: tuple[AgentProc, AgentProc]) -> None:

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from agent.migration import page_maps, postcopy_recover
+from agent.migration import page_maps, postcopy_record, postcopy_recover
 from agent.migration.common import RUN_STATE_KEY, describe
 from agent.migration.info import PAGE_SIZE, Status
 from agent.migration.postcopy_faults import REQUESTED, FaultServer
@@ -169,6 +169,8 @@ class PostcopyIncoming:
         self.start: PostcopyStart | None = None
         self.minor = postcopy.minor_available()
         self._mapped = False  # the present pages mapped (MINOR mode), done once
+        self._reg: postcopy.Registered | None = None
+        self._record_dir = postcopy_record.dir_for(s.vms)  # None: an agent without a state dir
 
     # -- before COMMIT (failures discard the copy, as in pre-copy) --
 
@@ -212,7 +214,12 @@ class PostcopyIncoming:
         t = time.monotonic()
         self._serve(s._inc.memfd)
         s.info.breakdown["postcopy-register"] = time.monotonic() - t
-        resumed = s._on_commit(commit)
+        self._save_record()
+        try:
+            resumed = s._on_commit(commit)
+        except BaseException:
+            self._forget_record()
+            raise
         s.info.status = Status.POSTCOPY_ACTIVE
         return resumed
 
@@ -222,7 +229,7 @@ class PostcopyIncoming:
         lane = cast(_FdLane, self.s._lane)  # vmruntime.control.Lane: the real lane passes fds
         reply, fds = lane.request_fds("postcopy-register", minor=True) if self.minor else \
             lane.request_fds("postcopy-register")
-        reg = postcopy.Registered.from_reply(reply, fds)
+        reg = self._reg = postcopy.Registered.from_reply(reply, fds)
         if reg.minor != self.minor:
             os.close(reg.uffd)
             raise postcopy.PostcopyError("the VM process did not register guest RAM in MINOR mode, and the "
@@ -232,6 +239,27 @@ class PostcopyIncoming:
                                   zero=_holes(self.size, self.present), stale_map=self.stale_map,
                                   readahead=READAHEAD_PAGES)
         self._start_serving(self.link.conn)
+
+    def _save_record(self) -> None:
+        """The post-copy record a restarted agent takes the phase up from (postcopy_record), on disk
+        before COMMIT's claim: a VM that runs here on partial RAM is always one it names."""
+        s, reg = self.s, self._reg
+        if self._record_dir is None or reg is None or s.info is None:
+            return
+        t = time.monotonic()
+        rec = postcopy_record.PostcopyRecord(vm=s.info.vm, migration_id=s._mid, peer=s._peer, mem=self.size,
+                                             minor=reg.minor, addr=reg.addr, vm_fd=reg.vm_fd,
+                                             stale=bytes(self.stale_map), features=reg.features)
+        postcopy_record.write(self._record_dir, rec)
+        s.info.breakdown["postcopy-record"] = time.monotonic() - t
+
+    def _forget_record(self) -> None:
+        """The VM left post-copy (postcopy-end) or was stopped: nothing to take up after a restart."""
+        if self._record_dir is not None and self.s.info is not None:
+            try:
+                postcopy_record.remove(self._record_dir, self.s.info.vm)
+            except OSError as e:
+                self.s.log.warning("removing the post-copy record", vm=self.s.info.vm, error=describe(e))
 
     def _start_serving(self, urgent: Connection | None) -> None:
         """Serve faults in a thread; answers read from ``urgent`` in the same wait."""
@@ -357,6 +385,7 @@ class PostcopyIncoming:
         stats = self.server.done()
         assert s._lane is not None and self.phase is not None
         s._lane.request("postcopy-end")
+        self._forget_record()
         s.info.postcopy = {**self.stats(stats), "postcopy-time": round((time.monotonic() - self._t0) * 1000)}
         self.phase.done = PostcopyDone(stats["pages-placed"], stats["postcopy-requests"])
         s._send(self.phase.done)
@@ -402,6 +431,7 @@ class PostcopyIncoming:
         # Henceforth an in-doubt query hears "not resumed": the VM does not run here, and never
         # will; the source's paused copy is the guest.
         s.outcomes.settle(s._mid, False)
+        self._forget_record()
         if s.info is not None:
             s.info.postcopy = self.stats()
             s.info.finish(Status.FAILED, why, ErrorCode.MIGRATION_FAILED)

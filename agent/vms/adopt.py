@@ -46,6 +46,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from agent.disks import DiskConfig
@@ -133,13 +134,16 @@ class Adopter:
     def __init__(self, manager: VMManager) -> None:
         self.manager = manager
 
-    async def adopt_previous(self) -> int:
+    async def adopt_previous(self, skip: Collection[str] = ()) -> int:
         """Take over the VMs a previous run of this agent left running; report and forget the lost ones.
+        ``skip``: VMs taken care of otherwise (a post-copy taken up: agent/migration/postcopy_readopt.py).
 
         Returns how many were re-adopted."""
         adopted = 0
         for rec in await self.manager.recorder.read_all():
             name = str(rec["name"])
+            if name in skip:
+                continue
             try:
                 await self.adopt(rec)
             except (AdoptError, VMError, OSError, vmctl.ControlError, ValueError, KeyError, TypeError) as e:

@@ -15,7 +15,7 @@ import concurrent.futures
 import contextlib
 import mmap
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,14 @@ class VMManager:
         if mem > self.free_memory():
             raise VMError(ErrorCode.INSUFFICIENT_MEMORY, f"not enough memory on agent {self.agent_name}: "
                                                          f"{mem} bytes asked, {self.free_memory()} free")
+
+    def hold_name(self, name: str, mem: int, held: bool = True) -> None:
+        """Keep ``name`` and its memory taken for a VM not listed yet (a post-copy taken up after a
+        restart: agent/migration/postcopy_readopt.py), or (``held`` False) let them go."""
+        if held:
+            self._creating[name] = mem
+        else:
+            self._creating.pop(name, None)
 
     def backend(self, preferred: str | None) -> str:
         """The dirty-tracking backend a VM gets: `preferred`, else the agent's, as this kernel allows."""
@@ -270,9 +278,9 @@ class VMManager:
             await vm.release_ram()
 
     # -- re-adoption after an agent restart (agent/vms/adopt.py) ------------------------------------
-    async def adopt_previous(self) -> int:
-        """Take over the VMs a previous run of this agent left running; returns how many."""
-        return await self.adopter.adopt_previous()
+    async def adopt_previous(self, skip: Collection[str] = ()) -> int:
+        """Take over the VMs a previous run of this agent left running (but ``skip``); returns how many."""
+        return await self.adopter.adopt_previous(skip)
 
     async def adopt(self, rec: dict[str, Any]) -> VM:
         """Re-attach the VM process of one record (AdoptError, VMError, OSError... if it cannot be)."""
