@@ -20,11 +20,10 @@ from tests.agents import (
     make_key,
     names,
     start_agent,
-    unmigrated_verify_digest,
     wait_for,
 )
 from tests.faults import C2S, CALL, FaultProxy, Rule, migration_target
-from tests.test_postcopy_recover import PARAMS, RECOVERING, VERIFY_ARGS, _after_resumed, _pid_alive
+from tests.test_postcopy_recover import PARAMS, RECOVERING, VERIFY_ARGS, _after_resumed, _pid_alive  # noqa: F401 (conftest reads VERIFY_ARGS)
 from vmruntime import postcopy
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture
 def agents() -> Iterator[list[AgentProc]]:
     yield from agent_list()
-
-
-@pytest.fixture(scope="module")
-def unmigrated_digest() -> Iterator[Callable[[], bytes]]:
-    with unmigrated_verify_digest(16 << 20, VERIFY_ARGS) as result:
-        yield result
 
 
 @pytest.mark.slow
