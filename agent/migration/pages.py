@@ -461,17 +461,15 @@ class RamDigest:
         """Hash the chunks lying wholly inside ``[offset, offset + len(data))`` from ``data``,
         the bytes now at that guest offset, in a tight loop (a 4 MiB batch is 64 of them).
         Returns their indices."""
-        end = offset + len(data)
-        first, last = -(-offset // DIGEST_CHUNK), end // DIGEST_CHUNK
-        buf, size, digest = self._buf, _DIGEST_SIZE, xxhash.xxh3_128_digest
-        pos = first * DIGEST_CHUNK - offset
-        for idx in range(first, last):
-            buf[idx * size:(idx + 1) * size] = digest(data[pos:pos + DIGEST_CHUNK])
-            pos += DIGEST_CHUNK
-        done = range(first, last)
+        return self.put_chunks(*chunk_digests(offset, data))
+
+    def put_chunks(self, done: range, digests: bytes) -> range:
+        """Store what ``chunk_digests`` computed for the chunks ``done`` (whoever shares this
+        digest between threads holds its lock here, and only here). Returns ``done``."""
         if done:
+            self._buf[done.start * _DIGEST_SIZE:done.stop * _DIGEST_SIZE] = digests
             self._missing.difference_update(done)
-            self._full[first:last] = True  # (a mask _data may still hold for them is never read: full wins)
+            self._full[done.start:done.stop] = True  # (a mask _data may still hold for them is never read: full wins)
         return done
 
     def refresh_missing(self, indices: Iterable[int]) -> int:
@@ -514,6 +512,16 @@ class RamDigest:
         if pos < end:
             h.update(_ZERO_CHUNK[:end - pos])
         return h.digest()
+
+
+def chunk_digests(offset: int, data: memoryview) -> tuple[range, bytes]:
+    """The chunks lying wholly inside ``[offset, offset + len(data))`` and their digests side by
+    side, hashed from ``data`` in a tight loop; reads nothing else, so any thread may call it
+    without the digest's lock (RamDigest.put_chunks stores the result)."""
+    first, last = -(-offset // DIGEST_CHUNK), (offset + len(data)) // DIGEST_CHUNK
+    pos, digest = first * DIGEST_CHUNK - offset, xxhash.xxh3_128_digest
+    return range(first, last), b"".join(digest(data[p:p + DIGEST_CHUNK])
+                                       for p in range(pos, pos + (last - first) * DIGEST_CHUNK, DIGEST_CHUNK))
 
 
 @lru_cache(maxsize=1 << 16)

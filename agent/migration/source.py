@@ -390,9 +390,7 @@ class SourceSession:
         self._packer().new_round()
         for batch in pages.plan_batches(self._ram, ranges):
             self._before_batch(final)
-            self._send_batch(batch, stat)
-            if not final:  # (in the final round the digest thread owns the RamDigest)
-                self._digest.hash_hot(batch)
+            self._send_batch(batch, stat, None if final else self._digest.hash_hot)  # (final: the digest thread's)
         if self._streams is not None:  # the round's barrier: every stream's share is out
             self._streams.end_round(len(self.info.rounds))
         if self._copy is not None and disk:
@@ -436,11 +434,13 @@ class SourceSession:
             raise MigrationError(ErrorCode.TIMEOUT, f"did not converge: time limit reached ({limit:g} s) "
                                  f"in round {len(self.info.rounds)}")
 
-    def _send_batch(self, batch: pages.Batch, stat: RoundStat) -> None:
+    def _send_batch(self, batch: pages.Batch, stat: RoundStat, after: streams.AfterSend | None) -> None:
         assert self._ram is not None and self.conn is not None
-        if self._streams is not None and self._streams.offer(self._ram, batch, stat):
-            return  # an idle stream's thread sends it
+        if self._streams is not None and self._streams.offer(self._ram, batch, stat, after):
+            return  # an idle stream's thread sends it, and calls ``after``
         wire = self.conn.send_pages(self._ram, batch.ranges.tolist(), batch.zeros.tolist())
+        if after is not None:
+            after(batch)
         (self._streams or self._book).count_batch(stat, batch, wire)  # (the streams' count under their lock)
 
     # -- stop-and-copy -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ source keeps that share small, apart from the session's sequence of steps:
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -42,6 +43,7 @@ class SourceDigest:
         self._pool: ThreadPoolExecutor | None = None
         self._hash_rate = HASH_RATE_GUESS  # bytes/s: the fastest measured, for hash_time
         self._stable: set[int] = set()  # chunks sent last round and not dirtied since: hashed next
+        self.lock = threading.Lock()  # the digest's bookkeeping, while the streams' threads hash batches
 
     @property
     def _ram_digest(self) -> pages.RamDigest:
@@ -84,9 +86,22 @@ class SourceDigest:
         """Hash the chunks this batch covered whole while they are still in the CPU cache.
 
         Valid even though the guest runs: a write after this point shows up in
-        this round's harvest, which invalidates the chunk again.
+        this round's harvest, which invalidates the chunk again. Called by the
+        thread that sent the batch (with several streams, each stream's), before
+        the round's end: the chunks inside a data range are hashed without the
+        lock, which guards only the digest's bookkeeping.
         """
-        self._ram_digest.refresh_known(batch.ranges, batch.zeros)
+        digest = self._ram_digest
+        whole = batch.ranges[(batch.ranges.ends - batch.ranges.starts) >= pages.DIGEST_CHUNK]
+        hashed = []
+        for a, b in whole:  # (shorter ranges hold no whole chunk)
+            with digest.ram[a:b] as view:
+                hashed.append(pages.chunk_digests(a, view))
+        with self.lock:
+            done: set[int] = set()
+            for chunks, digests in hashed:
+                done.update(digest.put_chunks(chunks, digests))
+            digest.refresh_known(batch.ranges, batch.zeros, done)
 
     def after_round(self, sent: Ranges, dirty: Ranges, dirty_chunks: set[int]) -> None:
         """The round sent ``sent`` and the harvest found ``dirty``: forget what the guest wrote;

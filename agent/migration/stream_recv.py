@@ -8,8 +8,8 @@ per-round barrier (docs/protocol.md, "Several streams"; the sending half is stre
   is refused with MigrateRefuse and the reason, and the migration itself is untouched.
 * Each stream is received by the thread that accepted its connection: its page batches go
   into guest RAM at their checked offsets (``pwrite`` into the memfd, or straight into the
-  mapping), its digest bookkeeping under the session's lock (the RAM digest is one structure;
-  the hashing of a piece still happens while it is in the cache). A round's pages are all
+  mapping), each piece hashed by the stream's thread while it is in the cache, the digest's
+  bookkeeping under the session's lock (the RAM digest is one structure). A round's pages are all
   distinct, so the streams' writes within a round never overlap.
 * The barrier: a stream's Sync marks the end of its share of a round. The main connection's
   Sync is answered, and the final round's DeviceState read, only once every stream has passed
@@ -42,15 +42,17 @@ CLOSE_WAIT_S = 10.0  # how long closing waits for the stream threads to leave gu
 
 
 class SharedSink(pages.DigestingSink):
-    """A DigestingSink whose hashing takes the session's lock: several streams feed one digest."""
+    """A DigestingSink for one of several streams feeding one digest: each stream's thread hashes
+    its pieces itself, and takes the session's lock only to store the result."""
 
     def __init__(self, fd: int, digest: pages.RamDigest, lock: threading.Lock) -> None:
         super().__init__(fd, digest)
         self._lock = lock
 
     def received(self, offset: int, data: memoryview) -> None:
+        done, digests = pages.chunk_digests(offset, data)  # (reads only the piece: no lock)
         with self._lock:
-            super().received(offset, data)
+            self._hashed.update(self._digest.put_chunks(done, digests))
 
 
 class IncomingStreams:

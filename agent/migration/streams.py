@@ -7,9 +7,11 @@ stream key the main connection's MigrateStart carried), each sent by its own thr
 calls (``sendmsg``, an SSLSocket's ``sendall``: the encryption included) release the GIL, so N
 cores copy or encrypt at once.
 
-* The session thread still plans the batches (pages.plan_batches) and hashes its digest; each
-  batch goes to an idle stream's thread, or, when every one is busy, out on the main connection
-  by the session thread itself: work goes where there is room, no stream waits on another.
+* The session thread plans the batches (pages.plan_batches); each batch goes to an idle
+  stream's thread, or, when every one is busy, out on the main connection by the session thread
+  itself: work goes where there is room, no stream waits on another. The thread that sent a
+  batch also hashes it for the RAM digest (SourceDigest.hash_hot: the hashing without a lock,
+  the bookkeeping under the digest's), so the hashing is spread over the streams too.
 * The ordering rule, a page's later copy always wins, is kept by a barrier per round: the round
   ends (``end_round``) only when every stream's thread has sent its batches; then each extra
   stream carries a Sync marking the end of its share. The destination answers the main
@@ -29,6 +31,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,9 @@ if TYPE_CHECKING:
 #: MigrateStart's param holding the stream key (hex), beside the MigrationParams.
 KEY_PARAM = "stream-key"
 KEY_BYTES = 32
+#: What a stream's thread calls with a batch it sent (SourceDigest.hash_hot).
+AfterSend = Callable[[pages.Batch], None]
+_Item = tuple[memoryview, pages.Batch, RoundStat, AfterSend | None]
 # A stream broke: how long to look on the main connection for the destination's Abort, which it
 # sends there before it drops the streams (its reason is the one to report).
 ABORT_WAIT_S = 0.5
@@ -112,7 +118,7 @@ class SendStreams:
         self._book = book
         self.lock = threading.Lock()  # the round's figures, counted by every sender
         self._done = threading.Condition(self.lock)
-        self._queue: queue.Queue[tuple[memoryview, pages.Batch, RoundStat] | None] = queue.Queue(maxsize=len(conns))
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=len(conns))
         self._busy = 0  # batches handed to the threads and not yet sent
         self._error: BaseException | None = None
         self._threads = [threading.Thread(target=self._run, args=(conn, i + 1), name=f"ferry-stream-{i + 1}",
@@ -125,14 +131,15 @@ class SendStreams:
         """Streams in all, the main connection included."""
         return len(self.conns) + 1
 
-    def offer(self, ram: memoryview, batch: pages.Batch, stat: RoundStat) -> bool:
-        """Hand ``batch`` to an idle stream; False when none is (the caller sends it on the main
+    def offer(self, ram: memoryview, batch: pages.Batch, stat: RoundStat, after: AfterSend | None = None) -> bool:
+        """Hand ``batch`` to an idle stream, whose thread calls ``after`` with it once it is sent
+        (the digest's hashing); False when none is idle (the caller sends it on the main
         connection). A stream's failure is raised here."""
         self.check()
         with self.lock:
             self._busy += 1
         try:
-            self._queue.put_nowait((ram, batch, stat))
+            self._queue.put_nowait((ram, batch, stat, after))
         except queue.Full:
             with self.lock:
                 self._busy -= 1
@@ -173,10 +180,12 @@ class SendStreams:
 
     def _run(self, conn: Connection, index: int) -> None:
         while (item := self._queue.get()) is not None:
-            ram, batch, stat = item
+            ram, batch, stat, after = item
             try:
                 if self._error is None:  # after a failure the round is lost: drain, send nothing
                     wire = conn.send_pages(ram, batch.ranges.tolist(), batch.zeros.tolist())
+                    if after is not None:  # before the round's end (the barrier waits for it)
+                        after(batch)
                     with self.lock:
                         self._book.count_batch(stat, batch, wire)
             except BaseException as e:  # the session raises it at its next batch or the round's end
