@@ -129,7 +129,8 @@ def test_a_link_cut_right_after_the_switch_over_is_recovered(
                         b.call("migrate-status", name="rc1")["status"] == "postcopy-paused" and hold.fired.is_set(),
                         timeout=60, what="both sides postcopy-paused")
         assert b.call("vm-info", name="rc1")["state"] in ("running", "halted")
-        assert a.call("vm-info", name="rc1")["state"] == "migrating"  # paused, its RAM kept
+        # Paused, its RAM kept ("halted" when the guest ended its run before the switch-over).
+        assert a.call("vm-info", name="rc1")["state"] in ("migrating", "halted")
         # what a restarted destination agent would take the phase up from (postcopy_record)
         rec = postcopy_record.read(postcopy_record.directory(b.state_dir), "rc1")
         assert rec is not None and rec.peer == "A" and rec.mem == 16 << 20 and rec.vm_fd >= 0, rec
