@@ -4,14 +4,12 @@ recovery completes the migration (docs/RELIABILITY.md, "Post-copy")."""
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.migration import postcopy_record
-from proto.messages import PageBatch
 from tests.agents import (
     AgentProc,
     agent_list,
@@ -22,8 +20,15 @@ from tests.agents import (
     start_agent,
     wait_for,
 )
-from tests.faults import C2S, CALL, FaultProxy, Rule, migration_target
-from tests.test_postcopy_recover import PARAMS, RECOVERING, VERIFY_ARGS, _after_resumed, _pid_alive  # noqa: F401 (conftest reads VERIFY_ARGS)
+from tests.faults import FaultProxy, migration_target
+from tests.test_postcopy_recover import (  # noqa: F401 (conftest reads VERIFY_ARGS)
+    PARAMS,
+    RECOVERING,
+    VERIFY_ARGS,
+    _kill_mid_push,
+    _pid_alive,
+    _verify_under_way,
+)
 from vmruntime import postcopy
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,11 +56,8 @@ def test_a_destination_agent_killed_in_postcopy_takes_it_up_again_after_its_rest
     key = make_key(tmp_path)
     a, b = start_agent(tmp_path, "A", key), start_agent(tmp_path, "B", key)
     agents += [a, b]
-    a.call("vm-create", name="rd", program="verify", mem="16M", args=VERIFY_ARGS)
-    wait_for(lambda: a.call("vm-info", name="rd")["instructions"] > 100_000, what="verify under way")
-    source_pid = a.recorded_vm_pids()["rd"]
-    note, after = _after_resumed()
-    killed = Rule(C2S, PageBatch, CALL, nth=2, where=after, callback=lambda: b.stop(signal.SIGKILL, keep_vms=True))
+    source_pid = _verify_under_way(a, "rd")
+    note, killed = _kill_mid_push(b)
     with FaultProxy(migration_target(b)) as proxy:
         proxy.add(note)
         proxy.add(killed)

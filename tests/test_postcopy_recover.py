@@ -78,12 +78,27 @@ def _cut_at_the_end() -> list[Rule]:
     return [Rule(S2C, PostcopyDone, CUT, when=BEFORE)]
 
 
+def _verify_under_way(a: AgentProc, name: str) -> int:
+    """A `verify` guest ``name`` on ``a``, running; the pid of its VM process."""
+    a.call("vm-create", name=name, program="verify", mem="16M", args=VERIFY_ARGS)
+    wait_for(lambda: a.call("vm-info", name=name)["instructions"] > 100_000, what="verify under way")
+    pid: int = a.recorded_vm_pids()[name]
+    return pid
+
+
+def _kill_mid_push(victim: AgentProc) -> list[Rule]:
+    """Rules killing ``victim`` (kill -9, its VMs left running) at the push's second batch after RESUMED."""
+    def kill() -> None:
+        victim.stop(signal.SIGKILL, keep_vms=True)
+
+    note, after = _after_resumed()
+    return [note, Rule(C2S, PageBatch, CALL, nth=2, where=after, callback=kill)]
+
+
 def _migrate_through_a_cut(pair: tuple[AgentProc, AgentProc], digest: Callable[[], bytes], name: str,
                            rules: list[Rule], meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
     a, b = pair
-    a.call("vm-create", name=name, program="verify", mem="16M", args=VERIFY_ARGS)
-    wait_for(lambda: a.call("vm-info", name=name)["instructions"] > 100_000, what="verify under way")
-    source_pid = a.recorded_vm_pids()[name]
+    source_pid = _verify_under_way(a, name)
     with FaultProxy(migration_target(b)) as proxy:
         for rule in rules:
             proxy.add(rule)
@@ -183,11 +198,8 @@ def test_a_source_agent_killed_in_postcopy_takes_it_up_again_after_its_restart(
     key = make_key(tmp_path)
     a, b = start_agent(tmp_path, "A", key), start_agent(tmp_path, "B", key)
     agents += [a, b]
-    a.call("vm-create", name="rk", program="verify", mem="16M", args=VERIFY_ARGS)
-    wait_for(lambda: a.call("vm-info", name="rk")["instructions"] > 100_000, what="verify under way")
-    source_pid = a.recorded_vm_pids()["rk"]
-    note, after = _after_resumed()
-    killed = Rule(C2S, PageBatch, CALL, nth=2, where=after, callback=lambda: a.stop(signal.SIGKILL, keep_vms=True))
+    source_pid = _verify_under_way(a, "rk")
+    note, killed = _kill_mid_push(a)
     with FaultProxy(migration_target(b)) as proxy:
         proxy.add(note)
         proxy.add(killed)
