@@ -112,32 +112,19 @@ def raw_copy(src: memoryview, size: int, n: int) -> float:
 
 
 # --- QEMU multifd, default RAM on the destination --------------------------------------------------
-class QemuDefaultRamDest(qb.QemuVM):
+class QemuDefaultRamDest(qb.QemuProcess):
     """A QEMU destination with QEMU's default RAM (``-m``), ``-incoming defer`` so multifd can be
     set before it listens."""
 
-    def __init__(self, workdir: Path, name: str, size: int) -> None:  # noqa: D107 (the base's docs)
-        self.ram = workdir / f"{name}.none"
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.log = workdir / f"{name}.log"
+    def __init__(self, workdir: Path, name: str, size: int) -> None:
         # memory-backend-ram is the anonymous memory QEMU's plain -m gives; named mem0 as the
         # source's RAM block is, which the stream names.
-        argv = [qb.QEMU, "-machine", f"pc,accel={qb.accel()},memory-backend=mem0", "-m", f"{size >> 20}M",
-                "-object", f"memory-backend-ram,id=mem0,size={size >> 20}M", "-nodefaults",
-                "-display", "none", "-serial", "none", "-monitor", "none",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-incoming", "defer"]
-        import subprocess
-
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        try:
-            self.qmp = qb.Qmp(self.qmp_path)
-        except Exception:
-            self.close()
-            raise qb.QemuError(f"QEMU did not start: {self.log_tail()}") from None
+        super().__init__(workdir, name, ["-machine", f"pc,accel={qb.accel()},memory-backend=mem0", "-m",
+                                         f"{size >> 20}M", "-object", f"memory-backend-ram,id=mem0,size={size >> 20}M"],
+                         ["-incoming", "defer"])
 
 
-def _multifd(vm: qb.QemuVM, channels: int) -> None:
+def _multifd(vm: qb.QemuProcess, channels: int) -> None:
     on = channels > 1
     vm.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": on}])
     if on:
@@ -152,7 +139,7 @@ class QemuMultifd:
         self.size = size
         self.workdir = Path(tempfile.mkdtemp(prefix="ferry-qemu-mfd-", dir=qb.shm_dir()))
         qb.fill_random(self.workdir / "src.ram", size)
-        self.src = qb.QemuVM(self.workdir, "src", size)
+        self.src: qb.QemuProcess = qb.QemuVM(self.workdir, "src", size)
         self.src.qmp.execute("stop")
         self.turn = 0
         # Once untimed: from then on the source's RAM is anonymous memory too (the destination's

@@ -182,23 +182,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class QemuVM:
-    """One QEMU process with its RAM file and QMP socket; ``close`` kills it (by pid) and frees both."""
+class QemuProcess:
+    """One QEMU process, headless, with its QMP socket and log under ``workdir``; ``machine`` are
+    its machine and memory options, ``extra`` go last (``-incoming``). ``close`` kills it (by pid)."""
 
-    def __init__(self, workdir: Path, name: str, size: int, incoming_port: int | None = None) -> None:
-        self.ram = workdir / f"{name}.ram"
+    def __init__(self, workdir: Path, name: str, machine: list[str], extra: list[str] | None = None) -> None:
         self.qmp_path = str(workdir / f"{name}.qmp")
         self.log = workdir / f"{name}.log"
-        if not self.ram.exists():  # a destination: an empty file, its pages arrive with the migration
-            with open(self.ram, "wb") as f:
-                f.truncate(size)
-        mib = size >> 20
-        argv = [QEMU, "-machine", f"pc,accel={accel()},memory-backend=mem0", "-m", f"{mib}M",
-                "-object", f"memory-backend-file,id=mem0,size={mib}M,mem-path={self.ram},share=on",
-                "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        if incoming_port is not None:
-            argv += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
+        argv = [QEMU, *machine, "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *(extra or [])]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
@@ -218,6 +210,24 @@ class QemuVM:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+class QemuVM(QemuProcess):
+    """A QEMU guest whose RAM is a shared file on tmpfs; ``close`` also removes its files."""
+
+    def __init__(self, workdir: Path, name: str, size: int, incoming_port: int | None = None) -> None:
+        self.ram = workdir / f"{name}.ram"
+        if not self.ram.exists():  # a destination: an empty file, its pages arrive with the migration
+            with open(self.ram, "wb") as f:
+                f.truncate(size)
+        mib = size >> 20
+        super().__init__(workdir, name,
+                         ["-machine", f"pc,accel={accel()},memory-backend=mem0", "-m", f"{mib}M",
+                          "-object", f"memory-backend-file,id=mem0,size={mib}M,mem-path={self.ram},share=on"],
+                         None if incoming_port is None else ["-incoming", f"tcp:127.0.0.1:{incoming_port}"])
+
+    def close(self) -> None:
+        super().close()
         for path in (self.ram, Path(self.qmp_path), self.log):
             with contextlib.suppress(OSError):
                 path.unlink()

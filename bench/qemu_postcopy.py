@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.qemu_baseline import QEMU, QemuError, Qmp, accel, free_port
+from bench.qemu_baseline import QEMU, QemuError, QemuProcess, accel, free_port
 
 PAGE = 4096
 WS_BASE = 16 << 20
@@ -118,24 +118,12 @@ def ensure_qemu() -> str | None:
     return None if shutil.which(QEMU) else f"`{QEMU}` still missing after apt-get install"
 
 
-class _Guest:
-    """One QEMU process (default RAM backend), its QMP socket; ``close`` kills it by pid."""
+class _Guest(QemuProcess):
+    """One QEMU process (default RAM backend) booting ``kernel``; ``close`` kills it by pid."""
 
     def __init__(self, workdir: Path, name: str, mem: int, kernel: Path, incoming: bool, accel: str) -> None:
-        self.qmp_path = str(workdir / f"{name}.qmp")
-        self.log = workdir / f"{name}.log"
-        argv = [QEMU, "-machine", f"pc,accel={accel}", "-m", f"{mem >> 20}M", "-kernel", str(kernel),
-                "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
-        if incoming:
-            argv += ["-incoming", "defer"]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        try:
-            self.qmp = Qmp(self.qmp_path)
-        except Exception:
-            self.close()
-            raise QemuError(f"QEMU did not start: {self.log.read_text(errors='replace')[-500:]}") from None
+        super().__init__(workdir, name, ["-machine", f"pc,accel={accel}", "-m", f"{mem >> 20}M", "-kernel", str(kernel)],
+                         ["-incoming", "defer"] if incoming else None)
 
     def counter(self) -> tuple[float, int]:
         out = self.qmp.execute("human-monitor-command", **{"command-line": f"xp /1wx {COUNTER:#x}"})
@@ -143,13 +131,6 @@ class _Guest:
         if m is None:
             raise QemuError(f"cannot read the guest's counter: {out!r}")
         return time.monotonic(), int(m.group(1), 16)
-
-    def close(self) -> None:
-        if hasattr(self, "qmp"):
-            self.qmp.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 class QemuPostcopy:
