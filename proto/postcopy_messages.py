@@ -20,6 +20,19 @@ from proto.ranges import Ranges
 MAX_REQUEST_PAGES = 256
 
 
+class _NamesMigration(Message):
+    """A message that names a migration and its VM (``migration_id``, ``vm_name``)."""
+
+    __slots__ = ()
+    migration_id: str
+    vm_name: str
+
+    def check(self, guest_size: int | None = None) -> None:
+        for label, value in (("migration_id", self.migration_id), ("vm_name", self.vm_name)):
+            if not value or len(value) > MAX_NAME_LEN:
+                raise FieldError(f"{label} must be 1..{MAX_NAME_LEN} characters")
+
+
 class _GuestRanges(Message):
     """A message that is a list of guest ranges (``ranges``), each inside the guest."""
 
@@ -85,7 +98,7 @@ class PageRequest(Message):
 
 @register(52)
 @dataclass(frozen=True, slots=True)
-class PostcopyAttach(Message):
+class PostcopyAttach(_NamesMigration):
     """Source -> destination, first message of a second connection: it carries the answers to
     page requests of migration ``migration_id`` (the urgent connection), which never wait
     behind the background push on the main one."""
@@ -94,11 +107,6 @@ class PostcopyAttach(Message):
 
     migration_id: str
     vm_name: str
-
-    def check(self, guest_size: int | None = None) -> None:
-        for label, value in (("migration_id", self.migration_id), ("vm_name", self.vm_name)):
-            if not value or len(value) > MAX_NAME_LEN:
-                raise FieldError(f"{label} must be 1..{MAX_NAME_LEN} characters")
 
 
 @register(53)
@@ -114,7 +122,7 @@ class PostcopyDone(Message):
 
 @register(54)
 @dataclass(frozen=True, slots=True)
-class PostcopyRecover(Message):
+class PostcopyRecover(_NamesMigration):
     """Source -> destination, first message of a new connection after the post-copy phase of
     migration ``migration_id`` lost its link: it becomes that migration's main connection. The
     destination answers PostcopyLacking* and PostcopyRecovered, or MigrateRefuse (an unknown
@@ -124,11 +132,6 @@ class PostcopyRecover(Message):
 
     migration_id: str
     vm_name: str
-
-    def check(self, guest_size: int | None = None) -> None:
-        for label, value in (("migration_id", self.migration_id), ("vm_name", self.vm_name)):
-            if not value or len(value) > MAX_NAME_LEN:
-                raise FieldError(f"{label} must be 1..{MAX_NAME_LEN} characters")
 
 
 @register(55)
