@@ -40,6 +40,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.migration import page_maps, postcopy_record, postcopy_recover
@@ -148,9 +149,14 @@ class PostcopyIncoming:
     """The post-copy part of one incoming migration (see the module's docstring)."""
 
     def __init__(self, s: DestinationSession) -> None:
-        self.s = s
         assert s._inc is not None and s.info is not None
-        self.size = s.info.mem
+        self._setup(s, s.info.mem, postcopy.minor_available(), postcopy_record.dir_for(s.vms))
+
+    def _setup(self, s: DestinationSession, size: int, minor: bool, record_dir: Path | None) -> None:
+        """The phase's state before anything is received (a restarted agent's take-over sets it up
+        too: postcopy_readopt.Readopted)."""
+        self.s = s
+        self.size = size
         self.stale: list[Range] = []  # as the discards named them
         self.stale_map = bytearray(self.size // PAGE_SIZE)  # 1: the copy here is stale
         self.present: list[Range] = []
@@ -167,10 +173,10 @@ class PostcopyIncoming:
         self._closed = False
         self._t0 = time.monotonic()
         self.start: PostcopyStart | None = None
-        self.minor = postcopy.minor_available()
+        self.minor = minor
         self._mapped = False  # the present pages mapped (MINOR mode), done once
         self._reg: postcopy.Registered | None = None
-        self._record_dir = postcopy_record.dir_for(s.vms)  # None: an agent without a state dir
+        self._record_dir = record_dir  # None: an agent without a state dir
 
     # -- before COMMIT (failures discard the copy, as in pre-copy) --
 

@@ -27,7 +27,6 @@ gone) is removed and the VM left to the ordinary adoption.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import signal
 import threading
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from agent.migration import postcopy_record
 from agent.migration.common import LoopBridge, describe
 from agent.migration.info import MigrationInfo, MigrationParams, Status
-from agent.migration.postcopy_dest import READAHEAD_PAGES, PostcopyIncoming, _Requester
+from agent.migration.postcopy_dest import READAHEAD_PAGES, PostcopyIncoming
 from agent.migration.postcopy_faults import FaultServer
 from agent.records import process_start_time
 from proto.errors import ErrorCode
@@ -123,30 +122,14 @@ class Readopted(PostcopyIncoming):
 
     def __init__(self, s: _Standin, rec: postcopy_record.PostcopyRecord, pid: int, pid_start: int,
                  records: Path) -> None:
-        self.s = s  # type: ignore[assignment]
+        self._setup(s, rec.mem, rec.minor, records)  # type: ignore[arg-type]
         self.rec = rec
         self.pid = pid
         self.pid_start = pid_start
-        self.size = rec.mem
         self.stale = rec.stale_ranges()
         self.stale_map = bytearray(rec.stale)
-        self.present = []
-        self.server = None
-        self.link = None
-        self._thread = None
-        self._serving = threading.Event()
-        self._requester = _Requester(None)
-        self.recoveries = 0
-        self.phase = None
-        self._errors = []
-        self._staging = {name: mmap.mmap(-1, self.size) for name in ("main", "urgent")}
-        self._closed = False
-        self._t0 = time.monotonic()
-        self.start = None
-        self.minor = rec.minor
-        self._mapped = False  # map_present again: a MINOR fault the dead agent read may wait on a present page
-        self._reg = None
-        self._record_dir = records
+        # _mapped stays False: map_present runs again, as a MINOR fault the dead agent read may
+        # wait on a present page.
         self.manager = s.vms
 
     def take_over(self, memfd: int) -> None:
